@@ -1,0 +1,58 @@
+"""Generate ``db/ptychopv.db`` (and the default access-security file) from the PV declaration.
+
+``python -m ptychopv.ioc.dbgen`` rewrites them; ``--check`` exits 1 when they are stale.
+It creates the records with the same code the IOC uses, under the prefix macro ``$(P)``,
+and writes them as pythonSoftIOC would load them. Run it in its own process: the builder
+keeps global state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from .access import render_acf
+
+HEADER = "# Generated from ptychopv/ioc/schema.py by `python -m ptychopv.ioc.dbgen`; do not edit.\n"
+
+
+def render_db() -> str:
+    from epicsdbbuilder.recordset import recordset
+
+    from .records import create_records
+
+    create_records("$(P)")
+    out = io.StringIO()
+    out.write(HEADER)
+    recordset.Print(out, True)
+    return out.getvalue()
+
+
+def db_folder() -> Path:
+    from .. import db
+
+    return Path(db.__file__).parent
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the files in db/ are stale")
+    ap.add_argument("--folder", type=Path, default=None, help="where db files live (default: the package's db/)")
+    args = ap.parse_args(argv)
+    folder = args.folder or db_folder()
+    want = {"ptychopv.db": render_db(), "ptychopv.acf": render_acf([], [])}
+    stale = [n for n, text in want.items() if not (folder / n).exists() or (folder / n).read_text() != text]
+    if args.check:
+        for n in stale:
+            print(f"{folder / n} is stale: run `python -m ptychopv.ioc.dbgen`", file=sys.stderr)
+        return 1 if stale else 0
+    for n, text in want.items():
+        (folder / n).write_text(text)
+        print(f"wrote {folder / n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The IOC process's NTNDArray server: the chain's images over PV Access.
+
+pythonSoftIOC serves records (QSRV); NTNDArrays are served beside it by a p4p server on its
+own port (``epics.image_pva_port``). Clients list both ports in ``EPICS_PVA_NAME_SERVERS``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from p4p.server import Server, StaticProvider
+from p4p.server.thread import SharedPV
+
+from ..ntndarray import to_value
+from .schema import ntndarrays
+
+
+class ImageServer:
+    def __init__(self, prefix: str, port: int, broadcast_port: int):
+        self.prefix = prefix
+        self.pvs: dict[str, SharedPV] = {}
+        self.provider = StaticProvider("ptychopv-images")
+        blank = np.zeros((1, 1), dtype=np.float32)
+        for pv in ntndarrays():
+            shared = SharedPV(initial=to_value(blank, 0, timestamp=0.0))
+            self.pvs[pv.name] = shared
+            self.provider.add(prefix + pv.name, shared)
+        conf = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+                "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(port),
+                "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port)}
+        self.server = Server(providers=[self.provider], conf=conf, useenv=False)
+
+    def post(self, name: str, image: np.ndarray, unique_id: int, *, timestamp: float | None = None,
+             attributes: dict | None = None) -> None:
+        """Publish a 2-D image on ``$(P)name`` (every field set: nothing lingers from the last post)."""
+        self.pvs[name].post(to_value(np.ascontiguousarray(image), unique_id, timestamp=timestamp,
+                                     attributes=attributes))
+
+    def close(self) -> None:
+        self.server.stop()

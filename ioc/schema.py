@@ -1,0 +1,263 @@
+"""The PV interface, declared once.
+
+Every record of the IOC is a :class:`PV` here, with its record type, description, units,
+precision, limits and state strings. The soft IOC (``records.py``), the generated database
+(``db/ptychopv.db``), the README's PV table, the Phoebus screens and the ophyd device all
+read this list; nothing else spells a PV name.
+
+A setting with a readback is one entry with ``rbv=True``: it makes the output record ``Name``
+and the input record ``Name_RBV``. ``autosave=True`` settings persist across restarts.
+NTNDArray channels (``ntndarray``) are served by the IOC process's image server over PVA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+STATUS = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
+ENABLE = ("Disable", "Enable")
+YESNO = ("No", "Yes")
+INFER_STATUS = ("Idle", "Loading", "Running", "Error", "No model")
+AUTO_STATES = ("Disabled", "Idle", "Reconstructing", "Validating", "Training", "Suspended")
+DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
+COLOR_MODES = ("Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV421")
+
+OUT_TYPES = {"ao", "longout", "bo", "mbbo", "stringout", "waveform_out"}
+IN_TYPES = {"ai", "longin", "bi", "mbbi", "stringin", "waveform_in"}
+TWIN = {"ao": "ai", "longout": "longin", "bo": "bi", "mbbo": "mbbi", "stringout": "stringin",
+        "waveform_out": "waveform_in"}
+
+
+@dataclass(frozen=True)
+class PV:
+    name: str                      # without the prefix, e.g. "ScaleFactor" or "Infer:BatchSize"
+    rtype: str                     # ao ai longout longin bo bi mbbo mbbi stringout stringin waveform_in/out ntndarray
+    desc: str                      # DESC (at most 40 characters)
+    egu: str = ""
+    prec: int | None = None
+    low: float | None = None       # DRVL for outputs, LOPR for inputs
+    high: float | None = None      # DRVH for outputs, HOPR for inputs
+    states: tuple[str, ...] = ()   # ZNAM/ONAM or ZRST..., in order
+    initial: Any = None
+    rbv: bool = False              # also make Name_RBV
+    autosave: bool = False
+    blocking: bool = False         # a CA put-callback completes when the work ends
+    length: int = 0                # waveform NELM
+    ftvl: str = "DOUBLE"           # waveform element type
+    group: str = "core"            # which part of the system serves it
+    doc: str = ""                  # longer description for docs and screens
+
+    @property
+    def writable(self) -> bool:
+        return self.rtype in OUT_TYPES
+
+    def records(self) -> list["PV"]:
+        """The records this declaration makes: itself, and its readback twin if ``rbv``."""
+        if not self.rbv:
+            return [self]
+        twin = replace(self, name=self.name + "_RBV", rtype=TWIN[self.rtype], rbv=False, autosave=False,
+                       blocking=False, desc=self.desc[:36] + " RBV" if len(self.desc) > 36 else self.desc + " RBV")
+        return [replace(self, rbv=False), twin]
+
+
+def _status(group: str, stage: str) -> list[PV]:
+    return [
+        PV(f"{stage}:Status_RBV", "mbbi", f"{stage} state", states=STATUS, initial=0, group=group),
+        PV(f"{stage}:Message_RBV", "stringin", f"{stage} last message", initial="", length=256, group=group),
+    ]
+
+
+def plugin_records(stage: str, plugin_type: str, queue_size: int = 100) -> list[PV]:
+    """areaDetector NDPluginBase records (names, types and strings) for one chain stage."""
+    g = stage.lower()
+    p = f"{stage}:"
+    return [
+        PV(p + "PluginType_RBV", "stringin", "Plugin type", initial=plugin_type, group=g),
+        PV(p + "PortName_RBV", "stringin", "asyn port name", initial=stage.upper(), group=g),
+        PV(p + "NDArrayPort", "stringout", "Upstream PVA channel", initial="", rbv=True, autosave=True, group=g,
+           doc="the PVA channel this stage reads; writing it reconnects at run time"),
+        PV(p + "NDArrayAddress", "longout", "Upstream address", initial=0, low=0, high=0, rbv=True, group=g),
+        PV(p + "PvName_RBV", "stringin", "NTNDArray channel served", initial="", group=g),
+        PV(p + "EnableCallbacks", "bo", "Enable callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g),
+        PV(p + "BlockingCallbacks", "bo", "Blocking callbacks", states=YESNO, initial=0, rbv=True, autosave=True,
+           group=g),
+        PV(p + "ArrayCallbacks", "bo", "Array callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g),
+        PV(p + "ArrayCounter", "longout", "Array counter", initial=0, rbv=True, group=g,
+           doc="arrays processed; writing sets (usually resets) it"),
+        PV(p + "ArrayRate_RBV", "ai", "Array rate", egu="Hz", prec=1, initial=0.0, group=g),
+        PV(p + "QueueSize", "longout", "Input queue size", initial=queue_size, low=1, high=100000, rbv=True,
+           autosave=True, group=g),
+        PV(p + "QueueFree", "longin", "Free queue slots", initial=queue_size, group=g),
+        PV(p + "QueueFreeLow", "longin", "Queue free low alarm", initial=0, group=g),
+        PV(p + "QueueUse", "longin", "Queue elements in use", initial=0, group=g),
+        PV(p + "QueueUseHIGH", "longin", "Queue use high alarm", initial=0, group=g),
+        PV(p + "QueueUseHIHI", "longin", "Queue use hihi alarm", initial=0, group=g),
+        PV(p + "DroppedArrays", "longout", "Dropped arrays", initial=0, rbv=True, group=g,
+           doc="arrays dropped because the queue was full; writing sets it"),
+        PV(p + "ExecutionTime_RBV", "ai", "Execution time", egu="ms", prec=3, initial=0.0, group=g),
+        PV(p + "MinCallbackTime", "ao", "Minimum callback time", egu="s", prec=3, low=0, high=3600, initial=0.0,
+           rbv=True, autosave=True, group=g),
+        PV(p + "UniqueId_RBV", "longin", "Unique ID", initial=0, group=g),
+        PV(p + "TimeStamp_RBV", "ai", "Time stamp", egu="s", prec=3, initial=0.0, group=g),
+        PV(p + "NDimensions_RBV", "longin", "Number of dimensions", initial=0, group=g),
+        PV(p + "Dimensions_RBV", "waveform_in", "Dimensions", length=10, ftvl="LONG", group=g),
+        PV(p + "ArraySize0_RBV", "longin", "Array size X", initial=0, group=g),
+        PV(p + "ArraySize1_RBV", "longin", "Array size Y", initial=0, group=g),
+        PV(p + "ArraySize2_RBV", "longin", "Array size Z", initial=0, group=g),
+        PV(p + "DataType_RBV", "mbbi", "Data type", states=DATA_TYPES, initial=3, group=g),
+        PV(p + "ColorMode_RBV", "mbbi", "Color mode", states=COLOR_MODES, initial=0, group=g),
+        PV(p + "BayerPattern_RBV", "longin", "Bayer pattern", initial=0, group=g),
+        PV(p + "NDAttributesFile", "stringout", "Attributes file", initial="", group=g),
+        PV(p + "AsynIO", "longout", "asyn record (unused)", initial=0, group=g),
+        PV(p + "Dim0SA", "waveform_in", "Dimension 0 (unused)", length=10, ftvl="LONG", group=g),
+        PV(p + "Dim1SA", "waveform_in", "Dimension 1 (unused)", length=10, ftvl="LONG", group=g),
+        PV(p + "Dim2SA", "waveform_in", "Dimension 2 (unused)", length=10, ftvl="LONG", group=g),
+        *[PV(p + n, "longin", d, initial=0, group=g) for n, d in (
+            ("PoolAllocBuffers", "Pool buffers allocated"), ("PoolFreeBuffers", "Pool buffers free"),
+            ("PoolMaxBuffers", "Pool buffers max"), ("PoolUsedBuffers", "Pool buffers used"))],
+        PV(p + "PoolMaxMem", "ai", "Pool memory max", egu="MB", prec=1, initial=0.0, group=g),
+        PV(p + "PoolUsedMem", "ai", "Pool memory used", egu="MB", prec=1, initial=0.0, group=g),
+    ]
+
+
+CORE = [
+    PV("ModelVersion_RBV", "longin", "Model version in the live chain", initial=0,
+       doc="version of the model the live chain runs (0: none)"),
+    PV("ScaleFactor", "ao", "Intensity multiplier before infer", prec=3, low=0.001, high=1000.0, initial=1.0,
+       rbv=True, autosave=True, doc="low-dose frames are multiplied by this before inference (> 0)"),
+    PV("FrameRate_RBV", "ai", "Frames inferred per second", egu="Hz", prec=1, low=0, high=10000, initial=0.0),
+    PV("SSIM_RBV", "ai", "SSIM live stitch vs reconstruction", prec=3, low=0, high=1, initial=0.0,
+       doc="SSIM of the live stitched phase against the latest reconstruction of that scan"),
+    PV("Status_RBV", "stringin", "IOC state", initial="Starting"),
+    PV("Version_RBV", "stringin", "ptychopv software version", initial=""),
+]
+
+INFER = plugin_records("Infer", "NDPluginPtychoInfer") + [
+    PV("Infer:BatchSize", "longout", "Frames per inference batch", low=1, high=1024, initial=8, rbv=True,
+       autosave=True, group="infer"),
+    PV("Infer:FlushTimeout", "ao", "Flush a partial batch after", egu="s", prec=3, low=0.001, high=10.0,
+       initial=0.05, rbv=True, autosave=True, group="infer"),
+    PV("Infer:Latency_RBV", "ai", "Frame in to result out", egu="ms", prec=2, initial=0.0, group="infer"),
+    PV("Infer:MissedFrames_RBV", "longin", "Upstream uniqueId gaps", initial=0, group="infer"),
+    PV("Infer:Engine_RBV", "stringin", "Inference engine in use", initial="", group="infer"),
+    PV("Infer:Status_RBV", "mbbi", "Inference state", states=INFER_STATUS, initial=4, group="infer"),
+    PV("Infer:Message_RBV", "stringin", "Inference last message", initial="", length=256, group="infer"),
+    PV("Infer:Errors_RBV", "longin", "Bad frames counted", initial=0, group="infer"),
+    PV("Infer:Phase", "ntndarray", "Per-frame phase (NTNDArray)", group="infer"),
+    PV("Infer:Amplitude", "ntndarray", "Per-frame amplitude (NTNDArray)", group="infer"),
+]
+
+STITCH = plugin_records("Stitch", "NDPluginPtychoStitch") + [
+    PV("Stitch:Image", "ntndarray", "Live stitched phase (NTNDArray)", group="stitch"),
+    PV("Stitch:UpdateRate", "ao", "Stitched image publish rate", egu="Hz", prec=1, low=0.1, high=100.0,
+       initial=2.0, rbv=True, autosave=True, group="stitch"),
+    PV("Stitch:Reset", "bo", "Clear the stitched image", states=("Done", "Reset"), initial=0, group="stitch"),
+    PV("Stitch:PixelSize", "ao", "Object pixel size", egu="m", prec=12, low=1e-12, high=1e-3, initial=0.0,
+       rbv=True, autosave=True, group="stitch", doc="metres per object pixel (0: from the model card)"),
+    PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=("Attributes", "PVs", "File"),
+       initial=0, rbv=True, autosave=True, group="stitch"),
+    PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch"),
+    PV("Stitch:FramesNoPosition_RBV", "longin", "Frames without a position", initial=0, group="stitch"),
+]
+
+SCAN = [
+    PV("Scan:Capture", "bo", "Record the stream to HDF5", states=("Done", "Capture"), initial=0, group="scan"),
+    PV("Scan:Capture_RBV", "bi", "Recording", states=("Done", "Capturing"), initial=0, group="scan"),
+    PV("Scan:FileName_RBV", "stringin", "Scan file being written", initial="", group="scan"),
+    PV("Scan:FramesCaptured_RBV", "longin", "Frames recorded", initial=0, group="scan"),
+    PV("Scan:Number_RBV", "longin", "Scan number", initial=0, group="scan"),
+]
+
+RECON = [
+    PV("Recon:Start", "bo", "Reconstruct Recon:ScanFile", states=("Done", "Start"), initial=0, blocking=True,
+       group="recon", doc="caput -c returns when the reconstruction ends"),
+    PV("Recon:Abort", "bo", "Abort the reconstruction", states=("Done", "Abort"), initial=0, group="recon"),
+    *_status("recon", "Recon"),
+    PV("Recon:Progress_RBV", "ai", "Reconstruction progress", egu="%", prec=1, low=0, high=100, initial=0.0,
+       group="recon"),
+    PV("Recon:Engine", "mbbo", "Reconstruction engine", states=("ePIE", "rPIE", "LSQML", "DM"), initial=0,
+       rbv=True, autosave=True, group="recon"),
+    PV("Recon:Iterations", "longout", "Iterations", low=1, high=100000, initial=50, rbv=True, autosave=True,
+       group="recon"),
+    PV("Recon:ScanFile", "stringout", "Scan file to reconstruct", length=512, initial="", rbv=True,
+       group="recon", doc="empty: the last captured scan"),
+    PV("Recon:Duration_RBV", "ai", "Last reconstruction time", egu="s", prec=1, initial=0.0, group="recon"),
+    PV("Recon:Image", "ntndarray", "Reconstructed phase (NTNDArray)", group="recon"),
+]
+
+TRAIN = [
+    PV("Train:Start", "bo", "Train on the corpus", states=("Done", "Start"), initial=0, blocking=True,
+       group="train", doc="caput -c returns when the new model is registered"),
+    PV("Train:Abort", "bo", "Abort training", states=("Done", "Abort"), initial=0, group="train"),
+    *_status("train", "Train"),
+    PV("Train:Epochs", "longout", "Epochs per training run", low=1, high=10000, initial=50, rbv=True,
+       autosave=True, group="train"),
+    PV("Train:Epoch_RBV", "longin", "Current epoch", initial=0, group="train"),
+    PV("Train:Progress_RBV", "ai", "Training progress", egu="%", prec=1, low=0, high=100, initial=0.0,
+       group="train"),
+    PV("Train:Loss_RBV", "ai", "Training loss (MAE)", prec=5, initial=0.0, group="train"),
+    PV("Train:ValLoss_RBV", "ai", "Validation loss (MAE)", prec=5, initial=0.0, group="train"),
+    PV("Train:Pairs_RBV", "longin", "Training pairs in the corpus", initial=0, group="train"),
+    PV("Train:Duration_RBV", "ai", "Last training time", egu="s", prec=1, initial=0.0, group="train"),
+    PV("Train:LossHistory_RBV", "waveform_in", "Loss per epoch", length=10000, ftvl="DOUBLE", group="train"),
+    PV("Train:ValLossHistory_RBV", "waveform_in", "Validation loss per epoch", length=10000, ftvl="DOUBLE",
+       group="train"),
+]
+
+MODEL = [
+    PV("Model:Select", "longout", "Model version to run (0: latest)", low=0, high=1000000, initial=0, rbv=True,
+       autosave=True, group="model"),
+    PV("Model:Name_RBV", "stringin", "Network of the live model", initial="", group="model"),
+    PV("Model:Latest_RBV", "longin", "Newest version in the registry", initial=0, group="model"),
+    PV("Model:ValSSIM_RBV", "ai", "Validation SSIM of the live model", prec=3, low=0, high=1, initial=0.0,
+       group="model"),
+]
+
+AUTO = [
+    PV("Auto:Enable", "bo", "Continual learning", states=ENABLE, initial=0, rbv=True, autosave=True,
+       group="auto"),
+    PV("Auto:Tolerance", "ao", "Retrain when SSIM differs by", prec=3, low=0.0, high=1.0, initial=0.10,
+       rbv=True, autosave=True, group="auto"),
+    PV("Auto:Interval", "ao", "Re-check interval when suspended", egu="s", prec=0, low=1, high=604800,
+       initial=3600.0, rbv=True, autosave=True, group="auto"),
+    PV("Auto:State_RBV", "mbbi", "Controller state", states=AUTO_STATES, initial=0, group="auto"),
+    PV("Auto:Mismatch_RBV", "ai", "SSIM mismatch of the last check", prec=3, initial=0.0, group="auto"),
+]
+
+HPC = [
+    PV("HPC:Executor_RBV", "stringin", "Where jobs run", initial="", group="hpc"),
+    PV("HPC:Workers_RBV", "longin", "Workers available", initial=0, group="hpc"),
+]
+
+SCHEMA: list[PV] = CORE + INFER + STITCH + SCAN + RECON + TRAIN + MODEL + AUTO + HPC
+
+
+def records() -> list[PV]:
+    """Every EPICS record (NTNDArray channels excluded), readback twins expanded."""
+    return [r for pv in SCHEMA if pv.rtype != "ntndarray" for r in pv.records()]
+
+
+def ntndarrays() -> list[PV]:
+    return [pv for pv in SCHEMA if pv.rtype == "ntndarray"]
+
+
+def by_name() -> dict[str, PV]:
+    return {r.name: r for r in records()}
+
+
+def _check() -> None:
+    names = [r.name for r in records()] + [p.name for p in ntndarrays()]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise RuntimeError(f"PV declared twice: {sorted(dup)}")
+    for r in records():
+        if len(r.desc) > 40:
+            raise RuntimeError(f"{r.name}: DESC longer than 40 characters: {r.desc!r}")
+        if r.rtype in ("bo", "bi") and len(r.states) != 2:
+            raise RuntimeError(f"{r.name}: a binary record needs two state strings")
+        if len(r.states) > 16 or any(len(s) > 25 for s in r.states):
+            raise RuntimeError(f"{r.name}: too many or too long state strings")
+
+
+_check()

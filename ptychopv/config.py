@@ -1,0 +1,263 @@
+"""One YAML configuration, validated on load into typed options.
+
+Every section is a strict pydantic model (unknown keys are errors); each field carries its
+doc. :func:`load_config` turns any validation failure into one :class:`ConfigError` whose
+message names the key, what was wrong and the allowed values or keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Dtype = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
+
+
+class EpicsOptions(Strict):
+    """Ports of the IOC process. Traffic always stays on 127.0.0.1 (see epics-loopback.env)."""
+
+    ca_server_port: Port = 5064
+    """Channel Access server port of the IOC's records."""
+    ca_repeater_port: Port = 5065
+    """CA repeater port (beacons), loopback only."""
+    pva_server_port: Port = 5075
+    """PV Access TCP port of the IOC's records (QSRV)."""
+    pva_broadcast_port: Port = 5076
+    """PV Access UDP search port; searches go to 127.0.0.1 only."""
+    image_pva_port: Port = 5077
+    """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Stitch:Image, Recon:Image)."""
+
+
+class AutosaveOptions(Strict):
+    directory: Path = Path("autosave")
+    """Folder for autosave files (created if missing)."""
+    period_s: Annotated[float, Field(gt=0)] = 10.0
+    """Seconds between saves of changed settings; settings are also saved at a clean exit."""
+
+
+class AccessOptions(Strict):
+    """Access security. Empty lists allow writes from any host/user (reads are always allowed)."""
+
+    file: Optional[Path] = None
+    """An access-security (.acf) file to load instead of the generated one."""
+    write_hosts: list[str] = []
+    """Host names allowed to write control PVs; empty: any host."""
+    write_users: list[str] = []
+    """User names allowed to write control PVs; empty: any user."""
+
+
+class PositionAttributes(Strict):
+    x: str = "PositionX"
+    """NTNDArray attribute holding the probe x position (m)."""
+    y: str = "PositionY"
+    """NTNDArray attribute holding the probe y position (m)."""
+
+
+class SourceOptions(Strict):
+    channel: str = "PTYSIM:Pva1:Image"
+    """The detector's NTNDArray PVA channel (NDPluginPva's PvName)."""
+    name_servers: list[str] = ["127.0.0.1:5095"]
+    """host:port of PVA servers to find the detector channel at (TCP name servers)."""
+    position_attributes: PositionAttributes = PositionAttributes()
+
+
+class GeometryOptions(Strict):
+    energy_ev: Annotated[float, Field(gt=0)] = 8800.0
+    """Photon energy (eV)."""
+    distance_m: Annotated[float, Field(gt=0)] = 2.0
+    """Sample-to-detector distance (m)."""
+    detector_pixel_m: Annotated[float, Field(gt=0)] = 75e-6
+    """Detector pixel size (m)."""
+    detector_size: Literal[32, 64, 128, 256, 512] = 128
+    """Frame size (pixels, square)."""
+
+
+class SampleOptions(Strict):
+    size_px: Annotated[int, Field(ge=64, le=8192)] = 1024
+    """Object array size (pixels, square); scans must fit inside."""
+    phase_image: str = "camera"
+    """scikit-image sample image for the phase."""
+    amplitude_image: str = "moon"
+    """scikit-image sample image for the amplitude."""
+    max_phase: Annotated[float, Field(ge=0, le=3.0)] = 1.0
+    """Phase range of the image part (rad)."""
+    min_amplitude: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """Lowest transmission amplitude."""
+    features: Annotated[int, Field(ge=0)] = 40
+    """Number of random etched features."""
+    feature_phase: Annotated[float, Field(ge=0, le=3.0)] = 0.5
+    """Phase depth of the etched features (rad)."""
+
+
+class ProbeOptions(Strict):
+    kind: Literal["focused", "donut"] = "focused"
+    """Focused Airy spot, or defocused zone-plate ring."""
+    beam_m: Annotated[float, Field(gt=0)] = 1.0e-6
+    """Beam size (m): intensity FWHM (focused) or ring outer diameter (donut)."""
+    curvature: float = 0.0
+    """Extra quadratic phase at the beam edge (rad)."""
+
+
+class ScanOptions(Strict):
+    pattern: Literal["fermat", "raster"] = "fermat"
+    """Scan pattern."""
+    overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    """Probe overlap, 1 - step/beam."""
+    extent_m: Annotated[float, Field(ge=0)] = 6.0e-6
+    """Scan width (m): disc diameter (fermat) or square side (raster)."""
+    center_m: tuple[float, float] = (0.0, 0.0)
+    """Scan centre (x, y) on the sample (m), 0 at the sample centre."""
+
+
+class ReplayOptions(Strict):
+    file: Path
+    """Recorded scan: the project's HDF5 scan layout (.h5) or a numpy file (.npz / .npz.bz2)."""
+    fftshift: bool = False
+    """Move zero frequency from pixel (0, 0) to the centre (e.g. the Siemens-star data)."""
+    pixel_size_m: Annotated[float, Field(gt=0)] = 1.0
+    """For numpy files with positions in object pixels: metres per pixel (1.0 keeps pixels)."""
+
+
+class SimOptions(Strict):
+    """``ptychopv sim``: the simulated detector (an NDPluginPva stand-in)."""
+
+    prefix: str = "PTYSIM:"
+    """Prefix of the simulator's PVs."""
+    pva_server_port: Port = 5095
+    """PV Access TCP port of the simulator."""
+    pva_broadcast_port: Port = 5096
+    """PV Access UDP port of the simulator (loopback)."""
+    frame_rate_hz: Annotated[float, Field(gt=0, le=100000)] = 100.0
+    """Target frame rate (Hz)."""
+    dtype: Dtype = "uint16"
+    """Data type of the published frames."""
+    codec: Literal["none", "lz4", "bslz4", "blosc"] = "none"
+    """Compression codec, as NDPluginPva/NDPluginCodec send it."""
+    position_attributes: PositionAttributes = PositionAttributes()
+    auto_start: bool = False
+    """Start acquiring as soon as the server is up."""
+    repeat: bool = False
+    """Start the scan again when it ends (otherwise acquisition stops)."""
+    truth_file: Optional[Path] = None
+    """Write the ground truth (object, probe, positions, pixel sizes) and the scan here."""
+    dose: Annotated[float, Field(gt=0)] = 1.0e5
+    """Mean photons per frame."""
+    seed: int = 0
+    """Random seed (sample features and Poisson noise)."""
+    geometry: GeometryOptions = GeometryOptions()
+    sample: SampleOptions = SampleOptions()
+    probe: ProbeOptions = ProbeOptions()
+    scan: ScanOptions = ScanOptions()
+    replay: Optional[ReplayOptions] = None
+    """Replay a recorded scan instead of simulating one."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or " " in v:
+            raise ValueError("must be a non-empty PV prefix without spaces")
+        return v
+
+
+class Config(Strict):
+    """The whole configuration file."""
+
+    prefix: str = "PTYCHO:"
+    """Prefix $(P) of every IOC PV."""
+    epics: EpicsOptions = EpicsOptions()
+    autosave: AutosaveOptions = AutosaveOptions()
+    access: AccessOptions = AccessOptions()
+    source: SourceOptions = SourceOptions()
+    sim: SimOptions = SimOptions()
+    _source: Optional[Path] = PrivateAttr(None)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or " " in v:
+            raise ValueError("must be a non-empty PV prefix without spaces")
+        return v
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at ``loc`` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return sorted(model.model_fields)
+
+
+def format_error(exc: ValidationError, source: str, model: type[BaseModel] = None) -> str:
+    model = model or Config
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            lines.append(f"{source}: {_loc(loc)}: unknown key; allowed keys: {', '.join(allowed)}")
+        else:
+            got = err.get("input")
+            lines.append(f"{source}: {_loc(loc)}: {err['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    cfg = parse_config(data, str(path))
+    cfg._source = path  # relative paths in the file are relative to it
+    return cfg
+
+
+def resolve(cfg: Config, p: Path | None) -> Path | None:
+    """A path from the config, relative to the config file's folder."""
+    if p is None:
+        return None
+    base = getattr(cfg, "_source", None)
+    return p if p.is_absolute() or base is None else (base.parent / p)

@@ -1,0 +1,242 @@
+"""NTNDArray codec: numpy frames <-> areaDetector NTNDArrays, with compression.
+
+Pure of any server: :func:`to_value` builds the p4p ``Value`` an NDPluginPva would post,
+:func:`from_value` decodes one back to numpy. Compression follows ADCore's NDPluginCodec:
+``value`` holds the compressed bytes as ``ubyteValue``, ``codec.name`` names the codec,
+``codec.parameters`` holds the original NDDataType code, ``uncompressedSize`` the original size
+in bytes. Payloads are encoded/decoded with ``imagecodecs``, a maintained codec library:
+
+- ``lz4``: one raw LZ4 block (``LZ4_compress_default``);
+- ``bslz4``: bitshuffle + LZ4 in the HDF5-filter framing (12-byte big-endian header: total
+  bytes and block bytes; then per block a 4-byte big-endian length and the LZ4 block of the
+  bit-shuffled block), so a chunk can go straight into an HDF5 file;
+- ``blosc``: a Blosc-1 frame; ``zlib``: a zlib stream; ``jpeg``: a JPEG (8-bit data only).
+
+The dimension convention is areaDetector's: ``dimension[0]`` is x, the fastest axis.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+
+import imagecodecs
+import numpy as np
+from p4p import Value
+from p4p.nt import NTNDArray
+
+CODECS = ("none", "lz4", "bslz4", "blosc", "zlib", "jpeg")
+
+# ADCore NDDataType_t codes, carried in codec.parameters.
+ND_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int16, 3: np.uint16, 4: np.int32, 5: np.uint32,
+             6: np.int64, 7: np.uint64, 8: np.float32, 9: np.float64}
+ND_CODE = {np.dtype(v): k for k, v in ND_DTYPES.items()}
+# NTNDArray value-union member for each dtype.
+UNION = {np.dtype(np.int8): "byteValue", np.dtype(np.uint8): "ubyteValue",
+         np.dtype(np.int16): "shortValue", np.dtype(np.uint16): "ushortValue",
+         np.dtype(np.int32): "intValue", np.dtype(np.uint32): "uintValue",
+         np.dtype(np.int64): "longValue", np.dtype(np.uint64): "ulongValue",
+         np.dtype(np.float32): "floatValue", np.dtype(np.float64): "doubleValue"}
+BSLZ4_BLOCK_BYTES = 8192  # bitshuffle's default target block size
+
+
+class CodecError(ValueError):
+    """An NTNDArray whose payload cannot be decoded; the message says why."""
+
+
+# ----------------------------------------------------------------------------- payload codecs
+def _bslz4_block_elems(itemsize: int) -> int:
+    # bitshuffle wants a multiple of 8 elements per block
+    return max(8, (BSLZ4_BLOCK_BYTES // itemsize) // 8 * 8)
+
+
+def _bslz4_blocks(n: int, block: int) -> list[int]:
+    """Element counts of the compressed blocks: full blocks, then the last block cut to a
+    multiple of 8; the final ``n % 8`` elements follow uncompressed (as bitshuffle does)."""
+    sizes = [block] * (n // block)
+    last = n % block - n % 8
+    return sizes + ([last] if last else [])
+
+
+def bslz4_encode(arr: np.ndarray) -> bytes:
+    arr = np.ascontiguousarray(arr).ravel()
+    itemsize = arr.dtype.itemsize
+    block = _bslz4_block_elems(itemsize)
+    out = [struct.pack(">QI", arr.nbytes, block * itemsize)]
+    start = 0
+    for n in _bslz4_blocks(len(arr), block):
+        shuffled = imagecodecs.bitshuffle_encode(arr[start:start + n], itemsize=itemsize, blocksize=n)
+        comp = imagecodecs.lz4_encode(shuffled, header=False)
+        out.append(struct.pack(">I", len(comp)) + comp)
+        start += n
+    out.append(arr[start:].tobytes())
+    return b"".join(out)
+
+
+def bslz4_decode(buf: bytes, dtype: np.dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    itemsize = dtype.itemsize
+    if len(buf) < 12:
+        raise CodecError("bslz4 payload shorter than its 12-byte header")
+    total, block_bytes = struct.unpack_from(">QI", buf, 0)
+    if block_bytes == 0 or block_bytes % itemsize or total % itemsize:
+        raise CodecError(f"bslz4 header inconsistent with {dtype} data (total {total}, block {block_bytes})")
+    count = total // itemsize
+    out = np.empty(count, dtype=dtype)
+    pos = i = 0
+    pos = 12
+    for n in _bslz4_blocks(count, block_bytes // itemsize):
+        if pos + 4 > len(buf):
+            raise CodecError("bslz4 payload truncated")
+        (clen,) = struct.unpack_from(">I", buf, pos)
+        pos += 4
+        raw = imagecodecs.lz4_decode(buf[pos:pos + clen], header=False, out=n * itemsize)
+        pos += clen
+        if len(raw) != n * itemsize:
+            raise CodecError("bslz4 block decoded to the wrong size")
+        out[i:i + n] = np.frombuffer(imagecodecs.bitshuffle_decode(raw, itemsize=itemsize, blocksize=n), dtype)
+        i += n
+    tail = buf[pos:]
+    if len(tail) != (count - i) * itemsize:
+        raise CodecError("bslz4 payload truncated (uncompressed tail has the wrong length)")
+    out[i:] = np.frombuffer(tail, dtype=dtype)
+    return out
+
+
+def encode_payload(arr: np.ndarray, codec: str) -> bytes:
+    """Compress a frame's bytes as NDPluginCodec would."""
+    arr = np.ascontiguousarray(arr)
+    if codec == "lz4":
+        return bytes(imagecodecs.lz4_encode(arr.tobytes(), header=False))
+    if codec == "bslz4":
+        return bslz4_encode(arr)
+    if codec == "blosc":
+        return bytes(imagecodecs.blosc_encode(arr.tobytes(), typesize=arr.dtype.itemsize, shuffle=1,
+                                              compressor="lz4", level=5, numthreads=1))
+    if codec == "zlib":
+        return bytes(imagecodecs.zlib_encode(arr.tobytes()))
+    if codec == "jpeg":
+        if arr.dtype != np.uint8:
+            raise ValueError(f"jpeg needs uint8 data, got {arr.dtype}")
+        return bytes(imagecodecs.jpeg8_encode(arr, level=90))
+    raise ValueError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+
+
+def decode_payload(buf: bytes, codec: str, dtype: np.dtype, size: int) -> np.ndarray:
+    """Decompress ``buf`` into ``size`` bytes of ``dtype``; :class:`CodecError` on failure."""
+    dtype = np.dtype(dtype)
+    try:
+        if codec == "lz4":
+            raw = imagecodecs.lz4_decode(buf, header=False, out=size)
+        elif codec == "bslz4":
+            return bslz4_decode(buf, dtype)
+        elif codec == "blosc":
+            raw = imagecodecs.blosc_decode(buf, numthreads=1)
+        elif codec == "zlib":
+            raw = imagecodecs.zlib_decode(buf, out=size)
+        elif codec == "jpeg":
+            return np.asarray(imagecodecs.jpeg8_decode(buf)).ravel()
+        else:
+            raise CodecError(f"unknown codec {codec!r}; supported: {', '.join(CODECS)}")
+    except CodecError:
+        raise
+    except Exception as exc:  # imagecodecs raises its own error types per codec
+        raise CodecError(f"{codec} payload could not be decoded: {exc}") from None
+    if len(raw) != size:
+        raise CodecError(f"{codec} payload decoded to {len(raw)} bytes, uncompressedSize says {size}")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- NTNDArray values
+_NT = NTNDArray()
+
+
+def _stamp(t: float) -> dict:
+    sec = int(t)
+    return {"secondsPastEpoch": sec, "nanoseconds": int(round((t - sec) * 1e9)) % 1_000_000_000, "userTag": 0}
+
+
+def to_value(arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
+             data_timestamp: float | None = None, attributes: dict | None = None,
+             codec: str = "none") -> Value:
+    """A complete NTNDArray ``Value`` for a 2-D frame (every field set, so a post replaces all)."""
+    arr = np.asarray(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"an NTNDArray frame must be 2-D (ny, nx), got shape {arr.shape}")
+    if arr.dtype not in UNION:
+        raise ValueError(f"dtype {arr.dtype} has no NTNDArray representation")
+    now = time.time()
+    ts = now if timestamp is None else timestamp
+    dts = ts if data_timestamp is None else data_timestamp
+    ny, nx = arr.shape
+    if codec == "none":
+        value = (UNION[arr.dtype], np.ascontiguousarray(arr).ravel())
+        params, comp_size = None, arr.nbytes
+    else:
+        payload = encode_payload(arr, codec)
+        value = ("ubyteValue", np.frombuffer(payload, dtype=np.uint8))
+        params, comp_size = ND_CODE[arr.dtype], len(payload)
+    attrs = [{"name": "ColorMode", "value": 0, "descriptor": "Color mode", "sourceType": 0, "source": ""}]
+    for k, v in (attributes or {}).items():
+        attrs.append({"name": k, "value": v, "descriptor": "", "sourceType": 0, "source": ""})
+    return Value(_NT.type, {
+        "value": value,
+        "codec": {"name": "" if codec == "none" else codec, "parameters": params},
+        "compressedSize": comp_size,
+        "uncompressedSize": arr.nbytes,
+        "uniqueId": int(unique_id) & 0x7FFFFFFF,
+        "dataTimeStamp": _stamp(dts),
+        "timeStamp": _stamp(ts),
+        "dimension": [{"size": nx, "offset": 0, "fullSize": nx, "binning": 1, "reverse": False},
+                      {"size": ny, "offset": 0, "fullSize": ny, "binning": 1, "reverse": False}],
+        "attribute": attrs,
+    })
+
+
+@dataclass
+class Decoded:
+    """A decoded NTNDArray."""
+
+    data: np.ndarray
+    unique_id: int
+    timestamp: float
+    data_timestamp: float
+    attributes: dict = field(default_factory=dict)
+    codec: str = "none"
+
+
+def _seconds(ts) -> float:
+    return ts.secondsPastEpoch + ts.nanoseconds * 1e-9
+
+
+def from_value(v: Value) -> Decoded:
+    """Decode an NTNDArray ``Value``; :class:`CodecError` names what is wrong with a bad one."""
+    try:
+        dims = [int(d.size) for d in v.dimension]
+    except Exception:
+        raise CodecError("not an NTNDArray: no dimension array") from None
+    if not dims:
+        raise CodecError("NTNDArray has no dimensions")
+    shape = tuple(reversed(dims))
+    codec = str(v.codec.name or "none")
+    raw = v.value
+    if raw is None:
+        raise CodecError("NTNDArray has an empty value union")
+    raw = np.asarray(raw)
+    if codec == "none":
+        data = raw
+    else:
+        code = v.codec.parameters
+        try:
+            dtype = ND_DTYPES[int(code)]
+        except (TypeError, ValueError, KeyError):
+            raise CodecError(f"codec {codec!r} with unknown original data type {code!r} in codec.parameters") from None
+        data = decode_payload(raw.tobytes(), codec, dtype, int(v.uncompressedSize))
+    if data.size != int(np.prod(shape)):
+        raise CodecError(f"NTNDArray holds {data.size} elements but its dimensions say {shape}")
+    attrs = {}
+    for a in v.attribute:
+        attrs[a.name] = a.value
+    return Decoded(data.reshape(shape), int(v.uniqueId), _seconds(v.timeStamp), _seconds(v.dataTimeStamp),
+                   attrs, codec)

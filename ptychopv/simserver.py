@@ -1,0 +1,176 @@
+"""``ptychopv sim``: a simulated areaDetector serving NTNDArrays over PV Access.
+
+It stands in for a detector IOC with NDPluginPva: frames go out on ``$(SIM)Pva1:Image`` with
+increasing ``uniqueId``, ``timeStamp``/``dataTimeStamp``, x-first ``dimension``, the probe
+position in metres as attributes and an optional codec. Control PVs (PVA, NTScalar):
+
+=====================  =========================================================
+``Acquire``            1 starts (from the first frame if the scan had ended), 0 stops
+``FrameRate``          target frames per second (> 0)
+``FrameRate_RBV``      measured frames per second
+``Codec``              none, lz4, bslz4, blosc, zlib (jpeg for uint8 data)
+``ArrayCounter_RBV``   frames sent since start-up
+``ScanIndex_RBV``      index of the next frame in the scan
+``NumFrames_RBV``      frames in the scan
+=====================  =========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+from p4p.nt import NTScalar
+from p4p.server import Server, StaticProvider
+from p4p.server.thread import SharedPV
+
+from .config import SimOptions
+from .ntndarray import CODECS, to_value
+from .simulation import ScanSource
+
+log = logging.getLogger(__name__)
+
+
+class _Put:
+    """A put handler that validates, applies, then posts the accepted value."""
+
+    def __init__(self, apply):
+        self.apply = apply
+
+    def put(self, pv, op):
+        try:
+            value = self.apply(op.value().value if hasattr(op.value(), "value") else op.value())
+        except (ValueError, TypeError) as exc:
+            op.done(error=str(exc))
+            return
+        pv.post(value)
+        op.done()
+
+
+class DetectorSimulator:
+    """Serves one scan as NTNDArrays; ``start()``/``stop()`` the server, ``acquire()`` frames."""
+
+    def __init__(self, opts: SimOptions, scan: ScanSource, conf: dict):
+        self.opts = opts
+        self.scan = scan
+        self.rate = float(opts.frame_rate_hz)
+        self.codec = opts.codec
+        self.index = 0
+        self.counter = 0
+        self._acquiring = threading.Event()
+        self._quit = threading.Event()
+        self._lock = threading.Lock()
+        p = opts.prefix
+        self.image_name = f"{p}Pva1:Image"
+        first = to_value(scan.frames[0], 0, attributes=self._attrs(0))
+        self.image = SharedPV(initial=first)
+        self.acquire_pv = SharedPV(nt=NTScalar("i"), initial=0, handler=_Put(self._put_acquire))
+        self.rate_pv = SharedPV(nt=NTScalar("d", display=True), initial=self.rate, handler=_Put(self._put_rate))
+        self.rate_rbv = SharedPV(nt=NTScalar("d"), initial=0.0)
+        self.codec_pv = SharedPV(nt=NTScalar("s"), initial=self.codec, handler=_Put(self._put_codec))
+        self.counter_pv = SharedPV(nt=NTScalar("i"), initial=0)
+        self.index_pv = SharedPV(nt=NTScalar("i"), initial=0)
+        self.nframes_pv = SharedPV(nt=NTScalar("i"), initial=len(scan.frames))
+        self.provider = StaticProvider("ptychopv-sim")
+        for name, pv in {"Pva1:Image": self.image, "Acquire": self.acquire_pv, "FrameRate": self.rate_pv,
+                         "FrameRate_RBV": self.rate_rbv, "Codec": self.codec_pv,
+                         "ArrayCounter_RBV": self.counter_pv, "ScanIndex_RBV": self.index_pv,
+                         "NumFrames_RBV": self.nframes_pv}.items():
+            self.provider.add(p + name, pv)
+        self.server = Server(providers=[self.provider], conf=conf, useenv=False)
+        self._thread = threading.Thread(target=self._run, name="sim-acquire", daemon=True)
+        self._thread.start()
+
+    # -- control
+    def _attrs(self, i: int) -> dict:
+        x, y = self.scan.positions_m[i]
+        names = self.opts.position_attributes
+        return {names.x: float(x), names.y: float(y), "ScanIndex": int(i)}
+
+    def _put_acquire(self, v) -> int:
+        on = int(v) != 0
+        self.acquire(on)
+        return int(on)
+
+    def _put_rate(self, v) -> float:
+        v = float(v)
+        if not v > 0:
+            raise ValueError(f"FrameRate must be > 0 Hz, got {v}")
+        with self._lock:
+            self.rate = v
+            self._restart_clock = True
+        return v
+
+    def _put_codec(self, v) -> str:
+        v = str(v)
+        if v not in CODECS:
+            raise ValueError(f"Codec must be one of {', '.join(CODECS)}; got {v!r}")
+        if v == "jpeg" and self.scan.frames.dtype != np.uint8:
+            raise ValueError("jpeg needs uint8 frames")
+        self.codec = v
+        return v
+
+    def acquire(self, on: bool) -> None:
+        if on:
+            if self.index >= len(self.scan.frames):
+                self.index = 0
+            self._restart_clock = True
+            self._acquiring.set()
+        else:
+            self._acquiring.clear()
+
+    def close(self) -> None:
+        self._quit.set()
+        self._acquiring.set()
+        self._thread.join(timeout=5)
+        self.server.stop()
+
+    # -- acquisition loop
+    def _run(self) -> None:
+        t0, k0 = time.perf_counter(), 0
+        rate_t, rate_n = time.perf_counter(), 0
+        while not self._quit.is_set():
+            self._acquiring.wait()
+            if self._quit.is_set():
+                return
+            with self._lock:
+                if getattr(self, "_restart_clock", False):
+                    t0, k0, self._restart_clock = time.perf_counter(), self.counter, False
+                rate = self.rate
+            due = t0 + (self.counter - k0) / rate
+            delay = due - time.perf_counter()
+            if delay > 0 and self._quit.wait(delay):
+                return
+            if not self._acquiring.is_set():
+                continue
+            self._send_one()
+            rate_n += 1
+            now = time.perf_counter()
+            if now - rate_t >= 0.5:
+                self.rate_rbv.post(rate_n / (now - rate_t))
+                rate_t, rate_n = now, 0
+            if self.index >= len(self.scan.frames):
+                if self.opts.repeat:
+                    self.index = 0
+                else:
+                    self._acquiring.clear()
+                    self.acquire_pv.post(0)
+                    self.rate_rbv.post(0.0)
+
+    def _send_one(self) -> None:
+        i = self.index
+        self.counter += 1
+        now = time.time()
+        try:
+            value = to_value(self.scan.frames[i], self.counter, timestamp=now, data_timestamp=now,
+                             attributes=self._attrs(i), codec=self.codec)
+        except ValueError as exc:  # e.g. a codec that cannot take this dtype
+            log.error("frame %d not sent: %s", i, exc)
+            self.index += 1
+            return
+        self.image.post(value)
+        self.index = i + 1
+        self.counter_pv.post(self.counter)
+        self.index_pv.post(self.index)

@@ -1,0 +1,79 @@
+"""Test fixtures: every EPICS server runs as a child process on loopback with its own ports.
+
+The loopback settings are applied here, at import, before any EPICS client library loads.
+pyepics reads its address list once per process, so the CA ports of this run's IOCs are
+allocated up front and listed in EPICS_CA_ADDR_LIST.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ptychopv.epics_env import apply_loopback, free_port, pva_client_conf
+
+apply_loopback()
+CA_PORTS = [free_port() for _ in range(3)]
+os.environ["EPICS_CA_ADDR_LIST"] = " ".join(f"127.0.0.1:{p}" for p in CA_PORTS)
+os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
+os.environ["EPICS_CA_REPEATER_PORT"] = str(free_port())
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class IocHandle:
+    prefix: str
+    config: Path
+    ca_port: int
+    pva_port: int
+    image_port: int
+    broadcast_port: int
+    child: object = None
+
+    def pva_conf(self) -> dict:
+        return pva_client_conf(self.pva_port, self.image_port)
+
+    def pv(self, name: str) -> str:
+        return self.prefix + name
+
+
+def write_ioc_config(folder: Path, prefix: str, ca_port: int, extra: str = "") -> IocHandle:
+    folder.mkdir(parents=True, exist_ok=True)
+    h = IocHandle(prefix, folder / "ioc.yaml", ca_port, free_port(), free_port(), free_port())
+    h.config.write_text(textwrap.dedent(f"""\
+        prefix: "{prefix}"
+        epics:
+          ca_server_port: {ca_port}
+          ca_repeater_port: {os.environ['EPICS_CA_REPEATER_PORT']}
+          pva_server_port: {h.pva_port}
+          pva_broadcast_port: {h.broadcast_port}
+          image_pva_port: {h.image_port}
+        autosave:
+          directory: autosave
+          period_s: 0.5
+        """) + textwrap.dedent(extra))
+    return h
+
+
+@pytest.fixture(scope="session")
+def ioc(tmp_path_factory):
+    """One IOC for the session, with default settings."""
+    from ptychopv.procs import start_ioc
+
+    h = write_ioc_config(tmp_path_factory.mktemp("ioc"), f"T{os.getpid()}:", CA_PORTS[0])
+    h.child = start_ioc(h.config)
+    yield h
+    h.child.stop()
+
+
+@pytest.fixture
+def pva_ctx(ioc):
+    from p4p.client.thread import Context
+
+    ctx = Context("pva", conf=ioc.pva_conf(), useenv=False, unwrap=False)
+    yield ctx
+    ctx.close()

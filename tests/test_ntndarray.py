@@ -1,0 +1,73 @@
+"""NTNDArray encoding and decoding, with every codec, as NDPluginPva/NDPluginCodec send them."""
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from ptychopv.ntndarray import CODECS, CodecError, bslz4_encode, decode_payload, from_value, to_value
+
+DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.float32, np.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", [c for c in CODECS if c != "jpeg"])
+def test_round_trip(dtype, codec):
+    rng = np.random.default_rng(0)
+    frame = rng.poisson(20, (67, 131)).astype(dtype)  # odd sizes: bitshuffle's leftover path
+    v = to_value(frame, 41, timestamp=1700000000.25, attributes={"PositionX": 1.5e-6, "PositionY": -2e-6},
+                 codec=codec)
+    assert [d.size for d in v.dimension] == [131, 67]  # x first
+    d = from_value(v)
+    assert d.data.dtype == np.dtype(dtype) and d.data.shape == (67, 131)
+    assert np.array_equal(d.data, frame)
+    assert d.unique_id == 41 and d.timestamp == pytest.approx(1700000000.25)
+    assert d.attributes["PositionX"] == 1.5e-6 and d.attributes["PositionY"] == -2e-6
+    assert d.codec == codec
+    if codec != "none":
+        assert v.codec.name == codec and int(v.codec.parameters) >= 0
+        assert v.uncompressedSize == frame.nbytes and v.compressedSize == len(v.value)
+
+
+def test_jpeg_is_lossy_but_close():
+    frame = (np.add.outer(np.arange(64), np.arange(64)) % 256).astype(np.uint8)
+    d = from_value(to_value(frame, 1, codec="jpeg"))
+    assert d.data.shape == frame.shape and np.abs(d.data.astype(int) - frame).mean() < 3
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.float32])
+def test_bslz4_matches_the_hdf5_bitshuffle_filter(tmp_path, dtype):
+    frame = np.random.default_rng(1).poisson(3, (100, 77)).astype(dtype)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("d", data=frame[None], chunks=(1, *frame.shape), **hdf5plugin.Bitshuffle(cname="lz4"))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        _, chunk = f["d"].id.read_direct_chunk((0, 0, 0))
+    assert bslz4_encode(frame) == bytes(chunk)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc", "zlib", "jpeg"])
+def test_corrupt_payload_is_a_codec_error(codec):
+    frame = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
+    v = to_value(frame, 1, codec=codec)
+    v.value = ("ubyteValue", np.frombuffer(b"\x13\x37" * 50, np.uint8))
+    with pytest.raises(CodecError, match="decode|truncated|wrong size|inconsistent|payload"):
+        from_value(v)
+
+
+def test_unknown_codec_and_bad_shape_are_errors():
+    v = to_value(np.zeros((4, 4), np.uint16), 1, codec="lz4")
+    v.codec.name = "zstd-magic"
+    with pytest.raises(CodecError, match="unknown codec"):
+        from_value(v)
+    v = to_value(np.zeros((4, 4), np.uint16), 1)
+    v.dimension = [{"size": 5}, {"size": 4}]
+    with pytest.raises(CodecError, match="dimensions"):
+        from_value(v)
+    with pytest.raises(CodecError, match="original data type"):
+        w = to_value(np.zeros((4, 4), np.uint16), 1, codec="lz4")
+        w.codec.parameters = 99
+        from_value(w)
+    with pytest.raises(ValueError, match="2-D"):
+        to_value(np.zeros((2, 2, 2)), 1)
+    with pytest.raises(CodecError, match="decoded"):
+        decode_payload(b"\x00" * 8, "lz4", np.uint16, 10)
