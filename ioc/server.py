@@ -179,4 +179,10 @@ def run(cfg: Config) -> int:
         ioc.serve_forever()
     finally:
         ioc.close()
+    # Non-daemon threads (dispatcher, autosave) end only in the exit handlers: run them (autosave
+    # writes the settings) and leave through epicsExit, as pythonSoftIOC intends.
+    from softioc import softioc
+
+    print("ptychopv ioc: exiting", flush=True)
+    softioc.safeEpicsExit(0)
     return 0

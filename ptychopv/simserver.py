@@ -40,8 +40,10 @@ class _Put:
         self.apply = apply
 
     def put(self, pv, op):
+        v = op.value()
+        raw = getattr(v, "raw", None)  # NT wrappers (ntfloat, ntstr, ...) keep the Value in .raw
         try:
-            value = self.apply(op.value().value if hasattr(op.value(), "value") else op.value())
+            value = self.apply(raw["value"] if raw is not None else v)
         except (ValueError, TypeError) as exc:
             op.done(error=str(exc))
             return

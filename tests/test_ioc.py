@@ -1,0 +1,194 @@
+"""The soft IOC as a beamline sees it: caget/caput over CA (pyepics, caproto), pvget over PVA (p4p)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import epics
+import numpy as np
+import pytest
+
+from ptychopv.ioc import schema
+from ptychopv.procs import start_ioc
+
+from .conftest import CA_PORTS, write_ioc_config
+
+pytestmark = pytest.mark.epics
+
+
+def caget(name, **kw):
+    value = epics.caget(name, timeout=10, **kw)
+    assert value is not None, f"caget {name} timed out"
+    return value
+
+
+def ctrl(name):
+    pv = epics.get_pv(name, form="ctrl")
+    assert pv.wait_for_connection(timeout=10), f"{name} did not connect"
+    pv.get_ctrlvars(timeout=10)
+    return pv
+
+
+def test_core_pvs_and_their_fields_over_ca(ioc):
+    p = ioc.prefix
+    assert caget(p + "ModelVersion_RBV") == 0
+    assert caget(p + "ScaleFactor") == pytest.approx(1.0) or caget(p + "ScaleFactor") > 0
+    assert caget(p + "FrameRate_RBV") == 0.0
+    assert caget(p + "SSIM_RBV") == 0.0
+    assert caget(p + "FrameRate_RBV.EGU") == "Hz"
+    assert caget(p + "ScaleFactor.PREC") == 3
+    assert caget(p + "ScaleFactor.DRVH") == 1000.0 and caget(p + "ScaleFactor.DRVL") == 0.001
+    assert caget(p + "SSIM_RBV.HOPR") == 1.0
+    assert caget(p + "ScaleFactor.DESC") == "Intensity multiplier before infer"
+    sf = ctrl(p + "ScaleFactor")
+    assert sf.precision == 3 and sf.upper_ctrl_limit == 1000.0 and sf.lower_ctrl_limit == 0.001
+
+
+def test_core_pvs_over_pva(ioc, pva_ctx):
+    p = ioc.prefix
+    fr = pva_ctx.get(p + "FrameRate_RBV")
+    assert fr.value == 0.0 and fr.display.units == "Hz" and fr.display.precision == 1
+    sf = pva_ctx.get(p + "ScaleFactor")
+    assert sf.display.precision == 3
+    assert sf.control.limitHigh == 1000.0 and sf.control.limitLow == 0.001
+    assert pva_ctx.get(p + "ModelVersion_RBV").value == 0
+    assert 0.0 <= pva_ctx.get(p + "SSIM_RBV").value <= 1.0
+    # the chain's images are NTNDArrays on the image server
+    img = pva_ctx.get(p + "Stitch:Image")
+    assert img.getID() == "epics:nt/NTNDArray:1.0"
+
+
+def test_caproto_reads_the_same_records(ioc):
+    from caproto.sync.client import read
+
+    resp = read(ioc.pv("ScaleFactor_RBV"), data_type="control", timeout=10)
+    assert resp.metadata.precision == 3
+    assert float(resp.data[0]) == pytest.approx(caget(ioc.pv("ScaleFactor_RBV")))
+
+
+def test_caput_round_trips_and_limits_are_enforced(ioc):
+    p = ioc.prefix
+    assert epics.caput(p + "ScaleFactor", 7.5, wait=True, timeout=10) == 1
+    # the put-callback completes after the readback is set
+    assert caget(p + "ScaleFactor_RBV") == 7.5
+    epics.caput(p + "ScaleFactor", -2.0, wait=True, timeout=10)
+    assert caget(p + "ScaleFactor") == 0.001 and caget(p + "ScaleFactor_RBV") == 0.001  # clamped to DRVL
+    epics.caput(p + "ScaleFactor", 1e9, wait=True, timeout=10)
+    assert caget(p + "ScaleFactor_RBV") == 1000.0
+    epics.caput(p + "ScaleFactor", 2.0, wait=True, timeout=10)
+    epics.caput(p + "ScaleFactor", math.nan, wait=True, timeout=10)  # refused: value stays
+    assert caget(p + "ScaleFactor_RBV") == 2.0
+    epics.caput(p + "Infer:BatchSize", 0, wait=True, timeout=10)
+    assert caget(p + "Infer:BatchSize_RBV") == 1
+    epics.caput(p + "ScaleFactor", 1.0, wait=True, timeout=10)
+
+
+def test_pva_put_round_trips(ioc, pva_ctx):
+    pva_ctx.put(ioc.pv("Auto:Tolerance"), 0.25, wait=True)
+    assert caget(ioc.pv("Auto:Tolerance_RBV")) == pytest.approx(0.25)
+    pva_ctx.put(ioc.pv("Auto:Tolerance"), 0.10, wait=True)
+
+
+def test_plugin_records_follow_areadetector(ioc):
+    for stage, ptype in (("Infer", "NDPluginPtychoInfer"), ("Stitch", "NDPluginPtychoStitch")):
+        p = ioc.pv(stage + ":")
+        assert caget(p + "PluginType_RBV") == ptype
+        assert caget(p + "EnableCallbacks", as_string=True) == "Enable"
+        assert caget(p + "EnableCallbacks_RBV", as_string=True) == "Enable"
+        assert caget(p + "BlockingCallbacks", as_string=True) == "No"
+        epics.caput(p + "BlockingCallbacks", "Yes", wait=True, timeout=10)
+        assert caget(p + "BlockingCallbacks_RBV", as_string=True) == "Yes"
+        epics.caput(p + "BlockingCallbacks", "No", wait=True, timeout=10)
+        assert caget(p + "ArrayRate_RBV.EGU") == "Hz" and caget(p + "ExecutionTime_RBV.EGU") == "ms"
+        assert caget(p + "DataType_RBV", as_string=True) == "UInt16"
+        assert caget(p + "PvName_RBV").startswith(ioc.prefix + stage + ":")
+    assert caget(ioc.pv("Infer:NDArrayPort")) == "PTYSIM:Pva1:Image"
+    assert caget(ioc.pv("Stitch:NDArrayPort")) == ioc.pv("Infer:Phase")
+
+
+def test_every_declared_record_is_served(ioc):
+    names = [r.name for r in schema.records()]
+    pvs = [epics.get_pv(ioc.pv(n)) for n in names]
+    missing = [n for n, pv in zip(names, pvs) if not pv.wait_for_connection(timeout=10)]
+    assert not missing
+
+
+def test_unbuilt_stages_say_so(ioc):
+    assert "not built" in caget(ioc.pv("Recon:Message_RBV"), as_string=True)
+    assert caget(ioc.pv("Recon:Status_RBV"), as_string=True) == "Idle"
+    assert caget(ioc.pv("Train:Status_RBV"), as_string=True) == "Idle"
+
+
+def test_settings_survive_a_restart(tmp_path):
+    h = write_ioc_config(tmp_path, "RST:", CA_PORTS[1])
+    child = start_ioc(h.config)
+    try:
+        epics.caput(h.pv("ScaleFactor"), 12.5, wait=True, timeout=10)
+        epics.caput(h.pv("Infer:BatchSize"), 16, wait=True, timeout=10)
+        epics.caput(h.pv("Stitch:EnableCallbacks"), "Disable", wait=True, timeout=10)
+    finally:
+        assert child.stop() == 0  # a clean exit saves the settings
+    child = start_ioc(h.config)
+    # a fresh CA client (caproto searches anew on each read; pyepics's old channels would wait for
+    # a beacon through a CA repeater, which this test run does not start)
+    from caproto.sync.client import read
+
+    def get(name):
+        return read(h.pv(name), timeout=10).data[0]
+
+    try:
+        assert get("ScaleFactor") == 12.5
+        assert get("ScaleFactor_RBV") == 12.5
+        assert get("Infer:BatchSize_RBV") == 16
+        assert get("Stitch:EnableCallbacks_RBV") == b"Disable"
+    finally:
+        child.stop()
+
+
+def test_access_security_limits_writes_to_listed_hosts(tmp_path):
+    h = write_ioc_config(tmp_path, "ACL:", CA_PORTS[2], extra="""
+        access:
+          write_hosts: [some-other-host]
+        """)
+    child = start_ioc(h.config)
+    try:
+        pv = epics.get_pv(h.pv("ScaleFactor"))
+        assert pv.wait_for_connection(timeout=10)
+        assert pv.read_access and not pv.write_access
+        with pytest.raises(Exception):
+            pv.put(3.0, wait=True, timeout=5)
+        assert caget(h.pv("ScaleFactor")) == 1.0
+        assert "some-other-host" in (tmp_path / "autosave" / "ptychopv.acf").read_text()
+    finally:
+        child.stop()
+
+
+def test_generated_database_is_current(tmp_path):
+    run = [sys.executable, "-m", "ptychopv.ioc.dbgen", "--check"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from ptychopv import db
+
+    import shutil
+    from pathlib import Path
+
+    stale = tmp_path / "db"
+    shutil.copytree(Path(db.__file__).parent, stale)
+    text = (stale / "ptychopv.db").read_text().replace("Intensity multiplier", "Old words")
+    (stale / "ptychopv.db").write_text(text)
+    r = subprocess.run(run + ["--folder", str(stale)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "stale" in r.stderr
+
+
+def test_bad_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefix: 'X:'\nepics:\n  ca_server_port: 70000\n")
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(bad)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "epics.ca_server_port" in r.stderr and "65535" in r.stderr
+    bad.write_text("prefix: 'X:'\nautosave:\n  dir: here\n")
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(bad)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "autosave.dir: unknown key" in r.stderr and "directory" in r.stderr

@@ -1,0 +1,167 @@
+"""`ptychopv sim` as a child process on loopback, read with p4p like an areaDetector client."""
+
+from __future__ import annotations
+
+import queue
+import textwrap
+
+import numpy as np
+import pytest
+from p4p.client.thread import Context
+
+from ptychopv.epics_env import free_port, pva_client_conf
+from ptychopv.ntndarray import from_value
+from ptychopv.procs import start_sim
+from ptychopv.scanfile import read_scan, read_truth
+
+from .conftest import SHARED_DATA
+
+pytestmark = pytest.mark.epics
+
+
+def sim_config(folder, **over) -> tuple:
+    port, bport = free_port(), free_port()
+    extra = "\n".join(f"  {k}: {v}" for k, v in over.items())
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "sim.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        sim:
+          prefix: "S{port}:"
+          pva_server_port: {port}
+          pva_broadcast_port: {bport}
+          frame_rate_hz: 200
+          truth_file: truth.h5
+          dose: 1.0e5
+          geometry: {{detector_size: 64}}
+          sample: {{size_px: 512}}
+          probe: {{beam_m: 5.0e-7}}
+          scan: {{extent_m: 2.0e-6, overlap: 0.5}}
+        """) + extra + "\n")
+    return cfg, port, f"S{port}:"
+
+
+class Frames:
+    """Collect decoded frames from a monitor."""
+
+    def __init__(self, ctx, name):
+        self.q: queue.Queue = queue.Queue()
+        self.sub = ctx.monitor(name, self.q.put, notify_disconnect=True)
+
+    def take(self, n, timeout=30.0):
+        out = []
+        while len(out) < n:
+            v = self.q.get(timeout=timeout)
+            if isinstance(v, Exception):
+                continue  # the first Disconnected before connect, or a restart
+            out.append(from_value(v))
+        return out
+
+
+@pytest.fixture
+def sim(tmp_path):
+    cfg, port, prefix = sim_config(tmp_path)
+    child = start_sim(cfg)
+    ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+    yield ctx, prefix, tmp_path / "truth.h5"
+    ctx.close()
+    child.stop()
+
+
+def test_frames_carry_shape_dtype_ids_timestamps_and_positions(sim):
+    ctx, p, truth_file = sim
+    scan = read_scan(truth_file)
+    truth = read_truth(truth_file)
+    assert truth.obj.shape == (512, 512) and truth.probe.shape == (64, 64)
+    assert int(ctx.get(p + "NumFrames_RBV").value) == len(scan)
+    frames = Frames(ctx, p + "Pva1:Image")
+    # the monitor's first update is the idle image; start acquiring and take the whole scan
+    ctx.put(p + "Acquire", 1)
+    got = [f for f in frames.take(len(scan) + 1) if f.unique_id > 0]
+    got = got[: len(scan)]
+    assert len(got) == len(scan)
+    ids = [f.unique_id for f in got]
+    assert ids == list(range(ids[0], ids[0] + len(got)))
+    stamps = np.array([f.timestamp for f in got])
+    assert (np.diff(stamps) >= 0).all() and all(f.data_timestamp == f.timestamp for f in got)
+    for f in got:
+        i = f.attributes["ScanIndex"]
+        assert f.data.shape == (64, 64) and f.data.dtype == np.uint16
+        assert np.array_equal(f.data, scan.frames[i])
+        assert f.attributes["PositionX"] == pytest.approx(scan.positions_m[i, 0])
+        assert f.attributes["PositionY"] == pytest.approx(scan.positions_m[i, 1])
+    # the scan ended: acquisition stopped by itself
+    assert int(ctx.get(p + "Acquire").value) == 0
+
+
+@pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
+def test_each_codec_decodes_to_the_same_frames(sim, codec):
+    ctx, p, truth_file = sim
+    scan = read_scan(truth_file)
+    ctx.put(p + "Codec", codec)
+    assert ctx.get(p + "Codec").value == codec
+    frames = Frames(ctx, p + "Pva1:Image")
+    ctx.put(p + "Acquire", 1)
+    got = [f for f in frames.take(6) if f.unique_id > 0]
+    assert got, "no frames"
+    for f in got:
+        assert f.codec == codec
+        assert np.array_equal(f.data, scan.frames[f.attributes["ScanIndex"]])
+
+
+def test_bad_control_values_are_refused(sim):
+    ctx, p, _ = sim
+    with pytest.raises(Exception, match="Codec must be one of"):
+        ctx.put(p + "Codec", "gzip9")
+    with pytest.raises(Exception, match="FrameRate must be > 0"):
+        ctx.put(p + "FrameRate", -3.0)
+    assert ctx.get(p + "FrameRate").value == 200.0
+
+
+def test_replay_of_a_recorded_scan(tmp_path, sim):
+    _, _, truth_file = sim
+    cfg, port, p = sim_config(tmp_path / "replay")
+    child = start_sim(cfg, "--replay", str(truth_file), "--acquire", "--rate", "500")
+    try:
+        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+        scan = read_scan(truth_file)
+        frames = Frames(ctx, p + "Pva1:Image")
+        got = [f for f in frames.take(8) if f.unique_id > 0]
+        for f in got:
+            i = f.attributes["ScanIndex"]
+            assert np.array_equal(f.data, scan.frames[i])
+            assert f.attributes["PositionX"] == pytest.approx(scan.positions_m[i, 0])
+        ctx.close()
+    finally:
+        child.stop()
+
+
+def test_replay_of_the_real_siemens_star_data(tmp_path):
+    path = SHARED_DATA / "siemens-star-small.npz.bz2"
+    if not path.exists():
+        pytest.skip(f"real data not present at {path}")
+    cfg, port, p = sim_config(tmp_path, dtype="float32")
+    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--acquire", "--rate", "1000")
+    try:
+        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+        frames = Frames(ctx, p + "Pva1:Image")
+        got = [f for f in frames.take(5) if f.unique_id > 0]
+        assert int(ctx.get(p + "NumFrames_RBV").value) == 516
+        for f in got:
+            assert f.data.shape == (128, 128) and f.data.dtype == np.float32
+            # fftshifted: the zone plate's bright disc sits in the middle, not in the corners
+            assert f.data[32:96, 32:96].sum() > 0.6 * f.data.sum()
+        ctx.close()
+    finally:
+        child.stop()
+
+
+def test_bad_config_stops_the_simulator_with_the_key(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sim:\n  codec: gzip\n  frame_rate_hz: 100\n")
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "sim", "--config", str(bad)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "sim.codec" in r.stderr and "'lz4'" in r.stderr
