@@ -1,0 +1,58 @@
+"""Stitching cost per frame: batches of phase patches placed along a Fermat spiral. Prints JSON.
+
+    python benchmarks/stitch.py [--frames 2000] [--batch 8] [--sizes 64 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from ptychopv import physics
+from ptychopv.stitching import Stitcher
+
+
+def bench(size: int, frames: int, batch: int, overlap: float = 0.7, repeats: int = 3) -> dict:
+    ps = 10e-9
+    beam = size / 2 * ps
+    step = beam * (1 - overlap)
+    extent = step * np.sqrt(frames)
+    while len(pos := physics.fermat_spiral(step, extent)) < frames:      # a spiral of at least `frames` points
+        extent *= 1.1
+    pos = pos[:frames]
+    pos = pos + np.random.default_rng(0).uniform(-0.5, 0.5, pos.shape) * ps     # sub-pixel
+    patches = np.random.default_rng(1).standard_normal((batch, size, size)).astype(np.float32)
+    best = np.inf
+    for _ in range(repeats):
+        s = Stitcher(ps)
+        t0 = time.perf_counter()
+        for i in range(0, len(pos) - batch + 1, batch):
+            s.add(patches, pos[i:i + batch])
+        dt = time.perf_counter() - t0
+        best = min(best, dt / s.frames_stitched)
+    t0 = time.perf_counter()
+    img = s.image()
+    t_image = time.perf_counter() - t0
+    return {"patch": size, "batch": batch, "frames": int(s.frames_stitched), "us_per_frame": round(best * 1e6, 1),
+            "canvas": list(img.phase.shape), "image_ms": round(t_image * 1e3, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    a = ap.parse_args()
+    results = [bench(n, a.frames, a.batch) for n in a.sizes]
+    print(json.dumps({"benchmark": "stitch", "machine": f"{platform.machine()} {os.cpu_count()} cpu, "
+                      f"{platform.processor() or platform.platform()}", "numpy": np.__version__,
+                      "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""areaDetector NDPluginDriver semantics in plain Python: one thread behind a bounded queue.
+
+A plugin receives frames through :meth:`PluginBase.put` (also its ``__call__``, so a plugin is a
+downstream callable of another). ``put`` never does the work: it queues the frame for the
+plugin's thread, which calls :meth:`PluginBase.process` and hands what it returns to each
+callable in ``downstream``. What the records show is read from attributes named after them:
+
+==========================  ==========================================================
+``enable_callbacks``        EnableCallbacks: a disabled plugin ignores input and does not count it
+``blocking_callbacks``      BlockingCallbacks: a full queue makes the caller wait instead of dropping
+``array_callbacks``         ArrayCallbacks: pass results downstream
+``array_counter``           ArrayCounter: arrays processed (settable; writing 0 resets)
+``dropped_arrays``          DroppedArrays: arrays lost to a full queue (settable)
+``array_rate``              ArrayRate_RBV: arrays processed per second over the last ``rate_window_s``
+``execution_time_ms``       ExecutionTime_RBV: duration of the last ``process()`` call
+``unique_id``/``timestamp`` UniqueId_RBV/TimeStamp_RBV of the last array processed
+``array_size0/1``           ArraySize0_RBV (x)/ArraySize1_RBV (y); ``data_type`` DataType_RBV
+``queue_size``              QueueSize (settable at run time); ``queue_free`` QueueFree
+``error_count``/``last_message``  exceptions in process() and what the last one said
+==========================  ==========================================================
+
+One difference from areaDetector: there, BlockingCallbacks=Yes runs the plugin in the
+caller's thread. Here the plugin keeps its thread (stages still overlap) and the caller waits
+for room in the queue: the same guarantee, nothing is dropped, with back-pressure upstream.
+
+:meth:`PluginBase.submit` runs a function on the plugin's thread between two work items, in
+order with the frames queued before it: a model swap, closing a file after the last frame.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+from .frame import Frame, data_type_name
+
+log = logging.getLogger(__name__)
+
+
+class _Call:
+    """A function queued to run on the plugin's thread."""
+
+    __slots__ = ("args", "fn", "future")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.future = fn, args, Future()
+
+    def run(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            try:
+                self.future.set_result(self.fn(*self.args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                self.future.set_exception(exc)
+
+
+def _check_queue_size(n) -> int:
+    if int(n) != n or n < 1:
+        raise ValueError(f"queue size must be an integer >= 1, got {n!r}")
+    return int(n)
+
+
+class PluginBase:
+    """Override :meth:`process`; optionally :meth:`on_start` / :meth:`on_stop` (run on the plugin's thread)."""
+
+    plugin_type = "NDPluginBase"
+
+    def __init__(self, name: str = "", *, queue_size: int = 16, blocking_callbacks: bool = False,
+                 enable_callbacks: bool = True, array_callbacks: bool = True, rate_window_s: float = 1.0,
+                 downstream: Iterable[Callable[[Any], Any]] = ()):
+        self.name = name or type(self).__name__
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._queue: deque = deque()
+        self._nframes = 0                    # frames in the queue (control calls do not count)
+        self._queue_size = _check_queue_size(queue_size)
+        self.blocking_callbacks = bool(blocking_callbacks)
+        self.enable_callbacks = bool(enable_callbacks)
+        self.array_callbacks = bool(array_callbacks)
+        self.downstream: list[Callable[[Any], Any]] = list(downstream)
+        if rate_window_s <= 0:
+            raise ValueError(f"rate window must be > 0 s, got {rate_window_s}")
+        self.rate_window_s = float(rate_window_s)
+        self._rate_events: deque = deque()   # (monotonic time, arrays)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._stopping = False
+        self._busy = False
+        self._hurry = 0                      # flush() waiting: a batch being gathered goes now
+        self._array_counter = 0
+        self._dropped = 0
+        self.execution_time_ms = 0.0
+        self.unique_id = 0
+        self.timestamp = 0.0
+        self.array_size0 = self.array_size1 = 0
+        self.data_type = ""
+        self.error_count = 0
+        self.last_message = ""
+
+    # ------------------------------------------------------------------ to override
+    def process(self, item):
+        """Work on one frame (or, for a batching plugin, a list); return what goes downstream or None."""
+        return item
+
+    def on_start(self) -> None:
+        """Runs on the plugin's thread before the first item."""
+
+    def on_stop(self) -> None:
+        """Runs on the plugin's thread after the last item (or in ``stop()`` if never started)."""
+
+    # ------------------------------------------------------------------ settings and counters
+    @property
+    def queue_size(self) -> int:
+        return self._queue_size
+
+    @queue_size.setter
+    def queue_size(self, n: int) -> None:
+        # Shrinking keeps what is queued; new frames see a full queue until it drains.
+        with self._lock:
+            self._queue_size = _check_queue_size(n)
+            self._not_full.notify_all()
+
+    @property
+    def queue_free(self) -> int:
+        return max(0, self._queue_size - self._nframes)
+
+    @property
+    def array_counter(self) -> int:
+        return self._array_counter
+
+    @array_counter.setter
+    def array_counter(self, value: int) -> None:
+        with self._lock:
+            self._array_counter = int(value)
+
+    @property
+    def dropped_arrays(self) -> int:
+        return self._dropped
+
+    @dropped_arrays.setter
+    def dropped_arrays(self, value: int) -> None:
+        with self._lock:
+            self._dropped = int(value)
+
+    @property
+    def array_rate(self) -> float:
+        """Arrays processed in the last ``rate_window_s`` seconds, per second."""
+        with self._lock:
+            self._prune_rate(time.monotonic())
+            return sum(n for _, n in self._rate_events) / self.rate_window_s
+
+    def _prune_rate(self, now: float) -> None:
+        ev, cutoff = self._rate_events, now - self.rate_window_s
+        while ev and ev[0][0] <= cutoff:
+            ev.popleft()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def report(self, message: str) -> None:
+        """Set ``last_message`` (Message_RBV) for a problem that is not an exception."""
+        self.last_message = message
+
+    def status(self) -> dict:
+        """A snapshot of every counter, for the records."""
+        return {"plugin_type": self.plugin_type, "name": self.name, "running": self._running,
+                "enable_callbacks": self.enable_callbacks, "blocking_callbacks": self.blocking_callbacks,
+                "array_callbacks": self.array_callbacks, "array_counter": self._array_counter,
+                "dropped_arrays": self._dropped, "array_rate": self.array_rate,
+                "execution_time_ms": self.execution_time_ms, "unique_id": self.unique_id,
+                "timestamp": self.timestamp, "array_size0": self.array_size0, "array_size1": self.array_size1,
+                "data_type": self.data_type, "queue_size": self._queue_size, "queue_free": self.queue_free,
+                "error_count": self.error_count, "last_message": self.last_message}
+
+    # ------------------------------------------------------------------ input
+    def put(self, item) -> int:
+        """Queue a frame (or a list of frames); returns how many were queued, the rest were dropped."""
+        if not self.enable_callbacks:
+            return 0
+        frames = item if isinstance(item, (list, tuple)) else (item,)
+        queued = 0
+        with self._lock:
+            for f in frames:
+                while (self._nframes >= self._queue_size and self.blocking_callbacks and self._running
+                       and not self._stopping):
+                    if queued:
+                        self._not_empty.notify()     # a batch being gathered can take them now
+                    self._not_full.wait()
+                if self._nframes >= self._queue_size or self._stopping:
+                    self._dropped += 1
+                    continue
+                self._queue.append(f)
+                self._nframes += 1
+                queued += 1
+            if queued:
+                self._not_empty.notify()
+        return queued
+
+    __call__ = put
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run ``fn(*args)`` on the plugin's thread after the items queued so far; returns a Future.
+
+        When the plugin is not running the call runs at once in the caller's thread; a call
+        queued while ``stop(drain=False)`` runs is cancelled.
+        """
+        call = _Call(fn, args)
+        with self._lock:
+            if self._running:
+                self._queue.append(call)
+                self._not_empty.notify()
+                return call.future
+        call.run()
+        return call.future
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> None:
+        with self._lock:
+            if self._running:
+                return
+            self._running, self._stopping = True, False
+            self._thread = threading.Thread(target=self._run, name=f"plugin-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0, drain: bool = True) -> bool:
+        """Stop the thread and join it; ``drain`` processes what is queued first, else it is dropped.
+
+        Returns False if the thread did not end within ``timeout`` (a ``process`` call hung).
+        """
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                running = False
+            else:
+                running = True
+                self._stopping = True
+                if not drain:
+                    self._discard_locked()
+                self._not_empty.notify_all()
+                self._not_full.notify_all()
+        if not running:
+            self._safe(self.on_stop, "on_stop")
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        with self._lock:
+            self._thread = None
+        return True
+
+    def _discard_locked(self) -> None:
+        for item in self._queue:
+            if isinstance(item, _Call):
+                item.future.cancel()
+            else:
+                self._dropped += 1
+        self._queue.clear()
+        self._nframes = 0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queue is empty and the current item done (a pending batch goes at once).
+
+        Returns False on timeout, or if the plugin is not running with items still queued.
+        """
+        with self._lock:
+            self._hurry += 1
+            self._not_empty.notify_all()
+            try:
+                self._idle.wait_for(lambda: (not self._queue and not self._busy) or not self._running, timeout)
+                return not self._queue and not self._busy
+            finally:
+                self._hurry -= 1
+
+    def _run(self) -> None:
+        self._safe(self.on_start, "on_start")
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._stopping:
+                        self._not_empty.wait()
+                    if not self._queue:
+                        break
+                    self._busy = True
+                    work = self._take_locked()
+                    if not isinstance(work, _Call):
+                        self._begin_locked(work)
+                try:
+                    self._handle(work)
+                finally:
+                    with self._lock:
+                        self._busy = False
+                        if not self._queue:
+                            self._idle.notify_all()
+        finally:
+            self._safe(self.on_stop, "on_stop")
+            with self._lock:
+                self._running = self._stopping = self._busy = False
+                self._discard_locked()
+                self._idle.notify_all()
+                self._not_full.notify_all()
+
+    # ------------------------------------------------------------------ internals for subclasses
+    def _pop_frame_locked(self):
+        item = self._queue.popleft()
+        if not isinstance(item, _Call):
+            self._nframes -= 1
+            self._not_full.notify()
+        return item
+
+    def _take_locked(self):
+        """The next work item (lock held, queue not empty). Batching overrides this."""
+        return self._pop_frame_locked()
+
+    def _begin_locked(self, work) -> None:
+        """Counters of areaDetector's beginProcessCallbacks, from the last frame of the work."""
+        n = len(work) if isinstance(work, list) else 1
+        last = work[-1] if isinstance(work, list) else work
+        self._array_counter += n
+        now = time.monotonic()
+        self._rate_events.append((now, n))
+        self._prune_rate(now)
+        if isinstance(last, Frame):
+            self.unique_id, self.timestamp = last.unique_id, last.timestamp
+            data = last.data
+            self.array_size0, self.array_size1 = last.size0, last.size1
+            self.data_type = data_type_name(data.dtype) if hasattr(data, "dtype") else type(data).__name__
+
+    def _handle(self, work) -> None:
+        if isinstance(work, _Call):
+            work.run()
+            if work.future.exception() is not None:
+                self._error(work.future.exception(), f"{getattr(work.fn, '__name__', 'call')}")
+            return
+        t0 = time.perf_counter()
+        try:
+            out = self.process(work)
+        except Exception as exc:  # noqa: BLE001 - a bad frame must never end the thread
+            self._error(exc, "process")
+            out = None
+        finally:
+            self.execution_time_ms = (time.perf_counter() - t0) * 1e3
+        if out is not None and self.array_callbacks:
+            self.emit(out)
+
+    def emit(self, out) -> None:
+        """Hand ``out`` to each downstream callable; their exceptions are counted, not raised."""
+        for cb in list(self.downstream):
+            try:
+                cb(out)
+            except Exception as exc:  # noqa: BLE001
+                self._error(exc, f"downstream {getattr(cb, 'name', cb)!s}")
+
+    def _error(self, exc: BaseException, where: str) -> None:
+        self.error_count += 1
+        self.last_message = f"{where}: {type(exc).__name__}: {exc}"
+        log.debug("%s %s", self.name, self.last_message, exc_info=exc)
+
+    def _safe(self, fn, where: str) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            self._error(exc, where)
+
+
+def connect(*plugins) -> None:
+    """Chain plugins: each one's results go to the next."""
+    for up, down in itertools.pairwise(plugins):
+        up.downstream.append(down)

@@ -1,0 +1,82 @@
+"""The unit that travels down the plugin chain: an NDArray without EPICS.
+
+Field names follow areaDetector's NDArray: ``unique_id`` (NDArray uniqueId), ``timestamp`` (the
+EPICS timeStamp, s since 1970), ``data_timestamp`` (dataTimeStamp), ``attributes`` (the NDAttribute
+list as a dict). ``position`` is the probe centre (x, y) in metres once a position source found it.
+``t_received`` is ``time.perf_counter()`` when the frame entered the process, for latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# areaDetector NDDataType_t: the index is the DataType_RBV mbbi value.
+ND_DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
+_BY_DTYPE = {np.dtype(n.lower()): i for i, n in enumerate(ND_DATA_TYPES)}
+
+
+def data_type_index(dtype) -> int:
+    """NDDataType_t of a numpy dtype; -1 for one areaDetector has no type for."""
+    return _BY_DTYPE.get(np.dtype(dtype), -1)
+
+
+def data_type_name(dtype) -> str:
+    """areaDetector's name for a numpy dtype (``UInt16``), or the numpy name if it has none."""
+    i = data_type_index(dtype)
+    return ND_DATA_TYPES[i] if i >= 0 else np.dtype(dtype).name
+
+
+@dataclass
+class Frame:
+    data: np.ndarray
+    unique_id: int = 0
+    timestamp: float = 0.0
+    data_timestamp: float = 0.0
+    attributes: dict = field(default_factory=dict)
+    position: tuple[float, float] | None = None
+    t_received: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size0(self) -> int:
+        """ArraySize0: the fastest axis, x."""
+        return int(self.data.shape[-1]) if self.data.ndim else 0
+
+    @property
+    def size1(self) -> int:
+        """ArraySize1: y."""
+        return int(self.data.shape[-2]) if self.data.ndim >= 2 else 0
+
+    def derive(self, data: np.ndarray, **changes) -> Frame:
+        """A frame with new data (e.g. the phase) that keeps ids, timestamps, attributes, position."""
+        return dataclasses.replace(self, data=data, **changes)
+
+    @classmethod
+    def from_decoded(cls, d, t_received: float | None = None) -> Frame:
+        """From a :class:`ptychopv.ntndarray.Decoded` (or anything with the same fields)."""
+        return cls(d.data, int(d.unique_id), float(d.timestamp), float(d.data_timestamp), dict(d.attributes),
+                   t_received=time.perf_counter() if t_received is None else t_received)
+
+
+def stack(frames: Sequence[Frame]) -> np.ndarray:
+    """The frames' data as one ``(B, ny, nx)`` array; all frames must have the same shape."""
+    if not frames:
+        raise ValueError("cannot stack an empty batch of frames")
+    shape = frames[0].data.shape
+    for f in frames:
+        if f.data.shape != shape:
+            raise ValueError(f"frame {f.unique_id} has shape {f.data.shape}, the batch {shape}")
+    return np.stack([f.data for f in frames])
+
+
+def positions(frames: Sequence[Frame]) -> np.ndarray:
+    """``(B, 2)`` positions (x, y) in metres; NaN where a frame has none."""
+    out = np.full((len(frames), 2), np.nan)
+    for i, f in enumerate(frames):
+        if f.position is not None:
+            out[i] = f.position
+    return out

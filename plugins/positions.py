@@ -1,0 +1,255 @@
+"""Where was the probe when a frame was taken: three sources, chosen by ``Stitch:PositionSource``.
+
+Each source has ``position(frame) -> (x, y) | None`` in metres (None: unknown; the stitcher
+counts such frames and does not place them) and ``reset()`` (a new scan).
+
+- :class:`AttributePositions`: NTNDArray attributes (names configurable), times ``scale``.
+- :class:`FilePositions`: a table indexed by frame number (``uniqueId - first_id``, or the
+  order of arrival): ``.npy`` (N, 2), ``.csv`` (two columns x, y, optional header), or an
+  HDF5 scan file (``/entry/data/position_x_m`` / ``position_y_m``).
+- :class:`TimestampedPositions`: samples ``(timestamp, value)`` of x and y position PVs, fed
+  by whoever monitors them, matched to the frame's timestamp (nearest or linear within a
+  tolerance).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .frame import Frame
+
+
+class PositionSource(Protocol):
+    def position(self, frame: Frame) -> tuple[float, float] | None: ...
+
+    def reset(self) -> None: ...
+
+
+def _number(v) -> float | None:
+    try:
+        f = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) else float(v)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class AttributePositions:
+    """Positions from frame attributes; missing, non-numeric or NaN -> None."""
+
+    def __init__(self, x: str = "PositionX", y: str = "PositionY", scale: float = 1.0):
+        if not x or not y:
+            raise ValueError("position attribute names must not be empty")
+        if not (math.isfinite(scale) and scale != 0):
+            raise ValueError(f"position scale (attribute units -> m) must be finite and non-zero, got {scale}")
+        self.x, self.y, self.scale = x, y, float(scale)
+
+    def position(self, frame: Frame) -> tuple[float, float] | None:
+        a = frame.attributes or {}
+        x, y = _number(a.get(self.x)), _number(a.get(self.y))
+        if x is None or y is None:
+            return None
+        return (x * self.scale, y * self.scale)
+
+    def reset(self) -> None:
+        pass
+
+
+class FilePositions:
+    """Positions from a table indexed by frame number.
+
+    ``index='unique_id'``: row ``uniqueId - first_id`` (areaDetector counts from 1);
+    ``index='arrival'``: the n-th frame seen since :meth:`reset`. Rows out of range or NaN -> None.
+    """
+
+    def __init__(self, positions_m, *, index: str = "unique_id", first_id: int = 1):
+        p = np.asarray(positions_m, dtype=np.float64)
+        if p.ndim != 2 or p.shape[1] != 2:
+            raise ValueError(f"positions must be an (N, 2) table of (x, y) metres, got shape {p.shape}")
+        if index not in ("unique_id", "arrival"):
+            raise ValueError(f"index must be 'unique_id' or 'arrival', got {index!r}")
+        self.table, self.index, self.first_id = p, index, int(first_id)
+        self._lock = threading.Lock()
+        self._seen = 0
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kw) -> FilePositions:
+        return cls(load_positions(path), **kw)
+
+    def position(self, frame: Frame) -> tuple[float, float] | None:
+        if self.index == "arrival":
+            with self._lock:
+                i, self._seen = self._seen, self._seen + 1
+        else:
+            i = int(frame.unique_id) - self.first_id
+        if not 0 <= i < len(self.table):
+            return None
+        x, y = self.table[i]
+        return (float(x), float(y)) if math.isfinite(x) and math.isfinite(y) else None
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen = 0
+
+
+def load_positions(path: str | Path) -> np.ndarray:
+    """(N, 2) positions (x, y) in metres from ``.npy``, ``.csv``/``.txt`` or an HDF5 scan file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"positions file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        p = np.load(path, allow_pickle=False)
+    elif suffix in (".csv", ".txt"):
+        p = _load_csv(path)
+    elif suffix in (".h5", ".hdf5", ".nxs"):
+        import h5py
+
+        from ptychopv.scanfile import DATA
+
+        with h5py.File(path, "r") as f:
+            names = (f"{DATA}/position_x_m", f"{DATA}/position_y_m")
+            if not all(n in f for n in names):
+                raise ValueError(f"{path}: no {names[0]} and {names[1]} datasets")
+            p = np.stack([f[names[0]][()], f[names[1]][()]], axis=1)
+    else:
+        raise ValueError(f"positions file {path}: unknown type {suffix!r} (use .npy, .csv or an HDF5 scan file)")
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise ValueError(f"positions file {path}: need an (N, 2) table of (x, y), got shape {p.shape}")
+    return p
+
+
+def _load_csv(path: Path) -> np.ndarray:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ValueError(f"positions file {path} is empty")
+    rows = [ln.replace(";", ",").split(",") for ln in lines]
+    try:
+        float(rows[0][0])
+    except ValueError:
+        rows = rows[1:]                      # a header line
+    try:
+        return np.array([[float(v) for v in r] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    except ValueError as exc:
+        raise ValueError(f"positions file {path}: not a table of numbers: {exc}") from None
+
+
+class _Samples:
+    """Time-sorted samples of one axis, bounded in number."""
+
+    def __init__(self, max_samples: int):
+        self.t: list[float] = []
+        self.v: list[float] = []
+        self.max = max_samples
+
+    def add(self, t: float, v: float) -> None:
+        if self.t and t >= self.t[-1]:
+            self.t.append(t)
+            self.v.append(v)
+        else:                                 # out of order: keep sorted
+            i = bisect.bisect_right(self.t, t)
+            self.t.insert(i, t)
+            self.v.insert(i, v)
+        if len(self.t) > self.max:
+            drop = len(self.t) - self.max
+            del self.t[:drop], self.v[:drop]
+
+    def at(self, t: float, tol: float, linear: bool) -> float | None:
+        i = bisect.bisect_left(self.t, t)    # self.t[i-1] < t <= self.t[i]
+        before = i - 1 if i > 0 else None
+        after = i if i < len(self.t) else None
+        if linear and before is not None and after is not None:
+            t0, t1 = self.t[before], self.t[after]
+            if t - t0 <= tol and t1 - t <= tol:
+                if t1 == t0:
+                    return self.v[after]
+                a = (t - t0) / (t1 - t0)
+                return self.v[before] * (1 - a) + self.v[after] * a
+        best = None
+        for j in (before, after):
+            if j is not None and abs(self.t[j] - t) <= tol and (best is None or abs(self.t[j] - t) < abs(self.t[best] - t)):
+                best = j
+        return None if best is None else self.v[best]
+
+
+class TimestampedPositions:
+    """Positions from timestamped samples of x and y PVs, matched to ``frame.timestamp``.
+
+    ``method='nearest'``: the sample closest in time, if within ``tolerance_s``.
+    ``method='linear'``: interpolate between the samples before and after the frame when both
+    are within ``tolerance_s``, else fall back to the nearest within it; else None.
+    Thread-safe: a monitor thread adds samples while the stitch thread looks them up.
+    """
+
+    def __init__(self, tolerance_s: float = 0.01, method: str = "nearest", *, scale: float = 1.0,
+                 max_samples: int = 100_000):
+        if not (math.isfinite(tolerance_s) and tolerance_s >= 0):
+            raise ValueError(f"tolerance must be a time >= 0 s, got {tolerance_s}")
+        if method not in ("nearest", "linear"):
+            raise ValueError(f"method must be 'nearest' or 'linear', got {method!r}")
+        if not (math.isfinite(scale) and scale != 0):
+            raise ValueError(f"position scale (PV units -> m) must be finite and non-zero, got {scale}")
+        if max_samples < 2:
+            raise ValueError(f"max_samples must be >= 2, got {max_samples}")
+        self.tolerance_s, self.method, self.scale = float(tolerance_s), method, float(scale)
+        self.max_samples = int(max_samples)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def add(self, axis: str, timestamp: float, value: float) -> None:
+        """One monitor update of the ``'x'`` or ``'y'`` position PV; NaN values are ignored."""
+        if axis not in ("x", "y"):
+            raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+        t, v = _number(timestamp), _number(value)
+        if t is None or v is None:
+            return
+        with self._lock:
+            self._samples[axis].add(t, v)
+
+    def add_x(self, timestamp: float, value: float) -> None:
+        self.add("x", timestamp, value)
+
+    def add_y(self, timestamp: float, value: float) -> None:
+        self.add("y", timestamp, value)
+
+    def position(self, frame: Frame) -> tuple[float, float] | None:
+        t = _number(frame.timestamp)
+        if t is None:
+            return None
+        linear = self.method == "linear"
+        with self._lock:
+            x = self._samples["x"].at(t, self.tolerance_s, linear)
+            y = self._samples["y"].at(t, self.tolerance_s, linear)
+        if x is None or y is None:
+            return None
+        return (x * self.scale, y * self.scale)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._samples = {"x": _Samples(self.max_samples), "y": _Samples(self.max_samples)}
+
+
+SOURCES = {"attributes": AttributePositions, "file": FilePositions.from_file, "pv": TimestampedPositions}
+
+
+def make_source(kind: str, **kw) -> PositionSource:
+    """A position source by the name ``Stitch:PositionSource`` holds: attributes, file or pv."""
+    if kind not in SOURCES:
+        raise ValueError(f"position source must be one of {', '.join(SOURCES)}, got {kind!r}")
+    return SOURCES[kind](**kw)
+
+
+def assign(frames, source: PositionSource) -> int:
+    """Set ``frame.position`` from ``source`` where a frame has none; returns how many have none after."""
+    missing = 0
+    for f in frames if isinstance(frames, (list, tuple)) else (frames,):
+        if f.position is None:
+            f.position = source.position(f)
+        missing += f.position is None
+    return missing

@@ -1,0 +1,138 @@
+"""Scan recorder: frames + uniqueIds + positions + timestamps to the HDF5 scan layout (``Scan:`` records).
+
+Capture is switched on and off through :meth:`RecorderPlugin.start_capture` /
+:meth:`RecorderPlugin.stop_capture`, which run on the plugin's thread in order with the frames
+(:meth:`~.base.PluginBase.submit`): frames queued before "capture off" are still written, then
+the file is closed; the returned Future completes then (a ``busy`` record can wait on it).
+
+The file is opened when the first frame arrives, since its shape and dtype fix the datasets'.
+A frame whose shape differs from the scan's, or whose dtype cannot be stored without loss, is
+counted in ``frames_rejected`` and reported in ``last_message``, and the scan goes on.
+An existing file is never overwritten: the scan number moves on to a free name.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from ptychopv.scanfile import ScanWriter
+
+from .base import PluginBase
+from .frame import Frame
+
+
+class RecorderPlugin(PluginBase):
+    plugin_type = "NDFileHDF5"
+
+    def __init__(self, folder: str | Path = ".", *, template: str = "scan_{scan:05d}.h5", scan_number: int = 1,
+                 num_capture: int = 0, energy_ev: float = math.nan, detector_distance_m: float = math.nan,
+                 detector_pixel_size_m: float = math.nan, flush_every: int = 1, **kw):
+        kw.setdefault("blocking_callbacks", True)        # a recorder should not drop frames
+        kw.setdefault("queue_size", 256)
+        super().__init__(kw.pop("name", "Scan"), **kw)
+        self.folder = Path(folder)
+        self.template = template
+        self.file_name(scan_number)                      # validates the template now
+        self.scan_number = int(scan_number)
+        self.num_capture = int(num_capture)
+        self.metadata = {"energy_ev": energy_ev, "detector_distance_m": detector_distance_m,
+                         "detector_pixel_size_m": detector_pixel_size_m}
+        self.flush_every = flush_every
+        self._capture = False
+        self.current_file = ""            # Scan:FileName_RBV
+        self.frames_captured = 0          # Scan:FramesCaptured_RBV
+        self.frames_rejected = 0
+        self._writer: ScanWriter | None = None
+        self._path: Path | None = None
+
+    @property
+    def capture(self) -> bool:
+        """Scan:Capture readback; change it with start_capture/stop_capture (ordered with frames)."""
+        return self._capture
+
+    def file_name(self, scan_number: int) -> Path:
+        try:
+            name = self.template.format(scan=int(scan_number))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"file template {self.template!r} must use only {{scan}} (e.g. "
+                             f"'scan_{{scan:05d}}.h5'): {exc}") from None
+        return self.folder / name
+
+    # ------------------------------------------------------------------ control (any thread)
+    def start_capture(self, scan_number: int | None = None) -> Future:
+        """Capture on; the Future's result is the file name it will write."""
+        return self.submit(self._start, scan_number)
+
+    def stop_capture(self) -> Future:
+        """Capture off once the frames queued so far are written; the Future's result is the file closed."""
+        return self.submit(self._stop)
+
+    # ------------------------------------------------------------------ on the plugin's thread
+    def _start(self, scan_number: int | None) -> str:
+        self._close()
+        n = self.scan_number if scan_number is None else int(scan_number)
+        while self.file_name(n).exists():                # never overwrite a recorded scan
+            n += 1
+        self.scan_number = n
+        self._path = self.file_name(n)
+        self.current_file = str(self._path)
+        self.frames_captured = 0
+        self.frames_rejected = 0
+        self._capture = True
+        return self.current_file
+
+    def _stop(self) -> str:
+        closed = self._close()
+        if self._capture:
+            self._capture = False
+            self.scan_number += 1
+        return closed
+
+    def _close(self) -> str:
+        if self._writer is None:
+            return ""
+        w, self._writer = self._writer, None
+        w.close()
+        return str(w.path)
+
+    def process(self, frame: Frame):
+        if not self._capture:
+            return
+        data = np.asarray(frame.data)
+        if self._writer is None:
+            if data.ndim != 2:
+                self._reject(f"frame {frame.unique_id}: shape {data.shape} is not a 2-D image; not recorded")
+                return
+            try:
+                self._writer = ScanWriter(self._path, data.shape, data.dtype, scan_id=self._path.stem,
+                                          flush_every=self.flush_every, **self.metadata)
+            except (OSError, ValueError) as exc:
+                self._capture = False                     # one message, not one per frame
+                self._reject(f"cannot open {self._path}: {exc}; capture stopped")
+                return
+        w = self._writer
+        if data.shape != w.frame_shape:
+            self._reject(f"frame {frame.unique_id}: shape {data.shape} differs from the scan's {w.frame_shape}; "
+                         f"not recorded")
+            return
+        if not np.can_cast(data.dtype, w.dtype, "safe"):
+            self._reject(f"frame {frame.unique_id}: dtype {data.dtype} cannot be stored as the scan's {w.dtype}; "
+                         f"not recorded")
+            return
+        x, y = frame.position if frame.position is not None else (math.nan, math.nan)
+        w.append(data, frame.unique_id, x, y, frame.timestamp)
+        self.frames_captured += 1
+        if self.num_capture and self.frames_captured >= self.num_capture:
+            self._stop()
+        return
+
+    def _reject(self, message: str) -> None:
+        self.frames_rejected += 1
+        self.report(message)
+
+    def on_stop(self) -> None:
+        self._stop()

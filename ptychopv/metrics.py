@@ -1,0 +1,132 @@
+"""Image quality of phase images: SSIM after the best constant offset, and the truth on a stitched grid.
+
+A phase image from per-frame inference (mean phase removed per patch) or from a reconstruction
+is known only up to a constant, so the image is first shifted by the weighted mean difference
+to the reference over the region compared (the least-squares offset).
+
+``data_range`` (SSIM's ``L``, which sets its stabilising constants ``(0.01 L)^2`` and
+``(0.03 L)^2``) defaults to the peak-to-peak of the *reference* inside the region: the phase
+contrast actually present. A fixed ``2 pi`` would make every low-contrast sample look alike;
+the range of the image under test would reward an image that exaggerates.
+
+Geometry follows :mod:`ptychopv.physics`: pixel ``i`` of an object of ``N`` rows lies at
+``(i - N/2) * pixel_size``; a stitched image's pixel ``[r, c]`` lies at ``origin + (c, r) * pixel_size``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _pair(image, reference, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"need two 2-D images of the same shape, got {a.shape} and {b.shape}")
+    m = np.ones(a.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    if m.shape != a.shape:
+        raise ValueError(f"mask has shape {m.shape}, the images {a.shape}")
+    m = m & np.isfinite(a) & np.isfinite(b)
+    if not m.any():
+        raise ValueError("the region to compare is empty (mask all False, or no finite pixel in both images)")
+    return a, b, m
+
+
+def best_offset(image, reference, mask=None, weights=None) -> float:
+    """The constant ``c`` minimising ``sum(w (image - c - reference)^2)`` over the mask."""
+    a, b, m = _pair(image, reference, mask)
+    if weights is None:
+        return float(np.mean(a[m] - b[m]))
+    w = np.asarray(weights, dtype=np.float64)[m]
+    if w.sum() <= 0:
+        raise ValueError("weights sum to zero over the region")
+    return float(np.sum(w * (a[m] - b[m])) / w.sum())
+
+
+def remove_offset(image, reference, mask=None, weights=None) -> np.ndarray:
+    """``image`` shifted by :func:`best_offset` so it matches ``reference`` on average."""
+    return np.asarray(image, dtype=np.float64) - best_offset(image, reference, mask, weights)
+
+
+def phase_ssim(image, reference, mask=None, *, data_range: float | None = None, win_size: int = 7) -> float:
+    """SSIM of two phase images over ``mask`` after removing the best constant offset.
+
+    The SSIM map is computed on the mask's bounding box and averaged over the mask eroded by
+    half the window, so pixels outside the region do not leak into the score.
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b, m = _pair(image, reference, mask)
+    a = a - float(np.mean(a[m] - b[m]))
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    a, b, m = a[box], b[box], m[box]
+    if min(a.shape) < win_size:
+        raise ValueError(f"the region to compare ({a.shape[0]}x{a.shape[1]} px) is smaller than the "
+                         f"SSIM window ({win_size} px)")
+    if data_range is None:
+        data_range = float(np.ptp(b[m]))
+    if not np.isfinite(data_range) or data_range <= 0:
+        raise ValueError(f"data_range must be > 0 (a flat reference has none), got {data_range}")
+    # Outside the mask both get the reference (NaN -> its mean) so NaNs cannot spread through
+    # the filter; the eroded mask below keeps every averaged window inside the region anyway.
+    b = np.where(np.isfinite(b), b, float(np.mean(b[m])))
+    a = np.where(m, a, b)
+    _, smap = structural_similarity(a, b, data_range=data_range, win_size=win_size, full=True)
+    inner = ndimage.binary_erosion(m, iterations=win_size // 2)
+    region = inner if inner.any() else m
+    return float(np.mean(smap[region]))
+
+
+def coverage_mask(weight, fraction: float = 0.1) -> np.ndarray:
+    """The well-covered part of a stitched image: weight >= ``fraction`` of its maximum."""
+    w = np.asarray(weight, dtype=np.float64)
+    if w.size == 0 or not np.isfinite(w).all() or w.max() <= 0:
+        raise ValueError("weight image is empty, non-finite or all zero: nothing was stitched")
+    return w >= fraction * w.max()
+
+
+def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: float, shape, order: int = 1) -> np.ndarray:
+    """Resample ``truth`` (a phase image, or a complex object whose phase is taken) onto a stitched grid.
+
+    ``origin_m`` is (x, y) of the grid's pixel [0, 0]; pixels that fall outside the truth are NaN.
+    With equal pixel sizes and an origin on the truth's grid this is an exact crop.
+    """
+    t = np.asarray(truth)
+    if np.iscomplexobj(t):
+        t = np.angle(t)                      # a complex object: compare phases
+    if t.ndim != 2 or not np.issubdtype(t.dtype, np.number):
+        raise ValueError(f"truth must be a 2-D image (real phase or complex object), got {t.dtype} {t.shape}")
+    for name, v in (("truth_pixel_size_m", truth_pixel_size_m), ("pixel_size_m", pixel_size_m)):
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number of metres > 0, got {v}")
+    ny, nx = (int(s) for s in shape)
+    ty, tx = t.shape
+    rows = (origin_m[1] + np.arange(ny) * pixel_size_m) / truth_pixel_size_m + ty / 2
+    cols = (origin_m[0] + np.arange(nx) * pixel_size_m) / truth_pixel_size_m + tx / 2
+    rr = np.rint(rows)
+    cc = np.rint(cols)
+    if np.allclose(rows, rr, atol=1e-6) and np.allclose(cols, cc, atol=1e-6):
+        out = np.full((ny, nx), np.nan)
+        ri, ci = rr.astype(int), cc.astype(int)
+        rin, cin = (ri >= 0) & (ri < ty), (ci >= 0) & (ci < tx)
+        out[np.ix_(rin, cin)] = t[np.ix_(ri[rin], ci[cin])]
+        return out
+    R, C = np.meshgrid(rows, cols, indexing="ij")
+    out = ndimage.map_coordinates(t.astype(np.float64), [R, C], order=order, mode="constant", cval=np.nan)
+    outside = (R < 0) | (R > ty - 1) | (C < 0) | (C > tx - 1)
+    out[outside] = np.nan
+    return out
+
+
+def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
+                  data_range: float | None = None) -> float:
+    """SSIM of a :class:`~ptychopv.stitching.StitchedImage` (or its 4-tuple) against the true phase.
+
+    Compared over the well-covered region (:func:`coverage_mask`) inside the truth.
+    """
+    phase, weight, origin_m, pixel_size_m = stitched
+    ref = truth_on_grid(truth_phase, truth_pixel_size_m, origin_m, pixel_size_m, np.shape(phase))
+    mask = coverage_mask(weight, fraction) & np.isfinite(ref)
+    return phase_ssim(phase, ref, mask, data_range=data_range)

@@ -1,0 +1,300 @@
+"""Live stitching of per-frame phase patches into one image of the sample.
+
+Geometry (that of :mod:`ptychopv.physics`): a position is the probe centre ``(x, y)`` in metres;
+pixel ``j`` of an ``h``-row patch lies at ``y + (j - h/2) * pixel_size``. The canvas is a grid
+whose global pixel ``g`` lies at ``g * pixel_size`` metres, so :meth:`Stitcher.image` reports the
+metres of its pixel ``[0, 0]`` as ``origin_m``.
+
+Placement is sub-pixel by bilinear splatting: the whole patch shares one fractional offset, so
+the splat is four shifted copies of the patch with scalar weights, an ``(h+1, w+1)`` block
+added once to the canvas. The canvas keeps ``num = sum(w * (phase + offset))`` and
+``den = sum(w)``; the image is ``num / den``. ``w`` is the probe intensity when given (the
+network sees only what the probe lit), else a Tukey taper.
+
+Work is done one frame at a time on float32 buffers: the ``(h+1, w+1)`` working set stays in
+cache, which beats vectorising over the batch (and offsets need sequential adds anyway).
+
+Each network patch has its mean phase removed, so before adding a patch its constant offset
+against the canvas is estimated in the overlap by weighted least squares: with weights
+``w_patch * den``, ``c = (sum(w num) - sum(den w phase)) / sum(w den)``: three dot products, no
+division per pixel. Phases are treated as unwrapped (the networks output a continuous phase).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple
+
+import numpy as np
+
+
+class StitchedImage(NamedTuple):
+    phase: np.ndarray          # (ny, nx) float32; ``fill`` where nothing was placed
+    weight: np.ndarray         # (ny, nx) float32 accumulated weight
+    origin_m: tuple[float, float]  # (x, y) of pixel [0, 0] in metres
+    pixel_size_m: float
+
+
+def tukey(n: int, alpha: float = 0.5) -> np.ndarray:
+    """A 1-D Tukey window of ``n`` points, all > 0 (the zero end points lie just outside)."""
+    if n == 1:
+        return np.ones(1)
+    t = (np.arange(n) + 1.0) / (n + 1)                     # in (0, 1)
+    if alpha <= 0:
+        return np.ones(n)
+    w = np.ones(n)
+    edge = np.minimum(t, 1 - t)
+    taper = edge < alpha / 2
+    w[taper] = 0.5 * (1 - np.cos(2 * np.pi * edge[taper] / alpha))
+    return w
+
+
+def window_from(window, shape: tuple[int, int], taper: float) -> np.ndarray:
+    """The weight window for patches of ``shape``: ``|probe|^2`` (complex), given weights, or a taper."""
+    if window is None:
+        return np.outer(tukey(shape[0], taper), tukey(shape[1], taper))
+    w = np.asarray(window)
+    if w.shape != tuple(shape):
+        raise ValueError(f"weight window has shape {w.shape}, the patches are {tuple(shape)}")
+    w = np.abs(w) ** 2 if np.iscomplexobj(w) else w.astype(np.float64)
+    if not np.isfinite(w).all() or (w < 0).any() or w.max() <= 0:
+        raise ValueError("weight window must be finite, >= 0 and not all zero")
+    return w / w.max()
+
+
+def _splat1(v: np.ndarray, f: float, out: np.ndarray) -> np.ndarray:
+    """Linear splat of a 1-D array shifted by ``f`` in [0, 1): length n -> n + 1."""
+    n = len(v)
+    np.multiply(v, 1 - f, out=out[:n])
+    out[n] = 0
+    out[1:] += v * f
+    return out
+
+
+def _splat(a: np.ndarray, fy: float, fx: float, t: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Bilinear splat of ``a`` (h, w) shifted by (fy, fx) in [0, 1): -> (h+1, w+1), separably."""
+    h, w = a.shape
+    np.multiply(a, 1 - fx, out=t[:, :w])        # Python floats keep float32 (NEP 50)
+    t[:, w] = 0
+    t[:, 1:] += a * fx
+    np.multiply(t, 1 - fy, out=out[:h])
+    out[h] = 0
+    out[1:] += t * fy
+    return out
+
+
+class _Window:
+    """The weight window of one patch shape and the scratch buffers of its splats (float32)."""
+
+    def __init__(self, window, shape: tuple[int, int], taper: float):
+        h, w = shape
+        if window is None:
+            self.wy, self.wx = tukey(h, taper).astype(np.float32), tukey(w, taper).astype(np.float32)
+            self.w = np.multiply.outer(self.wy, self.wx)
+        else:
+            self.wy = self.wx = None
+            self.w = window_from(window, shape, taper).astype(np.float32)
+        self.self_weight = float((self.w.astype(np.float64) ** 2).sum())
+        self.q = np.empty((h, w), np.float32)
+        self.t = np.empty((h, w + 1), np.float32)
+        self.s_pw = np.empty((h + 1, w + 1), np.float32)
+        self.s_w = np.empty((h + 1, w + 1), np.float32)
+        self.sy, self.sx = np.empty(h + 1, np.float32), np.empty(w + 1, np.float32)
+
+
+class Stitcher:
+    """Accumulate phase patches at positions into a canvas that grows to the scan extent.
+
+    Thread-safe: :meth:`add` (the stitch thread), :meth:`image` (the publisher) and
+    :meth:`reset` (a PV write) may be called from different threads.
+    """
+
+    def __init__(self, pixel_size_m: float, *, window=None, taper: float = 0.5, estimate_offsets: bool = True,
+                 min_overlap: float = 0.05, max_canvas_px: int = 8192, grow_px: int = 128):
+        """
+        pixel_size_m: object pixel size of the patches (m/pixel).
+        window: probe (complex, its intensity is used) or real weights of the patch shape; None: Tukey taper.
+        taper: Tukey alpha of the default window (0: flat, 1: Hann).
+        estimate_offsets: match each patch's constant phase to the canvas before adding it.
+        min_overlap: the overlap weight, relative to the patch's own, needed to estimate an offset.
+        max_canvas_px: a frame whose patch lies farther than half this from the scan's first frame
+            is rejected (a runaway position would otherwise allocate a huge canvas).
+        grow_px: extra margin when the canvas grows, so it grows rarely.
+        """
+        self._lock = threading.RLock()
+        self.pixel_size_m = pixel_size_m
+        self._window_arg = window
+        self.taper = float(taper)
+        self.estimate_offsets = bool(estimate_offsets)
+        self.min_overlap = float(min_overlap)
+        self.max_canvas_px = int(max_canvas_px)
+        self.grow_px = int(grow_px)
+        self.reset()
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def pixel_size_m(self) -> float:
+        return self._ps
+
+    @pixel_size_m.setter
+    def pixel_size_m(self, value: float) -> None:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"pixel size must be a number of metres > 0, got {value!r}") from None
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"pixel size must be a finite number of metres > 0, got {value!r}")
+        with self._lock:
+            self._ps = v
+            if hasattr(self, "_num"):
+                self.reset()          # the canvas is in pixels of the old size
+
+    def set_window(self, window) -> None:
+        """Use a new weight window (probe or weights) from the next patch on; None: the taper."""
+        with self._lock:
+            self._window_arg = window
+            self._windows = {}
+
+    def reset(self) -> None:
+        """Empty the canvas and zero the counters (a new scan)."""
+        with self._lock:
+            self._num = np.zeros((0, 0), np.float32)
+            self._den = np.zeros((0, 0), np.float32)
+            self._r0 = self._c0 = 0                 # global pixel of canvas [0, 0]
+            self._used = None                       # [r0, r1, c0, c1) global, of placed patches
+            self._anchor = None                     # global (row, col) of the first frame
+            self._windows: dict = {}
+            self.frames_stitched = 0
+            self.frames_no_position = 0
+            self.frames_rejected = 0
+            self.last_message = ""
+
+    # ------------------------------------------------------------------ adding
+    def _window(self, shape) -> _Window:
+        if shape not in self._windows:
+            self._windows[shape] = _Window(self._window_arg, shape, self.taper)
+        return self._windows[shape]
+
+    def _reject(self, count: int, message: str) -> None:
+        self.frames_rejected += count
+        self.last_message = message
+
+    def add(self, patches, positions_m) -> int:
+        """Place ``patches`` (B, h, w) at ``positions_m`` (B, 2) as (x, y) metres; returns how many were placed.
+
+        A frame with a NaN position counts in ``frames_no_position``; a patch with non-finite
+        values or too far from the scan counts in ``frames_rejected``; neither is placed.
+        """
+        p = np.asarray(patches)
+        if p.ndim == 2:
+            p = p[None]
+        if p.ndim != 3 or not np.issubdtype(p.dtype, np.number) or np.iscomplexobj(p) or 0 in p.shape[1:]:
+            raise ValueError(f"patches must be real, non-empty (B, h, w) or (h, w), got {p.dtype} {p.shape}")
+        try:
+            pos = np.asarray(positions_m, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("positions must be numbers: (B, 2) as (x, y) metres") from None
+        if pos.shape == (2,):
+            pos = pos[None]
+        if pos.shape != (len(p), 2):
+            raise ValueError(f"{len(p)} patches need positions of shape ({len(p)}, 2) as (x, y), got {pos.shape}")
+        with self._lock:
+            return self._add(p, pos)
+
+    def _add(self, p: np.ndarray, pos: np.ndarray) -> int:
+        _b, h, w = p.shape
+        has_pos = np.isfinite(pos).all(axis=1)
+        self.frames_no_position += int((~has_pos).sum())
+        finite = np.isfinite(p.sum(axis=(1, 2)))          # a NaN or inf anywhere makes the sum non-finite
+        if (has_pos & ~finite).any():
+            self._reject(int((has_pos & ~finite).sum()), "phase patch with NaN or inf values not placed")
+        ok = has_pos & finite
+        if not ok.any():
+            return 0
+        ty = pos[:, 1] / self._ps - h / 2                   # global fractional row of patch pixel 0
+        tx = pos[:, 0] / self._ps - w / 2
+        if self._anchor is None:
+            i = int(np.flatnonzero(ok)[0])
+            self._anchor = (ty[i] + h / 2, tx[i] + w / 2)
+        half = self.max_canvas_px / 2
+        far = ok & ((np.abs(ty + h / 2 - self._anchor[0]) + h / 2 > half)
+                    | (np.abs(tx + w / 2 - self._anchor[1]) + w / 2 > half))
+        if far.any():
+            self._reject(int(far.sum()), f"position more than {half:.0f} px from the scan's first frame")
+            ok &= ~far
+            if not ok.any():
+                return 0
+        idx = np.flatnonzero(ok)
+        ty, tx = ty[idx], tx[idx]
+        r, c = np.floor(ty).astype(np.int64), np.floor(tx).astype(np.int64)
+        fy, fx = (ty - r).tolist(), (tx - c).tolist()
+        self._ensure(int(r.min()), int(r.max()) + h + 1, int(c.min()), int(c.max()) + w + 1)
+        rows, cols = (r - self._r0).tolist(), (c - self._c0).tolist()     # after a possible growth
+        win = self._window((h, w))
+        for k, i in enumerate(idx.tolist()):
+            rr, cc = rows[k], cols[k]
+            num = self._num[rr:rr + h + 1, cc:cc + w + 1]
+            den = self._den[rr:rr + h + 1, cc:cc + w + 1]
+            np.multiply(p[i], win.w, out=win.q)
+            s_pw = _splat(win.q, fy[k], fx[k], win.t, win.s_pw)
+            if win.wy is not None:          # separable window: the splat is an outer product
+                s_w = np.multiply.outer(_splat1(win.wy, fy[k], win.sy), _splat1(win.wx, fx[k], win.sx), out=win.s_w)
+            else:
+                s_w = _splat(win.w, fy[k], fx[k], win.t, win.s_w)
+            if self.estimate_offsets:
+                overlap = float(np.einsum("ij,ij->", s_w, den))
+                if overlap > self.min_overlap * win.self_weight:
+                    off = (float(np.einsum("ij,ij->", s_w, num)) - float(np.einsum("ij,ij->", den, s_pw))) / overlap
+                    num += off * s_w
+            num += s_pw
+            den += s_w
+        n = len(idx)
+        ur = (int(r.min()), int(r.max()) + h + 1, int(c.min()), int(c.max()) + w + 1)
+        u = self._used
+        self._used = ur if u is None else (min(u[0], ur[0]), max(u[1], ur[1]), min(u[2], ur[2]), max(u[3], ur[3]))
+        self.frames_stitched += n
+        return n
+
+    def _ensure(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        """Grow the canvas (with a margin) so global rows [r0, r1) and columns [c0, c1) fit."""
+        H, W = self._num.shape
+        if H and r0 >= self._r0 and r1 <= self._r0 + H and c0 >= self._c0 and c1 <= self._c0 + W:
+            return
+        g = self.grow_px
+        if H:
+            r0, r1 = min(r0, self._r0), max(r1, self._r0 + H)
+            c0, c1 = min(c0, self._c0), max(c1, self._c0 + W)
+        nr0, nc0 = r0 - g, c0 - g
+        num = np.zeros((r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.float32)
+        den = np.zeros_like(num)
+        if H:
+            sl = (slice(self._r0 - nr0, self._r0 - nr0 + H), slice(self._c0 - nc0, self._c0 - nc0 + W))
+            num[sl], den[sl] = self._num, self._den
+        self._num, self._den, self._r0, self._c0 = num, den, nr0, nc0
+
+    # ------------------------------------------------------------------ reading
+    def image(self, fill: float = 0.0, min_weight: float = 1e-6) -> StitchedImage:
+        """The stitched phase over the placed patches' extent, its weight, origin and pixel size.
+
+        Pixels whose weight is below ``min_weight`` times the largest are set to ``fill``.
+        """
+        with self._lock:
+            if self._used is None:
+                return StitchedImage(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), (0.0, 0.0), self._ps)
+            r0, r1, c0, c1 = self._used
+            sl = (slice(r0 - self._r0, r1 - self._r0), slice(c0 - self._c0, c1 - self._c0))
+            num, den = self._num[sl], self._den[sl]
+            covered = den > min_weight * den.max()
+            phase = np.full(den.shape, fill, dtype=np.float32)
+            np.divide(num, den, out=phase, where=covered, casting="unsafe")
+            return StitchedImage(phase, den.astype(np.float32), (c0 * self._ps, r0 * self._ps), self._ps)
+
+    @property
+    def canvas_shape(self) -> tuple[int, int]:
+        return self._num.shape
+
+    def counters(self) -> dict:
+        """Counts for the Stitch: records."""
+        with self._lock:
+            return {"frames_stitched": self.frames_stitched, "frames_no_position": self.frames_no_position,
+                    "frames_rejected": self.frames_rejected, "last_message": self.last_message}

@@ -1,0 +1,103 @@
+"""Phase SSIM after offset removal, region handling, and the truth resampled onto a stitched grid."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ptychopv import physics
+from ptychopv.metrics import (best_offset, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
+                              truth_on_grid)
+
+
+@pytest.fixture(scope="module")
+def phase():
+    return np.angle(physics.make_object((128, 128), seed=2)).astype(np.float64)
+
+
+def test_constant_offset_does_not_change_ssim(phase):
+    assert phase_ssim(phase + 2.5, phase) == pytest.approx(1.0)
+    assert best_offset(phase + 2.5, phase) == pytest.approx(2.5)
+    assert np.allclose(remove_offset(phase - 1, phase), phase)
+
+
+def test_weighted_offset():
+    a, b = np.array([[1.0, 3.0]]), np.zeros((1, 2))
+    assert best_offset(a, b, weights=np.array([[1.0, 0.0]])) == pytest.approx(1.0)
+    assert best_offset(a, b) == pytest.approx(2.0)
+
+
+def test_ssim_falls_with_noise_and_blur(phase):
+    rng = np.random.default_rng(0)
+    small = phase_ssim(phase + 0.02 * rng.standard_normal(phase.shape), phase)
+    large = phase_ssim(phase + 0.3 * rng.standard_normal(phase.shape), phase)
+    blurred = phase_ssim(ndimage.gaussian_filter(phase, 3), phase)
+    assert 1.0 > small > large and small > blurred
+    shuffled = rng.permutation(phase.ravel()).reshape(phase.shape)     # same values, no structure
+    assert phase_ssim(shuffled, phase) < 0.1
+
+
+def test_mask_restricts_the_region(phase):
+    bad = phase.copy()
+    bad[:, 64:] = np.random.default_rng(1).standard_normal((128, 64))   # garbage on the right
+    left = np.zeros(phase.shape, bool)
+    left[:, :60] = True
+    assert phase_ssim(bad, phase, left) == pytest.approx(1.0)
+    assert phase_ssim(bad, phase) < 0.8
+
+
+def test_nan_outside_region_is_ignored(phase):
+    a = phase.copy()
+    a[:10] = np.nan
+    assert phase_ssim(a, phase) == pytest.approx(1.0)
+
+
+def test_data_range_is_the_reference_contrast(phase):
+    rng = np.random.default_rng(2)
+    noisy = phase + 0.1 * rng.standard_normal(phase.shape)
+    default = phase_ssim(noisy, phase)
+    assert default == pytest.approx(phase_ssim(noisy, phase, data_range=float(np.ptp(phase))))
+    assert phase_ssim(noisy, phase, data_range=2 * np.pi) > default        # a wider range is more lenient
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros((4, 4)), np.zeros((4, 5))), "same shape"),
+    ((np.zeros((8,)), np.zeros((8,))), "2-D"),
+    ((np.zeros((16, 16)), np.ones((16, 16))), "data_range"),
+    ((np.zeros((16, 16)), np.zeros((16, 16)), np.zeros((16, 16), bool)), "empty"),
+    ((np.zeros((4, 4)), np.arange(16.0).reshape(4, 4)), "window"),
+])
+def test_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        phase_ssim(*args)
+
+
+def test_truth_on_grid_exact_crop_and_interpolation(phase):
+    ps = 1e-8
+    # physics: object pixel i at (i - N/2) ps; pick the grid whose [0, 0] is object pixel (30, 20)
+    origin = ((20 - 64) * ps, (30 - 64) * ps)
+    crop = truth_on_grid(phase, ps, origin, ps, (40, 50))
+    assert np.array_equal(crop, phase[30:70, 20:70])
+    half = truth_on_grid(phase, ps, (origin[0] + 0.5 * ps, origin[1]), ps, (40, 50))
+    assert np.allclose(half[:, :-1], 0.5 * (phase[30:70, 20:69] + phase[30:70, 21:70]))
+    outside = truth_on_grid(phase, ps, (100 * ps, 0.0), ps, (4, 4))
+    assert np.isnan(outside).all()
+    coarse = truth_on_grid(phase, ps, origin, 2 * ps, (10, 10))
+    assert coarse[1, 1] == pytest.approx(phase[32, 22])
+    obj = np.exp(1j * phase)                                          # a complex object: its phase
+    assert np.allclose(truth_on_grid(obj, ps, origin, ps, (40, 50)), crop)
+    with pytest.raises(ValueError, match="2-D"):
+        truth_on_grid(phase[0], ps, origin, ps, (4, 4))
+    with pytest.raises(ValueError, match="pixel_size"):
+        truth_on_grid(phase, ps, origin, 0.0, (4, 4))
+
+
+def test_coverage_mask_and_stitched_ssim(phase):
+    ps = 1e-8
+    weight = np.zeros((40, 50))
+    weight[5:35, 5:45] = 1.0
+    origin = ((20 - 64) * ps, (30 - 64) * ps)
+    img = np.where(weight > 0, phase[30:70, 20:70] - 0.7, 0.0)
+    assert coverage_mask(weight).sum() == 30 * 40
+    assert stitched_ssim((img, weight, origin, ps), phase, ps) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="nothing was stitched"):
+        coverage_mask(np.zeros((3, 3)))

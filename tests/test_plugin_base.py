@@ -1,0 +1,370 @@
+"""Plugin base: NDPluginDriver queue semantics, counters, errors, threads, and batching."""
+
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from ptychopv.plugins import base as base_mod
+from ptychopv.plugins.base import PluginBase, connect
+from ptychopv.plugins.batching import BatchingPlugin
+from ptychopv.plugins.frame import Frame, data_type_index, data_type_name, positions, stack
+
+
+def frame(uid, shape=(4, 6), dtype=np.uint16, **kw):
+    return Frame(np.zeros(shape, dtype), uid, timestamp=1000.0 + uid, **kw)
+
+
+class Gated(PluginBase):
+    """Blocks in process() until the gate opens; says when it got there."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate, self.entered, self.seen = threading.Event(), threading.Event(), []
+
+    def process(self, f):
+        self.entered.set()
+        self.gate.wait(10)
+        self.seen.append(f.unique_id)
+        return f
+
+
+@pytest.fixture
+def plugins():
+    made = []
+    yield made
+    for p in made:
+        if hasattr(p, "gate"):
+            p.gate.set()
+        assert p.stop(timeout=10)
+
+
+def no_plugin_threads():
+    return not [t for t in threading.enumerate() if t.name.startswith("plugin-")]
+
+
+def test_full_queue_drops_and_counts(plugins):
+    p = Gated(queue_size=3)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)                     # frame 1 is being processed, the queue is empty
+    accepted = [p.put(frame(i)) for i in range(2, 10)]
+    assert accepted == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert p.dropped_arrays == 5 and p.queue_free == 0
+    p.gate.set()
+    assert p.flush(5)
+    assert p.seen == [1, 2, 3, 4] and p.array_counter == 4 and p.queue_free == 3
+
+
+def test_blocking_callbacks_lose_nothing(plugins):
+    p = Gated(queue_size=2, blocking_callbacks=True)
+    plugins.append(p)
+    p.start()
+    producer = threading.Thread(target=lambda: [p.put(frame(i)) for i in range(1, 51)])
+    producer.start()
+    assert p.entered.wait(5)
+    producer.join(0.2)
+    assert producer.is_alive()                   # held back by the full queue, not dropping
+    assert p.dropped_arrays == 0
+    p.gate.set()
+    producer.join(10)
+    assert not producer.is_alive()
+    assert p.flush(5)
+    assert p.seen == list(range(1, 51)) and p.dropped_arrays == 0 and p.array_counter == 50
+
+
+def test_exception_in_process_is_counted_and_thread_goes_on(plugins):
+    out = []
+
+    class Fails(PluginBase):
+        def process(self, f):
+            if f.unique_id == 3:
+                raise ValueError("bad frame 3")
+            return f
+
+    p = Fails(downstream=[out.append])
+    plugins.append(p)
+    p.start()
+    for i in range(1, 7):
+        p.put(frame(i))
+    assert p.flush(5)
+    assert [f.unique_id for f in out] == [1, 2, 4, 5, 6]
+    assert p.error_count == 1 and "bad frame 3" in p.last_message and "ValueError" in p.last_message
+    assert p.array_counter == 6 and p.running
+
+
+def test_downstream_error_counted_and_others_still_served(plugins):
+    good = []
+
+    def broken(_):
+        raise RuntimeError("downstream broke")
+
+    p = PluginBase(downstream=[broken, good.append])
+    plugins.append(p)
+    p.start()
+    p.put([frame(1), frame(2)])
+    assert p.flush(5)
+    assert len(good) == 2 and p.error_count == 2 and "downstream broke" in p.last_message
+
+
+def test_stop_leaves_no_thread_and_restart_works():
+    p = PluginBase(name="stopper")
+    p.start()
+    p.start()                                     # idempotent
+    assert not no_plugin_threads()
+    p.put(frame(1))
+    assert p.stop(timeout=5)
+    assert no_plugin_threads() and not p.running
+    p.start()
+    p.put(frame(2))
+    assert p.flush(5) and p.array_counter == 2
+    assert p.stop(timeout=5) and no_plugin_threads()
+
+
+def test_stop_drains_or_discards():
+    kept = Gated(queue_size=10)
+    kept.start()
+    kept.put(frame(1))
+    assert kept.entered.wait(5)
+    kept.put([frame(2), frame(3)])
+    kept.gate.set()
+    assert kept.stop(timeout=5)
+    assert kept.seen == [1, 2, 3]
+
+    dropped = Gated(queue_size=10)
+    dropped.start()
+    dropped.put(frame(1))
+    assert dropped.entered.wait(5)
+    dropped.put([frame(2), frame(3)])
+    assert not dropped.stop(timeout=0, drain=False)      # process() still hangs: reported, not hidden
+    assert dropped.dropped_arrays == 2 and dropped.queue_free == 10
+    dropped.gate.set()
+    assert dropped.stop(timeout=5)
+    assert dropped.seen == [1]
+    assert dropped.put(frame(4)) == 1             # stopped: queued for the next start
+    assert no_plugin_threads()
+
+
+def test_disabled_plugin_ignores_input_without_counting(plugins):
+    p = PluginBase(enable_callbacks=False)
+    plugins.append(p)
+    p.start()
+    assert p.put(frame(1)) == 0
+    assert p.flush(5)
+    assert p.array_counter == 0 and p.dropped_arrays == 0
+    p.enable_callbacks = True
+    p.put(frame(2))
+    assert p.flush(5) and p.array_counter == 1
+
+
+def test_counters_follow_the_last_array(plugins):
+    p = PluginBase()
+    plugins.append(p)
+    p.start()
+    p.put(Frame(np.zeros((5, 7), np.float32), 42, timestamp=123.5))
+    assert p.flush(5)
+    st = p.status()
+    assert (st["unique_id"], st["timestamp"], st["array_size0"], st["array_size1"], st["data_type"]) == \
+        (42, 123.5, 7, 5, "Float32")
+    assert st["execution_time_ms"] >= 0 and st["array_counter"] == 1
+    p.array_counter = 0                           # a write resets
+    p.dropped_arrays = 0
+    assert p.array_counter == 0
+
+
+def test_array_callbacks_off_stops_results(plugins):
+    out = []
+    p = PluginBase(array_callbacks=False, downstream=[out.append])
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.flush(5)
+    assert out == [] and p.array_counter == 1
+
+
+def test_queue_size_changes_at_run_time(plugins):
+    p = Gated(queue_size=1)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)
+    assert p.put(frame(2)) == 1 and p.put(frame(3)) == 0
+    p.queue_size = 4
+    assert p.queue_free == 3
+    assert p.put([frame(4), frame(5), frame(6), frame(7)]) == 3
+    with pytest.raises(ValueError, match="queue size"):
+        p.queue_size = 0
+    p.gate.set()
+    assert p.flush(5) and p.seen == [1, 2, 4, 5, 6]
+
+
+def test_array_rate_over_sliding_window(monkeypatch):
+    clock = types.SimpleNamespace(t=100.0)
+    fake = types.SimpleNamespace(monotonic=lambda: clock.t, perf_counter=time.perf_counter)
+    monkeypatch.setattr(base_mod, "time", fake)
+    p = PluginBase(rate_window_s=2.0)
+    p.start()
+    try:
+        p.put([frame(i) for i in range(10)])
+        assert p.flush(5)
+        assert p.array_rate == pytest.approx(5.0)          # 10 arrays in a 2 s window
+        clock.t += 1.0
+        p.put([frame(i) for i in range(4)])
+        assert p.flush(5)
+        assert p.array_rate == pytest.approx(7.0)
+        clock.t += 1.5                                      # the first 10 leave the window
+        assert p.array_rate == pytest.approx(2.0)
+        clock.t += 5
+        assert p.array_rate == 0.0
+    finally:
+        assert p.stop(5)
+
+
+def test_submit_runs_in_order_on_the_plugin_thread(plugins):
+    p = Gated(queue_size=10)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)
+    p.put(frame(2))
+    fut = p.submit(lambda: (threading.current_thread().name, list(p.seen)))
+    p.put(frame(3))
+    p.gate.set()
+    name, seen_then = fut.result(5)
+    assert name.startswith("plugin-") and seen_then == [1, 2]
+    failing = p.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
+    assert p.error_count == 1
+    # not running: runs at once
+    idle = PluginBase()
+    assert idle.submit(lambda: threading.current_thread() is threading.main_thread()).result(0)
+
+
+def test_connect_chains_plugins(plugins):
+    a, b = PluginBase(name="a"), PluginBase(name="b")
+    out = []
+    b.downstream.append(out.append)
+    connect(a, b)
+    plugins.extend([a, b])
+    a.start(), b.start()
+    a.put([frame(i) for i in range(5)])
+    assert a.flush(5) and b.flush(5)
+    assert [f.unique_id for f in out] == list(range(5))
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="queue size"):
+        PluginBase(queue_size=0)
+    with pytest.raises(ValueError, match="rate window"):
+        PluginBase(rate_window_s=0)
+    with pytest.raises(ValueError, match="batch size"):
+        BatchingPlugin(batch_size=0)
+    with pytest.raises(ValueError, match="batch timeout"):
+        BatchingPlugin(batch_timeout_s=-1)
+
+
+# ----------------------------------------------------------------------------- batching
+class Batches(BatchingPlugin):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.batches = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def process(self, frames):
+        self.gate.wait(10)
+        self.batches.append([f.unique_id for f in frames])
+        return frames
+
+
+def test_batches_fill_under_load(plugins):
+    p = Batches(batch_size=4, batch_timeout_s=5.0, queue_size=100)
+    plugins.append(p)
+    p.put([frame(i) for i in range(10)])          # queued before the thread starts: full batches
+    p.start()
+    assert p.flush(5)
+    assert p.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert p.array_counter == 10
+
+
+def test_last_partial_batch_goes_after_the_timeout(plugins):
+    p = Batches(batch_size=8, batch_timeout_s=0.05)
+    plugins.append(p)
+    done = threading.Event()
+    p.downstream.append(lambda out: done.set())
+    p.start()
+    t0 = time.perf_counter()
+    p.put([frame(1), frame(2), frame(3)])
+    assert done.wait(5)
+    waited = time.perf_counter() - t0
+    assert p.batches == [[1, 2, 3]]
+    assert 0.04 <= waited < 2.0
+
+
+def test_flush_sends_a_partial_batch_at_once(plugins):
+    p = Batches(batch_size=8, batch_timeout_s=60.0)
+    plugins.append(p)
+    p.start()
+    p.put([frame(1), frame(2)])
+    t0 = time.perf_counter()
+    assert p.flush(10)
+    assert time.perf_counter() - t0 < 5 and p.batches == [[1, 2]]
+
+
+def test_submit_falls_between_batches_never_inside(plugins):
+    p = Batches(batch_size=4, batch_timeout_s=60.0, queue_size=100)
+    plugins.append(p)
+    p.gate.clear()
+    p.start()
+    p.put([frame(i) for i in range(6)])
+    swap = p.submit(lambda: [b[:] for b in p.batches])
+    p.put([frame(i) for i in range(6, 9)])
+    p.gate.set()
+    assert p.flush(10)
+    assert swap.result(5) == [[0, 1, 2, 3], [4, 5]]
+    assert p.batches == [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+
+
+def test_batching_blocking_loses_nothing(plugins):
+    p = Batches(batch_size=8, batch_timeout_s=0.01, queue_size=4, blocking_callbacks=True)
+    plugins.append(p)
+    p.start()
+    for i in range(200):
+        p.put(frame(i))
+    assert p.flush(10)
+    assert [u for b in p.batches for u in b] == list(range(200)) and p.dropped_arrays == 0
+    assert max(len(b) for b in p.batches) <= 8
+
+
+# ----------------------------------------------------------------------------- frame helpers
+def test_frame_helpers():
+    f = Frame(np.zeros((3, 5), np.uint16), 7, attributes={"a": 1}, position=(1e-6, 2e-6))
+    g = f.derive(np.ones((3, 5), np.float32))
+    assert (g.unique_id, g.position, g.attributes, g.t_received) == (7, (1e-6, 2e-6), {"a": 1}, f.t_received)
+    assert (f.size0, f.size1) == (5, 3)
+    assert data_type_name(np.uint16) == "UInt16" and data_type_index(np.float64) == 9
+    assert data_type_name(np.complex64) == "complex64" and data_type_index(np.complex64) == -1
+    assert stack([f, f]).shape == (2, 3, 5)
+    with pytest.raises(ValueError, match="shape"):
+        stack([f, Frame(np.zeros((2, 2)))])
+    with pytest.raises(ValueError, match="empty"):
+        stack([])
+    pos = positions([f, Frame(np.zeros(2))])
+    assert pos[0].tolist() == [1e-6, 2e-6] and np.isnan(pos[1]).all()
+
+
+def test_blocking_list_put_feeds_a_gathering_batch(plugins):
+    # a list longer than the queue: the batch being gathered must take frames as they come,
+    # not sit out its (long) timeout while the caller waits for room
+    p = Batches(batch_size=8, batch_timeout_s=30.0, queue_size=4, blocking_callbacks=True)
+    plugins.append(p)
+    p.start()
+    t0 = time.perf_counter()
+    assert p.put([frame(i) for i in range(50)]) == 50
+    assert p.flush(10)
+    assert time.perf_counter() - t0 < 10
+    assert [u for b in p.batches for u in b] == list(range(50)) and p.batches[0] == list(range(8))

@@ -1,0 +1,152 @@
+"""Position sources: attributes, a positions file, timestamped PV samples."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ptychopv.plugins.frame import Frame
+from ptychopv.plugins.positions import (AttributePositions, FilePositions, TimestampedPositions, assign,
+                                        load_positions, make_source)
+from ptychopv.scanfile import ScanWriter
+
+
+def frame(uid=1, ts=0.0, **attrs):
+    return Frame(np.zeros((2, 2)), uid, timestamp=ts, attributes=attrs)
+
+
+def test_attributes_with_names_and_scale():
+    src = AttributePositions("SampleX", "SampleY", scale=1e-6)          # PV in micrometres
+    assert src.position(frame(SampleX=1.5, SampleY=-2.0)) == pytest.approx((1.5e-6, -2.0e-6))
+    assert src.position(frame(SampleX=np.float32(3), SampleY="4")) == pytest.approx((3e-6, 4e-6))
+
+
+@pytest.mark.parametrize("attrs", [{}, {"PositionX": 1.0}, {"PositionX": np.nan, "PositionY": 1.0},
+                                   {"PositionX": "abc", "PositionY": 1.0}, {"PositionX": None, "PositionY": 1.0},
+                                   {"PositionX": np.inf, "PositionY": 1.0}])
+def test_attributes_missing_or_bad_give_none(attrs):
+    assert AttributePositions().position(frame(**attrs)) is None
+
+
+def test_attribute_settings_checked():
+    with pytest.raises(ValueError, match="names"):
+        AttributePositions("", "y")
+    with pytest.raises(ValueError, match="scale"):
+        AttributePositions(scale=0)
+
+
+def test_file_positions_by_unique_id_and_arrival():
+    table = np.array([[0.0, 0.1], [1.0, 1.1], [np.nan, 2.1], [3.0, 3.1]])
+    by_id = FilePositions(table)                                      # uniqueId 1 -> row 0
+    assert by_id.position(frame(uid=2)) == (1.0, 1.1)
+    assert by_id.position(frame(uid=3)) is None                       # NaN row
+    assert by_id.position(frame(uid=0)) is None and by_id.position(frame(uid=5)) is None
+    arrival = FilePositions(table, index="arrival")
+    assert [arrival.position(frame(uid=99)) for _ in range(2)] == [(0.0, 0.1), (1.0, 1.1)]
+    arrival.reset()
+    assert arrival.position(frame()) == (0.0, 0.1)
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        FilePositions(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="index"):
+        FilePositions(table, index="time")
+
+
+def test_load_npy_csv_and_scan_file(tmp_path):
+    table = np.array([[1e-6, 2e-6], [3e-6, 4e-6]])
+    np.save(tmp_path / "p.npy", table)
+    (tmp_path / "p.csv").write_text("x_m,y_m\n1e-6,2e-6\n3e-6,4e-6\n")
+    (tmp_path / "q.csv").write_text("# no header\n1e-6, 2e-6\n3e-6, 4e-6\n")
+    with ScanWriter(tmp_path / "s.h5", (2, 2), np.uint16) as w:
+        for i, (x, y) in enumerate(table):
+            w.append(np.zeros((2, 2)), i + 1, x, y)
+    for name in ("p.npy", "p.csv", "q.csv", "s.h5"):
+        assert np.allclose(load_positions(tmp_path / name), table), name
+    src = make_source("file", path=tmp_path / "s.h5")
+    assert src.position(frame(uid=2)) == pytest.approx((3e-6, 4e-6))
+
+
+def test_bad_position_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_positions(tmp_path / "none.npy")
+    (tmp_path / "bad.csv").write_text("1,2\n3,x\n")
+    with pytest.raises(ValueError, match="numbers"):
+        load_positions(tmp_path / "bad.csv")
+    (tmp_path / "three.csv").write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        load_positions(tmp_path / "three.csv")
+    (tmp_path / "p.json").write_text("[]")
+    with pytest.raises(ValueError, match="unknown type"):
+        load_positions(tmp_path / "p.json")
+
+
+def test_timestamped_nearest_within_tolerance():
+    src = TimestampedPositions(tolerance_s=0.05)
+    for t, x, y in [(10.0, 1.0, 5.0), (10.1, 2.0, 6.0), (10.2, 3.0, 7.0)]:
+        src.add_x(t, x)
+        src.add_y(t + 0.001, y)
+    assert src.position(frame(ts=10.09)) == (2.0, 6.0)
+    assert src.position(frame(ts=10.04)) == (1.0, 5.0)
+    assert src.position(frame(ts=10.5)) is None                       # too far from every sample
+    assert src.position(frame(ts=float("nan"))) is None
+
+
+def test_timestamped_linear_and_fallback():
+    src = TimestampedPositions(tolerance_s=0.1, method="linear", scale=1e-3)   # mm -> m
+    src.add("x", 1.0, 0.0)
+    src.add("x", 1.1, 10.0)
+    src.add("y", 1.0, 4.0)
+    src.add("y", 1.1, 4.0)
+    assert src.position(frame(ts=1.025)) == pytest.approx((2.5e-3, 4e-3))
+    assert src.position(frame(ts=1.15)) == pytest.approx((10e-3, 4e-3))  # no later sample: nearest
+    assert src.position(frame(ts=1.3)) is None
+
+
+def test_timestamped_out_of_order_bounded_and_reset():
+    src = TimestampedPositions(tolerance_s=0.01, max_samples=3)
+    for t in (3.0, 1.0, 2.0, 4.0):
+        src.add_x(t, t * 10)
+        src.add_y(t, -t)
+    assert src.position(frame(ts=2.0)) == (20.0, -2.0)
+    assert src.position(frame(ts=1.0)) is None                        # the oldest sample fell out
+    src.add_x(5.0, float("nan"))                                      # ignored
+    assert src.position(frame(ts=5.0)) is None
+    src.reset()
+    assert src.position(frame(ts=2.0)) is None
+    with pytest.raises(ValueError, match="axis"):
+        src.add("z", 1.0, 1.0)
+    with pytest.raises(ValueError, match="method"):
+        TimestampedPositions(method="cubic")
+    with pytest.raises(ValueError, match="tolerance"):
+        TimestampedPositions(tolerance_s=-1)
+
+
+def test_timestamped_feed_and_lookup_from_two_threads():
+    src = TimestampedPositions(tolerance_s=0.5)
+    errors = []
+
+    def feed():
+        for i in range(2000):
+            src.add_x(float(i), float(i))
+            src.add_y(float(i), float(-i))
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        for i in range(2000):
+            p = src.position(frame(ts=float(i % 50)))
+            if p is not None and p != (float(i % 50), -float(i % 50)):
+                errors.append(p)
+    finally:
+        t.join()
+    assert not errors
+    assert src.position(frame(ts=1999.2)) == (1999.0, -1999.0)
+
+
+def test_make_source_and_assign():
+    src = make_source("attributes", x="X", y="Y")
+    frames = [frame(X=1.0, Y=2.0), frame(), Frame(np.zeros(2), position=(9.0, 9.0))]
+    assert assign(frames, src) == 1
+    assert frames[0].position == (1.0, 2.0) and frames[1].position is None and frames[2].position == (9.0, 9.0)
+    assert isinstance(make_source("pv", tolerance_s=0.1), TimestampedPositions)
+    with pytest.raises(ValueError, match="position source"):
+        make_source("guess")

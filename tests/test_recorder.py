@@ -1,0 +1,115 @@
+"""Scan recorder: capture on/off writes the HDF5 scan layout; bad frames are counted, not written."""
+
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+from ptychopv.plugins.frame import Frame
+from ptychopv.plugins.recorder import RecorderPlugin
+from ptychopv.scanfile import read_scan
+
+
+def frame(uid, shape=(8, 6), dtype=np.uint16, position=(1e-6, -2e-6)):
+    data = np.full(shape, uid, dtype)
+    return Frame(data, uid, timestamp=1000.0 + uid, position=position)
+
+
+@pytest.fixture
+def rec(tmp_path):
+    r = RecorderPlugin(tmp_path, template="scan_{scan:03d}.h5", scan_number=7, energy_ev=8800.0)
+    r.start()
+    yield r
+    assert r.stop(timeout=10)
+    assert not [t for t in threading.enumerate() if t.name.startswith("plugin-")]
+
+
+def test_capture_writes_frames_ids_positions_timestamps(rec, tmp_path):
+    rec.put(frame(1))                                   # capture off: ignored
+    name = rec.start_capture().result(5)
+    assert name == str(tmp_path / "scan_007.h5") and rec.capture
+    rec.put([frame(i, position=(i * 1e-7, -i * 1e-7)) for i in range(2, 6)])
+    rec.put(frame(6, position=None))
+    closed = rec.stop_capture().result(5)               # after the queued frames
+    assert closed == name and not rec.capture and rec.frames_captured == 5
+    scan = read_scan(name)
+    assert scan.unique_id.tolist() == [2, 3, 4, 5, 6]
+    assert scan.frames.dtype == np.uint16 and scan.frames[:, 0, 0].tolist() == [2, 3, 4, 5, 6]
+    assert np.allclose(scan.positions_m[:4, 0], [2e-7, 3e-7, 4e-7, 5e-7])
+    assert np.isnan(scan.positions_m[4]).all()
+    assert scan.timestamp.tolist() == [1002.0, 1003.0, 1004.0, 1005.0, 1006.0]
+    assert scan.attrs["energy_ev"] == 8800.0 and scan.attrs["scan_id"] == "scan_007"
+
+
+def test_mismatched_frames_counted_and_rest_kept(rec):
+    name = rec.start_capture().result(5)
+    rec.put([frame(1), frame(2, shape=(4, 4)), frame(3, dtype=np.float64), frame(4, dtype=np.uint8), frame(5)])
+    rec.stop_capture().result(5)
+    assert rec.frames_captured == 3 and rec.frames_rejected == 2
+    assert "shape" in rec.last_message or "dtype" in rec.last_message
+    assert read_scan(name).unique_id.tolist() == [1, 4, 5]      # uint8 fits in uint16 losslessly
+
+
+def test_next_scan_never_overwrites(rec, tmp_path):
+    first = rec.start_capture().result(5)
+    rec.put(frame(1))
+    rec.stop_capture().result(5)
+    (tmp_path / "scan_009.h5").write_bytes(b"someone else's file")
+    second = rec.start_capture().result(5)
+    assert second == str(tmp_path / "scan_008.h5")
+    rec.put(frame(2))
+    rec.stop_capture().result(5)
+    third = rec.start_capture(scan_number=7).result(5)          # asks for a used number
+    assert third == str(tmp_path / "scan_010.h5")
+    rec.put(frame(3))
+    rec.stop_capture().result(5)
+    assert read_scan(third).unique_id.tolist() == [3]
+    assert read_scan(first).unique_id.tolist() == [1]
+    assert (tmp_path / "scan_009.h5").read_bytes() == b"someone else's file"
+
+
+def test_num_capture_ends_the_scan(rec):
+    rec.num_capture = 3
+    name = rec.start_capture().result(5)
+    rec.put([frame(i) for i in range(1, 6)])
+    assert rec.flush(5)
+    assert not rec.capture and rec.frames_captured == 3
+    assert read_scan(name).unique_id.tolist() == [1, 2, 3]
+
+
+def test_stop_closes_the_file(tmp_path):
+    r = RecorderPlugin(tmp_path)
+    r.start()
+    name = r.start_capture().result(5)
+    r.put([frame(i) for i in range(1, 4)])
+    assert r.stop(timeout=10)                           # drains, then closes
+    with h5py.File(name, "r") as f:                     # readable: closed cleanly
+        assert f["/entry/data/data"].shape == (3, 8, 6)
+
+
+def test_capture_works_without_a_thread(tmp_path):
+    r = RecorderPlugin(tmp_path)                        # not started: control runs inline
+    assert r.start_capture().result(0).endswith("scan_00001.h5")
+    r.stop()
+    assert not r.capture
+
+
+def test_unwritable_folder_stops_capture_with_a_message(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = RecorderPlugin(blocker / "sub")                  # a folder inside a file cannot exist
+    r.start()
+    try:
+        r.start_capture().result(5)
+        r.put([frame(1), frame(2)])
+        assert r.flush(5)
+        assert not r.capture and r.frames_captured == 0 and "cannot open" in r.last_message
+        assert r.frames_rejected == 1                    # one message, not one per frame
+    finally:
+        assert r.stop(5)
+
+
+def test_bad_template():
+    with pytest.raises(ValueError, match="template"):
+        RecorderPlugin(".", template="scan_{number}.h5")

@@ -1,0 +1,176 @@
+"""Stitching: geometry, sub-pixel placement, offsets, growth, bad input, against ground truth."""
+
+import threading
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ptychopv import physics
+from ptychopv.metrics import stitched_ssim, truth_on_grid
+from ptychopv.stitching import Stitcher, tukey
+
+PS = 10e-9        # object pixel size (m)
+N = 384           # object size
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return np.angle(physics.make_object((N, N), seed=3)).astype(np.float64)
+
+
+def true_patches(phase, positions_m, n, order=3):
+    """Patches of the true phase at exact (sub-pixel) probe centres, each with its mean removed."""
+    out = []
+    for x, y in positions_m:
+        rows = y / PS + N / 2 - n / 2 + np.arange(n)       # physics: pixel j at centre + (j - n/2) px
+        cols = x / PS + N / 2 - n / 2 + np.arange(n)
+        p = ndimage.map_coordinates(phase, np.meshgrid(rows, cols, indexing="ij"), order=order)
+        out.append(p - p.mean())
+    return np.array(out, dtype=np.float32)
+
+
+def scan(step_px, extent_px, seed=0):
+    pos = physics.fermat_spiral(step_px * PS, extent_px * PS)
+    return pos + np.random.default_rng(seed).uniform(-0.5, 0.5, pos.shape) * PS     # sub-pixel
+
+
+def stitch(patches, pos, batch=8, **kw):
+    s = Stitcher(PS, **kw)
+    for i in range(0, len(pos), batch):
+        s.add(patches[i:i + batch], pos[i:i + batch])
+    return s
+
+
+def test_stitched_truth_patches_match_the_object(truth):
+    pos = scan(step_px=14, extent_px=200)
+    patches = true_patches(truth, pos, 64)
+    s = stitch(patches, pos)
+    assert s.frames_stitched == len(pos) and s.frames_no_position == 0
+    score = stitched_ssim(s.image(), truth, PS)
+    assert score > 0.9, score
+    # offsets matter: without estimating them the mean-free patches do not agree
+    plain = stitched_ssim(stitch(patches, pos, estimate_offsets=False).image(), truth, PS)
+    assert score > plain + 0.05, (score, plain)
+
+
+def test_probe_window_also_works(truth):
+    pos = scan(step_px=14, extent_px=160, seed=1)
+    probe = physics.make_probe(64, 24)
+    s = stitch(true_patches(truth, pos, 64), pos, window=probe)
+    assert stitched_ssim(s.image(), truth, PS) > 0.9
+
+
+def test_integer_positions_reproduce_the_truth_exactly(truth):
+    pos = np.round(scan(step_px=12, extent_px=120) / PS) * PS
+    patches = true_patches(truth, pos, 32, order=0)
+    img = stitch(patches, pos).image()
+    ref = truth_on_grid(truth, PS, img.origin_m, PS, img.phase.shape)
+    covered = img.weight > 1e-3 * img.weight.max()
+    diff = (img.phase - ref)[covered]
+    assert np.nanstd(diff) < 1e-4          # equal up to one constant
+
+
+def test_origin_and_subpixel_geometry():
+    # one delta-like patch: its centroid must land where the position says, to a small fraction of a pixel
+    n = 16
+    patch = np.zeros((n, n), np.float32)
+    patch[n // 2, n // 2] = 1.0            # the probe centre pixel sits at the position
+    for x_px, y_px in [(0.0, 0.0), (3.25, -7.5), (-10.7, 4.1)]:
+        s = Stitcher(PS, window=np.ones((n, n)), estimate_offsets=False)
+        s.add(patch, [[x_px * PS, y_px * PS]])
+        img = s.image()
+        num = img.phase * img.weight
+        r, c = ndimage.center_of_mass(num)
+        x = img.origin_m[0] + c * PS
+        y = img.origin_m[1] + r * PS
+        assert x == pytest.approx(x_px * PS, abs=1e-3 * PS)
+        assert y == pytest.approx(y_px * PS, abs=1e-3 * PS)
+
+
+def test_canvas_grows_in_every_direction():
+    s = Stitcher(PS, grow_px=4)
+    p = np.ones((2, 8, 8), np.float32)
+    s.add(p, [[0, 0], [0, 0]])
+    first = s.canvas_shape
+    s.add(p, [[-100 * PS, -50 * PS], [80 * PS, 120 * PS]])
+    img = s.image()
+    assert s.canvas_shape[0] > first[0] and s.canvas_shape[1] > first[1]
+    assert img.phase.shape[0] >= 170 + 8 and img.phase.shape[1] >= 180 + 8
+    assert img.origin_m[0] <= -104 * PS and img.origin_m[1] <= -54 * PS
+
+
+def test_missing_positions_are_counted_not_placed():
+    s = Stitcher(PS)
+    p = np.ones((4, 8, 8), np.float32)
+    pos = np.array([[0, 0], [np.nan, 0], [0, np.inf], [10 * PS, 0]])
+    assert s.add(p, pos) == 2
+    assert s.frames_stitched == 2 and s.frames_no_position == 2
+
+
+def test_bad_patches_rejected_and_far_positions_refused():
+    s = Stitcher(PS, max_canvas_px=1000)
+    p = np.ones((3, 8, 8), np.float32)
+    p[1, 2, 2] = np.nan
+    assert s.add(p, [[0, 0], [0, 0], [1.0, 0]]) == 1          # 1 m away: a runaway position
+    assert s.frames_rejected == 2 and s.last_message
+    assert s.canvas_shape[0] < 2000
+
+
+@pytest.mark.parametrize("patches, positions, match", [
+    (np.ones((2, 2, 8, 8)), np.zeros((2, 2)), "patches"),
+    (np.ones((2, 8, 8)), np.zeros((3, 2)), "positions"),
+    (np.ones((6, 8, 8)), np.zeros((4, 3)), "positions"),
+    (np.ones((1, 8, 8)), [["a", "b"]], "positions"),
+    (np.ones((1, 0, 8)), np.zeros((1, 2)), "non-empty"),
+    (np.ones((2, 8, 8), complex), np.zeros((2, 2)), "real"),
+    (np.array([["a"]]), np.zeros((1, 2)), "real"),
+])
+def test_bad_input(patches, positions, match):
+    with pytest.raises(ValueError, match=match):
+        Stitcher(PS).add(patches, positions)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="pixel size"):
+        Stitcher(0)
+    with pytest.raises(ValueError, match="window"):
+        Stitcher(PS, window=np.ones((4, 4))).add(np.ones((8, 8)), [[0, 0]])
+
+
+def test_reset_and_pixel_size_change_empty_the_canvas():
+    s = Stitcher(PS)
+    s.add(np.ones((8, 8)), [[0, 0]])
+    s.reset()
+    assert s.image().phase.size == 0 and s.frames_stitched == 0
+    s.add(np.ones((8, 8)), [[0, 0]])
+    s.pixel_size_m = 2 * PS
+    assert s.image().phase.size == 0 and s.image().pixel_size_m == 2 * PS
+
+
+def test_image_and_add_from_two_threads():
+    s = Stitcher(PS)
+    pos = scan(step_px=6, extent_px=100)
+    p = np.ones((len(pos), 16, 16), np.float32)
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(50):
+                img = s.image()
+                assert img.phase.shape == img.weight.shape
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(0, len(pos), 8):
+        s.add(p[i:i + 8], pos[i:i + 8])
+    t.join()
+    assert not errors and s.frames_stitched == len(pos)
+
+
+def test_tukey_window_is_positive_and_flat_inside():
+    w = tukey(32, 0.5)
+    assert (w > 0).all() and w.max() == 1.0 and (w[12:20] == 1).all()
+    assert np.allclose(w, w[::-1])
