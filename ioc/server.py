@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 # Stages not yet in this build: their records exist, and say so.
 PENDING = {
-    "infer": "live inference chain not built yet",
-    "stitch": "live stitching not built yet",
-    "scan": "scan recording not built yet",
     "recon": "reconstruction not built yet",
     "train": "training not built yet",
     "auto": "continual learning not built yet",
@@ -121,6 +118,7 @@ class PtychoIOC:
             stage = group.capitalize()
             if f"{stage}:Message_RBV" in self.rec:
                 self.rec[f"{stage}:Message_RBV"].set(text)
+        self.rec["Scan:Capture_RBV"].set(0)
         for stage in ("Infer", "Stitch"):
             self.rec[f"{stage}:PvName_RBV"].set(f"{self.prefix}{stage}:{'Phase' if stage == 'Infer' else 'Image'}")
         self.rec["Infer:NDArrayPort"].set(self.cfg.source.channel)
@@ -146,6 +144,10 @@ class PtychoIOC:
         e = self.cfg.epics
         self.images = ImageServer(self.prefix, e.image_pva_port, e.pva_broadcast_port)
         self._sync_readbacks()
+        from .chain import LiveChain
+
+        self.chain = LiveChain(self, self.cfg)
+        self.chain.start()
         self.rec["Status_RBV"].set("Running")
 
     def serve_forever(self) -> None:
@@ -157,6 +159,8 @@ class PtychoIOC:
         self._stop.set()
 
     def close(self) -> None:
+        if getattr(self, "chain", None) is not None:
+            self.chain.close()
         if self.images is not None:
             self.images.close()
 

@@ -74,6 +74,55 @@ class SourceOptions(Strict):
     position_attributes: PositionAttributes = PositionAttributes()
 
 
+class BeamlineOptions(Strict):
+    """The experiment's geometry: sets the object pixel size and goes into scan files."""
+
+    energy_ev: Annotated[float, Field(gt=0)] = 8800.0
+    """Photon energy (eV)."""
+    distance_m: Annotated[float, Field(gt=0)] = 2.0
+    """Sample-to-detector distance (m)."""
+    detector_pixel_m: Annotated[float, Field(gt=0)] = 75e-6
+    """Detector pixel size (m)."""
+
+
+class PositionPVs(Strict):
+    x: str
+    """PV of the probe x position (m), matched to frames by timestamp."""
+    y: str
+    """PV of the probe y position (m)."""
+    tolerance_s: Annotated[float, Field(gt=0)] = 0.01
+    """Largest time difference between a frame and a position sample."""
+
+
+class ChainOptions(Strict):
+    """The live plugin chain: source -> preprocess -> infer -> stitch, and the scan recorder."""
+
+    registry: Path = Path("registry")
+    """Model registry folder (relative to the config file)."""
+    seed_demo_model: bool = True
+    """Copy the shipped demo model into an empty registry, so the chain has a model at once."""
+    engine: Literal["auto", "tensorrt", "pytorch-cuda", "onnxruntime", "pytorch-cpu", "passthrough"] = "auto"
+    """Inference engine; auto tries TensorRT, PyTorch CUDA, ONNX Runtime, PyTorch CPU in turn."""
+    passthrough_size: Literal[32, 64, 128, 256] = 64
+    """Input size of the pass-through engine (benchmarks)."""
+    binning: Annotated[int, Field(ge=1, le=8)] = 1
+    """Bin detector pixels f x f before inference."""
+    crop: Optional[Annotated[int, Field(ge=8)]] = None
+    """Centre crop (pixels) before binning; default: the model's input size times the binning."""
+    mask_file: Optional[Path] = None
+    """Bad-pixel mask (.npy, True = bad), the detector's frame shape."""
+    positions_file: Optional[Path] = None
+    """Positions by frame number (.npy/.csv/scan .h5), for Stitch:PositionSource = File."""
+    position_pvs: Optional[PositionPVs] = None
+    """Position PVs, for Stitch:PositionSource = PVs."""
+    pixel_size_m: Annotated[float, Field(ge=0)] = 0.0
+    """Object pixel size for stitching (m); 0: from the beamline geometry and the crop."""
+    scan_folder: Path = Path("scans")
+    """Where Scan:Capture writes scan_NNNNN.h5."""
+    monitor_queue: Annotated[int, Field(ge=1, le=10000)] = 64
+    """PVA monitor queue of the detector subscription."""
+
+
 class GeometryOptions(Strict):
     energy_ev: Annotated[float, Field(gt=0)] = 8800.0
     """Photon energy (eV)."""
@@ -181,6 +230,8 @@ class Config(Strict):
     autosave: AutosaveOptions = AutosaveOptions()
     access: AccessOptions = AccessOptions()
     source: SourceOptions = SourceOptions()
+    beamline: BeamlineOptions = BeamlineOptions()
+    chain: ChainOptions = ChainOptions()
     sim: SimOptions = SimOptions()
     _source: Optional[Path] = PrivateAttr(None)
 

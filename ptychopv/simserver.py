@@ -66,8 +66,8 @@ class DetectorSimulator:
         self._lock = threading.Lock()
         p = opts.prefix
         self.image_name = f"{p}Pva1:Image"
-        first = to_value(scan.frames[0], 0, attributes=self._attrs(0))
-        self.image = SharedPV(initial=first)
+        # before the first frame NDPluginPva serves an empty array; a 1x1 placeholder with uniqueId 0 here
+        self.image = SharedPV(initial=to_value(np.zeros((1, 1), scan.frames.dtype), 0, timestamp=0.0))
         self.acquire_pv = SharedPV(nt=NTScalar("i"), initial=0, handler=_Put(self._put_acquire))
         self.rate_pv = SharedPV(nt=NTScalar("d", display=True), initial=self.rate, handler=_Put(self._put_rate))
         self.rate_rbv = SharedPV(nt=NTScalar("d"), initial=0.0)

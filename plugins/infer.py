@@ -1,0 +1,166 @@
+"""The infer plugin: batches of frames -> preprocess -> engine -> per-frame phase (and amplitude).
+
+Batches hold up to ``batch_size`` frames and close after ``batch_timeout_s`` so the last frames
+of a scan never wait. The engine is swapped between two batches (:meth:`InferPlugin.swap`
+runs on the plugin's thread, in order with the frames queued before it): no frame is lost or
+inferred twice, and a model that fails to load never replaces the running one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from ..preprocess import PreprocessOptions, Preprocessor
+from .batching import BatchingPlugin
+from .frame import Frame
+
+log = logging.getLogger(__name__)
+
+
+class PassThroughEngine:
+    """A stand-in engine (benchmarks, tests): the preprocessed frame scaled to (-pi, pi) is the phase."""
+
+    name = "passthrough"
+
+    def __init__(self, input_size: int):
+        self.input_size = int(input_size)
+        self.source = type("Src", (), {"input_size": self.input_size, "outputs": ("phase",), "version": 0,
+                                       "preprocessing": None})()
+
+    def infer(self, batch: np.ndarray) -> dict:
+        x = np.asarray(batch, dtype=np.float32)
+        valid = np.isfinite(x).all(axis=(1, 2))
+        m = np.where(valid[:, None, None], x, 0).max(axis=(1, 2), keepdims=True)
+        return {"phase": np.tanh(x / np.maximum(m, 1e-12)) * np.pi, "valid": valid}
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "input_size": self.input_size}
+
+    def close(self) -> None:
+        pass
+
+
+class InferPlugin(BatchingPlugin):
+    plugin_type = "NDPluginPtychoInfer"
+
+    def __init__(self, name: str = "Infer", *, engine=None, version: int = 0, model_name: str = "",
+                 preprocess: PreprocessOptions | None = None, **kw):
+        super().__init__(name, **kw)
+        self.engine = engine
+        self.version = version
+        self.model_name = model_name
+        self.pre = Preprocessor(preprocess or PreprocessOptions())
+        self.frames_out = 0
+        self.bad_frames = 0
+        self.latency_ms = 0.0
+        self._out_times: deque = deque()
+        self.on_swap: list[Callable[[int], None]] = []
+
+    # ------------------------------------------------------------------ model
+    @property
+    def input_size(self) -> int | None:
+        return None if self.engine is None else int(self.engine.source.input_size)
+
+    def set_preprocess(self, **changes) -> None:
+        self.pre.options = self.pre.options.with_(**changes)
+
+    def swap(self, engine, version: int, model_name: str = "") -> "Future":  # noqa: F821
+        """Replace the engine between two batches; returns a Future done when swapped."""
+
+        def do():
+            old, self.engine, self.version, self.model_name = self.engine, engine, version, model_name
+            if old is not None and old is not engine:
+                try:
+                    old.close()
+                except Exception:  # an engine that fails to close must not stop the chain
+                    log.exception("closing the old engine")
+            for fn in self.on_swap:
+                fn(version)
+            return version
+
+        return self.submit(do)
+
+    # ------------------------------------------------------------------ work
+    @property
+    def frame_rate(self) -> float:
+        """Frames inferred per second over the last second."""
+        now = time.perf_counter()
+        with self._lock:
+            while self._out_times and now - self._out_times[0][0] > 1.0:
+                self._out_times.popleft()
+            n = sum(c for _, c in self._out_times)
+            if not self._out_times:
+                return 0.0
+            span = max(now - self._out_times[0][0], 1e-3)
+        return n / span if span >= 0.2 else float(n)
+
+    def process(self, frames: list[Frame]):
+        if self.engine is None:
+            raise RuntimeError("no model loaded: frames not inferred (publish a model or write Model:Select)")
+        size = self.input_size
+        good, arrays = [], []
+        for f in frames:
+            if f.data.ndim != 2 or f.data.dtype.kind not in "uif":
+                self.bad_frames += 1
+                self.report(f"frame {f.unique_id}: {f.data.dtype} array of shape {f.data.shape} "
+                            "is not a 2-D real image; skipped")
+                continue
+            good.append(f)
+        if not good:
+            return None
+        opts = self.pre.options
+        if opts.crop is None and opts.roi is None:
+            fy, fx = (opts.binning, opts.binning) if isinstance(opts.binning, int) else opts.binning
+            self.pre.options = opts.with_(crop=(size * fy, size * fx))
+        try:
+            batch = self.pre(np.stack([f.data for f in good]) if len({f.data.shape for f in good}) == 1
+                             else self._same_shape(good))
+        except ValueError as exc:
+            # e.g. NaN in a frame, or frames smaller than the model's input: find the culprits one by one
+            return self._one_by_one(good, exc)
+        return self._infer(good, batch)
+
+    def _same_shape(self, frames):
+        shape = frames[0].data.shape
+        odd = [f for f in frames if f.data.shape != shape]
+        raise ValueError(f"frame {odd[0].unique_id} is {odd[0].data.shape}, the batch {shape}")
+
+    def _one_by_one(self, frames, first_exc):
+        out = []
+        for f in frames:
+            try:
+                x = self.pre(f.data[None])
+            except ValueError as exc:
+                self.bad_frames += 1
+                self.report(f"frame {f.unique_id}: {exc}")
+                continue
+            out.extend(self._infer([f], x) or [])
+        return out or None
+
+    def _infer(self, frames, batch):
+        result = self.engine.infer(batch)
+        valid = result.get("valid", np.ones(len(frames), bool))
+        now = time.perf_counter()
+        out = []
+        for i, f in enumerate(frames):
+            if not valid[i]:
+                self.bad_frames += 1
+                self.report(f"frame {f.unique_id}: not finite after preprocessing; skipped")
+                continue
+            attrs = dict(f.attributes, ModelVersion=self.version)
+            res = f.derive(result["phase"][i], attributes=attrs)
+            if "amplitude" in result:
+                res.amplitude = result["amplitude"][i]
+            out.append(res)
+        if out:
+            self.latency_ms = (now - min(f.t_received for f in frames)) * 1e3
+            with self._lock:
+                self._out_times.append((now, len(out)))
+            self.frames_out += len(out)
+        return out or None

@@ -1,0 +1,70 @@
+"""The stitch plugin: per-frame phase patches -> one live image of the sample.
+
+Frames arrive from the infer plugin in batches with their positions (x, y in metres) already
+assigned by the chain's position source. Frames without a position are counted, not placed.
+A new scan resets the image: an explicit :meth:`reset` (``Stitch:Reset``, a capture starting)
+or the upstream uniqueId going backwards (the detector started a new acquisition).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..stitching import StitchedImage, Stitcher
+from .base import PluginBase
+from .frame import Frame
+
+
+class StitchPlugin(PluginBase):
+    plugin_type = "NDPluginPtychoStitch"
+
+    def __init__(self, name: str = "Stitch", *, pixel_size_m: float = 1.0, window=None, **kw):
+        super().__init__(name, **kw)
+        self.stitcher = Stitcher(pixel_size_m, window=window)
+        self._last_uid: int | None = None
+        self.generation = 0     # bumps on every change of the image, for the publisher
+
+    @property
+    def frames_stitched(self) -> int:
+        return self.stitcher.counters()["frames_stitched"]
+
+    @property
+    def frames_no_position(self) -> int:
+        return self.stitcher.counters()["frames_no_position"]
+
+    def reset(self) -> None:
+        self.stitcher.reset()
+        self._last_uid = None
+        self.generation += 1
+
+    def set_pixel_size(self, pixel_size_m: float) -> None:
+        self.stitcher.pixel_size_m = pixel_size_m  # validates, and resets the canvas
+        self.generation += 1
+
+    def image(self) -> StitchedImage:
+        return self.stitcher.image()
+
+    def process(self, frames):
+        frames = frames if isinstance(frames, list) else [frames]
+        if not frames:
+            return None
+        first = frames[0].unique_id
+        if self._last_uid is not None and first < self._last_uid:
+            self.stitcher.reset()  # a new acquisition
+        self._last_uid = frames[-1].unique_id
+        patches = np.stack([f.data for f in frames])
+        pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)
+        before = self.stitcher.counters()
+        self.stitcher.add(patches, pos)
+        after = self.stitcher.counters()
+        if after["frames_no_position"] > before["frames_no_position"]:
+            missing = [f.unique_id for f in frames if f.position is None]
+            self.report(f"{len(missing)} frame(s) without a position not stitched (uniqueId {missing[0]}...)")
+        if after.get("frames_rejected", 0) > before.get("frames_rejected", 0):
+            self.report(self.stitcher.last_message)
+        self.generation += 1
+        return frames
+
+
+def batch_to_frames(item) -> list[Frame]:
+    return item if isinstance(item, list) else [item]

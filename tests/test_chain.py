@@ -1,0 +1,151 @@
+"""The live chain end to end: `ptychopv sim` -> IOC chain -> Infer:Phase, Stitch:Image, scan file.
+
+These tests use the pass-through engine so they measure the plumbing (every frame accounted
+for, counters, capture, bad input); test_chain_model.py runs the demo model and checks the
+stitched phase against the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import textwrap
+import time
+
+import epics
+import numpy as np
+import pytest
+from p4p.client.thread import Context
+
+from ptychopv.epics_env import free_port, pva_client_conf
+from ptychopv.ntndarray import from_value
+from ptychopv.procs import start_ioc, start_sim
+from ptychopv.scanfile import read_scan
+
+from .conftest import CA_PORTS, write_ioc_config
+
+pytestmark = pytest.mark.epics
+
+
+def wait_until(fn, timeout=30.0, what="condition"):
+    """Poll a condition with a deadline (the condition is the event; there is no sleep to hide a race)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
+        time.sleep(0.05)
+
+
+def caget(name, **kw):
+    v = epics.caget(name, timeout=10, **kw)
+    assert v is not None, name
+    return v
+
+
+@pytest.fixture(scope="module")
+def beamline(tmp_path_factory):
+    """A simulator (64x64 frames) and an IOC whose chain reads it with the pass-through engine."""
+    folder = tmp_path_factory.mktemp("chain")
+    sim_port, sim_b = free_port(), free_port()
+    sim_prefix = f"CS{os.getpid()}:"
+    extra = f"""
+        source: {{channel: "{sim_prefix}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{engine: passthrough, passthrough_size: 64, scan_folder: scans}}
+        sim:
+          prefix: "{sim_prefix}"
+          pva_server_port: {sim_port}
+          pva_broadcast_port: {sim_b}
+          frame_rate_hz: 300
+          truth_file: truth.h5
+          geometry: {{detector_size: 64}}
+          sample: {{size_px: 512}}
+          probe: {{beam_m: 5.0e-7}}
+          scan: {{extent_m: 2.5e-6, overlap: 0.6}}
+        """
+    h = write_ioc_config(folder, f"CH{os.getpid()}:", CA_PORTS[1], extra=extra)
+    sim = start_sim(h.config)
+    ioc = start_ioc(h.config)
+    ctx = Context("pva", conf=pva_client_conf(h.pva_port, h.image_port, sim_port), useenv=False, unwrap=False)
+    yield h, ctx, sim_prefix, folder
+    ctx.close()
+    ioc.stop()
+    sim.stop()
+
+
+def test_a_scan_streams_through_infer_and_stitch_with_nothing_lost(beamline):
+    h, ctx, sp, folder = beamline
+    n = int(ctx.get(sp + "NumFrames_RBV").value)
+    wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 0 and caget(h.pv("Infer:Engine_RBV")) == "passthrough",
+               what="pass-through engine")
+    phases: queue.Queue = queue.Queue()
+    # a deep monitor queue: PVA squashes updates a slow client has not taken
+    sub = ctx.monitor(h.pv("Infer:Phase"), phases.put, request="record[queueSize=2000]")
+    epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
+    epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
+    start_stitched = caget(h.pv("Stitch:FramesStitched_RBV"))
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    assert caget(h.pv("Scan:Capture_RBV"), as_string=True) == "Capturing"
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) >= n, what="all frames inferred")
+    wait_until(lambda: caget(h.pv("Stitch:FramesStitched_RBV")) - start_stitched >= n, what="all stitched")
+    epics.caput(h.pv("Scan:Capture"), 0, wait=True)  # the put-callback waits until the file is closed
+    assert caget(h.pv("Infer:DroppedArrays_RBV")) == 0 and caget(h.pv("Stitch:DroppedArrays_RBV")) == 0
+    assert caget(h.pv("Infer:MissedFrames_RBV")) == 0
+    assert caget(h.pv("Stitch:FramesNoPosition_RBV")) == 0
+    assert caget(h.pv("Infer:ArraySize0_RBV")) == 64 and caget(h.pv("Infer:DataType_RBV"), as_string=True) == "UInt16"
+    # every frame's result came out once, with the input's uniqueId and its position
+    got = []
+    while len(got) < n:
+        d = from_value(phases.get(timeout=10))
+        if d.unique_id > 0:
+            got.append(d)
+    sub.close()
+    ids = [d.unique_id for d in got]
+    assert len(set(ids)) == n and max(ids) - min(ids) == n - 1
+    assert all(d.data.dtype == np.float32 and d.data.shape == (64, 64) for d in got)
+    assert all("PositionX" in d.attributes for d in got)
+    # the stitched image is published with its geometry
+    img = wait_until(lambda: (lambda v: v if from_value(v).data.size > 1 else None)(ctx.get(h.pv("Stitch:Image"))),
+                     what="stitched image")
+    d = from_value(img)
+    assert d.data.ndim == 2 and min(d.data.shape) > 64
+    assert d.attributes["PixelSize"] > 0
+    # the scan file holds every frame with its uniqueId and position
+    scan = read_scan(folder / "scans" / caget(h.pv("Scan:FileName_RBV")).split("/")[-1])
+    truth = read_scan(folder / "truth.h5")
+    assert len(scan) == n and caget(h.pv("Scan:FramesCaptured_RBV")) == n
+    assert sorted(scan.unique_id.tolist()) == sorted(ids)
+    order = np.argsort(scan.unique_id)
+    assert np.array_equal(scan.frames[order], truth.frames)
+    assert np.allclose(scan.positions_m[order], truth.positions_m)
+    assert caget(h.pv("FrameRate_RBV")) >= 0
+
+
+def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
+    h, ctx, sp, _ = beamline
+    epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)
+    assert caget(h.pv("Infer:NDArrayPort_RBV")) == "NO:SUCH:CHANNEL"
+    assert "NO:SUCH:CHANNEL" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    before = caget(h.pv("Infer:ArrayCounter_RBV"))
+    epics.caput(h.pv("Infer:NDArrayPort"), sp + "Pva1:Image", wait=True)
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) > before, what="frames after reconnect")
+    ctx.put(sp + "Acquire", 0)
+
+
+def test_disabled_plugin_ignores_frames(beamline):
+    h, ctx, sp, _ = beamline
+    # idle first: nothing queued and no frame processed in the last rate window
+    wait_until(lambda: all(caget(h.pv(f"{s}:QueueUse")) == 0 and caget(h.pv(f"{s}:ArrayRate_RBV")) == 0
+                           for s in ("Infer", "Stitch")), what="an idle chain")
+    epics.caput(h.pv("Stitch:EnableCallbacks"), "Disable", wait=True)
+    before = caget(h.pv("Stitch:ArrayCounter_RBV"))
+    infer_before = caget(h.pv("Infer:ArrayCounter_RBV"))
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) > infer_before + 5, what="inference goes on")
+    ctx.put(sp + "Acquire", 0)
+    assert caget(h.pv("Stitch:ArrayCounter_RBV")) == before
+    epics.caput(h.pv("Stitch:EnableCallbacks"), "Enable", wait=True)
