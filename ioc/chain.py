@@ -359,6 +359,9 @@ class LiveChain:
                 put("Stitch:FramesStitched_RBV", int(self.stitch.frames_stitched))
                 put("Stitch:FramesNoPosition_RBV", int(self.stitch.frames_no_position))
                 r = self.recorder
+                if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
+                    self._messages["Scan#plugin"] = r.last_message
+                    self.ioc.message("Scan", r.last_message)
                 put("Scan:FramesCaptured_RBV", int(r.frames_captured))
                 put("Scan:FileName_RBV", str(r.current_file)[-39:])
                 put("Scan:Number_RBV", int(r.scan_number))

@@ -159,6 +159,7 @@ STITCH = plugin_records("Stitch", "NDPluginPtychoStitch") + [
        initial=0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch"),
     PV("Stitch:FramesNoPosition_RBV", "longin", "Frames without a position", initial=0, group="stitch"),
+    PV("Stitch:Message_RBV", "stringin", "Stitch last message", initial="", length=256, group="stitch"),
 ]
 
 SCAN = [
@@ -167,6 +168,7 @@ SCAN = [
     PV("Scan:FileName_RBV", "stringin", "Scan file being written", initial="", group="scan"),
     PV("Scan:FramesCaptured_RBV", "longin", "Frames recorded", initial=0, group="scan"),
     PV("Scan:Number_RBV", "longin", "Scan number", initial=0, group="scan"),
+    PV("Scan:Message_RBV", "stringin", "Scan recorder last message", initial="", length=256, group="scan"),
 ]
 
 RECON = [

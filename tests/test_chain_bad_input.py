@@ -1,0 +1,157 @@
+"""Bad input never stops the chain: each kind is counted, explained in Message_RBV, and the next
+good frame still goes through. The test owns a PVA server that posts crafted NTNDArrays."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import epics
+import numpy as np
+import pytest
+from p4p.server import Server, StaticProvider
+from p4p.server.thread import SharedPV
+
+from ptychopv.epics_env import free_port
+from ptychopv.ntndarray import to_value
+from ptychopv.procs import start_ioc
+
+from .conftest import CA_PORTS, write_ioc_config
+from .test_chain import caget, wait_until
+
+pytestmark = pytest.mark.epics
+
+
+class Detector:
+    """A minimal NDPluginPva stand-in whose frames the test writes one by one."""
+
+    def __init__(self, prefix: str, port: int):
+        self.name = prefix + "Pva1:Image"
+        self.pv = SharedPV(initial=to_value(np.zeros((1, 1), np.uint16), 0, timestamp=0.0))
+        provider = StaticProvider("bad-input")
+        provider.add(self.name, self.pv)
+        self.port = port
+        self.server = Server(providers=[provider], useenv=False, conf={
+            "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
+            "EPICS_PVAS_BROADCAST_PORT": str(free_port()), "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO"})
+        self.uid = 0
+
+    def good(self, **kw):
+        self.uid += 1
+        frame = np.random.default_rng(self.uid).poisson(50, (64, 64)).astype(np.uint16)
+        self.pv.post(to_value(frame, self.uid, attributes={"PositionX": 1e-7 * self.uid, "PositionY": 0.0}, **kw))
+
+    def post(self, value):
+        self.uid += 1
+        value.uniqueId = self.uid
+        self.pv.post(value)
+
+    def close(self):
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    port = free_port()
+    det = Detector(f"BAD{os.getpid()}:", port)
+    extra = f"""
+        source: {{channel: "{det.name}", name_servers: ["127.0.0.1:{port}"]}}
+        chain: {{engine: passthrough, passthrough_size: 64}}
+        """
+    h = write_ioc_config(tmp_path_factory.mktemp("bad"), f"BI{os.getpid()}:", CA_PORTS[2], extra=extra)
+    ioc = start_ioc(h.config)
+    epics.caput(h.pv("Infer:BatchSize"), 1, wait=True)
+    yield h, det
+    ioc.stop()
+    det.close()
+
+
+def counted(h, name):
+    return caget(h.pv(name))
+
+
+def send_good_and_wait(h, det):
+    before = counted(h, "Infer:ArrayCounter_RBV")
+    det.good()
+    wait_until(lambda: counted(h, "Infer:ArrayCounter_RBV") > before, what="a good frame after bad input")
+
+
+def test_chain_connects(rig):
+    h, det = rig
+    wait_until(lambda: caget(h.pv("Infer:Engine_RBV")) == "passthrough", what="engine")
+    send_good_and_wait(h, det)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("corrupt-lz4", "not decoded"),
+    ("corrupt-bslz4", "not decoded"),
+    ("unknown-codec", "unknown codec"),
+    ("bad-dimensions", "dimensions"),
+])
+def test_undecodable_frames_are_counted_and_explained(rig, kind, words):
+    h, det = rig
+    errors = counted(h, "Infer:Errors_RBV")
+    codec = {"corrupt-lz4": "lz4", "corrupt-bslz4": "bslz4"}.get(kind, "lz4")
+    v = to_value(np.ones((64, 64), np.uint16), 0, codec=codec)
+    if kind.startswith("corrupt"):
+        v.value = ("ubyteValue", np.frombuffer(b"\xff\x00\x13" * 40, np.uint8))
+    elif kind == "unknown-codec":
+        v.codec.name = "zstd-turbo"
+    else:
+        v.dimension = [{"size": 65}, {"size": 64}]
+    det.post(v)
+    wait_until(lambda: counted(h, "Infer:Errors_RBV") > errors, what=f"{kind} counted")
+    assert words in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    send_good_and_wait(h, det)
+
+
+def test_nan_and_wrong_shape_frames_are_counted_not_inferred(rig):
+    h, det = rig
+    errors = counted(h, "Infer:Errors_RBV")
+    nan = np.full((64, 64), np.nan, np.float32)
+    det.post(to_value(nan, 0, attributes={"PositionX": 0.0, "PositionY": 0.0}))
+    wait_until(lambda: counted(h, "Infer:Errors_RBV") > errors, what="NaN frame counted")
+    assert "not finite" in caget(h.pv("Infer:Message_RBV"), as_string=True) or \
+        "NaN" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    send_good_and_wait(h, det)
+    errors = counted(h, "Infer:Errors_RBV")
+    det.post(to_value(np.ones((16, 16), np.uint16), 0))  # smaller than the model's input
+    wait_until(lambda: counted(h, "Infer:Errors_RBV") > errors, what="small frame counted")
+    send_good_and_wait(h, det)
+
+
+def test_frames_without_positions_are_counted_not_stitched(rig):
+    h, det = rig
+    before = counted(h, "Stitch:FramesNoPosition_RBV")
+    det.post(to_value(np.ones((64, 64), np.uint16), 0))  # no position attributes
+    wait_until(lambda: counted(h, "Stitch:FramesNoPosition_RBV") == before + 1, what="no-position frame counted")
+    assert "without a position" in caget(h.pv("Stitch:Message_RBV"), as_string=True)
+
+
+def test_uniqueid_gaps_are_missed_frames(rig):
+    h, det = rig
+    missed = counted(h, "Infer:MissedFrames_RBV")
+    det.uid += 5  # five frames the detector sent that never arrived
+    send_good_and_wait(h, det)
+    wait_until(lambda: counted(h, "Infer:MissedFrames_RBV") == missed + 5, what="gap counted")
+
+
+def test_a_detector_restart_is_survived(rig):
+    h, det = rig
+    port, name = det.port, det.name
+    det.close()
+    wait_until(lambda: "disconnected" in caget(h.pv("Infer:Message_RBV"), as_string=True), what="disconnect seen")
+    new = Detector(name.split("Pva1")[0], port)
+    try:
+        new.uid = 0  # a restarted detector starts its ids again: not a gap
+        missed = counted(h, "Infer:MissedFrames_RBV")
+        deadline = time.monotonic() + 30
+        before = counted(h, "Infer:ArrayCounter_RBV")
+        while counted(h, "Infer:ArrayCounter_RBV") == before:  # p4p re-subscribes on its own
+            assert time.monotonic() < deadline, "no frames after the detector restarted"
+            new.good()
+            time.sleep(0.2)
+        assert counted(h, "Infer:MissedFrames_RBV") == missed
+    finally:
+        rig[1].server = new.server
