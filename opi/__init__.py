@@ -1,0 +1,1 @@
+"""Phoebus screens (``*.bob``) generated from the PV declaration by ``python -m ptychopv.opi.generate``."""
