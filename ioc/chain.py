@@ -47,6 +47,9 @@ class LiveChain:
         self._stop = threading.Event()
         self._loading = False
         self._messages: dict[str, str] = {}
+        self.last_scan_file: str | None = None
+        self._capturing = False
+        self.on_capture_end: list = []     # callables(path) when a capture closed its file
         self.positions = self._attribute_positions()
         self.pv_positions = None
         mask = np.load(resolve(cfg, c.mask_file)) if c.mask_file else None
@@ -71,7 +74,7 @@ class LiveChain:
         conf = pva_client_conf(*[int(ns.rsplit(":", 1)[1]) for ns in cfg.source.name_servers])
         conf["EPICS_PVA_NAME_SERVERS"] = " ".join(cfg.source.name_servers)
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), conf, queue_size=c.monitor_queue,
-                                      on_frame=self._on_frame, downstream=[self.recorder, self.infer])
+                                      on_frame=self._on_frame, downstream=[self._record, self.infer])
         self._register_hooks()
 
     # ------------------------------------------------------------------ set-up
@@ -194,12 +197,22 @@ class LiveChain:
                 self._message("Infer", f"registry: {exc}")
 
     # ------------------------------------------------------------------ frames
+    def _record(self, frame) -> None:
+        # the recorder sees frames only while a capture is on (set once start_capture is queued,
+        # cleared after stop_capture has closed the file), so idle frames cost it nothing
+        if self._capturing:
+            self.recorder.put(frame)
+
     def _on_frame(self, frame) -> None:
         if frame.position is None:
             frame.position = self._position_source.position(frame)
 
     def _publish_phase(self, frames) -> None:
         images = self.ioc.images
+        # building and posting an NTNDArray per frame is most of a pass-through chain's cost: only
+        # when a client (a screen, a test, a downstream consumer) has the channel open
+        if not (images.watched("Infer:Phase") or images.watched("Infer:Amplitude")):
+            return
         for f in frames:
             attrs = dict(f.attributes)
             if f.position is not None:
@@ -308,10 +321,20 @@ class LiveChain:
         if on:
             self.stitch.submit(self.stitch.reset)
             fut = self.recorder.start_capture()
+            self._capturing = True
         else:
             fut = self.recorder.stop_capture()
-        await asyncio.wrap_future(fut)
+        result = await asyncio.wrap_future(fut)
+        if not on:
+            self._capturing = False
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
+        if not on and result:
+            self.last_scan_file = result
+            for fn in self.on_capture_end:
+                try:
+                    fn(result)
+                except Exception:
+                    log.exception("capture-end callback")
 
     # ------------------------------------------------------------------ records
     def _message(self, stage: str, text: str) -> None:

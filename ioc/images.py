@@ -14,20 +14,39 @@ from ..ntndarray import to_value
 from .schema import ntndarrays
 
 
+class _Watch:
+    """Knows whether any client has the channel open: per-frame images are not built for nobody."""
+
+    def __init__(self):
+        self.open = False
+
+    def onFirstConnect(self, pv):
+        self.open = True
+
+    def onLastDisconnect(self, pv):
+        self.open = False
+
+
 class ImageServer:
     def __init__(self, prefix: str, port: int, broadcast_port: int):
         self.prefix = prefix
         self.pvs: dict[str, SharedPV] = {}
+        self.watch: dict[str, _Watch] = {}
         self.provider = StaticProvider("ptychopv-images")
         blank = np.zeros((1, 1), dtype=np.float32)
         for pv in ntndarrays():
-            shared = SharedPV(initial=to_value(blank, 0, timestamp=0.0))
+            self.watch[pv.name] = _Watch()
+            shared = SharedPV(initial=to_value(blank, 0, timestamp=0.0), handler=self.watch[pv.name])
             self.pvs[pv.name] = shared
             self.provider.add(prefix + pv.name, shared)
         conf = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
                 "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(port),
                 "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port)}
         self.server = Server(providers=[self.provider], conf=conf, useenv=False)
+
+    def watched(self, name: str) -> bool:
+        """True while at least one client has ``$(P)name`` open."""
+        return self.watch[name].open
 
     def post(self, name: str, image: np.ndarray, unique_id: int, *, timestamp: float | None = None,
              attributes: dict | None = None) -> None:

@@ -36,9 +36,10 @@ def make_record(builder, pv: PV, on_update: Callable | None = None):
     out = pv.writable
     if out and on_update is not None:
         kw["on_update"] = on_update
-        # Commands act on every write; a put-callback (caput -c, ophyd put_complete) completes only
-        # when the hook has applied the value and set the readback, as an asyn driver does.
-        kw["always_update"] = pv.rtype == "bo" or pv.blocking
+        # Every write reaches the hook, as with an asyn driver: writing 0 to ArrayCounter resets it
+        # even when the record already holds 0. A put-callback (caput -c, ophyd put_complete)
+        # completes only when the hook has applied the value and set the readback.
+        kw["always_update"] = True
         kw["blocking"] = True
     if pv.initial is not None:
         kw["initial_value"] = pv.initial

@@ -136,8 +136,8 @@ CORE = [
 INFER = plugin_records("Infer", "NDPluginPtychoInfer") + [
     PV("Infer:BatchSize", "longout", "Frames per inference batch", low=1, high=1024, initial=8, rbv=True,
        autosave=True, group="infer"),
-    PV("Infer:FlushTimeout", "ao", "Flush a partial batch after", egu="s", prec=3, low=0.001, high=10.0,
-       initial=0.05, rbv=True, autosave=True, group="infer"),
+    PV("Infer:FlushTimeout", "ao", "Flush a partial batch after", egu="s", prec=3, low=0.0, high=10.0,
+       initial=0.002, rbv=True, autosave=True, group="infer"),
     PV("Infer:Latency_RBV", "ai", "Frame in to result out", egu="ms", prec=2, initial=0.0, group="infer"),
     PV("Infer:MissedFrames_RBV", "longin", "Upstream uniqueId gaps", initial=0, group="infer"),
     PV("Infer:Engine_RBV", "stringin", "Inference engine in use", initial="", group="infer"),
