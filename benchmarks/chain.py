@@ -1,0 +1,343 @@
+"""Live chain throughput, latency and losses against pvaPy's HPC consumer, side by side. Prints JSON.
+
+    python benchmarks/chain.py                    # 500, 1000, 2000 Hz, 8 s each (about 2.5 min)
+    python benchmarks/chain.py --quick            # 500 and 2000 Hz, 3 s each (about 75 s)
+    python benchmarks/chain.py --rates 200 400 --seconds 5 --no-pvapy
+
+One ``ptychopv sim`` serves 128x128 uint16 NTNDArrays over loopback; each pipeline in turn reads
+it at every offered rate:
+
+- ``ptychopv-passthrough``: ``ptychopv ioc`` with the pass-through engine (the plumbing);
+- ``ptychopv-ptychonn2-<engine>``: the same IOC running an untrained PtychoNN 2.0 published
+  into a temporary model registry (ONNX Runtime CPU by default); it also runs at half the bare
+  engine's rate, below capacity;
+- ``pvapy-hpc-consumer``: ``pvapy-hpc-consumer`` with pvaPy's own pass-through processor
+  (``UserDataProcessor``, republishing each frame), counts from its status channel.
+
+Per rate: frames offered (the simulator's counter), processed, achieved frames/s, dropped
+(plugin queue full) and missed (uniqueId gaps: the PVA server squashed updates the client did
+not take in time), and end-to-end latency p50/p99: receive time in this process of the result
+(``Infer:Phase``, or the consumer's output channel) minus the frame's ``timeStamp`` set by the
+simulator at send, both on this host's clock. The latency client asks for ``uniqueId`` and
+``timeStamp`` only, so it costs little next to what it measures. Everything stays on
+127.0.0.1; every child process is stopped at the end and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from ptychopv.epics_env import apply_loopback, free_port, pva_client_conf
+
+apply_loopback()  # before p4p loads
+
+import numpy as np
+from _chain_pvapy import run_pvapy
+from _common import LatencyProbe, machine, median, print_json, wait_quiet, wait_until
+
+from ptychopv.procs import Child, ProcessFailed, start_ioc, start_sim
+
+SIZE = 128
+SIM_PREFIX = f"BSIM{os.getpid()}:"
+CHILDREN: list[Child] = []
+NOTES = [
+    "offered: frames the simulator sent (its ArrayCounter_RBV); offered_fps: over the acquisition time",
+    ("achieved_fps: ptychopv: processed / (last result received - first frame sent); pvapy: its processedRate "
+     "(nProcessed over first-to-last processed frame)"),
+    ("dropped: ptychopv Infer queue full (Infer:DroppedArrays_RBV); pvapy receiver rejects. missed: uniqueId gaps "
+     "(Infer:MissedFrames_RBV; pvapy nMissed): PVA updates squashed before the client took them"),
+    "unaccounted = offered - processed - dropped - missed: 0 when every frame is accounted for",
+    ("latency_ms: receive time here of the result minus the frame's timeStamp (set at send), one host clock; "
+     "the chain batches (Infer:BatchSize frames or Infer:FlushTimeout), pvapy handles frame by frame"),
+    ("bare_engine: Engine.infer on uint16 batches of 8 in the benchmark process, no stream running (the model's: "
+     "best of before and after its chain runs); fraction_of_bare_engine only where the offered rate exceeds it"),
+    "infer_execution_ms_per_batch_median: Infer:ExecutionTime_RBV sampled every 0.5 s (preprocess + engine)",
+    "all processes share this machine's cores: sim, IOC or consumer, and this client",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[chain] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- set-up
+def write_sim_config(folder: Path) -> tuple[Path, int]:
+    port, bport = free_port(), free_port()
+    path = folder / "sim.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        sim:
+          prefix: "{SIM_PREFIX}"
+          pva_server_port: {port}
+          pva_broadcast_port: {bport}
+          frame_rate_hz: 500
+          dtype: uint16
+          codec: none
+          repeat: true
+          geometry: {{detector_size: {SIZE}}}
+          sample: {{size_px: 512}}
+        """))
+    return path, port
+
+
+def write_ioc_config(folder: Path, prefix: str, sim_port: int, chain: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    ports = {k: free_port() for k in ("ca", "rep", "pva", "bcast", "img")}
+    chain_yaml = ", ".join(f"{k}: {v}" for k, v in chain.items())
+    path = folder / "ioc.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        prefix: "{prefix}"
+        epics:
+          ca_server_port: {ports['ca']}
+          ca_repeater_port: {ports['rep']}
+          pva_server_port: {ports['pva']}
+          pva_broadcast_port: {ports['bcast']}
+          image_pva_port: {ports['img']}
+        autosave: {{directory: "{folder / 'autosave'}", period_s: 60}}
+        source: {{channel: "{SIM_PREFIX}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{{chain_yaml}, scan_folder: "{folder / 'scans'}"}}
+        """))
+    return {"config": path, "prefix": prefix, **ports}
+
+
+def publish_untrained_ptychonn2(folder: Path) -> Path:
+    """An untrained PtychoNN 2.0 at 128x128, exported to ONNX, as version 1 of a new registry."""
+    from ptychopv.inference.export import export_onnx
+    from ptychopv.inference.networks import build_model
+    from ptychopv.inference.registry import ModelRegistry
+
+    model = build_model("ptychonn2", SIZE)
+    onnx = export_onnx(model, folder / "ptychonn2.onnx")
+    card = {"model": "ptychonn2", "model_config": model.config(), "input_shape": [1, SIZE, SIZE],
+            "outputs": list(model.output_names), "parent": None,
+            "preprocessing": {"transform": "log1p", "divisor": float(np.log1p(65535.0))},
+            "note": "untrained (random weights): benchmarks/chain.py; run time does not depend on weights"}
+    root = folder / "registry"
+    ModelRegistry(root).publish(onnx, card, weights_path=None)
+    return root
+
+
+def bare_engine(engine, batch: int, seconds: float) -> dict:
+    """Frames/s of ``engine.infer`` on batches of simulated uint16 frames, in this process."""
+    x = np.random.default_rng(0).poisson(20, (batch, SIZE, SIZE)).astype(np.uint16)
+    engine.infer(x)
+    n, t0 = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds or n == 0:
+        engine.infer(x)
+        n += batch
+    return {"batch": batch, "fps": round(n / dt, 1), "us_per_frame": round(dt / n * 1e6, 1)}
+
+
+# ---------------------------------------------------------------------------- ptychopv chain
+def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
+    p = h["prefix"]
+
+    def get(name):
+        return ctx.get(name, timeout=5)["value"]
+
+    # Counters are read before and after: writing 0 to Infer:ArrayCounter a second time does not
+    # reach the plugin (the longout record is not always_update), so deltas are what can be trusted.
+    counted = ("Infer:ArrayCounter_RBV", "Infer:DroppedArrays_RBV", "Infer:MissedFrames_RBV",
+               "Stitch:ArrayCounter_RBV", "Stitch:DroppedArrays_RBV")
+    ctx.put(SIM_PREFIX + "FrameRate", float(rate), timeout=5)
+    wait_quiet(lambda: [int(get(p + n)) for n in counted], settle=0.6, timeout=30)   # records lag 0.25 s
+    before = {n: int(get(p + n)) for n in counted}
+    sent0 = int(get(SIM_PREFIX + "ArrayCounter_RBV"))
+    t_start = time.time()
+    probe = LatencyProbe(ctx, p + "Infer:Phase", since=t_start)
+    probe.wait_connected()   # else the first results could go out before the subscription exists
+    samples: dict[str, list] = {"FrameRate_RBV": [], "Infer:ExecutionTime_RBV": [], "Stitch:ExecutionTime_RBV": [],
+                                "Infer:Latency_RBV": []}
+    ctx.put(SIM_PREFIX + "Acquire", 1, timeout=5)
+    while time.time() - t_start < seconds:
+        time.sleep(0.5)
+        for name, values in samples.items():
+            values.append(float(get(p + name)))
+    ctx.put(SIM_PREFIX + "Acquire", 0, timeout=5)
+    t_stop = time.time()
+
+    def counters():
+        return (int(get(SIM_PREFIX + "ArrayCounter_RBV")), int(get(p + "Infer:ArrayCounter_RBV")),
+                int(get(p + "Stitch:ArrayCounter_RBV")), int(get(p + "Infer:QueueUse")), len(probe.items))
+
+    wait_quiet(counters, settle=1.0, timeout=60)
+    offered = int(get(SIM_PREFIX + "ArrayCounter_RBV")) - sent0
+    d = {n: int(get(p + n)) - before[n] for n in counted}
+    processed, dropped, missed = d["Infer:ArrayCounter_RBV"], d["Infer:DroppedArrays_RBV"], d["Infer:MissedFrames_RBV"]
+    lat, span = probe.close()
+    running = samples["FrameRate_RBV"][1:] or samples["FrameRate_RBV"]   # the first sample is the ramp
+    return {
+        "offered_hz": rate, "offered": offered, "offered_fps": round(offered / (t_stop - t_start), 1),
+        "processed": processed, "achieved_fps": round(processed / span, 1) if span else 0.0,
+        "dropped": dropped, "missed": missed, "dropped_plus_missed": dropped + missed,
+        "unaccounted": offered - processed - dropped - missed, **lat,
+        "frame_rate_rbv_median": median(running, 1),
+        "infer_execution_ms_per_batch_median": median(samples["Infer:ExecutionTime_RBV"][1:]),
+        "infer_latency_rbv_ms_median": median(samples["Infer:Latency_RBV"][1:]),
+        "stitch_execution_ms_median": median(samples["Stitch:ExecutionTime_RBV"][1:]),
+        "stitch_processed": d["Stitch:ArrayCounter_RBV"], "stitch_dropped": d["Stitch:DroppedArrays_RBV"],
+    }
+
+
+def run_chain(name: str, tag: str, folder: Path, sim_port: int, chain: dict, engine: str, rates,
+              seconds: float, bare: dict | None) -> dict:
+    from p4p.client.thread import Context
+
+    h = write_ioc_config(folder, f"B{os.getpid()}{tag}:", sim_port, chain)
+    log(f"{name}: starting the IOC")
+    ioc = start_ioc(h["config"], name=f"ioc-{name}")
+    CHILDREN.append(ioc)
+    ctx = Context("pva", conf=pva_client_conf(h["pva"], h["img"], sim_port), useenv=False, unwrap=False)
+    try:
+        p = h["prefix"]
+        def get(pv):
+            return ctx.get(p + pv, timeout=5)["value"]
+
+        wait_until(lambda: get("Infer:Engine_RBV") == engine, 180, f"{name}: engine {engine} loaded",
+                   period=0.5)
+        out = {"pipeline": name, "engine": engine, "batch_size": int(get("Infer:BatchSize_RBV")),
+               "infer_queue_size": int(get("Infer:QueueSize_RBV")),
+               "model_version": int(get("ModelVersion_RBV"))}
+        if bare is not None:
+            out["bare_engine"] = bare   # the model's is filled in after the run
+        out["rates"] = []
+        for rate in rates:
+            log(f"{name}: {rate:g} Hz for {seconds:g} s")
+            out["rates"].append(chain_rate(ctx, h, rate, seconds))
+        return out
+    finally:
+        ctx.close()
+        ioc.stop()
+        CHILDREN.remove(ioc)
+
+
+# ---------------------------------------------------------------------------- main
+def stop_children() -> None:
+    for child in reversed(CHILDREN):
+        try:
+            child.stop(timeout=15)
+        except Exception as exc:  # noqa: BLE001 - keep stopping the others
+            log(f"stopping {child.name}: {exc}")
+    CHILDREN.clear()
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", type=float, nargs="+", help="offered frame rates, Hz (default 500 1000 2000; "
+                    "--quick: 500 2000)")
+    ap.add_argument("--seconds", type=float, help="acquisition time per rate (default 8; --quick: 3)")
+    ap.add_argument("--quick", action="store_true", help="a short run: 2 rates, 3 s each")
+    ap.add_argument("--model-engine", default="onnxruntime",
+                    choices=["onnxruntime", "pytorch-cpu", "pytorch-cuda", "tensorrt"],
+                    help="engine of the PtychoNN 2.0 chain (default onnxruntime, CPU)")
+    ap.add_argument("--monitor-queue", type=int, default=64,
+                    help="PVA monitor queue of the detector subscription, chain and pvapy alike (default 64)")
+    ap.add_argument("--no-passthrough", action="store_true", help="skip the pass-through chain")
+    ap.add_argument("--no-model", action="store_true", help="skip the PtychoNN 2.0 chain")
+    ap.add_argument("--no-pvapy", action="store_true", help="skip pvapy-hpc-consumer")
+    ap.add_argument("--echo", action="store_true", help="echo the children's output to stderr")
+    a = ap.parse_args()
+    rates = a.rates or ([500.0, 2000.0] if a.quick else [500.0, 1000.0, 2000.0])
+    seconds = a.seconds or (3.0 if a.quick else 8.0)
+    if seconds <= 0 or any(r <= 0 for r in rates):
+        ap.error("rates and --seconds must be > 0")
+    # Ctrl-C (also when started in the background, where SIGINT starts out ignored) and SIGTERM
+    # end the run through the same clean-up
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    t0 = time.monotonic()
+    result = {"benchmark": "chain", "machine": machine("numpy", "p4p", "onnxruntime", "pvapy"),
+              "settings": {"frame": f"{SIZE}x{SIZE} uint16", "codec": "none", "transport": "PVA over 127.0.0.1",
+                           "rates_hz": rates, "seconds_per_rate": seconds, "quick": a.quick,
+                           "monitor_queue": a.monitor_queue},
+              "notes": NOTES, "pipelines": []}
+    with tempfile.TemporaryDirectory(prefix="ptychopv-bench-chain-") as tmp:
+        folder = Path(tmp)
+        common = {"passthrough_size": SIZE, "seed_demo_model": "false", "monitor_queue": a.monitor_queue}
+        todo = []
+        if not a.no_passthrough:
+            todo.append(("ptychopv-passthrough", lambda: run_passthrough_chain(folder, sim_port, common, rates, seconds)))
+        if not a.no_model:
+            todo.append((f"ptychopv-ptychonn2-{a.model_engine}",
+                         lambda: run_model_chain(folder, sim_port, common, a.model_engine, rates, seconds)))
+        if not a.no_pvapy:
+            todo.append(("pvapy-hpc-consumer", lambda: run_pvapy(SIM_PREFIX, sim_port, a.monitor_queue, rates, seconds,
+                                                                 CHILDREN, log)))
+        try:
+            cfg, sim_port = write_sim_config(folder)
+            log("starting the simulator")
+            sim = start_sim(cfg, name="sim", echo=a.echo)
+            CHILDREN.append(sim)
+            for name, run in todo:
+                if sim.proc.poll() is not None:
+                    raise ProcessFailed(f"the simulator exited with {sim.proc.returncode}:\n{sim.output()}")
+                try:
+                    result["pipelines"].append(run())
+                except (ProcessFailed, TimeoutError, OSError, RuntimeError, ValueError) as exc:
+                    # one pipeline failing still leaves the others' numbers
+                    log(f"{name} failed: {exc}")
+                    result["pipelines"].append({"pipeline": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        except KeyboardInterrupt:
+            log("interrupted: stopping the children")
+            result["interrupted"] = True
+        finally:
+            stop_children()
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    result["machine_load_after"] = machine()["load_average"] if hasattr(os, "getloadavg") else None
+    print_json(result)
+    return 1 if result.get("interrupted") else 0
+
+
+def run_passthrough_chain(folder: Path, sim_port: int, common: dict, rates, seconds: float) -> dict:
+    from ptychopv.plugins.infer import PassThroughEngine
+
+    bare = {**bare_engine(PassThroughEngine(SIZE), 8, 1.0), "engine": "passthrough"}
+    return run_chain("ptychopv-passthrough", "PT", folder / "pass", sim_port, {"engine": "passthrough", **common},
+                     "passthrough", rates, seconds, bare)
+
+
+def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str, rates, seconds: float) -> dict:
+    from ptychopv.inference.engines import select_engine
+    from ptychopv.inference.registry import ModelRegistry
+
+    log("building and publishing an untrained PtychoNN 2.0 (128x128)")
+    registry = publish_untrained_ptychonn2(folder)
+    # The bare engine, loaded from the registry as the IOC loads it, at the chain's default batch,
+    # timed before and after the chain runs: on a shared machine the two differ.
+    engine = select_engine(ModelRegistry(registry).latest().source(), engine_name, warmup=False)
+    bare: dict = {}
+    try:
+        before = bare_engine(engine, 8, 3.0)
+        below = round(max(5.0, before["fps"] / 2), -1 if before["fps"] >= 40 else 0)
+        chain = {"engine": engine_name, "registry": f'"{registry}"', **common}
+        out = run_chain(f"ptychopv-ptychonn2-{engine_name}", "NN", folder / "model", sim_port, chain, engine_name,
+                        [below, *rates], seconds, bare)
+        after = bare_engine(engine, 8, 3.0)
+    finally:
+        engine.close()
+    best = max(before["fps"], after["fps"])
+    bare.update(engine=engine_name, batch=8, fps=best, us_per_frame=round(1e6 / best, 1),
+                fps_before=before["fps"], fps_after=after["fps"])
+    for r in out["rates"]:
+        if r["offered_fps"] > best:   # saturated: the engine sets the pace
+            r["fraction_of_bare_engine"] = round(r["achieved_fps"] / best, 3)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ProcessFailed, TimeoutError) as exc:   # the simulator did not start
+        stop_children()
+        print(f"chain benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(2)
