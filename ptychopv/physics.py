@@ -5,7 +5,8 @@ the sample in metres, ``(x, y)``, with ``(0, 0)`` at the centre of the object ar
 detector frame has zero spatial frequency at its centre (``fftshift``), as a detector sees it.
 
 Overlap is defined as ``1 - step / beam``: ``beam`` is the probe's full width at half maximum
-of intensity (focused) or the outer diameter of the ring (donut); ``step`` is the distance to
+of intensity (focused), the outer diameter of the ring (donut) or the geometric diameter of the
+defocused disc (defocused); ``step`` is the distance to
 the nearest neighbouring scan point (the grid spacing for raster scans, the mean
 nearest-neighbour distance for a Fermat spiral).
 """
@@ -93,16 +94,23 @@ def make_object(shape: tuple[int, int], *, phase_image: str = "camera", amplitud
 
 # ----------------------------------------------------------------------------- probe
 def make_probe(n: int, beam_px: float, kind: str = "focused", *, curvature: float = 0.0,
-               photons: float = 1.0) -> np.ndarray:
+               photons: float = 1.0, pupil_px: float | None = None) -> np.ndarray:
     """An ``n x n`` probe normalised to ``sum |P|^2 == photons``.
 
     ``focused``: an Airy spot (circular pupil) whose intensity FWHM is ``beam_px``; an optional
     quadratic phase ``curvature`` (rad at the beam edge) models a slight defocus.
     ``donut``: the defocused image of a zone plate with a central stop: a soft-edged ring of
     outer diameter ``beam_px`` and inner diameter ``beam_px/2`` with a spherical phase.
+    ``defocused``: a lens of large numerical aperture seen out of focus: a circular pupil of
+    radius ``pupil_px`` detector pixels (default ``0.3 n``: its bright-field disc fills much of
+    the detector) with the Fresnel defocus phase that spreads the beam to a disc of geometric
+    diameter ``beam_px`` (up to ``0.75 n``; its half-maximum diameter is about ``0.85 beam_px``);
+    ``curvature`` is ignored.
     """
-    if kind not in ("focused", "donut"):
-        raise ValueError(f"probe kind must be 'focused' or 'donut', got {kind!r}")
+    if kind not in ("focused", "donut", "defocused"):
+        raise ValueError(f"probe kind must be 'focused', 'donut' or 'defocused', got {kind!r}")
+    if kind == "defocused":
+        return _defocused_probe(n, beam_px, pupil_px, photons)
     if not 1 <= beam_px <= n / 2:
         raise ValueError(f"beam size must be between 1 and n/2 = {n // 2} pixels, got {beam_px:.2f}")
     y, x = (np.mgrid[:n, :n] - n // 2).astype(np.float64)
@@ -118,6 +126,32 @@ def make_probe(n: int, beam_px: float, kind: str = "focused", *, curvature: floa
         ring = ((r <= beam_px / 2) & (r >= beam_px / 4)).astype(np.float64)
         ring = ndimage.gaussian_filter(ring, max(beam_px / 40, 0.5))
         probe = ring * np.exp(1j * (np.pi + curvature) * r2 / (beam_px / 2) ** 2)
+    probe = probe / np.sqrt(np.sum(np.abs(probe) ** 2)) * np.sqrt(photons)
+    return probe.astype(np.complex64)
+
+
+def _defocused_probe(n: int, beam_px: float, pupil_px: float | None, photons: float) -> np.ndarray:
+    """Pupil of radius R (detector pixels) times exp(i a (k/R)^2), back to the sample plane.
+
+    A ray leaving pupil radius k lands at x = n/(2 pi) dphi/dk = n a k / (pi R^2), so the edge
+    ray at k = R sets the beam diameter D = 2 n a / (pi R): a = pi R D / (2 n). The phase step
+    per pupil pixel at the edge is 2a/R = pi D/n < pi, so D < n keeps the defocus unaliased;
+    D <= 0.75 n leaves room for the edge fringes inside the field.
+    """
+    radius = 0.3 * n if pupil_px is None else float(pupil_px)
+    if not 2 <= radius <= n / 2:
+        raise ValueError(f"pupil radius must be between 2 and n/2 = {n // 2} detector pixels, "
+                         f"got {radius:.2f}")
+    if not 2 <= beam_px <= 0.75 * n:
+        raise ValueError(f"beam size of a defocused probe must be between 2 and 0.75 n = "
+                         f"{0.75 * n:.0f} pixels, got {beam_px:.2f}")
+    k = (np.mgrid[:n, :n] - n // 2).astype(np.float64)
+    k2 = k[0] ** 2 + k[1] ** 2
+    edge = np.pi * radius * beam_px / (2.0 * n)
+    # A soft pupil edge (2 px) damps the Fresnel fringes a hard aperture throws across the beam.
+    amp = ndimage.gaussian_filter((k2 <= radius**2).astype(np.float64), 2.0)
+    pupil = amp * np.exp(1j * edge * k2 / radius**2)
+    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil)))
     probe = probe / np.sqrt(np.sum(np.abs(probe) ** 2)) * np.sqrt(photons)
     return probe.astype(np.complex64)
 

@@ -51,6 +51,25 @@ def test_donut_has_a_dark_centre():
     assert p[64, 64] < 0.05 * p.max()
 
 
+@pytest.mark.parametrize("beam", [24.0, 40.0])
+def test_defocused_probe_fills_the_set_disc_and_the_detector(beam):
+    n, pupil = 64, 19.2
+    probe = physics.make_probe(n, beam, "defocused", pupil_px=pupil, photons=1e6)
+    inten = np.abs(probe) ** 2
+    assert inten.sum() == pytest.approx(1e6, rel=1e-5)
+    r = np.hypot(*(np.mgrid[:n, :n] - n // 2))
+    # the geometric disc holds nearly all the light; its half-maximum diameter is ~0.85 of it
+    assert inten[r <= 0.6 * beam].sum() > 0.97 * inten.sum()
+    assert physics.beam_size(probe) == pytest.approx(0.85 * beam, rel=0.1)
+    # far field: the bright-field disc of the pupil, whatever the defocus
+    ff = np.abs(physics.far_field(probe)) ** 2
+    assert ff[r <= pupil + 3].sum() > 0.99 * ff.sum()
+    assert ff[r <= pupil - 3].min() > 0.2 * ff.max()
+    # the defocus is a real spread: the same pupil in focus is a spot a few pixels wide
+    focus = physics.make_probe(n, 2.0, "defocused", pupil_px=pupil)
+    assert physics.beam_size(focus) < 4
+
+
 @pytest.mark.parametrize("pattern", ["fermat", "raster"])
 def test_positions_cover_the_scan_area(pattern):
     step, extent = 0.5, 10.0
@@ -83,6 +102,8 @@ def test_object_pixel_size():
 @pytest.mark.parametrize("call, message", [
     (lambda: physics.make_probe(64, 40.0), "beam size"),
     (lambda: physics.make_probe(64, 10.0, "square"), "probe kind"),
+    (lambda: physics.make_probe(64, 60.0, "defocused"), "beam size of a defocused probe"),
+    (lambda: physics.make_probe(64, 30.0, "defocused", pupil_px=40.0), "pupil radius"),
     (lambda: physics.scan_positions("spiral", 1.0, 10.0), "scan pattern"),
     (lambda: physics.fermat_spiral(0.0, 10.0), "step"),
     (lambda: physics.poisson_counts(np.ones((1, 4, 4)), -1, np.random.default_rng()), "dose"),

@@ -1,0 +1,189 @@
+"""The training corpus: an appendable, chunked HDF5 file of (diffraction, label) pairs.
+
+Layout (one file, all datasets share the first axis ``N``)::
+
+    /diffraction   (N, h, w) float32   diffraction crops as the live chain hands them to the
+                                       engine (after ROI/crop, binning, scale factor), before the
+                                       model card's normalisation; photon counts
+    /phase         (N, h, w) float32   phase labels, radians, mean phase removed per pair
+    /amplitude     (N, h, w) float32   amplitude labels (only if the corpus was created with them)
+    /scan_id       (N,)      string    the scan each pair came from (UTF-8)
+    attributes on /:
+        format = "ptychopv-corpus", format_version = 1
+        count          pairs committed; rows beyond it are an interrupted append, ignored
+        frame_shape    [h, w]
+        has_amplitude  bool
+        created        UTC ISO 8601
+        plus any attributes given at creation (energy_ev, detector_distance_m, ...)
+
+Datasets are chunked along ``N`` (``CHUNK_PAIRS`` pairs per chunk), gzip-compressed and
+resizable. An append resizes, writes the new rows after ``count`` and only then raises
+``count``: earlier pairs are never rewritten, and a crash mid-append loses only that append.
+HDF5 allows one writer at a time; open, write and close per append (these functions do).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "ptychopv-corpus"
+FORMAT_VERSION = 1
+CHUNK_PAIRS = 64
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    path: Path
+    count: int
+    frame_shape: tuple[int, int]
+    has_amplitude: bool
+    scans: dict[str, int]  # scan id -> number of pairs
+    attrs: dict
+
+
+def _as_frames(name: str, a, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "uif":
+        raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be (N, h, w) or (h, w), got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} pairs, diffraction has {n}")
+    bad = np.flatnonzero(~np.isfinite(arr).all(axis=(1, 2))) if arr.dtype.kind == "f" else []
+    if len(bad):
+        raise ValueError(f"{name} holds NaN or inf at pair(s) {[int(i) for i in bad[:20]]}; "
+                         f"a training pair must be finite")
+    return arr.astype(np.float32, copy=False)
+
+
+def _scan_ids(scan_id, n: int) -> np.ndarray:
+    if isinstance(scan_id, (str, int, np.integer)):
+        return np.array([str(scan_id)] * n, dtype=object)
+    ids = np.asarray([str(s) for s in scan_id], dtype=object)
+    if ids.shape != (n,):
+        raise ValueError(f"scan_id must be one id or {n} ids, got {ids.shape[0]}")
+    return ids
+
+
+def create_corpus(path: str | os.PathLike, frame_shape: tuple[int, int], *,
+                  amplitude: bool = False, attrs: dict | None = None) -> Path:
+    """Create an empty corpus; refuses to overwrite an existing file."""
+    path = Path(path)
+    h, w = (int(s) for s in frame_shape)
+    if h < 1 or w < 1:
+        raise ValueError(f"frame shape must be positive, got {frame_shape}")
+    chunk = (CHUNK_PAIRS, h, w)
+    with h5py.File(path, "x") as f:  # "x": fail if the file exists
+        for name in ("diffraction", "phase") + (("amplitude",) if amplitude else ()):
+            f.create_dataset(name, shape=(0, h, w), maxshape=(None, h, w), dtype=np.float32,
+                             chunks=chunk, compression="gzip", compression_opts=4, shuffle=True)
+        f.create_dataset("scan_id", shape=(0,), maxshape=(None,), dtype=_STR,
+                         chunks=(CHUNK_PAIRS * 16,))
+        f.attrs.update(attrs or {})
+        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, count=0,
+                       frame_shape=[h, w], has_amplitude=bool(amplitude),
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return path
+
+
+def _open(path: Path, mode: str, wait_s: float = 30.0) -> h5py.File:
+    """Open the corpus; while another process holds the HDF5 file lock, wait for it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training corpus {path} does not exist")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            f = h5py.File(path, mode)
+            break
+        except OSError as exc:  # e.g. a labeller appending while a trainer reads
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise ValueError(f"{path} is not a ptychopv training corpus (no format={FORMAT!r})")
+    return f
+
+
+def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
+                 scan_id: str | int | list = "", attrs: dict | None = None) -> int:
+    """Append pairs (creating the corpus on first use); returns the new pair count."""
+    path = Path(path)
+    diff = _as_frames("diffraction", diffraction)
+    n = len(diff)
+    ph = _as_frames("phase", phase, n)
+    amp = None if amplitude is None else _as_frames("amplitude", amplitude, n)
+    for name, labels in (("phase", ph), ("amplitude", amp)):
+        if labels is not None and labels.shape != diff.shape:
+            raise ValueError(f"{name} labels are {labels.shape[1]}x{labels.shape[2]} but the "
+                             f"diffraction crops are {diff.shape[1]}x{diff.shape[2]}")
+    ids = _scan_ids(scan_id, n)
+    if not path.exists():
+        try:
+            create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs)
+        except FileExistsError:  # another process created it first
+            pass
+    with _open(path, "r+") as f:
+        shape = tuple(int(s) for s in f.attrs["frame_shape"])
+        if diff.shape[1:] != shape:
+            raise ValueError(f"pairs are {diff.shape[1]}x{diff.shape[2]} but corpus {path} holds "
+                             f"{shape[0]}x{shape[1]} pairs")
+        has_amp = bool(f.attrs["has_amplitude"])
+        if has_amp and amp is None:
+            raise ValueError(f"corpus {path} stores amplitude labels: pass amplitude=")
+        if amp is not None and not has_amp:
+            raise ValueError(f"corpus {path} was created without amplitude labels")
+        start = int(f.attrs["count"])
+        stop = start + n
+        data = {"diffraction": diff, "phase": ph, "scan_id": ids}
+        if has_amp:
+            data["amplitude"] = amp
+        for name, values in data.items():
+            ds = f[name]
+            if ds.shape[0] < stop:
+                ds.resize(stop, axis=0)
+            ds[start:stop] = values
+        f.flush()
+        f.attrs["count"] = stop  # the commit point: rows past count are not pairs yet
+        f.flush()
+    return stop
+
+
+def corpus_info(path: str | os.PathLike) -> CorpusInfo:
+    path = Path(path)
+    with _open(path, "r") as f:
+        count = int(f.attrs["count"])
+        ids, counts = np.unique(f["scan_id"].asstr()[:count], return_counts=True)
+        extra = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+        return CorpusInfo(path, count, tuple(int(s) for s in f.attrs["frame_shape"]),
+                          bool(f.attrs["has_amplitude"]),
+                          {str(i): int(c) for i, c in zip(ids, counts)}, extra)
+
+
+def read_pairs(path: str | os.PathLike, scans=None) -> dict[str, np.ndarray]:
+    """All committed pairs (or those of ``scans``): diffraction, phase, [amplitude], scan_id."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        count = int(f.attrs["count"])
+        ids = np.asarray(f["scan_id"].asstr()[:count], dtype=object)
+        if scans is None:
+            rows = slice(0, count)
+        else:
+            wanted = {str(s) for s in ([scans] if isinstance(scans, (str, int)) else scans)}
+            missing = wanted - set(ids)
+            if missing:
+                raise ValueError(f"scan(s) {sorted(missing)} are not in corpus {path}")
+            rows = np.flatnonzero(np.isin(ids, list(wanted)))
+        out = {name: f[name][rows] for name in ("diffraction", "phase", "amplitude") if name in f}
+        out["scan_id"] = ids[rows]
+        return out

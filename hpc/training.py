@@ -1,0 +1,285 @@
+"""Training: the paper's recipe, from a corpus file to a new registry version.
+
+Adam on the mean absolute error, a cyclic learning rate (triangular2 between ``lr_min`` and
+``lr_max``, half cycle ``half_cycle_epochs`` epochs, stepped per batch), ``epochs`` epochs, a
+``val_fraction`` validation split and the state with the lowest validation loss kept. The
+input is normalised as ``preprocessing.py`` describes (``log1p`` by default, one divisor from
+the training set) and the spec goes on the model card so every engine applies the same.
+
+``train`` takes only paths and options, so it runs the same in this process, a child process,
+a Dask worker or a Globus Compute endpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..inference.preprocessing import make_spec, normalize
+from ..inference.registry import ModelRegistry
+from .corpus import read_pairs
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, float, float, float], object]
+# What ``train`` writes on the card (the registry adds version, created, sha256, files).
+CARD_KEYS = frozenset({
+    "parent", "model", "model_config", "outputs", "input_shape", "preprocessing", "corpus",
+    "scans", "pairs", "train_pairs", "val_pairs", "epochs", "best_epoch", "loss", "val_loss",
+    "val_ssim", "low_dose_factor", "seed", "device", "train_seconds", "options", "history"})
+
+
+class TrainingAborted(RuntimeError):
+    """``abort`` was set; nothing was published."""
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model: Literal["ptychonn2", "ptychonn"] = "ptychonn2"
+    """Network to train (``inference.networks``)."""
+    width: int | None = Field(None, ge=1)
+    """Channels of the first encoder level; None: the network's default."""
+    depth: int | None = Field(None, ge=1, le=6)
+    """Encoder levels; None: the network's default (4)."""
+    epochs: int = Field(50, ge=1)
+    """Epochs per training run (the paper: 50 per model update)."""
+    batch_size: int = Field(64, ge=1)
+    lr_min: float = Field(1e-4, gt=0)
+    """Lower learning rate of the cycle."""
+    lr_max: float = Field(5e-4, gt=0)
+    """Upper learning rate of the cycle (halved each cycle: triangular2)."""
+    half_cycle_epochs: float = Field(6.0, gt=0)
+    """Epochs from lr_min to lr_max."""
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of pairs held out for validation (at least one pair)."""
+    seed: int = 0
+    """Seeds the split, the shuffling, the weights and the low-dose noise."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    warm_start: int | Literal["latest"] | None = None
+    """Start from this registry version's weights (and preprocessing); it becomes the parent."""
+    low_dose_factor: float | None = Field(None, gt=1)
+    """Train on ``Poisson(I / f) * f``: low-count frames, multiplied back by the live chain's
+    scale factor ``f``, look like these."""
+    scans: list[str] | None = None
+    """Train on these scans of the corpus only; None: all pairs."""
+    transform: Literal["log1p", "linear"] = "log1p"
+    """Input transform before the divisor (ignored on warm start: the parent's is kept)."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads; None leaves torch's default."""
+
+
+@dataclass
+class FitResult:
+    state: dict
+    best_epoch: int
+    val_loss: float
+    loss: float
+    history: list[dict] = field(default_factory=list)
+
+
+def low_dose(frames: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    """``Poisson(I / factor) * factor``: the same scale as ``frames``, ``factor`` x fewer counts."""
+    lam = np.maximum(np.asarray(frames, dtype=np.float64), 0.0) / factor
+    return (rng.poisson(lam) * factor).astype(np.float32)
+
+
+def mean_ssim(pred: np.ndarray, label: np.ndarray) -> float:
+    """Mean SSIM over images ``(N, h, w)``, data range of each label image."""
+    from skimage.metrics import structural_similarity
+
+    scores = []
+    for p, t in zip(pred, label):
+        rng = float(t.max() - t.min()) or 2 * np.pi
+        scores.append(structural_similarity(t.astype(np.float64), p.astype(np.float64),
+                                            data_range=rng))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def _is_set(abort) -> bool:
+    if abort is None:
+        return False
+    return bool(abort.is_set() if hasattr(abort, "is_set") else abort())
+
+
+def _predict(model, x, device: str, batch: int):
+    import torch
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            y = model(x[i:i + batch].to(device))
+            outs.append(tuple(t.cpu() for t in (y if isinstance(y, tuple) else (y,))))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray,
+        val_y: list[np.ndarray], opts: TrainOptions, *, spec: dict, device: str = "cpu",
+        raw_train: np.ndarray | None = None, callback: Callback | None = None,
+        abort=None) -> FitResult:
+    """The training loop on arrays. ``*_x`` are normalised ``(N, h, w)``; ``*_y`` one array per
+    model output, in ``model.output_names`` order. With ``opts.low_dose_factor``, ``raw_train``
+    (intensities) is Poisson-resampled and normalised afresh each epoch."""
+    import torch
+
+    model.to(device)
+    rng = np.random.default_rng(opts.seed + 1)
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)[:, None])
+    xv, yv = as_t(val_x), [as_t(y) for y in val_y]
+    yt = [as_t(y) for y in train_y]
+    n = len(train_x)
+    steps = max(1, -(-n // opts.batch_size))
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr_min)
+    scheduler = torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=opts.lr_min, max_lr=opts.lr_max, mode="triangular2",
+        step_size_up=max(1, round(opts.half_cycle_epochs * steps)), cycle_momentum=False)
+    l1 = torch.nn.L1Loss()
+    best = FitResult(copy.deepcopy(model.state_dict()), 0, float("inf"), float("nan"))
+    fixed_x = as_t(train_x)
+    for epoch in range(1, opts.epochs + 1):
+        xt = fixed_x
+        if opts.low_dose_factor and raw_train is not None:  # fresh counting noise each epoch
+            xt = as_t(normalize(low_dose(raw_train, opts.low_dose_factor, rng), spec))
+        model.train()
+        order = torch.from_numpy(rng.permutation(n))
+        total, lr = 0.0, optimizer.param_groups[0]["lr"]
+        for s in range(steps):
+            if _is_set(abort):
+                raise TrainingAborted(f"training aborted in epoch {epoch}")
+            idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
+            pred = model(xt[idx].to(device))
+            pred = pred if isinstance(pred, tuple) else (pred,)
+            loss = sum(l1(p, y[idx].to(device)) for p, y in zip(pred, yt))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(idx)
+        train_loss = total / n
+        pred_v = _predict(model, xv, device, opts.batch_size)
+        val_loss = float(sum(torch.mean(torch.abs(p - y)) for p, y in zip(pred_v, yv)))
+        if val_loss < best.val_loss:
+            best = FitResult(copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+                             epoch, val_loss, train_loss, best.history)
+        best.history.append({"epoch": epoch, "loss": train_loss, "val_loss": val_loss, "lr": lr})
+        if callback is not None:
+            callback(epoch, train_loss, val_loss, epoch / opts.epochs)
+    model.load_state_dict(best.state)
+    return best
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise ValueError(f"training needs at least 2 pairs (one to validate), the corpus has {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
+          options: TrainOptions | dict | None = None, callback: Callback | None = None,
+          abort=None, card_extra: dict | None = None) -> dict:
+    """Train on the corpus, publish a new registry version, return its card.
+
+    ``callback(epoch, loss, val_loss, progress)`` is called after each epoch (progress in
+    0..1). ``abort``: an object with ``is_set()`` (threading/multiprocessing Event) or a
+    callable; when it turns true, ``TrainingAborted`` is raised and nothing is published.
+    ``card_extra``: more card entries (a note, where simulated data came from); they may not
+    replace the ones training sets.
+    """
+    import torch
+
+    from ..inference.export import export_onnx, load_model, save_weights
+    from ..inference.networks import build_model
+
+    opts = options if isinstance(options, TrainOptions) else TrainOptions.model_validate(options or {})
+    clash = set(card_extra or {}) & (CARD_KEYS | {"version", "created", "sha256", "files"})
+    if clash:
+        raise ValueError(f"card_extra may not replace {sorted(clash)}")
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = _device(opts.device)
+    data = read_pairs(corpus_path, opts.scans)
+    diffraction = data["diffraction"]
+    registry = ModelRegistry(registry_path)
+    torch.manual_seed(opts.seed)
+    parent = None
+    if opts.warm_start is not None:
+        parent_version = registry.get(opts.warm_start)
+        if parent_version.weights_path is None:
+            raise ValueError(f"version {parent_version.version} has no weights.pt to start from")
+        model = load_model(parent_version.weights_path)
+        if model.name != opts.model:
+            raise ValueError(f"warm start from version {parent_version.version} ({model.name}) "
+                             f"but the options ask for {opts.model}")
+        parent = parent_version.version
+    else:
+        kwargs = {k: v for k, v in (("width", opts.width), ("depth", opts.depth)) if v is not None}
+        model = build_model(opts.model, diffraction.shape[-1], **kwargs)
+    if diffraction.shape[1:] != (model.input_size, model.input_size):
+        raise ValueError(f"corpus pairs are {diffraction.shape[1]}x{diffraction.shape[2]}, the "
+                         f"model takes {model.input_size}x{model.input_size}")
+    if "amplitude" in model.output_names and "amplitude" not in data:
+        raise ValueError(f"{opts.model} learns amplitude too, but corpus {corpus_path} has no "
+                         f"amplitude labels")
+    tr, va = _split(len(diffraction), opts.val_fraction, opts.seed)
+    spec = (parent_version.card["preprocessing"] if parent is not None
+            else make_spec(diffraction[tr], opts.transform))
+    val_raw = diffraction[va]
+    if opts.low_dose_factor:  # validate on what the model will serve: low-count frames
+        val_raw = low_dose(val_raw, opts.low_dose_factor, np.random.default_rng(opts.seed + 2))
+    labels = [data[name] for name in model.output_names]
+    deterministic = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        result = fit(model, normalize(diffraction[tr], spec), [y[tr] for y in labels],
+                     normalize(val_raw, spec), [y[va] for y in labels], opts, spec=spec,
+                     device=device, raw_train=diffraction[tr], callback=callback, abort=abort)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
+    model = model.cpu().eval()
+    val_pred = _predict(model, torch.from_numpy(normalize(val_raw, spec)[:, None]), "cpu",
+                        opts.batch_size)
+    phase_pred = val_pred[list(model.output_names).index("phase")][:, 0].numpy()
+    ssim = mean_ssim(phase_pred, data["phase"][va])
+    card = {
+        "parent": parent, "model": model.name, "model_config": model.config(),
+        "outputs": list(model.output_names), "input_shape": [1, model.input_size, model.input_size],
+        "preprocessing": spec, "corpus": str(Path(corpus_path).resolve()),
+        "scans": sorted(set(data["scan_id"].tolist())), "pairs": len(diffraction),
+        "train_pairs": len(tr), "val_pairs": len(va), "epochs": opts.epochs,
+        "best_epoch": result.best_epoch, "loss": result.loss, "val_loss": result.val_loss,
+        "val_ssim": ssim, "low_dose_factor": opts.low_dose_factor, "seed": opts.seed,
+        "device": device, "train_seconds": round(time.perf_counter() - t0, 3),
+        "options": opts.model_dump(), "history": result.history,
+    }
+    card.update(card_extra or {})
+    with tempfile.TemporaryDirectory(prefix="ptychopv-train-") as tmp:
+        onnx = export_onnx(model, Path(tmp) / "model.onnx")
+        weights = save_weights(model, Path(tmp) / "weights.pt")
+        published = registry.publish(onnx, card, weights_path=weights)
+    log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
+             result.val_loss, ssim)
+    return published.card

@@ -1,0 +1,83 @@
+"""Inference engines behind one interface, and ``select_engine`` to pick one.
+
+Each engine is its own module, imported only when asked for, so an edge box with ONNX Runtime
+and no torch never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from .base import DEFAULT_BATCH_SIZES, Engine, ModelSource, check_batch, file_sha256
+
+log = logging.getLogger(__name__)
+
+# name -> "module:class"; "auto" tries them in this order.
+ENGINES = {
+    "tensorrt": "tensorrt:TensorRTEngine",
+    "pytorch-cuda": "pytorch:PyTorchCUDAEngine",
+    "onnxruntime": "onnxrt:OnnxRuntimeEngine",
+    "pytorch-cpu": "pytorch:PyTorchCPUEngine",
+}
+AUTO_ORDER = tuple(ENGINES)
+
+
+def engine_class(name: str) -> type[Engine]:
+    try:
+        module, cls = ENGINES[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; expected 'auto' or one of "
+                         f"{', '.join(ENGINES)}") from None
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def available_engines(source: ModelSource) -> dict[str, str | None]:
+    """Engine name -> None if it can run ``source`` here, else the reason it cannot."""
+    out = {}
+    for name in AUTO_ORDER:
+        try:
+            out[name] = engine_class(name).unavailable(source)
+        except ImportError as exc:  # e.g. a module-level import the engine needs
+            out[name] = str(exc)
+    return out
+
+
+def select_engine(source: ModelSource, engine: str = "auto", *, warmup: bool = False,
+                  options: dict[str, dict] | None = None, **common) -> Engine:
+    """Load an engine by name, or the first that loads in the order TensorRT, PyTorch CUDA,
+    ONNX Runtime, PyTorch CPU. ``options`` holds per-engine keyword arguments by name;
+    ``common`` (batch_sizes, on_nonfinite) goes to all. The engine's ``selection`` (also in
+    ``describe()``) lists what was tried and why it was passed over."""
+    names = AUTO_ORDER if engine == "auto" else (engine,)
+    if engine != "auto":
+        engine_class(engine)  # unknown name -> ValueError now
+    tried: list[dict] = []
+    for name in names:
+        cls = engine_class(name)
+        reason = cls.unavailable(source)
+        if reason is None:
+            try:
+                chosen = cls(source, **common, **(options or {}).get(name, {})).load()
+            except (TypeError, ValueError):
+                raise  # a bad argument or a bad model is the caller's error, not a fall-back
+            except Exception as exc:  # noqa: BLE001 - e.g. a TensorRT build failure: try the next
+                reason = f"failed to load: {exc}"
+            else:
+                if warmup:
+                    chosen.warmup()
+                tried.append({"engine": name, "chosen": True})
+                chosen.selection = tried
+                log.info("inference engine: %s (%s)", name,
+                         "; ".join(f"{t['engine']}: {t['reason']}" for t in tried if "reason" in t)
+                         or "first choice")
+                return chosen
+        tried.append({"engine": name, "reason": reason})
+        if engine != "auto":
+            break
+    why = "; ".join(f"{t['engine']}: {t['reason']}" for t in tried)
+    raise RuntimeError(f"no inference engine can run this model ({why})")
+
+
+__all__ = ["AUTO_ORDER", "DEFAULT_BATCH_SIZES", "ENGINES", "Engine", "ModelSource",
+           "available_engines", "check_batch", "engine_class", "file_sha256", "select_engine"]

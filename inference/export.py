@@ -1,0 +1,162 @@
+"""ONNX export of a PtychoNN network with a dynamic batch axis.
+
+The ONNX graph takes ``input`` ``(batch, 1, H, W)`` float32 and returns one tensor per head,
+named after ``model.output_names`` (``phase``, or ``amplitude`` and ``phase``). Opset 17 is
+read by ONNX Runtime >= 1.13 and TensorRT >= 8.6. Files are written to a temporary name and
+renamed, so a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+INPUT_NAME = "input"
+DEFAULT_OPSET = 17
+
+
+def export_onnx(model, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``model`` (a network from ``networks.build_model``) to ``path`` as ONNX."""
+    import torch
+
+    path = Path(path)
+    outputs = list(getattr(model, "output_names", ()) or ["phase"])
+    n = int(model.input_size)
+    was_training = model.training
+    model = model.eval()
+    # Export on the CPU copy of the weights: the graph is device independent.
+    device = next(model.parameters()).device
+    example = torch.zeros(2, 1, n, n, device=device)
+    dynamic = {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of the torch.export one, which
+            # needs onnxscript; this graph (conv, pool, resize) exports the same with either.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), tmp, dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=outputs,
+                              dynamic_axes=dynamic, do_constant_folding=True)
+        _check(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        model.train(was_training)
+    return path
+
+
+def _check(path: str | os.PathLike) -> None:
+    try:
+        import onnx
+    except ImportError:  # the checker is a nicety; ONNX Runtime validates on load anyway
+        return
+    onnx.checker.check_model(str(path))
+
+
+def onnx_io(path: str | os.PathLike) -> tuple[tuple[int, int], tuple[str, ...]]:
+    """``((H, W), output names)`` of an exported model, read with ONNX Runtime (no torch)."""
+    from .engines.onnxrt import open_session
+
+    session = open_session(path, providers=["CPUExecutionProvider"], threads=1)
+    shape = session.get_inputs()[0].shape
+    return (int(shape[2]), int(shape[3])), tuple(o.name for o in session.get_outputs())
+
+
+def max_abs_difference(model, onnx_path: str | os.PathLike, batch: np.ndarray) -> float:
+    """Largest |PyTorch - ONNX Runtime| over all outputs for ``batch`` ``(B, H, W)``."""
+    import torch
+
+    from .engines.onnxrt import open_session
+
+    x = np.ascontiguousarray(batch, dtype=np.float32)[:, None]
+    with torch.inference_mode():
+        ref = model.eval()(torch.from_numpy(x))
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = open_session(onnx_path, providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})
+    return max(float(np.max(np.abs(r.numpy() - g))) for r, g in zip(ref, got))
+
+
+def save_weights(model, path: str | os.PathLike) -> Path:
+    """Write the network's config and state dict (tensors only; read back without unpickling)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"config": model.config(), "state_dict": state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_model(path: str | os.PathLike, map_location: str = "cpu"):
+    """Rebuild a network saved by ``save_weights`` (``weights_only``: nothing is unpickled)."""
+    import torch
+
+    from .networks import build_model
+
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        config = dict(blob["config"])
+        state = blob["state_dict"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a ptychopv weights file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
+        raise ValueError(f"cannot read weights file {path}: {exc}") from None
+    model = build_model(config.pop("name"), config.pop("input_size"), **config)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: dict) -> Path:
+    """Copy of the ONNX model ``src`` whose input takes raw intensities: the model card's
+    preprocessing (clamp at 0, log1p, divide) becomes the first nodes of the graph, so a
+    GPU engine (TensorRT) runs it on the device. Needs the ``onnx`` package, not torch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .preprocessing import check_spec
+
+    spec = check_spec(spec)
+    model = onnx.load(str(src))
+    graph = model.graph
+    old = graph.input[0]
+    raw = f"{old.name}_raw"
+    scalar = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), name)
+    graph.initializer.extend([scalar("pre_one", 1.0), scalar("pre_scale", 1.0 / spec["divisor"])])
+    nodes = [helper.make_node("Relu", [raw], ["pre_clamped"], name="pre_clamp")]
+    last = "pre_clamped"
+    if spec["transform"] == "log1p":
+        nodes += [helper.make_node("Add", [last, "pre_one"], ["pre_plus1"], name="pre_add1"),
+                  helper.make_node("Log", ["pre_plus1"], ["pre_log"], name="pre_log")]
+        last = "pre_log"
+    nodes.append(helper.make_node("Mul", [last, "pre_scale"], [old.name], name="pre_scale"))
+    new_input = helper.make_tensor_value_info(raw, TensorProto.FLOAT, None)
+    new_input.type.CopyFrom(old.type)
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
+    graph.input.remove(old)
+    graph.input.insert(0, new_input)
+    onnx.checker.check_model(model)
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst

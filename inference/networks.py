@@ -1,0 +1,154 @@
+"""PtychoNN network family (PyTorch): diffraction pattern in, phase (and amplitude) out.
+
+Both networks are one convolutional encoder and one or two decoders of the same shape:
+
+- encoder level ``i`` (``i = 0 .. depth-1``): two 3x3 conv + ReLU to ``width * 2**i``
+  channels, then a 2x2 max-pool;
+- decoder: a first level that keeps ``width * 2**(depth-1)`` channels, then levels that halve
+  the channels down to ``width``; each level is two 3x3 conv + ReLU and a bilinear x2
+  upsample; a final 3x3 conv to one channel and the head's activation.
+
+``ptychonn2`` (PtychoNN 2.0): width 16, depth 4, a phase head only (``tanh * pi``);
+733,921 parameters. ``ptychonn``: width 32, depth 4, an amplitude head (sigmoid) and a phase
+head (``tanh * pi``) on a shared encoder; 4,694,690 parameters, the 4.7 M configuration.
+Both are fully convolutional, so the count does not depend on the input size; the input must be
+square with a side in ``SUPPORTED_INPUT_SIZES``.
+
+Input ``(B, 1, H, W)`` float32; output ``(B, 1, H, W)`` per head. A model with two heads returns
+``(amplitude, phase)`` in the order of ``model.output_names``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+
+import torch
+from torch import nn
+
+SUPPORTED_INPUT_SIZES = (64, 128, 256, 512)
+
+
+def _double_conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+def _encoder(width: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 1
+    for i in range(depth):
+        cout = width * 2**i
+        layers += _double_conv(cin, cout) + [nn.MaxPool2d(2)]
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+class _Scaled(nn.Module):
+    """``tanh(x) * pi``: phase in (-pi, pi)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * math.pi
+
+
+def _decoder(width: int, depth: int, activation: nn.Module) -> nn.Sequential:
+    top = width * 2 ** (depth - 1)
+    channels = [top] + [width * 2**i for i in range(depth - 1, -1, -1)]  # e.g. 128,128,64,32,16
+    layers: list[nn.Module] = []
+    for cin, cout in itertools.pairwise(channels):
+        layers += _double_conv(cin, cout)
+        # align_corners=False is what ONNX Resize and TensorRT implement most directly.
+        layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+    layers += [nn.Conv2d(width, 1, 3, padding=1), activation]
+    return nn.Sequential(*layers)
+
+
+def check_input_size(input_size: int, depth: int = 4) -> int:
+    """Return ``input_size`` as int or raise ValueError saying what is supported."""
+    try:
+        n = operator.index(input_size)
+    except TypeError:
+        raise TypeError(f"input size must be an int, got {type(input_size).__name__}") from None
+    if n not in SUPPORTED_INPUT_SIZES or n % 2**depth:
+        raise ValueError(f"input size {n} is not supported: expected one of "
+                         f"{', '.join(map(str, SUPPORTED_INPUT_SIZES))} (square frames)")
+    return n
+
+
+class _PtychoBase(nn.Module):
+    """Shared checks; subclasses set ``output_names`` and implement ``_forward``."""
+
+    output_names: tuple[str, ...] = ()
+
+    def __init__(self, name: str, input_size: int, width: int, depth: int):
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
+        self.name = name
+        self.input_size = check_input_size(input_size, depth)
+        self.width = width
+        self.depth = depth
+
+    def config(self) -> dict:
+        """What ``build_model`` needs to rebuild this network (goes into the model card)."""
+        return {"name": self.name, "input_size": self.input_size,
+                "width": self.width, "depth": self.depth}
+
+    def forward(self, x: torch.Tensor):
+        # Static shapes only: the check is resolved while tracing and costs nothing in ONNX.
+        if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != self.input_size \
+                or x.shape[3] != self.input_size:
+            n = self.input_size
+            raise ValueError(f"{self.name} expects input (B, 1, {n}, {n}), got {tuple(x.shape)}")
+        return self._forward(x)
+
+
+class PtychoNN2(_PtychoBase):
+    """PtychoNN 2.0: phase only."""
+
+    output_names = ("phase",)
+
+    def __init__(self, input_size: int = 128, width: int = 16, depth: int = 4):
+        super().__init__("ptychonn2", input_size, width, depth)
+        self.encoder = _encoder(width, depth)
+        self.phase = _decoder(width, depth, _Scaled())
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.phase(self.encoder(x))
+
+
+class PtychoNN(_PtychoBase):
+    """Original PtychoNN: shared encoder, amplitude (sigmoid) and phase (tanh * pi) decoders."""
+
+    output_names = ("amplitude", "phase")
+
+    def __init__(self, input_size: int = 128, width: int = 32, depth: int = 4):
+        super().__init__("ptychonn", input_size, width, depth)
+        self.encoder = _encoder(width, depth)
+        self.amplitude = _decoder(width, depth, nn.Sigmoid())
+        self.phase = _decoder(width, depth, _Scaled())
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)
+        return self.amplitude(z), self.phase(z)
+
+
+MODELS: dict[str, type[_PtychoBase]] = {"ptychonn2": PtychoNN2, "ptychonn": PtychoNN}
+
+
+def build_model(name: str, input_size: int = 128, **kwargs) -> _PtychoBase:
+    """Build a network by name (``ptychonn2`` or ``ptychonn``); ``kwargs``: width, depth."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}") from None
+    unknown = set(kwargs) - {"width", "depth"}
+    if unknown:
+        raise TypeError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))} "
+                        f"(allowed: width, depth)")
+    return cls(input_size=input_size, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

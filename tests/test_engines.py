@@ -1,0 +1,267 @@
+"""Inference engines: parity with PyTorch, batching, bad input, selection, no-torch edge use."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="building test models needs torch")
+
+from ptychopv.inference.engines import ENGINES, ModelSource, available_engines, select_engine
+from ptychopv.inference.engines.base import Engine
+from ptychopv.inference.export import export_onnx, save_weights
+from ptychopv.inference.networks import build_model
+from ptychopv.inference.preprocessing import normalize
+
+SPEC = {"transform": "log1p", "divisor": 7.0}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    model = build_model("ptychonn2", 64, width=8).eval()
+    export_onnx(model, folder / "model.onnx")
+    save_weights(model, folder / "weights.pt")
+    return model, folder
+
+
+@pytest.fixture
+def source(model_files):
+    _, folder = model_files
+    return ModelSource.from_onnx(folder / "model.onnx", preprocessing=SPEC,
+                                 weights_path=folder / "weights.pt")
+
+
+def frames(b, seed=0):
+    return np.random.default_rng(seed).poisson(20.0, (b, 64, 64)).astype(np.float32)
+
+
+def reference(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(normalize(x, SPEC)[:, None]))[:, 0].numpy()
+
+
+def runnable(name, source):
+    reason = available_engines(source)[name]
+    if reason:
+        pytest.skip(f"{name} cannot run here: {reason}")
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_each_engine_matches_pytorch(name, source, model_files):
+    runnable(name, source)
+    engine = select_engine(source, name, batch_sizes=(1, 4, 8))
+    engine.warmup()
+    # fp16 engines (TensorRT, PyTorch CUDA) agree to a few 1e-3 rad; fp32 ones to float tolerance
+    tol = 5e-2 if engine.describe()["precision"] != "fp32" else 1e-4
+    for b in (1, 3, 8, 11):  # 3 and 11: padded / split where an engine needs fixed batches
+        x = frames(b, seed=b)
+        out = engine.infer(x)
+        assert out["phase"].shape == (b, 64, 64) and out["phase"].dtype == np.float32
+        assert out["valid"].all()
+        np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=tol)
+    info = engine.describe()
+    assert info["engine"] == name and info["input_size"] == 64 and info["loaded"]
+    engine.close()
+
+
+def test_tensorrt_engine_caches_its_plan(source, tmp_path):
+    runnable("tensorrt", source)
+    first = select_engine(source, "tensorrt", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert first.plan_built and first.plan_path.parent == tmp_path
+    second = select_engine(source, "tensorrt", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert not second.plan_built and second.plan_path == first.plan_path
+    first.close()
+    second.close()
+
+
+def test_pytorch_cuda_engine_uses_graphs_per_batch_size(source):
+    runnable("pytorch-cuda", source)
+    engine = select_engine(source, "pytorch-cuda", batch_sizes=(2, 8))
+    assert engine.describe()["graphs"] == [2, 8]
+    assert engine.infer(frames(5))["phase"].shape == (5, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "pytorch-cpu"])
+def test_nan_frames_are_masked_and_the_rest_inferred(name, source, model_files):
+    engine = select_engine(source, name)
+    x = frames(4)
+    x[1, 5, 5] = np.nan
+    x[3, 0, 0] = np.inf
+    out = engine.infer(x)
+    assert out["valid"].tolist() == [True, False, True, False]
+    assert np.isnan(out["phase"][[1, 3]]).all()
+    good = reference(model_files[0], x[[0, 2]])
+    np.testing.assert_allclose(out["phase"][[0, 2]], good, atol=1e-4)
+
+
+def test_nan_policy_raise_names_the_frames(source):
+    engine = select_engine(source, "onnxruntime", on_nonfinite="raise")
+    x = frames(5)
+    x[2, 1, 1] = np.nan
+    x[4, 1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"frame\(s\) \[2, 4\] of a batch of 5"):
+        engine.infer(x)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        select_engine(source, "onnxruntime", on_nonfinite="ignore")
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "pytorch-cpu"])
+def test_bad_batches_are_clear_errors(name, source):
+    engine = select_engine(source, name)
+    with pytest.raises(ValueError, match="frames are 128x128 but the model expects 64x64"):
+        engine.infer(np.zeros((2, 128, 128), np.float32))
+    with pytest.raises(ValueError, match=r"for one frame pass frame\[None\]"):
+        engine.infer(np.zeros((64, 64), np.float32))
+    with pytest.raises(TypeError, match="real numbers"):
+        engine.infer(np.zeros((1, 64, 64), np.complex64))
+    ints = engine.infer(np.full((2, 64, 64), 20, np.uint16))  # detector integers are fine
+    assert ints["phase"].shape == (2, 64, 64)
+    empty = engine.infer(np.zeros((0, 64, 64), np.float32))
+    assert empty["phase"].shape == (0, 64, 64) and empty["valid"].shape == (0,)
+
+
+def test_truncated_onnx_file_is_a_clear_error(model_files, tmp_path):
+    data = (model_files[1] / "model.onnx").read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    src = ModelSource(input_size=64, onnx_path=bad)
+    with pytest.raises(ValueError, match="truncated or not a valid ONNX model"):
+        select_engine(src, "onnxruntime")
+    with pytest.raises(ValueError, match="truncated or not a valid ONNX model"):
+        select_engine(src, "auto")  # a corrupt model is not silently skipped
+    with pytest.raises(ValueError, match="does not exist"):
+        select_engine(ModelSource(input_size=64, onnx_path=tmp_path / "nope.onnx"), "onnxruntime")
+
+
+def test_card_that_disagrees_with_the_file_is_refused(model_files):
+    src = ModelSource(input_size=128, onnx_path=model_files[1] / "model.onnx")
+    with pytest.raises(ValueError, match="do not match the model card"):
+        select_engine(src, "onnxruntime")
+
+
+def test_auto_selection_reports_what_it_took_and_why(source):
+    engine = select_engine(source, "auto")
+    sel = engine.describe()["selection"]
+    assert sel[-1] == {"engine": engine.name, "chosen": True}
+    reasons = available_engines(source)
+    skipped = [s["engine"] for s in sel[:-1]]
+    assert skipped == [n for n in ENGINES if n != engine.name][: len(skipped)]
+    assert all(s["reason"] for s in sel[:-1])
+    if reasons["tensorrt"] is None:
+        assert engine.name == "tensorrt"
+    elif reasons["pytorch-cuda"] is None:
+        assert engine.name == "pytorch-cuda"
+    else:
+        assert engine.name == "onnxruntime"
+    with pytest.raises(ValueError, match="unknown engine 'openvino'"):
+        select_engine(source, "openvino")
+
+
+def test_engine_without_weights_or_onnx_says_why(model_files):
+    no_weights = ModelSource(input_size=64, onnx_path=model_files[1] / "model.onnx")
+    with pytest.raises(RuntimeError, match="pytorch-cpu: the model has no PyTorch weights"):
+        select_engine(no_weights, "pytorch-cpu")
+    with pytest.raises(RuntimeError, match="onnxruntime: the model has no ONNX file"):
+        select_engine(ModelSource.from_module(model_files[0]), "onnxruntime")
+
+
+def test_two_headed_model_returns_amplitude_and_phase(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("ptychonn", 64, width=4).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    x = frames(3)
+    outs = {n: select_engine(src, n).infer(x) for n, src in
+            [("onnxruntime", ModelSource.from_onnx(tmp_path / "m.onnx")),
+             ("pytorch-cpu", ModelSource.from_module(model))]}
+    with torch.no_grad():
+        amp, phase = model(torch.from_numpy(x[:, None]))
+    for out in outs.values():
+        np.testing.assert_allclose(out["amplitude"], amp[:, 0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(out["phase"], phase[:, 0].numpy(), atol=1e-4)
+
+
+class _Recorder(Engine):
+    """A fixed-batch engine that records the batch sizes it is given."""
+
+    name = "recorder"
+    fixed_batches = True
+
+    def _load(self):
+        self.seen = []
+
+    def _run(self, x):
+        self.seen.append(len(x))
+        return {"phase": x[:, 0] * 2}
+
+
+def test_fixed_batch_engines_pad_and_split():
+    eng = _Recorder(ModelSource(input_size=64), batch_sizes=(1, 4, 8))
+    x = frames(19)
+    out = eng.infer(x)
+    assert eng.seen == [8, 8, 4]  # 19 = 8 + 8 + 3 padded to 4
+    np.testing.assert_array_equal(out["phase"], x * 2)
+    eng.infer(frames(2))
+    assert eng.seen[-1] == 4
+
+
+def test_onnxruntime_engine_runs_without_torch(model_files):
+    onnx = model_files[1] / "model.onnx"
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any 'import torch' now fails
+import numpy as np
+from ptychopv.inference import ModelSource, select_engine
+eng = select_engine(ModelSource(input_size=64, onnx_path={str(onnx)!r}), "auto")
+out = eng.infer(np.ones((3, 64, 64), np.float32))
+assert out["phase"].shape == (3, 64, 64), out["phase"].shape
+assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+print(eng.name, [s["engine"] for s in eng.selection])
+"""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "onnxruntime" or "tensorrt" in done.stdout
+
+
+
+def test_preprocessing_prepended_to_the_onnx_graph_matches_the_host(model_files, tmp_path):
+    pytest.importorskip("onnx", reason="prepending preprocessing needs the onnx package")
+    from ptychopv.inference.engines.onnxrt import open_session
+    from ptychopv.inference.export import prepend_preprocessing
+
+    for spec in (SPEC, {"transform": "linear", "divisor": 300.0}):
+        pre = prepend_preprocessing(model_files[1] / "model.onnx", tmp_path / "pre.onnx", spec)
+        x = frames(3)[:, None]
+        x[0, 0, 0, 0] = -4.0  # negative counts (dark-subtracted) are clamped at 0, as on the host
+        raw = open_session(pre).run(None, {"input_raw": x})[0]
+        host = open_session(model_files[1] / "model.onnx").run(None, {"input": normalize(x, spec)})[0]
+        np.testing.assert_allclose(raw, host, atol=1e-5)
+
+
+class _DeviceNormalising(_Recorder):
+    def _load(self):
+        super()._load()
+        self.device_preprocessing = True
+
+    def _run(self, x):
+        self.got = x.copy()
+        return {"phase": x[:, 0].astype(np.float32)}
+
+
+def test_device_preprocessing_engines_get_raw_frames_with_bad_ones_zeroed():
+    eng = _DeviceNormalising(ModelSource(input_size=64, preprocessing=SPEC), batch_sizes=(4,))
+    x = frames(3).astype(np.uint16)
+    out = eng.infer(x)
+    assert eng.got.dtype == np.uint16 and eng.got.shape == (4, 1, 64, 64)  # padded, not normalised
+    np.testing.assert_array_equal(eng.got[:3, 0], x)
+    y = frames(2)
+    y[1, 0, 0] = np.nan
+    out = eng.infer(y)
+    assert out["valid"].tolist() == [True, False] and not eng.got[1].any()
+    np.testing.assert_array_equal(eng.got[0, 0], y[0])
+    assert eng.describe()["device_preprocessing"] is True

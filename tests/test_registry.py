@@ -1,0 +1,148 @@
+"""Model registry: publish/list/get, versions only grow, hash refusal, concurrent processes."""
+
+import json
+import multiprocessing as mp
+import time
+
+import pytest
+from ptychopv.inference.registry import CARD, ONNX, ModelRegistry, RegistryError
+
+CARD_FIELDS = {"model": "ptychonn2", "input_shape": [1, 64, 64], "outputs": ["phase"],
+               "preprocessing": {"transform": "log1p", "divisor": 7.0}, "val_loss": 0.1}
+
+
+def fake_onnx(path, payload: bytes = b"onnx"):
+    # The registry stores bytes; it never parses the model, so any content will do here.
+    path.write_bytes(payload * 1000)
+    return path
+
+
+def test_publish_list_latest_get(tmp_path):
+    reg = ModelRegistry(tmp_path / "reg")
+    assert reg.versions() == [] and reg.latest() is None
+    v1 = reg.publish(fake_onnx(tmp_path / "a.onnx", b"a"), CARD_FIELDS)
+    v2 = reg.publish(fake_onnx(tmp_path / "b.onnx", b"b"), dict(CARD_FIELDS, parent=1),
+                     weights_path=fake_onnx(tmp_path / "w.pt", b"w"))
+    assert (v1.version, v2.version) == (1, 2)
+    assert reg.versions() == [1, 2]
+    assert [c["version"] for c in reg.list()] == [1, 2]
+    latest = reg.latest()
+    assert latest.version == 2 and latest.card["parent"] == 1
+    assert latest.onnx_path.read_bytes() == b"b" * 1000
+    assert latest.weights_path.name == "weights.pt"
+    assert set(latest.card["files"]) == {"model.onnx", "weights.pt"}
+    assert reg.get(1).card["sha256"] == v1.card["sha256"] != v2.card["sha256"]
+    assert reg.get("v0001").version == reg.get("1").version == 1
+    assert (tmp_path / "reg" / "v0002" / CARD).is_file()
+    assert reg.get(1).weights_path is None
+    src = latest.source()
+    assert (src.input_size, src.outputs, src.version) == (64, ("phase",), 2)
+    assert not [p for p in (tmp_path / "reg").iterdir() if p.name.startswith(".")]
+    assert (latest.path.stat().st_mode & 0o777) == 0o755  # readable by the IOC's user
+
+
+def test_versions_only_grow_and_published_files_are_copies(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    src = fake_onnx(tmp_path / "m.onnx", b"x")
+    for _ in range(3):
+        reg.publish(src, CARD_FIELDS)
+    src.write_bytes(b"changed")  # the registry holds its own copy
+    assert reg.versions() == [1, 2, 3]
+    assert reg.get(3).onnx_path.read_bytes() == b"x" * 1000
+
+
+def test_tampered_or_truncated_file_is_refused(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    v = reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS)
+    data = v.onnx_path.read_bytes()
+    v.onnx_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RegistryError, match="model.onnx has sha256 .* refusing"):
+        reg.get(1)
+    with pytest.raises(RegistryError, match="refusing"):
+        reg.latest()
+    assert reg.get(1, verify=False).version == 1  # listing still works
+    v.onnx_path.unlink()
+    with pytest.raises(RegistryError, match="model.onnx is missing"):
+        reg.get(1)
+
+
+def test_bad_card_and_bad_requests(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    onnx = fake_onnx(tmp_path / "m.onnx")
+    with pytest.raises(RegistryError, match="set by the registry"):
+        reg.publish(onnx, dict(CARD_FIELDS, version=7))
+    with pytest.raises(RegistryError, match="lacks 'input_shape'"):
+        reg.publish(onnx, {"model": "ptychonn2", "outputs": ["phase"]})
+    with pytest.raises(RegistryError, match="parent version 4 is not in"):
+        reg.publish(onnx, dict(CARD_FIELDS, parent=4))
+    with pytest.raises(RegistryError, match="does not exist"):
+        reg.publish(tmp_path / "nope.onnx", CARD_FIELDS)
+    with pytest.raises(RegistryError, match="has no versions"):
+        reg.get("latest")
+    reg.publish(onnx, CARD_FIELDS)
+    with pytest.raises(RegistryError, match=r"version 9 not found .*have: \[1\]"):
+        reg.get(9)
+    with pytest.raises(TypeError, match="version must be an int"):
+        reg.get(1.5)
+    (tmp_path / "v0001" / CARD).write_text("{not json")
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        reg.get(1)
+    with pytest.raises(RegistryError, match="does not exist"):
+        ModelRegistry(tmp_path / "missing", create=False)
+
+
+def test_leftover_temporary_folder_is_not_a_version(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    (tmp_path / ".publish-crashed").mkdir()
+    (tmp_path / ".publish-crashed" / ONNX).write_bytes(b"half")
+    assert reg.versions() == []
+    assert reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS).version == 1
+
+
+def _writer(root, src, count, barrier):
+    reg = ModelRegistry(root)
+    barrier.wait()
+    for _ in range(count):
+        reg.publish(src, CARD_FIELDS)
+
+
+def test_reader_in_another_process_never_sees_a_partial_version(tmp_path):
+    # A large file makes each publish take long enough to overlap the reader's reads.
+    src = fake_onnx(tmp_path / "m.onnx", b"0123456789abcdef" * 256)  # 4 MB
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    writer = ctx.Process(target=_writer, args=(str(tmp_path / "reg"), str(src), 12, barrier))
+    writer.start()
+    reg = ModelRegistry(tmp_path / "reg")
+    barrier.wait(timeout=60)
+    seen, reads = [], 0
+    deadline = time.monotonic() + 120
+    while writer.is_alive() and time.monotonic() < deadline:
+        latest = reg.latest()  # verifies every file's hash: a partial version would fail
+        if latest is not None:
+            reads += 1
+            seen.append(latest.version)
+            assert json.loads((latest.path / CARD).read_text())["version"] == latest.version
+    writer.join(timeout=60)
+    assert writer.exitcode == 0
+    assert seen == sorted(seen), "latest() went backwards"
+    assert reads > 0 and len(set(seen)) >= 2, "the reader never overlapped the writer"
+    assert reg.versions() == list(range(1, 13))
+    for v in reg.versions():
+        reg.get(v)
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path):
+    src = fake_onnx(tmp_path / "m.onnx")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    writers = [ctx.Process(target=_writer, args=(str(tmp_path / "reg"), str(src), 8, barrier))
+               for _ in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    reg = ModelRegistry(tmp_path / "reg")
+    assert reg.versions() == list(range(1, 17))
+    assert all(reg.get(v).card["version"] == v for v in reg.versions())

@@ -1,0 +1,153 @@
+"""Training recipe: loss falls, determinism, cyclic LR, callbacks, warm start, low dose, CLI."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training needs torch")
+
+from ptychopv.hpc.corpus import append_pairs
+from ptychopv.hpc.training import TrainingAborted, TrainOptions, low_dose, mean_ssim, train
+from ptychopv.inference import ModelRegistry, select_engine
+
+from ptychopv.cli import main as cli
+
+from .nn_helpers import synthetic_pairs
+
+TINY = {"width": 4, "epochs": 5, "batch_size": 8, "half_cycle_epochs": 1, "threads": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.h5"
+    d, p, _ = synthetic_pairs(32, seed=3)
+    append_pairs(path, d[:16], p[:16], scan_id="scan-a")
+    append_pairs(path, d[16:], p[16:], scan_id="scan-b")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One 5-epoch run shared by the tests that only read its result."""
+    reg = tmp_path_factory.mktemp("reg")
+    calls = []
+    card = train(corpus, reg, TINY, callback=lambda *a: calls.append(a))
+    return card, calls, reg
+
+
+def test_short_run_lowers_validation_loss_and_publishes(trained):
+    card, calls, reg = trained
+    hist = [h["val_loss"] for h in card["history"]]
+    assert hist[-1] < hist[0] and card["val_loss"] == min(hist)
+    assert card["best_epoch"] == 1 + hist.index(min(hist))
+    assert [c[0] for c in calls] == [1, 2, 3, 4, 5]
+    assert calls[-1][3] == 1.0 and calls[0][2] == hist[0]
+    assert card["version"] == 1 and card["parent"] is None
+    assert (card["pairs"], card["val_pairs"], card["train_pairs"]) == (32, 3, 29)
+    assert card["scans"] == ["scan-a", "scan-b"] and card["input_shape"] == [1, 64, 64]
+    assert card["preprocessing"]["transform"] == "log1p" and card["preprocessing"]["divisor"] > 0
+    assert -1 <= card["val_ssim"] <= 1
+    version = ModelRegistry(reg).get(1)  # hash-checked
+    engine = select_engine(version.source(), "onnxruntime")
+    d, _, _ = synthetic_pairs(3, seed=9)
+    assert engine.infer(d)["phase"].shape == (3, 64, 64)
+
+
+def test_cyclic_learning_rate_is_triangular2(trained):
+    card = trained[0]
+    # lr at the start of each epoch, half cycle of one epoch: low, peak, low, half peak, low
+    lrs = [h["lr"] for h in card["history"]]
+    np.testing.assert_allclose(lrs, [1e-4, 5e-4, 1e-4, 3e-4, 1e-4], rtol=1e-6)
+
+
+def test_same_seed_same_model_other_seed_differs(corpus, tmp_path):
+    a = train(corpus, tmp_path / "a", dict(TINY, epochs=1))
+    b = train(corpus, tmp_path / "b", dict(TINY, epochs=1))
+    c = train(corpus, tmp_path / "c", dict(TINY, epochs=1, seed=1))
+    assert a["history"] == b["history"] and a["sha256"] == b["sha256"]
+    assert c["history"] != a["history"]
+
+
+def test_warm_start_continues_from_the_parent(corpus, trained):
+    first, _, reg = trained
+    second = train(corpus, reg, dict(TINY, epochs=1, warm_start=1))
+    assert second["version"] > 1 and second["parent"] == 1
+    assert second["preprocessing"] == first["preprocessing"]
+    # starting from trained weights, the first epoch is already better than a fresh first epoch
+    assert second["history"][0]["val_loss"] < first["history"][0]["val_loss"]
+    with pytest.raises(ValueError, match=r"version 1 \(ptychonn2\) but the options ask for ptychonn"):
+        train(corpus, reg, dict(TINY, model="ptychonn", warm_start=1))
+
+
+def test_scans_subset_and_bad_requests(corpus, tmp_path):
+    card = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, scans=["scan-b"]),
+                 card_extra={"note": "subset"})
+    assert card["scans"] == ["scan-b"] and card["pairs"] == 16 and card["note"] == "subset"
+    with pytest.raises(ValueError, match=r"card_extra may not replace \['val_loss'\]"):
+        train(corpus, tmp_path / "reg", TINY, card_extra={"val_loss": 0.0})
+    with pytest.raises(ValueError, match="no amplitude labels"):
+        train(corpus, tmp_path / "reg", dict(TINY, model="ptychonn"))
+    with pytest.raises(ValueError, match="extra_forbidden|Extra inputs"):
+        TrainOptions.model_validate({"epoch": 3})
+    with pytest.raises(ValueError, match="greater than 1"):
+        TrainOptions(low_dose_factor=0.5)
+    one = tmp_path / "one.h5"
+    d, p, _ = synthetic_pairs(1)
+    append_pairs(one, d, p)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        train(one, tmp_path / "reg", TINY)
+
+
+def test_abort_publishes_nothing(corpus, tmp_path):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(TrainingAborted):
+        train(corpus, tmp_path / "reg", TINY, abort=stop)
+    assert ModelRegistry(tmp_path / "reg").versions() == []
+
+
+def test_low_dose_keeps_the_scale_and_adds_counting_noise():
+    rng = np.random.default_rng(0)
+    frames = np.full((200, 8, 8), 100.0, np.float32)
+    low = low_dose(frames, 10.0, rng)
+    assert abs(low.mean() - 100.0) < 1.0  # same scale
+    assert np.all(np.mod(low, 10.0) == 0)  # Poisson counts times the factor
+    assert abs(low.std() - np.sqrt(10.0) * 10.0) < 2.0  # 10 counts: sqrt(10) noise, times 10
+
+
+def test_low_dose_training_records_the_factor(corpus, tmp_path):
+    card = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, low_dose_factor=10))
+    assert card["low_dose_factor"] == 10
+
+
+def test_mean_ssim_scores_agreement():
+    _, p, _ = synthetic_pairs(3)
+    assert mean_ssim(p, p) == pytest.approx(1.0)
+    assert mean_ssim(p[::-1].copy() * 0 + 0.3, p) < 0.5
+
+
+def test_cli_train_and_export(corpus, tmp_path, capsys):
+    reg = tmp_path / "reg"
+    rc = cli(["train", "--corpus", str(corpus), "--registry", str(reg), "--epochs", "1",
+              "--width", "4", "--batch-size", "8", "--threads", "2", "--quiet"])
+    assert rc == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["version"] == 1 and card["epochs"] == 1 and "history" not in card
+    out = tmp_path / "exported.onnx"
+    assert cli(["export", "--registry", str(reg), "--version", "1", "-o", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sha256"] == card["sha256"]
+    assert out.read_bytes() == (reg / "v0001" / "model.onnx").read_bytes()
+    assert cli(["train", "--corpus", str(tmp_path / "none.h5"), "--registry", str(reg)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["export", "--registry", str(reg), "--version", "5"]) == 2
+    assert "version 5 not found" in capsys.readouterr().err
+    rc = cli(["export", "--registry", str(reg), "--format", "trt", "-o", str(tmp_path / "m.plan")])
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "tensorrt is not installed" in capsys.readouterr().err
+    else:
+        assert rc == 0 and (tmp_path / "m.plan").stat().st_size > 0
