@@ -1,0 +1,173 @@
+"""Where jobs run: one ``concurrent.futures``-style executor per kind, chosen by options.
+
+- ``local``: a process pool on this host (spawn context: no forked copies of an IOC's threads);
+- ``dask``: a Dask distributed scheduler at ``address`` (a ``LocalCluster``, or a PBS/Slurm
+  cluster started with dask-jobqueue); submissions are never cached (``pure=False``);
+- ``globus-compute``: a Globus Compute endpoint by id. It needs the Globus cloud service and a
+  login, so only its configuration is checked here; the SDK executor is built on first submit.
+
+Every executor has ``submit(fn, *args) -> Future``, ``shutdown()`` and ``describe()``
+(``{"name", "workers", ...}``, for ``HPC:Executor_RBV`` and ``HPC:Workers_RBV``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+KINDS = ("local", "dask", "globus-compute")
+
+
+class ExecutorOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    kind: Literal["local", "dask", "globus-compute"] = "local"
+    """Where jobs run."""
+    workers: int = Field(1, ge=1, le=256)
+    """local: worker processes."""
+    address: str | None = None
+    """dask: scheduler address, e.g. tcp://10.0.0.5:8786."""
+    timeout_s: float = Field(10.0, gt=0)
+    """dask: seconds to wait for the scheduler."""
+    endpoint_id: str | None = None
+    """globus-compute: the endpoint's UUID."""
+
+
+class _Base:
+    name = ""
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        raise NotImplementedError
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        raise NotImplementedError
+
+    def workers(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name, "workers": self.workers()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class LocalExecutor(_Base):
+    name = "local"
+
+    def __init__(self, workers: int = 1):
+        self._n = int(workers)
+        self._pool = cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"))
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def workers(self) -> int:
+        return self._n
+
+
+class DaskExecutor(_Base):
+    name = "dask"
+
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ImportError("the dask executor needs dask.distributed: pip install 'ptychopv[dask]'") from None
+        self.address = address
+        try:
+            self.client = Client(address, timeout=timeout_s, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(f"no Dask scheduler answers at {address} within {timeout_s:g} s: {exc}") from None
+        self._executor = self.client.get_executor(pure=False)
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._executor.shutdown(wait=wait)
+        self.client.close()
+
+    def workers(self) -> int:
+        return len(self.client.scheduler_info().get("workers", {}))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "address": self.address}
+
+
+def check_endpoint_id(endpoint_id) -> str:
+    """The endpoint id as a canonical UUID string; ValueError otherwise."""
+    if not endpoint_id:
+        raise ValueError("the globus-compute executor needs endpoint_id (the endpoint's UUID)")
+    try:
+        return str(uuid.UUID(str(endpoint_id)))
+    except ValueError:
+        raise ValueError(f"globus-compute endpoint_id must be a UUID like "
+                         f"'4b116d3c-1703-4f8f-9f6f-39921e5864df', got {endpoint_id!r}") from None
+
+
+class GlobusComputeExecutor(_Base):
+    """The Globus Compute SDK's executor, built on first use (it contacts the cloud service)."""
+
+    name = "globus-compute"
+
+    def __init__(self, endpoint_id: str):
+        self.endpoint_id = check_endpoint_id(endpoint_id)
+        try:
+            import globus_compute_sdk
+        except ImportError:
+            raise ImportError("the globus-compute executor needs the Globus Compute SDK: "
+                              "pip install 'ptychopv[globus]'") from None
+        self._sdk = globus_compute_sdk
+        self._executor = None
+
+    def _get(self):
+        if self._executor is None:
+            self._executor = self._sdk.Executor(endpoint_id=self.endpoint_id)
+        return self._executor
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        return self._get().submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def workers(self) -> int:
+        return 0  # unknown: the endpoint scales its own workers
+
+    def describe(self) -> dict:
+        return {**super().describe(), "endpoint_id": self.endpoint_id}
+
+
+def parse_options(options: ExecutorOptions | dict | None) -> ExecutorOptions:
+    if isinstance(options, ExecutorOptions):
+        return options
+    try:
+        return ExecutorOptions.model_validate(options or {})
+    except ValidationError as exc:
+        raise ValueError(f"executor options: {exc}") from None
+
+
+def make_executor(options: ExecutorOptions | dict | None = None):
+    """An executor for ``options`` (``{"kind": "local", "workers": 2}``, ``{"kind": "dask",
+    "address": ...}``, ``{"kind": "globus-compute", "endpoint_id": ...}``)."""
+    o = parse_options(options)
+    if o.kind == "local":
+        return LocalExecutor(o.workers)
+    if o.kind == "dask":
+        if not o.address:
+            raise ValueError("the dask executor needs address, the scheduler's tcp://host:port")
+        return DaskExecutor(o.address, o.timeout_s)
+    return GlobusComputeExecutor(o.endpoint_id)
+

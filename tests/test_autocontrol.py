@@ -1,0 +1,128 @@
+"""The continual-learning controller's decisions: every transition of the table in ioc/autocontrol.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from ptychopv.ioc.autocontrol import Action, Controller, Event, Inputs, State, decide, mismatch
+
+H = 3600.0
+
+
+def d(state, event=Event.TICK, *, enabled=True, now=10_000.0, last=None, **kw):
+    return decide(Inputs(enabled, state, now, last, event, **kw))
+
+
+def test_mismatch_is_the_relative_ssim_drop():
+    assert mismatch(0.72, 0.8) == pytest.approx(0.1)
+    assert mismatch(0.9) == pytest.approx(0.1)          # no reference: against a perfect 1.0
+    assert mismatch(0.95, 0.8) < 0                      # better than when trained
+    with pytest.raises(ValueError, match="ssim_live"):
+        mismatch(float("nan"), 0.8)
+    with pytest.raises(ValueError, match="ssim_reference"):
+        mismatch(0.5, 0.0)
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_disabling_wins_from_every_state(state):
+    r = d(state, Event.SCAN_ENDED, enabled=False, last=5.0)
+    assert r.state is State.DISABLED and r.actions == () and r.last_check_time == 5.0
+
+
+def test_enabling_goes_idle_and_a_scan_in_the_same_step_starts_a_check():
+    assert d(State.DISABLED).state is State.IDLE
+    r = d(State.DISABLED, Event.SCAN_ENDED, now=42.0)
+    assert r.state is State.RECONSTRUCTING and r.actions == (Action.RECONSTRUCT,) and r.last_check_time == 42.0
+
+
+def test_idle_scan_end_reconstructs_and_ticks_wait():
+    r = d(State.IDLE, Event.SCAN_ENDED, now=7.0)
+    assert (r.state, r.actions, r.last_check_time) == (State.RECONSTRUCTING, (Action.RECONSTRUCT,), 7.0)
+    assert d(State.IDLE).state is State.IDLE and d(State.IDLE).actions == ()
+
+
+def test_reconstruction_done_labels_and_validates_failed_goes_idle():
+    r = d(State.RECONSTRUCTING, Event.RECON_DONE, last=1.0)
+    assert r.state is State.VALIDATING and r.actions == (Action.LABEL, Action.VALIDATE) and r.last_check_time == 1.0
+    assert d(State.RECONSTRUCTING, Event.RECON_FAILED).state is State.IDLE
+
+
+@pytest.mark.parametrize("live, ref, retrain", [(0.70, 0.80, True), (0.73, 0.80, False), (0.80, 0.80, False),
+                                                 (0.85, None, True), (0.95, None, False), (0.99, 0.8, False)])
+def test_validation_retrains_only_beyond_the_tolerance(live, ref, retrain):
+    r = d(State.VALIDATING, Event.VALIDATED, ssim_live=live, ssim_reference=ref, tolerance=0.10)
+    assert r.mismatch == pytest.approx(mismatch(live, ref))
+    if retrain:
+        assert r.state is State.TRAINING and r.actions == (Action.TRAIN,)
+    else:
+        assert r.state is State.SUSPENDED and r.actions == ()
+
+
+def test_tolerance_is_an_input():
+    r = d(State.VALIDATING, Event.VALIDATED, ssim_live=0.9, ssim_reference=1.0, tolerance=0.05)
+    assert r.state is State.TRAINING
+
+
+def test_validation_failure_and_missing_ssim():
+    assert d(State.VALIDATING, Event.VALIDATION_FAILED).state is State.IDLE
+    with pytest.raises(ValueError, match="ssim_live"):
+        d(State.VALIDATING, Event.VALIDATED)
+
+
+def test_training_done_pushes_failed_goes_idle():
+    r = d(State.TRAINING, Event.TRAIN_DONE)
+    assert r.state is State.IDLE and r.actions == (Action.PUSH,)
+    r = d(State.TRAINING, Event.TRAIN_FAILED)
+    assert r.state is State.IDLE and r.actions == ()
+
+
+def test_suspended_rechecks_only_once_the_interval_elapsed():
+    r = d(State.SUSPENDED, Event.SCAN_ENDED, now=1000.0 + H - 1, last=1000.0, interval_s=H)
+    assert r.state is State.SUSPENDED and r.actions == () and r.last_check_time == 1000.0
+    r = d(State.SUSPENDED, Event.SCAN_ENDED, now=1000.0 + H, last=1000.0, interval_s=H)
+    assert r.state is State.RECONSTRUCTING and r.actions == (Action.RECONSTRUCT,) and r.last_check_time == 1000.0 + H
+    r = d(State.SUSPENDED, Event.TICK, now=1e9, last=1000.0, interval_s=H)  # no scan, nothing to check
+    assert r.state is State.SUSPENDED and r.actions == ()
+
+
+@pytest.mark.parametrize("state", [State.RECONSTRUCTING, State.VALIDATING, State.TRAINING])
+def test_a_scan_ending_while_busy_is_not_queued(state):
+    r = d(state, Event.SCAN_ENDED, last=3.0)
+    assert r.state is state and r.actions == () and r.last_check_time == 3.0
+
+
+@pytest.mark.parametrize("state, event", [(State.IDLE, Event.RECON_DONE), (State.SUSPENDED, Event.TRAIN_DONE),
+                                          (State.TRAINING, Event.RECON_DONE), (State.VALIDATING, Event.TICK)])
+def test_out_of_place_events_change_nothing(state, event):
+    r = d(state, event, ssim_live=0.1)
+    assert r.state is state and r.actions == () and r.mismatch is None
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="tolerance"):
+        d(State.IDLE, tolerance=1.5)
+    with pytest.raises(ValueError, match="interval_s"):
+        d(State.IDLE, interval_s=-1)
+    with pytest.raises(TypeError, match="State"):
+        d("Idle")
+
+
+def test_controller_runs_the_papers_loop():
+    c = Controller(enabled=True, interval_s=H, tolerance=0.1)
+    t = 0.0
+    assert c.on(Event.SCAN_ENDED, t).actions == (Action.RECONSTRUCT,)
+    c.on(Event.RECON_DONE, t + 60)
+    assert c.on(Event.VALIDATED, t + 70, ssim_live=0.5, ssim_reference=0.9).actions == (Action.TRAIN,)
+    assert c.mismatch == pytest.approx(0.4 / 0.9)
+    assert c.on(Event.TRAIN_DONE, t + 600).actions == (Action.PUSH,) and c.state is State.IDLE
+    # the new model is good: suspend
+    c.on(Event.SCAN_ENDED, t + 700)
+    c.on(Event.RECON_DONE, t + 760)
+    assert c.on(Event.VALIDATED, t + 770, ssim_live=0.88, ssim_reference=0.9).actions == ()
+    assert c.state is State.SUSPENDED
+    assert c.on(Event.SCAN_ENDED, t + 700 + H / 2).actions == ()        # within the hour: skipped
+    assert c.on(Event.SCAN_ENDED, t + 700 + H).actions == (Action.RECONSTRUCT,)
+    c.on(Event.RECON_DONE, t + 760 + H)
+    assert c.on(Event.VALIDATED, t + 770 + H, ssim_live=0.6, ssim_reference=0.9).actions == (Action.TRAIN,)
+    c.enabled = False
+    assert c.on(Event.TRAIN_DONE, t + 800 + H).state is State.DISABLED
