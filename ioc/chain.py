@@ -49,6 +49,8 @@ class LiveChain:
         self._messages: dict[str, str] = {}
         self.last_scan_file: str | None = None
         self._capturing = False
+        self._seen: dict[str, object] = {}   # last value the stats loop wrote to each record
+        self._probe_window = False      # True once a reconstruction's probe weights the stitching
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
         self.positions = self._attribute_positions()
         self.pv_positions = None
@@ -60,7 +62,7 @@ class LiveChain:
                                  queue_size=int(ioc.get("Infer:QueueSize")),
                                  blocking_callbacks=bool(ioc.get("Infer:BlockingCallbacks")),
                                  enable_callbacks=bool(ioc.get("Infer:EnableCallbacks")))
-        self.stitch = StitchPlugin("Stitch", pixel_size_m=self._pixel_size(),
+        self.stitch = StitchPlugin("Stitch", pixel_size_m=self._pixel_size(), window=None,
                                    queue_size=int(ioc.get("Stitch:QueueSize")),
                                    blocking_callbacks=bool(ioc.get("Stitch:BlockingCallbacks")),
                                    enable_callbacks=bool(ioc.get("Stitch:EnableCallbacks")))
@@ -114,6 +116,9 @@ class LiveChain:
 
     def close(self) -> None:
         self._stop.set()
+        # a model still loading is native code on another thread: let it finish before exit
+        for t in getattr(self, "_load_threads", []):
+            t.join(timeout=60)
         self.source.close()
         for p in (self.infer, self.stitch, self.recorder):
             p.stop(timeout=10)
@@ -149,7 +154,9 @@ class LiveChain:
             eng = PassThroughEngine(self.cfg.chain.passthrough_size)
             self.infer.swap(eng, 0, "passthrough")
             return
-        threading.Thread(target=self._load, args=(version,), name="model-load", daemon=True).start()
+        t = threading.Thread(target=self._load, args=(version,), name="model-load", daemon=True)
+        self._load_threads = [x for x in getattr(self, "_load_threads", []) if x.is_alive()] + [t]
+        t.start()
 
     def _load(self, version: int) -> None:
         self._loading = True
@@ -174,6 +181,20 @@ class LiveChain:
         finally:
             self._loading = False
 
+    def beam_window(self, size: int) -> np.ndarray | None:
+        """A Gaussian weight of the configured beam FWHM on a ``size``-pixel patch, or None."""
+        beam = self.cfg.beamline.beam_m
+        if not beam:
+            return None
+        sigma = beam / self.stitch.stitcher.pixel_size_m / 2.3548
+        r = np.arange(size) - size / 2 + 0.5
+        g = np.exp(-0.5 * (r / max(sigma, 0.5)) ** 2)
+        return np.outer(g, g)
+
+    def set_stitch_window(self, window) -> None:
+        """Weight stitched patches by ``window`` (a probe or weights of the patch shape); None: taper."""
+        self.stitch.submit(self.stitch.stitcher.set_window, window)
+
     def _swapped(self, version: int) -> None:
         eng = self.infer.engine
         self.ioc.set("ModelVersion_RBV", int(version))
@@ -183,6 +204,11 @@ class LiveChain:
             ps = self._pixel_size()
             if abs(ps - self.stitch.stitcher.pixel_size_m) > 1e-15:
                 self.stitch.submit(self.stitch.set_pixel_size, ps)
+        size = self.infer.input_size
+        if size and not self._probe_window:
+            window = self.beam_window(size)
+            if window is not None:
+                self.set_stitch_window(window)
 
     def _registry_loop(self) -> None:
         while not self._stop.wait(1.0):
@@ -327,6 +353,10 @@ class LiveChain:
         result = await asyncio.wrap_future(fut)
         if not on:
             self._capturing = False
+        else:  # the put-callback completes with the new scan's counters already shown
+            self._force("Scan:FramesCaptured_RBV", 0)
+            self._force("Scan:Number_RBV", int(self.recorder.scan_number))
+            self._force("Scan:FileName_RBV", str(result)[-39:])
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
         if not on and result:
             self.last_scan_file = result
@@ -341,8 +371,13 @@ class LiveChain:
         self._messages[stage] = text
         self.ioc.message(stage, text)
 
+    def _force(self, name: str, value) -> None:
+        """Set a record now (not at the next stats tick), keeping the stats loop's cache right."""
+        self._seen[name] = value
+        self.ioc.set(name, value)
+
     def _stats_loop(self) -> None:
-        seen: dict[str, object] = {}
+        seen = self._seen
 
         def put(name, value):
             if seen.get(name) != value:

@@ -225,6 +225,7 @@ AUTO = [
        initial=3600.0, rbv=True, autosave=True, group="auto"),
     PV("Auto:State_RBV", "mbbi", "Controller state", states=AUTO_STATES, initial=0, group="auto"),
     PV("Auto:Mismatch_RBV", "ai", "SSIM mismatch of the last check", prec=3, initial=0.0, group="auto"),
+    PV("Auto:Message_RBV", "stringin", "Controller's last decision", initial="", length=256, group="auto"),
 ]
 
 HPC = [

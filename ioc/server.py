@@ -28,11 +28,7 @@ from . import schema
 log = logging.getLogger(__name__)
 
 # Stages not yet in this build: their records exist, and say so.
-PENDING = {
-    "recon": "reconstruction not built yet",
-    "train": "training not built yet",
-    "auto": "continual learning not built yet",
-}
+PENDING: dict[str, str] = {}
 
 
 class PtychoIOC:
@@ -148,6 +144,15 @@ class PtychoIOC:
 
         self.chain = LiveChain(self, self.cfg)
         self.chain.start()
+        self.hpc = None
+        try:
+            from .hpcstage import HpcStage
+
+            self.hpc = HpcStage(self, self.cfg, self.chain)
+        except Exception as exc:  # e.g. a Dask scheduler that cannot be reached: the IOC still serves
+            log.exception("HPC stage")
+            for stage in ("Recon", "Train"):
+                self.message(stage, f"HPC stage unavailable: {exc}")
         self.rec["Status_RBV"].set("Running")
 
     def serve_forever(self) -> None:
@@ -159,6 +164,8 @@ class PtychoIOC:
         self._stop.set()
 
     def close(self) -> None:
+        if getattr(self, "hpc", None) is not None:
+            self.hpc.close()
         if getattr(self, "chain", None) is not None:
             self.chain.close()
         if self.images is not None:

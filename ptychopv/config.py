@@ -14,6 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 
+from .hpc.executors import ExecutorOptions  # noqa: E402  (pydantic models only: no torch, no EPICS)
+from .hpc.reconstruct import ReconOptions  # noqa: E402
+from .hpc.training import TrainOptions  # noqa: E402
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the key."""
 
@@ -83,6 +88,9 @@ class BeamlineOptions(Strict):
     """Sample-to-detector distance (m)."""
     detector_pixel_m: Annotated[float, Field(gt=0)] = 75e-6
     """Detector pixel size (m)."""
+    beam_m: Optional[Annotated[float, Field(gt=0)]] = None
+    """Beam size (m, FWHM). When set, stitching weights each patch by a Gaussian of this width
+    (the network knows nothing outside the beam) until a reconstruction supplies the probe."""
 
 
 class PositionPVs(Strict):
@@ -121,6 +129,17 @@ class ChainOptions(Strict):
     """Where Scan:Capture writes scan_NNNNN.h5."""
     monitor_queue: Annotated[int, Field(ge=1, le=10000)] = 64
     """PVA monitor queue of the detector subscription."""
+
+
+class WorkflowOptions(Strict):
+    """Where the reconstruct -> label -> train loop keeps its files (a filesystem the jobs see)."""
+
+    jobs_folder: Path = Path("jobs")
+    """One sub-folder per job: progress.json, abort (the job-folder protocol of hpc.jobs)."""
+    corpus: Path = Path("corpus.h5")
+    """The training corpus (appendable HDF5)."""
+    validate_engine: str = "onnxruntime"
+    """Engine the validation job runs the model with (on the executor's host)."""
 
 
 class GeometryOptions(Strict):
@@ -232,6 +251,10 @@ class Config(Strict):
     source: SourceOptions = SourceOptions()
     beamline: BeamlineOptions = BeamlineOptions()
     chain: ChainOptions = ChainOptions()
+    workflow: WorkflowOptions = WorkflowOptions()
+    hpc: ExecutorOptions = ExecutorOptions()
+    recon: ReconOptions = ReconOptions()
+    train: TrainOptions = TrainOptions()
     sim: SimOptions = SimOptions()
     _source: Optional[Path] = PrivateAttr(None)
 

@@ -29,12 +29,19 @@ def test_no_command_prints_help():
 
 
 @pytest.mark.epics
-def test_demo_quick_streams_a_scan_through_sim_and_ioc(tmp_path):
-    r = run("demo", "--quick", "--out", str(tmp_path), timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["frames_streamed"] > 10 and summary["ioc_status"] == "Running"
-    assert (tmp_path / "scan1_truth.h5").exists()
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage(tmp_path):
+    pytest.importorskip("ptychi", reason="the demo reconstructs with pty-chi ([hpc] extra)")
+    r = run("demo", "--quick", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert all(s["stages_ran"].values()), s["stages_ran"]
+    assert s["model_versions"]["scan2"] > s["model_versions"]["scan1"]   # the retrained model ran live
+    assert s["dropped"] == 0 and s["missed"] == 0
+    assert -1.0 <= s["ssim_live_vs_truth"] <= 1.0 and -1.0 <= s["ssim_live_vs_reconstruction"] <= 1.0
+    for png in ("stitched_scan2.png", "reconstruction_scan1.png", "truth_scan2.png", "loss.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "SSIM live stitched vs ground truth" in r.stdout
 
 
 def test_readme_pv_table_is_current():

@@ -115,10 +115,11 @@ def test_every_declared_record_is_served(ioc):
     assert not missing
 
 
-def test_unbuilt_stages_say_so(ioc):
-    assert "not built" in caget(ioc.pv("Recon:Message_RBV"), as_string=True)
+def test_job_stages_start_idle_and_name_their_executor(ioc):
     assert caget(ioc.pv("Recon:Status_RBV"), as_string=True) == "Idle"
     assert caget(ioc.pv("Train:Status_RBV"), as_string=True) == "Idle"
+    assert "ready" in caget(ioc.pv("Recon:Message_RBV"), as_string=True)
+    assert caget(ioc.pv("HPC:Executor_RBV")) == "local" and caget(ioc.pv("HPC:Workers_RBV")) == 1
 
 
 def test_settings_survive_a_restart(tmp_path):
