@@ -412,6 +412,7 @@ class LiveChain:
                 put("FrameRate_RBV", round(self.infer.frame_rate, 1))
                 put("Infer:Latency_RBV", round(self.infer.latency_ms, 2))
                 put("Infer:MissedFrames_RBV", int(src.missed))
+                put("Infer:Connected_RBV", int(bool(src.connected)))
                 put("Infer:Errors_RBV", int(src.errors + self.infer.bad_frames + self.infer.error_count))
                 put("Infer:Status_RBV", self._infer_state())
                 put("Stitch:FramesStitched_RBV", int(self.stitch.frames_stitched))

@@ -140,6 +140,8 @@ INFER = plugin_records("Infer", "NDPluginPtychoInfer") + [
        initial=0.002, rbv=True, autosave=True, group="infer"),
     PV("Infer:Latency_RBV", "ai", "Frame in to result out", egu="ms", prec=2, initial=0.0, group="infer"),
     PV("Infer:MissedFrames_RBV", "longin", "Upstream uniqueId gaps", initial=0, group="infer"),
+    PV("Infer:Connected_RBV", "bi", "Detector channel connected", states=("Disconnected", "Connected"),
+       initial=0, group="infer"),
     PV("Infer:Engine_RBV", "stringin", "Inference engine in use", initial="", group="infer"),
     PV("Infer:Status_RBV", "mbbi", "Inference state", states=INFER_STATUS, initial=4, group="infer"),
     PV("Infer:Message_RBV", "stringin", "Inference last message", initial="", length=256, group="infer"),

@@ -70,6 +70,14 @@ class Session:
         self.ctx = Context("pva", conf=pva_client_conf(ports["pva"], ports["img"], ports["sim"]), useenv=False,
                            unwrap=False)
 
+    def reconnect(self, ports: dict) -> None:
+        """A fresh PVA client after the simulator restarted (old channels would wait out a backoff)."""
+        from p4p.client.thread import Context
+
+        self.ctx.close()
+        self.ctx = Context("pva", conf=pva_client_conf(ports["pva"], ports["img"], ports["sim"]), useenv=False,
+                           unwrap=False)
+
     def get(self, name, **kw):
         v = self.epics.caget("DEMO:" + name, timeout=10, **kw)
         if v is None:
@@ -195,8 +203,12 @@ def run_demo(args) -> int:
         step(f"{train[1]}; the chain runs v{v1}. Moving to scan 2 (another area of the sample)")
         sim.stop()
         children.remove(sim)
+        s.wait(lambda: s.get("Infer:Connected_RBV") == 0, "the IOC to see the detector go", 30)
         sim = start_sim(cfg2, name="sim2", echo=args.echo)
         children.append(sim)
+        s.reconnect(ports)
+        s.put("Infer:NDArrayPort", "DEMOSIM:Pva1:Image")  # resubscribe now rather than after a backoff
+        s.wait(lambda: s.get("Infer:Connected_RBV") == 1, "the IOC to reconnect to the detector", 60)
         scan2 = s.capture("scan 2")
         s.wait(lambda: s.get("Stitch:FramesStitched_RBV") >= scan2["frames"] - scan2["dropped"], "stitching", 60)
         stitched_n = int(s.get("Stitch:FramesStitched_RBV"))
