@@ -13,6 +13,8 @@ import io
 import sys
 from pathlib import Path
 
+from ..generated import write_or_check
+
 from .access import render_acf
 
 HEADER = "# Generated from ptychopv/ioc/schema.py by `python -m ptychopv.ioc.dbgen`; do not edit.\n"
@@ -42,16 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", type=Path, default=None, help="where db files live (default: the package's db/)")
     args = ap.parse_args(argv)
     folder = args.folder or db_folder()
-    want = {"ptychopv.db": render_db(), "ptychopv.acf": render_acf([], [])}
-    stale = [n for n, text in want.items() if not (folder / n).exists() or (folder / n).read_text() != text]
-    if args.check:
-        for n in stale:
-            print(f"{folder / n} is stale: run `python -m ptychopv.ioc.dbgen`", file=sys.stderr)
-        return 1 if stale else 0
-    for n, text in want.items():
-        (folder / n).write_text(text)
-        print(f"wrote {folder / n}")
-    return 0
+    return write_or_check(folder, {"ptychopv.db": render_db(), "ptychopv.acf": render_acf([], [])}, "python -m ptychopv.ioc.dbgen", args.check)
 
 
 if __name__ == "__main__":

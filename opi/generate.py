@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..generated import write_or_check
+
 from ..ioc import schema
 from ..ioc.schema import PV
 from . import bob
@@ -232,16 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", type=Path, default=None, help="where the .bob files live (default: opi/)")
     args = ap.parse_args(argv)
     folder = args.folder or opi_folder()
-    want = render_all()
-    stale = [n for n, text in want.items() if not (folder / n).exists() or (folder / n).read_text() != text]
-    if args.check:
-        for n in stale:
-            print(f"{folder / n} is stale: run `python -m ptychopv.opi.generate`", file=sys.stderr)
-        return 1 if stale else 0
-    for n, text in want.items():
-        (folder / n).write_text(text)
-        print(f"wrote {folder / n}")
-    return 0
+    return write_or_check(folder, render_all(), "python -m ptychopv.opi.generate", args.check)
 
 
 if __name__ == "__main__":
