@@ -73,13 +73,16 @@ class LiveChain:
         self.infer.downstream = [self.stitch, self._publish_phase]
         self.infer.on_swap.append(self._swapped)
         self._set_position_source(int(ioc.get("Stitch:PositionSource")))
-        conf = pva_client_conf(*[int(ns.rsplit(":", 1)[1]) for ns in cfg.source.name_servers])
-        conf["EPICS_PVA_NAME_SERVERS"] = " ".join(cfg.source.name_servers)
-        self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), conf, queue_size=c.monitor_queue,
+        self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
                                       on_frame=self._on_frame, downstream=[self._record, self.infer])
         self._register_hooks()
 
     # ------------------------------------------------------------------ set-up
+    def _source_conf(self) -> dict:
+        conf = pva_client_conf()
+        conf["EPICS_PVA_NAME_SERVERS"] = " ".join(self.cfg.source.name_servers)
+        return conf
+
     def _attribute_positions(self):
         a = self.cfg.source.position_attributes
         return AttributePositions(a.x, a.y)
@@ -288,10 +291,17 @@ class LiveChain:
 
             pp = self.cfg.chain.position_pvs
             self.pv_positions = TimestampedPositions(tolerance_s=pp.tolerance_s)
-            ctx = Context("pva", conf=pva_client_conf(), useenv=True)
-            self._pos_subs = [
-                ctx.monitor(pp.x, lambda v: self.pv_positions.add_x(v.timestamp, float(v))),
-                ctx.monitor(pp.y, lambda v: self.pv_positions.add_y(v.timestamp, float(v)))]
+            # position PVs are found at the same PVA servers as the detector (source.name_servers)
+            self._pos_ctx = Context("pva", conf=self._source_conf(), useenv=False)
+
+            def sample(add):
+                def cb(v):
+                    if not isinstance(v, Exception):
+                        add(v.timestamp, float(v))
+                return cb
+
+            self._pos_subs = [self._pos_ctx.monitor(pp.x, sample(self.pv_positions.add_x), notify_disconnect=True),
+                              self._pos_ctx.monitor(pp.y, sample(self.pv_positions.add_y), notify_disconnect=True)]
         return self.pv_positions
 
     # ------------------------------------------------------------------ PV hooks

@@ -30,6 +30,13 @@ class Detector:
         self.pv = SharedPV(initial=to_value(np.zeros((1, 1), np.uint16), 0, timestamp=0.0))
         provider = StaticProvider("bad-input")
         provider.add(self.name, self.pv)
+        from p4p.nt import NTScalar
+
+        # stage position PVs, for Stitch:PositionSource = PVs
+        self.x = SharedPV(nt=NTScalar("d"), initial=0.0)
+        self.y = SharedPV(nt=NTScalar("d"), initial=0.0)
+        provider.add(prefix + "X", self.x)
+        provider.add(prefix + "Y", self.y)
         self.port = port
         self.server = Server(providers=[provider], useenv=False, conf={
             "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
@@ -57,7 +64,10 @@ def rig(tmp_path_factory):
     det = Detector(f"BAD{os.getpid()}:", port)
     extra = f"""
         source: {{channel: "{det.name}", name_servers: ["127.0.0.1:{port}"]}}
-        chain: {{engine: passthrough, passthrough_size: 64}}
+        chain:
+          engine: passthrough
+          passthrough_size: 64
+          position_pvs: {{x: "{det.name.split('Pva1')[0]}X", y: "{det.name.split('Pva1')[0]}Y", tolerance_s: 0.05}}
         """
     h = write_ioc_config(tmp_path_factory.mktemp("bad"), f"BI{os.getpid()}:", CA_PORTS[2], extra=extra)
     ioc = start_ioc(h.config)
@@ -137,6 +147,48 @@ def test_uniqueid_gaps_are_missed_frames(rig):
     wait_until(lambda: counted(h, "Infer:MissedFrames_RBV") == missed + 5, what="gap counted")
 
 
+def test_positions_from_stage_pvs_matched_by_timestamp(rig):
+    h, det = rig
+    epics.caput(h.pv("Stitch:PositionSource"), "PVs", wait=True)
+    assert caget(h.pv("Stitch:PositionSource_RBV"), as_string=True) == "PVs"
+    try:
+        stitched = counted(h, "Stitch:FramesStitched_RBV")
+        no_pos = counted(h, "Stitch:FramesNoPosition_RBV")
+        t = time.time()
+        det.x.post(2.0e-7, timestamp=t)
+        det.y.post(-1.0e-7, timestamp=t)
+        det.uid += 1  # a frame with no position attributes, taken at the time of the stage readings
+        det.pv.post(to_value(np.ones((64, 64), np.uint16), det.uid, timestamp=t + 0.01))
+        wait_until(lambda: counted(h, "Stitch:FramesStitched_RBV") == stitched + 1, what="placed by PV positions")
+        assert counted(h, "Stitch:FramesNoPosition_RBV") == no_pos
+        # a frame far from any stage reading is not placed, and is counted
+        det.uid += 1
+        det.pv.post(to_value(np.ones((64, 64), np.uint16), det.uid, timestamp=t + 30.0))
+        wait_until(lambda: counted(h, "Stitch:FramesNoPosition_RBV") == no_pos + 1, what="unmatched frame counted")
+    finally:
+        epics.caput(h.pv("Stitch:PositionSource"), "Attributes", wait=True)
+
+
+def test_a_position_source_without_its_config_is_refused(rig):
+    h, _ = rig
+    epics.caput(h.pv("Stitch:PositionSource"), "File", wait=True)   # no chain.positions_file configured
+    assert caget(h.pv("Stitch:PositionSource_RBV"), as_string=True) == "Attributes"
+    assert "positions_file" in caget(h.pv("Stitch:Message_RBV"), as_string=True)
+
+
+def test_frames_of_the_wrong_rank_are_counted(rig):
+    h, det = rig
+    errors = counted(h, "Infer:Errors_RBV")
+    v = to_value(np.ones((64, 64), np.uint16), 0)
+    v.dimension = [{"size": 16}, {"size": 16}, {"size": 16}]   # a 3-D array (e.g. an RGB detector)
+    v.value = ("ushortValue", np.ones(16 ** 3, np.uint16))
+    det.post(v)
+    wait_until(lambda: counted(h, "Infer:Errors_RBV") > errors, what="3-D frame counted")
+    assert "2-D" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    send_good_and_wait(h, det)
+
+
+# last: it replaces the rig's detector server
 def test_a_detector_restart_is_survived(rig):
     h, det = rig
     port, name = det.port, det.name
