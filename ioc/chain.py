@@ -49,6 +49,7 @@ class LiveChain:
         self._messages: dict[str, str] = {}
         self.last_scan_file: str | None = None
         self._capturing = False
+        self.reference_ssim = 0.0
         self._seen: dict[str, object] = {}   # last value the stats loop wrote to each record
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
@@ -176,7 +177,9 @@ class LiveChain:
             bs = sorted({1, 2, 4, 8, 16, 64, int(self.infer.batch_size)})
             engine = select_engine(mv.source(), self.cfg.chain.engine, warmup=True, batch_sizes=bs)
             self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
-            self.ioc.set("Model:ValSSIM_RBV", float(mv.card.get("val_ssim") or 0.0))
+            # the model's own validation SSIM when it was trained: the controller's reference
+            self.reference_ssim = float(mv.card.get("val_ssim") or 0.0)
+            self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim)
             self._message("Infer", f"running model v{mv.version} on {engine.name}")
         except Exception as exc:  # the old model keeps running
             self._message("Infer", f"model v{version or 'latest'} not loaded: {exc}")

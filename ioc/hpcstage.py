@@ -187,6 +187,7 @@ class HpcStage:
             if val.get("status") == "done":
                 ssim = float(val["result"]["ssim"])
                 ioc.set("SSIM_RBV", round(ssim, 4))
+                ioc.set("Model:ValSSIM_RBV", round(ssim, 4))  # the live model, validated on this scan
                 summary["ssim"] = ssim
             else:
                 ioc.message("Recon", f"validation {val.get('status')}: {val.get('message', '')}"[:255])
@@ -306,7 +307,7 @@ class HpcStage:
             # no live model to validate: the first reconstruction trains one
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=0.0)
         else:
-            ref = float(self.ioc.get("Model:ValSSIM_RBV"))
+            ref = float(self.chain.reference_ssim)
             ref = ref if 0.0 < ref <= 1.0 else None  # unknown (or a meaningless negative SSIM): 1.0
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=summary["ssim"], ssim_reference=ref)
         self._auto_state()
