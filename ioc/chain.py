@@ -369,7 +369,7 @@ class LiveChain:
         else:  # the put-callback completes with the new scan's counters already shown
             self._force("Scan:FramesCaptured_RBV", 0)
             self._force("Scan:Number_RBV", int(self.recorder.scan_number))
-            self._force("Scan:FileName_RBV", str(result)[-39:])
+            self._force("Scan:FileName_RBV", str(result))
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
         if not on and result:
             self.last_scan_file = result
@@ -435,7 +435,7 @@ class LiveChain:
                     self._messages["Scan#plugin"] = r.last_message
                     self.ioc.message("Scan", r.last_message)
                 put("Scan:FramesCaptured_RBV", int(r.frames_captured))
-                put("Scan:FileName_RBV", str(r.current_file)[-39:])
+                put("Scan:FileName_RBV", str(r.current_file))
                 put("Scan:Number_RBV", int(r.scan_number))
             except Exception:
                 log.exception("chain stats")

@@ -167,7 +167,7 @@ STITCH = plugin_records("Stitch", "NDPluginPtychoStitch") + [
 SCAN = [
     PV("Scan:Capture", "bo", "Record the stream to HDF5", states=("Done", "Capture"), initial=0, group="scan"),
     PV("Scan:Capture_RBV", "bi", "Recording", states=("Done", "Capturing"), initial=0, group="scan"),
-    PV("Scan:FileName_RBV", "stringin", "Scan file being written", initial="", group="scan"),
+    PV("Scan:FileName_RBV", "stringin", "Scan file being written", initial="", length=512, group="scan"),
     PV("Scan:FramesCaptured_RBV", "longin", "Frames recorded", initial=0, group="scan"),
     PV("Scan:Number_RBV", "longin", "Scan number", initial=0, group="scan"),
     PV("Scan:Message_RBV", "stringin", "Scan recorder last message", initial="", length=256, group="scan"),

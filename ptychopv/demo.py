@@ -109,7 +109,7 @@ class Session:
         return {"frames": n, "stream_hz": round(rate, 1), "captured": int(self.get("Scan:FramesCaptured_RBV")),
                 "inferred": int(self.get("Infer:ArrayCounter_RBV")),
                 "dropped": int(self.get("Infer:DroppedArrays_RBV")),
-                "missed": int(self.get("Infer:MissedFrames_RBV")), "file": self.get("Scan:FileName_RBV"),
+                "missed": int(self.get("Infer:MissedFrames_RBV")), "file": self.get("Scan:FileName_RBV", as_string=True),
                 "model_version": int(self.get("ModelVersion_RBV"))}
 
     def status(self, stage: str) -> tuple[str, str]:

@@ -114,7 +114,7 @@ def test_a_scan_streams_through_infer_and_stitch_with_nothing_lost(beamline):
     assert d.data.ndim == 2 and min(d.data.shape) > 64
     assert d.attributes["PixelSize"] > 0
     # the scan file holds every frame with its uniqueId and position
-    scan = read_scan(folder / "scans" / caget(h.pv("Scan:FileName_RBV")).split("/")[-1])
+    scan = read_scan(folder / "scans" / caget(h.pv("Scan:FileName_RBV"), as_string=True).split("/")[-1])
     truth = read_scan(folder / "truth.h5")
     assert len(scan) == n and caget(h.pv("Scan:FramesCaptured_RBV")) == n
     assert sorted(scan.unique_id.tolist()) == sorted(ids)

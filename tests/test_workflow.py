@@ -75,7 +75,7 @@ def capture_scan(h, ctx, sp) -> str:
     ctx.put(sp + "Acquire", 1)
     wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) >= n, timeout=60, what="the scan captured")
     epics.caput(h.pv("Scan:Capture"), 0, wait=True)
-    return caget(h.pv("Scan:FileName_RBV"))
+    return caget(h.pv("Scan:FileName_RBV"), as_string=True)
 
 
 def test_reconstruct_train_and_push(loop):

@@ -1,0 +1,65 @@
+#!/bin/sh
+# ptychopv scan macro: capture a scan, reconstruct it, train on it, report the new model.
+#
+# Expects EPICS base's command-line tools on PATH: caget and caput (Channel Access, for the
+# ptychopv IOC) and pvget/pvput (PV Access, for a detector whose Acquire is a PVA PV, such as
+# `ptychopv sim`). With an areaDetector IOC on CA, set DET_PUT="caput -c" and DET_GET="caget -t".
+#
+# Settings (environment):
+#   P         ptychopv IOC prefix                      (default PTYCHO:)
+#   DET       detector prefix; Acquire, NumFrames_RBV  (default 13SIM1:)
+#   NFRAMES   frames in the scan (default: read ${DET}NumFrames_RBV)
+#   TIMEOUT   seconds to wait for the scan to be captured (default 300)
+#   EPICS_CA_ADDR_LIST / EPICS_PVA_NAME_SERVERS as usual for the tools.
+set -eu
+
+P=${P:-PTYCHO:}
+DET=${DET:-13SIM1:}
+TIMEOUT=${TIMEOUT:-300}
+DET_PUT=${DET_PUT:-pvput}
+DET_GET=${DET_GET:-pvget}
+
+# the last field of a pvget/caget line is the value ("NAME [timestamp] VALUE")
+det_get() { $DET_GET "$1" | tail -n 1 | awk '{print $NF}'; }
+
+NFRAMES=${NFRAMES:-$(det_get "${DET}NumFrames_RBV")}
+VERSION0=$(caget -t "${P}ModelVersion_RBV")
+echo "macro: model version ${VERSION0}; capturing ${NFRAMES} frames from ${DET}"
+
+caput -c "${P}Scan:Capture" 1 >/dev/null
+$DET_PUT "${DET}Acquire" 1 >/dev/null
+# the recorder counts frames as they arrive; stop recording once the whole scan is in
+waited=0
+while [ "$(caget -t "${P}Scan:FramesCaptured_RBV")" -lt "$NFRAMES" ]; do
+    if [ "$waited" -ge "$TIMEOUT" ]; then
+        echo "macro: scan not captured within ${TIMEOUT} s" >&2
+        caput -c "${P}Scan:Capture" 0 >/dev/null
+        exit 2
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+caput -c "${P}Scan:Capture" 0 >/dev/null       # completes when the file is closed
+echo "macro: scan file $(caget -t "${P}Scan:FileName_RBV")"
+
+caput -c "${P}Recon:Start" 1 >/dev/null         # completes when reconstructed, labelled, validated
+STATUS=$(caget -t "${P}Recon:Status_RBV")
+echo "macro: recon ${STATUS}: $(caget -t "${P}Recon:Message_RBV") SSIM $(caget -t "${P}SSIM_RBV")"
+[ "$STATUS" = "Done" ] || exit 3
+
+caput -c "${P}Train:Start" 1 >/dev/null         # completes when the new version is registered
+STATUS=$(caget -t "${P}Train:Status_RBV")
+echo "macro: train ${STATUS}: $(caget -t "${P}Train:Message_RBV")"
+[ "$STATUS" = "Done" ] || exit 4
+
+# the chain loads the new version on its own; wait for it to go live
+waited=0
+while [ "$(caget -t "${P}ModelVersion_RBV")" -le "$VERSION0" ]; do
+    if [ "$waited" -ge "$TIMEOUT" ]; then
+        echo "macro: no new model version live within ${TIMEOUT} s" >&2
+        exit 5
+    fi
+    sleep 1
+    waited=$((waited + 1))
+done
+echo "macro: ModelVersion_RBV $(caget -t "${P}ModelVersion_RBV")"

@@ -1,0 +1,205 @@
+"""The examples run against a real simulator and IOC: the shell macro (through stand-ins for
+EPICS base's caget/caput/pvget/pvput), the pyepics session and the Bluesky plan. Each captures
+a scan, reconstructs it, trains, and must leave a new scan file, a reconstruction and a newer
+live model; the Bluesky ``count`` with the device as detector must reconstruct and emit an event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import epics
+import pytest
+
+from ptychopv.epics_env import free_port
+from ptychopv.procs import child_env, start_ioc, start_sim
+
+from .conftest import CA_PORTS, write_ioc_config
+from .example_shims import write_shims
+
+pytestmark = [pytest.mark.epics, pytest.mark.slow]
+pytest.importorskip("torch", reason="reconstruction and training need the [hpc] extra (torch, pty-chi)")
+pytest.importorskip("ptychi", reason="reconstruction and training need the [hpc] extra (torch, pty-chi)")
+ophyd = pytest.importorskip("ophyd", reason="ophyd comes with the bluesky extra")
+pytest.importorskip("bluesky", reason="bluesky comes with the bluesky extra")
+ophyd.set_cl("pyepics")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import bluesky_plan
+
+
+def caget(name, **kw):
+    value = epics.caget(name, timeout=10, **kw)
+    assert value is not None, f"caget {name} timed out"
+    return value
+
+
+class Beamline:
+    def __init__(self, h, sim_port, sim_prefix, folder):
+        self.h, self.sim_port, self.sp, self.folder = h, sim_port, sim_prefix, folder
+
+    def env(self, **extra) -> dict:
+        """A client's environment: loopback, this IOC's CA port, the IOC's and simulator's PVA."""
+        return child_env({"EPICS_CA_ADDR_LIST": f"127.0.0.1:{self.h.ca_port}", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+                          "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{self.sim_port} 127.0.0.1:{self.h.pva_port}",
+                          **extra})
+
+    def scans(self) -> set[Path]:
+        return {p for p in (self.folder / "scans").glob("*.h5") if not p.name.endswith("_recon.h5")}
+
+    def recons(self) -> set[Path]:
+        return set((self.folder / "scans").glob("*_recon.h5"))
+
+    def version(self) -> int:
+        return int(caget(self.h.pv("ModelVersion_RBV"), use_monitor=False))
+
+    def frames(self) -> int:
+        from p4p.client.thread import Context
+
+        with Context("pva", conf={"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{self.sim_port}",
+                                  "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "127.0.0.1"},
+                     useenv=False) as ctx:
+            return int(ctx.get(self.sp + "NumFrames_RBV", timeout=10))
+
+
+@pytest.fixture(scope="module")
+def beamline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    sim_port, sim_b = free_port(), free_port()
+    sp = f"XS{os.getpid()}:"
+    extra = f"""
+        source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{engine: onnxruntime, seed_demo_model: true, scan_folder: scans, registry: registry}}
+        workflow: {{jobs_folder: jobs, corpus: corpus.h5}}
+        hpc: {{kind: local, workers: 1}}
+        recon: {{beam_m: 5.0e-7, threads: 1}}
+        train: {{batch_size: 16, threads: 1, seed: 1}}
+        sim:
+          prefix: "{sp}"
+          pva_server_port: {sim_port}
+          pva_broadcast_port: {sim_b}
+          frame_rate_hz: 400
+          dose: 1.0e6
+          geometry: {{detector_size: 64}}
+          sample: {{size_px: 512}}
+          probe: {{beam_m: 5.0e-7}}
+          scan: {{extent_m: 3.0e-6, overlap: 0.65}}
+        """
+    h = write_ioc_config(folder, f"EX{os.getpid()}:", CA_PORTS[1], extra=extra)
+    sim = start_sim(h.config)
+    ioc = start_ioc(h.config)
+    try:
+        assert epics.caput(h.pv("Recon:Iterations"), 10, wait=True, timeout=10) == 1
+        assert epics.caput(h.pv("Train:Epochs"), 2, wait=True, timeout=10) == 1
+        b = Beamline(h, sim_port, sp, folder)
+        # the seeded demo model (v1) goes live first, so a newer version can only come from training
+        wait_until(lambda: b.version() == 1, 60, "the demo model live")
+        yield b
+    finally:
+        ioc.stop()
+        sim.stop()
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def run_example(args, env, timeout=120) -> subprocess.CompletedProcess:
+    r = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{args[0]} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r
+
+
+def check_effect(b: Beamline, scans, recons, version):
+    assert len(b.scans() - scans) == 1, "no new scan file"
+    assert len(b.recons() - recons) == 1, "no new reconstruction file"
+    assert caget(b.h.pv("Recon:Status_RBV"), as_string=True) == "Done"
+    assert caget(b.h.pv("Train:Status_RBV"), as_string=True) == "Done"
+    # one new version registered by the training, and it is the one the chain runs
+    assert caget(b.h.pv("Model:Latest_RBV"), use_monitor=False) == version + 1
+    assert b.version() == version + 1
+
+
+def test_shell_macro(beamline, tmp_path):
+    b = beamline
+    scans, recons, version = b.scans(), b.recons(), b.version()
+    shims = write_shims(tmp_path / "bin")
+    env = b.env(P=b.h.prefix, DET=b.sp, TIMEOUT="120", PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
+    r = run_example(["sh", str(EXAMPLES / "macro.sh")], env)
+    assert f"capturing {b.frames()} frames" in r.stdout
+    assert "recon Done" in r.stdout and "train Done" in r.stdout, r.stdout
+    check_effect(b, scans, recons, version)
+    assert f"ModelVersion_RBV {b.version()}" in r.stdout
+
+
+def test_shell_macro_fails_on_a_failed_reconstruction(beamline, tmp_path):
+    """A stage that ends Failed stops the macro with a non-zero status and the IOC's message."""
+    b = beamline
+    shims = write_shims(tmp_path / "bin")
+    assert epics.caput(b.h.pv("Recon:ScanFile"), str(tmp_path / "missing.h5"), wait=True, timeout=10) == 1
+    try:
+        # no acquisition (DET_PUT=true): the scan is empty, the reconstruction of missing.h5 fails
+        env = b.env(P=b.h.prefix, DET=b.sp, NFRAMES="0", DET_PUT="true",
+                    PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
+        r = subprocess.run(["sh", str(EXAMPLES / "macro.sh")], check=False, env=env, capture_output=True,
+                           text=True, timeout=120)
+    finally:
+        epics.caput(b.h.pv("Recon:ScanFile"), "", wait=True, timeout=10)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "recon Failed" in r.stdout and "missing.h5" in r.stdout
+
+
+def test_pyepics_session(beamline):
+    b = beamline
+    scans, recons, version = b.scans(), b.recons(), b.version()
+    r = run_example([sys.executable, str(EXAMPLES / "pyepics_session.py"), "--prefix", b.h.prefix,
+                     "--detector", b.sp, "--ca-addr", f"127.0.0.1:{b.h.ca_port}",
+                     "--pva-name-servers", f"127.0.0.1:{b.sim_port}", "--timeout", "120"],
+                    child_env())
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    check_effect(b, scans, recons, version)
+    assert out["version_before"] == version and out["version_after"] == b.version()
+    assert out["recon_status"] == "Done" and out["train_status"] == "Done"
+    new_scan, = b.scans() - scans
+    assert out["scan_file"] == str(new_scan)   # Scan:FileName_RBV holds the whole path
+    assert 0.0 < out["ssim"] <= 1.0  # the live model was validated against the reconstruction
+
+
+def test_bluesky_plan_and_count(beamline, monkeypatch):
+    from bluesky import RunEngine
+    from ptychopv.ioc.device import PtychoPV
+
+    b = beamline
+    monkeypatch.setenv("EPICS_PVA_NAME_SERVERS", f"127.0.0.1:{b.sim_port}")
+    scans, recons, version = b.scans(), b.recons(), b.version()
+    ptycho = PtychoPV(b.h.prefix, name="ptycho")
+    acquire = bluesky_plan.SimAcquire(b.sp)
+    try:
+        ptycho.wait_for_connection(timeout=30)
+        RE = RunEngine({}, call_returns_result=True)
+        result = RE(bluesky_plan.capture_reconstruct_train(ptycho, acquire, n_frames=b.frames(), timeout=120))
+        check_effect(b, scans, recons, version)
+        assert result.plan_result == b.version()
+        # count with the device as detector: trigger() reconstructs the last scan once more,
+        # rewriting its reconstruction file
+        recon, = b.recons() - recons
+        written = recon.stat().st_mtime_ns
+        docs = []
+        RE(bluesky_plan.count_reconstructions(ptycho, num=1), lambda name, doc: docs.append((name, doc)))
+        events = [d for n, d in docs if n == "event"]
+        assert len(events) == 1 and docs[-1][1]["exit_status"] == "success"
+        assert events[0]["data"]["ptycho_model_version"] == b.version()
+        assert events[0]["data"]["ptycho_recon_status"] == "Done"
+        assert recon.stat().st_mtime_ns > written, "the count's trigger() did not reconstruct"
+    finally:
+        acquire.destroy()
+        ptycho.destroy()
