@@ -6,6 +6,11 @@ Adam on the mean absolute error, a cyclic learning rate (triangular2 between ``l
 input is normalised as ``preprocessing.py`` describes (``log1p`` by default, one divisor from
 the training set) and the spec goes on the model card so every engine applies the same.
 
+Options beyond the paper, all off by default: ``norm`` (BatchNorm in the network),
+``loss_weight="illumination"`` (L1 weighted by a Gaussian of the beam, so the unlit part of
+the patch does not dominate), ``loss="mse"`` and ``ignore_offset`` (the loss ignores each patch's constant
+phase, which the frame does not hold).
+
 ``train`` takes only paths and options, so it runs the same in this process, a child process,
 a Dask worker or a Globus Compute endpoint.
 """
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..inference.preprocessing import make_spec, normalize
 from ..inference.registry import ModelRegistry
@@ -77,6 +82,29 @@ class TrainOptions(BaseModel):
     """Input transform before the divisor (ignored on warm start: the parent's is kept)."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads; None leaves torch's default."""
+    norm: bool = False
+    """BatchNorm after each conv (not the paper's network); ignored on warm start, where the
+    parent's architecture is kept."""
+    loss_weight: Literal["none", "illumination"] = "none"
+    """``none``: L1 over the whole patch (the paper). ``illumination``: per-pixel L1 weighted by
+    a Gaussian of FWHM ``beam_px`` (mean 1), so unlit pixels, which the frame says nothing
+    about, do not dominate the loss."""
+    beam_px: float | None = Field(None, gt=0)
+    """Beam FWHM in object pixels; needed by ``loss_weight="illumination"``."""
+    loss: Literal["l1", "mse"] = "l1"
+    """``l1``: mean absolute error (the paper). ``mse``: squared error, whose gradient grows with
+    the error, so a weak signal in noisy labels is not drowned by the L1's sign noise."""
+    ignore_offset: bool = False
+    """Remove each patch's (weighted) mean residual before taking the error. A label's constant phase
+    comes from the whole patch, most of it unlit, so the frame cannot tell it; the stitcher
+    matches each patch's offset to the canvas anyway."""
+
+    @model_validator(mode="after")
+    def _weight_needs_beam(self):
+        if self.loss_weight == "illumination" and self.beam_px is None:
+            raise ValueError("loss_weight 'illumination' needs beam_px (beam FWHM in object "
+                             "pixels), e.g. beam size / object pixel size")
+        return self
 
 
 @dataclass
@@ -92,6 +120,30 @@ def low_dose(frames: np.ndarray, factor: float, rng: np.random.Generator) -> np.
     """``Poisson(I / factor) * factor``: the same scale as ``frames``, ``factor`` x fewer counts."""
     lam = np.maximum(np.asarray(frames, dtype=np.float64), 0.0) / factor
     return (rng.poisson(lam) * factor).astype(np.float32)
+
+
+def illumination_weight(size: int, beam_px: float) -> np.ndarray:
+    """``(size, size)`` Gaussian of FWHM ``beam_px`` centred on the patch, normalised to mean 1."""
+    if size < 1 or not beam_px > 0:
+        raise ValueError(f"need size >= 1 and beam_px > 0, got size={size}, beam_px={beam_px}")
+    sigma = beam_px / (2 * np.sqrt(2 * np.log(2)))
+    r = np.arange(size) - (size - 1) / 2
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    return (w / w.mean()).astype(np.float32)
+
+
+def patch_loss(pred, label, weight=None, *, kind: str = "l1", ignore_offset: bool = False):
+    """Mean per-pixel error of torch tensors ``(B, 1, h, w)``: ``|r|`` (``l1``) or ``r**2``
+    (``mse``) of ``r = pred - label``, times ``weight`` (mean 1) when given. ``ignore_offset``
+    first removes each patch's (weighted) mean of ``r``."""
+    import torch
+
+    r = pred - label
+    if ignore_offset:
+        w = 1.0 if weight is None else weight
+        r = r - torch.mean(r * w, dim=(-2, -1), keepdim=True)
+    err = torch.abs(r) if kind == "l1" else r * r
+    return torch.mean(err if weight is None else err * weight)
 
 
 def mean_ssim(pred: np.ndarray, label: np.ndarray) -> float:
@@ -154,7 +206,13 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
     scheduler = torch.optim.lr_scheduler.CyclicLR(
         optimizer, base_lr=opts.lr_min, max_lr=opts.lr_max, mode="triangular2",
         step_size_up=max(1, round(opts.half_cycle_epochs * steps)), cycle_momentum=False)
-    l1 = torch.nn.L1Loss()
+    weight = None
+    if opts.loss_weight == "illumination":
+        weight = torch.from_numpy(illumination_weight(train_x.shape[-1], opts.beam_px)).to(device)
+
+    def loss_fn(p, y):
+        return patch_loss(p, y, weight, kind=opts.loss, ignore_offset=opts.ignore_offset)
+
     best = FitResult(copy.deepcopy(model.state_dict()), 0, float("inf"), float("nan"))
     fixed_x = as_t(train_x)
     for epoch in range(1, opts.epochs + 1):
@@ -170,7 +228,7 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
             idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
             pred = model(xt[idx].to(device))
             pred = pred if isinstance(pred, tuple) else (pred,)
-            loss = sum(l1(p, y[idx].to(device)) for p, y in zip(pred, yt))
+            loss = sum(loss_fn(p, y[idx].to(device)) for p, y in zip(pred, yt))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -178,7 +236,7 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
             total += float(loss.detach()) * len(idx)
         train_loss = total / n
         pred_v = _predict(model, xv, device, opts.batch_size)
-        val_loss = float(sum(torch.mean(torch.abs(p - y)) for p, y in zip(pred_v, yv)))
+        val_loss = float(sum(loss_fn(p.to(device), y.to(device)) for p, y in zip(pred_v, yv)))
         if val_loss < best.val_loss:
             best = FitResult(copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
                              epoch, val_loss, train_loss, best.history)
@@ -237,7 +295,7 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         parent = parent_version.version
     else:
         kwargs = {k: v for k, v in (("width", opts.width), ("depth", opts.depth)) if v is not None}
-        model = build_model(opts.model, diffraction.shape[-1], **kwargs)
+        model = build_model(opts.model, diffraction.shape[-1], norm=opts.norm, **kwargs)
     if diffraction.shape[1:] != (model.input_size, model.input_size):
         raise ValueError(f"corpus pairs are {diffraction.shape[1]}x{diffraction.shape[2]}, the "
                          f"model takes {model.input_size}x{model.input_size}")

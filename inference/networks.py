@@ -14,6 +14,11 @@ head (``tanh * pi``) on a shared encoder; 4,694,690 parameters, the 4.7 M config
 Both are fully convolutional, so the count does not depend on the input size; the input must be
 square with a side in ``SUPPORTED_INPUT_SIZES``.
 
+``norm=True`` (not the paper's) puts a BatchNorm2d after every 3x3 conv of the double-conv
+blocks. Without it a narrow network on frames whose beam lights only part of the field can
+stall at the "predict zero" loss; in eval mode the norm is a fixed affine map that ONNX
+export folds into plain nodes, so every engine runs it unchanged.
+
 Input ``(B, 1, H, W)`` float32; output ``(B, 1, H, W)`` per head. A model with two heads returns
 ``(amplitude, phase)`` in the order of ``model.output_names``.
 """
@@ -30,17 +35,22 @@ from torch import nn
 SUPPORTED_INPUT_SIZES = (64, 128, 256, 512)
 
 
-def _double_conv(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True)]
+def _double_conv(cin: int, cout: int, norm: bool = False) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for a, b in ((cin, cout), (cout, cout)):
+        layers.append(nn.Conv2d(a, b, 3, padding=1))
+        if norm:
+            layers.append(nn.BatchNorm2d(b))
+        layers.append(nn.ReLU(inplace=True))
+    return layers
 
 
-def _encoder(width: int, depth: int) -> nn.Sequential:
+def _encoder(width: int, depth: int, norm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     cin = 1
     for i in range(depth):
         cout = width * 2**i
-        layers += _double_conv(cin, cout) + [nn.MaxPool2d(2)]
+        layers += _double_conv(cin, cout, norm) + [nn.MaxPool2d(2)]
         cin = cout
     return nn.Sequential(*layers)
 
@@ -52,12 +62,12 @@ class _Scaled(nn.Module):
         return torch.tanh(x) * math.pi
 
 
-def _decoder(width: int, depth: int, activation: nn.Module) -> nn.Sequential:
+def _decoder(width: int, depth: int, activation: nn.Module, norm: bool = False) -> nn.Sequential:
     top = width * 2 ** (depth - 1)
     channels = [top] + [width * 2**i for i in range(depth - 1, -1, -1)]  # e.g. 128,128,64,32,16
     layers: list[nn.Module] = []
     for cin, cout in itertools.pairwise(channels):
-        layers += _double_conv(cin, cout)
+        layers += _double_conv(cin, cout, norm)
         # align_corners=False is what ONNX Resize and TensorRT implement most directly.
         layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
     layers += [nn.Conv2d(width, 1, 3, padding=1), activation]
@@ -81,19 +91,22 @@ class _PtychoBase(nn.Module):
 
     output_names: tuple[str, ...] = ()
 
-    def __init__(self, name: str, input_size: int, width: int, depth: int):
+    def __init__(self, name: str, input_size: int, width: int, depth: int, norm: bool = False):
         super().__init__()
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
+        if not isinstance(norm, bool):
+            raise TypeError(f"norm must be True or False, got {norm!r}")
         self.name = name
         self.input_size = check_input_size(input_size, depth)
         self.width = width
         self.depth = depth
+        self.norm = norm
 
     def config(self) -> dict:
         """What ``build_model`` needs to rebuild this network (goes into the model card)."""
         return {"name": self.name, "input_size": self.input_size,
-                "width": self.width, "depth": self.depth}
+                "width": self.width, "depth": self.depth, "norm": self.norm}
 
     def forward(self, x: torch.Tensor):
         # Static shapes only: the check is resolved while tracing and costs nothing in ONNX.
@@ -109,10 +122,10 @@ class PtychoNN2(_PtychoBase):
 
     output_names = ("phase",)
 
-    def __init__(self, input_size: int = 128, width: int = 16, depth: int = 4):
-        super().__init__("ptychonn2", input_size, width, depth)
-        self.encoder = _encoder(width, depth)
-        self.phase = _decoder(width, depth, _Scaled())
+    def __init__(self, input_size: int = 128, width: int = 16, depth: int = 4, norm: bool = False):
+        super().__init__("ptychonn2", input_size, width, depth, norm)
+        self.encoder = _encoder(width, depth, norm)
+        self.phase = _decoder(width, depth, _Scaled(), norm)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.phase(self.encoder(x))
@@ -123,11 +136,11 @@ class PtychoNN(_PtychoBase):
 
     output_names = ("amplitude", "phase")
 
-    def __init__(self, input_size: int = 128, width: int = 32, depth: int = 4):
-        super().__init__("ptychonn", input_size, width, depth)
-        self.encoder = _encoder(width, depth)
-        self.amplitude = _decoder(width, depth, nn.Sigmoid())
-        self.phase = _decoder(width, depth, _Scaled())
+    def __init__(self, input_size: int = 128, width: int = 32, depth: int = 4, norm: bool = False):
+        super().__init__("ptychonn", input_size, width, depth, norm)
+        self.encoder = _encoder(width, depth, norm)
+        self.amplitude = _decoder(width, depth, nn.Sigmoid(), norm)
+        self.phase = _decoder(width, depth, _Scaled(), norm)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder(x)
@@ -138,15 +151,15 @@ MODELS: dict[str, type[_PtychoBase]] = {"ptychonn2": PtychoNN2, "ptychonn": Ptyc
 
 
 def build_model(name: str, input_size: int = 128, **kwargs) -> _PtychoBase:
-    """Build a network by name (``ptychonn2`` or ``ptychonn``); ``kwargs``: width, depth."""
+    """Build a network by name (``ptychonn2`` or ``ptychonn``); ``kwargs``: width, depth, norm."""
     try:
         cls = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}") from None
-    unknown = set(kwargs) - {"width", "depth"}
+    unknown = set(kwargs) - {"width", "depth", "norm"}
     if unknown:
         raise TypeError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))} "
-                        f"(allowed: width, depth)")
+                        f"(allowed: width, depth, norm)")
     return cls(input_size=input_size, **kwargs)
 
 

@@ -123,6 +123,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-phase", default="0.6,1.4", help="training phase depth range, rad")
     p.add_argument("--overlap", type=float, default=0.5, help="held-out scan overlap (default 0.5)")
     p.add_argument("--lr-max", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--norm", action="store_true", help="BatchNorm after each conv (not the paper's)")
+    p.add_argument("--loss-weight", choices=["none", "illumination"], default="none",
+                   help="per-pixel L1 weight: none (the paper) or a Gaussian of the beam")
+    p.add_argument("--beam-px", type=float,
+                   help="illumination weight FWHM, object pixels (default: the mean beam size)")
+    p.add_argument("--loss", choices=["l1", "mse"], default="l1", help="l1 (the paper) or mse")
+    p.add_argument("--ignore-offset", action="store_true",
+                   help="loss blind to each patch's constant phase (the stitcher matches it)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -143,9 +151,14 @@ def main(argv=None) -> int:
             print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f} val {val_loss:.4f}",
                   file=sys.stderr, flush=True)
 
+        beam_px = args.beam_px
+        if beam_px is None and args.loss_weight == "illumination":
+            beam_px = float(np.mean(beams)) / PIXEL_M
         options = {"model": "ptychonn2", "width": args.width, "epochs": args.epochs,
                    "batch_size": 32, "lr_max": args.lr_max, "seed": args.seed, "device": args.device,
-                   "threads": args.threads}
+                   "threads": args.threads, "norm": args.norm, "loss_weight": args.loss_weight,
+                   "beam_px": beam_px, "ignore_offset": args.ignore_offset,
+                   "loss": args.loss}
         card = train(corpus, scratch.root, options, callback=progress)
         trained = scratch.get(card["version"])
         held_out = [evaluate(trained, seed=12345, beam_m=b, overlap=args.overlap, **probe)

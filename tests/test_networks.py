@@ -103,7 +103,49 @@ def test_weights_round_trip_without_unpickling(tmp_path):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), again(x))
-    assert again.config() == {"name": "ptychonn2", "input_size": 64, "width": 4, "depth": 4}
+    assert again.config() == {"name": "ptychonn2", "input_size": 64, "width": 4, "depth": 4,
+                              "norm": False}
     (tmp_path / "bad.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:200])
     with pytest.raises(ValueError, match="cannot read weights file"):
         load_model(tmp_path / "bad.pt")
+
+
+def test_norm_adds_batchnorm_after_each_conv_and_keeps_shapes():
+    plain, normed = build_model("ptychonn2", 64, width=4), build_model("ptychonn2", 64, width=4, norm=True)
+    convs = [m for m in normed.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in normed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == len(convs) - 1  # every double-conv conv, not the head's final conv
+    assert count_parameters(normed) == count_parameters(plain) + 2 * sum(n.num_features for n in norms)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert normed.config()["norm"] is True and plain.config()["norm"] is False
+    with torch.no_grad():
+        y = normed.eval()(torch.rand(3, 1, 64, 64))
+    assert y.shape == (3, 1, 64, 64) and float(y.abs().max()) <= np.pi
+    with pytest.raises(TypeError, match="norm must be True or False"):
+        build_model("ptychonn2", 64, norm="yes")
+
+
+@pytest.mark.parametrize("name", ["ptychonn2", "ptychonn"])
+def test_norm_model_exports_to_onnx_and_rebuilds_from_its_config(tmp_path, name):
+    torch.manual_seed(4)
+    model = build_model(name, 64, width=4, norm=True)
+    model.train()
+    with torch.no_grad():  # move the running statistics off their identity defaults
+        for _ in range(3):
+            model(torch.rand(4, 1, 64, 64) * 3)
+    rng = np.random.default_rng(1)
+    x = rng.random((5, 64, 64), dtype=np.float32)
+    model.eval()  # inference uses the running statistics, not the batch's
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert max_abs_difference(model, path, x) < 1e-4
+    save_weights(model, tmp_path / "w.pt")
+    again = load_model(tmp_path / "w.pt")
+    assert again.config() == model.config() and again.norm
+    config = dict(model.config())
+    rebuilt = build_model(config.pop("name"), config.pop("input_size"), **config)
+    rebuilt.load_state_dict(model.state_dict())  # same layers, running statistics included
+    xt = torch.from_numpy(x[:, None])
+    with torch.no_grad():
+        a, b = model(xt), rebuilt.eval()(xt)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        assert torch.equal(u, v)

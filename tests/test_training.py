@@ -9,7 +9,15 @@ import pytest
 torch = pytest.importorskip("torch", reason="training needs torch")
 
 from ptychopv.hpc.corpus import append_pairs
-from ptychopv.hpc.training import TrainingAborted, TrainOptions, low_dose, mean_ssim, train
+from ptychopv.hpc.training import (
+    TrainingAborted,
+    TrainOptions,
+    illumination_weight,
+    low_dose,
+    mean_ssim,
+    patch_loss,
+    train,
+)
 from ptychopv.inference import ModelRegistry, select_engine
 
 from ptychopv.cli import main as cli
@@ -151,3 +159,55 @@ def test_cli_train_and_export(corpus, tmp_path, capsys):
         assert rc == 2 and "tensorrt is not installed" in capsys.readouterr().err
     else:
         assert rc == 0 and (tmp_path / "m.plan").stat().st_size > 0
+
+
+def test_illumination_weight_is_a_centred_gaussian_of_mean_one():
+    w = illumination_weight(64, 16.0)
+    assert w.shape == (64, 64) and w.dtype == np.float32
+    assert w.mean() == pytest.approx(1.0, rel=1e-5)
+    assert w[31, 31] == w.max() and w[31, 31] == w[32, 32]  # centred between the middle pixels
+    # FWHM 16: half the peak 8 px from the centre (31.5), i.e. between pixels 24 and 23
+    prof = w[31] / w[31].max()
+    assert prof[24] > 0.5 > prof[23] and w[0, 0] < 1e-3 * w.max()
+    with pytest.raises(ValueError, match="beam_px > 0"):
+        illumination_weight(64, 0.0)
+
+
+def test_illumination_weight_needs_a_beam_size():
+    with pytest.raises(ValueError, match="needs beam_px"):
+        TrainOptions(loss_weight="illumination")
+    assert TrainOptions().loss_weight == "none" and TrainOptions().norm is False
+
+
+def test_illumination_weighted_training_with_norm_learns(corpus, tmp_path):
+    # BatchNorm's running statistics settle over a few epochs on 29 pairs: 8 epochs
+    opts = dict(TINY, epochs=8, norm=True, loss_weight="illumination", beam_px=24.0, threads=1)
+    card = train(corpus, tmp_path / "reg", opts)
+    hist = [h["val_loss"] for h in card["history"]]
+    losses = [h["loss"] for h in card["history"]]
+    assert losses[-1] < 0.6 * losses[0]
+    assert min(hist) < 0.8 * hist[0] and card["val_loss"] == min(hist)
+    assert card["model_config"]["norm"] is True and card["options"]["beam_px"] == 24.0
+    version = ModelRegistry(tmp_path / "reg").get(card["version"])
+    d, _, _ = synthetic_pairs(3, seed=9)
+    onnx = select_engine(version.source(), "onnxruntime").infer(d)["phase"]
+    torch_out = select_engine(version.source(), "pytorch-cpu").infer(d)["phase"]
+    assert onnx.shape == (3, 64, 64) and np.abs(onnx - torch_out).max() < 1e-4
+    # weighted and unweighted runs differ only through the loss: same seed, other history
+    plain = train(corpus, tmp_path / "plain", dict(opts, epochs=2, loss_weight="none", beam_px=None))
+    assert plain["model_config"]["norm"] is True
+    assert [h["loss"] for h in plain["history"]] != losses[:2]
+
+
+def test_patch_loss_weights_and_offsets():
+    torch.manual_seed(0)
+    y = torch.randn(4, 1, 64, 64)
+    w = torch.from_numpy(illumination_weight(64, 12.0))
+    assert float(patch_loss(y + 0.5, y)) == pytest.approx(0.5)  # the paper's L1
+    assert float(patch_loss(y + 0.5, y, w)) == pytest.approx(0.5, rel=1e-5)  # weight has mean 1
+    assert float(patch_loss(y + 0.5, y, w, ignore_offset=True)) < 1e-6  # offset ignored
+    assert float(patch_loss(y + 0.5, y, kind="mse")) == pytest.approx(0.25)
+    # an error outside the beam barely counts once weighted
+    off = y.clone()
+    off[..., :8, :8] += 2.0
+    assert float(patch_loss(off, y, w)) < 0.01 * float(patch_loss(off, y))
