@@ -59,6 +59,30 @@ def write_ioc_config(folder: Path, prefix: str, ca_port: int, extra: str = "") -
     return h
 
 
+def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool) -> str:
+    """Config for an IOC + simulator that run the HPC loop quickly: 64x64 frames, one thread each."""
+    return f"""
+        source: {{channel: "{sim_prefix}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{engine: onnxruntime, seed_demo_model: {str(seed_demo_model).lower()}, scan_folder: scans,
+                registry: registry}}
+        workflow: {{jobs_folder: jobs, corpus: corpus.h5}}
+        hpc: {{kind: local, workers: 1}}
+        recon: {{beam_m: 5.0e-7, threads: 1}}
+        train: {{batch_size: 16, threads: 1, seed: 1}}
+        sim:
+          prefix: "{sim_prefix}"
+          pva_server_port: {sim_port}
+          pva_broadcast_port: {free_port()}
+          frame_rate_hz: 400
+          truth_file: truth.h5
+          dose: 1.0e6
+          geometry: {{detector_size: 64}}
+          sample: {{size_px: 512}}
+          probe: {{beam_m: 5.0e-7}}
+          scan: {{extent_m: 3.0e-6, overlap: 0.65}}
+        """
+
+
 @pytest.fixture(scope="session")
 def ioc(tmp_path_factory):
     """One IOC for the session, with default settings."""

@@ -16,10 +16,10 @@ from pathlib import Path
 import epics
 import pytest
 
-from ptychopv.epics_env import free_port
+from ptychopv.epics_env import free_port, pva_client_conf
 from ptychopv.procs import child_env, start_ioc, start_sim
 
-from .conftest import CA_PORTS, write_ioc_config
+from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config
 from .example_shims import write_shims
 
 pytestmark = [pytest.mark.epics, pytest.mark.slow]
@@ -62,35 +62,16 @@ class Beamline:
     def frames(self) -> int:
         from p4p.client.thread import Context
 
-        with Context("pva", conf={"EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{self.sim_port}",
-                                  "EPICS_PVA_AUTO_ADDR_LIST": "NO", "EPICS_PVA_ADDR_LIST": "127.0.0.1"},
-                     useenv=False) as ctx:
+        with Context("pva", conf=pva_client_conf(self.sim_port), useenv=False) as ctx:
             return int(ctx.get(self.sp + "NumFrames_RBV", timeout=10))
 
 
 @pytest.fixture(scope="module")
 def beamline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("examples")
-    sim_port, sim_b = free_port(), free_port()
+    sim_port = free_port()
     sp = f"XS{os.getpid()}:"
-    extra = f"""
-        source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
-        chain: {{engine: onnxruntime, seed_demo_model: true, scan_folder: scans, registry: registry}}
-        workflow: {{jobs_folder: jobs, corpus: corpus.h5}}
-        hpc: {{kind: local, workers: 1}}
-        recon: {{beam_m: 5.0e-7, threads: 1}}
-        train: {{batch_size: 16, threads: 1, seed: 1}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 400
-          dose: 1.0e6
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 3.0e-6, overlap: 0.65}}
-        """
+    extra = hpc_loop_extra(sp, sim_port, seed_demo_model=True)
     h = write_ioc_config(folder, f"EX{os.getpid()}:", CA_PORTS[1], extra=extra)
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)

@@ -23,7 +23,7 @@ from ptychopv.ntndarray import from_value
 from ptychopv.procs import start_ioc, start_sim
 from ptychopv.scanfile import read_truth
 
-from .conftest import CA_PORTS, write_ioc_config
+from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config
 from .test_chain import caget, wait_until
 
 pytestmark = [pytest.mark.epics, pytest.mark.slow]
@@ -36,27 +36,9 @@ RECON_SSIM_MIN = 0.6  # reconstruction vs simulator truth, 64x64 frames, 30 ePIE
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     folder = tmp_path_factory.mktemp("workflow")
-    sim_port, sim_b = free_port(), free_port()
+    sim_port = free_port()
     sp = f"WS{os.getpid()}:"
-    extra = f"""
-        source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
-        chain: {{engine: onnxruntime, seed_demo_model: false, scan_folder: scans, registry: registry}}
-        workflow: {{jobs_folder: jobs, corpus: corpus.h5}}
-        hpc: {{kind: local, workers: 1}}
-        recon: {{beam_m: 5.0e-7, threads: 1}}
-        train: {{batch_size: 16, threads: 1, seed: 1}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 400
-          truth_file: truth.h5
-          dose: 1.0e6
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 3.0e-6, overlap: 0.65}}
-        """
+    extra = hpc_loop_extra(sp, sim_port, seed_demo_model=False)
     h = write_ioc_config(folder, f"WF{os.getpid()}:", CA_PORTS[2], extra=extra)
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)
