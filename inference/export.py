@@ -116,6 +116,10 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle opcode, ...
         raise ValueError(f"cannot read weights file {path}: {exc}") from None
     model = build_model(config.pop("name"), config.pop("input_size"), **config)
+    # Weights saved before the networks held input standardisation buffers: keep the identity.
+    missing = {"input_mean", "input_scale"} - set(state)
+    for name in missing:
+        state[name] = getattr(model, name).detach().clone()
     model.load_state_dict(state)
     return model.eval()
 

@@ -14,6 +14,19 @@ head (``tanh * pi``) on a shared encoder; 4,694,690 parameters, the 4.7 M config
 Both are fully convolutional, so the count does not depend on the input size; the input must be
 square with a side in ``SUPPORTED_INPUT_SIZES``.
 
+Input standardisation: every network holds two buffers, ``input_mean`` (one frame) and
+``input_scale`` (a scalar), and first computes ``(x - input_mean) / input_scale``. They are the
+identity until training sets them from the training frames (``set_input_standardization``):
+a diffraction frame is mostly the probe's own pattern, the same in every frame, and the sample
+is a small change on top of it; a network fed the raw frames barely sees that change and stalls
+at the "predict the mean" loss. The buffers travel in the state dict and export to ONNX as
+constants, so every engine applies them without knowing.
+
+Weights start He-normal (``kaiming_normal_``, ReLU gain) with zero biases, the head convs at a
+tenth of unit gain so the ``tanh``/sigmoid starts unsaturated; PyTorch's default conv init
+shrinks the signal at every layer and an 18-layer network then starts with an output that
+hardly depends on its input.
+
 ``norm=True`` (not the paper's) puts a BatchNorm2d after every 3x3 conv of the double-conv
 blocks. Without it a narrow network on frames whose beam lights only part of the field can
 stall at the "predict zero" loss; in eval mode the norm is a fixed affine map that ONNX
@@ -102,6 +115,33 @@ class _PtychoBase(nn.Module):
         self.width = width
         self.depth = depth
         self.norm = norm
+        self.register_buffer("input_mean", torch.zeros(1, 1, self.input_size, self.input_size))
+        self.register_buffer("input_scale", torch.ones(1))
+
+    def _init_weights(self) -> None:
+        heads = [getattr(self, name)[-2] for name in self.output_names]  # conv before the activation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if any(m is h for h in heads):  # small: the head starts unsaturated, near its midpoint
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+                    with torch.no_grad():
+                        m.weight.mul_(0.1)
+                else:
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def set_input_standardization(self, mean, scale: float) -> None:
+        """Subtract ``mean`` (an ``(H, W)`` frame, already normalised by the card's
+        preprocessing) and divide by ``scale`` (> 0) before the first layer."""
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        n = self.input_size
+        if mean.shape[-2:] != (n, n) or mean.numel() != n * n:
+            raise ValueError(f"input mean must be {n}x{n}, got {tuple(mean.shape)}")
+        if not (float(scale) > 0 and math.isfinite(float(scale))):
+            raise ValueError(f"input scale must be a finite number > 0, got {scale}")
+        with torch.no_grad():
+            self.input_mean.copy_(mean.reshape(1, 1, n, n))
+            self.input_scale.fill_(float(scale))
 
     def config(self) -> dict:
         """What ``build_model`` needs to rebuild this network (goes into the model card)."""
@@ -114,7 +154,7 @@ class _PtychoBase(nn.Module):
                 or x.shape[3] != self.input_size:
             n = self.input_size
             raise ValueError(f"{self.name} expects input (B, 1, {n}, {n}), got {tuple(x.shape)}")
-        return self._forward(x)
+        return self._forward((x - self.input_mean) / self.input_scale)
 
 
 class PtychoNN2(_PtychoBase):
@@ -126,6 +166,7 @@ class PtychoNN2(_PtychoBase):
         super().__init__("ptychonn2", input_size, width, depth, norm)
         self.encoder = _encoder(width, depth, norm)
         self.phase = _decoder(width, depth, _Scaled(), norm)
+        self._init_weights()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.phase(self.encoder(x))
@@ -141,6 +182,7 @@ class PtychoNN(_PtychoBase):
         self.encoder = _encoder(width, depth, norm)
         self.amplitude = _decoder(width, depth, nn.Sigmoid(), norm)
         self.phase = _decoder(width, depth, _Scaled(), norm)
+        self._init_weights()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder(x)

@@ -149,3 +149,54 @@ def test_norm_model_exports_to_onnx_and_rebuilds_from_its_config(tmp_path, name)
         a, b = model(xt), rebuilt.eval()(xt)
     for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
         assert torch.equal(u, v)
+
+
+def test_input_standardization_runs_first_and_exports_to_onnx(tmp_path):
+    torch.manual_seed(5)
+    model = build_model("ptychonn2", 64, width=4).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        mean = torch.rand(64, 64)
+        model.set_input_standardization(mean, 0.25)
+        after = model(x)
+        ref = model._forward((x - mean) / 0.25)  # the layers proper on the standardised frames
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, ref, atol=1e-6)
+    path = export_onnx(model, tmp_path / "m.onnx")  # the buffers become constants of the graph
+    assert max_abs_difference(model, path, x[:, 0].numpy()) < 1e-4
+    save_weights(model, tmp_path / "w.pt")
+    again = load_model(tmp_path / "w.pt")
+    with torch.no_grad():
+        assert torch.equal(again(x), after)
+
+
+def test_bad_input_standardization_is_refused():
+    model = build_model("ptychonn2", 64, width=4)
+    with pytest.raises(ValueError, match="input mean must be 64x64"):
+        model.set_input_standardization(torch.zeros(32, 32), 1.0)
+    for scale in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="input scale must be a finite number > 0"):
+            model.set_input_standardization(torch.zeros(64, 64), scale)
+
+
+def test_weights_saved_before_standardization_load_as_the_identity(tmp_path):
+    torch.manual_seed(6)
+    model = build_model("ptychonn2", 64, width=4).eval()
+    state = {k: v for k, v in model.state_dict().items() if k not in ("input_mean", "input_scale")}
+    torch.save({"config": model.config(), "state_dict": state}, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert float(old.input_scale) == 1.0 and float(old.input_mean.abs().max()) == 0.0
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(old(x), model(x))
+
+
+def test_initial_output_depends_on_the_input_and_is_not_saturated():
+    torch.manual_seed(7)
+    model = build_model("ptychonn2", 64, width=8).eval()
+    x = torch.rand(16, 1, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    assert float(y.abs().max()) < 0.9 * np.pi  # the tanh starts away from its tails
+    assert float(y.std(dim=0).mean()) > 1e-3  # frames give different outputs from the start
