@@ -84,6 +84,9 @@ class ReconOptions(BaseModel):
     """Beam size (m) of the probe made when ``probe`` is None."""
     beam_px: float | None = Field(None, gt=0)
     """Beam size in object pixels (instead of beam_m)."""
+    probe_curvature: float = 0.0
+    """Quadratic phase (rad at the beam edge) of the probe made when ``probe`` is None: the
+    known defocus of the sample, so the solver need not find it from a flat start."""
     probe_update_start: int = Field(1, ge=0)
     """First iteration that refines the probe (0-based)."""
     object_step: float | None = Field(None, gt=0)
@@ -184,7 +187,7 @@ def initial_probe(opts: ReconOptions, n: int, pixel_m: float, mean_counts: float
         beam = opts.beam_px or (opts.beam_m / pixel_m if opts.beam_m else None)
         if beam is None:
             raise ValueError("give an initial probe: probe (array or .npy), beam_m or beam_px")
-        p = physics.make_probe(n, beam, opts.probe_kind)
+        p = physics.make_probe(n, beam, opts.probe_kind, curvature=opts.probe_curvature)
     p = p.astype(np.complex64)
     if not np.isfinite(p).all() or not np.abs(p).any():
         raise ValueError("initial probe is all zero or not finite")

@@ -113,3 +113,19 @@ def test_object_pixel_size():
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_in_focus_probe_cannot_tell_a_phase_patch_from_its_twin_a_defocused_one_can():
+    # Why the demo defocuses: with a real, centro-symmetric probe, a patch and its twin
+    # conj(O(-r)) (the phase negated and turned by 180 degrees) give the same frame, so no
+    # network can learn the phase from frames; a curved wavefront breaks the tie.
+    n = 64
+    obj = physics.make_object((n, n), seed=3)
+    twin = np.conj(obj[::-1, ::-1])
+    twin = np.roll(twin, (1, 1), axis=(0, 1))  # the centre pixel n/2 maps onto itself
+    centre = np.array([[n / 2, n / 2]])
+    for curvature, same in ((0.0, True), (4.0, False)):
+        probe = physics.make_probe(n, 8.5, "focused", curvature=curvature)
+        a = physics.diffraction(obj, probe, centre)
+        b = physics.diffraction(twin, probe, centre)
+        assert np.allclose(a, b, rtol=1e-3, atol=1e-6 * a.max()) is same, curvature

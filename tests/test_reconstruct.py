@@ -150,3 +150,15 @@ def test_cli_reconstructs_and_prints_json(scan_file, tmp_path, capsys):
     assert rc == 0 and out.is_file() and summary["engine"] == "rpie" and summary["iterations"] == 2
     assert cli_main(["reconstruct", str(tmp_path / "none.h5"), "--beam-px", "14", "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_initial_probe_carries_the_known_defocus():
+    from ptychopv import physics
+    from ptychopv.hpc.reconstruct import initial_probe
+
+    flat = initial_probe(ReconOptions(beam_px=8.5), 64, 1.0, 1e5)
+    bent = initial_probe(ReconOptions(beam_px=8.5, probe_curvature=4.0), 64, 1.0, 1e5)
+    want = physics.make_probe(64, 8.5, "focused", curvature=4.0)
+    assert np.sum(np.abs(bent) ** 2) == pytest.approx(np.sum(np.abs(flat) ** 2), rel=1e-5)  # same counts
+    assert np.allclose(bent / np.abs(bent).max(), want / np.abs(want).max(), atol=1e-5)
+    assert not np.allclose(bent, flat, atol=1e-3)  # the defocus is the phase a flat start lacks
