@@ -87,6 +87,27 @@ def coverage_mask(weight, fraction: float = 0.1) -> np.ndarray:
     return w >= fraction * w.max()
 
 
+def scanned_region(shape, origin_m, pixel_size_m: float, positions_m) -> np.ndarray:
+    """Pixels of a stitched grid inside the convex hull of the scan positions: the area the
+    beam centre visited, the part of a live image a scan vouches for (``origin_m`` as in
+    :func:`truth_on_grid`, positions ``(N, 2)`` as (x, y) in metres)."""
+    from scipy.spatial import Delaunay, QhullError
+
+    pts = np.asarray(positions_m, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.isfinite(pts).all():
+        raise ValueError(f"need three or more finite (x, y) positions, got an array of shape {pts.shape}")
+    if not np.isfinite(pixel_size_m) or pixel_size_m <= 0:
+        raise ValueError(f"pixel_size_m must be > 0, got {pixel_size_m}")
+    try:
+        hull = Delaunay(pts)
+    except QhullError as exc:
+        raise ValueError(f"the scan positions span no area (all on a line?): {exc}") from None
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx]
+    grid = np.stack([origin_m[0] + xx.ravel() * pixel_size_m, origin_m[1] + yy.ravel() * pixel_size_m], axis=1)
+    return (hull.find_simplex(grid) >= 0).reshape(ny, nx)
+
+
 def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: float, shape, order: int = 1) -> np.ndarray:
     """Resample ``truth`` (a phase image, or a complex object whose phase is taken) onto a stitched grid.
 

@@ -101,3 +101,29 @@ def test_coverage_mask_and_stitched_ssim(phase):
     assert stitched_ssim((img, weight, origin, ps), phase, ps) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nothing was stitched"):
         coverage_mask(np.zeros((3, 3)))
+
+
+def test_scanned_region_is_the_hull_of_the_positions():
+    from ptychopv.metrics import scanned_region
+
+    # a square of positions 10..30 px (pixel size 1 m, origin 0): exactly those pixels inside
+    pts = np.array([[10.0, 10.0], [30.0, 10.0], [30.0, 30.0], [10.0, 30.0], [20.0, 20.0]])
+    m = scanned_region((40, 50), (0.0, 0.0), 1.0, pts)
+    assert m.shape == (40, 50) and m[10:31, 10:31].all() and m.sum() == 21 * 21
+    # the origin and pixel size place the grid: shifting the origin shifts the region
+    m2 = scanned_region((40, 50), (-5.0, 0.0), 1.0, pts)
+    assert m2[10:31, 15:36].all() and m2.sum() == 21 * 21
+    half = scanned_region((20, 25), (0.0, 0.0), 2.0, pts)
+    assert half[5:16, 5:16].all() and half.sum() == 11 * 11
+
+
+@pytest.mark.parametrize("pts, match", [
+    (np.zeros((2, 2)), "three or more"),
+    (np.array([[0.0, 0.0], [1.0, 1.0], [np.nan, 2.0]]), "three or more finite"),
+    (np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), "span no area"),
+])
+def test_scanned_region_bad_positions(pts, match):
+    from ptychopv.metrics import scanned_region
+
+    with pytest.raises(ValueError, match=match):
+        scanned_region((10, 10), (0.0, 0.0), 1.0, pts)
