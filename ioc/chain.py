@@ -293,7 +293,7 @@ class LiveChain:
             from p4p.client.thread import Context
 
             pp = self.cfg.chain.position_pvs
-            self.pv_positions = TimestampedPositions(tolerance_s=pp.tolerance_s)
+            self.pv_positions = TimestampedPositions(tolerance_s=pp.tolerance_s, wait_s=pp.wait_s)
             # position PVs are found at the same PVA servers as the detector (source.name_servers)
             self._pos_ctx = Context("pva", conf=self._source_conf(), useenv=False)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -184,11 +185,16 @@ class TimestampedPositions:
     ``method='nearest'``: the sample closest in time, if within ``tolerance_s``.
     ``method='linear'``: interpolate between the samples before and after the frame when both
     are within ``tolerance_s``, else fall back to the nearest within it; else None.
+
+    ``wait_s``: a frame can reach the stitcher before the monitor update of the stage reading
+    taken with it (the two travel on different channels). When no sample matches and a sample
+    that would still match may yet come (the newest one is older than the frame's time plus the
+    tolerance), the lookup waits up to ``wait_s`` for it; 0 never waits.
     Thread-safe: a monitor thread adds samples while the stitch thread looks them up.
     """
 
     def __init__(self, tolerance_s: float = 0.01, method: str = "nearest", *, scale: float = 1.0,
-                 max_samples: int = 100_000):
+                 max_samples: int = 100_000, wait_s: float = 0.0):
         if not (math.isfinite(tolerance_s) and tolerance_s >= 0):
             raise ValueError(f"tolerance must be a time >= 0 s, got {tolerance_s}")
         if method not in ("nearest", "linear"):
@@ -197,9 +203,11 @@ class TimestampedPositions:
             raise ValueError(f"position scale (PV units -> m) must be finite and non-zero, got {scale}")
         if max_samples < 2:
             raise ValueError(f"max_samples must be >= 2, got {max_samples}")
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise ValueError(f"wait_s must be a time >= 0 s, got {wait_s}")
         self.tolerance_s, self.method, self.scale = float(tolerance_s), method, float(scale)
-        self.max_samples = int(max_samples)
-        self._lock = threading.Lock()
+        self.max_samples, self.wait_s = int(max_samples), float(wait_s)
+        self._lock = threading.Condition()
         self.reset()
 
     def add(self, axis: str, timestamp: float, value: float) -> None:
@@ -211,6 +219,7 @@ class TimestampedPositions:
             return
         with self._lock:
             self._samples[axis].add(t, v)
+            self._lock.notify_all()
 
     def add_x(self, timestamp: float, value: float) -> None:
         self.add("x", timestamp, value)
@@ -222,13 +231,20 @@ class TimestampedPositions:
         t = _number(frame.timestamp)
         if t is None:
             return None
-        linear = self.method == "linear"
+        linear, tol = self.method == "linear", self.tolerance_s
+        deadline = time.monotonic() + self.wait_s
         with self._lock:
-            x = self._samples["x"].at(t, self.tolerance_s, linear)
-            y = self._samples["y"].at(t, self.tolerance_s, linear)
-        if x is None or y is None:
-            return None
-        return (x * self.scale, y * self.scale)
+            while True:
+                x = self._samples["x"].at(t, tol, linear)
+                y = self._samples["y"].at(t, tol, linear)
+                if x is not None and y is not None:
+                    return (x * self.scale, y * self.scale)
+                # could a sample still come that matches? only if an axis has none newer than t + tol
+                pending = any(not s.t or s.t[-1] < t + tol for s in self._samples.values())
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    return None
+                self._lock.wait(left)
 
     def reset(self) -> None:
         with self._lock:

@@ -100,6 +100,9 @@ class PositionPVs(Strict):
     """PV of the probe y position (m)."""
     tolerance_s: Annotated[float, Field(gt=0)] = 0.01
     """Largest time difference between a frame and a position sample."""
+    wait_s: Annotated[float, Field(ge=0)] = 0.5
+    """How long a frame may wait for the stage reading taken with it, whose monitor update can
+    arrive after the frame (different channels); frames with no match after this are counted."""
 
 
 class ChainOptions(Strict):

@@ -1,6 +1,7 @@
 """Position sources: attributes, a positions file, timestamped PV samples."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +151,25 @@ def test_make_source_and_assign():
     assert isinstance(make_source("pv", tolerance_s=0.1), TimestampedPositions)
     with pytest.raises(ValueError, match="position source"):
         make_source("guess")
+
+
+def test_timestamped_lookup_waits_for_a_late_stage_reading():
+    # the frame reaches the stitcher before the monitor update of the reading taken with it
+    src = TimestampedPositions(tolerance_s=0.05, wait_s=30.0)
+    src.add_x(9.0, 0.0)
+    src.add_y(9.0, 0.0)
+    late = threading.Timer(0.2, lambda: (src.add_x(10.0, 1.0), src.add_y(10.01, 2.0)))
+    late.start()
+    try:
+        assert src.position(frame(ts=10.0)) == (1.0, 2.0)
+    finally:
+        late.join()
+    # a reading newer than the frame's time plus the tolerance means none will match: no wait
+    t0 = time.monotonic()
+    assert src.position(frame(ts=9.5)) is None
+    assert time.monotonic() - t0 < 5.0
+    # nothing comes: the lookup gives up after wait_s
+    quick = TimestampedPositions(tolerance_s=0.05, wait_s=0.05)
+    assert quick.position(frame(ts=1.0)) is None
+    with pytest.raises(ValueError, match="wait_s"):
+        TimestampedPositions(wait_s=-1.0)
