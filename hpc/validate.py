@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from .. import physics
-from ..metrics import stitched_ssim
+from ..metrics import scanned_region, stitched_ssim
 from ..preprocess import PreprocessOptions, Preprocessor
 from ..scanfile import load_any_scan
 from ..stitching import Stitcher
@@ -47,7 +47,12 @@ def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, 
     crop = size * binning
     pre = Preprocessor(PreprocessOptions(crop=(crop, crop), binning=binning, scale=scale))
     ps = net_pixel_m or net_pixel_size(scan.attrs, crop)
-    stitcher = Stitcher(ps)
+    # weight each patch by the reconstructed probe's intensity when it is on the network's grid:
+    # the network knows the phase only where the beam lit the sample (else a Tukey taper)
+    probe = np.asarray(rec.probe) if rec.probe is not None else None
+    window = np.abs(probe) ** 2 if probe is not None and probe.shape == (size, size) \
+        and np.isclose(rec.pixel_size_m, ps, rtol=1e-3) else None
+    stitcher = Stitcher(ps, window=window)
     ok = np.isfinite(scan.positions_m).all(axis=1)
     frames, pos = scan.frames[ok], scan.positions_m[ok]
     for i in range(0, len(frames), batch):
@@ -58,8 +63,11 @@ def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, 
     img = stitcher.image()
     # the reconstruction's pixel (r, c) lies at center_m + ((c, r) - shape/2) * pixel: shift to its centre
     cx, cy = rec.center_m
-    shifted = img._replace(origin_m=(img.origin_m[0] - cx, img.origin_m[1] - cy))
-    ssim = stitched_ssim(shifted, rec.phase, rec.pixel_size_m, fraction=fraction)
+    # scored inside the scanned area (the hull of the positions), where both images are lit,
+    # after the best offset and linear phase ramp (as ptychographic phase images are compared)
+    region = scanned_region(img.phase.shape, img.origin_m, img.pixel_size_m, pos) & (img.weight >= fraction * img.weight.max())
+    shifted = img._replace(weight=region.astype(np.float32), origin_m=(img.origin_m[0] - cx, img.origin_m[1] - cy))
+    ssim = stitched_ssim(shifted, rec.phase, rec.pixel_size_m, fraction=0.5, ramp=True)
     return {"ssim": float(ssim), "version": mv.version, "frames": int(ok.sum()), "engine": eng.name,
             "pixel_size_m": ps, "image_shape": list(img.phase.shape)}
 

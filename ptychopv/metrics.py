@@ -49,8 +49,23 @@ def remove_offset(image, reference, mask=None, weights=None) -> np.ndarray:
     return np.asarray(image, dtype=np.float64) - best_offset(image, reference, mask, weights)
 
 
-def phase_ssim(image, reference, mask=None, *, data_range: float | None = None, win_size: int = 7) -> float:
-    """SSIM of two phase images over ``mask`` after removing the best constant offset.
+def best_plane(image, reference, mask=None) -> np.ndarray:
+    """The plane ``c + gy * row + gx * col`` minimising ``sum((image - plane - reference)^2)``
+    over the mask, evaluated on the whole grid."""
+    a, b, m = _pair(image, reference, mask)
+    rows, cols = np.nonzero(m)
+    if len(rows) < 3:
+        raise ValueError("a plane needs at least 3 pixels to compare")
+    design = np.column_stack([np.ones(len(rows)), rows, cols]).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, (a - b)[m], rcond=None)
+    r, c = np.indices(a.shape)
+    return coef[0] + coef[1] * r + coef[2] * c
+
+
+def phase_ssim(image, reference, mask=None, *, data_range: float | None = None, win_size: int = 7,
+               ramp: bool = False) -> float:
+    """SSIM of two phase images over ``mask`` after removing the best constant offset
+    (``ramp=True``: the best offset and linear phase ramp, :func:`best_plane`).
 
     The SSIM map is computed on the mask's bounding box and averaged over the mask eroded by
     half the window, so pixels outside the region do not leak into the score.
@@ -58,7 +73,7 @@ def phase_ssim(image, reference, mask=None, *, data_range: float | None = None, 
     from skimage.metrics import structural_similarity
 
     a, b, m = _pair(image, reference, mask)
-    a = a - float(np.mean(a[m] - b[m]))
+    a = a - best_plane(a, b, m) if ramp else a - float(np.mean(a[m] - b[m]))
     rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     a, b, m = a[box], b[box], m[box]
@@ -142,12 +157,13 @@ def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: floa
 
 
 def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
-                  data_range: float | None = None) -> float:
+                  data_range: float | None = None, ramp: bool = False) -> float:
     """SSIM of a :class:`~ptychopv.stitching.StitchedImage` (or its 4-tuple) against the true phase.
 
-    Compared over the well-covered region (:func:`coverage_mask`) inside the truth.
+    Compared over the well-covered region (:func:`coverage_mask`) inside the truth; ``ramp``
+    as in :func:`phase_ssim`.
     """
     phase, weight, origin_m, pixel_size_m = stitched
     ref = truth_on_grid(truth_phase, truth_pixel_size_m, origin_m, pixel_size_m, np.shape(phase))
     mask = coverage_mask(weight, fraction) & np.isfinite(ref)
-    return phase_ssim(phase, ref, mask, data_range=data_range)
+    return phase_ssim(phase, ref, mask, data_range=data_range, ramp=ramp)

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from ptychopv import physics
-from ptychopv.metrics import (best_offset, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
+from ptychopv.metrics import (best_offset, best_plane, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
                               truth_on_grid)
 
 
@@ -18,6 +18,20 @@ def test_constant_offset_does_not_change_ssim(phase):
     assert phase_ssim(phase + 2.5, phase) == pytest.approx(1.0)
     assert best_offset(phase + 2.5, phase) == pytest.approx(2.5)
     assert np.allclose(remove_offset(phase - 1, phase), phase)
+
+
+def test_ramp_removal_only_when_asked(phase):
+    r, c = np.indices(phase.shape)
+    tilted = phase + 0.7 + 0.01 * r - 0.02 * c
+    assert np.allclose(best_plane(tilted, phase), 0.7 + 0.01 * r - 0.02 * c)
+    assert phase_ssim(tilted, phase, ramp=True) == pytest.approx(1.0)
+    assert phase_ssim(tilted, phase) < 0.9                                   # a ramp is an error by default
+    # the plane takes the ramp, not the structure: a blurred image stays penalised
+    blurred = ndimage.gaussian_filter(phase, 3) + 0.01 * r
+    assert phase_ssim(blurred, phase, ramp=True) == pytest.approx(phase_ssim(blurred - 0.01 * r, phase), abs=0.02)
+    assert phase_ssim(blurred, phase, ramp=True) < 0.9
+    with pytest.raises(ValueError, match="3 pixels"):
+        best_plane(phase[:1, :2], phase[:1, :2])
 
 
 def test_weighted_offset():
