@@ -14,13 +14,13 @@ ENERGY_EV, DISTANCE_M, DET_PIXEL_M = 8800.0, 2.0, 75e-6
 
 def write_sim_scan(path: Path, *, n: int = 64, beam_px: float = 12.0, overlap: float = 0.6,
                    extent_px: float = 72.0, object_px: int = 160, dose: float = 1e8, seed: int = 1,
-                   truth: bool = True) -> Path:
+                   truth: bool = True, curvature: float = 0.0, center_m=(0.0, 0.0)) -> Path:
     """A Fermat-spiral scan of a focused probe over a simulated object (~200 positions by default)."""
     px = physics.object_pixel_size(ENERGY_EV, DISTANCE_M, DET_PIXEL_M, n)
     obj = physics.make_object((object_px, object_px), seed=seed)
-    probe = physics.make_probe(n, beam_px, "focused")
+    probe = physics.make_probe(n, beam_px, "focused", curvature=curvature)
     step = (1 - overlap) * beam_px * px
-    pos = physics.scan_positions("fermat", step, extent_px * px)
+    pos = physics.scan_positions("fermat", step, extent_px * px) + np.asarray(center_m, float)
     sim = physics.simulate(obj, probe, pos, px, dose=dose, seed=seed, beam_m=beam_px * px, step_m=step)
     with ScanWriter(path, (n, n), np.float32, scan_id=Path(path).stem, energy_ev=ENERGY_EV,
                     detector_distance_m=DISTANCE_M, detector_pixel_size_m=DET_PIXEL_M) as w:
