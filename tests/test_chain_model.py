@@ -24,12 +24,13 @@ from .test_chain import caget, wait_until
 pytestmark = pytest.mark.epics
 pytest.importorskip("onnxruntime", reason="the demo model runs on ONNX Runtime ([onnx] extra)")
 
-# The shipped demo model is weak: on this held-out area it scores ~0.15-0.23 stitched against
-# ground truth (README, "Known limits"), so this threshold only guards against a chain that
-# places patches wrongly or not at all. Two stronger checks follow: the chain's image equals an
-# offline stitch of the same model's output (the plumbing), and true phase patches stitched at
-# the recorded positions reproduce the truth (the geometry).
-DEMO_SSIM_MIN = 0.1
+# The shipped demo model on a held-out area of the default sample: 0.86-0.90 stitched against
+# ground truth offline (offset and ramp removed; 2-core CPU, ONNX Runtime). SSIM is normalised
+# by the area's own phase contrast, so a near-flat area scores low whatever the model (the moon
+# image at this spot spans 0.08 rad: 0.21); the area here has 0.83 rad. Two more checks follow:
+# the chain's image equals an offline stitch of the same model's output (the plumbing), and true
+# phase patches stitched at the recorded positions reproduce the truth (the geometry).
+DEMO_SSIM_MIN = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,8 @@ def rig(tmp_path_factory):
           truth_file: truth.h5
           dose: 1.0e6
           geometry: {{detector_size: 64}}
-          sample: {{size_px: 768, phase_image: moon, amplitude_image: camera}}
-          probe: {{beam_m: 5.0e-7}}
+          sample: {{size_px: 768}}
+          probe: {{beam_m: 5.0e-7, curvature: 4.0}}
           scan: {{extent_m: 2.4e-6, overlap: 0.6, center_m: [1.0e-6, 0.0]}}
         """
     h = write_ioc_config(folder, f"MD{os.getpid()}:", CA_PORTS[1], extra=extra)
@@ -77,20 +78,20 @@ def test_stitched_phase_matches_ground_truth(rig):
     truth = read_truth(folder / "truth.h5")
     a = img.attributes
     assert a["PixelSize"] == pytest.approx(truth.pixel_size_m, rel=1e-6)
-    from scipy import ndimage
-
-    covered = ndimage.binary_erosion(img.data != 0, iterations=16)
-    st = StitchedImage(img.data, covered.astype(np.float32), (a["OriginX"], a["OriginY"]), a["PixelSize"])
-    ssim = stitched_ssim(st, np.angle(truth.obj), truth.pixel_size_m, fraction=0.5)
-    assert ssim > DEMO_SSIM_MIN, f"stitched SSIM {ssim:.3f}"
-    # the plumbing: the chain's image is what the same model and stitcher give offline
     from ptychopv import physics
     from ptychopv.inference.engines import select_engine
     from ptychopv.inference.registry import ModelRegistry
+    from ptychopv.metrics import scanned_region
     from ptychopv.scanfile import read_scan
     from ptychopv.stitching import Stitcher
 
     scan = read_scan(folder / "truth.h5")
+    # scored over the scanned area (the hull of the positions), where every pixel was lit
+    region = scanned_region(img.data.shape, (a["OriginX"], a["OriginY"]), a["PixelSize"], scan.positions_m)
+    st = StitchedImage(img.data, region.astype(np.float32), (a["OriginX"], a["OriginY"]), a["PixelSize"])
+    ssim = stitched_ssim(st, np.angle(truth.obj), truth.pixel_size_m, fraction=0.5, ramp=True)
+    assert ssim > DEMO_SSIM_MIN, f"stitched SSIM {ssim:.3f}"
+    # the plumbing: the chain's image is what the same model and stitcher give offline
     eng = select_engine(ModelRegistry(folder / "registry").get(1).source(), "onnxruntime")
     offline = Stitcher(a["PixelSize"])
     sigma = 5.0e-7 / a["PixelSize"] / 2.3548

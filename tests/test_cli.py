@@ -38,7 +38,12 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert all(s["stages_ran"].values()), s["stages_ran"]
     assert s["model_versions"]["scan2"] > s["model_versions"]["scan1"]   # the retrained model ran live
     assert s["dropped"] == 0 and s["missed"] == 0
-    assert -1.0 <= s["ssim_live_vs_truth"] <= 1.0 and -1.0 <= s["ssim_live_vs_reconstruction"] <= 1.0
+    # the issue's bar: the live stitched image of scan 2 against ground truth (offset and linear
+    # ramp removed); measured 0.83-0.84 on a 2-core CPU. The offset-only figure and the score
+    # against scan 2's reconstruction are reported beside it.
+    assert s["ssim_live_vs_truth"] >= 0.8, s
+    assert -1.0 <= s["ssim_live_vs_truth_offset_only"] <= 1.0
+    assert 0.5 <= s["ssim_live_vs_reconstruction"] <= 1.0, s
     for png in ("stitched_scan2.png", "reconstruction_scan1.png", "truth_scan2.png", "loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "SSIM live stitched vs ground truth" in r.stdout
