@@ -40,7 +40,7 @@ def caget(args: list[str]) -> int:
 
     opts, names = _split(args, "t")
     for name in names:
-        value = epics.caget(name, as_string=True, timeout=10)
+        value = epics.caget(name, as_string=True, timeout=10, use_monitor=False)   # as the CLI: a fresh read
         if value is None:
             print(f"{name}: no connection or no value", file=sys.stderr)
             return 1

@@ -40,6 +40,7 @@ def wait_until(fn, timeout=30.0, what="condition"):
 
 
 def caget(name, **kw):
+    kw.setdefault("use_monitor", False)   # a fresh read, not pyepics' monitor cache
     v = epics.caget(name, timeout=10, **kw)
     assert v is not None, name
     return v

@@ -35,6 +35,9 @@ import bluesky_plan
 
 
 def caget(name, **kw):
+    # a fresh CA read, not pyepics' monitor cache, which may not yet hold the update a
+    # completed put-callback caused
+    kw.setdefault("use_monitor", False)
     value = epics.caget(name, timeout=10, **kw)
     assert value is not None, f"caget {name} timed out"
     return value

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.epics
 
 
 def caget(name, **kw):
+    # a fresh CA read, not pyepics' monitor cache, which may not yet hold the update a
+    # completed put-callback caused
+    kw.setdefault("use_monitor", False)
     value = epics.caget(name, timeout=10, **kw)
     assert value is not None, f"caget {name} timed out"
     return value

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.epics
 
 
 def caget(name):
-    value = epics.caget(name, timeout=10, as_string=True)
+    value = epics.caget(name, timeout=10, as_string=True, use_monitor=False)
     assert value is not None, f"caget {name} timed out"
     return value
 
