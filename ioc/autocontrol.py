@@ -2,8 +2,9 @@
 
 The paper's loop: when a captured scan ends, reconstruct it, pair labels and validate the live
 model against the reconstruction. If the model's SSIM has dropped by more than the tolerance
-(10 %) relative to the reference SSIM (what the model scored when it was trained: the
-``val_ssim`` on its model card; 1.0 when unknown), train and push a new model. Otherwise suspend:
+(10 %) relative to the reference SSIM (what the model scored, validated the same way, on
+the scan it was trained from, measured right after training; 1.0 when unknown, as for the
+shipped model), train and push a new model. Otherwise suspend:
 while suspended only a scan that ends at least ``interval_s`` (1 h) after the last check is
 reconstructed and validated; a mismatch found then resumes training.
 

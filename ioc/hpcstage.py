@@ -256,9 +256,31 @@ class HpcStage:
         if not self._finish("Train", res, "training"):
             return None
         r = res["result"]
-        ioc.message("Train", f"model v{r['version']} registered (val loss {r.get('val_loss') or 0:.4f})")
+        ref = await self._reference(int(r["version"]))
+        ioc.message("Train", f"model v{r['version']} registered (val loss {r.get('val_loss') or 0:.4f}"
+                    + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")"))
         ioc.set("Train:Progress_RBV", 100.0)
         return r
+
+    async def _reference(self, version: int) -> float | None:
+        """Validate a new version on the scan it was just trained from (the last reconstruction):
+        the controller's reference for that version, measured the way ``SSIM_RBV`` is later.
+        The per-frame ``val_ssim`` on the card is another measure and cannot serve."""
+        from ..hpc.validate import validate_job
+
+        last = self.last_recon
+        if not last:
+            return None
+        self.ioc.message("Train", f"validating v{version} on its training scan")
+        val = await self._run(None, validate_job, last["scan"], last["recon_path"], str(self.chain.registry_path),
+                              {"version": version, "binning": self.cfg.chain.binning,
+                               "engine": self.cfg.workflow.validate_engine,
+                               "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}, kind="validate")
+        if val.get("status") != "done":
+            return None
+        ssim = float(val["result"]["ssim"])
+        self.chain.set_reference(version, ssim)
+        return ssim
 
     # ------------------------------------------------------------------ continual learning
     def _auto_state(self) -> None:

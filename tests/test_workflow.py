@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 
 import epics
 import h5py
@@ -106,6 +107,14 @@ def test_reconstruct_train_and_push(loop):
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="the chain runs v1")
     assert caget(h.pv("Model:Latest_RBV")) == 1 and caget(h.pv("Infer:Engine_RBV")) == "onnxruntime"
+    # the new version was validated on its training scan: the controller's reference for it
+    msg = caget(h.pv("Train:Message_RBV"), as_string=True)
+    found = re.search(r"SSIM (-?[0-9.]+) on its training scan", msg)
+    assert found, msg
+    ref = float(found.group(1))
+    assert -1.0 <= ref <= 1.0
+    wait_until(lambda: abs(caget(h.pv("Model:ValSSIM_RBV")) - ref) < 2e-3, timeout=30,
+               what=f"Model:ValSSIM_RBV shows v1's reference {ref}")
 
 
 def test_failures_leave_a_status_and_the_ioc_serving(loop, tmp_path):
