@@ -144,7 +144,6 @@ class HpcStage:
     async def reconstruct(self, scan: Path | None) -> dict | None:
         """Reconstruct -> label -> validate one scan; returns the summary or None on failure."""
         from ..hpc.jobs import label_job, reconstruct_job
-        from ..hpc.validate import validate_job
 
         ioc = self.ioc
         self.jobs["Recon"] = "starting"
@@ -180,10 +179,7 @@ class HpcStage:
         summary = {"recon_path": recon_path, "scan": str(scan), "pairs": lab["result"]["pairs"]}
         if self.chain.infer.version:
             ioc.message("Recon", "validating the live model")
-            val = await self._run(None, validate_job, str(scan), recon_path, str(self.chain.registry_path),
-                                  {"version": int(self.chain.infer.version), "binning": self.cfg.chain.binning,
-                                   "engine": self.cfg.workflow.validate_engine,
-                                   "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}, kind="validate")
+            val = await self._validate(str(scan), recon_path, int(self.chain.infer.version))
             if val.get("status") == "done":
                 ssim = float(val["result"]["ssim"])
                 ioc.set("SSIM_RBV", round(ssim, 4))
@@ -266,21 +262,25 @@ class HpcStage:
         """Validate a new version on the scan it was just trained from (the last reconstruction):
         the controller's reference for that version, measured the way ``SSIM_RBV`` is later.
         The per-frame ``val_ssim`` on the card is another measure and cannot serve."""
-        from ..hpc.validate import validate_job
-
         last = self.last_recon
         if not last:
             return None
         self.ioc.message("Train", f"validating v{version} on its training scan")
-        val = await self._run(None, validate_job, last["scan"], last["recon_path"], str(self.chain.registry_path),
-                              {"version": version, "binning": self.cfg.chain.binning,
-                               "engine": self.cfg.workflow.validate_engine,
-                               "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}, kind="validate")
+        val = await self._validate(last["scan"], last["recon_path"], version)
         if val.get("status") != "done":
             return None
         ssim = float(val["result"]["ssim"])
         self.chain.set_reference(version, ssim)
         return ssim
+
+    async def _validate(self, scan: str, recon_path: str, version: int) -> dict:
+        """One validation job: ``version``'s stitched inference over ``scan`` against its reconstruction."""
+        from ..hpc.validate import validate_job
+
+        return await self._run(None, validate_job, scan, recon_path, str(self.chain.registry_path),
+                               {"version": version, "binning": self.cfg.chain.binning,
+                                "engine": self.cfg.workflow.validate_engine,
+                                "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}, kind="validate")
 
     # ------------------------------------------------------------------ continual learning
     def _auto_state(self) -> None:
