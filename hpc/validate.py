@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from .. import physics
-from ..metrics import scanned_region, stitched_ssim
+from ..metrics import stitched_ssim
 from ..preprocess import PreprocessOptions, Preprocessor
 from ..scanfile import load_any_scan
 from ..stitching import Stitcher
@@ -65,9 +65,9 @@ def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, 
     cx, cy = rec.center_m
     # scored inside the scanned area (the hull of the positions), where both images are lit,
     # after the best offset and linear phase ramp (as ptychographic phase images are compared)
-    region = scanned_region(img.phase.shape, img.origin_m, img.pixel_size_m, pos) & (img.weight >= fraction * img.weight.max())
-    shifted = img._replace(weight=region.astype(np.float32), origin_m=(img.origin_m[0] - cx, img.origin_m[1] - cy))
-    ssim = stitched_ssim(shifted, rec.phase, rec.pixel_size_m, fraction=0.5, ramp=True)
+    shifted = img._replace(origin_m=(img.origin_m[0] - cx, img.origin_m[1] - cy))
+    ssim = stitched_ssim(shifted, rec.phase, rec.pixel_size_m, fraction=fraction, ramp=True,
+                         positions_m=pos - np.array([cx, cy]))
     return {"ssim": float(ssim), "version": mv.version, "frames": int(ok.sum()), "engine": eng.name,
             "pixel_size_m": ps, "image_shape": list(img.phase.shape)}
 

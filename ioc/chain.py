@@ -49,7 +49,6 @@ class LiveChain:
         self._messages: dict[str, str] = {}
         self.last_scan_file: str | None = None
         self._capturing = False
-        self.reference_ssim = 0.0
         self.references: dict[int, float] = {}   # version -> SSIM on its training scan
         self._seen: dict[str, object] = {}   # last value the stats loop wrote to each record
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
@@ -178,9 +177,6 @@ class LiveChain:
             bs = sorted({1, 2, 4, 8, 16, 64, int(self.infer.batch_size)})
             engine = select_engine(mv.source(), self.cfg.chain.engine, warmup=True, batch_sizes=bs)
             self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
-            # the controller's reference: the version's SSIM on its own training scan, when this
-            # IOC trained it (else unknown: the controller compares against a perfect 1.0)
-            self.reference_ssim = self.references.get(mv.version, 0.0)
             self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim)
             self._message("Infer", f"running model v{mv.version} on {engine.name}")
         except Exception as exc:  # the old model keeps running
@@ -199,11 +195,16 @@ class LiveChain:
         g = np.exp(-0.5 * (r / max(sigma, 0.5)) ** 2)
         return np.outer(g, g)
 
+    @property
+    def reference_ssim(self) -> float:
+        """The controller's reference for the live model: its SSIM on its own training scan,
+        when this IOC trained it; 0.0 (unknown: compared against a perfect 1.0) otherwise."""
+        return self.references.get(self.infer.version, 0.0)
+
     def set_reference(self, version: int, ssim: float) -> None:
         """Record a version's validation SSIM on its training scan (the controller's reference)."""
         self.references[int(version)] = float(ssim)
         if self.infer.version == int(version):          # already swapped in by the registry watch
-            self.reference_ssim = float(ssim)
             self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4))
 
     def set_stitch_window(self, window) -> None:

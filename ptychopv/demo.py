@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import GeometryOptions
 from .epics_env import apply_loopback, free_port, pva_client_conf
 from .physics import object_pixel_size
 
@@ -31,7 +32,8 @@ SCAN2_OFFSET_M = 4.0e-6
 # Airy probe is real and symmetric and a frame cannot tell a phase patch from its negated twin,
 # so no network learns the phase (scripts/make_demo_model.py trains the shipped model the same way).
 CURVATURE = 4.0
-PIXEL_M = object_pixel_size(8800.0, 2.0, 75e-6, 64)  # the sim's default geometry, 64x64 frames
+_G = GeometryOptions()  # the sim's default geometry, at the demo's 64x64 frames
+PIXEL_M = object_pixel_size(_G.energy_ev, _G.distance_m, _G.detector_pixel_m, QUICK["size"])
 
 
 def _config(out: Path, p: dict, ports: dict, center_x: float, truth: str) -> Path:
@@ -161,7 +163,7 @@ def _loss_png(path: Path, loss, val) -> None:
 
 def run_demo(args) -> int:
     apply_loopback()
-    from .metrics import scanned_region, stitched_ssim
+    from .metrics import stitched_ssim
     from .procs import start_ioc, start_sim
     from .scanfile import read_scan, read_truth
     from .stitching import StitchedImage
@@ -175,7 +177,7 @@ def run_demo(args) -> int:
     t0 = time.monotonic()
     print(f"ptychopv demo ({'quick' if args.quick else 'full'}): files in {out}", flush=True)
     children = []
-    session = []
+    s = None
 
     def step(text):
         print(f"[{time.monotonic() - t0:6.1f} s] {text}", flush=True)
@@ -187,7 +189,6 @@ def run_demo(args) -> int:
         ioc = start_ioc(cfg1, name="ioc", echo=args.echo)
         children.append(ioc)
         s = Session(ports)
-        session.append(s)
         s.wait(lambda: s.get("ModelVersion_RBV") > 0, "the shipped model loaded", 120)
         v0 = int(s.get("ModelVersion_RBV"))
         step(f"chain runs model v{v0} on {s.get('Infer:Engine_RBV')}; capturing scan 1")
@@ -233,15 +234,15 @@ def run_demo(args) -> int:
         ps = float(a["PixelSize"])
         # score the scanned area (the hull of the positions the chain recorded), where every
         # pixel was lit; the image's rim holds only the faint tails of the beam
+        # (the image is published without its weights: every finite pixel counts)
         origin = (float(a["OriginX"]), float(a["OriginY"]))
-        positions = read_scan(scan2["file"]).positions_m
-        region = scanned_region(img.data.shape, origin, ps, positions) & np.isfinite(img.data)
-        stitched = StitchedImage(img.data, region.astype(np.float32), origin, ps)
+        stitched = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), origin, ps)
+        scored = {"fraction": 0.5, "positions_m": read_scan(scan2["file"]).positions_m}
         # compared as ptychographic phase images are: after the best offset and linear phase
         # ramp (small errors in each patch's offset chain into slopes across a live image);
         # the offset-only figure is reported beside it
-        ssim_truth = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, fraction=0.5, ramp=True)
-        ssim_offset = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, fraction=0.5)
+        ssim_truth = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, ramp=True, **scored)
+        ssim_offset = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, **scored)
         stages = {"capture": scan1["captured"] > 0 and scan2["captured"] > 0,
                   "reconstruct": recon1[0] == "Done" and recon2[0] == "Done",
                   "train": train[0] == "Done", "swap": scan2["model_version"] > scan1["model_version"]}
@@ -282,8 +283,8 @@ def run_demo(args) -> int:
     finally:
         # clients first, then the IOC before the detector it reads: nothing is left trying to
         # reconnect to a server that has gone
-        for sess in session:
-            sess.ctx.close()
+        if s is not None:
+            s.ctx.close()
         for child in sorted(children, key=lambda c: c.name != "ioc"):
             child.stop()
 

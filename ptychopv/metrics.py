@@ -157,13 +157,16 @@ def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: floa
 
 
 def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
-                  data_range: float | None = None, ramp: bool = False) -> float:
+                  data_range: float | None = None, ramp: bool = False, positions_m=None) -> float:
     """SSIM of a :class:`~ptychopv.stitching.StitchedImage` (or its 4-tuple) against the true phase.
 
-    Compared over the well-covered region (:func:`coverage_mask`) inside the truth; ``ramp``
+    Compared over the well-covered region (:func:`coverage_mask`) inside the truth, and, given
+    the scan's ``positions_m``, inside the area it scanned (:func:`scanned_region`); ``ramp``
     as in :func:`phase_ssim`.
     """
     phase, weight, origin_m, pixel_size_m = stitched
     ref = truth_on_grid(truth_phase, truth_pixel_size_m, origin_m, pixel_size_m, np.shape(phase))
     mask = coverage_mask(weight, fraction) & np.isfinite(ref)
+    if positions_m is not None:
+        mask &= scanned_region(np.shape(phase), origin_m, pixel_size_m, positions_m)
     return phase_ssim(phase, ref, mask, data_range=data_range, ramp=ramp)

@@ -113,6 +113,14 @@ def test_coverage_mask_and_stitched_ssim(phase):
     img = np.where(weight > 0, phase[30:70, 20:70] - 0.7, 0.0)
     assert coverage_mask(weight).sum() == 30 * 40
     assert stitched_ssim((img, weight, origin, ps), phase, ps) == pytest.approx(1.0)
+    # given the scan positions, only the scanned area counts: damage outside it is not scored
+    rng = np.random.default_rng(1)
+    damaged = img.copy()
+    damaged[5:35, 30:45] += rng.standard_normal((30, 15))
+    x0, y0 = origin
+    corners = [(x0 + c * ps, y0 + r * ps) for r, c in ((5, 5), (5, 29), (34, 29), (34, 5))]
+    assert stitched_ssim((damaged, weight, origin, ps), phase, ps) < 0.9
+    assert stitched_ssim((damaged, weight, origin, ps), phase, ps, positions_m=corners) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nothing was stitched"):
         coverage_mask(np.zeros((3, 3)))
 
