@@ -265,3 +265,154 @@ def test_device_preprocessing_engines_get_raw_frames_with_bad_ones_zeroed():
     assert out["valid"].tolist() == [True, False] and not eng.got[1].any()
     np.testing.assert_array_equal(eng.got[0, 0], y[0])
     assert eng.describe()["device_preprocessing"] is True
+
+
+# ---------------------------------------------------------------- failed loads and warm-ups
+class _Ledger:
+    """What the fake engines below allocated and released."""
+
+    def __init__(self):
+        self.held: list[str] = []
+        self.closed: list[str] = []
+
+
+class _FakeGPU(Engine):
+    """Allocates on load, then fails where it is told to (``fail``: load, value, warmup)."""
+
+    name = "fake"
+    fail = None
+    ledger: _Ledger
+
+    def _load(self):
+        self.ledger.held.append(self.name)  # e.g. pinned buffers, device memory, a stream
+        if self.fail == "load":
+            raise RuntimeError("TensorRT build failed")
+        if self.fail == "value":
+            raise ValueError("engine I/O does not match the model card")
+
+    def _run(self, x):
+        if self.fail == "warmup":
+            raise RuntimeError("CUDA out of memory at batch 64")
+        return {"phase": x[:, 0].astype(np.float32)}
+
+    def close(self):
+        if self.name in self.ledger.held:
+            self.ledger.held.remove(self.name)
+        self.ledger.closed.append(self.name)
+        super().close()
+
+
+@pytest.fixture
+def fake_engines(monkeypatch):
+    """``select_engine`` over three fakes: ``first`` and ``second`` fail as a test sets them."""
+    import ptychopv.inference.engines as engines
+
+    ledger = _Ledger()
+    classes = {n: type(f"Fake_{n}", (_FakeGPU,), {"name": n, "ledger": ledger})
+               for n in ("first", "second", "third")}
+    monkeypatch.setattr(engines, "AUTO_ORDER", tuple(classes))
+    monkeypatch.setattr(engines, "engine_class", lambda name: classes[name])
+    return classes, ledger
+
+
+def test_failed_load_is_closed_and_the_next_engine_taken(fake_engines):
+    classes, ledger = fake_engines
+    classes["first"].fail = "load"
+    engine = select_engine(ModelSource(input_size=64), "auto")
+    assert engine.name == "second"
+    assert set(ledger.closed) == {"first"} and ledger.held == ["second"]  # nothing of "first" left
+    assert engine.selection[0] == {"engine": "first", "reason": "failed to load: TensorRT build failed"}
+
+
+def test_failed_warmup_is_closed_and_falls_back(fake_engines):
+    classes, ledger = fake_engines
+    classes["first"].fail = "warmup"
+    classes["second"].fail = "warmup"
+    engine = select_engine(ModelSource(input_size=64), "auto", warmup=True, batch_sizes=(2,))
+    assert engine.name == "third" and ledger.held == ["third"]
+    assert ledger.closed == ["first", "second"]
+    assert [s.get("reason", "") for s in engine.selection[:2]] == \
+        ["failed to warm up: CUDA out of memory at batch 64"] * 2
+    # An engine asked for by name: closed, and the error says why.
+    with pytest.raises(RuntimeError, match="first: failed to warm up: CUDA out of memory"):
+        select_engine(ModelSource(input_size=64), "first", warmup=True, batch_sizes=(2,))
+    assert ledger.closed[-1] == "first" and ledger.held == ["third"]
+
+
+def test_bad_model_is_raised_after_the_engine_is_closed(fake_engines):
+    classes, ledger = fake_engines
+    classes["first"].fail = "value"
+    with pytest.raises(ValueError, match="does not match the model card"):
+        select_engine(ModelSource(input_size=64), "auto")
+    assert ledger.held == [] and set(ledger.closed) == {"first"}
+
+
+def test_engine_load_closes_itself_when_it_fails(fake_engines):
+    classes, ledger = fake_engines
+    classes["first"].fail = "load"
+    engine = classes["first"](ModelSource(input_size=64))
+    with pytest.raises(RuntimeError, match="TensorRT build failed"):
+        engine.load()  # called directly, not through select_engine
+    assert ledger.held == [] and ledger.closed == ["first"]
+    assert not engine.describe()["loaded"]
+
+
+# ---------------------------------------------------------------- frames straight into buffers
+def test_a_list_of_frames_is_checked_and_inferred_like_a_batch(source):
+    engine = select_engine(source, "onnxruntime")
+    x = frames(3)
+    as_list = engine.infer(list(x))
+    np.testing.assert_array_equal(as_list["phase"], engine.infer(x)["phase"])
+    with pytest.raises(ValueError, match="frames are 32x32 but the model expects 64x64"):
+        engine.infer([x[0], np.zeros((32, 32), np.float32)])
+    with pytest.raises(ValueError, match=r"frame 1 of the list has shape \(1, 64, 64\)"):
+        engine.infer([x[0], x[1:2]])
+    with pytest.raises(TypeError, match="real numbers"):
+        engine.infer([x[0].astype(np.complex64)])
+    assert engine.infer([])["phase"].shape == (0, 64, 64)
+
+
+def test_staging_converts_in_one_pass_and_zeroes_the_padding():
+    from ptychopv.inference.engines.base import stage_frames, staging_dtype
+
+    x = frames(3).astype(np.uint16)
+    assert staging_dtype(x) == np.uint16 and staging_dtype(list(x.astype(np.uint8))) == np.uint16
+    assert staging_dtype(x, integers=None) == np.float32  # TensorRT has no uint16 tensors
+    assert staging_dtype([x[0], x[1].astype(np.float32)]) == np.float32
+    dst = np.full((4, 64, 64), 7.0, np.float32)
+    stage_frames(dst, list(x), 1, 2)
+    np.testing.assert_array_equal(dst[:2], x[1:3])
+    assert not dst[2:].any()
+    stage_frames(dst, x, 0, 3)
+    np.testing.assert_array_equal(dst[:3], x)
+
+
+class _DeviceChecking(_Recorder):
+    """Stages like a GPU engine and reports non-finite frames as its device would."""
+
+    def _load(self):
+        super()._load()
+        self.device_preprocessing = self.device_checks = True
+
+    def _run_frames(self, frames):
+        from ptychopv.inference.engines.base import stage_frames
+
+        self.seen.append(type(frames).__name__)
+        x = np.empty((len(frames), 64, 64), np.float32)
+        stage_frames(x, frames, 0, len(frames))
+        valid = np.isfinite(x).all(axis=(1, 2))
+        return {"phase": np.where(valid[:, None, None], x, 0) * 2, "valid": valid}
+
+
+def test_device_checks_engines_get_the_frames_unstacked_and_report_bad_ones():
+    eng = _DeviceChecking(ModelSource(input_size=64, preprocessing=SPEC), batch_sizes=(4,))
+    x = frames(3)
+    x[1, 2, 2] = np.inf
+    out = eng.infer(list(x))
+    assert eng.seen == ["list"]  # no np.stack on the host
+    assert out["valid"].tolist() == [True, False, True]
+    assert np.isnan(out["phase"][1]).all()
+    np.testing.assert_array_equal(out["phase"][[0, 2]], x[[0, 2]] * 2)
+    strict = _DeviceChecking(ModelSource(input_size=64), on_nonfinite="raise")
+    with pytest.raises(ValueError, match=r"frame\(s\) \[1\] of a batch of 3"):
+        strict.infer(x)

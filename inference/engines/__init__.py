@@ -48,7 +48,13 @@ def select_engine(source: ModelSource, engine: str = "auto", *, warmup: bool = F
     """Load an engine by name, or the first that loads in the order TensorRT, PyTorch CUDA,
     ONNX Runtime, PyTorch CPU. ``options`` holds per-engine keyword arguments by name;
     ``common`` (batch_sizes, on_nonfinite) goes to all. The engine's ``selection`` (also in
-    ``describe()``) lists what was tried and why it was passed over."""
+    ``describe()``) lists what was tried and why it was passed over.
+
+    An engine that fails to load or to warm up is closed (its pinned and device memory, streams
+    and graphs released) before the next is tried: a hot swap that falls back must not leave
+    the failed engine's memory behind on the GPU. A TypeError or ValueError while constructing
+    or loading is the caller's error (a bad argument, a bad model file) and is raised; a
+    failure while warming up is the engine's, whatever its type, and falls back."""
     names = AUTO_ORDER if engine == "auto" else (engine,)
     if engine != "auto":
         engine_class(engine)  # unknown name -> ValueError now
@@ -57,26 +63,40 @@ def select_engine(source: ModelSource, engine: str = "auto", *, warmup: bool = F
         cls = engine_class(name)
         reason = cls.unavailable(source)
         if reason is None:
+            chosen = None
             try:
-                chosen = cls(source, **common, **(options or {}).get(name, {})).load()
+                chosen = cls(source, **common, **(options or {}).get(name, {}))
+                chosen.load()  # closes itself when it fails
             except (TypeError, ValueError):
+                _close(chosen)
                 raise  # a bad argument or a bad model is the caller's error, not a fall-back
             except Exception as exc:  # noqa: BLE001 - e.g. a TensorRT build failure: try the next
+                _close(chosen)
                 reason = f"failed to load: {exc}"
             else:
-                if warmup:
-                    chosen.warmup()
-                tried.append({"engine": name, "chosen": True})
-                chosen.selection = tried
-                log.info("inference engine: %s (%s)", name,
-                         "; ".join(f"{t['engine']}: {t['reason']}" for t in tried if "reason" in t)
-                         or "first choice")
-                return chosen
+                try:
+                    if warmup:
+                        chosen.warmup()
+                except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory at batch 64
+                    _close(chosen)
+                    reason = f"failed to warm up: {exc}"
+                else:
+                    tried.append({"engine": name, "chosen": True})
+                    chosen.selection = tried
+                    log.info("inference engine: %s (%s)", name,
+                             "; ".join(f"{t['engine']}: {t['reason']}" for t in tried
+                                       if "reason" in t) or "first choice")
+                    return chosen
         tried.append({"engine": name, "reason": reason})
         if engine != "auto":
             break
     why = "; ".join(f"{t['engine']}: {t['reason']}" for t in tried)
     raise RuntimeError(f"no inference engine can run this model ({why})")
+
+
+def _close(engine: Engine | None) -> None:
+    if engine is not None:
+        engine._close_quietly()
 
 
 __all__ = ["AUTO_ORDER", "DEFAULT_BATCH_SIZES", "ENGINES", "Engine", "ModelSource",

@@ -12,11 +12,19 @@ one. With ``on_nonfinite="raise"`` the batch is refused with a ValueError naming
 
 Engines that need fixed batch sizes (CUDA graphs, TensorRT) pad a batch up to the next size in
 ``batch_sizes`` and split batches larger than the largest.
+
+``infer`` also takes a list of ``(H, W)`` frames. The GPU engines (``device_checks``) copy
+them one by one straight into their pinned staging buffer, test them for NaN and inf on the
+GPU and return ``valid`` from the device, so the host neither stacks, scans nor converts the
+batch; the other engines stack the list first.
+
+A failed ``load`` calls ``close``: an engine releases what it allocated before it raised.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +35,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..preprocessing import check_spec, normalize
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 64)
 NONFINITE_POLICIES = ("mask", "raise")
@@ -93,15 +103,59 @@ def file_sha256(path: str | os.PathLike) -> str:
 def check_batch(batch, input_size: int) -> np.ndarray:
     """Return ``batch`` as a ``(B, H, W)`` array or raise a TypeError/ValueError saying why."""
     arr = np.asarray(batch)
-    if arr.dtype.kind not in "uif":
-        raise TypeError(f"frames must be real numbers, got dtype {arr.dtype}")
+    _check_dtype(arr.dtype)
     if arr.ndim != 3:
         hint = " (for one frame pass frame[None])" if arr.ndim == 2 else ""
         raise ValueError(f"expected a batch of frames (B, H, W), got shape {arr.shape}{hint}")
-    if arr.shape[1:] != (input_size, input_size):
-        raise ValueError(f"frames are {arr.shape[1]}x{arr.shape[2]} but the model expects "
-                         f"{input_size}x{input_size}")
+    _check_size(arr.shape[1:], input_size)
     return arr
+
+
+def check_frames(batch, input_size: int) -> np.ndarray | list[np.ndarray]:
+    """``batch`` checked as by ``check_batch``; a list or tuple of ``(H, W)`` frames stays a
+    list (not stacked), so an engine can copy each frame straight into its own buffer."""
+    if not isinstance(batch, (list, tuple)):
+        return check_batch(batch, input_size)
+    frames = [np.asarray(f) for f in batch]
+    for i, f in enumerate(frames):
+        _check_dtype(f.dtype)
+        if f.ndim != 2:
+            raise ValueError(f"frame {i} of the list has shape {f.shape}; expected (H, W)")
+        _check_size(f.shape, input_size)
+    return frames
+
+
+def _check_dtype(dtype) -> None:
+    if dtype.kind not in "uif":
+        raise TypeError(f"frames must be real numbers, got dtype {dtype}")
+
+
+def _check_size(shape, input_size: int) -> None:
+    if tuple(shape) != (input_size, input_size):
+        raise ValueError(f"frames are {shape[0]}x{shape[1]} but the model expects "
+                         f"{input_size}x{input_size}")
+
+
+def staging_dtype(frames, integers=np.uint16) -> np.dtype:
+    """What a staging buffer should hold for ``frames``: ``integers`` (uint16 for the GPU
+    engines, sent as is and converted on the device: half the bytes of float32) when every
+    frame is uint8 or uint16, else float32."""
+    dtypes = {frames.dtype} if isinstance(frames, np.ndarray) else {f.dtype for f in frames}
+    if integers is not None and dtypes <= {np.dtype(np.uint8), np.dtype(np.uint16)}:
+        return np.dtype(integers)
+    return np.dtype(np.float32)
+
+
+def stage_frames(dst: np.ndarray, frames, start: int, count: int) -> None:
+    """Copy ``frames[start:start + count]`` into ``dst[:count]`` (``(rows, H, W)``, e.g. a view
+    of pinned memory), converting in the same pass, and zero the padding rows after them."""
+    if isinstance(frames, np.ndarray):
+        np.copyto(dst[:count], frames[start:start + count], casting="unsafe")
+    else:
+        for i in range(count):
+            np.copyto(dst[i], frames[start + i], casting="unsafe")
+    if count < len(dst):
+        dst[count:] = 0
 
 
 def nonfinite_frames(batch: np.ndarray) -> np.ndarray:
@@ -119,6 +173,12 @@ class Engine(ABC):
     # True (set by ``_load``): ``_run`` gets raw intensities of the caller's dtype and applies
     # the preprocessing itself; on a GPU, a host-side log1p would cost more than the network.
     device_preprocessing: bool = False
+    # True (set by ``_load``): ``infer`` hands the checked frames (an array or a list) to
+    # ``_run_frames``, which stages them itself, finds non-finite frames on the device and
+    # returns ``valid``; the host does no per-pixel work at all.
+    device_checks: bool = False
+    # ``warmup`` runs zeros of each of these dtypes (a GPU engine has a uint16 path too).
+    warmup_dtypes: ClassVar[tuple] = (np.float32,)
 
     def __init__(self, source: ModelSource, *, batch_sizes=DEFAULT_BATCH_SIZES,
                  on_nonfinite: str = "mask"):
@@ -150,6 +210,12 @@ class Engine(ABC):
         any real dtype with ``device_preprocessing``); return new ``(B, H, W)`` float32 arrays
         by output name. With ``fixed_batches``, B is one of ``batch_sizes``."""
 
+    def _run_frames(self, frames) -> dict[str, np.ndarray]:
+        """With ``device_checks``: infer raw frames (a ``(B, H, W)`` array or a list of
+        ``(H, W)`` arrays, B >= 1); return ``(B, H, W)`` float32 arrays by output name and
+        ``valid`` ``(B,)`` bool. Non-finite frames must be zeroed before the network."""
+        raise NotImplementedError
+
     def _details(self) -> dict:
         return {}
 
@@ -160,7 +226,13 @@ class Engine(ABC):
             if reason:
                 raise RuntimeError(f"{self.name} engine unavailable: {reason}")
             t0 = time.perf_counter()
-            self._load()
+            try:
+                self._load()
+            except BaseException:
+                # What _load allocated before it raised (pinned and device memory, streams,
+                # captured graphs) would otherwise live as long as this object.
+                self._close_quietly()
+                raise
             self.load_seconds = time.perf_counter() - t0
             self._loaded = True
         return self
@@ -169,13 +241,28 @@ class Engine(ABC):
         """Run zeros through each batch size so the first real batch pays no set-up cost."""
         self.load()
         n = self.source.input_size
-        for b in batch_sizes or self.batch_sizes:
-            for _ in range(repeats):
-                self.infer(np.zeros((b, n, n), dtype=np.float32))
+        for dtype in self.warmup_dtypes:
+            for b in batch_sizes or self.batch_sizes:
+                for _ in range(repeats):
+                    self.infer(np.zeros((b, n, n), dtype=dtype))
 
     def infer(self, batch) -> dict[str, np.ndarray]:
         self.load()
-        frames = check_batch(batch, self.source.input_size)
+        n = self.source.input_size
+        frames = check_frames(batch, n)
+        if self.device_checks and len(frames):
+            out = self._run_frames(frames)
+            valid = out.pop("valid")
+            bad = np.flatnonzero(~valid)
+            if bad.size and self.on_nonfinite == "raise":
+                raise ValueError(f"non-finite values (NaN or inf) in frame(s) {bad.tolist()} "
+                                 f"of a batch of {len(frames)}")
+            for name in self.source.outputs:
+                out[name][bad] = np.nan
+            out["valid"] = valid
+            return out
+        if not isinstance(frames, np.ndarray):
+            frames = np.stack(frames) if frames else np.zeros((0, n, n), np.float32)
         bad = nonfinite_frames(frames)
         if bad.size and self.on_nonfinite == "raise":
             raise ValueError(f"non-finite values (NaN or inf) in frame(s) {bad.tolist()} "
@@ -208,8 +295,15 @@ class Engine(ABC):
         return info
 
     def close(self) -> None:
-        """Release what the engine holds (device memory, sessions)."""
+        """Release what the engine holds (device memory, sessions). Safe to call twice, and
+        on an engine whose ``load`` failed half way."""
         self._loaded = False
+
+    def _close_quietly(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the error that brought us here matters more
+            log.exception("closing %s after a failure", self.name)
 
     # ------------------------------------------------------------------ batching
     def _run_padded(self, x: np.ndarray) -> dict[str, np.ndarray]:
