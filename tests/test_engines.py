@@ -416,3 +416,73 @@ def test_device_checks_engines_get_the_frames_unstacked_and_report_bad_ones():
     strict = _DeviceChecking(ModelSource(input_size=64), on_nonfinite="raise")
     with pytest.raises(ValueError, match=r"frame\(s\) \[1\] of a batch of 3"):
         strict.infer(x)
+
+
+# ---------------------------------------------------------------- the PyTorch CUDA pipeline, on the CPU
+def _cuda_pipeline_on_cpu(source, **kw):
+    """The PyTorch CUDA engine's staging, device-side checks and forward pass, run on the CPU
+    (``device="cpu"``: no streams, pinned memory or graphs)."""
+    from ptychopv.inference.engines.pytorch import PyTorchCUDAEngine
+
+    cls = type("CPUPipeline", (PyTorchCUDAEngine,), {"unavailable": classmethod(lambda c, s: None)})
+    return cls(source, device="cpu", **kw).load()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_pytorch_cuda_pipeline_stages_uint16_and_checks_frames_on_the_device(precision, source,
+                                                                              model_files):
+    engine = _cuda_pipeline_on_cpu(source, precision=precision, batch_sizes=(1, 4, 8))
+    weights = next(engine._model.parameters()).dtype
+    assert weights == (torch.float16 if precision == "fp16" else torch.float32)  # model.half()
+    tol = 5e-2 if precision == "fp16" else 1e-4
+    x = frames(19).astype(np.uint16)  # 8 + 8 + 3 (padded to 4): both staging slots reused
+    x[3, 0, 0] = 65535  # int16 storage on the way, 0..65535 again on the device
+    out = engine.infer(x)
+    assert out["valid"].all() and np.isfinite(out["phase"]).all()
+    np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=tol)
+    y = frames(5)
+    y[2, 1, 1] = np.nan
+    out = engine.infer(list(y))
+    assert out["valid"].tolist() == [True, True, False, True, True]
+    assert np.isnan(out["phase"][2]).all()
+    good = [0, 1, 3, 4]
+    np.testing.assert_allclose(out["phase"][good], reference(model_files[0], y[good]), atol=tol)
+    engine.warmup(repeats=1)  # float32 and uint16 zeros at every batch size
+    engine.close()
+    assert engine._runners == {} and engine._slots == []
+
+
+def test_pytorch_cuda_graphs_are_captured_thread_local(source, monkeypatch):
+    """The capture mode a hot swap needs (the plugin thread keeps inferring meanwhile)."""
+    import contextlib
+
+    from ptychopv.inference.engines import pytorch
+
+    engine = _cuda_pipeline_on_cpu(source, batch_sizes=(2,))
+    captures = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+        def reset(self):
+            captures.append("reset")
+
+    @contextlib.contextmanager
+    def graph(g, **kw):
+        captures.append(kw)
+        yield
+
+    for name, value in {"Stream": Stream, "current_stream": Stream, "CUDAGraph": Graph,
+                        "graph": graph, "stream": lambda s: contextlib.nullcontext()}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    engine.cuda_graphs = True
+    runner = pytorch._Runner(engine, 2)
+    assert captures == [{"capture_error_mode": "thread_local"}]
+    assert len(runner.run()) == 2  # phase and valid
+    runner.release()
+    assert captures[-1] == "reset"
