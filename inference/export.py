@@ -124,10 +124,25 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu"):
     return model.eval()
 
 
-def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: dict) -> Path:
+# The graph ``prepend_preprocessing`` writes, by version. It is part of the preprocessed-ONNX
+# file name and of the TensorRT plan cache key: bump it whenever that graph changes, so a fix
+# here never meets a stale file built by the old code. 2: non-finite frames found on the
+# device (output ``valid``, bad frames zeroed); nodes and tensors named under PRE_PREFIX.
+PREPROCESSING_VERSION = 2
+PRE_PREFIX = "ptychopv_pre/"
+VALID_OUTPUT = "valid"
+
+
+def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: dict | None) -> Path:
     """Copy of the ONNX model ``src`` whose input takes raw intensities: the model card's
-    preprocessing (clamp at 0, log1p, divide) becomes the first nodes of the graph, so a
-    GPU engine (TensorRT) runs it on the device. Needs the ``onnx`` package, not torch."""
+    preprocessing (clamp at 0, log1p, divide; ``None``: none) becomes the first nodes of the
+    graph, so a GPU engine (TensorRT) runs it on the device. The new graph also checks every
+    frame for NaN or inf: it zeroes a bad frame before the network (the host's policy) and
+    returns ``valid`` ``(B,)``, 1.0 or 0.0 per frame, as an extra output.
+
+    Every node and tensor it adds is named under ``PRE_PREFIX`` (the last one keeps the old
+    input name); the TensorRT engine keeps these layers in FP32, because raw counts of 65520
+    and more are inf in FP16. Needs the ``onnx`` package, not torch."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -136,23 +151,50 @@ def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: 
     spec = check_spec(spec)
     model = onnx.load(str(src))
     graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
     old = graph.input[0]
     raw = f"{old.name}_raw"
-    scalar = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), name)
-    graph.initializer.extend([scalar("pre_one", 1.0), scalar("pre_scale", 1.0 / spec["divisor"])])
-    nodes = [helper.make_node("Relu", [raw], ["pre_clamped"], name="pre_clamp")]
-    last = "pre_clamped"
-    if spec["transform"] == "log1p":
-        nodes += [helper.make_node("Add", [last, "pre_one"], ["pre_plus1"], name="pre_add1"),
-                  helper.make_node("Log", ["pre_plus1"], ["pre_log"], name="pre_log")]
-        last = "pre_log"
-    nodes.append(helper.make_node("Mul", [last, "pre_scale"], [old.name], name="pre_scale"))
+    p = PRE_PREFIX
+    f32 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), p + name)
+    graph.initializer.extend([f32("zero", 0.0), f32("half", 0.5), f32("one", 1.0),
+                              numpy_helper.from_array(np.array([-1], np.int64), p + "flat")])
+    node = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out, **kw)
+    # Per frame: any NaN or inf? ReduceMax takes its axes as an attribute before opset 18.
+    axes = [1, 2, 3]
+    if opset >= 18:
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), p + "axes"))
+        reduce = node("ReduceMax", [p + "bad_px_f", p + "axes"], p + "bad_frame", keepdims=1)
+    else:
+        reduce = node("ReduceMax", [p + "bad_px_f"], p + "bad_frame", axes=axes, keepdims=1)
+    nodes = [node("IsNaN", [raw], p + "isnan"),
+             node("IsInf", [raw], p + "isinf"),
+             node("Or", [p + "isnan", p + "isinf"], p + "bad_px"),
+             node("Cast", [p + "bad_px"], p + "bad_px_f", to=TensorProto.FLOAT),
+             reduce,
+             node("Sub", [p + "one", p + "bad_frame"], p + "valid4"),
+             node("Reshape", [p + "valid4", p + "flat"], VALID_OUTPUT),
+             node("Greater", [p + "bad_frame", p + "half"], p + "bad_cond"),
+             node("Where", [p + "bad_cond", p + "zero", raw], p + "clean")]
+    last = p + "clean"
+    if spec is not None:
+        graph.initializer.append(f32("scale", 1.0 / spec["divisor"]))
+        nodes.append(node("Relu", [last], p + "clamped"))
+        last = p + "clamped"
+        if spec["transform"] == "log1p":
+            nodes += [node("Add", [last, p + "one"], p + "plus1"), node("Log", [p + "plus1"], p + "log")]
+            last = p + "log"
+        nodes.append(helper.make_node("Mul", [last, p + "scale"], [old.name], name=p + "scale_mul"))
+    else:
+        nodes.append(helper.make_node("Identity", [last], [old.name], name=p + "identity"))
     new_input = helper.make_tensor_value_info(raw, TensorProto.FLOAT, None)
     new_input.type.CopyFrom(old.type)
-    for i, node in enumerate(nodes):
-        graph.node.insert(i, node)
+    for i, n in enumerate(nodes):
+        graph.node.insert(i, n)
     graph.input.remove(old)
     graph.input.insert(0, new_input)
+    batch = old.type.tensor_type.shape.dim[0]
+    graph.output.append(helper.make_tensor_value_info(
+        VALID_OUTPUT, TensorProto.FLOAT, [batch.dim_param or (batch.dim_value or "batch")]))
     onnx.checker.check_model(model)
     dst = Path(dst)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)

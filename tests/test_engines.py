@@ -234,13 +234,40 @@ def test_preprocessing_prepended_to_the_onnx_graph_matches_the_host(model_files,
     from ptychopv.inference.engines.onnxrt import open_session
     from ptychopv.inference.export import prepend_preprocessing
 
-    for spec in (SPEC, {"transform": "linear", "divisor": 300.0}):
+    for spec in (SPEC, {"transform": "linear", "divisor": 300.0}, None):
         pre = prepend_preprocessing(model_files[1] / "model.onnx", tmp_path / "pre.onnx", spec)
         x = frames(3)[:, None]
         x[0, 0, 0, 0] = -4.0  # negative counts (dark-subtracted) are clamped at 0, as on the host
-        raw = open_session(pre).run(None, {"input_raw": x})[0]
+        raw, valid = open_session(pre).run(None, {"input_raw": x})
         host = open_session(model_files[1] / "model.onnx").run(None, {"input": normalize(x, spec)})[0]
         np.testing.assert_allclose(raw, host, atol=1e-5)
+        assert valid.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_prepended_graph_keeps_65535_finite_and_flags_nan_frames(model_files, tmp_path):
+    """Counts of 65520 and more are inf in float16: the graph's first layers must see them in
+    float32 (TensorRT: pinned FP32, probed at load). A bad frame is zeroed, not propagated."""
+    pytest.importorskip("onnx", reason="prepending preprocessing needs the onnx package")
+    from ptychopv.inference.engines.onnxrt import open_session
+    from ptychopv.inference.export import PRE_PREFIX, prepend_preprocessing
+
+    pre = prepend_preprocessing(model_files[1] / "model.onnx", tmp_path / "pre.onnx", SPEC)
+    x = frames(4)[:, None]
+    x[0, 0, :8, :8] = 65535.0
+    x[2, 0, 3, 3] = np.nan
+    x[3, 0, 0, 0] = -np.inf
+    session = open_session(pre)
+    phase, valid = session.run(None, {"input_raw": x})
+    assert valid.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert np.isfinite(phase).all()  # the NaN and inf frames were zeroed before the network
+    zeroed = x.copy()
+    zeroed[2:] = 0
+    host = open_session(model_files[1] / "model.onnx").run(None, {"input": normalize(zeroed, SPEC)})[0]
+    np.testing.assert_allclose(phase, host, atol=1e-5)
+    import onnx
+
+    added = [n.name for n in onnx.load(str(pre)).graph.node if n.name.startswith(PRE_PREFIX)]
+    assert len(added) >= 10  # every added node named under the prefix (TensorRT pins them)
 
 
 class _DeviceNormalising(_Recorder):
@@ -431,11 +458,11 @@ def _cuda_pipeline_on_cpu(source, **kw):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_pytorch_cuda_pipeline_stages_uint16_and_checks_frames_on_the_device(precision, source,
                                                                               model_files):
-    engine = _cuda_pipeline_on_cpu(source, precision=precision, batch_sizes=(1, 4, 8))
+    engine = _cuda_pipeline_on_cpu(source, precision=precision, batch_sizes=(1, 2, 4))
     weights = next(engine._model.parameters()).dtype
     assert weights == (torch.float16 if precision == "fp16" else torch.float32)  # model.half()
     tol = 5e-2 if precision == "fp16" else 1e-4
-    x = frames(19).astype(np.uint16)  # 8 + 8 + 3 (padded to 4): both staging slots reused
+    x = frames(11).astype(np.uint16)  # 4 + 4 + 3 (padded to 4): both staging slots reused
     x[3, 0, 0] = 65535  # int16 storage on the way, 0..65535 again on the device
     out = engine.infer(x)
     assert out["valid"].all() and np.isfinite(out["phase"]).all()
@@ -447,7 +474,7 @@ def test_pytorch_cuda_pipeline_stages_uint16_and_checks_frames_on_the_device(pre
     assert np.isnan(out["phase"][2]).all()
     good = [0, 1, 3, 4]
     np.testing.assert_allclose(out["phase"][good], reference(model_files[0], y[good]), atol=tol)
-    engine.warmup(repeats=1)  # float32 and uint16 zeros at every batch size
+    engine.warmup(batch_sizes=(1,), repeats=1)  # float32 and uint16 zeros
     engine.close()
     assert engine._runners == {} and engine._slots == []
 
@@ -486,3 +513,326 @@ def test_pytorch_cuda_graphs_are_captured_thread_local(source, monkeypatch):
     assert len(runner.run()) == 2  # phase and valid
     runner.release()
     assert captures[-1] == "reset"
+
+
+# ---------------------------------------------------------------- TensorRT, against fakes
+# The fakes stand for TensorRT 10 and cuda-python as their documentation describes them; the
+# fake "plan" runs the preprocessed ONNX graph with ONNX Runtime, optionally with its input
+# rounded to float16 first (a plan whose first layers did not stay FP32).
+class _FakeCudart:
+    class cudaError_t:  # noqa: N801 - the names cuda-python uses
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    cudaStreamNonBlocking = 1
+    cudaEventDefault = 0
+    cudaEventDisableTiming = 2
+
+    def __init__(self):
+        self.live: dict[int, tuple] = {}
+        self.stream_flags: list[int] = []
+        self.fail_malloc_after: int | None = None  # device allocations before one fails
+        self._next = 1
+
+    def _new(self, kind, size=0):
+        import ctypes
+
+        buf = ctypes.create_string_buffer(max(size, 1))
+        ptr = ctypes.addressof(buf) if size else 10**6 + self._next
+        self._next += 1
+        self.live[ptr] = (kind, buf)
+        return ptr
+
+    def _free(self, ptr):
+        self.live.pop(ptr)
+        return (0,)
+
+    def cudaMallocHost(self, n):
+        return 0, self._new("host", n)
+
+    def cudaMalloc(self, n):
+        if self.fail_malloc_after is not None:
+            if self.fail_malloc_after == 0:
+                return 2, None
+            self.fail_malloc_after -= 1
+        return 0, self._new("device", n)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        self.stream_flags.append(flags)
+        return 0, self._new("stream")
+
+    def cudaEventCreateWithFlags(self, flags):
+        return 0, self._new("event")
+
+    cudaFreeHost = cudaFree = cudaStreamDestroy = cudaEventDestroy = _free
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        import ctypes
+
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaEventElapsedTime(self, a, b):
+        return 0, 0.25
+
+    def cudaGetErrorString(self, err):
+        return 0, b"fake CUDA error"
+
+    def cudaGetDevice(self):
+        return 0, 0
+
+    def cudaGetDeviceProperties(self, dev):
+        import types
+
+        return 0, types.SimpleNamespace(name=b"Fake H200\0", major=9, minor=0)
+
+    def cudaGetDeviceCount(self):
+        return 0, 1
+
+    def __getattr__(self, name):  # records, waits, syncs: nothing to do on the CPU
+        if name.startswith("cuda"):
+            return lambda *a: (0,)
+        raise AttributeError(name)
+
+
+class _FakeTRTEngine:
+    def __init__(self, onnx_path, fp16_inputs):
+        from ptychopv.inference.engines.onnxrt import open_session
+
+        self.session = open_session(onnx_path)
+        self.fp16_inputs = fp16_inputs
+        self.io = [(i.name, "INPUT", i.shape) for i in self.session.get_inputs()] + \
+                  [(o.name, "OUTPUT", o.shape) for o in self.session.get_outputs()]
+        self.num_io_tensors = len(self.io)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def _find(self, name):
+        return next(t for t in self.io if t[0] == name)
+
+    def get_tensor_mode(self, name):
+        return self._find(name)[1]
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_shape(self, name):
+        return [d if isinstance(d, int) else -1 for d in self._find(name)[2]]
+
+    def create_execution_context(self):
+        return _FakeContext(self)
+
+
+class _FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shape, self.address = engine, None, {}
+
+    def set_input_shape(self, name, shape):
+        self.shape = shape
+
+    def set_tensor_address(self, name, ptr):
+        self.address[name] = ptr
+
+    def _view(self, name, shape):
+        import ctypes
+
+        nbytes = int(np.prod(shape)) * 4
+        raw = (ctypes.c_byte * nbytes).from_address(self.address[name])
+        return np.frombuffer(raw, np.float32).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        inp = self.engine.io[0][0]
+        x = self._view(inp, self.shape).copy()
+        if self.engine.fp16_inputs:
+            with np.errstate(over="ignore"):
+                x = x.astype(np.float16).astype(np.float32)  # 65535 -> inf
+        got = self.engine.session.run(None, {inp: x})
+        for (name, _, _), value in zip(self.engine.io[1:], got):
+            self._view(name, value.shape)[...] = value
+        return True
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """Fake ``tensorrt`` and ``cuda.bindings`` modules; ``build_plan`` writes the ONNX path."""
+    import types
+
+    from ptychopv.inference.engines import tensorrt as trt_engine
+
+    cudart = _FakeCudart()
+    runtime_state = {"fp16_inputs": False}
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.13.0"
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.nptype = lambda dtype: dtype
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            return _FakeTRTEngine(plan.decode(), runtime_state["fp16_inputs"])
+
+    trt.Runtime = Runtime
+    cuda = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.__version__ = "12.9.1"
+    bindings.runtime = cudart
+    cuda.bindings = bindings
+    for name, mod in {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings,
+                      "cuda.bindings.runtime": cudart, "cuda.bindings.utils": None}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    built = []
+
+    def build_plan(onnx_path, input_size, profile, fp16=True, workspace_bytes=0, fp32_roots=()):
+        built.append({"onnx": str(onnx_path), "profile": profile, "fp32_roots": tuple(fp32_roots)})
+        return str(onnx_path).encode()
+
+    monkeypatch.setattr(trt_engine, "build_plan", build_plan)
+    return types.SimpleNamespace(cudart=cudart, trt=trt, built=built, runtime=runtime_state,
+                                 bindings=bindings)
+
+
+def test_tensorrt_engine_runs_the_preprocessed_graph_in_double_buffers(fake_trt, source,
+                                                                        model_files, tmp_path):
+    pytest.importorskip("onnx", reason="prepending preprocessing needs the onnx package")
+    engine = select_engine(source, "tensorrt", batch_sizes=(1, 8, 16, 64),
+                           options={"tensorrt": {"cache_dir": tmp_path, "gpu_timing": True}})
+    assert engine.profile == (1, 64, 64)  # tuned for the live chain's batch of 64
+    assert fake_trt.built[0]["profile"] == (1, 64, 64)
+    assert fake_trt.built[0]["fp32_roots"] == ("input", "valid")
+    assert fake_trt.cudart.stream_flags == [1, 1]  # cudaStreamNonBlocking, both streams
+    assert engine.device_checks and engine.device_preprocessing
+    x = frames(150).astype(np.uint16)  # 64 + 64 + 22: both slots, one reused
+    x[7, :3, :3] = 65535
+    out = engine.infer(x)
+    assert out["valid"].all() and np.isfinite(out["phase"]).all()
+    np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=1e-4)
+    y = list(frames(3))
+    y[1] = y[1].copy()
+    y[1][0, 0] = np.nan
+    out = engine.infer(y)
+    assert out["valid"].tolist() == [True, False, True] and np.isnan(out["phase"][1]).all()
+    np.testing.assert_allclose(out["phase"][[0, 2]], reference(model_files[0], frames(3)[[0, 2]]),
+                               atol=1e-4)
+    assert engine.describe()["last_gpu_ms"] == 0.25
+    # 2 slots x 3 tensors (input, phase, valid) x (pinned, device) + 2 slots x 2 events
+    # + 2 streams + 2 timing events
+    assert len(fake_trt.cudart.live) == 12 + 4 + 2 + 2
+    engine.close()
+    assert fake_trt.cudart.live == {}
+    engine.close()  # twice is fine
+
+
+def test_tensorrt_plan_that_overflows_in_fp16_fails_its_probe_and_is_freed(fake_trt, source,
+                                                                           tmp_path):
+    pytest.importorskip("onnx", reason="prepending preprocessing needs the onnx package")
+    fake_trt.runtime["fp16_inputs"] = True
+    with pytest.raises(RuntimeError, match="no inference engine.*fails the preprocessing probe"):
+        select_engine(source, "tensorrt", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert fake_trt.cudart.live == {}  # pinned, device memory, streams and events all freed
+    engine = select_engine(source, "auto", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert engine.selection[0]["engine"] == "tensorrt"
+    assert "preprocessing probe" in engine.selection[0]["reason"]
+
+
+def test_tensorrt_load_that_fails_half_way_frees_what_it_allocated(fake_trt, source, tmp_path):
+    fake_trt.cudart.fail_malloc_after = 4  # the fifth device buffer: the second slot's second
+    with pytest.raises(RuntimeError, match="tensorrt: failed to load: CUDA error 2"):
+        select_engine(source, "tensorrt", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert fake_trt.cudart.live == {}
+    bad = ModelSource.from_onnx(source.onnx_path, preprocessing=SPEC)
+    bad.outputs = ("amplitude", "phase")  # the card disagrees with the plan
+    fake_trt.cudart.fail_malloc_after = None
+    with pytest.raises(ValueError, match="does not match the model card"):
+        select_engine(bad, "tensorrt", options={"tensorrt": {"cache_dir": tmp_path}})
+    assert fake_trt.cudart.live == {}
+
+
+def test_tensorrt_11_and_old_cuda_python_are_refused_with_the_reason(fake_trt, source):
+    from ptychopv.inference.engines.tensorrt import (TensorRTEngine, cuda_bindings_problem,
+                                                     trt_version_problem)
+
+    assert trt_version_problem("10.13.3.9") is None
+    assert "older than 10" in trt_version_problem("8.6.1")
+    assert "tensorrt>=10,<11" in trt_version_problem("11.0.0")
+    assert cuda_bindings_problem("12.9.1") is None and cuda_bindings_problem("13.1.0") is None
+    assert "holds the GIL" in cuda_bindings_problem("12.6.2.post1")
+    assert "not installed" in cuda_bindings_problem(None)
+    assert TensorRTEngine.unavailable(source) is None
+    fake_trt.trt.__version__ = "11.1.0"
+    assert "BuilderFlag.FP16" in TensorRTEngine.unavailable(source)
+    fake_trt.trt.__version__ = "10.13.0"
+    fake_trt.bindings.__version__ = "12.8.0"
+    assert "holds the GIL" in TensorRTEngine.unavailable(source)
+
+
+def test_plan_and_preprocessed_onnx_names_change_with_the_preprocessing_version(monkeypatch):
+    from ptychopv.inference import export
+    from ptychopv.inference.engines.tensorrt import plan_name, preprocessed_onnx_name, preprocessing_tag
+
+    sha, profile = "ab" * 32, (1, 64, 64)
+    before = (plan_name(sha, profile, True, "NVIDIA H200", "90", "10.13.0", preprocessing_tag(SPEC)),
+              preprocessed_onnx_name(sha, SPEC))
+    assert f"pre{export.PREPROCESSING_VERSION}-" in before[0] and "NVIDIA-H200-sm90" in before[0]
+    monkeypatch.setattr(export, "PREPROCESSING_VERSION", export.PREPROCESSING_VERSION + 1)
+    after = (plan_name(sha, profile, True, "NVIDIA H200", "90", "10.13.0", preprocessing_tag(SPEC)),
+             preprocessed_onnx_name(sha, SPEC))
+    assert before[0] != after[0] and before[1] != after[1]
+    other = {"transform": "log1p", "divisor": 8.0}
+    assert preprocessed_onnx_name(sha, other) != after[1]  # the spec keys it too
+
+
+def test_pin_fp32_holds_everything_upstream_of_the_preprocessed_input():
+    """Walked back from the roots, whatever the parser named its helper layers."""
+    import types
+
+    from ptychopv.inference.engines.tensorrt import pin_fp32
+
+    trt = types.SimpleNamespace(float32="f32", float16="f16", bool="b",
+                                LayerType=types.SimpleNamespace(CONSTANT="const", SHAPE="shape",
+                                                                CAST="cast", OTHER="op"))
+
+    class Tensor:
+        def __init__(self, name, dtype="f32"):
+            self.name, self.dtype = name, dtype
+
+    class Layer:
+        def __init__(self, name, ins, outs, type_="op"):
+            self.name, self.type, self.ins, self.outs = name, type_, ins, outs
+            self.precision, self.out_types = None, {}
+            self.num_inputs, self.num_outputs = len(ins), len(outs)
+
+        def get_input(self, j):
+            return self.ins[j]
+
+        def get_output(self, k):
+            return self.outs[k]
+
+        def set_output_type(self, k, dtype):
+            self.out_types[k] = dtype
+
+    t = {n: Tensor(n) for n in ["raw", "one", "bcast", "isnan", "bad", "badf", "clean", "log", "input",
+                                "conv", "valid"]}
+    t["isnan"].dtype = t["bad"].dtype = "b"
+    layers = [Layer("ptychopv_pre/isnan", [t["raw"]], [t["isnan"]]),
+              Layer("or", [t["isnan"], t["isnan"]], [t["bad"]]),
+              Layer("cast", [t["bad"]], [t["badf"]], "cast"),
+              Layer("reduce", [t["badf"]], [t["valid"]]),
+              Layer("where", [t["bad"], t["raw"]], [t["clean"]]),
+              Layer("one", [], [t["one"]], "const"),
+              Layer("ONNXTRT_Broadcast_7", [t["one"]], [t["bcast"]]),
+              Layer("log", [t["clean"], t["bcast"]], [t["log"]]),
+              Layer("scale", [t["log"]], [t["input"]]),
+              Layer("/encoder/conv", [t["input"]], [t["conv"]])]
+    net = types.SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    assert pin_fp32(net, trt, ("input", "valid")) == 6
+    pinned = {layer.name for layer in layers if layer.precision == "f32"}
+    assert pinned == {"ptychopv_pre/isnan", "reduce", "where", "ONNXTRT_Broadcast_7", "log", "scale"}
+    assert layers[8].out_types == {0: "f32"} and layers[0].out_types == {}  # bool output kept
