@@ -106,6 +106,25 @@ class PyTorchCPUEngine(_PyTorchEngine):
         return {k: v[:, 0].float().numpy() for k, v in zip(self._names, out)}
 
 
+def _ieee_fp32_convolutions(torch) -> None:
+    """``precision="fp32"`` means IEEE float32: cuDNN would otherwise run float32 convolutions
+    in TF32 on Ampere and later (10-bit mantissa, ~1e-3 rad off). torch's flag is process-wide;
+    the newer ``fp32_precision`` API is used where it exists (torch >= 2.9), since torch
+    refuses a mix of the old and new APIs in one process."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _tf32_convolutions(torch) -> bool:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 class _Runner:
     """One batch size: a static float32 input and the forward pass, captured as a CUDA graph
     (or run eagerly). ``run()`` returns the outputs and the ``valid`` mask, on the device."""
@@ -204,6 +223,8 @@ class PyTorchCUDAEngine(_PyTorchEngine):
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms
+            if self.precision == "fp32":
+                _ieee_fp32_convolutions(torch)
         else:
             self.cuda_graphs = False
         model = self._module(self.device_name)
@@ -330,6 +351,7 @@ class PyTorchCUDAEngine(_PyTorchEngine):
                     last_gpu_ms=self.last_gpu_ms)
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
+            info["tf32_convolutions"] = _tf32_convolutions(torch)
         return info
 
     def close(self) -> None:
