@@ -836,3 +836,24 @@ def test_pin_fp32_holds_everything_upstream_of_the_preprocessed_input():
     pinned = {layer.name for layer in layers if layer.precision == "f32"}
     assert pinned == {"ptychopv_pre/isnan", "reduce", "where", "ONNXTRT_Broadcast_7", "log", "scale"}
     assert layers[8].out_types == {0: "f32"} and layers[0].out_types == {}  # bool output kept
+
+
+def test_a_batch_that_raises_half_way_leaves_no_stale_slot(source, model_files):
+    engine = _cuda_pipeline_on_cpu(source, precision="fp32", batch_sizes=(1, 2))
+    runner = engine._runners[2]
+    real = runner.run
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return real()
+
+    runner.run = flaky
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.infer(frames(4))  # the first chunk is in flight when the second raises
+    runner.run = real
+    x = frames(1, seed=5)
+    out = engine.infer(x)  # one frame: nothing of the failed call may land in it
+    np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=1e-4)

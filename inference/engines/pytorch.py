@@ -275,6 +275,11 @@ class PyTorchCUDAEngine(_PyTorchEngine):
         import torch
 
         n, total = self.source.input_size, len(frames)
+        for slot in self._slots:  # left in flight by a call that raised: wait, then drop
+            if slot.busy is not None:
+                if slot.done is not None:
+                    slot.done.synchronize()
+                slot.busy = None
         kind = staging_dtype(frames)
         out = {k: np.empty((total, n, n), np.float32) for k in self._names}
         valid = np.empty(total, bool)

@@ -456,6 +456,10 @@ class TensorRTEngine(Engine):
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         n, total = self.source.input_size, len(frames)
+        for slot in self._slots:  # left in flight by a call that raised: wait, then drop
+            if slot.busy is not None:
+                cudart.cudaEventSynchronize(slot.done)
+                slot.busy = None
         lo, _, hi = self.profile
         out = {k: np.empty((total, n, n), np.float32) for k in self.source.outputs}
         valid = np.ones(total, bool)
