@@ -157,9 +157,11 @@ def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: 
     p = PRE_PREFIX
     f32 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), p + name)
     graph.initializer.extend([f32("zero", 0.0), f32("half", 0.5), f32("one", 1.0),
+                              f32("max", np.finfo(np.float32).max),
                               numpy_helper.from_array(np.array([-1], np.int64), p + "flat")])
     node = lambda op, ins, out, **kw: helper.make_node(op, ins, [out], name=out, **kw)
-    # Per frame: any NaN or inf? ReduceMax takes its axes as an attribute before opset 18.
+    # Per frame: any NaN or inf? inf as |x| > FLT_MAX: TensorRT's ONNX parser has long taken
+    # IsNaN, Abs and Greater, IsInf not everywhere. ReduceMax's axes: an attribute before opset 18.
     axes = [1, 2, 3]
     if opset >= 18:
         graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), p + "axes"))
@@ -167,7 +169,8 @@ def prepend_preprocessing(src: str | os.PathLike, dst: str | os.PathLike, spec: 
     else:
         reduce = node("ReduceMax", [p + "bad_px_f"], p + "bad_frame", axes=axes, keepdims=1)
     nodes = [node("IsNaN", [raw], p + "isnan"),
-             node("IsInf", [raw], p + "isinf"),
+             node("Abs", [raw], p + "abs"),
+             node("Greater", [p + "abs", p + "max"], p + "isinf"),
              node("Or", [p + "isnan", p + "isinf"], p + "bad_px"),
              node("Cast", [p + "bad_px"], p + "bad_px_f", to=TensorProto.FLOAT),
              reduce,
