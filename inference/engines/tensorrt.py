@@ -497,8 +497,11 @@ class TensorRTEngine(Engine):
             if slot.busy is not None:
                 self._collect(slot, out, valid)
         if self.gpu_timing:
-            _check(cudart.cudaEventSynchronize(self._timing[1]))
-            self.last_gpu_ms = float(_check(cudart.cudaEventElapsedTime(*self._timing)))
+            try:  # instrumentation: a failure here must not fail the batch
+                _check(cudart.cudaEventSynchronize(self._timing[1]))
+                self.last_gpu_ms = float(_check(cudart.cudaEventElapsedTime(*self._timing)))
+            except (RuntimeError, TypeError, ValueError):
+                self.last_gpu_ms = None
         return {**out, "valid": valid}
 
     def _collect(self, slot: _Slot, out: dict, valid: np.ndarray) -> None:
