@@ -79,6 +79,16 @@ class TrainOptions(BaseModel):
     low_dose_factor: float | None = Field(None, gt=1)
     """Train on ``Poisson(I / f) * f``: low-count frames, multiplied back by the live chain's
     scale factor ``f``, look like these."""
+    low_dose_range: tuple[float, float] | None = None
+    """Each epoch, half of the training frames are redrawn as ``Poisson(I / f) * f`` with ``f``
+    drawn log-uniformly from this range (``(1, 100)``: from the frame's own dose down to a
+    hundredth of it, multiplied back), so one model serves low-dose frames that the live chain's
+    ``ScaleFactor`` multiplied back, as well as full-dose ones. Exclusive with
+    ``low_dose_factor``."""
+    schedule: Literal["cyclic", "cosine"] = "cyclic"
+    """Learning rate: ``cyclic`` (the paper's triangular2 between lr_min and lr_max) or
+    ``cosine`` (a short warm-up to lr_max, then a cosine fall to lr_min over all epochs: for
+    one long run from scratch, where the cycle's restarts only cost time)."""
     scans: list[str] | None = None
     """Train on these scans of the corpus only; None: all pairs."""
     transform: Literal["log1p", "linear"] = "log1p"
@@ -109,6 +119,16 @@ class TrainOptions(BaseModel):
     sample's small changes and training stalls at the "predict the mean" loss."""
 
     @model_validator(mode="after")
+    def _low_dose(self):
+        r = self.low_dose_range
+        if r is not None:
+            if self.low_dose_factor is not None:
+                raise ValueError("give low_dose_factor or low_dose_range, not both")
+            if not (1 <= r[0] <= r[1]):
+                raise ValueError(f"low_dose_range must be (low, high) with 1 <= low <= high, got {r}")
+        return self
+
+    @model_validator(mode="after")
     def _weight_needs_beam(self):
         if self.loss_weight == "illumination" and self.beam_px is None:
             raise ValueError("loss_weight 'illumination' needs beam_px (beam FWHM in object "
@@ -125,10 +145,20 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def low_dose(frames: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
-    """``Poisson(I / factor) * factor``: the same scale as ``frames``, ``factor`` x fewer counts."""
-    lam = np.maximum(np.asarray(frames, dtype=np.float64), 0.0) / factor
-    return (rng.poisson(lam) * factor).astype(np.float32)
+def low_dose(frames: np.ndarray, factor, rng: np.random.Generator) -> np.ndarray:
+    """``Poisson(I / factor) * factor``: the same scale as ``frames``, ``factor`` x fewer counts
+    (``factor`` a number, or one per frame)."""
+    f = np.asarray(factor, dtype=np.float64)
+    f = f.reshape(-1, *([1] * (np.ndim(frames) - 1))) if f.ndim else f
+    lam = np.maximum(np.asarray(frames, dtype=np.float64), 0.0) / f
+    return (rng.poisson(lam) * f).astype(np.float32)
+
+
+def low_dose_factors(n: int, low_high: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """``n`` factors: 1 (the frame kept as it is) for half of them, the rest drawn
+    log-uniformly from ``low_high``."""
+    lo, hi = np.log(low_high[0]), np.log(low_high[1])
+    return np.where(rng.random(n) < 0.5, 1.0, np.exp(rng.uniform(lo, hi, n)))
 
 
 def illumination_weight(size: int, beam_px: float) -> np.ndarray:
@@ -227,9 +257,22 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
     n = len(train_x)
     steps = max(1, -(-n // opts.batch_size))
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr_min)
-    scheduler = torch.optim.lr_scheduler.CyclicLR(
-        optimizer, base_lr=opts.lr_min, max_lr=opts.lr_max, mode="triangular2",
-        step_size_up=max(1, round(opts.half_cycle_epochs * steps)), cycle_momentum=False)
+    if opts.schedule == "cosine":
+        n_steps = opts.epochs * steps
+        warm = max(1, n_steps // 50)
+
+        def factor(i):          # LambdaLR multiplies lr_min: rise to lr_max, then fall back to lr_min
+            peak = opts.lr_max / opts.lr_min
+            if i < warm:
+                return 1 + (peak - 1) * i / warm
+            t = min(1.0, (i - warm) / max(1, n_steps - warm))
+            return 1 + (peak - 1) * 0.5 * (1 + np.cos(np.pi * t))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        scheduler = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=opts.lr_min, max_lr=opts.lr_max, mode="triangular2",
+            step_size_up=max(1, round(opts.half_cycle_epochs * steps)), cycle_momentum=False)
     weight = None
     if opts.loss_weight == "illumination":
         weight = torch.from_numpy(illumination_weight(train_x.shape[-1], opts.beam_px)).to(device)
@@ -241,8 +284,9 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
     fixed_x = as_t(train_x)
     for epoch in range(1, opts.epochs + 1):
         xt = fixed_x
-        if opts.low_dose_factor and raw_train is not None:  # fresh counting noise each epoch
-            xt = as_t(normalize(low_dose(raw_train, opts.low_dose_factor, rng), spec))
+        if raw_train is not None and (opts.low_dose_factor or opts.low_dose_range):  # fresh counts each epoch
+            f = opts.low_dose_factor or low_dose_factors(len(raw_train), opts.low_dose_range, rng)
+            xt = as_t(normalize(low_dose(raw_train, f, rng), spec))
         model.train()
         order = torch.from_numpy(rng.permutation(n))
         total, lr = 0.0, optimizer.param_groups[0]["lr"]
@@ -330,8 +374,10 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
     spec = (parent_version.card["preprocessing"] if parent is not None
             else make_spec(diffraction[tr], opts.transform))
     val_raw = diffraction[va]
-    if opts.low_dose_factor:  # validate on what the model will serve: low-count frames
-        val_raw = low_dose(val_raw, opts.low_dose_factor, np.random.default_rng(opts.seed + 2))
+    if opts.low_dose_factor or opts.low_dose_range:  # validate on what the model will serve: low-count frames
+        vrng = np.random.default_rng(opts.seed + 2)
+        f = opts.low_dose_factor or low_dose_factors(len(val_raw), opts.low_dose_range, vrng)
+        val_raw = low_dose(val_raw, f, vrng)
     train_x = normalize(diffraction[tr], spec)
     if parent is None and opts.standardize:
         model.set_input_standardization(*input_standardization(train_x))

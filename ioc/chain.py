@@ -32,12 +32,6 @@ STATS_PERIOD_S = 0.25
 POSITION_SOURCES = ("Attributes", "PVs", "File")
 
 
-def shipped_registry() -> Path:
-    from .. import __file__ as core
-
-    return Path(core).parent / "models" / "registry"
-
-
 class LiveChain:
     def __init__(self, ioc, cfg: Config):
         self.ioc = ioc
@@ -138,6 +132,8 @@ class LiveChain:
             return
         try:
             reg = self.registry()
+            from ..inference.registry import shipped_registry
+
             shipped = shipped_registry()
             if reg.versions() or not shipped.is_dir():
                 return

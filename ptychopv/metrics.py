@@ -164,9 +164,46 @@ def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction:
     the scan's ``positions_m``, inside the area it scanned (:func:`scanned_region`); ``ramp``
     as in :func:`phase_ssim`.
     """
+    ref, mask = scored_region(stitched, truth_phase, truth_pixel_size_m, fraction=fraction, positions_m=positions_m)
+    return phase_ssim(stitched[0], ref, mask, data_range=data_range, ramp=ramp)
+
+
+def nrmse(image, reference, mask=None, *, ramp: bool = False) -> float:
+    """RMS of ``image - reference`` after the best constant offset, over ``mask``, divided by the
+    reference's standard deviation there: 0 is perfect, 1.0 is what an all-zero (or any flat)
+    image scores. The headline figure for a phase image: unlike SSIM it cannot be passed by an
+    image that has the reference's edges but not its levels. ``ramp=True`` removes the best
+    linear phase ramp too (a secondary figure: solvers that refine the probe can trade a ramp
+    in the object for a shift of the probe's spectrum)."""
+    a, b, m = _pair(image, reference, mask)
+    if ramp:
+        a = a - best_plane(a, b, m)
+    d = a[m] - b[m]
+    spread = float(np.std(b[m]))
+    if not np.isfinite(spread) or spread <= 0:
+        raise ValueError("the reference is flat over the region: NRMSE has no scale")
+    return float(np.sqrt(np.mean((d - d.mean()) ** 2)) / spread)
+
+
+def scored_region(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
+                  positions_m=None) -> tuple[np.ndarray, np.ndarray]:
+    """The truth on a stitched image's grid and the mask it is scored over: well covered
+    (:func:`coverage_mask`), inside the truth and, given ``positions_m``, inside the scanned area."""
     phase, weight, origin_m, pixel_size_m = stitched
     ref = truth_on_grid(truth_phase, truth_pixel_size_m, origin_m, pixel_size_m, np.shape(phase))
     mask = coverage_mask(weight, fraction) & np.isfinite(ref)
     if positions_m is not None:
         mask &= scanned_region(np.shape(phase), origin_m, pixel_size_m, positions_m)
-    return phase_ssim(phase, ref, mask, data_range=data_range, ramp=ramp)
+    return ref, mask
+
+
+def stitched_scores(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
+                    positions_m=None) -> dict:
+    """NRMSE and SSIM with the offset removed (the headline figures), and both again with the
+    offset and linear ramp removed, of a stitched image against the true phase, over
+    :func:`scored_region`."""
+    ref, mask = scored_region(stitched, truth_phase, truth_pixel_size_m, fraction=fraction,
+                              positions_m=positions_m)
+    phase = stitched[0]
+    return {"nrmse": nrmse(phase, ref, mask), "ssim": phase_ssim(phase, ref, mask),
+            "nrmse_ramp": nrmse(phase, ref, mask, ramp=True), "ssim_ramp": phase_ssim(phase, ref, mask, ramp=True)}

@@ -243,10 +243,28 @@ def extract_patches(obj: np.ndarray, centres_px: np.ndarray, n: int) -> np.ndarr
     return obj[rows[:, :, None], cols[:, None, :]]
 
 
+def shift_probe(probe: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
+    """``(N, n, n)`` copies of ``probe`` moved by ``shifts_px`` (N, 2) (rows, cols), by the
+    Fourier shift theorem: exact for a band-limited probe (every probe here is one)."""
+    n0, n1 = probe.shape[-2:]
+    s = np.asarray(shifts_px, dtype=np.float64).reshape(-1, 2)
+    ky, kx = np.fft.fftfreq(n0), np.fft.fftfreq(n1)
+    ramp = np.exp(-2j * np.pi * (s[:, 0, None, None] * ky[None, :, None] + s[:, 1, None, None] * kx[None, None, :]))
+    return np.fft.ifft2(np.fft.fft2(probe)[None] * ramp).astype(np.complex64)
+
+
 def diffraction(obj: np.ndarray, probe: np.ndarray, centres_px: np.ndarray) -> np.ndarray:
-    """Noise-free far-field intensities ``(N, n, n)`` for a probe at ``centres_px``."""
+    """Noise-free far-field intensities ``(N, n, n)`` for a probe at ``centres_px``.
+
+    The object patch starts at the whole pixel nearest ``centre - n/2`` and the probe is moved
+    by the remaining fraction of a pixel (as pty-chi's forward model does), so a scan position
+    is honoured to sub-pixel accuracy: the stitcher and the solvers place it there too.
+    """
     n = probe.shape[-1]
-    psi = probe[None] * extract_patches(obj, centres_px, n)
+    c = np.asarray(centres_px, dtype=np.float64).reshape(-1, 2)
+    frac = c - n / 2 - np.rint(c - n / 2)
+    probes = shift_probe(probe, frac) if np.any(np.abs(frac) > 1e-9) else probe[None]
+    psi = probes * extract_patches(obj, c, n)
     return np.abs(far_field(psi)) ** 2
 
 

@@ -5,19 +5,29 @@ pixel ``j`` of an ``h``-row patch lies at ``y + (j - h/2) * pixel_size``. The ca
 whose global pixel ``g`` lies at ``g * pixel_size`` metres, so :meth:`Stitcher.image` reports the
 metres of its pixel ``[0, 0]`` as ``origin_m``.
 
-Placement is sub-pixel by bilinear splatting: the whole patch shares one fractional offset, so
-the splat is four shifted copies of the patch with scalar weights, an ``(h+1, w+1)`` block
-added once to the canvas. The canvas keeps ``num = sum(w * (phase + offset))`` and
-``den = sum(w)``; the image is ``num / den``. ``w`` is the probe intensity when given (the
-network sees only what the probe lit), else a Tukey taper.
+The canvas keeps ``num = sum(w * (phase + offset))`` and ``den = sum(w)``; the image is
+``num / den``. ``w`` is the probe intensity when given (the network sees only what the probe
+lit), else a Tukey taper. Only the window's support (where ``w`` is at least ``support`` of its
+peak) is placed: with a beam much smaller than the field, that is a small part of the patch.
 
-Work is done one frame at a time on float32 buffers: the ``(h+1, w+1)`` working set stays in
-cache, which beats vectorising over the batch (and offsets need sequential adds anyway).
+Sub-pixel placement (``subpixel``):
+
+- ``"fourier"`` (default): the patch goes to the nearest whole pixel and the remaining shift
+  (at most half a pixel) is applied by the Fourier shift theorem, which keeps every spatial
+  frequency the patch holds. The weight window's shifted copies are cached on a 1/32-pixel
+  grid. This is the forward model's own sub-pixel shift (``physics.shift_probe``), so a live
+  image keeps the resolution of the frames.
+- ``"bilinear"``: four shifted copies of the patch with scalar weights, an ``(h+1, w+1)`` block.
+  Cheaper, but it averages neighbouring pixels: across many patches with random fractional
+  positions it blurs the image by about half a pixel.
 
 Each network patch has its mean phase removed, so before adding a patch its constant offset
 against the canvas is estimated in the overlap by weighted least squares: with weights
 ``w_patch * den``, ``c = (sum(w num) - sum(den w phase)) / sum(w den)``: three dot products, no
 division per pixel. Phases are treated as unwrapped (the networks output a continuous phase).
+
+Work is done one frame at a time on float32 buffers (offsets need sequential adds), except the
+Fourier shifts, which run on the whole batch at once.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ import threading
 from typing import NamedTuple
 
 import numpy as np
+
+
+SUBPIXEL = ("fourier", "bilinear")
 
 
 class StitchedImage(NamedTuple):
@@ -83,23 +96,58 @@ def _splat(a: np.ndarray, fy: float, fx: float, t: np.ndarray, out: np.ndarray) 
     return out
 
 
-class _Window:
-    """The weight window of one patch shape and the scratch buffers of its splats (float32)."""
+SHIFT_STEPS = 32        # the Fourier-shifted weight windows are cached on a 1/32-pixel grid
 
-    def __init__(self, window, shape: tuple[int, int], taper: float):
+
+def _support(w: np.ndarray, level: float) -> tuple[slice, slice]:
+    """The smallest box holding every pixel of ``w`` at or above ``level`` of its peak."""
+    rows = np.flatnonzero((w >= level * w.max()).any(axis=1))
+    cols = np.flatnonzero((w >= level * w.max()).any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def fourier_shift(a: np.ndarray, fy, fx) -> np.ndarray:
+    """``a`` (..., h, w) moved by (fy, fx) pixels (scalars or one per leading index), periodically."""
+    h, w = a.shape[-2:]
+    ky, kx = np.fft.fftfreq(h), np.fft.rfftfreq(w)
+    fy = np.asarray(fy, np.float64)[..., None, None]
+    fx = np.asarray(fx, np.float64)[..., None, None]
+    ramp = np.exp(-2j * np.pi * (fy * ky[:, None] + fx * kx[None, :]))
+    return np.fft.irfft2(np.fft.rfft2(a) * ramp, s=(h, w)).astype(np.float32)
+
+
+class _Window:
+    """The weight window of one patch shape, its support box and the scratch buffers (float32)."""
+
+    def __init__(self, window, shape: tuple[int, int], taper: float, support: float):
         h, w = shape
         if window is None:
             self.wy, self.wx = tukey(h, taper).astype(np.float32), tukey(w, taper).astype(np.float32)
-            self.w = np.multiply.outer(self.wy, self.wx)
+            full = np.multiply.outer(self.wy, self.wx)
         else:
             self.wy = self.wx = None
-            self.w = window_from(window, shape, taper).astype(np.float32)
+            full = window_from(window, shape, taper).astype(np.float32)
+        self.box = _support(full, support)
+        self.w = np.ascontiguousarray(full[self.box])
+        bh, bw = self.w.shape
         self.self_weight = float((self.w.astype(np.float64) ** 2).sum())
-        self.q = np.empty((h, w), np.float32)
-        self.t = np.empty((h, w + 1), np.float32)
-        self.s_pw = np.empty((h + 1, w + 1), np.float32)
-        self.s_w = np.empty((h + 1, w + 1), np.float32)
-        self.sy, self.sx = np.empty(h + 1, np.float32), np.empty(w + 1, np.float32)
+        self.q = np.empty((bh, bw), np.float32)
+        self.t = np.empty((bh, bw + 1), np.float32)
+        self.s_pw = np.empty((bh + 1, bw + 1), np.float32)
+        self.s_w = np.empty((bh + 1, bw + 1), np.float32)
+        self.sy, self.sx = np.empty(bh + 1, np.float32), np.empty(bw + 1, np.float32)
+        if self.wy is not None:
+            self.wy, self.wx = self.wy[self.box[0]].copy(), self.wx[self.box[1]].copy()
+        self._shifted: dict[tuple[int, int], np.ndarray] = {}
+
+    def shifted(self, fy: float, fx: float) -> np.ndarray:
+        """The window moved by (fy, fx) in [-0.5, 0.5], from a cache on a 1/32-pixel grid."""
+        key = (int(round(fy * SHIFT_STEPS)), int(round(fx * SHIFT_STEPS)))
+        w = self._shifted.get(key)
+        if w is None:
+            w = np.maximum(fourier_shift(self.w, key[0] / SHIFT_STEPS, key[1] / SHIFT_STEPS), 0.0)
+            self._shifted[key] = w
+        return w
 
 
 class Stitcher:
@@ -110,7 +158,8 @@ class Stitcher:
     """
 
     def __init__(self, pixel_size_m: float, *, window=None, taper: float = 0.5, estimate_offsets: bool = True,
-                 min_overlap: float = 0.05, max_canvas_px: int = 8192, grow_px: int = 128):
+                 min_overlap: float = 0.05, max_canvas_px: int = 8192, grow_px: int = 128,
+                 subpixel: str = "fourier", support: float = 1e-3):
         """
         pixel_size_m: object pixel size of the patches (m/pixel).
         window: probe (complex, its intensity is used) or real weights of the patch shape; None: Tukey taper.
@@ -120,7 +169,15 @@ class Stitcher:
         max_canvas_px: a frame whose patch lies farther than half this from the scan's first frame
             is rejected (a runaway position would otherwise allocate a huge canvas).
         grow_px: extra margin when the canvas grows, so it grows rarely.
+        subpixel: "fourier" (exact for the frequencies a patch holds) or "bilinear" (cheaper, blurs).
+        support: only the part of the patch where the window reaches this fraction of its peak is placed.
         """
+        if subpixel not in SUBPIXEL:
+            raise ValueError(f"subpixel must be one of {SUBPIXEL}, got {subpixel!r}")
+        if not 0 <= support < 1:
+            raise ValueError(f"support must be in [0, 1), got {support!r}")
+        self.subpixel = subpixel
+        self.support = float(support)
         self._lock = threading.RLock()
         self.pixel_size_m = pixel_size_m
         self._window_arg = window
@@ -172,7 +229,7 @@ class Stitcher:
     # ------------------------------------------------------------------ adding
     def _window(self, shape) -> _Window:
         if shape not in self._windows:
-            self._windows[shape] = _Window(self._window_arg, shape, self.taper)
+            self._windows[shape] = _Window(self._window_arg, shape, self.taper, self.support)
         return self._windows[shape]
 
     def _reject(self, count: int, message: str) -> None:
@@ -225,22 +282,37 @@ class Stitcher:
             if not ok.any():
                 return 0
         idx = np.flatnonzero(ok)
-        ty, tx = ty[idx], tx[idx]
-        r, c = np.floor(ty).astype(np.int64), np.floor(tx).astype(np.int64)
-        fy, fx = (ty - r).tolist(), (tx - c).tolist()
-        self._ensure(int(r.min()), int(r.max()) + h + 1, int(c.min()), int(c.max()) + w + 1)
-        rows, cols = (r - self._r0).tolist(), (c - self._c0).tolist()     # after a possible growth
         win = self._window((h, w))
-        for k, i in enumerate(idx.tolist()):
+        (b0, b1), (c0_, c1_) = (win.box[0].start, win.box[0].stop), (win.box[1].start, win.box[1].stop)
+        bh, bw = b1 - b0, c1_ - c0_
+        ty, tx = ty[idx] + b0, tx[idx] + c0_                # global fractional row/col of the box's pixel 0
+        fourier = self.subpixel == "fourier"
+        r = np.rint(ty) if fourier else np.floor(ty)
+        c = np.rint(tx) if fourier else np.floor(tx)
+        fy_a, fx_a = ty - r, tx - c
+        r, c = r.astype(np.int64), c.astype(np.int64)
+        fy, fx = fy_a.tolist(), fx_a.tolist()
+        ext = 0 if fourier else 1                           # a bilinear splat is one pixel larger
+        self._ensure(int(r.min()), int(r.max()) + bh + ext, int(c.min()), int(c.max()) + bw + ext)
+        rows, cols = (r - self._r0).tolist(), (c - self._c0).tolist()     # after a possible growth
+        if fourier:
+            boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
+            shifted = fourier_shift(boxed * win.w, fy_a, fx_a)            # (B, bh, bw): w * phase, moved
+        for k in range(len(idx)):
             rr, cc = rows[k], cols[k]
-            num = self._num[rr:rr + h + 1, cc:cc + w + 1]
-            den = self._den[rr:rr + h + 1, cc:cc + w + 1]
-            np.multiply(p[i], win.w, out=win.q)
-            s_pw = _splat(win.q, fy[k], fx[k], win.t, win.s_pw)
-            if win.wy is not None:          # separable window: the splat is an outer product
-                s_w = np.multiply.outer(_splat1(win.wy, fy[k], win.sy), _splat1(win.wx, fx[k], win.sx), out=win.s_w)
+            num = self._num[rr:rr + bh + ext, cc:cc + bw + ext]
+            den = self._den[rr:rr + bh + ext, cc:cc + bw + ext]
+            if fourier:
+                s_w = win.shifted(fy[k], fx[k])
+                s_pw = shifted[k]
             else:
-                s_w = _splat(win.w, fy[k], fx[k], win.t, win.s_w)
+                np.multiply(p[idx[k], b0:b1, c0_:c1_], win.w, out=win.q)
+                s_pw = _splat(win.q, fy[k], fx[k], win.t, win.s_pw)
+                if win.wy is not None:      # separable window: the splat is an outer product
+                    s_w = np.multiply.outer(_splat1(win.wy, fy[k], win.sy), _splat1(win.wx, fx[k], win.sx),
+                                            out=win.s_w)
+                else:
+                    s_w = _splat(win.w, fy[k], fx[k], win.t, win.s_w)
             if self.estimate_offsets:
                 overlap = float(np.einsum("ij,ij->", s_w, den))
                 if overlap > self.min_overlap * win.self_weight:
@@ -249,7 +321,7 @@ class Stitcher:
             num += s_pw
             den += s_w
         n = len(idx)
-        ur = (int(r.min()), int(r.max()) + h + 1, int(c.min()), int(c.max()) + w + 1)
+        ur = (int(r.min()), int(r.max()) + bh + ext, int(c.min()), int(c.max()) + bw + ext)
         u = self._used
         self._used = ur if u is None else (min(u[0], ur[0]), max(u[1], ur[1]), min(u[2], ur[2]), max(u[3], ur[3]))
         self.frames_stitched += n

@@ -149,3 +149,19 @@ def test_scanned_region_bad_positions(pts, match):
 
     with pytest.raises(ValueError, match=match):
         scanned_region((10, 10), (0.0, 0.0), 1.0, pts)
+
+
+def test_nrmse_has_a_scale_an_all_zero_image_cannot_pass():
+    from ptychopv.metrics import nrmse
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((40, 40))
+    assert nrmse(ref + 3.0, ref) == pytest.approx(0.0, abs=1e-12)          # the offset is free
+    assert nrmse(np.zeros_like(ref), ref) == pytest.approx(1.0)
+    noisy = ref + 0.3 * rng.standard_normal(ref.shape)
+    assert 0.25 < nrmse(noisy, ref) < 0.35
+    r, c = np.indices(ref.shape)
+    tilted = ref + 0.05 * r
+    assert nrmse(tilted, ref) > 0.3 and nrmse(tilted, ref, ramp=True) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="flat"):
+        nrmse(ref, np.ones_like(ref))

@@ -129,3 +129,22 @@ def test_in_focus_probe_cannot_tell_a_phase_patch_from_its_twin_a_defocused_one_
         a = physics.diffraction(obj, probe, centre)
         b = physics.diffraction(twin, probe, centre)
         assert np.allclose(a, b, rtol=1e-3, atol=1e-6 * a.max()) is same, curvature
+
+
+def test_subpixel_positions_shift_the_probe_not_the_rounding():
+    # the frame at a fractional position equals the frame at the whole pixel with the (band-limited)
+    # object moved the other way: the forward model honours a position to a fraction of a pixel
+    from scipy import ndimage
+
+    n = 32
+    obj = np.exp(1j * ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((96, 96)), 3) * 4)
+    probe = physics.make_probe(n, 6)       # band-limited (a defocus chirp aliases in the tails)
+    c = np.array([[48.0, 48.0]])
+    f = np.array([0.3, -0.4])
+    shifted_obj = np.fft.ifft2(np.fft.fft2(obj) * np.exp(2j * np.pi * (f[0] * np.fft.fftfreq(96)[:, None]
+                                                                      + f[1] * np.fft.fftfreq(96)[None, :])))
+    a = physics.diffraction(obj, probe, c + f)
+    b = physics.diffraction(shifted_obj, probe, c)
+    assert np.abs(a - b).max() < 1e-2 * a.max()
+    rounded = physics.diffraction(obj, probe, c)
+    assert np.abs(a - rounded).max() > 3e-2 * a.max()     # the fraction is not rounded away

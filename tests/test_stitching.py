@@ -71,13 +71,19 @@ def test_integer_positions_reproduce_the_truth_exactly(truth):
     assert np.nanstd(diff) < 1e-4          # equal up to one constant
 
 
-def test_origin_and_subpixel_geometry():
-    # one delta-like patch: its centroid must land where the position says, to a small fraction of a pixel
-    n = 16
+@pytest.mark.parametrize("subpixel", ["bilinear", "fourier"])
+def test_origin_and_subpixel_geometry(subpixel):
+    # one compact patch: its centroid must land where the position says, to a small fraction of a
+    # pixel (a delta for the bilinear splat; a smooth blob for the Fourier shift, which rings on a delta)
+    n = 32
     patch = np.zeros((n, n), np.float32)
-    patch[n // 2, n // 2] = 1.0            # the probe centre pixel sits at the position
+    if subpixel == "bilinear":
+        patch[n // 2, n // 2] = 1.0            # the probe centre pixel sits at the position
+    else:
+        r2 = ((np.indices((n, n)) - n // 2) ** 2).sum(axis=0)
+        patch = np.exp(-r2 / (2 * 2.0**2)).astype(np.float32)
     for x_px, y_px in [(0.0, 0.0), (3.25, -7.5), (-10.7, 4.1)]:
-        s = Stitcher(PS, window=np.ones((n, n)), estimate_offsets=False)
+        s = Stitcher(PS, window=np.ones((n, n)), estimate_offsets=False, subpixel=subpixel)
         s.add(patch, [[x_px * PS, y_px * PS]])
         img = s.image()
         num = img.phase * img.weight
@@ -86,6 +92,22 @@ def test_origin_and_subpixel_geometry():
         y = img.origin_m[1] + r * PS
         assert x == pytest.approx(x_px * PS, abs=1e-3 * PS)
         assert y == pytest.approx(y_px * PS, abs=1e-3 * PS)
+
+
+def test_fourier_placement_keeps_fine_detail_that_bilinear_blurs(truth):
+    # truth patches sampled exactly at sub-pixel centres (band-limited by a light blur, so the
+    # sampling is exact): the Fourier shift puts them back without loss, the bilinear splat blurs
+    smooth = ndimage.gaussian_filter(truth, 0.8)
+    pos = scan(step_px=10, extent_px=120, seed=4)
+    patches = true_patches(smooth, pos, 32, order=5)
+    err = {}
+    for mode in ("fourier", "bilinear"):
+        img = stitch(patches, pos, subpixel=mode).image()
+        ref = truth_on_grid(smooth, PS, img.origin_m, PS, img.phase.shape)
+        inner = ndimage.binary_erosion(img.weight > 0.3 * img.weight.max(), iterations=4) & np.isfinite(ref)
+        d = (img.phase - ref)[inner]
+        err[mode] = float(np.std(d - d.mean()) / np.std(ref[inner]))
+    assert err["fourier"] < 0.02 and err["bilinear"] > 2 * err["fourier"], err
 
 
 def test_canvas_grows_in_every_direction():
@@ -134,6 +156,10 @@ def test_bad_input(patches, positions, match):
 def test_bad_settings():
     with pytest.raises(ValueError, match="pixel size"):
         Stitcher(0)
+    with pytest.raises(ValueError, match="subpixel"):
+        Stitcher(PS, subpixel="cubic")
+    with pytest.raises(ValueError, match="support"):
+        Stitcher(PS, support=1.0)
     with pytest.raises(ValueError, match="window"):
         Stitcher(PS, window=np.ones((4, 4))).add(np.ones((8, 8)), [[0, 0]])
 

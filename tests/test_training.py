@@ -243,3 +243,29 @@ def test_training_sets_the_networks_input_standardization(corpus, tmp_path):
     off = train(corpus, tmp_path / "off", dict(TINY, epochs=1, standardize=False))
     plain = load_model(ModelRegistry(tmp_path / "off").get(off["version"]).weights_path)
     assert float(plain.input_scale) == 1.0 and float(plain.input_mean.abs().max()) == 0.0
+
+
+def test_low_dose_range_redraws_half_the_frames_at_random_factors():
+    from ptychopv.hpc.training import low_dose_factors
+
+    rng = np.random.default_rng(1)
+    f = low_dose_factors(4000, (2.0, 50.0), rng)
+    kept = f == 1.0
+    assert 0.45 < kept.mean() < 0.55 and f[~kept].min() >= 2.0 and f[~kept].max() <= 50.0
+    assert np.median(np.log(f[~kept])) == pytest.approx(np.log(10.0), abs=0.15)     # log-uniform
+    frames = np.full((4, 6, 6), 100.0, np.float32)
+    low = low_dose(frames, np.array([1.0, 10.0, 10.0, 100.0]), rng)
+    assert np.all(np.mod(low[1:3], 10.0) == 0) and np.all(np.mod(low[3], 100.0) == 0)
+    with pytest.raises(ValueError, match="not both"):
+        TrainOptions(low_dose_factor=10, low_dose_range=(1, 10))
+    with pytest.raises(ValueError, match="low_dose_range"):
+        TrainOptions(low_dose_range=(0.5, 10))
+
+
+def test_cosine_schedule_warms_up_then_falls_to_lr_min(corpus, tmp_path):
+    card = train(corpus, tmp_path / "reg", dict(TINY, epochs=4, schedule="cosine", lr_min=1e-5, lr_max=1e-3,
+                                                low_dose_range=(1.0, 20.0)))
+    lrs = [h["lr"] for h in card["history"]]        # at the start of each epoch
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] > 10 * lrs[0]     # warmed up within the first epoch
+    assert lrs[1] > lrs[2] > lrs[3] > 1e-5            # falling after the warm-up
+    assert list(card["options"]["low_dose_range"]) == [1.0, 20.0]

@@ -1,0 +1,199 @@
+"""How faithful is the live image? NRMSE and SSIM of the live stitched NN image and of pty-chi
+ePIE on the same frames, against the truth, beside calibration images. Prints JSON; writes PNGs.
+
+    python benchmarks/science.py                       # 4 families x 3 overlaps x 3 doses (~25 min on 2 cores)
+    python benchmarks/science.py --quick               # natural family, overlap 0.6, full dose (~1 min)
+    python benchmarks/science.py --families ic star --overlaps 0 --doses 1 --iterations 25
+
+For each sample family of ``ptychopv.samples.EVAL_FAMILIES`` (none of them used to train the
+shipped model), overlap (``1 - step/beam``) and dose (x1 = 1e6 photons per frame) it simulates one
+Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and reports:
+
+- ``live``: the live image, produced by the chain's own plugins (preprocess -> engine -> stitch,
+  ``fidelity.live_image``) with the model of ``--registry`` (default: the shipped one) on ONNX
+  Runtime, the stitcher weighted by the model card's beam as the IOC does before any
+  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor);
+- ``live_recon_window``: the same, weighted by the probe that ePIE reconstructed (what the IOC
+  uses after its first reconstruction): the "faithful from the first frame" check;
+- ``epie``: pty-chi ePIE on the same frames (``--iterations``, the full demo's 60 by default),
+  started from the beamline's probe;
+- ``zero``, ``blurred`` (truth through a Gaussian of sigma = beam/2), ``highpass`` (truth minus
+  that blur): calibration images, so every figure has a scale (an all-zero image scores NRMSE 1).
+
+Scores (``fidelity.score``) over the scanned, well-covered area: ``nrmse`` (offset removed; the
+headline figure), ``ssim`` (offset removed), ``ssim_ramp`` (offset and linear ramp removed).
+PNG panels (truth | live NN | pty-chi) per family at the first overlap and dose go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ptychopv import fidelity, samples
+from ptychopv.stitching import StitchedImage
+
+DOSE_X1 = 1e6
+
+
+def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None):
+    """pty-chi ePIE on the scan's frames; returns (image on its own grid, reconstructed probe, seconds)."""
+    from ptychopv.hpc.reconstruct import reconstruct
+    from ptychopv.scanfile import Scan
+
+    b = scan.beamline
+    s = Scan(scan.frames, np.arange(1, len(scan.frames) + 1), scan.positions_m, np.zeros(len(scan.frames)),
+             attrs={"energy_ev": b.energy_ev, "detector_distance_m": b.distance_m,
+                    "detector_pixel_size_m": b.detector_pixel_m})
+    t0 = time.perf_counter()
+    rec = reconstruct(s, {"engine": "epie", "iterations": iterations, "beam_m": b.beam_m,
+                          "probe_curvature": b.curvature, "threads": threads})
+    ny, nx = rec.object.shape
+    origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
+    img = StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin, rec.pixel_size_m)
+    return img, rec.probe, time.perf_counter() - t0
+
+
+def run_case(family: str, overlap: float, dose_x: float, engine, card_window, args, seed: int) -> dict:
+    scan = fidelity.family_scan(family, overlap=overlap, dose=DOSE_X1 * dose_x, seed=seed, extent_m=args.extent)
+    live_kw = {"pixel_size_m": scan.pixel_size_m}
+    t0 = time.perf_counter()
+    live = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window, **live_kw)
+    row = {"family": family, "overlap": overlap, "dose_x": dose_x, "frames": len(scan.frames),
+           "live": fidelity.score(live, scan), "live_s": round(time.perf_counter() - t0, 2)}
+    if dose_x != 1:
+        scaled = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
+                                     scale=1.0 / dose_x, **live_kw)
+        row["live_scaled"] = fidelity.score(scaled, scan)
+    images = {"live": live}
+    if args.iterations:
+        rec_img, rec_probe, secs = epie(scan, args.iterations, args.threads)
+        row["epie"] = fidelity.score(rec_img, scan)
+        row["epie_s"] = round(secs, 1)
+        images["epie"] = rec_img
+        if rec_probe.shape == (scan.beamline.frame_px,) * 2:
+            after = fidelity.live_image(scan.frames, scan.positions_m, engine, window=rec_probe, **live_kw)
+            row["live_recon_window"] = fidelity.score(after, scan)
+    for name, img in fidelity.calibration_images(scan, live).items():
+        row[name] = fidelity.score(img, scan)
+    return row, scan, images
+
+
+def panel(path: Path, scan, images: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ptychopv import metrics
+
+    live = images["live"]
+    ref, mask = metrics.scored_region(live, scan.truth_phase, scan.pixel_size_m, positions_m=scan.positions_m)
+    cols = [("truth", ref)]
+    for name in ("live", "epie"):
+        if name in images:
+            img = images[name]
+            on = metrics.truth_on_grid(img.phase, img.pixel_size_m, (img.origin_m[0] - live.origin_m[0] + 0,
+                                                                     img.origin_m[1] - live.origin_m[1]),
+                                       live.pixel_size_m, live.phase.shape) if img is not live else img.phase
+            cols.append((name, on))
+    fig, axs = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), dpi=100)
+    lo, hi = np.nanpercentile(ref[mask], [1, 99])
+    for ax, (name, img) in zip(np.atleast_1d(axs), cols):
+        a = np.where(mask, img - np.nanmean((img - ref)[mask]), np.nan)
+        ax.imshow(a, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The issue's targets, read off the rows."""
+    def get(f, o, d, key="live"):
+        for r in rows:
+            if r["family"] == f and r["overlap"] == o and r["dose_x"] == d and key in r:
+                return r[key]["nrmse"]
+        return None
+
+    fams = sorted({r["family"] for r in rows})
+    out = {}
+    full = {f: get(f, 0.6, 1) for f in fams}
+    if all(v is not None for v in full.values()):
+        out["full_dose_overlap_0.6_nrmse"] = full
+    sparse = {f: (get(f, 0.0, 1), get(f, 0.0, 1, "epie")) for f in fams}
+    if all(a is not None and b is not None for a, b in sparse.values()):
+        out["overlap_0_live_vs_epie"] = {f: {"live": a, "epie": b, "live_better": a < b} for f, (a, b) in sparse.items()}
+    first = {f: (get(f, 0.6, 1), get(f, 0.6, 1, "live_recon_window")) for f in fams}
+    if all(a is not None and b is not None for a, b in first.values()):
+        out["first_frame_vs_after_reconstruction"] = {f: {"card_window": a, "recon_window": b,
+                                                          "within_10pct": a <= 1.1 * b} for f, (a, b) in first.items()}
+    low = {f: (get(f, 0.6, 0.01), get(f, 0.6, 0.01, "live_scaled")) for f in fams}
+    if all(a is not None for a, _ in low.values()):
+        out["dose_0.01_nrmse"] = {f: {"scale_1": a, "scale_matched": b} for f, (a, b) in low.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=list(samples.EVAL_FAMILIES), choices=list(samples.FAMILIES))
+    ap.add_argument("--overlaps", nargs="+", type=float, default=[0.6, 0.3, 0.0])
+    ap.add_argument("--doses", nargs="+", type=float, default=[1.0, 0.1, 0.01], help="dose factors of 1e6 photons")
+    ap.add_argument("--iterations", type=int, default=60, help="ePIE iterations (0: no ePIE)")
+    ap.add_argument("--extent", type=float, default=4e-6, help="scan diameter (m)")
+    ap.add_argument("--registry", type=Path, help="model registry (default: the shipped model)")
+    ap.add_argument("--version", type=int, default=0, help="model version (0: latest)")
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--threads", type=int, help="torch CPU threads for ePIE")
+    ap.add_argument("--out", type=Path, default=Path("science-out"), help="folder for the PNG panels")
+    ap.add_argument("--quick", action="store_true", help="natural family, overlap 0.6, full dose, 25 ePIE iterations")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.families, a.overlaps, a.doses, a.iterations = ["natural"], [0.6], [1.0], min(a.iterations, 25)
+    from ptychopv.inference import ModelRegistry, select_engine
+    from ptychopv.inference.registry import shipped_registry
+
+    reg = ModelRegistry(a.registry or shipped_registry(), create=False)
+    mv = reg.latest() if a.version == 0 else reg.get(a.version)
+    beam = fidelity.Beamline.from_card(mv.card)
+    if beam is None or beam.differences(fidelity.DEMO):
+        print(f"model v{mv.version} was not trained for the benchmark's beamline "
+              f"({'no beamline on its card' if beam is None else ', '.join(beam.differences(fidelity.DEMO))})",
+              file=sys.stderr)
+    card_window = (beam or fidelity.DEMO).probe()
+    engine = select_engine(mv.source(), "onnxruntime")
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = time.perf_counter()
+    for fi, family in enumerate(a.families):
+        for overlap in a.overlaps:
+            for dose_x in a.doses:
+                row, scan, images = run_case(family, overlap, dose_x, engine, card_window, a, a.seed + 17 * fi)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                if overlap == a.overlaps[0] and dose_x == a.doses[0]:
+                    panel(a.out / f"science_{family}.png", scan, images,
+                          f"{family}, overlap {overlap}, dose x{dose_x}: live NRMSE {row['live']['nrmse']:.3f}"
+                          + (f", ePIE {row['epie']['nrmse']:.3f}" if "epie" in row else ""))
+    engine.close()
+    print(json.dumps({"benchmark": "science",
+                      "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.processor() or platform.platform()}",
+                      "model": {"registry": str(reg.root), "version": mv.version,
+                                "training_families": mv.card.get("training_families")},
+                      "beamline": fidelity.DEMO.card(), "extent_m": a.extent, "epie_iterations": a.iterations,
+                      "seconds": round(time.perf_counter() - t0, 1), "targets": summarize(rows), "rows": rows},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""How faithful is the live image? Simulated scans of a sample family, pushed through the live
+chain's own code, scored against the truth beside calibration images.
+
+- :class:`Beamline`: one experiment geometry and probe (:data:`DEMO` is the shipped model's:
+  8.8 keV, 2 m, 75 um pixels, 64x64 frames, a 0.5 um focused beam with 4 rad of defocus at its
+  edge). A model card carries it (``card["beamline"]``), so the chain can weight stitched
+  patches by the model's beam from the first frame and warn when the beamline differs.
+- :func:`family_scan`: a Fermat scan of a :mod:`ptychopv.samples` family at an overlap and dose.
+- :func:`live_image`: the frames through the chain's plugins, exactly as the IOC runs them
+  (:class:`~ptychopv.plugins.infer.InferPlugin`: preprocess, batches, the engine;
+  :class:`~ptychopv.plugins.stitch.StitchPlugin`: the stitcher), without EPICS.
+- :func:`calibration_images`: what an image must beat for a score to mean anything: an
+  all-zero image, the truth blurred by half a beam, and the truth high-passed (its contrast
+  above the beam size removed).
+- :func:`score`: NRMSE and SSIM (offset removed; offset and ramp removed as a secondary figure)
+  over the scanned, well-covered area (:func:`ptychopv.metrics.stitched_scores`).
+
+Numpy and the plugins only: no EPICS, no PyTorch (the engine is given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from . import metrics, physics
+from .samples import make_sample
+from .stitching import StitchedImage
+
+
+@dataclass(frozen=True)
+class Beamline:
+    """Geometry and probe of an experiment (SI units)."""
+
+    energy_ev: float = 8800.0
+    distance_m: float = 2.0
+    detector_pixel_m: float = 75e-6
+    frame_px: int = 64
+    beam_m: float = 0.5e-6
+    probe_kind: str = "focused"
+    curvature: float = 4.0            # rad of quadratic phase at the beam edge (a slight defocus)
+
+    @property
+    def pixel_size_m(self) -> float:
+        return physics.object_pixel_size(self.energy_ev, self.distance_m, self.detector_pixel_m, self.frame_px)
+
+    @property
+    def beam_px(self) -> float:
+        return self.beam_m / self.pixel_size_m
+
+    def probe(self) -> np.ndarray:
+        return physics.make_probe(self.frame_px, self.beam_px, self.probe_kind, curvature=self.curvature)
+
+    def card(self) -> dict:
+        """What a model card stores (``card["beamline"]``)."""
+        return {**asdict(self), "pixel_size_m": self.pixel_size_m}
+
+    @classmethod
+    def from_card(cls, card: dict | None) -> "Beamline | None":
+        """The beamline a model was trained for, or None when its card does not say."""
+        spec = (card or {}).get("beamline")
+        if not isinstance(spec, dict):
+            return None
+        known = {k: spec[k] for k in cls.__dataclass_fields__ if k in spec}
+        try:
+            return cls(**known)
+        except (TypeError, ValueError):
+            return None
+
+    def differences(self, other: "Beamline", rtol: float = 0.02) -> list[str]:
+        """What differs between two beamlines, in words (empty: they match within ``rtol``)."""
+        out = []
+        for name in self.__dataclass_fields__:
+            a, b = getattr(self, name), getattr(other, name)
+            if isinstance(a, str) or isinstance(b, str):
+                if a != b:
+                    out.append(f"{name} {a} vs {b}")
+            elif not np.isclose(float(a), float(b), rtol=rtol, atol=1e-12 if name != "curvature" else 0.1):
+                out.append(f"{name} {a:g} vs {b:g}")
+        return out
+
+
+DEMO = Beamline()
+
+
+@dataclass
+class FamilyScan:
+    """A simulated scan of one sample and its truth."""
+
+    family: str
+    overlap: float
+    dose: float
+    frames: np.ndarray          # (N, n, n) photon counts
+    positions_m: np.ndarray     # (N, 2) (x, y)
+    obj: np.ndarray             # complex truth
+    probe: np.ndarray
+    beamline: Beamline = field(default_factory=Beamline)
+
+    @property
+    def truth_phase(self) -> np.ndarray:
+        return np.angle(self.obj)
+
+    @property
+    def pixel_size_m(self) -> float:
+        return self.beamline.pixel_size_m
+
+
+def family_scan(family: str, *, overlap: float = 0.6, dose: float = 1e6, seed: int = 0,
+                extent_m: float = 3e-6, beamline: Beamline = DEMO, size_px: int = 256,
+                max_phase: float = 1.0) -> FamilyScan:
+    """A Fermat-spiral scan of ``extent_m`` at ``overlap`` (``1 - step/beam``) over a fresh sample of
+    ``family`` (seeded), ``dose`` photons per frame, centred on the sample."""
+    obj = make_sample(family, (size_px, size_px), seed=seed, max_phase=max_phase)
+    probe = beamline.probe()
+    pos = physics.scan_positions("fermat", (1 - overlap) * beamline.beam_m, extent_m)
+    sim = physics.simulate(obj, probe, pos, beamline.pixel_size_m, dose, seed=seed + 1)
+    return FamilyScan(family, overlap, dose, sim.frames, sim.positions_m, obj, probe, beamline)
+
+
+def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
+               scale: float = 1.0, batch_size: int = 16) -> StitchedImage:
+    """The live chain's image of a scan: ``frames`` through the infer and stitch plugins the IOC
+    runs (preprocessing with ``scale`` as ``ScaleFactor``, batches of ``batch_size``, ``engine``,
+    the stitcher weighted by ``window``), blocking callbacks so nothing is dropped."""
+    from .plugins.frame import Frame
+    from .plugins.infer import InferPlugin
+    from .plugins.stitch import StitchPlugin
+    from .preprocess import PreprocessOptions
+
+    infer = InferPlugin("Infer", engine=engine, preprocess=PreprocessOptions(scale=float(scale)),
+                        batch_size=batch_size, batch_timeout_s=0.05, queue_size=4 * batch_size,
+                        blocking_callbacks=True)
+    stitch = StitchPlugin("Stitch", pixel_size_m=pixel_size_m, window=window, queue_size=64,
+                          blocking_callbacks=True)
+    infer.downstream = [stitch]
+    infer.start()
+    stitch.start()
+    try:
+        for i, (f, p) in enumerate(zip(frames, positions_m)):
+            infer.put(Frame(np.asarray(f), unique_id=i + 1, position=(float(p[0]), float(p[1]))))
+        infer.flush()
+        stitch.flush()
+        if infer.error_count or stitch.error_count:
+            raise RuntimeError(f"the chain failed: {infer.last_message or stitch.last_message}")
+        return stitch.image()
+    finally:
+        infer.stop(timeout=10)
+        stitch.stop(timeout=10)
+
+
+def _on_grid(img: np.ndarray, stitched: StitchedImage, pixel_size_m: float) -> np.ndarray:
+    return metrics.truth_on_grid(img, pixel_size_m, stitched.origin_m, stitched.pixel_size_m, stitched.phase.shape)
+
+
+def calibration_images(scan: FamilyScan, like: StitchedImage) -> dict[str, StitchedImage]:
+    """Reference images on ``like``'s grid (and with its weights): ``zero``, ``blurred`` (the truth
+    through a Gaussian of sigma = beam/2) and ``highpass`` (the truth minus that blur)."""
+    truth = scan.truth_phase
+    sigma = scan.beamline.beam_px / 2
+    blurred = ndimage.gaussian_filter(truth, sigma)
+    out = {"zero": np.zeros_like(like.phase), "blurred": _on_grid(blurred, like, scan.pixel_size_m),
+           "highpass": _on_grid(truth - blurred, like, scan.pixel_size_m)}
+    return {k: like._replace(phase=np.nan_to_num(v).astype(np.float32)) for k, v in out.items()}
+
+
+def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> dict:
+    """:func:`ptychopv.metrics.stitched_scores` of ``image`` over the scanned area of ``scan``."""
+    s = metrics.stitched_scores(image, scan.truth_phase, scan.pixel_size_m, fraction=fraction,
+                                positions_m=scan.positions_m)
+    return {k: round(float(v), 4) for k, v in s.items()}
+
+
+def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:
+    """Patches (one per frame, e.g. a reconstruction's crops) stitched the live chain's way."""
+    from .stitching import Stitcher
+
+    st = Stitcher(scan.pixel_size_m, window=window)
+    st.add(patches, scan.positions_m)
+    return st.image()

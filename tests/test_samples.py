@@ -1,0 +1,42 @@
+"""Sample families: valid transmissions, reproducible, and training kept apart from evaluation."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ptychopv import samples
+
+
+@pytest.mark.parametrize("family", list(samples.FAMILIES))
+def test_each_family_is_a_valid_reproducible_transmission(family):
+    obj = samples.make_sample(family, (160, 192), seed=5, max_phase=1.5, min_amplitude=0.7)
+    assert obj.shape == (160, 192) and obj.dtype == np.complex64
+    phase, amp = np.angle(obj), np.abs(obj)
+    assert phase.min() >= -1e-6 and phase.max() <= 1.5 + 1e-5
+    assert amp.min() >= 0.7 - 1e-6 and amp.max() <= 1.0 + 1e-6
+    assert np.ptp(phase) > 0.3                        # it has structure, not a flat field
+    assert np.array_equal(obj, samples.make_sample(family, (160, 192), seed=5, max_phase=1.5, min_amplitude=0.7))
+    assert not np.array_equal(obj, samples.make_sample(family, (160, 192), seed=6, max_phase=1.5, min_amplitude=0.7))
+
+
+def test_training_and_evaluation_families_are_disjoint():
+    assert set(samples.TRAIN_FAMILIES).isdisjoint(samples.EVAL_FAMILIES)
+    assert set(samples.FAMILIES) == set(samples.TRAIN_FAMILIES) | set(samples.EVAL_FAMILIES)
+
+
+def test_families_differ_in_kind():
+    # IC layouts and Siemens stars are piecewise flat with sharp edges; cells are textured throughout
+    def flat_share(family):
+        p = np.angle(samples.make_sample(family, (192, 192), seed=1))
+        g = ndimage.generic_gradient_magnitude(p, ndimage.sobel)
+        return float((g < 1e-2 * g.max()).mean())
+
+    assert flat_share("ic") > 0.25 and flat_share("star") > 0.25
+    assert flat_share("cell") < 0.1
+
+
+def test_bad_requests_name_the_problem():
+    with pytest.raises(ValueError, match="unknown sample family 'wood'"):
+        samples.make_sample("wood", (64, 64))
+    with pytest.raises(ValueError, match="min_amplitude"):
+        samples.make_sample("ic", (64, 64), min_amplitude=0)
