@@ -17,7 +17,7 @@ from shutil import which
 
 from _common import LatencyProbe, wait_quiet, wait_until
 
-from ptychopv.epics_env import free_port, loopback_env, pva_client_conf
+from ptychopv.io.epics_env import free_port, loopback_env, pva_client_conf
 from ptychopv.procs import Child, ProcessFailed
 
 PROCESSOR = "pvapy.hpc.userDataProcessor.UserDataProcessor"

@@ -34,7 +34,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ptychopv.epics_env import apply_loopback, free_port, pva_client_conf
+from ptychopv.io.epics_env import apply_loopback, free_port, pva_client_conf
 
 apply_loopback()  # before p4p loads
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from _common import machine, print_json
 
-from ptychopv import physics
+from ptychopv.science import physics
 from ptychopv.hpc.reconstruct import ENGINES, reconstruct
-from ptychopv.metrics import phase_ssim, truth_on_grid
-from ptychopv.scanfile import ScanWriter, read_scan, read_truth
+from ptychopv.science.metrics import phase_ssim, truth_on_grid
+from ptychopv.io.scanfile import ScanWriter, read_scan, read_truth
 
 ENERGY_EV, DISTANCE_M, DET_PIXEL_M = 8800.0, 2.0, 75e-6
 

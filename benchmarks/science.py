@@ -5,7 +5,7 @@ ePIE on the same frames, against the truth, beside calibration images. Prints JS
     python benchmarks/science.py --quick               # natural family, overlap 0.6, full dose (~1 min)
     python benchmarks/science.py --families ic star --overlaps 0 --doses 1 --iterations 25
 
-For each sample family of ``ptychopv.samples.EVAL_FAMILIES`` (none of them used to train the
+For each sample family of ``ptychopv.science.samples.EVAL_FAMILIES`` (none of them used to train the
 shipped model), overlap (``1 - step/beam``) and dose (x1 = 1e6 photons per frame) it simulates one
 Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and reports:
 
@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychopv import fidelity, samples
-from ptychopv.stitching import StitchedImage
+from ptychopv import fidelity
+from ptychopv.science import samples
+from ptychopv.science.stitching import StitchedImage
 
 DOSE_X1 = 1e6
 
@@ -46,7 +47,7 @@ DOSE_X1 = 1e6
 def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None):
     """pty-chi ePIE on the scan's frames; returns (image on its own grid, reconstructed probe, seconds)."""
     from ptychopv.hpc.reconstruct import reconstruct
-    from ptychopv.scanfile import Scan
+    from ptychopv.io.scanfile import Scan
 
     b = scan.beamline
     s = Scan(scan.frames, np.arange(1, len(scan.frames) + 1), scan.positions_m, np.zeros(len(scan.frames)),
@@ -92,7 +93,7 @@ def panel(path: Path, scan, images: dict, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ptychopv import metrics
+    from ptychopv.science import metrics
 
     live = images["live"]
     ref, mask = metrics.scored_region(live, scan.truth_phase, scan.pixel_size_m, positions_m=scan.positions_m)

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from ptychopv import physics
-from ptychopv.stitching import Stitcher
+from ptychopv.science import physics
+from ptychopv.science.stitching import Stitcher
 
 
 def bench(size: int, frames: int, batch: int, overlap: float = 0.7, repeats: int = 3) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 
 
 def simulated_pairs(size: int, pairs: int, seed: int = 0):
-    from ptychopv import physics
+    from ptychopv.science import physics
 
     pix = physics.object_pixel_size(8800, 2.0, 75e-6, size)
     probe = physics.make_probe(size, size / 4)

@@ -127,7 +127,7 @@ def reconstruct_job(scan_path: str, out_path: str | None, options: dict | None, 
 def label_job(recon_path: str, corpus_path: str, options: dict | None, job_dir: str) -> dict:
     """Append labels of a reconstruction to the corpus; options: keyword arguments of
     :func:`ptychopv.hpc.labels.label_scan` (``fov`` required). ``preprocess`` may be a dict of
-    :class:`ptychopv.preprocess.PreprocessOptions` fields (ROI, crop, binning, mask: what the live
+    :class:`ptychopv.science.preprocess.PreprocessOptions` fields (ROI, crop, binning, mask: what the live
     chain does before normalising; the corpus keeps counts) or a picklable callable."""
     from .labels import label_scan
 
@@ -137,7 +137,7 @@ def label_job(recon_path: str, corpus_path: str, options: dict | None, job_dir: 
         if "fov" not in opts:
             raise ValueError("label options need 'fov': the network's field of view (h, w) in pixels")
         if isinstance(opts.get("preprocess"), dict):
-            from ptychopv.preprocess import PreprocessOptions, Preprocessor
+            from ptychopv.science.preprocess import PreprocessOptions, Preprocessor
 
             opts["preprocess"] = Preprocessor(PreprocessOptions(**opts["preprocess"]))
         return label_scan(recon_path, corpus_path, opts.pop("fov"), **opts)

@@ -2,7 +2,7 @@
 
 For scan position ``k`` the label is the reconstructed object on the network's field of view
 ``(h, w)`` centred on the probe: label pixel ``(i, j)`` lies ``((j - w/2), (i - h/2)) * net_pixel``
-from the probe centre, the geometry of :mod:`ptychopv.physics` and the stitcher. When the
+from the probe centre, the geometry of :mod:`ptychopv.science.physics` and the stitcher. When the
 network's pixel size differs from the reconstruction's, the complex object is resampled
 (bilinear) so phase wraps do not smear. Each label has its mean phase removed (after turning
 the patch so its mean complex value is real, so a patch near ``+-pi`` does not wrap).
@@ -130,7 +130,7 @@ def label_scan(recon_path: str | os.PathLike, corpus_path: str | os.PathLike, fo
     """Label a reconstructed scan into the corpus. The scan defaults to the one the
     reconstruction names; ``numpy_fftshift`` as for the reconstruction of a numpy scan.
     Returns ``{"pairs": added, "corpus_count": total, "scan_id": ...}``."""
-    from ptychopv.scanfile import load_any_scan
+    from ptychopv.io.scanfile import load_any_scan
 
     rec = read_reconstruction(recon_path)
     scan_path = scan_path or rec.scan_file

@@ -1,6 +1,6 @@
 """Iterative reconstruction of a recorded scan with pty-chi (ePIE, rPIE, LSQML, DM).
 
-:func:`reconstruct` works on a :class:`~ptychopv.scanfile.Scan`; :func:`reconstruct_file` reads a
+:func:`reconstruct` works on a :class:`~ptychopv.io.scanfile.Scan`; :func:`reconstruct_file` reads a
 scan file (HDF5 scan layout, or a numpy scan), reconstructs it and writes the result beside it
 (``scan_0001.h5`` -> ``scan_0001_recon.h5``) under a temporary name that is renamed when complete.
 
@@ -9,7 +9,7 @@ Geometry: the object pixel size is ``options.pixel_size_m``, else the scan's
 distance and detector pixel size (file attributes, each overridable in the options). Positions
 ``(x, y)`` in metres are taken relative to their range's centre, rounded to whole pixels
 (``center_m``), so an object pixel ``(r, c)`` lies at ``center_m + ((c, r) - shape / 2) * pixel``:
-the convention of :func:`ptychopv.physics.positions_to_pixels`.
+the convention of :func:`ptychopv.science.physics.positions_to_pixels`.
 
 Result file layout::
 
@@ -39,8 +39,8 @@ import h5py
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ptychopv import physics
-from ptychopv.scanfile import Scan, load_any_scan
+from ptychopv.science import physics
+from ptychopv.io.scanfile import Scan, load_any_scan
 
 FORMAT = "ptychopv-reconstruction"
 GROUP = "/reconstruction"

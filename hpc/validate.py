@@ -1,7 +1,7 @@
 """Validate a model on a reconstructed scan: stitch its inference over the scan and compare.
 
 The paper's continual-learning check: the live model's stitched phase over a finished scan is
-scored (SSIM, ``ptychopv.metrics``) against the iterative reconstruction of the same scan. The
+scored (SSIM, ``ptychopv.science.metrics``) against the iterative reconstruction of the same scan. The
 job takes only paths and options, so any executor runs it; it needs an inference engine
 (ONNX Runtime or PyTorch) but no EPICS.
 """
@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from .. import physics
-from ..metrics import stitched_ssim
-from ..preprocess import PreprocessOptions, Preprocessor
-from ..scanfile import load_any_scan
-from ..stitching import Stitcher
+from ..science import physics
+from ..science.metrics import stitched_ssim
+from ..science.preprocess import PreprocessOptions, Preprocessor
+from ..io.scanfile import load_any_scan
+from ..science.stitching import Stitcher
 
 
 def net_pixel_size(scan_attrs: dict, crop: int) -> float:

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import physics
+from ..science import physics
 from ..config import Config, resolve
-from ..epics_env import pva_client_conf
+from ..io.epics_env import pva_client_conf
 from ..plugins.frame import ND_DATA_TYPES
 from ..plugins.infer import InferPlugin, PassThroughEngine
 from ..plugins.positions import AttributePositions, FilePositions, TimestampedPositions
 from ..plugins.recorder import RecorderPlugin
 from ..plugins.source import NTNDArraySource
 from ..plugins.stitch import StitchPlugin
-from ..preprocess import PreprocessOptions
+from ..science.preprocess import PreprocessOptions
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 0.25

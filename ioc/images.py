@@ -10,7 +10,7 @@ import numpy as np
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
-from ..ntndarray import to_value
+from ..io.ntndarray import to_value
 from .schema import ntndarrays
 
 

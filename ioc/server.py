@@ -22,7 +22,7 @@ from typing import Callable
 
 from .. import __version__
 from ..config import Config, resolve
-from ..epics_env import server_env
+from ..io.epics_env import server_env
 from . import schema
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ class Frame:
 
     @classmethod
     def from_decoded(cls, d, t_received: float | None = None) -> Frame:
-        """From a :class:`ptychopv.ntndarray.Decoded` (or anything with the same fields)."""
+        """From a :class:`ptychopv.io.ntndarray.Decoded` (or anything with the same fields)."""
         return cls(d.data, int(d.unique_id), float(d.timestamp), float(d.data_timestamp), dict(d.attributes),
                    t_received=time.perf_counter() if t_received is None else t_received)
 

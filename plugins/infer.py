@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..preprocess import PreprocessOptions, Preprocessor
+from ..science.preprocess import PreprocessOptions, Preprocessor
 from .batching import BatchingPlugin
 from .frame import Frame
 

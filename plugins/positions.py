@@ -111,7 +111,7 @@ def load_positions(path: str | Path) -> np.ndarray:
     elif suffix in (".h5", ".hdf5", ".nxs"):
         import h5py
 
-        from ptychopv.scanfile import DATA
+        from ptychopv.io.scanfile import DATA
 
         with h5py.File(path, "r") as f:
             names = (f"{DATA}/position_x_m", f"{DATA}/position_y_m")

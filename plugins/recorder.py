@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychopv.scanfile import ScanWriter
+from ptychopv.io.scanfile import ScanWriter
 
 from .base import PluginBase
 from .frame import Frame

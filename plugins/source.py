@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from ..ntndarray import CodecError, from_value
+from ..io.ntndarray import CodecError, from_value
 from .frame import Frame
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..stitching import StitchedImage, Stitcher
+from ..science.stitching import StitchedImage, Stitcher
 from .base import PluginBase
 from .frame import Frame
 

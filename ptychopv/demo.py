@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import GeometryOptions
-from .epics_env import apply_loopback, free_port, pva_client_conf
-from .physics import object_pixel_size
+from .io.epics_env import apply_loopback, free_port, pva_client_conf
+from .science.physics import object_pixel_size
 
 QUICK = dict(size=64, extent=2.4e-6, beam=5.0e-7, overlap=0.6, iterations=25, epochs=6, rate=300)
 FULL = dict(size=64, extent=4.0e-6, beam=5.0e-7, overlap=0.6, iterations=60, epochs=25, rate=300)
@@ -125,7 +125,7 @@ class Session:
         return self.get(f"{stage}:Status_RBV", as_string=True), self.get(f"{stage}:Message_RBV", as_string=True)
 
     def image(self, name: str):
-        from .ntndarray import from_value
+        from .io.ntndarray import from_value
 
         return from_value(self.ctx.get("DEMO:" + name))
 
@@ -163,10 +163,10 @@ def _loss_png(path: Path, loss, val) -> None:
 
 def run_demo(args) -> int:
     apply_loopback()
-    from .metrics import stitched_ssim
+    from .science.metrics import stitched_ssim
     from .procs import start_ioc, start_sim
-    from .scanfile import read_scan, read_truth
-    from .stitching import StitchedImage
+    from .io.scanfile import read_scan, read_truth
+    from .science.stitching import StitchedImage
 
     p = QUICK if args.quick else FULL
     out = Path(args.out).resolve()

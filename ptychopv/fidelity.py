@@ -5,7 +5,7 @@ chain's own code, scored against the truth beside calibration images.
   8.8 keV, 2 m, 75 um pixels, 64x64 frames, a 0.5 um focused beam with 4 rad of defocus at its
   edge). A model card carries it (``card["beamline"]``), so the chain can weight stitched
   patches by the model's beam from the first frame and warn when the beamline differs.
-- :func:`family_scan`: a Fermat scan of a :mod:`ptychopv.samples` family at an overlap and dose.
+- :func:`family_scan`: a Fermat scan of a :mod:`ptychopv.science.samples` family at an overlap and dose.
 - :func:`live_image`: the frames through the chain's plugins, exactly as the IOC runs them
   (:class:`~ptychopv.plugins.infer.InferPlugin`: preprocess, batches, the engine;
   :class:`~ptychopv.plugins.stitch.StitchPlugin`: the stitcher), without EPICS.
@@ -13,7 +13,7 @@ chain's own code, scored against the truth beside calibration images.
   all-zero image, the truth blurred by half a beam, and the truth high-passed (its contrast
   above the beam size removed).
 - :func:`score`: NRMSE and SSIM (offset removed; offset and ramp removed as a secondary figure)
-  over the scanned, well-covered area (:func:`ptychopv.metrics.stitched_scores`).
+  over the scanned, well-covered area (:func:`ptychopv.science.metrics.stitched_scores`).
 
 Numpy and the plugins only: no EPICS, no PyTorch (the engine is given).
 """
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from . import metrics, physics
-from .samples import make_sample
-from .stitching import StitchedImage
+from .science import metrics, physics
+from .science.samples import make_sample
+from .science.stitching import StitchedImage
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
     from .plugins.frame import Frame
     from .plugins.infer import InferPlugin
     from .plugins.stitch import StitchPlugin
-    from .preprocess import PreprocessOptions
+    from .science.preprocess import PreprocessOptions
 
     infer = InferPlugin("Infer", engine=engine, preprocess=PreprocessOptions(scale=float(scale)),
                         batch_size=batch_size, batch_timeout_s=0.05, queue_size=4 * batch_size,
@@ -166,7 +166,7 @@ def calibration_images(scan: FamilyScan, like: StitchedImage) -> dict[str, Stitc
 
 
 def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> dict:
-    """:func:`ptychopv.metrics.stitched_scores` of ``image`` over the scanned area of ``scan``."""
+    """:func:`ptychopv.science.metrics.stitched_scores` of ``image`` over the scanned area of ``scan``."""
     s = metrics.stitched_scores(image, scan.truth_phase, scan.pixel_size_m, fraction=fraction,
                                 positions_m=scan.positions_m)
     return {k: round(float(v), 4) for k, v in s.items()}
@@ -174,7 +174,7 @@ def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> d
 
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:
     """Patches (one per frame, e.g. a reconstruction's crops) stitched the live chain's way."""
-    from .stitching import Stitcher
+    from .science.stitching import Stitcher
 
     st = Stitcher(scan.pixel_size_m, window=window)
     st.add(patches, scan.positions_m)

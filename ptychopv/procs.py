@@ -90,7 +90,7 @@ def ptychopv_args(*args: str) -> list[str]:
 
 
 def child_env(extra: dict | None = None) -> dict:
-    from .epics_env import loopback_env
+    from .io.epics_env import loopback_env
 
     env = loopback_env()
     env["PYTHONUNBUFFERED"] = "1"

@@ -27,7 +27,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
 from .config import SimOptions
-from .ntndarray import CODECS, to_value
+from .io.ntndarray import CODECS, to_value
 from .simulation import ScanSource
 
 log = logging.getLogger(__name__)

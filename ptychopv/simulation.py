@@ -10,9 +10,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import physics
+from .science import physics
 from .config import SimOptions
-from .scanfile import Scan, ScanWriter, Truth, load_any_scan
+from .io.scanfile import Scan, ScanWriter, Truth, load_any_scan
 
 
 @dataclass

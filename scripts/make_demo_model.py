@@ -13,7 +13,7 @@ focus the probe is real and symmetric and a frame cannot tell a phase patch from
 It goes on the model card (``card["beamline"]``): the IOC weights stitched patches by this beam
 until a reconstruction supplies the probe, and warns when its own beamline differs.
 
-Training data: only the generic *training* families of ``ptychopv.samples`` (Gaussian random
+Training data: only the generic *training* families of ``ptychopv.science.samples`` (Gaussian random
 fields, random shapes, their mix), never the evaluation families (natural images, IC layouts,
 Siemens stars, cells), so every figure the science benchmark reports for this model is on a kind
 of sample it never saw. Each sample has a random phase depth (0.5-2 rad) and absorption; each
@@ -41,7 +41,8 @@ from ptychopv.hpc.labels import phase_labels
 from ptychopv.hpc.training import train
 from ptychopv.inference import ModelRegistry, select_engine
 
-from ptychopv import fidelity, physics, samples
+from ptychopv import fidelity
+from ptychopv.science import physics, samples
 
 BEAMLINE = fidelity.DEMO
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ptychopv" / "models" / "registry"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ptychopv.epics_env import apply_loopback, free_port, pva_client_conf
+from ptychopv.io.epics_env import apply_loopback, free_port, pva_client_conf
 
 apply_loopback()
 CA_PORTS = [free_port() for _ in range(3)]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychopv import physics
-from ptychopv.scanfile import ScanWriter
+from ptychopv.science import physics
+from ptychopv.io.scanfile import ScanWriter
 
 ENERGY_EV, DISTANCE_M, DET_PIXEL_M = 8800.0, 2.0, 75e-6
 

@@ -12,8 +12,8 @@ import pytest
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
-from ptychopv.epics_env import free_port
-from ptychopv.ntndarray import to_value
+from ptychopv.io.epics_env import free_port
+from ptychopv.io.ntndarray import to_value
 from ptychopv.procs import start_ioc
 
 from .conftest import CA_PORTS, write_ioc_config

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from p4p.client.thread import Context
 
-from ptychopv.epics_env import free_port, pva_client_conf
-from ptychopv.metrics import stitched_ssim
-from ptychopv.ntndarray import from_value
+from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.science.metrics import stitched_ssim
+from ptychopv.io.ntndarray import from_value
 from ptychopv.procs import start_ioc, start_sim
-from ptychopv.scanfile import read_truth
-from ptychopv.stitching import StitchedImage
+from ptychopv.io.scanfile import read_truth
+from ptychopv.science.stitching import StitchedImage
 
 from .conftest import CA_PORTS, write_ioc_config
 from .test_chain import caget, wait_until
@@ -78,11 +78,11 @@ def test_stitched_phase_matches_ground_truth(rig):
     truth = read_truth(folder / "truth.h5")
     a = img.attributes
     assert a["PixelSize"] == pytest.approx(truth.pixel_size_m, rel=1e-6)
-    from ptychopv import physics
+    from ptychopv.science import physics
     from ptychopv.inference.engines import select_engine
     from ptychopv.inference.registry import ModelRegistry
-    from ptychopv.scanfile import read_scan
-    from ptychopv.stitching import Stitcher
+    from ptychopv.io.scanfile import read_scan
+    from ptychopv.science.stitching import Stitcher
 
     scan = read_scan(folder / "truth.h5")
     # scored over the scanned area (the hull of the positions), where every pixel was lit

@@ -16,7 +16,7 @@ from pathlib import Path
 import epics
 import pytest
 
-from ptychopv.epics_env import free_port, pva_client_conf
+from ptychopv.io.epics_env import free_port, pva_client_conf
 from ptychopv.procs import child_env, start_ioc, start_sim
 
 from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config

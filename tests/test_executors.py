@@ -141,7 +141,7 @@ def test_dask_local_cluster_runs_jobs(small_scan, tmp_path):
 
 def test_dask_unreachable_scheduler_is_a_clear_error():
     pytest.importorskip("distributed", reason="dask.distributed is not installed")
-    from ptychopv.epics_env import free_port
+    from ptychopv.io.epics_env import free_port
 
     with pytest.raises(ConnectionError, match="no Dask scheduler answers"):
         make_executor({"kind": "dask", "address": f"tcp://127.0.0.1:{free_port()}", "timeout_s": 1})

@@ -60,7 +60,7 @@ def test_gpu_check_pythonpath_fallback_mirrors_the_installed_layout(tmp_path):
                           capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 0, done.stderr
     code = ("import importlib.util as u\n"
-            "for name in ('ptychopv', 'ptychopv.inference', 'ptychopv.plugins', 'ptychopv.epics_env'):\n"
+            "for name in ('ptychopv', 'ptychopv.inference', 'ptychopv.plugins', 'ptychopv.io.epics_env'):\n"
             "    print(u.find_spec(name).origin)\n")
     # -S: no site-packages, so no editable install of this checkout can answer instead.
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(shim)}

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptychopv import physics
+from ptychopv.science import physics
 from ptychopv.hpc.corpus import corpus_info, read_pairs
 from ptychopv.hpc.labels import crop_object, label_scan, make_pairs, phase_labels
 from ptychopv.hpc.reconstruct import Reconstruction, write_reconstruction
-from ptychopv.scanfile import read_scan
+from ptychopv.io.scanfile import read_scan
 
 from .recon_helpers import write_sim_scan
 
@@ -29,7 +29,7 @@ def truth_recon(scan_path, obj, pixel_m) -> Reconstruction:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    from ptychopv.scanfile import read_truth
+    from ptychopv.io.scanfile import read_truth
 
     path = write_sim_scan(tmp_path_factory.mktemp("lab") / "scan_7.h5", dose=1e6)
     t = read_truth(path)

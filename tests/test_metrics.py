@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ptychopv import physics
-from ptychopv.metrics import (best_offset, best_plane, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
+from ptychopv.science import physics
+from ptychopv.science.metrics import (best_offset, best_plane, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
                               truth_on_grid)
 
 
@@ -126,7 +126,7 @@ def test_coverage_mask_and_stitched_ssim(phase):
 
 
 def test_scanned_region_is_the_hull_of_the_positions():
-    from ptychopv.metrics import scanned_region
+    from ptychopv.science.metrics import scanned_region
 
     # a square of positions 10..30 px (pixel size 1 m, origin 0): exactly those pixels inside
     pts = np.array([[10.0, 10.0], [30.0, 10.0], [30.0, 30.0], [10.0, 30.0], [20.0, 20.0]])
@@ -145,14 +145,14 @@ def test_scanned_region_is_the_hull_of_the_positions():
     (np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), "span no area"),
 ])
 def test_scanned_region_bad_positions(pts, match):
-    from ptychopv.metrics import scanned_region
+    from ptychopv.science.metrics import scanned_region
 
     with pytest.raises(ValueError, match=match):
         scanned_region((10, 10), (0.0, 0.0), 1.0, pts)
 
 
 def test_nrmse_has_a_scale_an_all_zero_image_cannot_pass():
-    from ptychopv.metrics import nrmse
+    from ptychopv.science.metrics import nrmse
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((40, 40))

@@ -5,7 +5,7 @@ import hdf5plugin
 import numpy as np
 import pytest
 
-from ptychopv.ntndarray import CODECS, CodecError, bslz4_encode, decode_payload, from_value, to_value
+from ptychopv.io.ntndarray import CODECS, CodecError, bslz4_encode, decode_payload, from_value, to_value
 
 DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.float32, np.float64]
 

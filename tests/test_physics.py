@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ptychopv import physics
+from ptychopv.science import physics
 
 
 def test_far_field_conserves_energy():

@@ -9,7 +9,7 @@ import pytest
 from ptychopv.plugins.frame import Frame
 from ptychopv.plugins.positions import (AttributePositions, FilePositions, TimestampedPositions, assign,
                                         load_positions, make_source)
-from ptychopv.scanfile import ScanWriter
+from ptychopv.io.scanfile import ScanWriter
 
 
 def frame(uid=1, ts=0.0, **attrs):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ptychopv import preprocess as pp
+from ptychopv.science import preprocess as pp
 
 
 def ramp(b=2, ny=8, nx=10, dtype=np.uint16):

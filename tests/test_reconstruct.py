@@ -23,8 +23,8 @@ pytest.importorskip("ptychi", reason="pty-chi (ptychopv[hpc]) is not installed")
 from ptychopv.cli import main as cli_main  # noqa: E402
 from ptychopv.hpc.reconstruct import (Aborted, ReconOptions, read_reconstruction, reconstruct,  # noqa: E402
                                       reconstruct_file, recon_path_for)
-from ptychopv.metrics import phase_ssim  # noqa: E402
-from ptychopv.scanfile import ScanWriter, read_scan, read_truth  # noqa: E402
+from ptychopv.science.metrics import phase_ssim  # noqa: E402
+from ptychopv.io.scanfile import ScanWriter, read_scan, read_truth  # noqa: E402
 
 from .recon_helpers import truth_phase_on_recon, write_sim_scan  # noqa: E402
 
@@ -153,7 +153,7 @@ def test_cli_reconstructs_and_prints_json(scan_file, tmp_path, capsys):
 
 
 def test_initial_probe_carries_the_known_defocus():
-    from ptychopv import physics
+    from ptychopv.science import physics
     from ptychopv.hpc.reconstruct import initial_probe
 
     flat = initial_probe(ReconOptions(beam_px=8.5), 64, 1.0, 1e5)

@@ -8,7 +8,7 @@ import pytest
 
 from ptychopv.plugins.frame import Frame
 from ptychopv.plugins.recorder import RecorderPlugin
-from ptychopv.scanfile import read_scan
+from ptychopv.io.scanfile import read_scan
 
 
 def frame(uid, shape=(8, 6), dtype=np.uint16, position=(1e-6, -2e-6)):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ptychopv import samples
+from ptychopv.science import samples
 
 
 @pytest.mark.parametrize("family", list(samples.FAMILIES))

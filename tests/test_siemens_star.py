@@ -24,7 +24,7 @@ from scipy import ndimage
 pytest.importorskip("ptychi", reason="pty-chi (ptychopv[hpc]) is not installed")
 
 from ptychopv.hpc.reconstruct import reconstruct_file  # noqa: E402
-from ptychopv.scanfile import ScanWriter, load_numpy_scan  # noqa: E402
+from ptychopv.io.scanfile import ScanWriter, load_numpy_scan  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "siemens-star-small.npz.bz2"
 PX = 10e-9  # nominal object pixel (m): the file has no geometry
@@ -100,9 +100,9 @@ def test_the_object_at_each_position_explains_its_frame(star):
     """The crops labels are made of sit where the frames were measured: the reconstructed probe
     times the object cropped at a position, propagated, matches that position's frame, and
     matches worse when the crop is moved by 2 px (the variation about the mean pattern is compared)."""
-    from ptychopv import physics
+    from ptychopv.science import physics
     from ptychopv.hpc.labels import crop_object
-    from ptychopv.scanfile import read_scan
+    from ptychopv.io.scanfile import read_scan
 
     rec, _, folder = star
     scan = read_scan(folder / "star.h5")
@@ -128,10 +128,10 @@ def test_labels_training_and_held_out_ssim(star, record_property):
     test checks the loop end to end and records the held-out SSIM rather than bounding it."""
     from ptychopv.hpc.corpus import corpus_info
     from ptychopv.hpc.labels import label_scan
-    from ptychopv.metrics import coverage_mask, phase_ssim, truth_on_grid
-    from ptychopv.preprocess import bin_frames
-    from ptychopv.scanfile import read_scan
-    from ptychopv.stitching import Stitcher
+    from ptychopv.science.metrics import coverage_mask, phase_ssim, truth_on_grid
+    from ptychopv.science.preprocess import bin_frames
+    from ptychopv.io.scanfile import read_scan
+    from ptychopv.science.stitching import Stitcher
 
     training = pytest.importorskip("ptychopv.hpc.training", reason="training needs torch")
     from ptychopv.inference.engines import select_engine

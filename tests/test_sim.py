@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from p4p.client.thread import Context
 
-from ptychopv.epics_env import free_port, pva_client_conf
-from ptychopv.ntndarray import from_value
+from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.io.ntndarray import from_value
 from ptychopv.procs import start_sim
-from ptychopv.scanfile import read_scan, read_truth
+from ptychopv.io.scanfile import read_scan, read_truth
 
 from .conftest import SHARED_DATA
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ptychopv import physics
-from ptychopv.metrics import stitched_ssim, truth_on_grid
-from ptychopv.stitching import Stitcher, tukey
+from ptychopv.science import physics
+from ptychopv.science.metrics import stitched_ssim, truth_on_grid
+from ptychopv.science.stitching import Stitcher, tukey
 
 PS = 10e-9        # object pixel size (m)
 N = 384           # object size

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="validation runs the model on ONNX Runtime ([onnx] extra)")
 
-from ptychopv import physics
+from ptychopv.science import physics
 from ptychopv.hpc.reconstruct import Reconstruction, write_reconstruction
 from ptychopv.hpc.validate import validate_job, validate_model
-from ptychopv.scanfile import read_scan, read_truth
+from ptychopv.io.scanfile import read_scan, read_truth
 
 from .recon_helpers import write_sim_scan
 

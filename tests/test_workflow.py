@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from p4p.client.thread import Context
 
-from ptychopv.epics_env import free_port, pva_client_conf
-from ptychopv.metrics import phase_ssim
-from ptychopv.ntndarray import from_value
+from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.science.metrics import phase_ssim
+from ptychopv.io.ntndarray import from_value
 from ptychopv.procs import start_ioc, start_sim
-from ptychopv.scanfile import read_truth
+from ptychopv.io.scanfile import read_truth
 
 from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config
 from .test_chain import caget, wait_until

@@ -48,7 +48,7 @@ def run(args) -> int:
     import signal
     import threading
 
-    from ..epics_env import apply_loopback
+    from ..io.epics_env import apply_loopback
 
     opts = _options(args)
     apply_loopback()

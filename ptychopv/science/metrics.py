@@ -9,7 +9,7 @@ to the reference over the region compared (the least-squares offset).
 contrast actually present. A fixed ``2 pi`` would make every low-contrast sample look alike;
 the range of the image under test would reward an image that exaggerates.
 
-Geometry follows :mod:`ptychopv.physics`: pixel ``i`` of an object of ``N`` rows lies at
+Geometry follows :mod:`ptychopv.science.physics`: pixel ``i`` of an object of ``N`` rows lies at
 ``(i - N/2) * pixel_size``; a stitched image's pixel ``[r, c]`` lies at ``origin + (c, r) * pixel_size``.
 """
 
@@ -158,7 +158,7 @@ def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: floa
 
 def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
                   data_range: float | None = None, ramp: bool = False, positions_m=None) -> float:
-    """SSIM of a :class:`~ptychopv.stitching.StitchedImage` (or its 4-tuple) against the true phase.
+    """SSIM of a :class:`~ptychopv.science.stitching.StitchedImage` (or its 4-tuple) against the true phase.
 
     Compared over the well-covered region (:func:`coverage_mask`) inside the truth, and, given
     the scan's ``positions_m``, inside the area it scanned (:func:`scanned_region`); ``ramp``

@@ -9,7 +9,7 @@ Two groups, kept apart so a benchmark can score a model on families it never saw
 
 - **evaluation families** (:data:`EVAL_FAMILIES`), the kinds of sample the science benchmark
   (``benchmarks/science.py``) reports on: ``natural`` (the demo's sample: scikit-image
-  photographs plus etched discs and rectangles, :func:`ptychopv.physics.make_object`), ``ic``
+  photographs plus etched discs and rectangles, :func:`ptychopv.science.physics.make_object`), ``ic``
   (a Manhattan integrated-circuit layout: wires, pads and vias on a few metal layers), ``star``
   (Siemens stars), ``cell`` (biological cells: membranes, cytoplasm texture, nuclei, vesicles);
 - **training families** (:data:`TRAIN_FAMILIES`), generic structure none of the above is drawn

@@ -1,6 +1,6 @@
 """Live stitching of per-frame phase patches into one image of the sample.
 
-Geometry (that of :mod:`ptychopv.physics`): a position is the probe centre ``(x, y)`` in metres;
+Geometry (that of :mod:`ptychopv.science.physics`): a position is the probe centre ``(x, y)`` in metres;
 pixel ``j`` of an ``h``-row patch lies at ``y + (j - h/2) * pixel_size``. The canvas is a grid
 whose global pixel ``g`` lies at ``g * pixel_size`` metres, so :meth:`Stitcher.image` reports the
 metres of its pixel ``[0, 0]`` as ``origin_m``.
