@@ -299,9 +299,9 @@ def main() -> int:
 
 
 def run_passthrough_chain(folder: Path, sim_port: int, common: dict, rates, seconds: float) -> dict:
-    from ptychopv.plugins.infer import PassThroughEngine
+    from ptychopv.inference.engines import ModelSource, select_engine
 
-    bare = {**bare_engine(PassThroughEngine(SIZE), 8, 1.0), "engine": "passthrough"}
+    bare = {**bare_engine(select_engine(ModelSource(input_size=SIZE), "passthrough"), 8, 1.0), "engine": "passthrough"}
     return run_chain("ptychopv-passthrough", "PT", folder / "pass", sim_port, {"engine": "passthrough", **common},
                      "passthrough", rates, seconds, bare)
 

@@ -26,7 +26,8 @@ import numpy as np
 from _common import machine, print_json
 
 from ptychopv.science import physics
-from ptychopv.hpc.reconstruct import ENGINES, reconstruct
+from ptychopv.hpc.options import ALGORITHMS
+from ptychopv.hpc.reconstruct import reconstruct
 from ptychopv.science.metrics import phase_ssim, truth_on_grid
 from ptychopv.io.scanfile import ScanWriter, read_scan, read_truth
 
@@ -76,7 +77,7 @@ def run_one(scan, truth, engine: str, device: str, iterations: int, beam_m: floa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated (default: all)")
+    p.add_argument("--engines", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
     p.add_argument("--devices", default="cpu", help="comma-separated cpu,cuda (cuda skipped when absent)")
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--extent-px", type=float, default=72.0, help="scan diameter in object pixels")

@@ -33,29 +33,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import h5py
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from ptychopv.science import physics
 from ptychopv.io.scanfile import Scan, load_any_scan
+
+from .options import ALGORITHMS, ReconOptions
 
 FORMAT = "ptychopv-reconstruction"
 GROUP = "/reconstruction"
 Progress = Callable[[int, int, float], object]
 MAX_OBJECT_PX = 16384  # a runaway position or wrong units would otherwise allocate without bound
-
-# Engine name -> (pty-chi options class name, minibatch size, object/probe step (PIE alpha)).
-# ePIE's alpha = 1 is Maiden's original step; pty-chi's default (0.1) converges ~5x slower.
-ENGINES: dict[str, tuple[str, int, float | None]] = {
-    "epie": ("EPIEOptions", 10, 1.0),
-    "rpie": ("RPIEOptions", 10, 0.1),
-    "lsqml": ("LSQMLOptions", 20, None),
-    "dm": ("DMOptions", 1, None),
-}
-
 
 class Aborted(RuntimeError):
     """The abort flag was set; nothing was written."""
@@ -63,52 +53,6 @@ class Aborted(RuntimeError):
 
 class ReconstructionError(RuntimeError):
     """The reconstruction ran but produced no usable result (e.g. it diverged)."""
-
-
-class ReconOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True)
-
-    engine: Literal["epie", "rpie", "lsqml", "dm"] = "epie"
-    """pty-chi engine."""
-    iterations: int = Field(50, ge=1)
-    """Iterations (epochs over all positions)."""
-    device: Literal["cpu", "cuda"] = "cpu"
-    """Where pty-chi computes."""
-    batch_size: int | None = Field(None, ge=1)
-    """Positions per update; None: the engine's default (ENGINES). DM always uses all."""
-    probe: Any = None
-    """Initial probe: an (n, n) complex array or a path to a .npy file; None: make one."""
-    probe_kind: Literal["focused", "donut"] = "focused"
-    """Kind of the probe made when ``probe`` is None (physics.make_probe)."""
-    beam_m: float | None = Field(None, gt=0)
-    """Beam size (m) of the probe made when ``probe`` is None."""
-    beam_px: float | None = Field(None, gt=0)
-    """Beam size in object pixels (instead of beam_m)."""
-    probe_curvature: float = 0.0
-    """Quadratic phase (rad at the beam edge) of the probe made when ``probe`` is None: the
-    known defocus of the sample, so the solver need not find it from a flat start."""
-    probe_update_start: int = Field(1, ge=0)
-    """First iteration that refines the probe (0-based)."""
-    object_step: float | None = Field(None, gt=0)
-    """PIE alpha of the object update; None: the engine's default."""
-    probe_step: float | None = Field(None, gt=0)
-    """PIE alpha of the probe update; None: the engine's default."""
-    pixel_size_m: float | None = Field(None, gt=0)
-    """Object pixel size (m), overriding the file's geometry."""
-    energy_ev: float | None = Field(None, gt=0)
-    """Photon energy override (eV)."""
-    detector_distance_m: float | None = Field(None, gt=0)
-    """Detector distance override (m)."""
-    detector_pixel_size_m: float | None = Field(None, gt=0)
-    """Detector pixel size override (m)."""
-    margin_px: int = Field(8, ge=0)
-    """Object pixels added around the scanned area."""
-    numpy_fftshift: bool = True
-    """Numpy scans only: frames have zero frequency at pixel (0, 0) (the tike convention)."""
-    seed: int = 0
-    """Random seed of the minibatch order."""
-    threads: int | None = Field(None, ge=1)
-    """torch CPU threads; None leaves torch's default."""
 
 
 @dataclass
@@ -197,8 +141,9 @@ def initial_probe(opts: ReconOptions, n: int, pixel_m: float, mean_counts: float
 def _task_options(opts: ReconOptions, pixel_m: float, wavelength_m: float, n_pos: int):
     from ptychi import api
 
-    cls_name, batch, alpha = ENGINES[opts.engine]
-    o = getattr(api, cls_name)()
+    algo = ALGORITHMS[opts.engine]
+    batch, alpha = algo.batch_size, algo.step
+    o = getattr(api, algo.ptychi_options)()
     o.data_options.wavelength_m = wavelength_m
     o.data_options.fft_shift = True  # our frames have zero frequency at the centre
     o.object_options.pixel_size_m = pixel_m

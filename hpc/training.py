@@ -28,14 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..inference.preprocessing import make_spec, normalize
 from ..inference.registry import ModelRegistry
 from .corpus import read_pairs
+from .options import TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,91 +48,6 @@ CARD_KEYS = frozenset({
 
 class TrainingAborted(RuntimeError):
     """``abort`` was set; nothing was published."""
-
-
-class TrainOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    model: Literal["ptychonn2", "ptychonn"] = "ptychonn2"
-    """Network to train (``inference.networks``)."""
-    width: int | None = Field(None, ge=1)
-    """Channels of the first encoder level; None: the network's default."""
-    depth: int | None = Field(None, ge=1, le=6)
-    """Encoder levels; None: the network's default (4)."""
-    epochs: int = Field(50, ge=1)
-    """Epochs per training run (the paper: 50 per model update)."""
-    batch_size: int = Field(64, ge=1)
-    lr_min: float = Field(1e-4, gt=0)
-    """Lower learning rate of the cycle."""
-    lr_max: float = Field(5e-4, gt=0)
-    """Upper learning rate of the cycle (halved each cycle: triangular2)."""
-    half_cycle_epochs: float = Field(6.0, gt=0)
-    """Epochs from lr_min to lr_max."""
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    """Share of pairs held out for validation (at least one pair)."""
-    seed: int = 0
-    """Seeds the split, the shuffling, the weights and the low-dose noise."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    warm_start: int | Literal["latest"] | None = None
-    """Start from this registry version's weights (and preprocessing); it becomes the parent."""
-    low_dose_factor: float | None = Field(None, gt=1)
-    """Train on ``Poisson(I / f) * f``: low-count frames, multiplied back by the live chain's
-    scale factor ``f``, look like these."""
-    low_dose_range: tuple[float, float] | None = None
-    """Each epoch, half of the training frames are redrawn as ``Poisson(I / f) * f`` with ``f``
-    drawn log-uniformly from this range (``(1, 100)``: from the frame's own dose down to a
-    hundredth of it, multiplied back), so one model serves low-dose frames that the live chain's
-    ``ScaleFactor`` multiplied back, as well as full-dose ones. Exclusive with
-    ``low_dose_factor``."""
-    schedule: Literal["cyclic", "cosine"] = "cyclic"
-    """Learning rate: ``cyclic`` (the paper's triangular2 between lr_min and lr_max) or
-    ``cosine`` (a short warm-up to lr_max, then a cosine fall to lr_min over all epochs: for
-    one long run from scratch, where the cycle's restarts only cost time)."""
-    scans: list[str] | None = None
-    """Train on these scans of the corpus only; None: all pairs."""
-    transform: Literal["log1p", "linear"] = "log1p"
-    """Input transform before the divisor (ignored on warm start: the parent's is kept)."""
-    threads: int | None = Field(None, ge=1)
-    """torch CPU threads; None leaves torch's default."""
-    norm: bool = False
-    """BatchNorm after each conv (not the paper's network); ignored on warm start, where the
-    parent's architecture is kept."""
-    loss_weight: Literal["none", "illumination"] = "none"
-    """``none``: L1 over the whole patch (the paper). ``illumination``: per-pixel L1 weighted by
-    a Gaussian of FWHM ``beam_px`` (mean 1), so unlit pixels, which the frame says nothing
-    about, do not dominate the loss."""
-    beam_px: float | None = Field(None, gt=0)
-    """Beam FWHM in object pixels; needed by ``loss_weight="illumination"``."""
-    loss: Literal["l1", "mse"] = "l1"
-    """``l1``: mean absolute error (the paper). ``mse``: squared error, whose gradient grows with
-    the error, so a weak signal in noisy labels is not drowned by the L1's sign noise."""
-    ignore_offset: bool = False
-    """Remove each patch's (weighted) mean residual before taking the error. A label's constant phase
-    comes from the whole patch, most of it unlit, so the frame cannot tell it; the stitcher
-    matches each patch's offset to the canvas anyway. A tenth of the mean residual's size is
-    still charged, so the output cannot drift into the saturated tails of its ``tanh``."""
-    standardize: bool = True
-    """Before the first layer, subtract the training set's mean frame and divide by the
-    largest per-pixel spread (the network's ``input_mean``/``input_scale``; kept from the
-    parent on warm start). Without it the probe's own pattern, common to every frame, hides the
-    sample's small changes and training stalls at the "predict the mean" loss."""
-
-    @model_validator(mode="after")
-    def _low_dose(self):
-        r = self.low_dose_range
-        if r is not None:
-            if self.low_dose_factor is not None:
-                raise ValueError("give low_dose_factor or low_dose_range, not both")
-            if not (1 <= r[0] <= r[1]):
-                raise ValueError(f"low_dose_range must be (low, high) with 1 <= low <= high, got {r}")
-        return self
-
-    @model_validator(mode="after")
-    def _weight_needs_beam(self):
-        if self.loss_weight == "illumination" and self.beam_px is None:
-            raise ValueError("loss_weight 'illumination' needs beam_px (beam FWHM in object "
-                             "pixels), e.g. beam size / object pixel size")
-        return self
 
 
 @dataclass

@@ -60,20 +60,11 @@ def _check(path: str | os.PathLike) -> None:
     onnx.checker.check_model(str(path))
 
 
-def onnx_io(path: str | os.PathLike) -> tuple[tuple[int, int], tuple[str, ...]]:
-    """``((H, W), output names)`` of an exported model, read with ONNX Runtime (no torch)."""
-    from .engines.onnxrt import open_session
-
-    session = open_session(path, providers=["CPUExecutionProvider"], threads=1)
-    shape = session.get_inputs()[0].shape
-    return (int(shape[2]), int(shape[3])), tuple(o.name for o in session.get_outputs())
-
-
 def max_abs_difference(model, onnx_path: str | os.PathLike, batch: np.ndarray) -> float:
     """Largest |PyTorch - ONNX Runtime| over all outputs for ``batch`` ``(B, H, W)``."""
     import torch
 
-    from .engines.onnxrt import open_session
+    from .onnxfile import open_session
 
     x = np.ascontiguousarray(batch, dtype=np.float32)[:, None]
     with torch.inference_mode():

@@ -189,15 +189,11 @@ class PtychoNN(_PtychoBase):
         return self.amplitude(z), self.phase(z)
 
 
-MODELS: dict[str, type[_PtychoBase]] = {"ptychonn2": PtychoNN2, "ptychonn": PtychoNN}
-
-
 def build_model(name: str, input_size: int = 128, **kwargs) -> _PtychoBase:
-    """Build a network by name (``ptychonn2`` or ``ptychonn``); ``kwargs``: width, depth, norm."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}") from None
+    """Build a network by its name in ``ptychopv.inference.NETWORKS``; ``kwargs``: width, depth, norm."""
+    from . import network_class
+
+    cls = network_class(name)
     unknown = set(kwargs) - {"width", "depth", "norm"}
     if unknown:
         raise TypeError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))} "

@@ -20,7 +20,7 @@ from ..science import physics
 from ..config import Config, resolve
 from ..io.epics_env import pva_client_conf
 from ..plugins.frame import ND_DATA_TYPES
-from ..plugins.infer import InferPlugin, PassThroughEngine
+from ..plugins.infer import InferPlugin
 from ..plugins.positions import AttributePositions, FilePositions, TimestampedPositions
 from ..plugins.recorder import RecorderPlugin
 from ..plugins.source import NTNDArraySource
@@ -151,7 +151,9 @@ class LiveChain:
     def load_model(self, version: int = 0) -> None:
         """Load ``version`` (0: the latest) on a helper thread; swap it in when it is ready."""
         if self.cfg.chain.engine == "passthrough":
-            eng = PassThroughEngine(self.cfg.chain.passthrough_size)
+            from ..inference.engines import ModelSource, select_engine
+
+            eng = select_engine(ModelSource(input_size=self.cfg.chain.passthrough_size), "passthrough")
             self.infer.swap(eng, 0, "passthrough")
             return
         t = threading.Thread(target=self._load, args=(version,), name="model-load", daemon=True)

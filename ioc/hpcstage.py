@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, resolve
+from ..hpc.options import ALGORITHMS
 from . import autocontrol as ac
 from .schema import STATUS
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25
-ENGINES = ("epie", "rpie", "lsqml", "dm")
 ST = {name: i for i, name in enumerate(STATUS)}
 FINAL = {"done": "Done", "failed": "Failed", "aborted": "Aborted"}
 
@@ -154,7 +154,7 @@ class HpcStage:
                          "reconstruction")
             return None
         opts = self.cfg.recon.model_dump(mode="json")
-        opts.update(engine=ENGINES[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
+        opts.update(engine=list(ALGORITHMS)[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
         t0 = time.monotonic()
         res = await self._run("Recon", reconstruct_job, str(scan), None, opts, kind="reconstruct")
         ioc.set("Recon:Duration_RBV", round(time.monotonic() - t0, 2))

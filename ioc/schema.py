@@ -12,8 +12,10 @@ NTNDArray channels (``ntndarray``) are served by the IOC process's image server 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
+
+from ..hpc.options import ALGORITHMS
 
 STATUS = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
 ENABLE = ("Disable", "Enable")
@@ -180,7 +182,7 @@ RECON = [
     *_status("recon", "Recon"),
     PV("Recon:Progress_RBV", "ai", "Reconstruction progress", egu="%", prec=1, low=0, high=100, initial=0.0,
        group="recon"),
-    PV("Recon:Engine", "mbbo", "Reconstruction engine", states=("ePIE", "rPIE", "LSQML", "DM"), initial=0,
+    PV("Recon:Engine", "mbbo", "Reconstruction engine", states=tuple(a.label for a in ALGORITHMS.values()), initial=0,
        rbv=True, autosave=True, group="recon"),
     PV("Recon:Iterations", "longout", "Iterations", low=1, high=100000, initial=50, rbv=True, autosave=True,
        group="recon"),

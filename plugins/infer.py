@@ -9,7 +9,6 @@ inferred twice, and a model that fails to load never replaces the running one.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,29 +20,6 @@ from .batching import BatchingPlugin
 from .frame import Frame
 
 log = logging.getLogger(__name__)
-
-
-class PassThroughEngine:
-    """A stand-in engine (benchmarks, tests): the preprocessed frame scaled to (-pi, pi) is the phase."""
-
-    name = "passthrough"
-
-    def __init__(self, input_size: int):
-        self.input_size = int(input_size)
-        self.source = type("Src", (), {"input_size": self.input_size, "outputs": ("phase",), "version": 0,
-                                       "preprocessing": None})()
-
-    def infer(self, batch: np.ndarray) -> dict:
-        x = np.asarray(batch, dtype=np.float32)
-        valid = np.isfinite(x).all(axis=(1, 2))
-        m = np.where(valid[:, None, None], x, 0).max(axis=(1, 2), keepdims=True)
-        return {"phase": np.tanh(x / np.maximum(m, 1e-12)) * np.pi, "valid": valid}
-
-    def describe(self) -> dict:
-        return {"engine": self.name, "input_size": self.input_size}
-
-    def close(self) -> None:
-        pass
 
 
 class InferPlugin(BatchingPlugin):
@@ -104,7 +80,7 @@ class InferPlugin(BatchingPlugin):
         if self.engine is None:
             raise RuntimeError("no model loaded: frames not inferred (publish a model or write Model:Select)")
         size = self.input_size
-        good, arrays = [], []
+        good = []
         for f in frames:
             if f.data.ndim != 2 or f.data.dtype.kind not in "uif":
                 self.bad_frames += 1

@@ -14,9 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 
-from .hpc.executors import ExecutorOptions  # noqa: E402  (pydantic models only: no torch, no EPICS)
-from .hpc.reconstruct import ReconOptions  # noqa: E402
-from .hpc.training import TrainOptions  # noqa: E402
+from .hpc.executors import ExecutorOptions  # pydantic models and plain data only: no torch, no pty-chi
+from .hpc.options import ReconOptions, TrainOptions
+from .inference.engines import ENGINES
 
 
 class ConfigError(ValueError):
@@ -112,8 +112,16 @@ class ChainOptions(Strict):
     """Model registry folder (relative to the config file)."""
     seed_demo_model: bool = True
     """Copy the shipped demo model into an empty registry, so the chain has a model at once."""
-    engine: Literal["auto", "tensorrt", "pytorch-cuda", "onnxruntime", "pytorch-cpu", "passthrough"] = "auto"
-    """Inference engine; auto tries TensorRT, PyTorch CUDA, ONNX Runtime, PyTorch CPU in turn."""
+    engine: str = "auto"
+    """Inference engine: a name in ``ptychopv.inference.ENGINES``, or auto (TensorRT, PyTorch CUDA,
+    ONNX Runtime, PyTorch CPU in turn)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        if v != "auto" and v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r}; allowed: auto, {', '.join(ENGINES)}")
+        return v
     passthrough_size: Literal[32, 64, 128, 256] = 64
     """Input size of the pass-through engine (benchmarks)."""
     binning: Annotated[int, Field(ge=1, le=8)] = 1

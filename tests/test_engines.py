@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="building test models needs torch")
 
-from ptychopv.inference.engines import ENGINES, ModelSource, available_engines, select_engine
+from ptychopv.inference.engines import AUTO_ORDER, ModelSource, available_engines, select_engine
 from ptychopv.inference.engines.base import Engine
 from ptychopv.inference.export import export_onnx, save_weights
 from ptychopv.inference.networks import build_model
@@ -50,7 +50,7 @@ def runnable(name, source):
         pytest.skip(f"{name} cannot run here: {reason}")
 
 
-@pytest.mark.parametrize("name", list(ENGINES))
+@pytest.mark.parametrize("name", list(AUTO_ORDER))
 def test_each_engine_matches_pytorch(name, source, model_files):
     runnable(name, source)
     engine = select_engine(source, name, batch_sizes=(1, 4, 8))
@@ -137,6 +137,17 @@ def test_truncated_onnx_file_is_a_clear_error(model_files, tmp_path):
         select_engine(ModelSource(input_size=64, onnx_path=tmp_path / "nope.onnx"), "onnxruntime")
 
 
+def test_passthrough_engine_is_a_registered_engine_with_the_same_contract():
+    engine = select_engine(ModelSource(input_size=16), "passthrough")
+    x = np.random.default_rng(0).poisson(50, (3, 16, 16)).astype(np.float32)
+    x[1, 2, 3] = np.nan
+    out = engine.infer(x)
+    assert out["valid"].tolist() == [True, False, True] and np.isnan(out["phase"][1]).all()
+    expected = np.tanh(x[0] / x[0].max()) * np.pi
+    np.testing.assert_allclose(out["phase"][0], expected, rtol=1e-6)
+    assert "passthrough" not in AUTO_ORDER       # never chosen for a real model
+
+
 def test_card_that_disagrees_with_the_file_is_refused(model_files):
     src = ModelSource(input_size=128, onnx_path=model_files[1] / "model.onnx")
     with pytest.raises(ValueError, match="do not match the model card"):
@@ -149,7 +160,7 @@ def test_auto_selection_reports_what_it_took_and_why(source):
     assert sel[-1] == {"engine": engine.name, "chosen": True}
     reasons = available_engines(source)
     skipped = [s["engine"] for s in sel[:-1]]
-    assert skipped == [n for n in ENGINES if n != engine.name][: len(skipped)]
+    assert skipped == [n for n in AUTO_ORDER if n != engine.name][: len(skipped)]
     assert all(s["reason"] for s in sel[:-1])
     if reasons["tensorrt"] is None:
         assert engine.name == "tensorrt"

@@ -71,4 +71,4 @@ def test_gpu_check_pythonpath_fallback_mirrors_the_installed_layout(tmp_path):
     assert all(o.startswith(str(shim)) for o in origins), origins
     assert [Path(o).resolve() for o in origins] == [
         ROOT / "ptychopv" / "__init__.py", ROOT / "inference" / "__init__.py",
-        ROOT / "plugins" / "__init__.py", ROOT / "ptychopv" / "epics_env.py"]
+        ROOT / "plugins" / "__init__.py", ROOT / "ptychopv" / "io" / "epics_env.py"]

@@ -13,14 +13,29 @@ from .base import DEFAULT_BATCH_SIZES, Engine, ModelSource, check_batch, file_sh
 
 log = logging.getLogger(__name__)
 
-# name -> "module:class"; "auto" tries them in this order.
+# The one declaration of the inference engines: name -> "module:Class" (a module of this package,
+# or "package.module:Class" anywhere). ``chain.engine``, the CLI and the benchmarks derive their
+# choices from it; "auto" tries the names in AUTO_ORDER. The pass-through engine (the frame itself
+# as the phase: benchmarks and tests of the plumbing) is an engine like the others, never auto.
 ENGINES = {
     "tensorrt": "tensorrt:TensorRTEngine",
     "pytorch-cuda": "pytorch:PyTorchCUDAEngine",
     "onnxruntime": "onnxrt:OnnxRuntimeEngine",
     "pytorch-cpu": "pytorch:PyTorchCPUEngine",
+    "passthrough": "passthrough:PassThroughEngine",
 }
-AUTO_ORDER = tuple(ENGINES)
+AUTO_ORDER = ("tensorrt", "pytorch-cuda", "onnxruntime", "pytorch-cpu")
+
+
+def register_engine(name: str, target: str, *, auto: bool = False) -> None:
+    """Add an engine class (``"package.module:Class"``, an :class:`Engine` subclass) by name;
+    ``auto=True`` puts it last in the order ``auto`` tries."""
+    global AUTO_ORDER
+    if name in ENGINES or name == "auto":
+        raise ValueError(f"engine {name!r} is already registered")
+    ENGINES[name] = target
+    if auto:
+        AUTO_ORDER = (*AUTO_ORDER, name)
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -29,13 +44,18 @@ def engine_class(name: str) -> type[Engine]:
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; expected 'auto' or one of "
                          f"{', '.join(ENGINES)}") from None
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), cls)
+
+
+def auto_order() -> tuple[str, ...]:
+    """The engines ``auto`` tries, in order (read at call time: registration may extend it)."""
+    return AUTO_ORDER
 
 
 def available_engines(source: ModelSource) -> dict[str, str | None]:
     """Engine name -> None if it can run ``source`` here, else the reason it cannot."""
     out = {}
-    for name in AUTO_ORDER:
+    for name in auto_order():
         try:
             out[name] = engine_class(name).unavailable(source)
         except ImportError as exc:  # e.g. a module-level import the engine needs
@@ -55,7 +75,7 @@ def select_engine(source: ModelSource, engine: str = "auto", *, warmup: bool = F
     the failed engine's memory behind on the GPU. A TypeError or ValueError while constructing
     or loading is the caller's error (a bad argument, a bad model file) and is raised; a
     failure while warming up is the engine's, whatever its type, and falls back."""
-    names = AUTO_ORDER if engine == "auto" else (engine,)
+    names = auto_order() if engine == "auto" else (engine,)
     if engine != "auto":
         engine_class(engine)  # unknown name -> ValueError now
     tried: list[dict] = []
@@ -99,5 +119,5 @@ def _close(engine: Engine | None) -> None:
         engine._close_quietly()
 
 
-__all__ = ["AUTO_ORDER", "DEFAULT_BATCH_SIZES", "ENGINES", "Engine", "ModelSource",
-           "available_engines", "check_batch", "engine_class", "file_sha256", "select_engine"]
+__all__ = ["AUTO_ORDER", "DEFAULT_BATCH_SIZES", "ENGINES", "Engine", "ModelSource", "auto_order",
+           "available_engines", "check_batch", "engine_class", "file_sha256", "register_engine", "select_engine"]

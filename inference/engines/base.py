@@ -78,7 +78,7 @@ class ModelSource:
     def from_onnx(cls, path: str | os.PathLike, preprocessing: dict | None = None,
                   weights_path: str | os.PathLike | None = None) -> ModelSource:
         """From an ONNX file alone; reads its input size and outputs with ONNX Runtime."""
-        from ..export import onnx_io
+        from ..onnxfile import onnx_io
 
         (h, w), outputs = onnx_io(path)
         if h != w:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "reconstruct a scan file with pty-chi (ePIE, rPIE, LSQML, DM)"
+from ..hpc.options import ALGORITHMS
+
+HELP = f"reconstruct a scan file with pty-chi ({', '.join(a.label for a in ALGORITHMS.values())})"
 
 
 def add_arguments(p) -> None:
     p.add_argument("scan", help="scan file (.h5 in the scan layout, or .npz/.npz.bz2)")
-    p.add_argument("--engine", choices=["epie", "rpie", "lsqml", "dm"], default="epie", help="default epie")
+    p.add_argument("--engine", choices=list(ALGORITHMS), default="epie", help="algorithm (default epie)")
     p.add_argument("--iterations", type=int, default=50, help="default 50")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
     p.add_argument("-o", "--out", help="output file (default: SCAN_recon.h5 beside the scan)")
