@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import time
 import uuid
-from typing import Literal
+from concurrent.futures.process import BrokenProcessPool
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-KINDS = ("local", "dask", "globus-compute")
-
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 class ExecutorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    kind: Literal["local", "dask", "globus-compute"] = "local"
-    """Where jobs run."""
+    kind: str = "local"
+    """Where jobs run: a name in ``EXECUTORS`` (local, dask, globus-compute)."""
     workers: int = Field(1, ge=1, le=256)
     """local: worker processes."""
     address: str | None = None
@@ -35,6 +33,13 @@ class ExecutorOptions(BaseModel):
     """dask: seconds to wait for the scheduler."""
     endpoint_id: str | None = None
     """globus-compute: the endpoint's UUID."""
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in EXECUTORS:
+            raise ValueError(f"unknown executor kind {v!r}; allowed: {', '.join(EXECUTORS)}")
+        return v
 
 
 class _Base:
@@ -60,17 +65,41 @@ class _Base:
 
 
 class LocalExecutor(_Base):
+    """A process pool that heals: a worker that died (killed, out of memory) breaks a
+    ``ProcessPoolExecutor`` for good, so the next submit builds a fresh pool. ``shutdown(wait=False)``
+    does not wait for running jobs: their workers get ``kill_after_s`` to stop, then are killed
+    (a process pool's exit handler would otherwise hold the process until they finish)."""
+
     name = "local"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, kill_after_s: float = 2.0):
         self._n = int(workers)
-        self._pool = cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"))
+        self.kill_after_s = float(kill_after_s)
+        self.rebuilds = 0
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"))
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
-        return self._pool.submit(fn, *args, **kwargs)
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            old, self._pool = self._pool, self._new_pool()
+            self.rebuilds += 1
+            old.shutdown(wait=False, cancel_futures=True)
+            return self._pool.submit(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        procs = list(getattr(self._pool, "_processes", {}).values())
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        if not wait:
+            deadline = time.monotonic() + self.kill_after_s
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join(1.0)
 
     def workers(self) -> int:
         return self._n
@@ -159,15 +188,23 @@ def parse_options(options: ExecutorOptions | dict | None) -> ExecutorOptions:
         raise ValueError(f"executor options: {exc}") from None
 
 
+def _dask(o: ExecutorOptions) -> DaskExecutor:
+    if not o.address:
+        raise ValueError("the dask executor needs address, the scheduler's tcp://host:port")
+    return DaskExecutor(o.address, o.timeout_s)
+
+
+# The one declaration of the executor kinds: ``hpc.kind`` -> how to build one from the options.
+EXECUTORS = {
+    "local": lambda o: LocalExecutor(o.workers),
+    "dask": _dask,
+    "globus-compute": lambda o: GlobusComputeExecutor(o.endpoint_id),
+}
+
+
 def make_executor(options: ExecutorOptions | dict | None = None):
     """An executor for ``options`` (``{"kind": "local", "workers": 2}``, ``{"kind": "dask",
     "address": ...}``, ``{"kind": "globus-compute", "endpoint_id": ...}``)."""
     o = parse_options(options)
-    if o.kind == "local":
-        return LocalExecutor(o.workers)
-    if o.kind == "dask":
-        if not o.address:
-            raise ValueError("the dask executor needs address, the scheduler's tcp://host:port")
-        return DaskExecutor(o.address, o.timeout_s)
-    return GlobusComputeExecutor(o.endpoint_id)
+    return EXECUTORS[o.kind](o)
 

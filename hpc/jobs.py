@@ -79,6 +79,18 @@ class Reporter:
         return (self.dir / ABORT).exists()
 
 
+def abort_predicate(abort) -> Callable[[], bool]:
+    """``abort`` (None, an Event, or a callable) as a function answering "stop now?": the one
+    way reconstruction and training take an abort signal."""
+    if abort is None:
+        return lambda: False
+    if hasattr(abort, "is_set"):
+        return abort.is_set
+    if callable(abort):
+        return abort
+    raise TypeError(f"abort must be None, an Event or a callable returning bool, got {type(abort).__name__}")
+
+
 def run_job(kind: str, job_dir, body: Callable[[Reporter], dict]) -> dict:
     """Run ``body(reporter) -> result`` under the protocol; returns the final progress dict."""
     from .reconstruct import Aborted

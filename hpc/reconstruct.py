@@ -40,6 +40,7 @@ import numpy as np
 from ptychopv.science import physics
 from ptychopv.io.scanfile import Scan, load_any_scan
 
+from .jobs import abort_predicate
 from .options import ALGORITHMS, ReconOptions
 
 FORMAT = "ptychopv-reconstruction"
@@ -91,16 +92,6 @@ def illumination(probe: np.ndarray, positions_px: np.ndarray, shape: tuple[int, 
         if r1 > r0 and c1 > c0:
             out[r0:r1, c0:c1] += inten[r0 - r:r1 - r, c0 - c:c1 - c]
     return out
-
-
-def _abort_check(abort) -> Callable[[], bool]:
-    if abort is None:
-        return lambda: False
-    if hasattr(abort, "is_set"):
-        return abort.is_set
-    if callable(abort):
-        return abort
-    raise TypeError(f"abort must be None, an Event or a callable returning bool, got {type(abort).__name__}")
 
 
 def pixel_size(scan: Scan, opts: ReconOptions) -> float:
@@ -169,7 +160,7 @@ def reconstruct(scan: Scan, options: ReconOptions | dict | None = None, progress
     """Reconstruct ``scan``. ``progress(iteration, total, loss)`` runs after each iteration;
     ``abort`` (an Event or a callable) is checked before each one and raises :class:`Aborted`."""
     opts = options if isinstance(options, ReconOptions) else ReconOptions.model_validate(options or {})
-    should_abort = _abort_check(abort)
+    should_abort = abort_predicate(abort)
     t0 = time.perf_counter()
     frames = np.asarray(scan.frames)
     if frames.ndim != 3 or frames.shape[-1] != frames.shape[-2]:

@@ -76,12 +76,10 @@ def low_dose_factors(n: int, low_high: tuple[float, float], rng: np.random.Gener
 
 
 def illumination_weight(size: int, beam_px: float) -> np.ndarray:
-    """``(size, size)`` Gaussian of FWHM ``beam_px`` centred on the patch, normalised to mean 1."""
-    if size < 1 or not beam_px > 0:
-        raise ValueError(f"need size >= 1 and beam_px > 0, got size={size}, beam_px={beam_px}")
-    sigma = beam_px / (2 * np.sqrt(2 * np.log(2)))
-    r = np.arange(size) - (size - 1) / 2
-    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    """``(size, size)`` Gaussian of FWHM ``beam_px`` centred as the probe is, normalised to mean 1."""
+    from ..science.physics import gaussian_beam
+
+    w = gaussian_beam(size, beam_px)
     return (w / w.mean()).astype(np.float32)
 
 
@@ -136,12 +134,6 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _is_set(abort) -> bool:
-    if abort is None:
-        return False
-    return bool(abort.is_set() if hasattr(abort, "is_set") else abort())
-
-
 def _predict(model, x, device: str, batch: int):
     import torch
 
@@ -163,6 +155,9 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
     (intensities) is Poisson-resampled and normalised afresh each epoch."""
     import torch
 
+    from .jobs import abort_predicate
+
+    should_abort = abort_predicate(abort)
     model.to(device)
     rng = np.random.default_rng(opts.seed + 1)
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)[:, None])
@@ -205,7 +200,7 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
         order = torch.from_numpy(rng.permutation(n))
         total, lr = 0.0, optimizer.param_groups[0]["lr"]
         for s in range(steps):
-            if _is_set(abort):
+            if should_abort():
                 raise TrainingAborted(f"training aborted in epoch {epoch}")
             idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
             pred = model(xt[idx].to(device))
@@ -254,7 +249,7 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
     from ..inference.networks import build_model
 
     opts = options if isinstance(options, TrainOptions) else TrainOptions.model_validate(options or {})
-    clash = set(card_extra or {}) & (CARD_KEYS | {"version", "created", "sha256", "files"})
+    clash = set(card_extra or {}) & (CARD_KEYS | ModelRegistry.RESERVED)
     if clash:
         raise ValueError(f"card_extra may not replace {sorted(clash)}")
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..science import physics
 from ..science.metrics import stitched_ssim
-from ..science.preprocess import PreprocessOptions, Preprocessor
+from ..science.preprocess import PreprocessOptions, Preprocessor, detector_crop
 from ..io.scanfile import load_any_scan
 from ..science.stitching import Stitcher
 
@@ -44,7 +44,7 @@ def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, 
     scan = load_any_scan(scan_path)
     eng = select_engine(mv.source(), "onnxruntime" if engine == "auto" else engine)
     size = int(eng.source.input_size)
-    crop = size * binning
+    crop = detector_crop(size, binning)
     pre = Preprocessor(PreprocessOptions(crop=(crop, crop), binning=binning, scale=scale))
     ps = net_pixel_m or net_pixel_size(scan.attrs, crop)
     # weight each patch by the reconstructed probe's intensity when it is on the network's grid:

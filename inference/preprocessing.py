@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..science.preprocess import NORMALISATIONS, normalise
+
 TRANSFORMS = ("log1p", "linear")
 
 
@@ -37,8 +39,7 @@ def check_spec(spec: dict | None) -> dict | None:
 
 
 def _transform(frames: np.ndarray, transform: str) -> np.ndarray:
-    x = np.maximum(np.asarray(frames, dtype=np.float32), 0.0)
-    return np.log1p(x) if transform == "log1p" else x
+    return NORMALISATIONS[transform](np.array(frames, dtype=np.float32))
 
 
 def make_spec(frames: np.ndarray, transform: str = "log1p") -> dict:
@@ -50,10 +51,9 @@ def make_spec(frames: np.ndarray, transform: str = "log1p") -> dict:
 
 
 def normalize(frames: np.ndarray, spec: dict | None) -> np.ndarray:
-    """Apply ``spec`` to ``frames`` (any shape); returns a new float32 array."""
+    """Apply ``spec`` to ``frames`` (any shape); returns a new float32 array. The transforms are
+    the live chain's own (``ptychopv.science.preprocess.NORMALISATIONS``)."""
     spec = check_spec(spec)
     if spec is None:
         return np.array(frames, dtype=np.float32, copy=True)
-    x = _transform(frames, spec["transform"])
-    x /= np.float32(spec["divisor"])
-    return x
+    return normalise(frames, spec["transform"], spec["divisor"])

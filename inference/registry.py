@@ -22,7 +22,6 @@ whose files do not match the hashes on its card.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -31,11 +30,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io.files import file_sha256
+
 CARD = "card.json"
 ONNX = "model.onnx"
 WEIGHTS = "weights.pt"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
-_RESERVED = {"version", "created", "sha256", "files"}
+# Card keys the registry writes itself; a publisher may not set them.
+RESERVED = frozenset({"version", "created", "sha256", "files"})
 
 
 def shipped_registry() -> Path:
@@ -48,14 +50,6 @@ def shipped_registry() -> Path:
 
 class RegistryError(ValueError):
     """A missing, corrupt or tampered version, or a bad publish request."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,6 +75,10 @@ class ModelVersion:
     def onnx_path(self) -> Path:
         return self.path / ONNX
 
+    def publishable_card(self) -> dict:
+        """The card without the keys the registry writes: what publishing a copy needs."""
+        return {k: v for k, v in self.card.items() if k not in RESERVED}
+
     @property
     def weights_path(self) -> Path | None:
         p = self.path / WEIGHTS
@@ -94,6 +92,8 @@ class ModelVersion:
 
 
 class ModelRegistry:
+    RESERVED = RESERVED
+
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root)
         if create:
@@ -135,7 +135,7 @@ class ModelRegistry:
             path = self._folder(version) / name
             if not path.is_file():
                 raise RegistryError(f"model version {version}: {name} is missing")
-            actual = _sha256(path)
+            actual = file_sha256(path)
             if actual != expected:
                 raise RegistryError(f"model version {version}: {name} has sha256 {actual[:12]}..., "
                                     f"the card says {expected[:12]}...: refusing a file that "
@@ -171,7 +171,7 @@ class ModelRegistry:
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise RegistryError(f"ONNX file {onnx_path} does not exist")
-        clash = _RESERVED & set(card)
+        clash = RESERVED & set(card)
         if clash:
             raise RegistryError(f"card keys {sorted(clash)} are set by the registry, not the caller")
         for key in ("model", "input_shape", "outputs"):
@@ -191,7 +191,7 @@ class ModelRegistry:
                 shutil.copyfile(src, tmp / name)
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
-                hashes[name] = _sha256(tmp / name)
+                hashes[name] = file_sha256(tmp / name)
             base = dict(card, sha256=hashes[ONNX], files=hashes,
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             return self._commit(tmp, base)

@@ -1,35 +1,39 @@
-"""The live chain inside the IOC: source -> infer -> stitch (+ scan recorder), bound to records.
+"""The live chain inside the IOC: detector source -> the declared stages -> images, bound to records.
 
-Plugins are plain Python (``ptychopv.plugins``); this module builds them from the config,
-routes PV writes to them (hooks) and copies their counters into the records a few times a
-second. Models come from the registry: a new version (or a ``Model:Select`` write) is loaded
-and warmed up on a helper thread and swapped in between two batches.
+The pieces are plain Python and tested alone: the stages (``schema.STAGES``) are built and
+bound by :class:`~ptychopv.ioc.binder.StageBinder`, the model lifecycle is
+:class:`~ptychopv.plugins.models.ModelManager`, positions come from
+:mod:`ptychopv.plugins.positions`, the stitch weight from the model card's beam
+(:class:`~ptychopv.science.physics.Beamline`). What stays here is what only the IOC knows: which
+record drives which piece, and the images it serves.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
-import time
-from pathlib import Path
 
-import numpy as np
-
-from ..science import physics
 from ..config import Config, resolve
 from ..io.epics_env import pva_client_conf
-from ..plugins.frame import ND_DATA_TYPES
-from ..plugins.infer import InferPlugin
-from ..plugins.positions import AttributePositions, FilePositions, TimestampedPositions
+from ..plugins.models import ModelError, ModelManager
+from ..plugins.positions import SOURCES as POSITION_SOURCES
+from ..plugins.positions import AttributePositions, FilePositions, PvFeed, TimestampedPositions
 from ..plugins.recorder import RecorderPlugin
 from ..plugins.source import NTNDArraySource
-from ..plugins.stitch import StitchPlugin
-from ..science.preprocess import PreprocessOptions
+from ..science import physics
+from ..science.preprocess import PreprocessOptions, detector_crop
+from .binder import StageBinder
+from .schema import INFER_STATUS
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 0.25
-POSITION_SOURCES = ("Attributes", "PVs", "File")
+INT32_MAX = 2**31 - 1
+
+
+def saturated(count: int) -> tuple[int, int]:
+    """A counter for a 32-bit record: saturates (with a MAJOR alarm) rather than wrapping negative."""
+    return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
+REGISTRY_PERIOD_S = 1.0
 
 
 class LiveChain:
@@ -37,40 +41,46 @@ class LiveChain:
         self.ioc = ioc
         self.cfg = cfg
         c = cfg.chain
-        self.registry_path = resolve(cfg, c.registry)
         self._stop = threading.Event()
-        self._loading = False
         self._messages: dict[str, str] = {}
         self.last_scan_file: str | None = None
         self._capturing = False
         self.references: dict[int, float] = {}   # version -> SSIM on its training scan
-        self._seen: dict[str, object] = {}   # last value the stats loop wrote to each record
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
-        self.positions = self._attribute_positions()
-        self.pv_positions = None
-        mask = np.load(resolve(cfg, c.mask_file)) if c.mask_file else None
-        pre = PreprocessOptions(binning=c.binning, crop=(c.crop, c.crop) if c.crop else None, mask=mask,
-                                scale=float(ioc.get("ScaleFactor")))
-        self.infer = InferPlugin("Infer", preprocess=pre, batch_size=int(ioc.get("Infer:BatchSize")),
-                                 batch_timeout_s=float(ioc.get("Infer:FlushTimeout")),
-                                 queue_size=int(ioc.get("Infer:QueueSize")),
-                                 blocking_callbacks=bool(ioc.get("Infer:BlockingCallbacks")),
-                                 enable_callbacks=bool(ioc.get("Infer:EnableCallbacks")))
-        self.stitch = StitchPlugin("Stitch", pixel_size_m=self._pixel_size(), window=None,
-                                   queue_size=int(ioc.get("Stitch:QueueSize")),
-                                   blocking_callbacks=bool(ioc.get("Stitch:BlockingCallbacks")),
-                                   enable_callbacks=bool(ioc.get("Stitch:EnableCallbacks")))
+        self._seen: dict[str, object] = {}   # last (value, severity) the stats loop wrote to each record
+        self._mismatch = False               # the live model was trained for another beamline
+        self.binder = StageBinder(ioc)
+        plugins = self.binder.build()
+        self.infer, self.stitch = plugins["Infer"], plugins["Stitch"]
+        mask = None
+        if c.mask_file:
+            import numpy as np
+
+            mask = np.load(resolve(cfg, c.mask_file))
+        self.infer.pre.options = PreprocessOptions(binning=c.binning, crop=(c.crop, c.crop) if c.crop else None,
+                                                   mask=mask, scale=float(ioc.get("ScaleFactor")))
+        self.stitch.set_pixel_size(self._pixel_size())
         b = cfg.beamline
         self.recorder = RecorderPlugin(resolve(cfg, c.scan_folder), scan_number=self._next_scan_number(),
                                        energy_ev=b.energy_ev, detector_distance_m=b.distance_m,
                                        detector_pixel_size_m=b.detector_pixel_m)
-        self.infer.downstream = [self.stitch, self._publish_phase]
+        self.models = ModelManager(self.infer, resolve(cfg, c.registry), c.engine,
+                                   passthrough_size=c.passthrough_size,
+                                   report=lambda text, severity=0: self._message("Infer", text, severity),
+                                   on_loaded=self._loaded)
+        self.infer.downstream.append(self._publish_phase)
         self.infer.on_swap.append(self._swapped)
+        self._pv_feed = None
+        self._position_kind = 0
         self._set_position_source(int(ioc.get("Stitch:PositionSource")))
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
                                       on_frame=self._on_frame, downstream=[self._record, self.infer])
         self._register_hooks()
+
+    @property
+    def registry_path(self):
+        return self.models.registry_path
 
     # ------------------------------------------------------------------ set-up
     def _source_conf(self) -> dict:
@@ -78,22 +88,17 @@ class LiveChain:
         conf["EPICS_PVA_NAME_SERVERS"] = " ".join(self.cfg.source.name_servers)
         return conf
 
-    def _attribute_positions(self):
-        a = self.cfg.source.position_attributes
-        return AttributePositions(a.x, a.y)
-
     def _pixel_size(self) -> float:
+        """Stitch:PixelSize when set, else the config's, else lambda z / (crop * detector pixel)."""
         c, b = self.cfg.chain, self.cfg.beamline
         set_ps = float(self.ioc.get("Stitch:PixelSize"))
         if set_ps > 0:
             return set_ps
         if c.pixel_size_m > 0:
             return c.pixel_size_m
-        crop = c.crop or (self._model_size() or self.cfg.sim.geometry.detector_size) * c.binning
-        return physics.object_pixel_size(b.energy_ev, b.distance_m, b.detector_pixel_m, crop)
-
-    def _model_size(self) -> int | None:
-        return getattr(self, "infer", None) and self.infer.input_size
+        size = self.infer.input_size or c.passthrough_size
+        return physics.object_pixel_size(b.energy_ev, b.distance_m, b.detector_pixel_m,
+                                         detector_crop(size, c.binning, c.crop))
 
     def _next_scan_number(self) -> int:
         folder = resolve(self.cfg, self.cfg.chain.scan_folder)
@@ -101,103 +106,119 @@ class LiveChain:
         return max(nums, default=0) + 1
 
     def start(self) -> None:
-        for p in (self.recorder, self.infer, self.stitch):
-            p.start()
+        self.binder.start()
+        self.recorder.start()
         self._threads = [threading.Thread(target=self._stats_loop, name="chain-stats", daemon=True),
-                         threading.Thread(target=self._publish_loop, name="chain-publish", daemon=True)]
+                         threading.Thread(target=self._publish_loop, name="chain-publish", daemon=True),
+                         threading.Thread(target=self._registry_loop, name="chain-registry", daemon=True)]
+        if self.cfg.chain.seed_demo_model and self.cfg.chain.engine != "passthrough":
+            try:
+                from ..inference.registry import shipped_registry
+
+                self.models.seed(shipped_registry())
+            except Exception as exc:  # a broken shipped model must not stop the IOC
+                self._message("Infer", f"shipped model not seeded: {exc}")
+        self._select(int(self.ioc.get("Model:Select")), at_start=True)
         for t in self._threads:
             t.start()
-        self._seed_registry()
-        self.load_model(int(self.ioc.get("Model:Select")))
-        self._watch = threading.Thread(target=self._registry_loop, name="chain-registry", daemon=True)
-        self._watch.start()
 
     def close(self) -> None:
         self._stop.set()
-        # a model still loading is native code on another thread: let it finish before exit
-        for t in getattr(self, "_load_threads", []):
-            t.join(timeout=60)
+        for t in getattr(self, "_threads", []):
+            t.join(timeout=5.0)            # none may set a record once EPICS exits
+        self.models.close(timeout=5.0)     # a model still loading is native code: wait a little, not for ever
         self.source.close()
-        for p in (self.infer, self.stitch, self.recorder):
-            p.stop(timeout=10)
+        if self._pv_feed is not None:
+            self._pv_feed.close()
+        self.binder.stop()
+        self.recorder.stop(timeout=10)
 
     # ------------------------------------------------------------------ models
     def registry(self):
-        from ..inference.registry import ModelRegistry
+        return self.models.registry()
 
-        return ModelRegistry(self.registry_path)
-
-    def _seed_registry(self) -> None:
-        if not self.cfg.chain.seed_demo_model or self.cfg.chain.engine == "passthrough":
-            return
+    def _select(self, version: int, at_start: bool = False):
+        """Run ``version`` (0: the latest). A start-up selection (autosaved) that does not load
+        falls back to following the latest good version, and the setting says so: a broken
+        selection never outlives the start that found it."""
         try:
-            reg = self.registry()
-            from ..inference.registry import shipped_registry
+            fut = self.models.select(version)
+        except ModelError as exc:
+            if not at_start:
+                raise
+            self._drop_selection(version, str(exc))
+            return self.models.select(0)
+        if at_start and version:
+            fut.add_done_callback(lambda f: self._drop_selection(version, str(f.exception()))
+                                  if f.exception() is not None else None)
+        return fut
 
-            shipped = shipped_registry()
-            if reg.versions() or not shipped.is_dir():
-                return
-            from ..inference.registry import ModelRegistry
+    def _drop_selection(self, version: int, why: str) -> None:
+        self.models.selected = 0
+        self.ioc.rec["Model:Select"].set(0, process=False)
+        self.ioc.set("Model:Select_RBV", 0)
+        self._message("Infer", f"Model:Select {version} not used ({why}); following the newest version that loads",
+                      severity=1)
 
-            src = ModelRegistry(shipped, create=False).latest()
-            if src is None:
-                return
-            card = {k: v for k, v in src.card.items() if k not in ("version", "created", "sha256", "files")}
-            card["note"] = f"seeded from the shipped demo model v{src.version}"
-            reg.publish(src.onnx_path, card, weights_path=src.weights_path)
-        except Exception as exc:  # a broken shipped model must not stop the IOC
-            self._message("Infer", f"demo model not seeded: {exc}")
+    async def _model_select(self, version: int) -> int:
+        import asyncio
+
+        previous = self.models.selected
+        try:
+            await asyncio.wrap_future(self.models.select(int(version)))
+        except ModelError as exc:
+            # the selection did not load: the setting goes back to what it was (and so does
+            # autosave), the reason stays in Infer:Message_RBV
+            self._message("Infer", str(exc))
+            self.models.selected = previous
+            self.ioc.rec["Model:Select"].set(previous, process=False)
+            return previous
+        return int(version)
 
     def load_model(self, version: int = 0) -> None:
-        """Load ``version`` (0: the latest) on a helper thread; swap it in when it is ready."""
-        if self.cfg.chain.engine == "passthrough":
-            from ..inference.engines import ModelSource, select_engine
+        """Load ``version`` (0: the latest) in the background (the HPC stage calls this after training)."""
+        self.models.select(version)
 
-            eng = select_engine(ModelSource(input_size=self.cfg.chain.passthrough_size), "passthrough")
-            self.infer.swap(eng, 0, "passthrough")
+    def _loaded(self, mv) -> None:
+        self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim_for(mv.version))
+        self._mismatch = False
+        self._check_beamline(mv.card)
+
+    def _check_beamline(self, card: dict) -> None:
+        """Say when the model was trained for another beamline than the config describes."""
+        trained = physics.Beamline.from_card(card)
+        if trained is None:
             return
-        t = threading.Thread(target=self._load, args=(version,), name="model-load", daemon=True)
-        self._load_threads = [x for x in getattr(self, "_load_threads", []) if x.is_alive()] + [t]
-        t.start()
+        b = self.cfg.beamline
+        here = physics.Beamline(energy_ev=b.energy_ev, distance_m=b.distance_m, detector_pixel_m=b.detector_pixel_m,
+                                frame_px=trained.frame_px, beam_m=b.beam_m or trained.beam_m,
+                                probe_kind=trained.probe_kind, curvature=trained.curvature)
+        diff = trained.differences(here)
+        self._mismatch = bool(diff)
+        if diff:
+            self._message("Infer", f"model v{card.get('version')} was trained for another beamline: "
+                          f"{'; '.join(diff)}", severity=1)
 
-    def _load(self, version: int) -> None:
-        self._loading = True
-        try:
-            from ..inference.engines import select_engine
-
-            reg = self.registry()
-            mv = reg.latest() if version == 0 else reg.get(version)
-            if mv is None:
-                self._message("Infer", f"no model in the registry {self.registry_path}")
-                return
-            if mv.version == self.infer.version and self.infer.engine is not None:
-                return
-            bs = sorted({1, 2, 4, 8, 16, 64, int(self.infer.batch_size)})
-            engine = select_engine(mv.source(), self.cfg.chain.engine, warmup=True, batch_sizes=bs)
-            self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
-            self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim)
-            self._message("Infer", f"running model v{mv.version} on {engine.name}")
-        except Exception as exc:  # the old model keeps running
-            self._message("Infer", f"model v{version or 'latest'} not loaded: {exc}")
-            log.exception("model load")
-        finally:
-            self._loading = False
-
-    def beam_window(self, size: int) -> np.ndarray | None:
-        """A Gaussian weight of the configured beam FWHM on a ``size``-pixel patch, or None."""
+    def model_window(self, card: dict | None, size: int):
+        """The stitch weight before any reconstruction: a Gaussian of ``beamline.beam_m`` when the
+        config gives the beam, else the probe the model was trained with (its card), else None."""
         beam = self.cfg.beamline.beam_m
-        if not beam:
-            return None
-        sigma = beam / self.stitch.stitcher.pixel_size_m / 2.3548
-        r = np.arange(size) - size / 2 + 0.5
-        g = np.exp(-0.5 * (r / max(sigma, 0.5)) ** 2)
-        return np.outer(g, g)
+        ps = self.stitch.stitcher.pixel_size_m
+        if beam:
+            return physics.gaussian_beam(size, beam / ps)
+        trained = physics.Beamline.from_card(card)
+        if trained is not None and trained.frame_px == size:
+            return trained.probe()
+        return None
 
     @property
     def reference_ssim(self) -> float:
         """The controller's reference for the live model: its SSIM on its own training scan,
         when this IOC trained it; 0.0 (unknown: compared against a perfect 1.0) otherwise."""
-        return self.references.get(self.infer.version, 0.0)
+        return self.reference_ssim_for(self.infer.version)
+
+    def reference_ssim_for(self, version: int) -> float:
+        return self.references.get(int(version), 0.0)
 
     def set_reference(self, version: int, ssim: float) -> None:
         """Record a version's validation SSIM on its training scan (the controller's reference)."""
@@ -205,8 +226,10 @@ class LiveChain:
         if self.infer.version == int(version):          # already swapped in by the registry watch
             self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4))
 
-    def set_stitch_window(self, window) -> None:
+    def set_stitch_window(self, window, *, from_reconstruction: bool = False) -> None:
         """Weight stitched patches by ``window`` (a probe or weights of the patch shape); None: taper."""
+        if from_reconstruction:
+            self._probe_window = True
         self.stitch.submit(self.stitch.stitcher.set_window, window)
 
     def _swapped(self, version: int) -> None:
@@ -220,20 +243,26 @@ class LiveChain:
                 self.stitch.submit(self.stitch.set_pixel_size, ps)
         size = self.infer.input_size
         if size and not self._probe_window:
-            window = self.beam_window(size)
-            if window is not None:
-                self.set_stitch_window(window)
+            card = None
+            if version:
+                try:
+                    card = self.registry().get(version).card
+                except Exception:  # noqa: BLE001 - no card: no model window
+                    card = None
+            self.stitch.submit(self._set_model_window, card, size)
+
+    def _set_model_window(self, card, size: int) -> None:
+        # on the stitch thread, after a pixel-size change the swap may have queued
+        if not self._probe_window:
+            self.stitch.stitcher.set_window(self.model_window(card, size))
 
     def _registry_loop(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(REGISTRY_PERIOD_S):
             try:
-                latest = self.registry().versions()
+                latest = self.models.versions()
                 self.ioc.set("Model:Latest_RBV", latest[-1] if latest else 0)
-                if (latest and int(self.ioc.get("Model:Select")) == 0 and latest[-1] != self.infer.version
-                        and not self._loading and self.cfg.chain.engine != "passthrough"):
-                    self._loading = True
-                    self.load_model(0)
-            except Exception as exc:
+                self.models.poll()
+            except Exception as exc:  # noqa: BLE001
                 self._message("Infer", f"registry: {exc}")
 
     # ------------------------------------------------------------------ frames
@@ -281,10 +310,15 @@ class LiveChain:
 
     # ------------------------------------------------------------------ positions
     def _set_position_source(self, index: int) -> str:
-        kind = POSITION_SOURCES[index]
+        """Use the position source ``Stitch:PositionSource`` names (ValueError if it cannot)."""
+        kinds = list(POSITION_SOURCES)
+        if not 0 <= int(index) < len(kinds):
+            raise ValueError(f"Stitch:PositionSource must be 0..{len(kinds) - 1} ({', '.join(kinds)}), got {index}")
+        kind = kinds[int(index)]
         c = self.cfg.chain
         if kind == "Attributes":
-            src = self.positions
+            a = self.cfg.source.position_attributes
+            src = AttributePositions(a.x, a.y)
         elif kind == "File":
             if not c.positions_file:
                 raise ValueError("Stitch:PositionSource=File needs chain.positions_file in the config")
@@ -292,53 +326,31 @@ class LiveChain:
         else:
             if not c.position_pvs:
                 raise ValueError("Stitch:PositionSource=PVs needs chain.position_pvs in the config")
-            src = self._position_pvs()
-        self._position_source, self._position_kind = src, index
+            if self._pv_feed is None:
+                pp = c.position_pvs
+                # position PVs are found at the same PVA servers as the detector (source.name_servers)
+                self._pv_feed = PvFeed(TimestampedPositions(tolerance_s=pp.tolerance_s, wait_s=pp.wait_s),
+                                       pp.x, pp.y, self._source_conf())
+            src = self._pv_feed.target
+        self._position_source, self._position_kind = src, int(index)
         return kind
 
-    def _position_pvs(self):
-        if self.pv_positions is None:
-            from p4p.client.thread import Context
-
-            pp = self.cfg.chain.position_pvs
-            self.pv_positions = TimestampedPositions(tolerance_s=pp.tolerance_s, wait_s=pp.wait_s)
-            # position PVs are found at the same PVA servers as the detector (source.name_servers)
-            self._pos_ctx = Context("pva", conf=self._source_conf(), useenv=False)
-
-            def sample(add):
-                def cb(v):
-                    if not isinstance(v, Exception):
-                        add(v.timestamp, float(v))
-                return cb
-
-            self._pos_subs = [self._pos_ctx.monitor(pp.x, sample(self.pv_positions.add_x), notify_disconnect=True),
-                              self._pos_ctx.monitor(pp.y, sample(self.pv_positions.add_y), notify_disconnect=True)]
-        return self.pv_positions
+    @property
+    def pv_positions(self):
+        return None if self._pv_feed is None else self._pv_feed.target
 
     # ------------------------------------------------------------------ PV hooks
     def _register_hooks(self) -> None:
         on = self.ioc.on
-        for stage, plugin in (("Infer", self.infer), ("Stitch", self.stitch)):
-            self._plugin_hooks(stage, plugin)
         on("Infer:NDArrayPort")(self._set_port)
-        on("Infer:BatchSize")(lambda v: setattr(self.infer, "batch_size", int(v)))
-        on("Infer:FlushTimeout")(lambda v: setattr(self.infer, "batch_timeout_s", float(v)))
         on("ScaleFactor")(lambda v: self.infer.set_preprocess(scale=float(v)))
         on("Stitch:NDArrayPort")(self._stitch_port)
         on("Stitch:Reset")(lambda v: self.stitch.submit(self.stitch.reset) if v else None)
         on("Stitch:PixelSize")(self._set_pixel_size)
         on("Stitch:PositionSource")(self._position_hook)
         on("Scan:Capture")(self._capture)
-        on("Model:Select")(lambda v: self.load_model(int(v)))
-
-    def _plugin_hooks(self, stage: str, plugin) -> None:
-        on = self.ioc.on
-        on(f"{stage}:EnableCallbacks")(lambda v: setattr(plugin, "enable_callbacks", bool(v)))
-        on(f"{stage}:BlockingCallbacks")(lambda v: setattr(plugin, "blocking_callbacks", bool(v)))
-        on(f"{stage}:ArrayCallbacks")(lambda v: setattr(plugin, "array_callbacks", bool(v)))
-        on(f"{stage}:ArrayCounter")(lambda v: setattr(plugin, "array_counter", int(v)))
-        on(f"{stage}:DroppedArrays")(lambda v: setattr(plugin, "dropped_arrays", int(v)))
-        on(f"{stage}:QueueSize")(lambda v: setattr(plugin, "queue_size", int(v)))
+        on("Model:Select")(self._model_select)
+        self.ioc.check("Model:Select")(self.models.check)   # no such version, or known broken: refused
 
     def _set_port(self, channel: str) -> None:
         self.source.connect(str(channel))
@@ -388,40 +400,27 @@ class LiveChain:
                     log.exception("capture-end callback")
 
     # ------------------------------------------------------------------ records
-    def _message(self, stage: str, text: str) -> None:
+    def _message(self, stage: str, text: str, severity: int = 0) -> None:
         self._messages[stage] = text
-        self.ioc.message(stage, text)
+        self.ioc.message(stage, text, severity=severity)
 
     def _force(self, name: str, value) -> None:
         """Set a record now (not at the next stats tick), keeping the stats loop's cache right."""
-        self._seen[name] = value
+        self._seen[name] = (value, 0)
         self.ioc.set(name, value)
 
     def _stats_loop(self) -> None:
         seen = self._seen
 
-        def put(name, value):
-            if seen.get(name) != value:
-                seen[name] = value
-                self.ioc.set(name, value)
+        def put(name, value, severity=0):
+            if seen.get(name) != (value, severity):
+                seen[name] = (value, severity)
+                self.ioc.set(name, value, severity=severity, alarm_status=7 if severity else 0)
 
         while not self._stop.wait(STATS_PERIOD_S):
             try:
+                self.binder.poll()
                 for stage, p in (("Infer", self.infer), ("Stitch", self.stitch)):
-                    s = p.status()
-                    put(f"{stage}:ArrayCounter_RBV", int(s["array_counter"]))
-                    put(f"{stage}:ArrayRate_RBV", round(float(p.array_rate), 2))
-                    put(f"{stage}:DroppedArrays_RBV", int(s["dropped_arrays"]))
-                    put(f"{stage}:QueueFree", int(p.queue_free))
-                    put(f"{stage}:QueueUse", int(p.queue_size - p.queue_free))
-                    put(f"{stage}:ExecutionTime_RBV", round(float(s["execution_time_ms"]), 3))
-                    put(f"{stage}:UniqueId_RBV", int(s["unique_id"]))
-                    put(f"{stage}:TimeStamp_RBV", float(s["timestamp"]))
-                    put(f"{stage}:ArraySize0_RBV", int(s["array_size0"]))
-                    put(f"{stage}:ArraySize1_RBV", int(s["array_size1"]))
-                    put(f"{stage}:NDimensions_RBV", 2 if s["array_size0"] else 0)
-                    if s["data_type"] in ND_DATA_TYPES:
-                        put(f"{stage}:DataType_RBV", ND_DATA_TYPES.index(s["data_type"]))
                     msg = p.last_message
                     if msg and self._messages.get(stage + "#plugin") != msg:
                         self._messages[stage + "#plugin"] = msg
@@ -429,15 +428,13 @@ class LiveChain:
                 src = self.source
                 if src.last_message and self._messages.get("source") != src.last_message:
                     self._messages["source"] = src.last_message
-                    self.ioc.message("Infer", src.last_message)
+                    self.ioc.message("Infer", src.last_message, severity=0 if src.connected else 2)
                 put("FrameRate_RBV", round(self.infer.frame_rate, 1))
-                put("Infer:Latency_RBV", round(self.infer.latency_ms, 2))
-                put("Infer:MissedFrames_RBV", int(src.missed))
-                put("Infer:Connected_RBV", int(bool(src.connected)))
-                put("Infer:Errors_RBV", int(src.errors + self.infer.bad_frames + self.infer.error_count))
-                put("Infer:Status_RBV", self._infer_state())
-                put("Stitch:FramesStitched_RBV", int(self.stitch.frames_stitched))
-                put("Stitch:FramesNoPosition_RBV", int(self.stitch.frames_no_position))
+                put("Infer:MissedFrames_RBV", *saturated(src.missed))
+                put("Infer:Errors_RBV", *saturated(src.errors + self.infer.bad_frames + self.infer.error_count))
+                state, sevr = self._infer_state()
+                put("Infer:Status_RBV", state, sevr)
+                put("Infer:Connected_RBV", int(bool(src.connected)), 0 if src.connected else 2)
                 r = self.recorder
                 if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
                     self._messages["Scan#plugin"] = r.last_message
@@ -448,10 +445,13 @@ class LiveChain:
             except Exception:
                 log.exception("chain stats")
 
-    def _infer_state(self) -> int:
-        # INFER_STATUS = Idle, Loading, Running, Error, No model
-        if self._loading and self.infer.engine is None:
-            return 1
+    def _infer_state(self) -> tuple[int, int]:
+        """Infer:Status_RBV (INFER_STATUS) and its alarm severity."""
+        s = INFER_STATUS
         if self.infer.engine is None:
-            return 4
-        return 2 if self.infer.frame_rate > 0 else 0
+            if self.models.loading or self.infer.frames_waiting:
+                return s.index("Waiting for model"), 1
+            return s.index("No model"), 2
+        if self.infer.frame_rate > 0:
+            return s.index("Running"), 1 if self._mismatch else 0
+        return s.index("Idle"), 1 if self._mismatch else 0

@@ -13,7 +13,7 @@ import io
 import sys
 from pathlib import Path
 
-from ..generated import write_or_check
+from ..io.generated import write_or_check
 
 from .access import render_acf
 

@@ -3,9 +3,10 @@
 ``PtychoPV(prefix, name=...)`` has one component per record outside the plugin base:
 a setting with a readback is an ``EpicsSignalWithRBV`` (kind config), a command (a ``bo``
 whose first state is ``Done``) an ``EpicsSignal``, a readback an ``EpicsSignalRO``; enum and
-string records read as strings. ``infer`` and ``stitch`` are unmodified ophyd areaDetector
-``PluginBase`` classes: the IOC serves NDPluginBase names and strings, so staging them
-writes ``EnableCallbacks=Enable`` and ``BlockingCallbacks=Yes`` as with any areaDetector.
+string records read as strings. Each chain stage (``schema.STAGES``: ``infer``, ``stitch``, ...)
+is an unmodified ophyd areaDetector ``PluginBase`` class with only ``_plugin_type`` set: the IOC
+serves NDPluginBase names and strings, so staging them writes ``EnableCallbacks=Enable`` and
+``BlockingCallbacks=Yes`` as with any areaDetector.
 
 Component names are the PV names in snake case, ``_RBV`` dropped where that is unambiguous:
 ``ScaleFactor`` → ``scale_factor``, ``Infer:BatchSize`` → ``infer_batch_size``,
@@ -21,23 +22,29 @@ from ophyd import Device, EpicsSignal, EpicsSignalRO, EpicsSignalWithRBV
 from ophyd.areadetector.plugins import PluginBase
 from ophyd.device import create_device_from_components
 
-from .schema import PV, SCHEMA, plugin_records
+from .schema import PV, SCHEMA, STAGES, plugin_records
 
 # Readbacks a plan's live table and plots show first.
 HINTED = ("ModelVersion_RBV", "FrameRate_RBV", "SSIM_RBV")
 STRING_TYPES = {"bo", "bi", "mbbo", "mbbi", "stringout", "stringin"}
-PLUGINS = {"Infer": "infer", "Stitch": "stitch"}
 
 
-class PtychoInferPlugin(PluginBase):
-    _plugin_type = "NDPluginPtychoInfer"
+_CLASSES: dict[tuple[str, str], type] = {}
 
 
-class PtychoStitchPlugin(PluginBase):
-    _plugin_type = "NDPluginPtychoStitch"
+def plugin_classes() -> dict[str, type]:
+    """Stage name -> an ophyd ``PluginBase`` subclass that only names its plugin type (one class
+    per stage, made once)."""
+    out = {}
+    for st in STAGES:
+        key = (st.name, st.plugin_type)
+        if key not in _CLASSES:
+            _CLASSES[key] = type(f"Ptycho{st.name}Plugin", (PluginBase,), {"_plugin_type": st.plugin_type})
+        out[st.name] = _CLASSES[key]
+    return out
 
 
-PLUGIN_CLASSES = {"Infer": PtychoInferPlugin, "Stitch": PtychoStitchPlugin}
+PLUGIN_CLASSES = plugin_classes()
 
 
 def attr_name(pv_name: str) -> str:
@@ -53,7 +60,7 @@ def is_command(pv: PV) -> bool:
 
 
 def _plugin_base() -> set[str]:
-    return {r.name for stage in PLUGINS for pv in plugin_records(stage, "") for r in pv.records()}
+    return {r.name for st in STAGES for pv in plugin_records(st.name, "") for r in pv.records()}
 
 
 def component(pv: PV) -> Cpt:
@@ -87,10 +94,11 @@ def components() -> dict[str, Cpt]:
         if name in out or name in taken:
             raise RuntimeError(f"{pv.name}: component name {name!r} is taken")
         out[name] = component(pv)
-    for stage, attr in PLUGINS.items():
+    classes = plugin_classes()
+    for st in STAGES:
         # omitted from read/describe: PluginBase.read_configuration looks for an areaDetector
         # upstream port by name, which a PVA channel is not; stage() still stages them
-        out[attr] = Cpt(PLUGIN_CLASSES[stage], f"{stage}:", kind="omitted")
+        out[st.group] = Cpt(classes[st.name], f"{st.name}:", kind="omitted")
     return out
 
 

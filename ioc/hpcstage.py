@@ -1,16 +1,16 @@
-"""Reconstruction, training and the continual-learning controller, driven by PV writes.
+"""Reconstruction, training and the continual-learning controller, bound to records.
 
-``Recon:Start`` reconstructs a scan file (the last captured one unless ``Recon:ScanFile`` names
-another), pairs the result with the frames as training labels in the corpus and validates the
-live model against it; ``Train:Start`` trains on the corpus and publishes a new registry
-version, which the live chain then swaps in. Both run as jobs on the configured executor
-(``hpc.executors``) and report through the job-folder protocol (``hpc.jobs``); their CA
-put-callbacks complete when the job ends, so ``caput -c`` and ophyd ``put_complete`` wait.
+The work is :class:`~ptychopv.hpc.workflow.Workflow` (reconstruct -> label -> validate; train) run
+on two :class:`~ptychopv.hpc.workflow.JobStage` state machines, ``Recon`` and ``Train``, whose
+every change this module copies into their ``Status_RBV``/``Message_RBV``/``Progress_RBV``
+records; the controller's decisions are :mod:`ptychopv.hpc.autocontrol`. What stays here: which
+record starts what, the options read from records, and the chain's side (the live model, its
+pixel size, the stitch window after a reconstruction).
 
-A Start written while that stage's job runs is queued by the record itself: EPICS processes
-an active record again when it completes, so the second reconstruction starts when the first
-ends (Abort stops only the running one). A Start from the controller while a job runs is
-refused, with the reason in the message.
+``Recon:Start`` and ``Train:Start`` hold their CA put-callback until the run ends, so ``caput -c``
+and ophyd ``put_complete`` wait. A Start written while that stage runs is queued by the record
+itself (EPICS processes an active record again when it completes); a Start from the
+controller while a job runs is refused, with the reason in the message.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, resolve
+from ..hpc import autocontrol as ac
 from ..hpc.options import ALGORITHMS
-from . import autocontrol as ac
-from .schema import STATUS
+from ..hpc.workflow import STATES, Busy, JobStage, Workflow, label_options
 
 log = logging.getLogger(__name__)
-POLL_S = 0.25
-ST = {name: i for i, name in enumerate(STATUS)}
-FINAL = {"done": "Done", "failed": "Failed", "aborted": "Aborted"}
+ST = {name: i for i, name in enumerate(STATES)}
+SEVERITY = {"Failed": 2, "Aborted": 1}     # alarm severity of a stage's final states
 
 
 class HpcStage:
@@ -39,40 +38,50 @@ class HpcStage:
 
         self.ioc, self.cfg, self.chain = ioc, cfg, chain
         w = cfg.workflow
-        self.jobs_folder = resolve(cfg, w.jobs_folder)
-        self.corpus = resolve(cfg, w.corpus)
         self.executor = make_executor(cfg.hpc)
+        self.workflow = Workflow(self.executor, resolve(cfg, w.jobs_folder), resolve(cfg, w.corpus),
+                                 chain.registry_path)
         d = self.executor.describe()
         ioc.set("HPC:Executor_RBV", str(d.get("name", cfg.hpc.kind))[:39])
         ioc.set("HPC:Workers_RBV", int(d.get("workers") or 0))
-        self.jobs: dict[str, object] = {"Recon": None, "Train": None}
-        self._job_count = 0
+        self.recon = JobStage("Recon", self._reporter("Recon"))
+        self.train_stage = JobStage("Train", self._reporter("Train"))
         self.last_recon: dict | None = None
         self.auto = ac.Controller(enabled=bool(ioc.get("Auto:Enable")), interval_s=float(ioc.get("Auto:Interval")),
                                   tolerance=float(ioc.get("Auto:Tolerance")))
-        self._auto_task = None
-        for stage in ("Recon", "Train"):
-            ioc.set(f"{stage}:Status_RBV", ST["Idle"])
-            ioc.message(stage, f"ready; jobs run on {d.get('name')}")
+        for stage in (self.recon, self.train_stage):
+            stage.set("Idle", f"ready; jobs run on {d.get('name')}")
         ioc.set("Train:Pairs_RBV", self._corpus_pairs())
         on = ioc.on
         on("Recon:Start")(self.recon_start)
-        on("Recon:Abort")(lambda v: self._abort("Recon") if v else None)
+        on("Recon:Abort")(lambda v: self._abort(self.recon) if v else None)
         on("Train:Start")(self.train_start)
-        on("Train:Abort")(lambda v: self._abort("Train") if v else None)
+        on("Train:Abort")(lambda v: self._abort(self.train_stage) if v else None)
         on("Auto:Enable")(self._auto_enable)
         on("Auto:Tolerance")(lambda v: setattr(self.auto, "tolerance", float(v)))
         on("Auto:Interval")(lambda v: setattr(self.auto, "interval_s", float(v)))
         self._auto_state()
         chain.on_capture_end.append(self._scan_ended)
 
+    @property
+    def corpus(self) -> Path:
+        return self.workflow.corpus
+
     def close(self) -> None:
-        for job in self.jobs.values():
-            if job is not None and not job.done():
-                job.abort()
+        for stage in (self.recon, self.train_stage):
+            stage.abort()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    # ------------------------------------------------------------------ jobs
+    # ------------------------------------------------------------------ records
+    def _reporter(self, name: str):
+        def report(state: str, message: str, progress: float | None) -> None:
+            sevr = SEVERITY.get(state, 0)
+            self.ioc.set(f"{name}:Status_RBV", ST[state], severity=sevr, alarm_status=7 if sevr else 0)
+            self.ioc.message(name, message, severity=sevr)
+            if progress is not None:
+                self.ioc.set(f"{name}:Progress_RBV", float(progress))
+        return report
+
     def _corpus_pairs(self) -> int:
         try:
             from ..hpc.corpus import corpus_info
@@ -81,48 +90,9 @@ class HpcStage:
         except Exception:
             return 0
 
-    def _job_dir(self, kind: str) -> Path:
-        self._job_count += 1
-        return self.jobs_folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._job_count:03d}-{kind}"
-
-    async def _run(self, stage: str | None, fn, *args, kind: str, on_progress=None) -> dict:
-        """Submit ``fn(*args, job_dir)``, mirror its progress into ``stage``'s records, return its final record."""
-        from ..hpc.jobs import submit
-
-        job = submit(self.executor, fn, *args, job_dir=self._job_dir(kind), kind=kind)
-        if stage:
-            self.jobs[stage] = job
-        last = None
-        while not job.done():
-            p = job.progress()
-            if stage and p != last:
-                last = p
-                self.ioc.set(f"{stage}:Status_RBV", ST["Running"] if p.get("status") == "running" else ST["Queued"])
-                self.ioc.set(f"{stage}:Progress_RBV", round(100.0 * float(p.get("progress") or 0.0), 1))
-                if p.get("message"):
-                    self.ioc.message(stage, f"{kind}: {p['message']}")
-                if on_progress:
-                    on_progress(p)
-            await asyncio.sleep(POLL_S)
-        result = job.result()
-        if stage and on_progress:
-            on_progress(result)
-        return result
-
-    def _abort(self, stage: str) -> None:
-        job = self.jobs.get(stage)
-        if job is None or job.done():
-            self.ioc.message(stage, "nothing to abort")
-            return
-        job.abort()
-        self.ioc.message(stage, "abort requested")
-
-    def _finish(self, stage: str, result: dict, what: str) -> bool:
-        status = result.get("status", "failed")
-        self.ioc.set(f"{stage}:Status_RBV", ST[FINAL.get(status, "Failed")])
-        self.ioc.message(stage, f"{what} {status}: {result.get('message', '')}"[:255])
-        self.jobs[stage] = None
-        return status == "done"
+    def _abort(self, stage: JobStage) -> None:
+        if not stage.abort():
+            self.ioc.message(stage.name, "nothing to abort")
 
     # ------------------------------------------------------------------ reconstruction
     def _scan_file(self) -> Path | None:
@@ -134,65 +104,48 @@ class HpcStage:
         return Path(last) if last else None
 
     async def recon_start(self, value) -> None:
-        if not value:
-            return
-        if self.jobs["Recon"] is not None:
-            self.ioc.message("Recon", "refused: a reconstruction is running (Recon:Abort stops it)")
-            return
-        await self.reconstruct(self._scan_file())
+        if value:
+            await self.reconstruct(self._scan_file())
 
     async def reconstruct(self, scan: Path | None) -> dict | None:
-        """Reconstruct -> label -> validate one scan; returns the summary or None on failure."""
-        from ..hpc.jobs import label_job, reconstruct_job
-
-        ioc = self.ioc
-        self.jobs["Recon"] = "starting"
-        ioc.set("Recon:Progress_RBV", 0.0)
-        ioc.set("Recon:Status_RBV", ST["Queued"])
-        if scan is None or not scan.exists():
-            self._finish("Recon", {"status": "failed", "message": f"no scan file to reconstruct ({scan or 'none captured'})"},
-                         "reconstruction")
-            return None
+        """Reconstruct -> label -> validate one scan; returns the summary, or None when it did not
+        finish (the stage says why)."""
+        ioc, chain = self.ioc, self.chain
         opts = self.cfg.recon.model_dump(mode="json")
         opts.update(engine=list(ALGORITHMS)[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
+        size = chain.infer.input_size or self.cfg.chain.passthrough_size
+        ps = chain.stitch.stitcher.pixel_size_m
+        label = label_options(scan or "", size, self.cfg.chain.binning, self.cfg.chain.crop, ps)
+        version = int(chain.infer.version)
+        validate = self._validate_options(version) if version else None
         t0 = time.monotonic()
-        res = await self._run("Recon", reconstruct_job, str(scan), None, opts, kind="reconstruct")
-        ioc.set("Recon:Duration_RBV", round(time.monotonic() - t0, 2))
+
+        async def body(stage):
+            return await self.workflow.reconstruct(stage, scan, opts, label=label, validate=validate,
+                                                   on_recon=self._publish_recon)
+
+        try:
+            res = await self.recon.run("reconstruction", body)
+        except Busy as exc:
+            ioc.message("Recon", f"{exc} (Recon:Abort stops it)")
+            return None
+        finally:
+            ioc.set("Recon:Duration_RBV", round(time.monotonic() - t0, 2))
         if res.get("status") != "done":
-            self._finish("Recon", res, "reconstruction")
             return None
-        recon_path = res["result"]["recon_path"]
-        self._publish_recon(recon_path)
-        # pair labels and validate the live model (the put-callback waits for these too)
-        ioc.message("Recon", "pairing labels")
-        fov = self.chain.infer.input_size or self.cfg.chain.passthrough_size
-        b = self.cfg.chain.binning
-        crop = self.cfg.chain.crop or fov * b
-        lab = await self._run(None, label_job, recon_path, str(self.corpus),
-                              {"fov": (fov, fov), "scan_path": str(scan),
-                               "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m,
-                               "preprocess": {"crop": (crop, crop), "binning": b}}, kind="label")
-        if lab.get("status") != "done":
-            self._finish("Recon", lab, "labelling")
-            return None
-        ioc.set("Train:Pairs_RBV", int(lab["result"]["corpus_count"]))
-        summary = {"recon_path": recon_path, "scan": str(scan), "pairs": lab["result"]["pairs"]}
-        if self.chain.infer.version:
-            ioc.message("Recon", "validating the live model")
-            val = await self._validate(str(scan), recon_path, int(self.chain.infer.version))
-            if val.get("status") == "done":
-                ssim = float(val["result"]["ssim"])
-                ioc.set("SSIM_RBV", round(ssim, 4))
-                ioc.set("Model:ValSSIM_RBV", round(ssim, 4))  # the live model, validated on this scan
-                summary["ssim"] = ssim
-            else:
-                ioc.message("Recon", f"validation {val.get('status')}: {val.get('message', '')}"[:255])
-        self.last_recon = summary
-        self._finish("Recon", {"status": "done", "message": f"{Path(recon_path).name}, {summary['pairs']} pairs"
-                               + (f", SSIM {summary['ssim']:.3f}" if "ssim" in summary else "")},
-                     "reconstruction")
+        summary = res["result"]
+        if "corpus_count" in summary:
+            ioc.set("Train:Pairs_RBV", int(summary["corpus_count"]))
+        if "ssim" in summary:
+            ioc.set("SSIM_RBV", round(summary["ssim"], 4))
+            ioc.set("Model:ValSSIM_RBV", round(summary["ssim"], 4))   # the live model, validated on this scan
         ioc.set("Recon:Progress_RBV", 100.0)
+        self.last_recon = summary
         return summary
+
+    def _validate_options(self, version: int) -> dict:
+        return {"version": int(version), "binning": self.cfg.chain.binning, "engine": self.cfg.workflow.validate_engine,
+                "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}
 
     def _publish_recon(self, recon_path: str) -> None:
         try:
@@ -202,8 +155,7 @@ class HpcStage:
             size = self.chain.infer.input_size
             if size and rec.probe.shape == (size, size) and self.cfg.chain.binning == 1:
                 # the reconstructed probe is the best weight window for stitching this beam
-                self.chain.set_stitch_window(rec.probe)
-                self.chain._probe_window = True
+                self.chain.set_stitch_window(rec.probe, from_reconstruction=True)
             self.ioc.images.post("Recon:Image", rec.phase, int(time.time()) & 0x7FFFFFFF, attributes={
                 "PixelSize": float(rec.pixel_size_m), "CenterX": float(rec.center_m[0]),
                 "CenterY": float(rec.center_m[1]), "Iterations": int(rec.iterations)})
@@ -212,21 +164,11 @@ class HpcStage:
 
     # ------------------------------------------------------------------ training
     async def train_start(self, value) -> None:
-        if not value:
-            return
-        if self.jobs["Train"] is not None:
-            self.ioc.message("Train", "refused: training is running (Train:Abort stops it)")
-            return
-        await self.train()
+        if value:
+            await self.train()
 
     async def train(self) -> dict | None:
-        from ..hpc.jobs import train_job
-
         ioc = self.ioc
-        self.jobs["Train"] = "starting"
-        if not self.corpus.exists():
-            self._finish("Train", {"status": "failed", "message": f"no training pairs yet ({self.corpus})"}, "training")
-            return None
         opts = self.cfg.train.model_dump(mode="json")
         opts["epochs"] = int(ioc.get("Train:Epochs"))
         if opts.get("warm_start") is None and self.chain.infer.version:
@@ -245,42 +187,44 @@ class HpcStage:
                 ioc.set("Train:ValLossHistory_RBV", np.asarray(vals))
 
         t0 = time.monotonic()
-        ioc.set("Train:Progress_RBV", 0.0)
-        res = await self._run("Train", train_job, str(self.corpus), str(self.chain.registry_path), opts, kind="train",
-                              on_progress=progress)
-        ioc.set("Train:Duration_RBV", round(time.monotonic() - t0, 2))
-        if not self._finish("Train", res, "training"):
-            return None
-        r = res["result"]
-        ref = await self._reference(int(r["version"]))
-        ioc.message("Train", f"model v{r['version']} registered (val loss {r.get('val_loss') or 0:.4f}"
-                    + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")"))
-        ioc.set("Train:Progress_RBV", 100.0)
-        return r
+        result: dict = {}
 
-    async def _reference(self, version: int) -> float | None:
+        async def body(stage):
+            res = await self.workflow.train(stage, opts, on_progress=progress)
+            if res.get("status") != "done":
+                return res
+            r = res["result"]
+            ref = await self._reference(stage, int(r["version"]))
+            result.update(r, reference=ref)
+            return {"status": "done", "message": f"model v{r['version']} registered (val loss "
+                    f"{r.get('val_loss') or 0:.4f}" + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")")}
+
+        try:
+            res = await self.train_stage.run("training", body)
+        except Busy as exc:
+            ioc.message("Train", f"{exc} (Train:Abort stops it)")
+            return None
+        finally:
+            ioc.set("Train:Duration_RBV", round(time.monotonic() - t0, 2))
+        if res.get("status") != "done":
+            return None
+        ioc.set("Train:Progress_RBV", 100.0)
+        return result
+
+    async def _reference(self, stage: JobStage, version: int) -> float | None:
         """Validate a new version on the scan it was just trained from (the last reconstruction):
         the controller's reference for that version, measured the way ``SSIM_RBV`` is later.
         The per-frame ``val_ssim`` on the card is another measure and cannot serve."""
         last = self.last_recon
         if not last:
             return None
-        self.ioc.message("Train", f"validating v{version} on its training scan")
-        val = await self._validate(last["scan"], last["recon_path"], version)
+        stage.set(message=f"validating v{version} on its training scan")
+        val = await self.workflow.validate(stage, last["scan"], last["recon_path"], self._validate_options(version))
         if val.get("status") != "done":
             return None
         ssim = float(val["result"]["ssim"])
         self.chain.set_reference(version, ssim)
         return ssim
-
-    async def _validate(self, scan: str, recon_path: str, version: int) -> dict:
-        """One validation job: ``version``'s stitched inference over ``scan`` against its reconstruction."""
-        from ..hpc.validate import validate_job
-
-        return await self._run(None, validate_job, scan, recon_path, str(self.chain.registry_path),
-                               {"version": version, "binning": self.cfg.chain.binning,
-                                "engine": self.cfg.workflow.validate_engine,
-                                "net_pixel_m": self.chain.stitch.stitcher.pixel_size_m}, kind="validate")
 
     # ------------------------------------------------------------------ continual learning
     def _auto_state(self) -> None:
@@ -315,7 +259,7 @@ class HpcStage:
         self._auto_state()
         if ac.Action.RECONSTRUCT not in d.actions:
             return
-        if self.jobs["Recon"] is not None or self.jobs["Train"] is not None:
+        if self.recon.busy or self.train_stage.busy:
             self.auto.on(ac.Event.RECON_FAILED, time.time())
             self._auto_state()
             self.ioc.message("Auto", f"{scan.name} skipped: a job is running")

@@ -30,11 +30,11 @@ def render(skip_plugin_base: bool = True) -> str:
     """Markdown table; the NDPluginBase records are summarised in one row per stage."""
     lines = [BEGIN, "", "| PV (prefix `$(P)`) | record | meaning | EGU | limits | states |",
              "| --- | --- | --- | --- | --- | --- |"]
-    from .schema import plugin_records
+    from .schema import STAGES, plugin_records
 
-    base = {pv.name for st in ("Infer", "Stitch") for pv in plugin_records(st, "")}
-    for stage in ("Infer", "Stitch"):
-        lines.append(f"| `{stage}:` NDPluginBase records | | areaDetector names and types: "
+    base = {pv.name for st in STAGES for pv in plugin_records(st.name, "")}
+    for st in STAGES:
+        lines.append(f"| `{st.name}:` NDPluginBase records | | areaDetector names and types: "
                      "`PluginType_RBV`, `PortName_RBV`, `NDArrayPort`, `EnableCallbacks`, `BlockingCallbacks`, "
                      "`ArrayCallbacks`, `ArrayCounter`, `ArrayRate_RBV`, `QueueSize`, `QueueFree`, "
                      "`DroppedArrays`, `ExecutionTime_RBV`, `UniqueId_RBV`, `TimeStamp_RBV`, "

@@ -16,13 +16,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..hpc.options import ALGORITHMS
+from ..io.ntndarray import ND_DATA_TYPES
+from ..plugins.infer import InferPlugin
+from ..plugins.positions import SOURCES as POSITION_SOURCES
+from ..plugins.stitch import StitchPlugin
 
 STATUS = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
 ENABLE = ("Disable", "Enable")
 YESNO = ("No", "Yes")
-INFER_STATUS = ("Idle", "Loading", "Running", "Error", "No model")
+INFER_STATUS = ("Idle", "Loading", "Running", "Error", "No model", "Waiting for model")
 AUTO_STATES = ("Disabled", "Idle", "Reconstructing", "Validating", "Training", "Suspended")
-DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
+DATA_TYPES = ND_DATA_TYPES
 COLOR_MODES = ("Mono", "Bayer", "RGB1", "RGB2", "RGB3", "YUV444", "YUV422", "YUV421")
 
 OUT_TYPES = {"ao", "longout", "bo", "mbbo", "stringout", "waveform_out"}
@@ -49,6 +53,8 @@ class PV:
     ftvl: str = "DOUBLE"           # waveform element type
     group: str = "core"            # which part of the system serves it
     doc: str = ""                  # longer description for docs and screens
+    attr: str = ""                 # a stage's: the plugin attribute this record sets (output) or shows (input)
+    check: str = ""                # an extra check of a written value: "path" (a file name a filesystem takes)
 
     @property
     def writable(self) -> bool:
@@ -71,7 +77,8 @@ def _status(group: str, stage: str) -> list[PV]:
 
 
 def plugin_records(stage: str, plugin_type: str, queue_size: int = 100) -> list[PV]:
-    """areaDetector NDPluginBase records (names, types and strings) for one chain stage."""
+    """areaDetector NDPluginBase records (names, types and strings) for one chain stage; ``attr``
+    names the :class:`~ptychopv.plugins.base.PluginBase` attribute each one sets or shows."""
     g = stage.lower()
     p = f"{stage}:"
     return [
@@ -81,33 +88,37 @@ def plugin_records(stage: str, plugin_type: str, queue_size: int = 100) -> list[
            doc="the PVA channel this stage reads; writing it reconnects at run time"),
         PV(p + "NDArrayAddress", "longout", "Upstream address", initial=0, low=0, high=0, rbv=True, group=g),
         PV(p + "PvName_RBV", "stringin", "NTNDArray channel served", initial="", group=g),
-        PV(p + "EnableCallbacks", "bo", "Enable callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g),
+        PV(p + "EnableCallbacks", "bo", "Enable callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g,
+           attr="enable_callbacks"),
         PV(p + "BlockingCallbacks", "bo", "Blocking callbacks", states=YESNO, initial=0, rbv=True, autosave=True,
-           group=g),
-        PV(p + "ArrayCallbacks", "bo", "Array callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g),
-        PV(p + "ArrayCounter", "longout", "Array counter", initial=0, rbv=True, group=g,
+           group=g, attr="blocking_callbacks"),
+        PV(p + "ArrayCallbacks", "bo", "Array callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g,
+           attr="array_callbacks"),
+        PV(p + "ArrayCounter", "longout", "Array counter", initial=0, rbv=True, group=g, attr="array_counter",
            doc="arrays processed; writing sets (usually resets) it"),
-        PV(p + "ArrayRate_RBV", "ai", "Array rate", egu="Hz", prec=1, initial=0.0, group=g),
+        PV(p + "ArrayRate_RBV", "ai", "Array rate", egu="Hz", prec=1, initial=0.0, group=g, attr="array_rate"),
         PV(p + "QueueSize", "longout", "Input queue size", initial=queue_size, low=1, high=100000, rbv=True,
-           autosave=True, group=g),
-        PV(p + "QueueFree", "longin", "Free queue slots", initial=queue_size, group=g),
+           autosave=True, group=g, attr="queue_size"),
+        PV(p + "QueueFree", "longin", "Free queue slots", initial=queue_size, group=g, attr="queue_free"),
         PV(p + "QueueFreeLow", "longin", "Queue free low alarm", initial=0, group=g),
-        PV(p + "QueueUse", "longin", "Queue elements in use", initial=0, group=g),
+        PV(p + "QueueUse", "longin", "Queue elements in use", initial=0, group=g, attr="queue_use"),
         PV(p + "QueueUseHIGH", "longin", "Queue use high alarm", initial=0, group=g),
         PV(p + "QueueUseHIHI", "longin", "Queue use hihi alarm", initial=0, group=g),
-        PV(p + "DroppedArrays", "longout", "Dropped arrays", initial=0, rbv=True, group=g,
+        PV(p + "DroppedArrays", "longout", "Dropped arrays", initial=0, rbv=True, group=g, attr="dropped_arrays",
            doc="arrays dropped because the queue was full; writing sets it"),
-        PV(p + "ExecutionTime_RBV", "ai", "Execution time", egu="ms", prec=3, initial=0.0, group=g),
+        PV(p + "ExecutionTime_RBV", "ai", "Execution time", egu="ms", prec=3, initial=0.0, group=g,
+           attr="execution_time_ms"),
         PV(p + "MinCallbackTime", "ao", "Minimum callback time", egu="s", prec=3, low=0, high=3600, initial=0.0,
-           rbv=True, autosave=True, group=g),
-        PV(p + "UniqueId_RBV", "longin", "Unique ID", initial=0, group=g),
-        PV(p + "TimeStamp_RBV", "ai", "Time stamp", egu="s", prec=3, initial=0.0, group=g),
-        PV(p + "NDimensions_RBV", "longin", "Number of dimensions", initial=0, group=g),
+           rbv=True, autosave=True, group=g, attr="min_callback_time",
+           doc="arrays arriving sooner than this after the last one processed are skipped (0: none)"),
+        PV(p + "UniqueId_RBV", "longin", "Unique ID", initial=0, group=g, attr="unique_id"),
+        PV(p + "TimeStamp_RBV", "ai", "Time stamp", egu="s", prec=3, initial=0.0, group=g, attr="timestamp"),
+        PV(p + "NDimensions_RBV", "longin", "Number of dimensions", initial=0, group=g, attr="ndimensions"),
         PV(p + "Dimensions_RBV", "waveform_in", "Dimensions", length=10, ftvl="LONG", group=g),
-        PV(p + "ArraySize0_RBV", "longin", "Array size X", initial=0, group=g),
-        PV(p + "ArraySize1_RBV", "longin", "Array size Y", initial=0, group=g),
+        PV(p + "ArraySize0_RBV", "longin", "Array size X", initial=0, group=g, attr="array_size0"),
+        PV(p + "ArraySize1_RBV", "longin", "Array size Y", initial=0, group=g, attr="array_size1"),
         PV(p + "ArraySize2_RBV", "longin", "Array size Z", initial=0, group=g),
-        PV(p + "DataType_RBV", "mbbi", "Data type", states=DATA_TYPES, initial=3, group=g),
+        PV(p + "DataType_RBV", "mbbi", "Data type", states=DATA_TYPES, initial=3, group=g, attr="data_type"),
         PV(p + "ColorMode_RBV", "mbbi", "Color mode", states=COLOR_MODES, initial=0, group=g),
         PV(p + "BayerPattern_RBV", "longin", "Bayer pattern", initial=0, group=g),
         PV(p + "NDAttributesFile", "stringout", "Attributes file", initial="", group=g),
@@ -123,6 +134,31 @@ def plugin_records(stage: str, plugin_type: str, queue_size: int = 100) -> list[
     ]
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One plugin of the live chain, declared once: its records (areaDetector's NDPluginBase set
+    plus its own ``pvs``), its plugin class, what feeds it and the NTNDArray it serves. The IOC's
+    binder, the database, the screens, the ophyd device and the PV table all read this."""
+
+    name: str                      # record prefix (``Infer:``), ophyd attribute (``infer``), screen
+    plugin: type                   # a ptychopv.plugins.base.PluginBase subclass
+    serves: str                    # the NTNDArray it publishes, e.g. "Infer:Phase" (its PvName_RBV)
+    pvs: tuple[PV, ...] = ()       # its own records beyond NDPluginBase (``attr`` binds them)
+    upstream: str | None = None    # the stage feeding it; None: the detector channel
+    queue_size: int = 100
+
+    @property
+    def plugin_type(self) -> str:
+        return self.plugin.plugin_type
+
+    @property
+    def group(self) -> str:
+        return self.name.lower()
+
+    def records(self) -> list[PV]:
+        return plugin_records(self.name, self.plugin_type, self.queue_size) + list(self.pvs)
+
+
 CORE = [
     PV("ModelVersion_RBV", "longin", "Model version in the live chain", initial=0,
        doc="version of the model the live chain runs (0: none)"),
@@ -135,12 +171,13 @@ CORE = [
     PV("Version_RBV", "stringin", "ptychopv software version", initial=""),
 ]
 
-INFER = plugin_records("Infer", "NDPluginPtychoInfer") + [
+INFER_PVS = (
     PV("Infer:BatchSize", "longout", "Frames per inference batch", low=1, high=1024, initial=8, rbv=True,
-       autosave=True, group="infer"),
+       autosave=True, group="infer", attr="batch_size"),
     PV("Infer:FlushTimeout", "ao", "Flush a partial batch after", egu="s", prec=3, low=0.0, high=10.0,
-       initial=0.002, rbv=True, autosave=True, group="infer"),
-    PV("Infer:Latency_RBV", "ai", "Frame in to result out", egu="ms", prec=2, initial=0.0, group="infer"),
+       initial=0.002, rbv=True, autosave=True, group="infer", attr="batch_timeout_s"),
+    PV("Infer:Latency_RBV", "ai", "Frame in to result out", egu="ms", prec=2, initial=0.0, group="infer",
+       attr="latency_ms"),
     PV("Infer:MissedFrames_RBV", "longin", "Upstream uniqueId gaps", initial=0, group="infer"),
     PV("Infer:Connected_RBV", "bi", "Detector channel connected", states=("Disconnected", "Connected"),
        initial=0, group="infer"),
@@ -150,20 +187,29 @@ INFER = plugin_records("Infer", "NDPluginPtychoInfer") + [
     PV("Infer:Errors_RBV", "longin", "Bad frames counted", initial=0, group="infer"),
     PV("Infer:Phase", "ntndarray", "Per-frame phase (NTNDArray)", group="infer"),
     PV("Infer:Amplitude", "ntndarray", "Per-frame amplitude (NTNDArray)", group="infer"),
-]
+)
 
-STITCH = plugin_records("Stitch", "NDPluginPtychoStitch") + [
+STITCH_PVS = (
     PV("Stitch:Image", "ntndarray", "Live stitched phase (NTNDArray)", group="stitch"),
     PV("Stitch:UpdateRate", "ao", "Stitched image publish rate", egu="Hz", prec=1, low=0.1, high=100.0,
        initial=2.0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:Reset", "bo", "Clear the stitched image", states=("Done", "Reset"), initial=0, group="stitch"),
     PV("Stitch:PixelSize", "ao", "Object pixel size", egu="m", prec=12, low=1e-12, high=1e-3, initial=0.0,
        rbv=True, autosave=True, group="stitch", doc="metres per object pixel (0: from the model card)"),
-    PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=("Attributes", "PVs", "File"),
+    PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=tuple(POSITION_SOURCES),
        initial=0, rbv=True, autosave=True, group="stitch"),
-    PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch"),
-    PV("Stitch:FramesNoPosition_RBV", "longin", "Frames without a position", initial=0, group="stitch"),
+    PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch", attr="frames_stitched"),
+    PV("Stitch:FramesNoPosition_RBV", "longin", "Frames without a position", initial=0, group="stitch",
+       attr="frames_no_position"),
     PV("Stitch:Message_RBV", "stringin", "Stitch last message", initial="", length=256, group="stitch"),
+)
+
+# The live chain's stages, in the order frames flow. Adding a stage is one entry here (with its
+# plugin class): the IOC builds and binds it, and the database, screens, ophyd device and PV
+# table show it.
+STAGES: list[Stage] = [
+    Stage("Infer", InferPlugin, serves="Infer:Phase", pvs=INFER_PVS),
+    Stage("Stitch", StitchPlugin, serves="Stitch:Image", pvs=STITCH_PVS, upstream="Infer"),
 ]
 
 SCAN = [
@@ -182,12 +228,12 @@ RECON = [
     *_status("recon", "Recon"),
     PV("Recon:Progress_RBV", "ai", "Reconstruction progress", egu="%", prec=1, low=0, high=100, initial=0.0,
        group="recon"),
-    PV("Recon:Engine", "mbbo", "Reconstruction engine", states=tuple(a.label for a in ALGORITHMS.values()), initial=0,
+    PV("Recon:Engine", "mbbo", "Reconstruction engine", states=(), initial=0,
        rbv=True, autosave=True, group="recon"),
     PV("Recon:Iterations", "longout", "Iterations", low=1, high=100000, initial=50, rbv=True, autosave=True,
        group="recon"),
     PV("Recon:ScanFile", "stringout", "Scan file to reconstruct", length=512, initial="", rbv=True,
-       group="recon", doc="empty: the last captured scan"),
+       group="recon", check="path", doc="empty: the last captured scan"),
     PV("Recon:Duration_RBV", "ai", "Last reconstruction time", egu="s", prec=1, initial=0.0, group="recon"),
     PV("Recon:Image", "ntndarray", "Reconstructed phase (NTNDArray)", group="recon"),
 ]
@@ -237,7 +283,48 @@ HPC = [
     PV("HPC:Workers_RBV", "longin", "Workers available", initial=0, group="hpc"),
 ]
 
-SCHEMA: list[PV] = CORE + INFER + STITCH + SCAN + RECON + TRAIN + MODEL + AUTO + HPC
+SCHEMA: list[PV] = []
+
+
+def _rebuild() -> None:
+    """SCHEMA from the declarations and the registries they read (stages, reconstruction
+    algorithms, position sources): call :func:`refresh` after registering one at run time."""
+    recon = [replace(pv, states=tuple(a.label for a in ALGORITHMS.values())) if pv.name == "Recon:Engine" else pv
+             for pv in RECON]
+    SCHEMA[:] = CORE + [pv for st in STAGES for pv in st.records()] + SCAN + recon + TRAIN + MODEL + AUTO + HPC
+    _check()
+
+
+refresh = _rebuild
+
+
+def stage(name: str) -> Stage:
+    for st in STAGES:
+        if st.name == name:
+            return st
+    raise KeyError(f"no chain stage {name!r}; stages: {', '.join(s.name for s in STAGES)}")
+
+
+def register_stage(new: Stage) -> None:
+    """Add a chain stage (before the IOC is built): it gets records, screen, ophyd plugin and
+    PV-table rows like the built-in ones. Its ``upstream`` must be a stage declared before it."""
+    if any(st.name == new.name for st in STAGES):
+        raise ValueError(f"stage {new.name!r} is already declared")
+    if new.upstream is not None:
+        stage(new.upstream)
+    STAGES.append(new)
+    try:
+        _rebuild()
+    except Exception:
+        STAGES.pop()
+        _rebuild()
+        raise
+
+
+def unregister_stage(name: str) -> None:
+    """Remove a stage added with :func:`register_stage` (tests)."""
+    STAGES.remove(stage(name))
+    _rebuild()
 
 
 def records() -> list[PV]:
@@ -267,4 +354,4 @@ def _check() -> None:
             raise RuntimeError(f"{r.name}: too many or too long state strings")
 
 
-_check()
+_rebuild()

@@ -13,23 +13,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..generated import write_or_check
+from ..io.generated import write_or_check
 
 from ..ioc import schema
 from ..ioc.schema import PV
 from . import bob
 
 OVERVIEW = "ptychopv_overview.bob"
-SCREENS = {  # file -> (button text, title)
-    OVERVIEW: ("Overview", "ptychopv overview"),
-    "ptychopv_infer.bob": ("Infer plugin", "ptychopv Infer plugin ($(P)Infer:)"),
-    "ptychopv_stitch.bob": ("Stitch plugin", "ptychopv Stitch plugin ($(P)Stitch:)"),
-    "ptychopv_images.bob": ("Images", "ptychopv live images"),
-    "ptychopv_training.bob": ("Training", "ptychopv training"),
-}
-PLUGIN_STAGES = {"ptychopv_infer.bob": "Infer", "ptychopv_stitch.bob": "Stitch"}
-# What the overview's "Stages" panel shows of each stage, where the stage has it.
-STAGES = ("Infer", "Stitch", "Scan", "Recon", "Train", "Auto")
+
+
+def plugin_stages() -> dict[str, str]:
+    """One areaDetector-style screen per chain stage (schema.STAGES), named after it."""
+    return {f"ptychopv_{st.group}.bob": st.name for st in schema.STAGES}
+
+
+def screens() -> dict[str, tuple[str, str]]:
+    """Screen file -> (button text, title)."""
+    return {OVERVIEW: ("Overview", "ptychopv overview"),
+            **{f: (f"{name} plugin", f"ptychopv {name} plugin ($(P){name}:)") for f, name in plugin_stages().items()},
+            "ptychopv_images.bob": ("Images", "ptychopv live images"),
+            "ptychopv_training.bob": ("Training", "ptychopv training")}
+
+
+def overview_stages() -> tuple[str, ...]:
+    """What the overview's "Stages" panel shows of each stage, where the stage has it."""
+    return (*plugin_stages().values(), "Scan", "Recon", "Train", "Auto")
+
+
+PLUGIN_STAGES = plugin_stages()       # the stages declared at import (tests read it)
 STAGE_SUMMARY = ("Status_RBV", "State_RBV", "Capture_RBV", "EnableCallbacks_RBV", "ArrayRate_RBV",
                  "DroppedArrays_RBV", "Message_RBV")
 
@@ -119,11 +130,12 @@ def columns(cols: list[list[tuple]], y0: int):
 
 def header(current: str, width: int) -> list:
     """Title bar and buttons that open the other screens."""
-    title = SCREENS[current][1]
+    all_screens = screens()
+    title = all_screens[current][1]
     out = [bob.label("title", 0, 0, width, HEADER_H, f"  {title}   —   prefix $(P)", fnt="Header 2",
                      header=True)]
     x = MARGIN
-    for file, (button, _) in SCREENS.items():
+    for file, (button, _) in all_screens.items():
         if file == current:
             continue
         out.append(bob.action_button("open_" + file.removesuffix(".bob"), x, HEADER_H + 4, 130, NAV_H - 4,
@@ -134,7 +146,7 @@ def header(current: str, width: int) -> list:
 
 def finish(current: str, widgets: list, width: int, height: int) -> str:
     width = max(width, 6 * 135 + MARGIN)
-    root = bob.display(SCREENS[current][1], width, height + MARGIN, header(current, width) + widgets)
+    root = bob.display(screens()[current][1], width, height + MARGIN, header(current, width) + widgets)
     return bob.to_text(root)
 
 
@@ -145,7 +157,7 @@ TOP = HEADER_H + NAV_H + MARGIN
 def overview() -> str:
     recs = schema.by_name()
     stage_recs, prefixes = [], []
-    for stage in STAGES:
+    for stage in overview_stages():
         for suffix in STAGE_SUMMARY:
             if f"{stage}:{suffix}" in recs:
                 stage_recs.append(recs[f"{stage}:{suffix}"])
@@ -168,13 +180,13 @@ def plugin_base_names(stage: str) -> list[str]:
 
 def plugin_screen(file: str) -> str:
     """areaDetector-style plugin screen: the NDPluginBase records, then the stage's own."""
-    stage = PLUGIN_STAGES[file]
+    stage = plugin_stages()[file]
     base = set(plugin_base_names(stage))
     decls = group_decls(stage.lower())
     base_decls = [pv for pv in decls if pv.name in base]
     own = [pv for pv in decls if pv.name not in base]
     half = (len(base_decls) + 1) // 2
-    title = {"Infer": "Inference", "Stitch": "Stitching"}[stage]
+    title = {"Infer": "Inference", "Stitch": "Stitching"}.get(stage, stage)
     cols = [[(f"{stage}: plugin (NDPluginBase)", base_decls[:half])],
             [(f"{stage}: arrays and queue", base_decls[half:])],
             [(title, own), ("Live chain", group_decls("core"))]]
@@ -219,7 +231,7 @@ def training() -> str:
 
 def render_all() -> dict[str, str]:
     out = {OVERVIEW: overview(), "ptychopv_images.bob": images(), "ptychopv_training.bob": training()}
-    for file in PLUGIN_STAGES:
+    for file in plugin_stages():
         out[file] = plugin_screen(file)
     return dict(sorted(out.items()))
 

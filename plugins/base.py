@@ -15,7 +15,9 @@ callable in ``downstream``. What the records show is read from attributes named 
 ``execution_time_ms``       ExecutionTime_RBV: duration of the last ``process()`` call
 ``unique_id``/``timestamp`` UniqueId_RBV/TimeStamp_RBV of the last array processed
 ``array_size0/1``           ArraySize0_RBV (x)/ArraySize1_RBV (y); ``data_type`` DataType_RBV
-``queue_size``              QueueSize (settable at run time); ``queue_free`` QueueFree
+``queue_size``              QueueSize (settable at run time); ``queue_free`` QueueFree; ``queue_use`` QueueUse
+``min_callback_time``       MinCallbackTime: arrays arriving sooner than this after the last one taken are skipped
+``ndimensions``             NDimensions_RBV of the last array
 ``error_count``/``last_message``  exceptions in process() and what the last one said
 ==========================  ==========================================================
 
@@ -103,6 +105,8 @@ class PluginBase:
         self.data_type = ""
         self.error_count = 0
         self.last_message = ""
+        self._min_callback_time = 0.0
+        self._last_taken = -float("inf")
 
     # ------------------------------------------------------------------ to override
     def process(self, item):
@@ -130,6 +134,24 @@ class PluginBase:
     @property
     def queue_free(self) -> int:
         return max(0, self._queue_size - self._nframes)
+
+    @property
+    def queue_use(self) -> int:
+        return self._queue_size - self.queue_free
+
+    @property
+    def ndimensions(self) -> int:
+        return 2 if self.array_size0 else 0
+
+    @property
+    def min_callback_time(self) -> float:
+        return self._min_callback_time
+
+    @min_callback_time.setter
+    def min_callback_time(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"minimum callback time must be >= 0 s, got {seconds!r}")
+        self._min_callback_time = float(seconds)
 
     @property
     def array_counter(self) -> int:
@@ -185,6 +207,11 @@ class PluginBase:
         """Queue a frame (or a list of frames); returns how many were queued, the rest were dropped."""
         if not self.enable_callbacks:
             return 0
+        if self._min_callback_time > 0:        # as areaDetector: too soon after the last one taken, ignored
+            now = time.monotonic()
+            if now - self._last_taken < self._min_callback_time:
+                return 0
+            self._last_taken = now
         frames = item if isinstance(item, (list, tuple)) else (item,)
         queued = 0
         with self._lock:

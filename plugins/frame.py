@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# areaDetector NDDataType_t: the index is the DataType_RBV mbbi value.
-ND_DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
+from ..io.ntndarray import ND_DATA_TYPES  # areaDetector NDDataType_t: the index is the DataType_RBV value
+
 _BY_DTYPE = {np.dtype(n.lower()): i for i, n in enumerate(ND_DATA_TYPES)}
 
 
@@ -40,6 +40,7 @@ class Frame:
     attributes: dict = field(default_factory=dict)
     position: tuple[float, float] | None = None
     t_received: float = field(default_factory=time.perf_counter)
+    stream: int = 0      # which detector stream it came from: the source counts reconnects and restarts
 
     @property
     def size0(self) -> int:

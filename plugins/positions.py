@@ -251,14 +251,43 @@ class TimestampedPositions:
             self._samples = {"x": _Samples(self.max_samples), "y": _Samples(self.max_samples)}
 
 
-SOURCES = {"attributes": AttributePositions, "file": FilePositions.from_file, "pv": TimestampedPositions}
+class PvFeed:
+    """Monitors an x and a y position PV over PV Access and feeds their samples (with their
+    timestamps) to a :class:`TimestampedPositions`. ``conf`` is the p4p client configuration:
+    position PVs are found where the detector is (the chain passes its source's)."""
+
+    def __init__(self, target: TimestampedPositions, x_pv: str, y_pv: str, conf: dict):
+        from p4p.client.thread import Context
+
+        self.target = target
+        self.ctx = Context("pva", conf=conf, useenv=False)
+
+        def sample(add):
+            def cb(v):
+                if not isinstance(v, Exception):
+                    add(v.timestamp, float(v))
+            return cb
+
+        self.subs = [self.ctx.monitor(x_pv, sample(target.add_x), notify_disconnect=True),
+                     self.ctx.monitor(y_pv, sample(target.add_y), notify_disconnect=True)]
+
+    def close(self) -> None:
+        for s in self.subs:
+            s.close()
+        self.ctx.close()
+
+
+# The one declaration of the position sources, in the order of the ``Stitch:PositionSource``
+# record's states (its values are autosaved by index: append, never reorder).
+SOURCES = {"Attributes": AttributePositions, "PVs": TimestampedPositions, "File": FilePositions.from_file}
 
 
 def make_source(kind: str, **kw) -> PositionSource:
-    """A position source by the name ``Stitch:PositionSource`` holds: attributes, file or pv."""
-    if kind not in SOURCES:
+    """A position source by its name in :data:`SOURCES` (any case): Attributes, PVs or File."""
+    names = {k.lower(): k for k in SOURCES}
+    if str(kind).lower() not in names:
         raise ValueError(f"position source must be one of {', '.join(SOURCES)}, got {kind!r}")
-    return SOURCES[kind](**kw)
+    return SOURCES[names[str(kind).lower()]](**kw)
 
 
 def assign(frames, source: PositionSource) -> int:

@@ -12,7 +12,6 @@ import numpy as np
 
 from ..science.stitching import StitchedImage, Stitcher
 from .base import PluginBase
-from .frame import Frame
 
 
 class StitchPlugin(PluginBase):
@@ -64,7 +63,3 @@ class StitchPlugin(PluginBase):
             self.report(self.stitcher.last_message)
         self.generation += 1
         return frames
-
-
-def batch_to_frames(item) -> list[Frame]:
-    return item if isinstance(item, list) else [item]

@@ -1,10 +1,8 @@
 """How faithful is the live image? Simulated scans of a sample family, pushed through the live
 chain's own code, scored against the truth beside calibration images.
 
-- :class:`Beamline`: one experiment geometry and probe (:data:`DEMO` is the shipped model's:
-  8.8 keV, 2 m, 75 um pixels, 64x64 frames, a 0.5 um focused beam with 4 rad of defocus at its
-  edge). A model card carries it (``card["beamline"]``), so the chain can weight stitched
-  patches by the model's beam from the first frame and warn when the beamline differs.
+- :data:`DEMO`: the shipped model's :class:`~ptychopv.science.physics.Beamline` (8.8 keV, 2 m,
+  75 um pixels, 64x64 frames, a 0.5 um focused beam with 4 rad of defocus at its edge).
 - :func:`family_scan`: a Fermat scan of a :mod:`ptychopv.science.samples` family at an overlap and dose.
 - :func:`live_image`: the frames through the chain's plugins, exactly as the IOC runs them
   (:class:`~ptychopv.plugins.infer.InferPlugin`: preprocess, batches, the engine;
@@ -20,66 +18,15 @@ Numpy and the plugins only: no EPICS, no PyTorch (the engine is given).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from .science import metrics, physics
+from .science.physics import Beamline
 from .science.samples import make_sample
 from .science.stitching import StitchedImage
-
-
-@dataclass(frozen=True)
-class Beamline:
-    """Geometry and probe of an experiment (SI units)."""
-
-    energy_ev: float = 8800.0
-    distance_m: float = 2.0
-    detector_pixel_m: float = 75e-6
-    frame_px: int = 64
-    beam_m: float = 0.5e-6
-    probe_kind: str = "focused"
-    curvature: float = 4.0            # rad of quadratic phase at the beam edge (a slight defocus)
-
-    @property
-    def pixel_size_m(self) -> float:
-        return physics.object_pixel_size(self.energy_ev, self.distance_m, self.detector_pixel_m, self.frame_px)
-
-    @property
-    def beam_px(self) -> float:
-        return self.beam_m / self.pixel_size_m
-
-    def probe(self) -> np.ndarray:
-        return physics.make_probe(self.frame_px, self.beam_px, self.probe_kind, curvature=self.curvature)
-
-    def card(self) -> dict:
-        """What a model card stores (``card["beamline"]``)."""
-        return {**asdict(self), "pixel_size_m": self.pixel_size_m}
-
-    @classmethod
-    def from_card(cls, card: dict | None) -> "Beamline | None":
-        """The beamline a model was trained for, or None when its card does not say."""
-        spec = (card or {}).get("beamline")
-        if not isinstance(spec, dict):
-            return None
-        known = {k: spec[k] for k in cls.__dataclass_fields__ if k in spec}
-        try:
-            return cls(**known)
-        except (TypeError, ValueError):
-            return None
-
-    def differences(self, other: "Beamline", rtol: float = 0.02) -> list[str]:
-        """What differs between two beamlines, in words (empty: they match within ``rtol``)."""
-        out = []
-        for name in self.__dataclass_fields__:
-            a, b = getattr(self, name), getattr(other, name)
-            if isinstance(a, str) or isinstance(b, str):
-                if a != b:
-                    out.append(f"{name} {a} vs {b}")
-            elif not np.isclose(float(a), float(b), rtol=rtol, atol=1e-12 if name != "curvature" else 0.1):
-                out.append(f"{name} {a:g} vs {b:g}")
-        return out
 
 
 DEMO = Beamline()

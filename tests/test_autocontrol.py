@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptychopv.ioc.autocontrol import Action, Controller, Event, Inputs, State, decide, mismatch
+from ptychopv.hpc.autocontrol import Action, Controller, Event, Inputs, State, decide, mismatch
 
 H = 3600.0
 

@@ -87,7 +87,7 @@ def test_components_follow_the_schema():
         for n in names:
             assert n not in suffixes, f"{n} in two components"
             suffixes[n] = c
-    base = {r.name for st in ("Infer", "Stitch") for pv in schema.plugin_records(st, "") for r in pv.records()}
+    base = {r.name for st in schema.STAGES for pv in schema.plugin_records(st.name, "") for r in pv.records()}
     want = {r.name for r in schema.records()} - base
     assert set(suffixes) == want
     decl = {pv.name: pv for pv in schema.SCHEMA}

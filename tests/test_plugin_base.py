@@ -368,3 +368,16 @@ def test_blocking_list_put_feeds_a_gathering_batch(plugins):
     assert p.flush(10)
     assert time.perf_counter() - t0 < 10
     assert [u for b in p.batches for u in b] == list(range(50)) and p.batches[0] == list(range(8))
+
+
+def test_min_callback_time_skips_arrays_that_come_too_soon():
+    p = PluginBase("p", queue_size=100)
+    p.min_callback_time = 0.5
+    assert p.put(Frame(np.zeros((2, 2)), 1)) == 1
+    assert p.put(Frame(np.zeros((2, 2)), 2)) == 0          # within 0.5 s of the first: ignored
+    assert p.dropped_arrays == 0                             # skipped, not dropped (as areaDetector)
+    p.min_callback_time = 0
+    assert p.put(Frame(np.zeros((2, 2)), 3)) == 1
+    assert p.queue_use == 2 and p.queue_free == 98
+    with pytest.raises(ValueError, match="minimum callback time"):
+        p.min_callback_time = -1

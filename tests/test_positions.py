@@ -62,7 +62,7 @@ def test_load_npy_csv_and_scan_file(tmp_path):
             w.append(np.zeros((2, 2)), i + 1, x, y)
     for name in ("p.npy", "p.csv", "q.csv", "s.h5"):
         assert np.allclose(load_positions(tmp_path / name), table), name
-    src = make_source("file", path=tmp_path / "s.h5")
+    src = make_source("File", path=tmp_path / "s.h5")
     assert src.position(frame(uid=2)) == pytest.approx((3e-6, 4e-6))
 
 
@@ -148,7 +148,7 @@ def test_make_source_and_assign():
     frames = [frame(X=1.0, Y=2.0), frame(), Frame(np.zeros(2), position=(9.0, 9.0))]
     assert assign(frames, src) == 1
     assert frames[0].position == (1.0, 2.0) and frames[1].position is None and frames[2].position == (9.0, 9.0)
-    assert isinstance(make_source("pv", tolerance_s=0.1), TimestampedPositions)
+    assert isinstance(make_source("PVs", tolerance_s=0.1), TimestampedPositions)
     with pytest.raises(ValueError, match="position source"):
         make_source("guess")
 

@@ -166,11 +166,12 @@ def test_illumination_weight_is_a_centred_gaussian_of_mean_one():
     w = illumination_weight(64, 16.0)
     assert w.shape == (64, 64) and w.dtype == np.float32
     assert w.mean() == pytest.approx(1.0, rel=1e-5)
-    assert w[31, 31] == w.max() and w[31, 31] == w[32, 32]  # centred between the middle pixels
-    # FWHM 16: half the peak 8 px from the centre (31.5), i.e. between pixels 24 and 23
-    prof = w[31] / w[31].max()
-    assert prof[24] > 0.5 > prof[23] and w[0, 0] < 1e-3 * w.max()
-    with pytest.raises(ValueError, match="beam_px > 0"):
+    assert w[32, 32] == w.max()            # centred where make_probe centres the probe
+    # FWHM 16: half the peak 8 px from the centre (32), at pixels 24 and 40
+    prof = w[32] / w[32].max()
+    assert prof[24] == pytest.approx(0.5, rel=1e-5) and prof[40] == pytest.approx(0.5, rel=1e-5)
+    assert w[0, 0] < 1e-3 * w.max()
+    with pytest.raises(ValueError, match="FWHM > 0"):
         illumination_weight(64, 0.0)
 
 

@@ -23,7 +23,6 @@ A failed ``load`` calls ``close``: an engine releases what it allocated before i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -34,6 +33,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ...io.files import file_sha256  # noqa: F401  (re-exported: engines and benchmarks use it from here)
+from ...science.preprocess import nonfinite_frames  # noqa: F401  (the one check, re-exported)
 from ..preprocessing import check_spec, normalize
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,6 @@ class ModelSource:
                    module=module, preprocessing=preprocessing)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_batch(batch, input_size: int) -> np.ndarray:
     """Return ``batch`` as a ``(B, H, W)`` array or raise a TypeError/ValueError saying why."""
     arr = np.asarray(batch)
@@ -156,13 +149,6 @@ def stage_frames(dst: np.ndarray, frames, start: int, count: int) -> None:
             np.copyto(dst[i], frames[start + i], casting="unsafe")
     if count < len(dst):
         dst[count:] = 0
-
-
-def nonfinite_frames(batch: np.ndarray) -> np.ndarray:
-    """Indices of frames holding NaN or inf."""
-    if batch.dtype.kind != "f":
-        return np.zeros(0, dtype=np.intp)
-    return np.flatnonzero(~np.isfinite(batch).all(axis=(1, 2)))
 
 
 class Engine(ABC):

@@ -2,5 +2,6 @@
 
 - ``ntndarray``: NTNDArray values to and from numpy (every dtype, the areaDetector codecs);
 - ``scanfile``: the HDF5 scan layout (frames, positions, uniqueIds, ground truth);
-- ``epics_env``: the loopback EPICS environment every server and client of this project uses.
+- ``epics_env``: the loopback EPICS environment every server and client of this project uses;
+- ``generated``: write generated files (database, screens) or check that they are current.
 """

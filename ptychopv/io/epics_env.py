@@ -93,11 +93,3 @@ def pva_client_conf(*ports: int, broadcast: int | None = None) -> dict:
     if broadcast:
         conf["EPICS_PVA_BROADCAST_PORT"] = str(broadcast)
     return conf
-
-
-def ca_client_env(ca_port: int, base: dict | None = None) -> dict:
-    """Environment for a CA client (pyepics, caproto, caget) that talks to one server."""
-    env = loopback_env(base)
-    env["EPICS_CA_ADDR_LIST"] = f"127.0.0.1:{ca_port}"
-    env["EPICS_CA_SERVER_PORT"] = str(ca_port)
-    return env

@@ -28,9 +28,10 @@ from p4p.nt import NTNDArray
 
 CODECS = ("none", "lz4", "bslz4", "blosc", "zlib", "jpeg")
 
-# ADCore NDDataType_t codes, carried in codec.parameters.
-ND_DTYPES = {0: np.int8, 1: np.uint8, 2: np.int16, 3: np.uint16, 4: np.int32, 5: np.uint32,
-             6: np.int64, 7: np.uint64, 8: np.float32, 9: np.float64}
+# ADCore NDDataType_t, by code: the names DataType_RBV shows, and the dtypes (the code travels in
+# codec.parameters). The one table of them; plugins/frame.py and the schema read it.
+ND_DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
+ND_DTYPES = {i: np.dtype(name.lower()).type for i, name in enumerate(ND_DATA_TYPES)}
 ND_CODE = {np.dtype(v): k for k, v in ND_DTYPES.items()}
 # NTNDArray value-union member for each dtype.
 UNION = {np.dtype(np.int8): "byteValue", np.dtype(np.uint8): "ubyteValue",

@@ -1,6 +1,6 @@
 """Far-field ptychography forward model: pure functions on numpy arrays.
 
-Conventions (DESIGN.md): SI units; images ``(ny, nx)``; a scan position is the probe centre on
+Conventions (docs/architecture.md): SI units; images ``(ny, nx)``; a scan position is the probe centre on
 the sample in metres, ``(x, y)``, with ``(0, 0)`` at the centre of the object array. The
 detector frame has zero spatial frequency at its centre (``fftshift``), as a detector sees it.
 
@@ -14,7 +14,7 @@ nearest-neighbour distance for a Fermat spiral).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -128,6 +128,18 @@ def make_probe(n: int, beam_px: float, kind: str = "focused", *, curvature: floa
         probe = ring * np.exp(1j * (np.pi + curvature) * r2 / (beam_px / 2) ** 2)
     probe = probe / np.sqrt(np.sum(np.abs(probe) ** 2)) * np.sqrt(photons)
     return probe.astype(np.complex64)
+
+
+def gaussian_beam(size: int, fwhm_px: float) -> np.ndarray:
+    """``(size, size)`` Gaussian intensity of full width at half maximum ``fwhm_px``, peak 1,
+    centred where :func:`make_probe` centres a probe (pixel ``size // 2``): a beam's stand-in
+    when only its size is known (stitching weights, training loss weights)."""
+    if size < 1 or not fwhm_px > 0:
+        raise ValueError(f"need size >= 1 and a beam FWHM > 0 pixels, got size={size}, fwhm_px={fwhm_px}")
+    sigma = fwhm_px / (2 * np.sqrt(2 * np.log(2)))
+    r = np.arange(size) - size // 2
+    g = np.exp(-0.5 * (r / sigma) ** 2)
+    return np.outer(g, g)
 
 
 def _defocused_probe(n: int, beam_px: float, pupil_px: float | None, photons: float) -> np.ndarray:
@@ -311,3 +323,57 @@ def simulate(obj: np.ndarray, probe: np.ndarray, positions_m: np.ndarray, pixel_
     else:
         frames = (inten * dose / inten.reshape(len(inten), -1).sum(axis=1).mean()).astype(np.float32)
     return Simulation(frames, np.asarray(positions_m, dtype=np.float64), obj, probe, pixel_size_m, beam_m, step_m)
+
+
+@dataclass(frozen=True)
+class Beamline:
+    """Geometry and probe of an experiment (SI units). A model card carries the one it was
+    trained for (``card["beamline"]``): the chain weights stitched patches by that beam from the
+    first frame, and warns when its own beamline differs."""
+
+    energy_ev: float = 8800.0
+    distance_m: float = 2.0
+    detector_pixel_m: float = 75e-6
+    frame_px: int = 64
+    beam_m: float = 0.5e-6
+    probe_kind: str = "focused"
+    curvature: float = 4.0            # rad of quadratic phase at the beam edge (a slight defocus)
+
+    @property
+    def pixel_size_m(self) -> float:
+        return object_pixel_size(self.energy_ev, self.distance_m, self.detector_pixel_m, self.frame_px)
+
+    @property
+    def beam_px(self) -> float:
+        return self.beam_m / self.pixel_size_m
+
+    def probe(self) -> np.ndarray:
+        return make_probe(self.frame_px, self.beam_px, self.probe_kind, curvature=self.curvature)
+
+    def card(self) -> dict:
+        """What a model card stores (``card["beamline"]``)."""
+        return {**asdict(self), "pixel_size_m": self.pixel_size_m}
+
+    @classmethod
+    def from_card(cls, card: dict | None) -> "Beamline | None":
+        """The beamline a model was trained for, or None when its card does not say."""
+        spec = (card or {}).get("beamline")
+        if not isinstance(spec, dict):
+            return None
+        known = {k: spec[k] for k in cls.__dataclass_fields__ if k in spec}
+        try:
+            return cls(**known)
+        except (TypeError, ValueError):
+            return None
+
+    def differences(self, other: "Beamline", rtol: float = 0.02) -> list[str]:
+        """What differs between two beamlines, in words (empty: they match within ``rtol``)."""
+        out = []
+        for name in self.__dataclass_fields__:
+            a, b = getattr(self, name), getattr(other, name)
+            if isinstance(a, str) or isinstance(b, str):
+                if a != b:
+                    out.append(f"{name} {a} vs {b}")
+            elif not np.isclose(float(a), float(b), rtol=rtol, atol=1e-12 if name != "curvature" else 0.1):
+                out.append(f"{name} {a:g} vs {b:g}")
+        return out

@@ -56,6 +56,13 @@ def _check_finite(a: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- geometry
+def detector_crop(input_size: int, binning: int = 1, crop: int | None = None) -> int:
+    """The detector pixels a network of ``input_size`` sees: ``crop`` when given, else its input
+    times the binning. This sets the object pixel size (``lambda z / (crop * pixel)``)."""
+    return int(crop) if crop else int(input_size) * int(binning)
+
+
+
 def centre_crop(frames, h: int, w: int) -> np.ndarray:
     """The central ``h x w`` of each frame (a view)."""
     a, single = as_batch(frames)
@@ -176,12 +183,6 @@ def scale(frames: np.ndarray, factor: float) -> np.ndarray:
     f = check_scale(factor)
     a = np.asarray(frames)
     return a * (a.dtype.type(f) if np.issubdtype(a.dtype, np.floating) else f)
-
-
-def to_float32(frames) -> np.ndarray:
-    a, single = as_batch(frames)
-    out = a.astype(np.float32, copy=False)
-    return out[0] if single else out
 
 
 # Each takes and returns a float32 array and may work in place. Intensities below 0 (after

@@ -184,11 +184,11 @@ def cell(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8, *, cell
 def grf(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np.ndarray:
     """A Gaussian random field (random power-law slope and correlation length), smooth, or
     thresholded into soft-edged blobs; the amplitude is another field."""
-    f = _grf(shape, rng, beta=rng.uniform(2.0, 5.0), corr_px=float(np.exp(rng.uniform(np.log(1.5), np.log(30)))))
+    f = _grf(shape, rng, beta=rng.uniform(3.0, 5.0), corr_px=float(np.exp(rng.uniform(np.log(3.0), np.log(30)))))
     if rng.random() < 0.4:
-        edge = rng.uniform(0.05, 0.4)
+        edge = rng.uniform(0.1, 0.4)
         f = 1 / (1 + np.exp(-(f - rng.uniform(-0.5, 0.5)) / edge))
-    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(2, 20))))
+    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(3, 20))))
     return _finish(_norm01(f), max_phase, min_amplitude, absorb=rng.uniform(0.2, 0.8), amp_texture=amp)
 
 
@@ -200,7 +200,7 @@ def shapes(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np
     density = rng.uniform(0.5, 2.0)
     for _ in range(int(density * ny * nx / 400)):
         cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
-        size = float(np.exp(rng.uniform(np.log(1.5), np.log(25))))
+        size = float(np.exp(rng.uniform(np.log(2.5), np.log(25))))
         level = rng.uniform(-0.5, 1.0)
         kind = rng.integers(3)
         y0, y1 = int(max(cy - 2 * size - 2, 0)), int(min(cy + 2 * size + 3, ny))
@@ -219,10 +219,10 @@ def shapes(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np
             r = np.hypot(u, v)
             m = r * np.cos((t % (2 * np.pi / sides)) - np.pi / sides) < size * np.cos(np.pi / sides)
         else:                                                  # stroke
-            m = (np.abs(u) < size * 1.5) & (np.abs(v) < rng.uniform(0.5, 2.5))
+            m = (np.abs(u) < size * 1.5) & (np.abs(v) < rng.uniform(0.75, 2.5))
         phase[y0:y1, x0:x1] += level * m
-    phase = ndimage.gaussian_filter(phase, rng.uniform(0.4, 1.0))
-    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(2, 20))))
+    phase = ndimage.gaussian_filter(phase, rng.uniform(0.5, 1.0))
+    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(3, 20))))
     return _finish(_norm01(phase), max_phase, min_amplitude, absorb=rng.uniform(0.3, 0.9), amp_texture=amp)
 
 

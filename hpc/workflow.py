@@ -1,0 +1,204 @@
+"""The continual-learning workflow: reconstruct -> label -> validate a scan, and train, as jobs on an
+executor, with no EPICS in sight.
+
+:class:`JobStage` is one kind of work (reconstruction, training) as a small state machine:
+``Idle -> Queued -> Running -> Done | Failed | Aborted``, one run at a time, and whatever happens
+inside (a job that fails, an executor that cannot submit, a worker killed mid-job, an abort, a
+bug) the run ends in a final state with the reason. It reports every change through one
+callback, which the IOC binds to its ``Status_RBV``, ``Message_RBV`` and ``Progress_RBV`` records.
+
+:class:`Workflow` holds where the work goes (executor, job folder, corpus, registry) and runs
+the steps on a stage: :meth:`Workflow.reconstruct` (reconstruct, pair labels, validate the live
+model), :meth:`Workflow.train` and :meth:`Workflow.validate`. :func:`label_options` is the
+field-of-view arithmetic the labels need (the network's input, the detector crop, the pixel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from ..science.preprocess import detector_crop
+
+STATES = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
+FINAL = {"done": "Done", "failed": "Failed", "aborted": "Aborted"}
+POLL_S = 0.25
+
+Report = Callable[[str, str, float | None], None]      # (state, message, progress 0..100 or None)
+
+
+class Busy(RuntimeError):
+    """A stage already runs a job."""
+
+
+class JobStage:
+    def __init__(self, name: str, report: Report = lambda state, message, progress: None):
+        self.name = name
+        self.report = report
+        self.state = "Idle"
+        self.message = ""
+        self.current = None             # the hpc.jobs.Job in flight, if any
+        self._busy = False
+        self._abort = False
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
+    def aborting(self) -> bool:
+        return self._abort
+
+    def set(self, state: str | None = None, message: str | None = None, progress: float | None = None) -> None:
+        if state is not None:
+            if state not in STATES:
+                raise ValueError(f"{self.name}: no state {state!r}")
+            self.state = state
+        if message is not None:
+            self.message = message
+        self.report(self.state, self.message, progress)
+
+    async def run(self, what: str, body: Callable[["JobStage"], Awaitable[dict]]) -> dict:
+        """Run ``body(stage)`` (it returns ``{"status": done|failed|aborted, "message": ...}``);
+        the stage ends in the matching final state whatever ``body`` does. :class:`Busy` if a
+        run is in progress."""
+        if self._busy:
+            raise Busy(f"{self.name}: refused, {self.state.lower()} ({self.message})")
+        self._busy, self._abort = True, False
+        self.set("Queued", f"{what}: queued", 0.0)
+        try:
+            result = await body(self)
+        except asyncio.CancelledError:
+            result = {"status": "aborted", "message": "cancelled (the IOC is stopping)"}
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in a step must not leave the stage stuck
+            result = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self._busy, self.current = False, None
+            status = result.get("status", "failed") if isinstance(result, dict) else "failed"
+            self.set(FINAL.get(status, "Failed"), f"{what} {status}: {result.get('message', '')}"[:255]
+                     if isinstance(result, dict) else f"{what} failed")
+        return result
+
+    async def job(self, executor, fn, *args, job_dir, kind: str,
+                  on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Submit one job and follow it until it ends; returns its final record. Never raises for
+        the job's or the executor's failures: they come back as ``status: failed``."""
+        from .jobs import submit
+
+        if self._abort:
+            return {"status": "aborted", "message": f"aborted before the {kind} job"}
+        try:
+            job = submit(executor, fn, *args, job_dir=job_dir, kind=kind)
+        except Exception as exc:  # noqa: BLE001 - e.g. a process pool that broke and could not be rebuilt
+            return {"status": "failed", "message": f"the {kind} job could not be submitted: {type(exc).__name__}: {exc}"}
+        self.current = job
+        last = None
+        try:
+            while not job.done():
+                if self._abort:
+                    job.abort()
+                p = job.progress()
+                if p != last:
+                    last = p
+                    msg = f"{kind}: {p['message']}" if p.get("message") else None
+                    self.set("Running" if p.get("status") == "running" else "Queued", msg,
+                             round(100.0 * float(p.get("progress") or 0.0), 1))
+                    if on_progress:
+                        on_progress(p)
+                await asyncio.sleep(POLL_S)
+            result = job.result()
+            if on_progress:
+                on_progress(result)
+            return result
+        finally:
+            self.current = None
+
+    def abort(self) -> bool:
+        """Stop the run in progress (its job at the next check; a queued job is cancelled).
+        Returns False when there is nothing to abort."""
+        if not self._busy:
+            return False
+        self._abort = True
+        if self.current is not None:
+            self.current.abort()
+        self.set(message="abort requested")
+        return True
+
+
+def label_options(scan_path: str | Path, input_size: int, binning: int, crop: int | None, net_pixel_m: float) -> dict:
+    """Options of ``hpc.jobs.label_job``: labels on the network's field of view and pixel, frames
+    cropped and binned as the live chain hands them to the engine."""
+    c = detector_crop(input_size, binning, crop)
+    return {"fov": (input_size, input_size), "scan_path": str(scan_path), "net_pixel_m": float(net_pixel_m),
+            "preprocess": {"crop": (c, c), "binning": int(binning)}}
+
+
+class Workflow:
+    """Where the jobs go, and the steps of the loop as runs of a :class:`JobStage`."""
+
+    def __init__(self, executor, jobs_folder: str | Path, corpus: str | Path, registry: str | Path):
+        self.executor = executor
+        self.jobs_folder = Path(jobs_folder)
+        self.corpus = Path(corpus)
+        self.registry = Path(registry)
+        self._count = itertools.count(1)
+
+    def job_dir(self, kind: str) -> Path:
+        return self.jobs_folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{next(self._count):03d}-{kind}"
+
+    async def reconstruct(self, stage: JobStage, scan: Path | None, recon_options: dict, *, label: dict | None,
+                          validate: dict | None = None, on_recon: Callable[[str], None] | None = None) -> dict:
+        """Reconstruct ``scan`` -> pair labels into the corpus (``label``: :func:`label_options`) ->
+        validate ``validate["version"]`` against the reconstruction. Returns the final record;
+        ``result`` holds ``recon_path``, ``pairs``, ``corpus_count`` and ``ssim`` (when validated)."""
+        from .jobs import label_job, reconstruct_job
+
+        if scan is None or not Path(scan).exists():
+            return {"status": "failed", "message": f"no scan file to reconstruct ({scan or 'none captured'})"}
+        res = await stage.job(self.executor, reconstruct_job, str(scan), None, recon_options,
+                              job_dir=self.job_dir("reconstruct"), kind="reconstruct")
+        if res.get("status") != "done":
+            return res
+        recon_path = res["result"]["recon_path"]
+        if on_recon is not None:
+            on_recon(recon_path)
+        summary = {"recon_path": recon_path, "scan": str(scan)}
+        if label is not None:
+            stage.set(message="pairing labels")
+            lab = await stage.job(self.executor, label_job, recon_path, str(self.corpus), label,
+                                  job_dir=self.job_dir("label"), kind="label")
+            if lab.get("status") != "done":
+                return {**lab, "message": f"labelling: {lab.get('message', '')}"}
+            summary.update(pairs=lab["result"]["pairs"], corpus_count=lab["result"]["corpus_count"])
+        if validate is not None:
+            stage.set(message=f"validating model v{validate['version']}")
+            val = await self.validate(stage, str(scan), recon_path, validate)
+            if val.get("status") == "done":
+                summary["ssim"] = float(val["result"]["ssim"])
+            else:
+                summary["validation"] = val.get("message", "")
+        msg = Path(recon_path).name + (f", {summary['pairs']} pairs" if "pairs" in summary else "") \
+            + (f", SSIM {summary['ssim']:.3f}" if "ssim" in summary else "") \
+            + (f"; validation failed: {summary['validation']}" if "validation" in summary else "")
+        return {"status": "done", "message": msg, "result": summary}
+
+    async def validate(self, stage: JobStage, scan: str, recon_path: str, options: dict) -> dict:
+        """One validation job (``hpc.validate.validate_job``): ``options["version"]``'s stitched
+        inference over ``scan`` against its reconstruction."""
+        from .validate import validate_job
+
+        return await stage.job(self.executor, validate_job, scan, recon_path, str(self.registry), options,
+                               job_dir=self.job_dir("validate"), kind="validate")
+
+    async def train(self, stage: JobStage, options: dict, on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Train on the corpus and publish a registry version (``hpc.jobs.train_job``)."""
+        from .jobs import train_job
+
+        if not self.corpus.exists():
+            return {"status": "failed", "message": f"no training pairs yet ({self.corpus})"}
+        return await stage.job(self.executor, train_job, str(self.corpus), str(self.registry), options,
+                               job_dir=self.job_dir("train"), kind="train", on_progress=on_progress)

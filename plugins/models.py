@@ -1,0 +1,238 @@
+"""Which model the infer plugin runs: the registry watched, versions loaded off the chain's
+thread and swapped in between two batches, broken versions remembered.
+
+:class:`ModelManager` knows nothing of EPICS: the IOC binds ``Model:Select`` to
+:meth:`~ModelManager.check` (at the record: an unknown or known-broken version is refused) and
+:meth:`~ModelManager.select`, and calls :meth:`~ModelManager.poll` once a second.
+
+- Selection 0 follows the registry: the newest version that loads runs.
+- A version that fails to load (a truncated file, a hash that does not match its card, a network
+  whose shape the card misstates) is remembered with the size and time of its files and is not
+  tried again until they change; the chain keeps the model it runs and says why. When the
+  selection itself is broken, the newest good version runs instead.
+- Loading and warming up happen on a helper thread; the swap runs on the plugin's thread between
+  two batches, so no frame is lost or inferred twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 64)
+
+
+class ModelError(ValueError):
+    """A selection that cannot run: no such version, or one known not to load."""
+
+
+def _signature(folder: Path) -> tuple:
+    """Size and time of every file of a version folder: changes when it is rewritten."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    except OSError:
+        return ()
+
+
+class ModelManager:
+    def __init__(self, infer, registry_path, engine: str = "auto", *, passthrough_size: int = 64,
+                 batch_sizes=BATCH_SIZES, report: Callable[..., None] = lambda text, severity=0: None,
+                 on_loaded: Callable[[object], None] = lambda version: None):
+        self.infer = infer
+        self.registry_path = Path(registry_path)
+        self.engine = engine
+        self.passthrough_size = int(passthrough_size)
+        self.batch_sizes = tuple(batch_sizes)
+        self.report = report
+        self.on_loaded = on_loaded
+        self.selected = 0
+        self.broken: dict[int, tuple[tuple, str]] = {}     # version -> (files signature, why)
+        self._lock = threading.Lock()
+        self._loading: Future | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ registry
+    def registry(self):
+        from ..inference.registry import ModelRegistry
+
+        return ModelRegistry(self.registry_path)
+
+    def versions(self) -> list[int]:
+        return self.registry().versions()
+
+    def _folder(self, version: int) -> Path:
+        return self.registry_path / f"v{version:04d}"
+
+    def is_broken(self, version: int) -> str | None:
+        """Why ``version`` did not load, while its files are as they were then; else None."""
+        known = self.broken.get(version)
+        if known is None:
+            return None
+        if known[0] != _signature(self._folder(version)):
+            del self.broken[version]      # rewritten: worth another try
+            return None
+        return known[1]
+
+    def newest_good(self) -> int | None:
+        for v in reversed(self.versions()):
+            if self.is_broken(v) is None:
+                return v
+        return None
+
+    def seed(self, shipped) -> int | None:
+        """Copy the newest version of the registry at ``shipped`` into an empty registry (the
+        chain then has a model before any training); returns the new version or None."""
+        from ..inference.registry import ModelRegistry
+
+        reg = self.registry()
+        shipped = Path(shipped)
+        if reg.versions() or not shipped.is_dir():
+            return None
+        src = ModelRegistry(shipped, create=False).latest()
+        if src is None:
+            return None
+        card = src.publishable_card()
+        card["note"] = f"seeded from the shipped model v{src.version}"
+        return reg.publish(src.onnx_path, card, weights_path=src.weights_path).version
+
+    # ------------------------------------------------------------------ selection
+    @property
+    def loading(self) -> bool:
+        f = self._loading
+        return f is not None and not f.done()
+
+    def check(self, version: int) -> None:
+        """Raise :class:`ModelError` if ``version`` cannot be selected (the record refuses it)."""
+        version = int(version)
+        if version < 0:
+            raise ModelError(f"model version must be >= 0 (0: the latest), got {version}")
+        if self.engine == "passthrough" or version == 0:
+            return
+        have = self.versions()
+        if version not in have:
+            raise ModelError(f"no model v{version} in the registry (have: "
+                             f"{', '.join(f'v{v}' for v in have) or 'none'})")
+        why = self.is_broken(version)
+        if why:
+            raise ModelError(f"model v{version} does not load: {why}")
+
+    def target(self, selection: int | None = None) -> int | None:
+        """The version that should run for ``selection`` (default: the current one)."""
+        sel = self.selected if selection is None else int(selection)
+        if sel == 0:
+            return self.newest_good()
+        return sel if self.is_broken(sel) is None else self.newest_good()
+
+    def select(self, version: int) -> Future:
+        """Run ``version`` (0: follow the registry). Returns a future of the version that runs
+        afterwards; it raises :class:`ModelError` if the selected version failed to load (the
+        chain then runs the newest good version, or keeps what it had)."""
+        self.check(version)
+        self.selected = int(version)
+        return self._load(self.selected)
+
+    def poll(self) -> None:
+        """Load the version the selection now points to, if that is not the one running."""
+        if self._closed or self.loading or self.engine == "passthrough":
+            return
+        want = self.target()
+        if want is not None and want != self.infer.version:
+            self._load(self.selected)
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, selection: int) -> Future:
+        done: Future = Future()
+        with self._lock:
+            if self._loading is not None and not self._loading.done():
+                prev = self._loading
+                prev.add_done_callback(lambda _: self._chain(selection, done))
+                return done
+            self._loading = done
+        threading.Thread(target=self._run, args=(selection, done), name="model-load", daemon=True).start()
+        return done
+
+    def _chain(self, selection: int, done: Future) -> None:
+        with self._lock:
+            self._loading = done
+        threading.Thread(target=self._run, args=(selection, done), name="model-load", daemon=True).start()
+
+    def _run(self, selection: int, done: Future) -> None:
+        try:
+            done.set_result(self._load_now(selection))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            done.set_exception(exc)
+
+    def _load_now(self, selection: int) -> int:
+        from ..inference.engines import ModelSource, select_engine
+
+        if self.engine == "passthrough":
+            if self.infer.engine is None:
+                eng = select_engine(ModelSource(input_size=self.passthrough_size), "passthrough")
+                self.infer.swap(eng, 0, "passthrough").result(timeout=60)
+                self.report(f"running the pass-through engine ({self.passthrough_size} px)")
+            return 0
+        failure = None
+        tried = []
+        for version in self._candidates(selection):
+            if not (version == self.infer.version and self.infer.engine is not None):
+                tried.append(version)
+                try:
+                    mv = self._swap_in(version, select_engine)
+                except Exception as exc:  # noqa: BLE001 - a bad version never replaces the running one
+                    why = str(exc) if isinstance(exc, (ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
+                    self.broken[version] = (_signature(self._folder(version)), why)
+                    log.warning("model v%d not loaded: %s", version, why)
+                    if failure is None:
+                        failure = (version, why)
+                    continue
+                if failure is None:
+                    self.report(f"running model v{version} on {self.infer.engine.name}")
+                self.on_loaded(mv)            # may add a warning (another beamline) after that
+            if failure is not None:
+                self.report(f"model v{failure[0]} not loaded ({failure[1]}); running v{version}, the newest "
+                            "version that loads", 1)
+                if selection and failure[0] == selection:
+                    raise ModelError(f"model v{selection} not loaded: {failure[1]}; running v{version}")
+            return version
+        running = self.infer.version
+        if failure is not None:
+            self.report(f"model v{failure[0]} not loaded ({failure[1]}); "
+                        + (f"still running v{running}" if self.infer.engine is not None else "no model runs"),
+                        1 if self.infer.engine is not None else 2)
+            raise ModelError(f"model v{failure[0]} not loaded: {failure[1]}")
+        if not tried and self.infer.engine is None:
+            self.report(f"no model in the registry {self.registry_path}", 2)
+        return running
+
+    def _candidates(self, selection: int) -> list[int]:
+        """Versions to try, in order: the selection (if not known-broken), then newest first."""
+        good = [v for v in reversed(self.versions()) if self.is_broken(v) is None]
+        if selection and selection in good:
+            return [selection] + [v for v in good if v != selection]
+        return good
+
+    def _swap_in(self, version: int, select_engine):
+        mv = self.registry().get(version)       # hash-checked
+        sizes = sorted({*self.batch_sizes, int(self.infer.batch_size)})
+        engine = select_engine(mv.source(), self.engine, warmup=True, batch_sizes=sizes)
+        try:
+            self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
+        except BaseException:
+            engine.close()
+            raise
+        return mv
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop loading new versions; wait for a load in progress (native code on another thread)."""
+        self._closed = True
+        f = self._loading
+        if f is not None:
+            try:
+                f.result(timeout=timeout)
+            except Exception:  # noqa: BLE001 - its failure was reported
+                pass

@@ -1,0 +1,131 @@
+"""The job stage state machine and the healing process pool: every run ends Idle -> ... -> a final
+state with the reason, whatever fails; a killed worker does not jam the next run."""
+
+import asyncio
+import time
+
+import pytest
+
+from ptychopv.hpc.executors import LocalExecutor
+from ptychopv.hpc.workflow import Busy, JobStage
+
+from . import job_helpers
+
+
+class Recorder:
+    def __init__(self):
+        self.states = []
+
+    def __call__(self, state, message, progress):
+        self.states.append((state, message))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_body_that_raises_ends_failed_and_frees_the_stage():
+    rec = Recorder()
+    st = JobStage("Recon", rec)
+
+    async def body(stage):
+        raise RuntimeError("boom")
+
+    res = run(st.run("reconstruction", body))
+    assert res["status"] == "failed" and st.state == "Failed" and not st.busy
+    assert "RuntimeError: boom" in st.message
+    assert [s for s, _ in rec.states][:1] == ["Queued"]
+
+
+def test_an_executor_that_cannot_submit_ends_failed():
+    class Broken:
+        def submit(self, *a, **k):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    st = JobStage("Train")
+
+    async def body(stage):
+        return await stage.job(Broken(), job_helpers.quick_job, 1, job_dir="/tmp/ptychopv-test-jobdir", kind="train")
+
+    res = run(st.run("training", body))
+    assert st.state == "Failed" and "could not be submitted" in res["message"] and not st.busy
+
+
+def test_a_second_run_while_one_runs_is_refused():
+    st = JobStage("Recon")
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def slow(stage):
+            await gate.wait()
+            return {"status": "done", "message": "ok"}
+
+        task = asyncio.create_task(st.run("reconstruction", slow))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Busy, match="refused"):
+            await st.run("reconstruction", slow)
+        gate.set()
+        return await task
+
+    assert run(main())["status"] == "done" and st.state == "Done"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path):
+    ex = LocalExecutor(1)
+    st = JobStage("Recon")
+    try:
+        async def killed(stage):
+            return await stage.job(ex, job_helpers.killed_job, job_dir=tmp_path / "a", kind="reconstruct")
+
+        res = run(st.run("reconstruction", killed))
+        assert res["status"] == "failed" and st.state == "Failed" and not st.busy
+        assert "BrokenProcessPool" in res["message"] or "terminated abruptly" in res["message"]
+
+        async def quick(stage):
+            return await stage.job(ex, job_helpers.quick_job, 21, job_dir=tmp_path / "b", kind="reconstruct")
+
+        res = run(st.run("reconstruction", quick))
+        assert res["status"] == "done" and res["result"] == {"x": 42} and st.state == "Done"
+        assert ex.rebuilds == 1
+    finally:
+        ex.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_abort_ends_aborted_and_nothing_to_abort_says_so(tmp_path):
+    ex = LocalExecutor(1)
+    st = JobStage("Recon")
+    assert st.abort() is False
+    try:
+        async def main():
+            async def body(stage):
+                return await stage.job(ex, job_helpers.abortable_job, job_dir=tmp_path / "c", kind="reconstruct")
+
+            task = asyncio.create_task(st.run("reconstruction", body))
+            deadline = time.monotonic() + 60
+            while st.state != "Running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert st.abort() is True
+            return await task
+
+        res = run(main())
+        assert res["status"] == "aborted" and st.state == "Aborted" and not st.busy
+    finally:
+        ex.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
+    ex = LocalExecutor(1, kill_after_s=1.0)
+    fut = ex.submit(job_helpers.sleeping_job, 120, str(tmp_path))
+    deadline = time.monotonic() + 30
+    procs = []
+    while time.monotonic() < deadline and not procs:
+        procs = [p for p in ex._pool._processes.values() if p.is_alive()]
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert time.monotonic() - t0 < 5
+    assert procs and not any(p.is_alive() for p in procs)

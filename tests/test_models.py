@@ -1,0 +1,81 @@
+"""The model lifecycle without an IOC: seeding, following the registry, a broken version remembered
+until its files change, refusals with the reason, and a fall-back to the newest good version."""
+
+import os
+import shutil
+import time
+
+import pytest
+
+from ptychopv.inference.registry import shipped_registry
+from ptychopv.plugins.infer import InferPlugin
+from ptychopv.plugins.models import ModelError, ModelManager
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def manager(tmp_path):
+    infer = InferPlugin("Infer")
+    messages = []
+    m = ModelManager(infer, tmp_path / "registry", "onnxruntime", batch_sizes=(1, 8),
+                     report=lambda text, severity=0: messages.append(text))
+    m.messages = messages
+    assert m.seed(shipped_registry()) == 1
+    yield m
+    m.close()
+
+
+def republish(m: ModelManager, note: str) -> int:
+    reg = m.registry()
+    v1 = reg.get(1)
+    return reg.publish(v1.onnx_path, dict(v1.publishable_card(), note=note), weights_path=v1.weights_path).version
+
+
+def test_follows_the_registry_and_refuses_what_it_cannot_run(manager):
+    assert manager.select(0).result(timeout=120) == 1 and manager.infer.version == 1
+    assert "running model v1" in manager.messages[-1]
+    v2 = republish(manager, "second")
+    manager.poll()
+    deadline = time.monotonic() + 120
+    while manager.infer.version != v2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert manager.infer.version == v2
+    with pytest.raises(ModelError, match="no model v99 in the registry"):
+        manager.check(99)
+    with pytest.raises(ModelError, match=">= 0"):
+        manager.check(-1)
+    manager.check(1)
+
+
+def test_a_broken_version_is_remembered_until_its_files_change(manager):
+    manager.select(0).result(timeout=120)
+    v2 = republish(manager, "to break")
+    onnx = manager.registry_path / f"v{v2:04d}" / "model.onnx"
+    good = onnx.read_bytes()
+    onnx.write_bytes(good[:1000])                       # truncated: its hash no longer matches its card
+    with pytest.raises(ModelError):
+        manager.select(v2).result(timeout=120)
+    assert manager.infer.version == 1                   # the running model stays
+    assert f"model v{v2} not loaded" in manager.messages[-1]
+    with pytest.raises(ModelError, match=f"model v{v2} does not load"):
+        manager.check(v2)                               # known broken: refused at once, not retried
+    assert manager.target(0) == 1                       # the newest good version
+    manager.poll()
+    assert not manager.loading and manager.infer.version == 1
+    onnx.write_bytes(good)                              # repaired: new files, worth another try
+    os.utime(onnx, ns=(time.time_ns(), time.time_ns() + 10**9))
+    manager.check(v2)
+    assert manager.select(v2).result(timeout=120) == v2 and manager.infer.version == v2
+
+
+def test_a_broken_selection_at_start_falls_back_to_the_newest_good_version(tmp_path, manager):
+    v2 = republish(manager, "broken from the start")
+    shutil.copy(manager.registry_path / "v0001" / "card.json", manager.registry_path / f"v{v2:04d}" / "card.json")
+    fresh = ModelManager(InferPlugin("Infer"), manager.registry_path, "onnxruntime", batch_sizes=(1,),
+                         report=lambda text, severity=0: manager.messages.append(text))
+    with pytest.raises(ModelError, match=f"model v{v2} not loaded"):
+        fresh.select(v2).result(timeout=120)
+    assert fresh.infer.version == 1
+    assert f"running v1, the newest version that loads" in manager.messages[-1]
+    fresh.close()

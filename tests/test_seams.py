@@ -1,0 +1,189 @@
+"""The architecture's seams, without an IOC: a stage, an engine and a reconstruction algorithm added
+through the public declarations, the generic binder against a dictionary of records, and hooks
+bound by name (a typo fails at once)."""
+
+import numpy as np
+import pytest
+
+from ptychopv.ioc import schema
+from ptychopv.ioc.binder import StageBinder
+from ptychopv.plugins.base import PluginBase
+from ptychopv.plugins.frame import Frame
+
+
+class FakeIOC:
+    """The three calls a binder makes, on a dictionary; ``on`` checks names as the IOC does."""
+
+    def __init__(self):
+        self.values = {r.name: (r.initial if r.initial is not None else 0) for r in schema.records()}
+        self.hooks = {}
+
+    def get(self, name):
+        return self.values[name]
+
+    def set(self, name, value):
+        assert name in self.values, f"no record {name}"
+        self.values[name] = value
+
+    def on(self, name):
+        pv = schema.by_name().get(name)
+        if pv is None or not pv.writable:
+            raise KeyError(name)
+        if name in self.hooks:
+            raise ValueError(name)
+        return lambda fn: self.hooks.setdefault(name, fn)
+
+    def put(self, name, value):
+        """What a client's put does: the hook, then the record (and its readback)."""
+        result = self.hooks[name](value)
+        self.values[name] = value if result is None else result
+        if name + "_RBV" in self.values:
+            self.values[name + "_RBV"] = self.values[name]
+
+
+class ToyPlugin(PluginBase):
+    """A stage that multiplies each phase patch by ``gain`` and sums what it saw."""
+
+    plugin_type = "NDPluginToy"
+
+    def __init__(self, name="Toy", **kw):
+        super().__init__(name, **kw)
+        self.gain = 1.0
+        self.total = 0.0
+
+    @property
+    def gain(self):
+        return self._gain
+
+    @gain.setter
+    def gain(self, v):
+        if not v > 0:
+            raise ValueError(f"gain must be > 0, got {v}")
+        self._gain = float(v)
+
+    def process(self, frames):
+        frames = frames if isinstance(frames, list) else [frames]
+        for f in frames:
+            self.total += float(np.sum(f.data)) * self._gain
+        return frames
+
+
+TOY = schema.Stage("Toy", ToyPlugin, serves="Toy:Image", upstream="Stitch", pvs=(
+    schema.PV("Toy:Gain", "ao", "Toy gain", prec=3, low=0.0, high=100.0, initial=2.0, rbv=True, autosave=True,
+              group="toy", attr="gain"),
+    schema.PV("Toy:Total_RBV", "ai", "Toy sum of what it saw", prec=3, initial=0.0, group="toy", attr="total"),
+    schema.PV("Toy:Image", "ntndarray", "Toy output (NTNDArray)", group="toy"),
+))
+
+
+@pytest.fixture
+def toy_stage():
+    schema.register_stage(TOY)
+    yield TOY
+    schema.unregister_stage("Toy")
+
+
+def test_a_declared_stage_gets_records_screen_device_and_table(toy_stage):
+    names = {r.name for r in schema.records()}
+    assert {"Toy:EnableCallbacks", "Toy:EnableCallbacks_RBV", "Toy:QueueSize", "Toy:PluginType_RBV",
+            "Toy:Gain", "Toy:Gain_RBV", "Toy:Total_RBV"} <= names
+    assert schema.by_name()["Toy:PluginType_RBV"].initial == "NDPluginToy"
+    from ptychopv.ioc import device, pvtable
+    from ptychopv.opi import generate
+
+    assert "`Toy:` NDPluginBase records" in pvtable.render() and "`Toy:Gain`" in pvtable.render()
+    assert device.plugin_classes()["Toy"]._plugin_type == "NDPluginToy"
+    assert "toy" in device.components()
+    screen = generate.render_all()["ptychopv_toy.bob"]
+    assert "$(P)Toy:Gain" in screen and "$(P)Toy:EnableCallbacks" in screen
+    assert "ptychopv_toy.bob" in generate.render_all()["ptychopv_overview.bob"]     # a button opens it
+
+
+def test_the_binder_builds_connects_and_binds_a_declared_stage(toy_stage):
+    ioc = FakeIOC()
+    binder = StageBinder(ioc)
+    plugins = binder.build()
+    toy = plugins["Toy"]
+    assert toy.gain == 2.0                                   # the record's (restored) setting
+    assert toy in plugins["Stitch"].downstream               # fed by its upstream stage
+    ioc.put("Toy:Gain", 3.0)
+    assert toy.gain == 3.0 and ioc.values["Toy:Gain_RBV"] == 3.0
+    with pytest.raises(ValueError, match="gain must be > 0"):
+        ioc.put("Toy:Gain", 0.0)                             # the plugin refuses: so does the put
+    ioc.put("Toy:EnableCallbacks", 0)
+    assert toy.enable_callbacks is False
+    ioc.put("Toy:EnableCallbacks", 1)
+    toy.start()
+    toy.put(Frame(np.ones((4, 4), np.float32), unique_id=7))
+    toy.flush()
+    binder.poll()
+    assert ioc.values["Toy:Total_RBV"] == pytest.approx(48.0)
+    assert ioc.values["Toy:ArrayCounter_RBV"] == 1 and ioc.values["Toy:UniqueId_RBV"] == 7
+    assert ioc.values["Toy:DataType_RBV"] == schema.DATA_TYPES.index("Float32")
+    ioc.put("Toy:ArrayCounter", 0)
+    binder.poll()
+    assert ioc.values["Toy:ArrayCounter_RBV"] == 0
+    toy.stop()
+
+
+def test_hooks_are_bound_by_declared_name_only():
+    ioc = FakeIOC()
+    with pytest.raises(KeyError):
+        ioc.on("Infer:BatchSizeX")                           # a typo
+    with pytest.raises(KeyError):
+        ioc.on("Infer:Latency_RBV")                          # a readback
+    StageBinder(ioc).build()
+    with pytest.raises(ValueError):
+        ioc.on("Infer:BatchSize")                            # bound twice
+
+
+def test_the_real_ioc_refuses_unknown_hook_names():
+    from ptychopv.config import Config
+    from ptychopv.ioc.server import PtychoIOC
+
+    ioc = PtychoIOC(Config())
+    with pytest.raises(KeyError, match="no writable PV 'ScaleFactr'"):
+        ioc.on("ScaleFactr")
+    ioc.on("ScaleFactor")(lambda v: None)
+    with pytest.raises(ValueError, match="already has a hook"):
+        ioc.on("ScaleFactor")
+
+
+def test_an_engine_added_by_name_is_chosen_by_name_and_never_by_auto():
+    from ptychopv.inference import engines
+
+    engines.register_engine("toy", "tests.toy_engine:ToyEngine")
+    try:
+        eng = engines.select_engine(engines.ModelSource(input_size=8), "toy")
+        out = eng.infer(np.full((2, 8, 8), 3.0, np.float32))
+        assert np.allclose(out["phase"], 0.5) and out["valid"].all()
+        assert "toy" not in engines.auto_order()
+        from ptychopv.config import parse_config
+
+        assert parse_config({"chain": {"engine": "toy"}}).chain.engine == "toy"
+        with pytest.raises(ValueError, match="already registered"):
+            engines.register_engine("toy", "tests.toy_engine:ToyEngine")
+    finally:
+        del engines.ENGINES["toy"]
+
+
+def test_an_algorithm_added_once_reaches_options_records_and_cli():
+    import argparse
+
+    from ptychopv.commands import reconstruct as cli
+    from ptychopv.hpc import options
+
+    options.register_algorithm(options.Algorithm("toy", "Toy PIE", "EPIEOptions", 5, 0.5))
+    try:
+        assert options.ReconOptions(engine="toy").engine == "toy"
+        schema.refresh()
+        assert schema.by_name()["Recon:Engine"].states[-1] == "Toy PIE"
+        p = argparse.ArgumentParser()
+        cli.add_arguments(p)
+        assert p.parse_args(["scan.h5", "--engine", "toy"]).engine == "toy"
+        with pytest.raises(ValueError, match="unknown reconstruction algorithm"):
+            options.ReconOptions(engine="nope")
+    finally:
+        del options.ALGORITHMS["toy"]
+        schema.refresh()
+    assert "Toy PIE" not in schema.by_name()["Recon:Engine"].states
