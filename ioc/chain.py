@@ -14,12 +14,11 @@ import logging
 import threading
 
 from ..config import Config, resolve
-from ..io.epics_env import pva_client_conf
 from ..plugins.models import ModelError, ModelManager
 from ..plugins.positions import SOURCES as POSITION_SOURCES
 from ..plugins.positions import AttributePositions, FilePositions, PvFeed, TimestampedPositions
 from ..plugins.recorder import RecorderPlugin
-from ..plugins.source import NTNDArraySource
+from ..plugins.source import NTNDArraySource, search_conf
 from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
 from .binder import StageBinder
@@ -75,7 +74,13 @@ class LiveChain:
         self._position_kind = 0
         self._set_position_source(int(ioc.get("Stitch:PositionSource")))
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
-                                      on_frame=self._on_frame, downstream=[self._record, self.infer])
+                                      on_frame=self._on_frame, downstream=[self._record, self.infer],
+                                      connect_timeout_s=cfg.source.connect_timeout_s)
+        self.scaleout = None
+        if cfg.scaleout.consumers:    # the stitch stage is fed by the scale-out consumers' results
+            from .scaleout import ScaleOut
+
+            self.scaleout = ScaleOut(self)
         self._register_hooks()
 
     @property
@@ -84,9 +89,8 @@ class LiveChain:
 
     # ------------------------------------------------------------------ set-up
     def _source_conf(self) -> dict:
-        conf = pva_client_conf()
-        conf["EPICS_PVA_NAME_SERVERS"] = " ".join(self.cfg.source.name_servers)
-        return conf
+        s = self.cfg.source
+        return search_conf(s.addr_list, s.broadcast_port, s.name_servers)
 
     def _pixel_size(self) -> float:
         """Stitch:PixelSize when set, else the config's, else lambda z / (crop * detector pixel)."""
@@ -121,12 +125,16 @@ class LiveChain:
         self._select(int(self.ioc.get("Model:Select")), at_start=True)
         for t in self._threads:
             t.start()
+        if self.scaleout is not None:
+            self.scaleout.start()
 
     def close(self) -> None:
         self._stop.set()
         for t in getattr(self, "_threads", []):
             t.join(timeout=5.0)            # none may set a record once EPICS exits
         self.models.close(timeout=5.0)     # a model still loading is native code: wait a little, not for ever
+        if self.scaleout is not None:
+            self.scaleout.close()
         self.source.close()
         if self._pv_feed is not None:
             self._pv_feed.close()
@@ -335,6 +343,16 @@ class LiveChain:
         self._position_source, self._position_kind = src, int(index)
         return kind
 
+    def _position_available(self, index: int) -> None:
+        """Refuse a position source the config gives nothing to (ValueError says which key)."""
+        kinds = list(POSITION_SOURCES)
+        kind = kinds[int(index)] if 0 <= int(index) < len(kinds) else None
+        c = self.cfg.chain
+        if kind == "File" and not c.positions_file:
+            raise ValueError("Stitch:PositionSource=File needs chain.positions_file in the config")
+        if kind == "PVs" and not c.position_pvs:
+            raise ValueError("Stitch:PositionSource=PVs needs chain.position_pvs in the config")
+
     @property
     def pv_positions(self):
         return None if self._pv_feed is None else self._pv_feed.target
@@ -351,6 +369,7 @@ class LiveChain:
         on("Scan:Capture")(self._capture)
         on("Model:Select")(self._model_select)
         self.ioc.check("Model:Select")(self.models.check)   # no such version, or known broken: refused
+        self.ioc.check("Stitch:PositionSource")(self._position_available)
 
     def _set_port(self, channel: str) -> None:
         self.source.connect(str(channel))

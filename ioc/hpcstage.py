@@ -50,7 +50,7 @@ class HpcStage:
         self.auto = ac.Controller(enabled=bool(ioc.get("Auto:Enable")), interval_s=float(ioc.get("Auto:Interval")),
                                   tolerance=float(ioc.get("Auto:Tolerance")))
         for stage in (self.recon, self.train_stage):
-            stage.set("Idle", f"ready; jobs run on {d.get('name')}")
+            stage.set("Idle", ioc.notes.get(stage.name) or f"ready; jobs run on {d.get('name')}")
         ioc.set("Train:Pairs_RBV", self._corpus_pairs())
         on = ioc.on
         on("Recon:Start")(self.recon_start)

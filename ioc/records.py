@@ -15,12 +15,48 @@ from .schema import PV, records
 CONTROL_ASG = "CONTROL"  # access-security group of every writable record
 
 
-def _finite(_rec, value) -> bool:
-    """Refuse NaN and infinities at the record (the record clamps the rest to DRVL/DRVH)."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+NAME_MAX = 255          # bytes in one path component on the filesystems scans live on
+
+
+def check_value(pv: PV, value) -> str | None:
+    """Why ``value`` cannot be written to the setting ``pv``, or None when it can. The one rule
+    for every protocol: a value outside the declaration (a number out of its limits or not
+    finite, an enum index without a state, a string longer than the record, a path no filesystem
+    takes) is refused, so it is never stored and never autosaved."""
+    t = pv.rtype
+    if t in ("ao", "longout"):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return f"{value!r} is not a number"
+        if not math.isfinite(v):
+            return f"{value} is not a finite number"
+        if pv.low is not None and pv.high is not None and pv.high > pv.low and not pv.low <= v <= pv.high:
+            return f"{value:g} is outside {pv.low:g} .. {pv.high:g}"
+        return None
+    if t in ("bo", "mbbo"):
+        try:
+            i = int(value)
+        except (TypeError, ValueError):
+            return f"{value!r} is not a state index"
+        if i != value or not 0 <= i < len(pv.states):
+            return f"{value} is not one of 0..{len(pv.states) - 1} ({', '.join(pv.states)})"
+        return None
+    if t == "stringout":
+        text = str(value)
+        room = pv.length - 1 if pv.length > 40 else 39
+        if len(text.encode()) > room:
+            return f"{len(text.encode())} characters is longer than the record holds ({room})"
+        if "\x00" in text:
+            return "a NUL character in the text"
+        if pv.check == "path" and text:
+            long = [c for c in text.split("/") if len(c.encode()) > NAME_MAX]
+            if long:
+                return f"a path component of {len(long[0].encode())} bytes (a filesystem takes {NAME_MAX})"
+        return None
+    if t == "waveform_out" and len(value) > pv.length:
+        return f"{len(value)} elements is more than the record holds ({pv.length})"
+    return None
 
 
 def _fields(pv: PV) -> dict:
@@ -30,10 +66,13 @@ def _fields(pv: PV) -> dict:
     return f
 
 
-def make_record(builder, pv: PV, on_update: Callable | None = None):
-    """One record for one declaration (readback twins are separate declarations here)."""
+def make_record(builder, pv: PV, on_update: Callable | None = None, validate: Callable | None = None):
+    """One record for one declaration (readback twins are separate declarations here).
+    ``validate(record, value) -> bool`` refuses a write (default: :func:`check_value`)."""
     kw = _fields(pv)
     out = pv.writable
+    if out:
+        kw["validate"] = validate or (lambda _rec, value: check_value(pv, value) is None)
     if out and on_update is not None:
         kw["on_update"] = on_update
         # Every write reaches the hook, as with an asyn driver: writing 0 to ArrayCounter resets it
@@ -52,14 +91,15 @@ def make_record(builder, pv: PV, on_update: Callable | None = None):
         if pv.prec is not None:
             kw["PREC"] = pv.prec
         if t == "ao":
-            kw["validate"] = _finite
-            return builder.aOut(pv.name, DRVL=pv.low, DRVH=pv.high, LOPR=pv.low, HOPR=pv.high, **kw)
+            # no DRVL/DRVH: the record would clamp before the value is checked; a value beyond
+            # the limits (LOPR/HOPR, the display range clients see) is refused instead
+            return builder.aOut(pv.name, LOPR=pv.low, HOPR=pv.high, **kw)
         return builder.aIn(pv.name, LOPR=pv.low, HOPR=pv.high, **kw)
     if t in ("longout", "longin"):
         if pv.egu:
             kw["EGU"] = pv.egu
         if t == "longout":
-            return builder.longOut(pv.name, DRVL=pv.low, DRVH=pv.high, LOPR=pv.low, HOPR=pv.high, **kw)
+            return builder.longOut(pv.name, LOPR=pv.low, HOPR=pv.high, **kw)
         return builder.longIn(pv.name, LOPR=pv.low, HOPR=pv.high, **kw)
     if t in ("bo", "bi"):
         znam, onam = pv.states
@@ -78,14 +118,16 @@ def make_record(builder, pv: PV, on_update: Callable | None = None):
     raise ValueError(f"{pv.name}: no record for type {t!r}")
 
 
-def create_records(prefix: str, handlers: dict[str, Callable] | None = None) -> dict:
-    """Create every record under ``prefix``; ``handlers`` maps a writable PV name to its on_update."""
+def create_records(prefix: str, handlers: dict[str, Callable] | None = None,
+                   validators: dict[str, Callable] | None = None) -> dict:
+    """Create every record under ``prefix``; ``handlers`` maps a writable PV name to its
+    on_update, ``validators`` to its validate (default :func:`check_value`)."""
     import epicsdbbuilder
     from softioc import builder
 
     epicsdbbuilder.SetSimpleRecordNames(prefix, "")
-    handlers = handlers or {}
+    handlers, validators = handlers or {}, validators or {}
     made = {}
     for pv in records():
-        made[pv.name] = make_record(builder, pv, handlers.get(pv.name))
+        made[pv.name] = make_record(builder, pv, handlers.get(pv.name), validators.get(pv.name))
     return made

@@ -5,8 +5,10 @@ records from the schema, loads access security and autosave, starts the image se
 ``iocInit``, prints one ``ready`` line, and then serves until SIGINT/SIGTERM, when it saves
 settings and exits cleanly.
 
-Stages register hooks on writable PVs with :meth:`PtychoIOC.on`; every setting with a
-readback gets its ``_RBV`` updated after its hook accepts the value.
+Stages register hooks on writable PVs with :meth:`PtychoIOC.on`, which refuses a name the
+schema does not declare as writable (a typo fails at start-up, not silently) and a second hook
+on one PV; every setting with a readback gets its ``_RBV`` updated after its hook accepts the
+value. The chain's plugin records are bound generically (``binder.py``).
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from ..io.epics_env import server_env
 from . import schema
 
 log = logging.getLogger(__name__)
-
-# Stages not yet in this build: their records exist, and say so.
-PENDING: dict[str, str] = {}
-
+# The alarm status a message of each severity shows: STATE_ALARM (softioc.alarm), the state the
+# message describes is abnormal; none for information.
+_STATUS = {0: 0, 1: 7, 2: 7, 3: 7}
 
 class PtychoIOC:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.prefix = cfg.prefix
         self.hooks: dict[str, Callable] = {}
+        self.checks: dict[str, Callable] = {}    # PV name -> fn(value), raises ValueError to refuse
+        self.notes: dict[str, str] = {}          # stage -> what start-up had to say (autosave skips)
         self.rec: dict = {}
         self.images = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -43,39 +46,101 @@ class PtychoIOC:
 
     # ------------------------------------------------------------------ hooks
     def on(self, name: str):
-        """Decorator: ``@ioc.on("ScaleFactor")`` runs the function with each accepted value."""
+        """Decorator: ``@ioc.on("ScaleFactor")`` runs the function with each accepted value.
+
+        The name must be a writable PV of the schema, with no hook yet (KeyError/ValueError)."""
+        pv = schema.by_name().get(name)
+        if pv is None or not pv.writable:
+            raise KeyError(f"no writable PV {name!r} in the schema to hook")
+        if name in self.hooks:
+            raise ValueError(f"{name} already has a hook ({getattr(self.hooks[name], '__name__', '?')})")
+
         def deco(fn):
             self.hooks[name] = fn
             return fn
         return deco
 
-    def set(self, name: str, value) -> None:
-        """Set an input record (a readback) from any thread."""
-        self.rec[name].set(value)
+    def check(self, name: str):
+        """Decorator: ``@ioc.check("Model:Select")`` runs ``fn(value)`` before a write is
+        accepted; a ValueError refuses the write (beside the record's own checks)."""
+        pv = schema.by_name().get(name)
+        if pv is None or not pv.writable:
+            raise KeyError(f"no writable PV {name!r} in the schema to check")
+
+        def deco(fn):
+            self.checks[name] = fn
+            return fn
+        return deco
+
+    def _accept(self, pv: schema.PV):
+        """The record's validate: the declaration's checks, then any registered one. A refusal is
+        said in the stage's Message_RBV and raises a WRITE alarm on the readback; the value is
+        not stored (PVA puts get an error; CA put-callbacks still complete, as EPICS reports
+        only field-conversion failures to them)."""
+        from .records import check_value
+
+        def validate(_record, value) -> bool:
+            why = check_value(pv, value)
+            if why is None and pv.name in self.checks:
+                try:
+                    self.checks[pv.name](value)
+                except ValueError as exc:
+                    why = str(exc)
+            if why is None:
+                return True
+            self.refused(pv.name, value, why)
+            return False
+
+        return validate
+
+    def refused(self, name: str, value, why: str) -> None:
+        """Say that a write was refused: Message_RBV of its stage, WRITE alarm on its readback."""
+        from softioc import alarm
+
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        log.warning("%s%s = %s refused: %s", self.prefix, name, shown, why)
+        self.message(self.stage_of(name), f"{name} = {shown} refused: {why}"[:255], severity=alarm.MINOR_ALARM)
+        rbv = self.rec.get(name + "_RBV")
+        if rbv is not None:
+            rbv.set(rbv.get(), severity=alarm.MINOR_ALARM, alarm=alarm.WRITE_ALARM)
+
+    def stage_of(self, name: str) -> str:
+        """The stage whose Message_RBV speaks for ``name``."""
+        stage = name.split(":")[0] if ":" in name else "Infer"
+        return stage if f"{stage}:Message_RBV" in self.rec else "Infer"
+
+    def set(self, name: str, value, severity: int = 0, alarm_status: int = 0) -> None:
+        """Set an input record (a readback) from any thread, with an alarm when given."""
+        self.rec[name].set(value, severity=severity, alarm=alarm_status)
 
     def get(self, name: str):
         return self.rec[name].get()
 
-    def message(self, stage: str, text: str) -> None:
-        self.set(f"{stage}:Message_RBV", text[:255])
+    def message(self, stage: str, text: str, severity: int = 0) -> None:
+        """Set ``stage``'s Message_RBV: the current state in words, with the severity of what it
+        says (0: information, 1 MINOR: a warning, 2 MAJOR: an error)."""
+        self.set(f"{stage}:Message_RBV", text[:255], severity=severity, alarm_status=_STATUS[severity])
 
     def _handler(self, pv: schema.PV):
         rbv = pv.name + "_RBV" if pv.rbv else None
 
         async def update(value):
             hook = self.hooks.get(pv.name)
-            if hook is None and pv.group in PENDING and not pv.rbv:
-                stage = pv.name.split(":")[0]
-                if f"{stage}:Message_RBV" in self.rec:
-                    self.message(stage, f"{pv.name} ignored: {PENDING[pv.group]}")
             if hook is not None:
-                result = hook(value)
-                if inspect.isawaitable(result):
-                    result = await result
+                try:
+                    result = hook(value)
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception as exc:  # noqa: BLE001 - the setting goes back; the IOC goes on
+                    log.exception("%s hook", pv.name)
+                    self.refused(pv.name, value, str(exc) or type(exc).__name__)
+                    if rbv:
+                        self.rec[pv.name].set(self.rec[rbv].get(), process=False)
+                    return
                 if result is not None:
                     value = result
             if rbv:
-                self.rec[rbv].set(value)
+                self.rec[rbv].set(value)        # and clears a WRITE alarm of a refused value
 
         return update
 
@@ -86,8 +151,11 @@ class PtychoIOC:
         acc = self.cfg.access
         if acc.file is not None:
             path = resolve(self.cfg, acc.file)
-            if not path.exists():
-                raise FileNotFoundError(f"access.file {path} does not exist")
+            if not path.is_file():
+                from ..config import ConfigError
+
+                raise ConfigError(f"access.file: {path} does not exist (give an .acf file, or remove the key "
+                                  "to use access.write_hosts / write_users)")
             return path
         path = runtime / "ptychopv.acf"
         path.write_text(render_acf(acc.write_hosts, acc.write_users))
@@ -100,25 +168,72 @@ class PtychoIOC:
 
         runtime = resolve(self.cfg, self.cfg.autosave.directory)
         runtime.mkdir(parents=True, exist_ok=True)
-        autosave.configure(runtime, name=self.prefix.rstrip(":").replace(":", "_") or "ptychopv",
+        autosave.configure(runtime, name=self._autosave_name(),
                            save_period=self.cfg.autosave.period_s, timestamped_backups=False)
         self.acf = self._access(runtime)
         handlers = {pv.name: self._handler(schema_pv) for schema_pv in schema.SCHEMA
                     if schema_pv.writable for pv in schema_pv.records()[:1]}
-        self.rec = create_records(self.prefix, handlers)
+        validators = {r.name: self._accept(r) for r in schema.records() if r.writable}
+        self.rec = create_records(self.prefix, handlers, validators)
         self._initial_messages()
 
     def _initial_messages(self) -> None:
         self.rec["Version_RBV"].set(__version__)
-        for group, text in PENDING.items():
-            stage = group.capitalize()
-            if f"{stage}:Message_RBV" in self.rec:
-                self.rec[f"{stage}:Message_RBV"].set(text)
         self.rec["Scan:Capture_RBV"].set(0)
-        for stage in ("Infer", "Stitch"):
-            self.rec[f"{stage}:PvName_RBV"].set(f"{self.prefix}{stage}:{'Phase' if stage == 'Infer' else 'Image'}")
-        self.rec["Infer:NDArrayPort"].set(self.cfg.source.channel)
-        self.rec["Stitch:NDArrayPort"].set(f"{self.prefix}Infer:Phase")
+        for st in schema.STAGES:
+            self.rec[f"{st.name}:PvName_RBV"].set(self.prefix + st.serves)
+            upstream = self.cfg.source.channel if st.upstream is None else self.prefix + schema.stage(st.upstream).serves
+            self.rec[f"{st.name}:NDArrayPort"].set(upstream)
+
+    def autosave_path(self) -> Path:
+        return resolve(self.cfg, self.cfg.autosave.directory) / f"{self._autosave_name()}.softsav"
+
+    def _autosave_name(self) -> str:
+        return self.prefix.rstrip(":").replace(":", "_") or "ptychopv"
+
+    def sanitize_autosave(self) -> list[str]:
+        """Check every saved setting as a write would be checked before autosave restores it: a
+        value the record would refuse (or a PV this IOC no longer has) is dropped with a message,
+        so start-up never blocks on a saved value. An unreadable file is moved aside. Returns what
+        was dropped."""
+        import yaml
+
+        from .records import check_value
+
+        path = self.autosave_path()
+        if not path.is_file():
+            return []
+        try:
+            saved = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(saved, dict):
+                raise ValueError("not a mapping of PV names to values")
+        except Exception as exc:  # noqa: BLE001 - a torn or hand-edited file must not stop the IOC
+            aside = path.with_name(path.name + ".unreadable")
+            os.replace(path, aside)
+            self.message("Infer", f"autosave file unreadable ({exc}); moved to {aside.name}, defaults used",
+                         severity=1)
+            return [str(path)]
+        decl = schema.by_name()
+        dropped, kept = [], {}
+        for key, value in saved.items():
+            name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+            pv = decl.get(name)
+            why = "no such setting" if pv is None or not pv.autosave else check_value(pv, value)
+            if why:
+                dropped.append(f"{name} = {value!r} ({why})")
+                log.warning("autosave: %s = %r not restored: %s", name, value, why)
+            else:
+                kept[key] = value
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(yaml.safe_dump(kept))
+            os.replace(tmp, path)
+            for item in dropped:
+                name = item.split(" = ")[0]
+                stage = self.stage_of(name)
+                self.notes[stage] = f"autosave: {item} not restored; the default is used"[:255]
+                self.message(stage, self.notes[stage], severity=1)
+        return dropped
 
     def _sync_readbacks(self) -> None:
         """After autosave restored the settings, make every readback show its setting."""
@@ -132,8 +247,10 @@ class PtychoIOC:
 
         from .images import ImageServer
 
+        _check_client_ip()
         install_pv_logging(str(self.acf))  # loads the ACF; logs every put (TRAPWRITE)
-        builder.LoadDatabase()
+        self.sanitize_autosave()
+        builder.LoadDatabase()             # restores the autosaved settings
         dispatcher = asyncio_dispatcher.AsyncioDispatcher()
         self.loop = dispatcher.loop
         softioc.iocInit(dispatcher)
@@ -172,6 +289,25 @@ class PtychoIOC:
             self.images.close()
 
 
+def _check_client_ip() -> None:
+    """Make Channel Access match host rules on the client's address, as PV Access does: EPICS's
+    ``asCheckClientIP`` (host names in the access file are resolved to addresses when it loads).
+    Without it CA trusts the name a client says it has, and one rule would mean two things."""
+    import ctypes
+    import glob
+
+    import epicscorelibs
+
+    libdir = Path(epicscorelibs.__file__).parent / "lib"
+    for lib in sorted(glob.glob(str(libdir / "libdbCore.so*")) + glob.glob(str(libdir / "libdbCore*.dylib"))):
+        try:
+            ctypes.c_int.in_dll(ctypes.CDLL(lib), "asCheckClientIP").value = 1
+            return
+        except (OSError, ValueError):
+            continue
+    log.warning("asCheckClientIP not found: Channel Access host rules match the client's stated name")
+
+
 def epics_environment(cfg: Config) -> dict:
     e = cfg.epics
     return server_env(e.ca_server_port, e.pva_server_port, e.pva_broadcast_port, e.ca_repeater_port)
@@ -191,9 +327,14 @@ def run(cfg: Config) -> int:
     finally:
         ioc.close()
     # Non-daemon threads (dispatcher, autosave) end only in the exit handlers: run them (autosave
-    # writes the settings) and leave through epicsExit, as pythonSoftIOC intends.
-    from softioc import softioc
+    # writes the settings; EPICS's own exit handlers run through pythonSoftIOC's atexit hook), then
+    # leave at once. A C-level exit() would also run the libraries' static destructors while a
+    # helper thread may still be in native code (a model load importing torch): that crashes.
+    import atexit
+    import sys
 
     print("ptychopv ioc: exiting", flush=True)
-    softioc.safeEpicsExit(0)
-    return 0
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

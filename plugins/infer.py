@@ -34,6 +34,7 @@ class InferPlugin(BatchingPlugin):
         self.pre = Preprocessor(preprocess or PreprocessOptions())
         self.frames_out = 0
         self.bad_frames = 0
+        self.frames_waiting = 0     # frames that came before any model was loaded: not errors
         self.latency_ms = 0.0
         self._out_times: deque = deque()
         self.on_swap: list[Callable[[int], None]] = []
@@ -78,7 +79,11 @@ class InferPlugin(BatchingPlugin):
 
     def process(self, frames: list[Frame]):
         if self.engine is None:
-            raise RuntimeError("no model loaded: frames not inferred (publish a model or write Model:Select)")
+            # a detector that streams before the model is loaded is normal at start-up: these
+            # frames are not inferred (a capture still records them), and they are not errors
+            self.frames_waiting += len(frames)
+            self.report(f"waiting for a model: {self.frames_waiting} frame(s) not inferred")
+            return None
         size = self.input_size
         good = []
         for f in frames:

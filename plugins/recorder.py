@@ -47,6 +47,7 @@ class RecorderPlugin(PluginBase):
         self.frames_captured = 0          # Scan:FramesCaptured_RBV
         self.frames_rejected = 0
         self._writer: ScanWriter | None = None
+        self._last_stream = 0
         self._path: Path | None = None
 
     @property
@@ -124,7 +125,13 @@ class RecorderPlugin(PluginBase):
                          f"not recorded")
             return
         x, y = frame.position if frame.position is not None else (math.nan, math.nan)
-        w.append(data, frame.unique_id, x, y, frame.timestamp)
+        if self.frames_captured == 0:
+            self.report(f"recording {self._path.name} from uniqueId {frame.unique_id}")
+        elif frame.stream != self._last_stream:
+            self.report(f"{self._path.name}: the detector stream restarted at uniqueId {frame.unique_id} "
+                        f"(frame {self.frames_captured}); marked in /entry/data/stream")
+        self._last_stream = frame.stream
+        w.append(data, frame.unique_id, x, y, frame.timestamp, frame.stream)
         self.frames_captured += 1
         if self.num_capture and self.frames_captured >= self.num_capture:
             self._stop()

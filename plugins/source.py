@@ -6,6 +6,12 @@ upstream ``uniqueId`` are counted as missed frames (a lower id means the detecto
 new acquisition and is not a gap). A frame that cannot be decoded is counted and explained,
 never passed on. p4p re-subscribes by itself when the detector server restarts; writing
 ``channel`` (the ``NDArrayPort`` record) moves the subscription at run time.
+
+The channel is searched as beamlines configure PV Access (:func:`search_conf`): UDP search to an
+address list, TCP name servers only when given (pvAccessCPP servers, e.g. areaDetector's
+NDPluginPva or pvaPy's, answer UDP searches only). A channel not found within
+``connect_timeout_s``, or lost and not found again within it, is said in ``last_message``; the
+search goes on.
 """
 
 from __future__ import annotations
@@ -21,12 +27,42 @@ from .frame import Frame
 log = logging.getLogger(__name__)
 
 
+def search_conf(addr_list: Iterable[str] = ("127.0.0.1",), broadcast_port: int = 5076,
+                name_servers: Iterable[str] = ()) -> dict:
+    """p4p client configuration that searches as beamlines configure PVA: UDP to ``addr_list``
+    (host or host:port; ``broadcast_port`` for entries without one), never to an automatic
+    broadcast list, and TCP to ``name_servers`` when there are any."""
+    return {"EPICS_PVA_ADDR_LIST": " ".join(addr_list), "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVA_BROADCAST_PORT": str(int(broadcast_port)),
+            "EPICS_PVA_NAME_SERVERS": " ".join(name_servers)}
+
+
+def describe_search(conf: dict) -> str:
+    """Where a client with ``conf`` searches, in words (for messages)."""
+    udp = conf.get("EPICS_PVA_ADDR_LIST", "").split()
+    port = conf.get("EPICS_PVA_BROADCAST_PORT", "5076")
+    tcp = conf.get("EPICS_PVA_NAME_SERVERS", "").split()
+    parts = []
+    if udp:
+        parts.append(f"UDP search to {', '.join(udp)} (port {port} unless given)")
+    if tcp:
+        parts.append(f"TCP name servers {', '.join(tcp)}")
+    return "; ".join(parts) or "no search address configured"
+
+
 class NTNDArraySource:
     def __init__(self, channel: str, conf: dict, *, downstream: Iterable[Callable] = (),
-                 queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None):
+                 queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None,
+                 connect_timeout_s: float = 5.0):
         from p4p.client.thread import Context
 
         self.ctx = Context("pva", conf=conf, useenv=False, unwrap=False)
+        self.search = describe_search(conf)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.not_found = False     # True while the channel was not found within connect_timeout_s
+        self._timer: threading.Timer | None = None
+        self._attempt = 0          # bumps at each (re)subscription and each loss: a stale timer does nothing
+        self._seen_channel = False
         self.downstream = list(downstream)
         self.on_frame = on_frame
         self.queue_size = int(queue_size)
@@ -37,6 +73,8 @@ class NTNDArraySource:
         self.missed = 0
         self.errors = 0
         self.disconnects = 0
+        self.connections = 0       # times the channel (re)connected
+        self.stream = 0            # bumps at each (re)connection and each restart of the uniqueIds
         self.connected = False
         self.last_message = ""
         self._last_uid: int | None = None
@@ -52,33 +90,72 @@ class NTNDArraySource:
             self.channel = channel
             self._last_uid = None
             self.connected = False
+            self.not_found = False
+            self._seen_channel = False     # this channel connected since it was set
             if channel:
+                self._arm()
                 self._sub = self.ctx.monitor(channel, self._update, notify_disconnect=True,
                                              request=f"record[queueSize={self.queue_size}]")
+            else:
+                self._disarm()
 
     def close(self) -> None:
         with self._lock:
+            self._disarm()
             if self._sub is not None:
                 self._sub.close()
                 self._sub = None
         self.ctx.close()
 
+    # ------------------------------------------------------------------ search timeout
+    def _arm(self) -> None:
+        """Start the clock for the channel to be found (again)."""
+        self._disarm()
+        self._attempt += 1
+        t = threading.Timer(self.connect_timeout_s, self._timed_out, args=(self._attempt, self.channel))
+        t.daemon = True
+        self._timer = t
+        t.start()
+
+    def _disarm(self) -> None:
+        self._attempt += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self, attempt: int, channel: str) -> None:
+        if attempt != self._attempt or self.connected or channel != self.channel:
+            return
+        self.not_found = True
+        again = " again" if self._seen_channel else ""
+        self.report(f"detector channel {channel} not found{again} within {self.connect_timeout_s:g} s "
+                    f"({self.search}); still searching")
+
     # ------------------------------------------------------------------ updates
     def report(self, message: str) -> None:
         self.last_message = message
-        log.warning("%s: %s", self.channel, message)
+        log.info("%s: %s", self.channel, message)
 
     def _update(self, value) -> None:
         t = time.perf_counter()
         if isinstance(value, Exception):
             if self.connected:
                 self.disconnects += 1
-                self.report(f"detector channel {self.channel} disconnected: {type(value).__name__}")
+                self.connected = False
+                self.report(f"detector channel {self.channel} lost ({type(value).__name__}); searching again")
+                self._arm()
             self.connected = False
             return
         if not self.connected:
             self.connected = True
+            self.not_found = False
+            self._seen_channel = True
+            self._disarm()
             self._last_uid = None  # a new connection may restart the ids
+            self.connections += 1
+            self.stream += 1
+            self.report(f"connected to {self.channel}" + (f" (again, after {self.disconnects} disconnect(s))"
+                                                           if self.disconnects else ""))
         try:
             decoded = from_value(value)
         except CodecError as exc:
@@ -94,9 +171,12 @@ class NTNDArraySource:
         uid = decoded.unique_id
         if self._last_uid is not None and uid > self._last_uid + 1:
             self.missed += uid - self._last_uid - 1
+        elif self._last_uid is not None and uid <= self._last_uid:
+            self.stream += 1       # the detector started a new acquisition: not a gap, a break
         self._last_uid = uid
         self.received += 1
         frame = Frame.from_decoded(decoded, t_received=t)
+        frame.stream = self.stream
         if self.on_frame is not None:
             self.on_frame(frame)
         for fn in self.downstream:

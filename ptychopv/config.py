@@ -72,10 +72,25 @@ class PositionAttributes(Strict):
 
 
 class SourceOptions(Strict):
+    """Where the detector's NTNDArray channel is found, searched as beamlines configure PV Access:
+    UDP search to an address list (``EPICS_PVA_ADDR_LIST`` with ``EPICS_PVA_AUTO_ADDR_LIST=NO``),
+    TCP name servers only when listed. pvAccessCPP servers (areaDetector's NDPluginPva, pvaPy)
+    answer UDP searches only."""
+
     channel: str = "PTYSIM:Pva1:Image"
     """The detector's NTNDArray PVA channel (NDPluginPva's PvName)."""
+    addr_list: list[str] = ["127.0.0.1"]
+    """Where UDP searches go (EPICS_PVA_ADDR_LIST): host or host:port, e.g. the detector IOC's
+    host or its subnet's broadcast address."""
+    broadcast_port: Port = 5076
+    """UDP search port for addr_list entries without a port (EPICS_PVA_BROADCAST_PORT)."""
     name_servers: list[str] = ["127.0.0.1:5095"]
-    """host:port of PVA servers to find the detector channel at (TCP name servers)."""
+    """host:port of PVA servers searched over TCP as well (EPICS_PVA_NAME_SERVERS); optional, []
+    for none. p4p/pvxs servers (``ptychopv sim``) answer them, pvAccessCPP servers do not. The
+    default is the simulator's default port, so a default IOC finds a default simulator."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """A channel not found (or lost and not found again) within this says so in
+    Infer:Message_RBV; the search goes on."""
     position_attributes: PositionAttributes = PositionAttributes()
 
 
@@ -167,6 +182,9 @@ class GeometryOptions(Strict):
 class SampleOptions(Strict):
     size_px: Annotated[int, Field(ge=64, le=8192)] = 1024
     """Object array size (pixels, square); scans must fit inside."""
+    family: str = "natural"
+    """Kind of sample (ptychopv.science.samples.FAMILIES): natural (the images and features
+    below), ic, star, cell, or a training family (grf, shapes, mix)."""
     phase_image: str = "camera"
     """scikit-image sample image for the phase."""
     amplitude_image: str = "moon"
@@ -179,6 +197,16 @@ class SampleOptions(Strict):
     """Number of random etched features."""
     feature_phase: Annotated[float, Field(ge=0, le=3.0)] = 0.5
     """Phase depth of the etched features (rad)."""
+
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from .science.samples import FAMILIES
+
+        if v not in FAMILIES:
+            raise ValueError(f"unknown sample family {v!r}; allowed: {', '.join(FAMILIES)}")
+        return v
 
 
 class ProbeOptions(Strict):
@@ -251,6 +279,80 @@ class SimOptions(Strict):
         return v
 
 
+class ConsumerOptions(Strict):
+    """One scale-out consumer: a ``pvapy-hpc-consumer`` running ptychopv's processor."""
+
+    channel: str
+    """NTNDArray channel its per-frame phase results are published on (its own PVA server)."""
+    host: str = "127.0.0.1"
+    """Host it runs on: the IOC searches its channel there (UDP)."""
+    server_port: Port = 5079
+    """TCP port of its PVA server."""
+    broadcast_port: Port = 5076
+    """UDP search port of its PVA server (on one host, give each consumer its own)."""
+
+
+class MirrorOptions(Strict):
+    """A ``pvapy-mirror-server`` that re-serves ``source.channel`` with pvaPy's distributor, for a
+    detector whose server has none (``ptychopv sim``, NDPluginPva before EPICS 7.0.8)."""
+
+    channel: str = "PTYMIRROR:Image"
+    """Channel the mirror serves (the consumers' input)."""
+    host: str = "127.0.0.1"
+    """Host the mirror runs on (the consumers search it there)."""
+    server_port: Port = 5085
+    """TCP port of the mirror's PVA server."""
+    broadcast_port: Port = 5086
+    """UDP search port of the mirror's PVA server."""
+    queue_size: Annotated[int, Field(ge=0, le=100000)] = 100
+    """Queue of the mirror's subscription to the detector."""
+
+
+class ScaleOutOptions(Strict):
+    """Scale-out over pvaPy's streaming framework: N consumers share the detector stream through
+    the distributor (each frame to one consumer), preprocess and infer, and publish their
+    results; the IOC gathers them into one stitched image. No consumers: the IOC infers itself."""
+
+    consumers: Annotated[list[ConsumerOptions], Field(max_length=64)] = []
+    """The consumers, in order (consumer id = position + 1)."""
+    input_channel: Optional[str] = None
+    """Channel the consumers read through the distributor (its server must have one: pvaPy's,
+    or NDPluginPva on EPICS 7.0.8+ with distributor_plugin "distributor"); null: the mirror of
+    source.channel."""
+    input_search: list[str] = []
+    """UDP search addresses (host[:port]) of input_channel for the consumers; empty: the mirror's
+    host and port, or source.addr_list when input_channel is set."""
+    distributor_plugin: str = "pydistributor"
+    """Name of the distributor plugin of the input channel's server."""
+    distributor_group: str = "ptychopv"
+    """Distributor group of this IOC's consumers (another group gets its own copy of the stream)."""
+    queue_size: Annotated[int, Field(ge=1, le=100000)] = 100
+    """Server-side queue of each consumer's input and of the IOC's subscription to each result channel."""
+    mirror: MirrorOptions = MirrorOptions()
+    engine: Optional[str] = None
+    """Inference engine of the consumers; null: chain.engine."""
+    threads: Annotated[int, Field(ge=0, le=256)] = 1
+    """CPU threads per consumer for inference (0: the engine's default)."""
+    reorder_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """The gatherer hands results to the stitcher in uniqueId order; a result waits at most this
+    for the frames before it (a consumer that stalls longer no longer holds the others up)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str | None) -> str | None:
+        if v is not None and v != "auto" and v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r}; allowed: auto, {', '.join(ENGINES)}")
+        return v
+
+    @field_validator("consumers")
+    @classmethod
+    def _distinct(cls, v: list[ConsumerOptions]) -> list[ConsumerOptions]:
+        names = [c.channel for c in v]
+        if len(set(names)) != len(names):
+            raise ValueError("each consumer needs its own channel")
+        return v
+
+
 class Config(Strict):
     """The whole configuration file."""
 
@@ -267,6 +369,7 @@ class Config(Strict):
     recon: ReconOptions = ReconOptions()
     train: TrainOptions = TrainOptions()
     sim: SimOptions = SimOptions()
+    scaleout: ScaleOutOptions = ScaleOutOptions()
     _source: Optional[Path] = PrivateAttr(None)
 
     @field_validator("prefix")

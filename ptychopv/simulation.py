@@ -12,6 +12,7 @@ import numpy as np
 
 from .science import physics
 from .config import SimOptions
+from .science.samples import make_sample
 from .io.scanfile import Scan, ScanWriter, Truth, load_any_scan
 
 
@@ -51,9 +52,13 @@ def simulate_scan(opts: SimOptions) -> ScanSource:
         raise ValueError(f"the scan reaches {np.abs(pts).max():.3g} m from the sample centre but the "
                          f"{size}-pixel sample allows {half:.3g} m: raise sim.sample.size_px or shrink the scan")
     s = opts.sample
-    obj = physics.make_object((size, size), phase_image=s.phase_image, amplitude_image=s.amplitude_image,
-                              max_phase=s.max_phase, min_amplitude=s.min_amplitude, features=s.features,
-                              feature_phase=s.feature_phase, seed=opts.seed)
+    if s.family == "natural":
+        obj = physics.make_object((size, size), phase_image=s.phase_image, amplitude_image=s.amplitude_image,
+                                  max_phase=s.max_phase, min_amplitude=s.min_amplitude, features=s.features,
+                                  feature_phase=s.feature_phase, seed=opts.seed)
+    else:
+        obj = make_sample(s.family, (size, size), seed=opts.seed, max_phase=s.max_phase + s.feature_phase,
+                          min_amplitude=s.min_amplitude)
     sim = physics.simulate(obj, probe, pts, pix, opts.dose, seed=opts.seed + 1, beam_m=opts.probe.beam_m,
                            step_m=step_m)
     attrs = {"energy_ev": g.energy_ev, "detector_distance_m": g.distance_m, "detector_pixel_size_m": g.detector_pixel_m}

@@ -17,7 +17,7 @@ import pytest
 from ptychopv.io.epics_env import apply_loopback, free_port, pva_client_conf
 
 apply_loopback()
-CA_PORTS = [free_port() for _ in range(3)]
+CA_PORTS = [free_port() for _ in range(4)]
 os.environ["EPICS_CA_ADDR_LIST"] = " ".join(f"127.0.0.1:{p}" for p in CA_PORTS)
 os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
 os.environ["EPICS_CA_REPEATER_PORT"] = str(free_port())

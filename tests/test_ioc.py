@@ -42,11 +42,12 @@ def test_core_pvs_and_their_fields_over_ca(ioc):
     assert caget(p + "SSIM_RBV") == 0.0
     assert caget(p + "FrameRate_RBV.EGU") == "Hz"
     assert caget(p + "ScaleFactor.PREC") == 3
-    assert caget(p + "ScaleFactor.DRVH") == 1000.0 and caget(p + "ScaleFactor.DRVL") == 0.001
+    # limits are the display range; a value beyond them is refused, not clamped (no DRVL/DRVH)
+    assert caget(p + "ScaleFactor.HOPR") == 1000.0 and caget(p + "ScaleFactor.LOPR") == 0.001
     assert caget(p + "SSIM_RBV.HOPR") == 1.0
     assert caget(p + "ScaleFactor.DESC") == "Intensity multiplier before infer"
     sf = ctrl(p + "ScaleFactor")
-    assert sf.precision == 3 and sf.upper_ctrl_limit == 1000.0 and sf.lower_ctrl_limit == 0.001
+    assert sf.precision == 3 and sf.upper_disp_limit == 1000.0 and sf.lower_disp_limit == 0.001
 
 
 def test_core_pvs_over_pva(ioc, pva_ctx):
@@ -55,7 +56,7 @@ def test_core_pvs_over_pva(ioc, pva_ctx):
     assert fr.value == 0.0 and fr.display.units == "Hz" and fr.display.precision == 1
     sf = pva_ctx.get(p + "ScaleFactor")
     assert sf.display.precision == 3
-    assert sf.control.limitHigh == 1000.0 and sf.control.limitLow == 0.001
+    assert sf.display.limitHigh == 1000.0 and sf.display.limitLow == 0.001
     assert pva_ctx.get(p + "ModelVersion_RBV").value == 0
     assert 0.0 <= pva_ctx.get(p + "SSIM_RBV").value <= 1.0
     # the chain's images are NTNDArrays on the image server
@@ -76,16 +77,15 @@ def test_caput_round_trips_and_limits_are_enforced(ioc):
     assert epics.caput(p + "ScaleFactor", 7.5, wait=True, timeout=10) == 1
     # the put-callback completes after the readback is set
     assert caget(p + "ScaleFactor_RBV") == 7.5
-    epics.caput(p + "ScaleFactor", -2.0, wait=True, timeout=10)
-    assert caget(p + "ScaleFactor") == 0.001 and caget(p + "ScaleFactor_RBV") == 0.001  # clamped to DRVL
-    epics.caput(p + "ScaleFactor", 1e9, wait=True, timeout=10)
-    assert caget(p + "ScaleFactor_RBV") == 1000.0
-    epics.caput(p + "ScaleFactor", 2.0, wait=True, timeout=10)
-    epics.caput(p + "ScaleFactor", math.nan, wait=True, timeout=10)  # refused: value stays
-    assert caget(p + "ScaleFactor_RBV") == 2.0
+    for bad in (-2.0, 1e9, math.nan, math.inf, -math.inf):    # refused: the value stays, and says why
+        epics.caput(p + "ScaleFactor", bad, wait=True, timeout=10)
+        assert caget(p + "ScaleFactor") == 7.5 and caget(p + "ScaleFactor_RBV") == 7.5
+        assert "ScaleFactor" in caget(p + "Infer:Message_RBV", as_string=True)
+        assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "MINOR"
     epics.caput(p + "Infer:BatchSize", 0, wait=True, timeout=10)
-    assert caget(p + "Infer:BatchSize_RBV") == 1
+    assert caget(p + "Infer:BatchSize_RBV") == 8
     epics.caput(p + "ScaleFactor", 1.0, wait=True, timeout=10)
+    assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "NO_ALARM"   # an accepted value clears it
 
 
 def test_pva_put_round_trips(ioc, pva_ctx):

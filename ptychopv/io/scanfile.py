@@ -9,6 +9,9 @@
     /entry/data/timeStamp        (N,) float64 seconds since 1970 (the array's timeStamp)
     /entry/data/position_x_m     (N,) float64 probe x on the sample (m); NaN if unknown
     /entry/data/position_y_m     (N,) float64 probe y on the sample (m); NaN if unknown
+    /entry/data/stream           (N,) int32   the detector stream each frame came from: it changes
+                                              where the stream restarted (the IOC reconnected, or
+                                              the detector began a new acquisition)
     /entry/truth                 (simulated scans only) ground truth:
         object (Ny, Nx) complex64, probe (n, n) complex64,
         attrs: object_pixel_size_m, beam_m, step_m; positions are those of /entry/data.
@@ -38,6 +41,13 @@ class Scan:
     positions_m: np.ndarray      # (N, 2) as (x, y)
     timestamp: np.ndarray
     attrs: dict = field(default_factory=dict)
+    stream: np.ndarray | None = None   # (N,) per frame; None for files without it
+
+    def breaks(self) -> np.ndarray:
+        """Indices of the frames where the detector stream restarted (empty: one stream)."""
+        if self.stream is None or len(self.stream) < 2:
+            return np.zeros(0, dtype=np.intp)
+        return np.flatnonzero(np.diff(self.stream)) + 1
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -78,17 +88,18 @@ class ScanWriter:
         self._ts = mk("timeStamp", np.float64)
         self._x = mk("position_x_m", np.float64)
         self._y = mk("position_y_m", np.float64)
+        self._stream = mk("stream", np.int32)
 
     def append(self, frame: np.ndarray, unique_id: int, x_m: float = float("nan"), y_m: float = float("nan"),
-               timestamp: float = float("nan")) -> None:
+               timestamp: float = float("nan"), stream: int = 0) -> None:
         frame = np.asarray(frame)
         if frame.shape != self.frame_shape:
             raise ValueError(f"frame shape {frame.shape} does not match the scan's {self.frame_shape}")
         i = self.count
-        for ds in (self._data, self._uid, self._ts, self._x, self._y):
+        for ds in (self._data, self._uid, self._ts, self._x, self._y, self._stream):
             ds.resize(i + 1, axis=0)
         self._data[i] = frame.astype(self.dtype, copy=False)
-        self._uid[i], self._ts[i], self._x[i], self._y[i] = unique_id, timestamp, x_m, y_m
+        self._uid[i], self._ts[i], self._x[i], self._y[i], self._stream[i] = unique_id, timestamp, x_m, y_m, stream
         self.count = i + 1
         if self.count % self.flush_every == 0:
             self._file.flush()
@@ -135,7 +146,9 @@ def read_scan(path: str | Path) -> Scan:
 
         pos = np.stack([col("position_x_m", np.nan), col("position_y_m", np.nan)], axis=1).astype(np.float64)
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f["entry"].attrs.items()}
-        return Scan(g["data"][:n], col("uniqueId", -1).astype(np.int64), pos, col("timeStamp", np.nan), attrs)
+        stream = g["stream"][:n].astype(np.int64) if "stream" in g else None
+        return Scan(g["data"][:n], col("uniqueId", -1).astype(np.int64), pos, col("timeStamp", np.nan), attrs,
+                    stream)
 
 
 def read_truth(path: str | Path) -> Truth:

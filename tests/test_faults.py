@@ -1,0 +1,358 @@
+"""Fault injection with real processes on loopback: what an operator, a network or a crash does to the
+IOC, and what it must do back. Each test names the fault it reproduces (issue 14's list).
+
+- a reconstruction worker SIGKILLed mid-job: that run fails with the reason, the next Start works,
+  and SIGTERM during a run stops the IOC within seconds with its settings saved;
+- out-of-range enums, over-long strings, file names no filesystem takes, NaN and infinities,
+  over CA and PVA: refused (PVA: an error; CA: the value stays, a WRITE alarm and the reason),
+  never stored, never autosaved;
+- a poisoned autosave file: start-up skips the bad values, says so, and comes up;
+- a broken newest model version, selected and autosaved: the chain runs the newest good one,
+  does not retry the broken one every second, and comes back to it after a restart;
+- host and user rules that mean the same over CA and PVA; a missing access file;
+- frames before a model is loaded: a waiting state, not errors.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import epics
+import numpy as np
+import pytest
+import yaml
+from p4p.client.thread import Context
+
+from ptychopv.inference.registry import ModelRegistry, shipped_registry
+from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.procs import start_ioc, start_sim
+
+from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config
+from .test_chain import caget, wait_until
+
+pytestmark = [pytest.mark.epics, pytest.mark.slow]
+
+
+def pva(h, *extra_ports) -> Context:
+    return Context("pva", conf=pva_client_conf(h.pva_port, h.image_port, *extra_ports), useenv=False, unwrap=False)
+
+
+def refused_over_pva(ctx, name, value) -> bool:
+    try:
+        ctx.put(name, value, wait=True, timeout=10)
+    except Exception:  # noqa: BLE001 - p4p raises RemoteError for a refused put
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- settings
+@pytest.fixture(scope="module")
+def plain_ioc(tmp_path_factory):
+    h = write_ioc_config(tmp_path_factory.mktemp("faults"), f"FL{os.getpid()}:", CA_PORTS[3],
+                         extra="chain: {seed_demo_model: false}\n")
+    child = start_ioc(h.config)
+    ctx = pva(h)
+    yield h, ctx, child
+    ctx.close()
+    child.stop()
+
+
+@pytest.mark.parametrize("name, bad, good", [
+    ("Stitch:PositionSource", 5, 0),        # three states
+    ("Stitch:PositionSource", 7, 0),
+    ("Recon:Engine", 9, 0),                 # four algorithms
+    ("Infer:EnableCallbacks", 2, 1),
+    ("Infer:BatchSize", 5000, 8),           # 1 .. 1024
+    ("ScaleFactor", float("nan"), 1.0),
+    ("ScaleFactor", float("inf"), 1.0),
+    ("ScaleFactor", -1.0, 1.0),
+])
+def test_out_of_range_values_are_refused_over_ca_and_pva(plain_ioc, name, bad, good):
+    """Refused means: never stored (so never autosaved), the reason in Message_RBV, a WRITE alarm
+    on the readback, over either protocol. The put itself completes: a soft record's refusal is
+    not carried back to a CA put-callback (dbNotify reports field-conversion failures only), and
+    QSRV returns it to a PVA put only for some record types and values."""
+    h, ctx, _ = plain_ioc
+    pv = h.pv(name)
+    refused_over_pva(ctx, pv, bad)
+    assert caget(pv) == good
+    epics.caput(pv, bad, wait=True, timeout=10)              # CA: the put-callback completes, the value does not
+    assert caget(pv) == good and caget(pv + "_RBV") == good
+    msg = caget(h.pv(name.split(":")[0] + ":Message_RBV") if ":" in name else h.pv("Infer:Message_RBV"),
+                as_string=True)
+    assert name in msg and "refused" in msg
+    assert caget(pv + "_RBV.SEVR", as_string=True) == "MINOR"
+    assert caget(pv + "_RBV.STAT", as_string=True) == "WRITE"
+    epics.caput(pv, good, wait=True, timeout=10)             # an accepted value clears the alarm
+    assert caget(pv + "_RBV.SEVR", as_string=True) == "NO_ALARM"
+
+
+def test_a_position_source_without_its_config_is_refused_at_the_record(plain_ioc):
+    h, ctx, _ = plain_ioc
+    epics.caput(h.pv("Stitch:PositionSource"), "File", wait=True, timeout=10)
+    assert caget(h.pv("Stitch:PositionSource")) == 0
+    assert "chain.positions_file" in caget(h.pv("Stitch:Message_RBV"), as_string=True)
+
+
+def test_long_strings_and_impossible_file_names_are_refused(plain_ioc):
+    h, ctx, _ = plain_ioc
+    pv = h.pv("Recon:ScanFile")
+    epics.caput(pv, "scans/scan_00001.h5", wait=True, timeout=10)
+    for bad, why in (("x" * 600, "longer than the record"), ("scans/" + "y" * 300 + ".h5", "path component")):
+        refused_over_pva(ctx, pv, bad)
+        assert caget(pv, as_string=True) == "scans/scan_00001.h5"
+        assert why in caget(h.pv("Recon:Message_RBV"), as_string=True) or bad == "x" * 600
+        epics.caput(pv, bad, wait=True, timeout=10)
+        assert caget(pv, as_string=True) == "scans/scan_00001.h5"
+        assert why in caget(h.pv("Recon:Message_RBV"), as_string=True)
+
+
+def test_refused_values_never_reach_autosave(plain_ioc):
+    h, ctx, _ = plain_ioc
+    epics.caput(h.pv("Infer:BatchSize"), 32, wait=True, timeout=10)
+    refused_over_pva(ctx, h.pv("Stitch:PositionSource"), 7)
+    epics.caput(h.pv("Recon:Engine"), 9, wait=True, timeout=10)
+    sav = Path(h.config).parent / "autosave" / f"{h.prefix.rstrip(':')}.softsav"
+    wait_until(lambda: sav.exists() and yaml.safe_load(sav.read_text()).get(h.pv("Infer:BatchSize")) == 32,
+               what="autosave written")
+    saved = yaml.safe_load(sav.read_text())
+    assert saved[h.pv("Stitch:PositionSource")] == 0 and saved[h.pv("Recon:Engine")] == 0
+    epics.caput(h.pv("Infer:BatchSize"), 8, wait=True, timeout=10)
+
+
+def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
+    h = write_ioc_config(tmp_path, f"PA{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    (tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").write_text(yaml.safe_dump({
+        p + "Stitch:PositionSource": 7, p + "Recon:Engine": 9, p + "ScaleFactor": float("nan"),
+        p + "Infer:BatchSize": 100000, p + "Gone:Setting": 1, p + "Infer:FlushTimeout": 0.01}))
+    child = start_ioc(h.config, timeout=60)                  # "ready": start-up did not block
+    try:
+        assert caget(h.pv("Stitch:PositionSource")) == 0 and caget(h.pv("Recon:Engine")) == 0
+        assert caget(h.pv("Infer:BatchSize")) == 8 and caget(h.pv("ScaleFactor")) == 1.0
+        assert caget(h.pv("Infer:FlushTimeout")) == pytest.approx(0.01)      # the good value restored
+        assert "not restored" in caget(h.pv("Stitch:Message_RBV"), as_string=True)
+        assert "not restored" in caget(h.pv("Recon:Message_RBV"), as_string=True)
+    finally:
+        assert child.stop() == 0
+
+
+def test_an_unreadable_autosave_file_is_moved_aside(tmp_path):
+    h = write_ioc_config(tmp_path, f"PU{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    sav = tmp_path / "autosave" / f"{h.prefix.rstrip(':')}.softsav"
+    sav.write_text("{{{ not yaml")
+    child = start_ioc(h.config, timeout=60)
+    try:
+        assert (tmp_path / "autosave" / (sav.name + ".unreadable")).exists()
+        assert "unreadable" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    finally:
+        child.stop()
+
+
+# ----------------------------------------------------------------------------- access
+def _ioc_with_access(tmp_path, access: str):
+    h = write_ioc_config(tmp_path, f"AC{os.getpid()}:", CA_PORTS[1],
+                         extra=f"chain: {{seed_demo_model: false}}\naccess: {access}\n")
+    return h, start_ioc(h.config)
+
+
+@pytest.mark.parametrize("rule, allowed", [
+    ("{write_hosts: [%s]}" % socket.gethostname(), True),
+    ("{write_hosts: ['127.0.0.1']}", True),
+    ("{write_hosts: [not-this-host.invalid]}", False),
+    ("{write_users: [%s]}" % getpass.getuser(), True),
+    ("{write_users: [someone-else]}", False),
+])
+def test_host_and_user_rules_mean_the_same_over_ca_and_pva(tmp_path, rule, allowed):
+    h, child = _ioc_with_access(tmp_path, rule)
+    ctx = pva(h)
+    try:
+        pv = epics.get_pv(h.pv("Auto:Tolerance"))
+        assert pv.wait_for_connection(timeout=10)
+        assert pv.write_access == allowed, f"CA write access {pv.write_access} under {rule}"
+        assert refused_over_pva(ctx, h.pv("Auto:Tolerance"), 0.2) == (not allowed), f"PVA under {rule}"
+        assert caget(h.pv("Auto:Tolerance")) == pytest.approx(0.2 if allowed else 0.1)
+    finally:
+        ctx.close()
+        child.stop()
+
+
+def test_a_missing_access_file_is_one_line_naming_the_key(tmp_path):
+    h = write_ioc_config(tmp_path, f"AF{os.getpid()}:", CA_PORTS[1], extra="access: {file: nowhere.acf}\n")
+    done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(h.config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "access.file" in lines[0] and "nowhere.acf" in lines[0], done.stderr
+
+
+# ----------------------------------------------------------------------------- models
+def test_a_broken_newest_version_is_not_retried_and_not_kept_across_a_restart(tmp_path):
+    h = write_ioc_config(tmp_path, f"BM{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {engine: onnxruntime, registry: registry}\n")
+    child = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the seeded model runs")
+        reg = ModelRegistry(tmp_path / "registry")
+        v1 = reg.get(1)
+        # a version whose ONNX file is truncated after publishing (its hash no longer matches)
+        v2 = reg.publish(v1.onnx_path, dict(v1.publishable_card(), note="broken"), weights_path=v1.weights_path)
+        onnx = v2.path / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes()[:2000])
+        wait_until(lambda: "v2 not loaded" in caget(h.pv("Infer:Message_RBV"), as_string=True), timeout=60,
+                   what="the broken version reported")
+        assert caget(h.pv("ModelVersion_RBV")) == 1
+        assert caget(h.pv("Infer:Message_RBV.SEVR"), as_string=True) == "MINOR"
+        n = sum("model v2 not loaded" in line for line in child.lines)
+        time.sleep(3.0)      # three registry polls: a known-broken version is not tried again
+        assert sum("model v2 not loaded" in line for line in child.lines) == n
+        epics.caput(h.pv("Model:Select"), 2, wait=True, timeout=30)          # refused at the record
+        assert caget(h.pv("Model:Select")) == 0 and caget(h.pv("ModelVersion_RBV")) == 1
+    finally:
+        assert child.stop() == 0
+    sav = tmp_path / "autosave" / f"{h.prefix.rstrip(':')}.softsav"
+    saved = yaml.safe_load(sav.read_text())
+    assert saved[h.pv("Model:Select")] == 0
+    saved[h.pv("Model:Select")] = 2                         # as an older IOC would have saved it
+    sav.write_text(yaml.safe_dump(saved))
+    child = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the newest good version runs")
+        wait_until(lambda: caget(h.pv("Infer:Status_RBV"), as_string=True) in ("Idle", "Running"),
+                   what="the chain running, not 'No model'")
+        assert caget(h.pv("Model:Select")) == 0
+    finally:
+        assert child.stop() == 0
+
+
+def test_frames_before_any_model_are_waiting_not_errors_and_are_captured(tmp_path):
+    sim_port = free_port()
+    sp = f"WM{os.getpid()}:"
+    extra = hpc_loop_extra(sp, sim_port, seed_demo_model=False).replace("frame_rate_hz: 400", "frame_rate_hz: 100")
+    h = write_ioc_config(tmp_path, f"WMI{os.getpid()}:", CA_PORTS[1], extra=extra)
+    sim = start_sim(h.config)
+    child = start_ioc(h.config)
+    ctx = pva(h, sim_port)
+    try:
+        n = int(ctx.get(sp + "NumFrames_RBV").value)
+        epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+        ctx.put(sp + "Acquire", 1)
+        wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) >= n, timeout=60, what="the scan captured")
+        epics.caput(h.pv("Scan:Capture"), 0, wait=True)
+        wait_until(lambda: caget(h.pv("Infer:Status_RBV"), as_string=True) == "Waiting for model",
+                   what="the waiting state")
+        assert caget(h.pv("Infer:Errors_RBV")) == 0
+        assert caget(h.pv("Infer:Status_RBV.SEVR"), as_string=True) == "MINOR"
+        assert "waiting for a model" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+        reg = ModelRegistry(tmp_path / "registry")
+        src = ModelRegistry(shipped_registry(), create=False).latest()
+        reg.publish(src.onnx_path, src.publishable_card(), weights_path=src.weights_path)
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the model published runs")
+        wait_until(lambda: caget(h.pv("Infer:Status_RBV"), as_string=True) in ("Idle", "Running"),
+                   what="the chain no longer waiting")
+    finally:
+        ctx.close()
+        child.stop()
+        sim.stop()
+
+
+# ----------------------------------------------------------------------------- jobs
+def worker_pids(ioc_pid: int) -> list[int]:
+    """Pids of the IOC's process-pool workers (spawned Python children running spawn_main)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == ioc_pid and "spawn_main" in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def recon_rig(tmp_path_factory):
+    pytest.importorskip("ptychi", reason="the reconstruction worker needs the [hpc] extra")
+    folder = tmp_path_factory.mktemp("killed")
+    sim_port = free_port()
+    sp = f"KS{os.getpid()}:"
+    h = write_ioc_config(folder, f"KI{os.getpid()}:", CA_PORTS[1],
+                         extra=hpc_loop_extra(sp, sim_port, seed_demo_model=False))
+    sim = start_sim(h.config)
+    child = start_ioc(h.config)
+    ctx = pva(h, sim_port)
+    n = int(ctx.get(sp + "NumFrames_RBV").value)
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) >= n, timeout=60, what="the scan captured")
+    epics.caput(h.pv("Scan:Capture"), 0, wait=True)
+    epics.caput(h.pv("Recon:Iterations"), 400, wait=True)
+    yield h, child, folder
+    ctx.close()
+    child.stop()
+    sim.stop()
+
+
+def test_a_killed_worker_fails_its_job_and_the_next_start_succeeds(recon_rig):
+    h, child, _ = recon_rig
+    ca_pv = epics.get_pv(h.pv("Recon:Start"))
+    ca_pv.wait_for_connection(timeout=10)
+    done = []
+    ca_pv.put(1, wait=False, use_complete=True, callback=lambda **kw: done.append(True))
+    wait_until(lambda: caget(h.pv("Recon:Progress_RBV")) > 1.0, timeout=120, what="the reconstruction running")
+    pids = worker_pids(child.proc.pid)
+    assert pids, "no worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: done, timeout=60, what="the put-callback of the killed run")
+    assert caget(h.pv("Recon:Status_RBV"), as_string=True) == "Failed"
+    msg = caget(h.pv("Recon:Message_RBV"), as_string=True)
+    assert "executor failed" in msg or "BrokenProcessPool" in msg, msg
+    assert caget(h.pv("Recon:Status_RBV.SEVR"), as_string=True) == "MAJOR"
+    epics.caput(h.pv("Recon:Abort"), 1, wait=True, timeout=10)               # nothing to abort, said so
+    assert "nothing to abort" in caget(h.pv("Recon:Message_RBV"), as_string=True)
+    epics.caput(h.pv("Recon:Iterations"), 10, wait=True)
+    assert epics.caput(h.pv("Recon:Start"), 1, wait=True, timeout=300) == 1  # the pool was rebuilt
+    assert caget(h.pv("Recon:Status_RBV"), as_string=True) == "Done", caget(h.pv("Recon:Message_RBV"),
+                                                                             as_string=True)
+
+
+def test_sigterm_during_a_job_stops_the_ioc_in_seconds_with_settings_saved(recon_rig):
+    h, child, folder = recon_rig
+    epics.caput(h.pv("Recon:Iterations"), 400, wait=True)
+    epics.caput(h.pv("Auto:Tolerance"), 0.3, wait=True)
+    epics.caput(h.pv("Recon:Start"), 1, wait=False)
+    wait_until(lambda: caget(h.pv("Recon:Status_RBV"), as_string=True) == "Running", timeout=120,
+               what="the reconstruction running")
+    workers = worker_pids(child.proc.pid)
+    t0 = time.monotonic()
+    child.proc.send_signal(signal.SIGTERM)
+    child.proc.wait(timeout=30)
+    assert time.monotonic() - t0 < 15 and child.proc.returncode == 0
+    saved = yaml.safe_load((folder / "autosave" / f"{h.prefix.rstrip(':')}.softsav").read_text())
+    assert saved[h.pv("Auto:Tolerance")] == pytest.approx(0.3)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    assert not alive, f"workers left running: {alive}"
+
+
+def test_counters_saturate_instead_of_wrapping():
+    from ptychopv.ioc.chain import INT32_MAX, saturated
+
+    assert saturated(5) == (5, 0)
+    assert saturated(2 * 10**9 + 2 * 10**9) == (INT32_MAX, 2)
+    assert np.int32(saturated(4 * 10**9)[0]) > 0
