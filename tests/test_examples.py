@@ -187,3 +187,58 @@ def test_bluesky_plan_and_count(beamline, monkeypatch):
     finally:
         acquire.destroy()
         ptycho.destroy()
+
+
+def test_the_example_config_runs_the_whole_loop_against_its_own_simulator(tmp_path):
+    """examples/ptychopv.yaml as a user copies it: only ports, prefixes and a shorter scan changed."""
+    import yaml
+    from p4p.client.thread import Context
+
+    from ptychopv.inference.registry import shipped_registry
+    from ptychopv.inference import ModelRegistry
+
+    cfg = yaml.safe_load((EXAMPLES / "ptychopv.yaml").read_text())
+    sim_port, p = free_port(), f"EXC{os.getpid()}:"
+    cfg["prefix"] = p
+    cfg["epics"] = {"ca_server_port": CA_PORTS[2], "ca_repeater_port": free_port(), "pva_server_port": free_port(),
+                    "pva_broadcast_port": free_port(), "image_pva_port": free_port()}
+    cfg["autosave"]["period_s"] = 0.5
+    cfg["sim"].update(prefix=f"EXS{os.getpid()}:", pva_server_port=sim_port, pva_broadcast_port=free_port(),
+                      frame_rate_hz=300)
+    cfg["sim"]["scan"]["extent_m"] = 2.4e-6
+    cfg["source"] = {"channel": cfg["sim"]["prefix"] + "Pva1:Image", "name_servers": [f"127.0.0.1:{sim_port}"],
+                     "position_attributes": cfg["source"]["position_attributes"]}
+    path = tmp_path / "ptychopv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    sim, ioc = start_sim(path), start_ioc(path)
+    ctx = Context("pva", conf=pva_client_conf(cfg["epics"]["pva_server_port"], sim_port), useenv=False, unwrap=False)
+    try:
+        t0 = time.monotonic()
+        while caget(p + "ModelVersion_RBV") != 1:
+            assert time.monotonic() - t0 < 120, "the shipped model did not load"
+            time.sleep(0.1)
+        trained_for = ModelRegistry(shipped_registry(), create=False).latest().card.get("beamline")
+        if trained_for:   # the shipped model's beamline is the example's: no warning
+            assert "another beamline" not in caget(p + "Infer:Message_RBV", as_string=True)
+        n = int(ctx.get(cfg["sim"]["prefix"] + "NumFrames_RBV").value)
+        epics.caput(p + "Recon:Iterations", 15, wait=True)
+        epics.caput(p + "Train:Epochs", 2, wait=True)
+        epics.caput(p + "Scan:Capture", 1, wait=True)
+        ctx.put(cfg["sim"]["prefix"] + "Acquire", 1)
+        t0 = time.monotonic()
+        while caget(p + "Scan:FramesCaptured_RBV") < n:
+            assert time.monotonic() - t0 < 60, "the scan was not captured"
+            time.sleep(0.1)
+        epics.caput(p + "Scan:Capture", 0, wait=True)
+        assert epics.caput(p + "Recon:Start", 1, wait=True, timeout=600) == 1
+        assert caget(p + "Recon:Status_RBV", as_string=True) == "Done", caget(p + "Recon:Message_RBV", as_string=True)
+        assert epics.caput(p + "Train:Start", 1, wait=True, timeout=600) == 1
+        assert caget(p + "Train:Status_RBV", as_string=True) == "Done", caget(p + "Train:Message_RBV", as_string=True)
+        t0 = time.monotonic()
+        while caget(p + "ModelVersion_RBV") != 2:
+            assert time.monotonic() - t0 < 120, "the trained model did not go live"
+            time.sleep(0.1)
+    finally:
+        ctx.close()
+        ioc.stop()
+        sim.stop()
