@@ -283,6 +283,28 @@ HPC = [
     PV("HPC:Workers_RBV", "longin", "Workers available", initial=0, group="hpc"),
 ]
 
+MAX_CONSUMERS = 64   # scaleout.consumers at most; the per-consumer waveforms' length
+
+# Scale-out (config ``scaleout``): N pvaPy consumers infer, the IOC gathers their results into
+# Stitch. Index i of a per-consumer waveform is consumer i + 1 of the config.
+SCALE = [
+    PV("Scale:Consumers_RBV", "longin", "Scale-out consumers configured", initial=0, group="scale",
+       doc="0: the IOC infers itself (no scale-out)"),
+    PV("Scale:Connected_RBV", "longin", "Scale-out consumers connected", initial=0, group="scale"),
+    PV("Scale:FrameRate_RBV", "ai", "Results gathered per second", egu="Hz", prec=1, initial=0.0, group="scale"),
+    PV("Scale:Frames_RBV", "longin", "Results handed to Stitch", initial=0, group="scale"),
+    PV("Scale:Missing_RBV", "longin", "UniqueIds never gathered", initial=0, group="scale",
+       doc="gaps in the merged uniqueIds of all consumers' results"),
+    PV("Scale:Duplicates_RBV", "longin", "UniqueIds gathered twice", initial=0, group="scale"),
+    PV("Scale:ConsumerRates_RBV", "waveform_in", "Results per second by consumer", egu="Hz",
+       length=MAX_CONSUMERS, ftvl="DOUBLE", group="scale"),
+    PV("Scale:ConsumerFrames_RBV", "waveform_in", "Results received by consumer", length=MAX_CONSUMERS,
+       ftvl="LONG", group="scale"),
+    PV("Scale:ConsumerDropped_RBV", "waveform_in", "Frames dropped by consumer", length=MAX_CONSUMERS,
+       ftvl="LONG", group="scale", doc="input gaps and failures it reported, results lost on the way or late"),
+    PV("Scale:Message_RBV", "stringin", "Scale-out last message", initial="", length=256, group="scale"),
+]
+
 SCHEMA: list[PV] = []
 
 
@@ -291,7 +313,8 @@ def _rebuild() -> None:
     algorithms, position sources): call :func:`refresh` after registering one at run time."""
     recon = [replace(pv, states=tuple(a.label for a in ALGORITHMS.values())) if pv.name == "Recon:Engine" else pv
              for pv in RECON]
-    SCHEMA[:] = CORE + [pv for st in STAGES for pv in st.records()] + SCAN + recon + TRAIN + MODEL + AUTO + HPC
+    SCHEMA[:] = (CORE + [pv for st in STAGES for pv in st.records()] + SCAN + recon + TRAIN + MODEL + AUTO + HPC
+                 + SCALE)
     _check()
 
 

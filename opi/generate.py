@@ -169,7 +169,8 @@ def overview() -> str:
 
     cols = [[("Live chain", group_decls("core")), ("Stages", stage_recs, prefixes)],
             [("Scan", rest("scan")), ("Reconstruction", rest("recon")), ("Model", rest("model"))],
-            [("Training", rest("train")), ("Continual learning (Auto:)", rest("auto")), ("HPC", rest("hpc"))]]
+            [("Training", rest("train")), ("Continual learning (Auto:)", rest("auto")), ("HPC", rest("hpc")),
+             ("Scale-out (Scale:)", rest("scale"))]]
     widgets, width, height = columns(cols, TOP)
     return finish(OVERVIEW, widgets, width, height)
 

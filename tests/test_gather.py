@@ -1,0 +1,192 @@
+"""Scale-out without servers: the gatherer's merge and counters, and one consumer's work on a frame.
+
+The gatherer is driven through :meth:`Gatherer.add` / :meth:`Gatherer.update` as the p4p
+monitors drive it; :class:`ConsumerCore` is what ``pvapy-hpc-consumer`` runs, without pvaPy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from ptychopv.io.ntndarray import to_value
+from ptychopv.plugins.frame import Frame
+from ptychopv.plugins.gather import CONSUMER_ERRORS, CONSUMER_MISSED, CONSUMER_SEQ, Gatherer
+from ptychopv.scaleout import ConsumerCore
+
+from .test_chain import wait_until
+
+
+class Sink:
+    def __init__(self):
+        self.batches: list[list[Frame]] = []
+
+    def __call__(self, frames):
+        self.batches.append(list(frames))
+
+    @property
+    def uids(self) -> list[int]:
+        return [f.unique_id for b in self.batches for f in b]
+
+
+def gatherer(n=2, reorder_s=5.0):
+    sink = Sink()
+    g = Gatherer([f"C{i}:Phase" for i in range(n)], None, downstream=[sink], reorder_s=reorder_s)
+    for c in g.consumers:
+        c.connected = True
+    return g, sink
+
+
+def frame(uid, seq=None, **attrs):
+    if seq is not None:
+        attrs[CONSUMER_SEQ] = seq
+    return Frame(np.zeros((4, 4), np.float32), uid, attributes=attrs)
+
+
+def test_interleaved_results_leave_in_unique_id_order_each_once():
+    g, sink = gatherer()
+    # consumer 0 has the odd frames, consumer 1 the even ones; consumer 0 runs ahead
+    for uid in (1, 3, 5):
+        g.add(0, frame(uid))
+    assert sink.uids == []                      # consumer 1 has said nothing yet: 1 could still precede
+    g.add(1, frame(2))
+    assert sink.uids == [1, 2]                  # 3 and 5 wait for consumer 1's next
+    g.add(1, frame(4))
+    g.add(1, frame(6))
+    assert sink.uids == [1, 2, 3, 4, 5]
+    g.flush()
+    assert sink.uids == [1, 2, 3, 4, 5, 6]
+    assert (g.gathered, g.missing, g.duplicates) == (6, 0, 0)
+    assert [c.frames for c in g.consumers] == [3, 3]
+
+
+def test_duplicates_are_counted_not_stitched_twice():
+    g, sink = gatherer()
+    g.add(0, frame(1))
+    g.add(1, frame(2))
+    g.add(1, frame(2))          # still buffered
+    g.add(0, frame(1))          # already handed on
+    g.flush()
+    assert sink.uids == [1, 2]
+    assert g.duplicates == 2 and [c.duplicates for c in g.consumers] == [1, 1]
+
+
+def test_a_stalled_consumer_holds_the_others_up_no_longer_than_reorder_s():
+    g, sink = gatherer(reorder_s=0.3)
+    g.start()
+    try:
+        g.add(0, frame(1))
+        g.add(0, frame(3))
+        wait_until(lambda: sink.uids == [1, 3], 10, "results released after reorder_s")
+        g.add(1, frame(2))                          # too late: 3 went out already
+        assert g.consumers[1].late == 1 and g.consumers[1].dropped == 1
+        assert 2 not in sink.uids and g.missing == 1
+    finally:
+        g.close()
+
+
+def test_disconnected_consumers_do_not_hold_results():
+    g, sink = gatherer()
+    g.consumers[1].connected = False
+    g.add(0, frame(1))
+    g.add(0, frame(3))
+    assert sink.uids == [1, 3] and g.missing == 1
+
+
+def test_a_new_acquisition_empties_the_buffer_first():
+    g, sink = gatherer()
+    for uid in (5, 7):
+        g.add(0, frame(uid))
+    g.add(1, frame(6))
+    g.add(0, frame(1))          # consumer 0 went back: a new scan
+    assert sink.uids == [5, 6, 7]
+    assert g.acquisitions == 1
+    g.add(1, frame(2))
+    g.flush()
+    assert sink.uids == [5, 6, 7, 1, 2]
+
+
+def test_consumer_counters_make_its_dropped_count():
+    g, sink = gatherer(n=1)
+    g.add(0, frame(1, seq=1))
+    g.add(0, frame(3, seq=3, **{CONSUMER_MISSED: 2, CONSUMER_ERRORS: 1}))   # result 2 never arrived
+    c = g.consumers[0]
+    assert (c.lost, c.missed, c.errors) == (1, 2, 1) and c.dropped == 4
+    st = g.stats()
+    assert st["frames"] == [2] and st["dropped"] == [4] and st["consumers"] == 1 and st["connected"] == 1
+
+
+def test_monitor_updates_are_decoded_and_placeholders_skipped():
+    g, sink = gatherer(n=1)
+    seen = []
+    g.on_frame = lambda f: seen.append(f.unique_id)
+    g.update(0, to_value(np.zeros((1, 1), np.float32), 0))       # a server's idle placeholder
+    g.update(0, to_value(np.ones((8, 8), np.float32), 7, attributes={"PositionX": 1e-6, "PositionY": 2e-6}))
+    g.flush()
+    assert seen == [7] and sink.uids == [7]
+    assert sink.batches[0][0].attributes["PositionX"] == pytest.approx(1e-6)
+    g.update(0, RuntimeError("disconnected"))
+    assert not g.consumers[0].connected and "disconnected" in g.last_message
+
+
+# ---------------------------------------------------------------------- one consumer's work
+def test_consumer_core_infers_and_attaches_positions_and_counters(tmp_path):
+    core = ConsumerCore(tmp_path / "registry", "passthrough", consumer_id=2, n_consumers=2, passthrough_size=32,
+                        position_attributes=("SampleX", "SampleY"))
+    phase, attrs = core.process(2, np.ones((64, 64), np.uint16), {})
+    assert phase is None and core.waiting == 1          # no model loaded yet: not inferred, not an error
+    assert core.load()
+    frame_ = np.random.default_rng(0).poisson(50, (64, 64)).astype(np.uint16)
+    phase, attrs = core.process(4, frame_, {"SampleX": 1.5e-6, "SampleY": -2e-6, "Other": "x"})
+    assert phase.dtype == np.float32 and phase.shape == (32, 32) and np.isfinite(phase).all()
+    assert attrs["PositionX"] == 1.5e-6 and attrs["PositionY"] == -2e-6 and attrs["Other"] == "x"
+    assert attrs["ScaleOutConsumer"] == 2 and attrs["ScaleOutSeq"] == 1 and attrs["ModelVersion"] == 0
+    # every second uniqueId is this consumer's: 4 -> 10 means 6 and 8 never came
+    phase, attrs = core.process(10, frame_, {})
+    assert core.missed == 2 and attrs["ScaleOutMissed"] == 2 and attrs["ScaleOutSeq"] == 2
+    # a bad frame is counted and explained, and the next result says so
+    phase, attrs = core.process(12, np.ones((3, 64, 64)), {})
+    assert phase is None and core.errors == 1 and "not a 2-D real image" in core.last_message
+    phase, attrs = core.process(14, frame_, {})
+    assert attrs["ScaleOutErrors"] == 1 and attrs["ScaleOutSeq"] == 3
+    # a new acquisition (uniqueIds start again) is not a gap
+    core.process(2, frame_, {})
+    assert core.missed == 2
+    core.close()
+
+
+def test_consumer_core_runs_the_registry_model_like_the_chain(tmp_path):
+    """The shipped model (the registry is empty: seed_demo_model) through ONNX Runtime, against
+    the infer plugin's own preprocessing of the same frame."""
+    pytest.importorskip("onnxruntime")
+    from ptychopv.inference.engines import select_engine
+    from ptychopv.inference.registry import ModelRegistry, shipped_registry
+    from ptychopv.plugins.infer import InferPlugin
+
+    core = ConsumerCore(tmp_path / "empty", "onnxruntime", threads=1)
+    assert core.load() and core.version >= 1
+    rng = np.random.default_rng(1)
+    frame_ = rng.poisson(200, (80, 80)).astype(np.uint16)
+    phase, attrs = core.process(1, frame_, {})
+    mv = ModelRegistry(shipped_registry(), create=False).latest()
+    infer = InferPlugin("Infer", engine=select_engine(mv.source(), "onnxruntime"), version=mv.version)
+    [ref] = infer.process([Frame(frame_, 1)])
+    assert attrs["ModelVersion"] == mv.version
+    np.testing.assert_allclose(phase, ref.data, atol=1e-5)
+    core.close()
+    infer.engine.close()
+
+
+def test_the_consumer_side_imports_no_epics_library():
+    """ptychopv.scaleout runs inside pvapy-hpc-consumer beside pvaPy's own EPICS libraries: it
+    must not bring p4p or pythonSoftIOC into that process (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ptychopv.scaleout, ptychopv.config; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('p4p', 'softioc', 'epics', 'caproto', "
+            "'pvaccess', 'epicscorelibs')); print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
