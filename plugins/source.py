@@ -127,8 +127,9 @@ class NTNDArraySource:
         if attempt != self._attempt or self.connected or channel != self.channel:
             return
         self.not_found = True
+        lost = " disconnected and" if self._seen_channel else ""
         again = " again" if self._seen_channel else ""
-        self.report(f"detector channel {channel} not found{again} within {self.connect_timeout_s:g} s "
+        self.report(f"detector channel {channel}{lost} not found{again} within {self.connect_timeout_s:g} s "
                     f"({self.search}); still searching")
 
     # ------------------------------------------------------------------ updates
@@ -142,7 +143,8 @@ class NTNDArraySource:
             if self.connected:
                 self.disconnects += 1
                 self.connected = False
-                self.report(f"detector channel {self.channel} lost ({type(value).__name__}); searching again")
+                self.report(f"detector channel {self.channel} disconnected ({type(value).__name__}); "
+                            "searching again")
                 self._arm()
             self.connected = False
             return
