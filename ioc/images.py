@@ -10,7 +10,9 @@ import numpy as np
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
-from ..io.ntndarray import to_value
+import threading
+
+from ..io.ntndarray import NTNDArrayWriter, to_value
 from .schema import ntndarrays
 
 
@@ -32,12 +34,15 @@ class ImageServer:
         self.prefix = prefix
         self.pvs: dict[str, SharedPV] = {}
         self.watch: dict[str, _Watch] = {}
+        self.writers: dict[str, NTNDArrayWriter] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self.provider = StaticProvider("ptychopv-images")
         blank = np.zeros((1, 1), dtype=np.float32)
         for pv in ntndarrays():
             self.watch[pv.name] = _Watch()
             shared = SharedPV(initial=to_value(blank, 0, timestamp=0.0), handler=self.watch[pv.name])
             self.pvs[pv.name] = shared
+            self.writers[pv.name], self._locks[pv.name] = NTNDArrayWriter(), threading.Lock()
             self.provider.add(prefix + pv.name, shared)
         conf = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
                 "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(port),
@@ -51,8 +56,8 @@ class ImageServer:
     def post(self, name: str, image: np.ndarray, unique_id: int, *, timestamp: float | None = None,
              attributes: dict | None = None) -> None:
         """Publish a 2-D image on ``$(P)name`` (every field set: nothing lingers from the last post)."""
-        self.pvs[name].post(to_value(np.ascontiguousarray(image), unique_id, timestamp=timestamp,
-                                     attributes=attributes))
+        with self._locks[name]:
+            self.pvs[name].post(self.writers[name].value(image, unique_id, timestamp=timestamp, attributes=attributes))
 
     def close(self) -> None:
         self.server.stop()

@@ -135,6 +135,16 @@ class PluginBase:
     def queue_free(self) -> int:
         return max(0, self._queue_size - self._nframes)
 
+    def has_room(self) -> bool:
+        """Would :meth:`put` take a frame now (enabled, and blocking or with a free slot)? A source
+        asks before it decodes: a frame that would be dropped is dropped before it costs anything."""
+        return self.enable_callbacks and (self.blocking_callbacks or self._nframes < self._queue_size)
+
+    def drop(self, count: int = 1) -> None:
+        """Count frames dropped before they reached :meth:`put` (the source saw no room)."""
+        with self._lock:
+            self._dropped += count
+
     @property
     def queue_use(self) -> int:
         return self._queue_size - self.queue_free

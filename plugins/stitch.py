@@ -11,13 +11,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..science.stitching import StitchedImage, Stitcher
-from .base import PluginBase
+from .batching import BatchingPlugin
 
 
-class StitchPlugin(PluginBase):
+class StitchPlugin(BatchingPlugin):
+    """Takes what is queued, up to ``batch_size`` frames at once, without waiting for more
+    (``batch_timeout_s`` 0): the sub-pixel shifts of a batch are one transform."""
+
     plugin_type = "NDPluginPtychoStitch"
 
     def __init__(self, name: str = "Stitch", *, pixel_size_m: float = 1.0, window=None, **kw):
+        kw.setdefault("batch_size", 32)
+        kw.setdefault("batch_timeout_s", 0.0)
         super().__init__(name, **kw)
         self.stitcher = Stitcher(pixel_size_m, window=window)
         self._last_uid: int | None = None

@@ -27,7 +27,7 @@ from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
 from .config import SimOptions
-from .io.ntndarray import CODECS, to_value
+from .io.ntndarray import CODECS, NTNDArrayWriter, to_value
 from .simulation import ScanSource
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class DetectorSimulator:
         self.image_name = f"{p}Pva1:Image"
         # before the first frame NDPluginPva serves an empty array; a 1x1 placeholder with uniqueId 0 here
         self.image = SharedPV(initial=to_value(np.zeros((1, 1), scan.frames.dtype), 0, timestamp=0.0))
+        self._writer = NTNDArrayWriter()        # the sending thread's only
         self.acquire_pv = SharedPV(nt=NTScalar("i"), initial=0, handler=_Put(self._put_acquire))
         self.rate_pv = SharedPV(nt=NTScalar("d", display=True), initial=self.rate, handler=_Put(self._put_rate))
         self.rate_rbv = SharedPV(nt=NTScalar("d"), initial=0.0)
@@ -166,8 +167,8 @@ class DetectorSimulator:
         self.counter += 1
         now = time.time()
         try:
-            value = to_value(self.scan.frames[i], self.counter, timestamp=now, data_timestamp=now,
-                             attributes=self._attrs(i), codec=self.codec)
+            value = self._writer.value(self.scan.frames[i], self.counter, timestamp=now, data_timestamp=now,
+                                       attributes=self._attrs(i), codec=self.codec)
         except ValueError as exc:  # e.g. a codec that cannot take this dtype
             log.error("frame %d not sent: %s", i, exc)
             self.index += 1

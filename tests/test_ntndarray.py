@@ -71,3 +71,18 @@ def test_unknown_codec_and_bad_shape_are_errors():
         to_value(np.zeros((2, 2, 2)), 1)
     with pytest.raises(CodecError, match="decoded"):
         decode_payload(b"\x00" * 8, "lz4", np.uint16, 10)
+
+
+def test_the_writer_reuses_one_value_and_every_frame_replaces_all_it_may_change():
+    from ptychopv.io.ntndarray import NTNDArrayWriter
+
+    w = NTNDArrayWriter()
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    v1 = w.value(a, 1, timestamp=10.5, attributes={"PositionX": 1.0, "PositionY": 2.0})
+    v2 = w.value(a * 2, 2, timestamp=11.25, attributes={"PositionX": 3.0})
+    assert v2 is v1                                           # the same Value, updated
+    d = from_value(v2)
+    assert d.unique_id == 2 and d.timestamp == pytest.approx(11.25) and np.array_equal(d.data, a * 2)
+    assert d.attributes == {"ColorMode": 0, "PositionX": 3.0}  # PositionY of the last frame is gone
+    v3 = w.value(np.zeros((5, 5), np.uint16), 3)              # another shape or dtype: a new Value
+    assert v3 is not v1 and from_value(v3).data.shape == (5, 5)

@@ -120,11 +120,13 @@ def test_bad_control_values_are_refused(sim):
 def test_replay_of_a_recorded_scan(tmp_path, sim):
     _, _, truth_file = sim
     cfg, port, p = sim_config(tmp_path / "replay")
-    child = start_sim(cfg, "--replay", str(truth_file), "--acquire", "--rate", "500")
+    child = start_sim(cfg, "--replay", str(truth_file), "--rate", "500")
     try:
         ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
         scan = read_scan(truth_file)
         frames = Frames(ctx, p + "Pva1:Image")
+        frames.take(1)                      # subscribed (the idle placeholder), then acquire: no race
+        ctx.put(p + "Acquire", 1)
         got = [f for f in frames.take(8) if f.unique_id > 0]
         for f in got:
             i = f.attributes["ScanIndex"]
@@ -140,10 +142,12 @@ def test_replay_of_the_real_siemens_star_data(tmp_path):
     if not path.exists():
         pytest.skip(f"real data not present at {path}")
     cfg, port, p = sim_config(tmp_path, dtype="float32")
-    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--acquire", "--rate", "1000")
+    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--rate", "1000")
     try:
         ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
         frames = Frames(ctx, p + "Pva1:Image")
+        frames.take(1)
+        ctx.put(p + "Acquire", 1)
         got = [f for f in frames.take(5) if f.unique_id > 0]
         assert int(ctx.get(p + "NumFrames_RBV").value) == 516
         for f in got:

@@ -195,6 +195,40 @@ def to_value(arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
     })
 
 
+class NTNDArrayWriter:
+    """Builds the ``Value`` of each frame of one stream by updating the fields of the last one:
+    about a third of the cost of :func:`to_value` (which builds every field anew), so a chain that
+    republishes each frame at kHz rates spends its time on the frames, not on p4p. Every field a
+    frame may change is set on every frame (value, uniqueId, time stamps, sizes, attributes), so a
+    ``SharedPV.post`` of it replaces all. Not thread-safe: one writer per stream."""
+
+    def __init__(self):
+        self._value: Value | None = None
+        self._key = None
+
+    def value(self, arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
+              data_timestamp: float | None = None, attributes: dict | None = None, codec: str = "none") -> Value:
+        arr = np.asarray(arr)
+        key = (arr.shape, arr.dtype.str, codec)
+        if codec != "none" or key != self._key or arr.ndim != 2 or arr.dtype not in UNION:
+            self._value = to_value(arr, unique_id, timestamp=timestamp, data_timestamp=data_timestamp,
+                                   attributes=attributes, codec=codec)
+            self._key = key
+            return self._value
+        v = self._value
+        ts = time.time() if timestamp is None else timestamp
+        dts = ts if data_timestamp is None else data_timestamp
+        v["value"] = (UNION[arr.dtype], np.ascontiguousarray(arr).ravel())
+        v["uniqueId"] = int(unique_id) & 0x7FFFFFFF
+        v["timeStamp"] = _stamp(ts)
+        v["dataTimeStamp"] = _stamp(dts)
+        attrs = [{"name": "ColorMode", "value": 0, "descriptor": "Color mode", "sourceType": 0, "source": ""}]
+        for k, val in (attributes or {}).items():
+            attrs.append({"name": k, "value": val, "descriptor": "", "sourceType": 0, "source": ""})
+        v["attribute"] = attrs
+        return v
+
+
 @dataclass
 class Decoded:
     """A decoded NTNDArray."""

@@ -108,12 +108,25 @@ def _support(w: np.ndarray, level: float) -> tuple[slice, slice]:
 
 def fourier_shift(a: np.ndarray, fy, fx) -> np.ndarray:
     """``a`` (..., h, w) moved by (fy, fx) pixels (scalars or one per leading index), periodically."""
+    from scipy import fft
+
     h, w = a.shape[-2:]
-    ky, kx = np.fft.fftfreq(h), np.fft.rfftfreq(w)
     fy = np.asarray(fy, np.float64)[..., None, None]
     fx = np.asarray(fx, np.float64)[..., None, None]
-    ramp = np.exp(-2j * np.pi * (fy * ky[:, None] + fx * kx[None, :]))
-    return np.fft.irfft2(np.fft.rfft2(a) * ramp, s=(h, w)).astype(np.float32)
+    # the phase ramp is separable: two short exponentials, broadcast (not one exp per pixel)
+    ry = np.exp(-2j * np.pi * fy * fft.fftfreq(h)[:, None]).astype(np.complex64)
+    rx = np.exp(-2j * np.pi * fx * fft.rfftfreq(w)[None, :]).astype(np.complex64)
+    spec = fft.rfft2(np.asarray(a, np.float32), workers=1)
+    spec *= ry
+    spec *= rx
+    return fft.irfft2(spec, s=(h, w), workers=1).astype(np.float32, copy=False)
+
+
+def _shift1(v: np.ndarray, f: float) -> np.ndarray:
+    """A 1-D array moved by ``f`` pixels (Fourier), kept >= 0 (a weight)."""
+    n = len(v)
+    ramp = np.exp(-2j * np.pi * f * np.fft.rfftfreq(n))
+    return np.maximum(np.fft.irfft(np.fft.rfft(v) * ramp, n=n), 0.0).astype(np.float32)
 
 
 class _Window:
@@ -141,11 +154,15 @@ class _Window:
         self._shifted: dict[tuple[int, int], np.ndarray] = {}
 
     def shifted(self, fy: float, fx: float) -> np.ndarray:
-        """The window moved by (fy, fx) in [-0.5, 0.5], from a cache on a 1/32-pixel grid."""
+        """The window moved by (fy, fx) in [-0.5, 0.5], from a cache on a 1/32-pixel grid (a
+        separable window is moved along each axis: two short transforms)."""
         key = (int(round(fy * SHIFT_STEPS)), int(round(fx * SHIFT_STEPS)))
         w = self._shifted.get(key)
         if w is None:
-            w = np.maximum(fourier_shift(self.w, key[0] / SHIFT_STEPS, key[1] / SHIFT_STEPS), 0.0)
+            if self.wy is not None:
+                w = np.multiply.outer(_shift1(self.wy, key[0] / SHIFT_STEPS), _shift1(self.wx, key[1] / SHIFT_STEPS))
+            else:
+                w = np.maximum(fourier_shift(self.w, key[0] / SHIFT_STEPS, key[1] / SHIFT_STEPS), 0.0)
             self._shifted[key] = w
         return w
 
