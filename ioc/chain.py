@@ -75,7 +75,8 @@ class LiveChain:
         self._set_position_source(int(ioc.get("Stitch:PositionSource")))
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
                                       on_frame=self._on_frame, downstream=[self._record, self.infer],
-                                      connect_timeout_s=cfg.source.connect_timeout_s)
+                                      connect_timeout_s=cfg.source.connect_timeout_s,
+                                      gate=self._wanted, on_drop=self._dropped_at_entry)
         self.scaleout = None
         if cfg.scaleout.consumers:    # the stitch stage is fed by the scale-out consumers' results
             from .scaleout import ScaleOut
@@ -279,6 +280,17 @@ class LiveChain:
         # cleared after stop_capture has closed the file), so idle frames cost it nothing
         if self._capturing:
             self.recorder.put(frame)
+
+    def _wanted(self) -> bool:
+        """Does anything take the next frame? A capture takes every one; else the infer stage when
+        it has room. Under overload the source drops the rest before decoding them."""
+        if self._capturing:
+            return True
+        return self.infer in self.source.downstream and self.infer.has_room()
+
+    def _dropped_at_entry(self) -> None:
+        if self.infer in self.source.downstream:
+            self.infer.drop()              # Infer:DroppedArrays counts it, as a full queue would
 
     def _on_frame(self, frame) -> None:
         if frame.position is None:

@@ -53,7 +53,10 @@ def describe_search(conf: dict) -> str:
 class NTNDArraySource:
     def __init__(self, channel: str, conf: dict, *, downstream: Iterable[Callable] = (),
                  queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None,
-                 connect_timeout_s: float = 5.0):
+                 connect_timeout_s: float = 5.0, gate: Callable[[], bool] | None = None,
+                 on_drop: Callable[[], None] | None = None):
+        """``gate()`` False: no stage can take a frame now, so it is dropped before it is decoded
+        (``on_drop()`` counts it where the records show drops)."""
         from p4p.client.thread import Context
 
         self.ctx = Context("pva", conf=conf, useenv=False, unwrap=False)
@@ -65,6 +68,9 @@ class NTNDArraySource:
         self._seen_channel = False
         self.downstream = list(downstream)
         self.on_frame = on_frame
+        self.gate = gate
+        self.on_drop = on_drop
+        self.dropped_at_entry = 0
         self.queue_size = int(queue_size)
         self._lock = threading.Lock()
         self._sub = None
@@ -133,6 +139,14 @@ class NTNDArraySource:
                     f"({self.search}); still searching")
 
     # ------------------------------------------------------------------ updates
+    def _count_uid(self, uid: int) -> None:
+        """Gaps in the uniqueIds are missed frames; a lower id is a new acquisition (a break)."""
+        if self._last_uid is not None and uid > self._last_uid + 1:
+            self.missed += uid - self._last_uid - 1
+        elif self._last_uid is not None and uid <= self._last_uid:
+            self.stream += 1
+        self._last_uid = uid
+
     def report(self, message: str) -> None:
         self.last_message = message
         log.info("%s: %s", self.channel, message)
@@ -158,6 +172,20 @@ class NTNDArraySource:
             self.stream += 1
             self.report(f"connected to {self.channel}" + (f" (again, after {self.disconnects} disconnect(s))"
                                                            if self.disconnects else ""))
+        if self.gate is not None and not self.gate():
+            # overload: nothing downstream can take this frame, so it is dropped here, before
+            # decoding, for the cost of reading its uniqueId (the chain holds its capacity
+            # instead of spending it on frames it would drop later)
+            try:
+                uid = int(value["uniqueId"])
+            except Exception:  # noqa: BLE001 - a malformed value: let the decoder say why
+                uid = None
+            if uid is not None:
+                self._count_uid(uid)
+                self.dropped_at_entry += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+                return
         try:
             decoded = from_value(value)
         except CodecError as exc:
@@ -170,12 +198,7 @@ class NTNDArraySource:
             return
         if decoded.unique_id == 0 and decoded.data.size <= 1:
             return  # the idle placeholder a server posts before its first frame
-        uid = decoded.unique_id
-        if self._last_uid is not None and uid > self._last_uid + 1:
-            self.missed += uid - self._last_uid - 1
-        elif self._last_uid is not None and uid <= self._last_uid:
-            self.stream += 1       # the detector started a new acquisition: not a gap, a break
-        self._last_uid = uid
+        self._count_uid(decoded.unique_id)
         self.received += 1
         frame = Frame.from_decoded(decoded, t_received=t)
         frame.stream = self.stream
