@@ -168,6 +168,11 @@ class TrainOptions(BaseModel):
     comes from the whole patch, most of it unlit, so the frame cannot tell it; the stitcher
     matches each patch's offset to the canvas anyway. A tenth of the mean residual's size is
     still charged, so the output cannot drift into the saturated tails of its ``tanh``."""
+    augment: bool = False
+    """Each batch is turned by one of the eight symmetries of the square (turns by 90 degrees and
+    mirrors about the probe centre), frames and labels alike: valid for a round beam (no
+    astigmatism), whose frame of a turned sample is the turned frame. Eight times the variety
+    from the same scans, which matters most when fine-tuning on one reconstructed scan."""
     standardize: bool = True
     """Before the first layer, subtract the training set's mean frame and divide by the
     largest per-pixel spread (the network's ``input_mean``/``input_scale``; kept from the

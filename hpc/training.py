@@ -112,6 +112,23 @@ def patch_loss(pred, label, weight=None, *, kind: str = "l1", ignore_offset: boo
     return torch.mean(err if weight is None else err * weight) + anchor
 
 
+def square_symmetry(t, k: int):
+    """The ``k``-th (0..7) symmetry of the square applied to the last two axes of a tensor, about
+    pixel ``n // 2`` (where frames hold zero frequency and labels the probe centre): ``x -> -x``
+    along an axis is index ``(n - i) % n``, and the transpose."""
+    import torch
+
+    n = t.shape[-1]
+    neg = torch.remainder(n - torch.arange(n, device=t.device), n)
+    if k & 1:
+        t = t.index_select(-1, neg)
+    if k & 2:
+        t = t.index_select(-2, neg)
+    if k & 4:
+        t = t.transpose(-1, -2)
+    return t
+
+
 def mean_ssim(pred: np.ndarray, label: np.ndarray) -> float:
     """Mean SSIM over images ``(N, h, w)``, data range of each label image."""
     from skimage.metrics import structural_similarity
@@ -203,9 +220,13 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
             if should_abort():
                 raise TrainingAborted(f"training aborted in epoch {epoch}")
             idx = order[s * opts.batch_size:(s + 1) * opts.batch_size]
-            pred = model(xt[idx].to(device))
+            xb, yb = xt[idx].to(device), [y[idx].to(device) for y in yt]
+            if opts.augment:
+                k = int(rng.integers(8))
+                xb, yb = square_symmetry(xb, k), [square_symmetry(y, k) for y in yb]
+            pred = model(xb)
             pred = pred if isinstance(pred, tuple) else (pred,)
-            loss = sum(loss_fn(p, y[idx].to(device)) for p, y in zip(pred, yt))
+            loss = sum(loss_fn(p, y) for p, y in zip(pred, yb))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

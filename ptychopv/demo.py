@@ -1,39 +1,44 @@
-"""``ptychopv demo``: the whole system on one host, loopback only, a scripted beamline session.
+"""``ptychopv demo``: the whole system on one host, loopback only, a scripted beamline session in
+which continual learning has to earn its place.
 
-1. start the detector simulator (scan 1) and the IOC with its chain, controller and local executor;
-2. capture scan 1 while the shipped demo model infers live;
-3. ``caput -c Recon:Start 1``: reconstruct scan 1 with pty-chi, pair labels, validate;
-4. ``caput -c Train:Start 1``: retrain on those labels; the chain swaps to the new version;
-5. move to another area of the sample (scan 2) and capture it with live inference + stitching;
-6. reconstruct scan 2 and validate; score the live stitched image against ground truth.
+The live model (v1, the shipped one) was trained only on natural photographs (family A); the beamline now images
+an integrated circuit (family B), a kind of sample it never saw. The continual-learning
+controller (``Auto:``) runs as it would at a beamline:
 
-It prints a summary table and writes PNGs (stitched image, reconstruction, ground truth, loss
-curve) and ``summary.json``. Ctrl-C stops every child process cleanly.
+1. start the detector simulator (scan B1 of the IC) and the IOC with its chain, controller and
+   local executor; ``Auto:Enable`` on;
+2. capture scan B1 with v1 inferring live; when the capture ends the controller reconstructs it
+   (pty-chi ePIE), pairs labels and validates v1 against the reconstruction; the mismatch it
+   measures decides: retrain, and the chain swaps to v2;
+3. move to another area of the chip (scan B2) and capture it with v2 live; the controller checks
+   v2 there and, the mismatch now small, suspends;
+4. score scan B2 against the truth: the IOC's live image (v2), v1 and v2 through the chain's own
+   code with the same stitching window (the reconstructed probe), pty-chi's reconstruction, and
+   the calibration images (all-zero, truth blurred by half a beam, truth high-passed).
+
+It prints a summary and writes PNGs and ``summary.json``. Ctrl-C stops every child process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import GeometryOptions
+from .fidelity import DEMO
 from .io.epics_env import apply_loopback, free_port, pva_client_conf
-from .science.physics import object_pixel_size
 
-QUICK = dict(size=64, extent=2.4e-6, beam=5.0e-7, overlap=0.6, iterations=25, epochs=6, rate=300)
-FULL = dict(size=64, extent=4.0e-6, beam=5.0e-7, overlap=0.6, iterations=60, epochs=25, rate=300)
-SCAN2_OFFSET_M = 4.0e-6
-# The sample sits slightly out of focus: 4 rad of quadratic phase at the beam edge. In focus the
-# Airy probe is real and symmetric and a frame cannot tell a phase patch from its negated twin,
-# so no network learns the phase (scripts/make_demo_model.py trains the shipped model the same way).
-CURVATURE = 4.0
-_G = GeometryOptions()  # the sim's default geometry, at the demo's 64x64 frames
-PIXEL_M = object_pixel_size(_G.energy_ev, _G.distance_m, _G.detector_pixel_m, QUICK["size"])
+QUICK = dict(extent=2.4e-6, overlap=0.6, iterations=25, epochs=12, rate=300)
+FULL = dict(extent=3.0e-6, overlap=0.6, iterations=40, epochs=24, rate=300)
+FAMILY = "ic"                      # family B: what the beamline images now
+SCAN2_OFFSET_M = 6.0e-6
+SAMPLE_PX = 512
+FAMILY_A = "natural photographs"   # what the shipped model (v1) was trained on
 
 
 def _config(out: Path, p: dict, ports: dict, center_x: float, truth: str) -> Path:
@@ -48,9 +53,9 @@ def _config(out: Path, p: dict, ports: dict, center_x: float, truth: str) -> Pat
         chain: {{engine: auto, registry: registry, scan_folder: scans}}
         workflow: {{jobs_folder: jobs, corpus: corpus.h5}}
         hpc: {{kind: local, workers: 1}}
-        recon: {{beam_m: {p['beam']}, probe_curvature: {CURVATURE}}}
-        train: {{batch_size: 32, seed: 0, lr_min: 1.0e-5, lr_max: 3.0e-5, loss_weight: illumination,
-                beam_px: {p['beam'] / PIXEL_M:.3f}, ignore_offset: true}}
+        recon: {{beam_m: {DEMO.beam_m}, probe_curvature: {DEMO.curvature}}}
+        train: {{batch_size: 16, seed: 0, lr_min: 5.0e-5, lr_max: 5.0e-4, schedule: cosine, augment: true,
+                loss_weight: illumination, beam_px: {DEMO.beam_px:.3f}, ignore_offset: true}}
         sim:
           prefix: "DEMOSIM:"
           pva_server_port: {ports['sim']}
@@ -58,9 +63,10 @@ def _config(out: Path, p: dict, ports: dict, center_x: float, truth: str) -> Pat
           frame_rate_hz: {p['rate']}
           truth_file: {truth}
           dose: 1.0e6
-          geometry: {{detector_size: {p['size']}}}
-          sample: {{size_px: 768}}
-          probe: {{beam_m: {p['beam']}, curvature: {CURVATURE}}}
+          seed: 5
+          geometry: {{detector_size: {DEMO.frame_px}}}
+          sample: {{size_px: {SAMPLE_PX}, family: {FAMILY}}}
+          probe: {{beam_m: {DEMO.beam_m}, curvature: {DEMO.curvature}}}
           scan: {{extent_m: {p['extent']}, overlap: {p['overlap']}, center_m: [{center_x}, 0.0]}}
         """))
     return cfg
@@ -76,18 +82,20 @@ class Session:
         from p4p.client.thread import Context
 
         self.epics = epics
+        self.ports = ports
         self.ctx = Context("pva", conf=pva_client_conf(ports["pva"], ports["img"], ports["sim"]), useenv=False,
                            unwrap=False)
 
-    def reconnect(self, ports: dict) -> None:
+    def reconnect(self) -> None:
         """A fresh PVA client after the simulator restarted (old channels would wait out a backoff)."""
         from p4p.client.thread import Context
 
         self.ctx.close()
-        self.ctx = Context("pva", conf=pva_client_conf(ports["pva"], ports["img"], ports["sim"]), useenv=False,
-                           unwrap=False)
+        p = self.ports
+        self.ctx = Context("pva", conf=pva_client_conf(p["pva"], p["img"], p["sim"]), useenv=False, unwrap=False)
 
     def get(self, name, **kw):
+        kw.setdefault("use_monitor", False)
         v = self.epics.caget("DEMO:" + name, timeout=10, **kw)
         if v is None:
             raise RuntimeError(f"caget DEMO:{name} timed out")
@@ -107,6 +115,7 @@ class Session:
     def capture(self, label: str) -> dict:
         n = int(self.ctx.get("DEMOSIM:NumFrames_RBV").value)
         self.put("Infer:ArrayCounter", 0)
+        self.put("Infer:DroppedArrays", 0)
         self.put("Scan:Capture", 1)
         t0 = time.monotonic()
         self.ctx.put("DEMOSIM:Acquire", 1)
@@ -114,15 +123,33 @@ class Session:
         self.wait(lambda: self.get("Infer:ArrayCounter_RBV") + self.get("Infer:DroppedArrays_RBV") >= n,
                   f"{label} inferred", 120)
         rate = n / (time.monotonic() - t0)
-        self.put("Scan:Capture", 0)
+        self.wait(lambda: self.get("Stitch:FramesStitched_RBV") >= self.get("Infer:ArrayCounter_RBV"),
+                  f"{label} stitched", 60)
+        stitched = int(self.get("Stitch:FramesStitched_RBV"))
+        # Stitch:Image's uniqueId is the number of frames in it: the publish that has them all
+        self.wait(lambda: self.image("Stitch:Image").unique_id >= stitched, f"{label}'s final stitched image", 30)
+        image = self.image("Stitch:Image")
+        version = int(self.get("ModelVersion_RBV"))
+        self.put("Scan:Capture", 0)           # the controller takes it from here
         return {"frames": n, "stream_hz": round(rate, 1), "captured": int(self.get("Scan:FramesCaptured_RBV")),
                 "inferred": int(self.get("Infer:ArrayCounter_RBV")),
                 "dropped": int(self.get("Infer:DroppedArrays_RBV")),
-                "missed": int(self.get("Infer:MissedFrames_RBV")), "file": self.get("Scan:FileName_RBV", as_string=True),
-                "model_version": int(self.get("ModelVersion_RBV"))}
+                "missed": int(self.get("Infer:MissedFrames_RBV")),
+                "file": self.get("Scan:FileName_RBV", as_string=True), "model_version": version, "image": image}
 
-    def status(self, stage: str) -> tuple[str, str]:
-        return self.get(f"{stage}:Status_RBV", as_string=True), self.get(f"{stage}:Message_RBV", as_string=True)
+    def auto_settles(self, label: str, timeout: float = 1800.0) -> dict:
+        """Wait until the controller has finished with the scan that just ended."""
+        busy = ("Reconstructing", "Validating", "Training")
+        self.wait(lambda: self.get("Auto:State_RBV", as_string=True) in busy or
+                  self.get("Recon:Status_RBV", as_string=True) in ("Queued", "Running"), f"{label}: the controller starts",
+                  60)
+        self.wait(lambda: self.get("Auto:State_RBV", as_string=True) not in busy, f"{label}: the controller decides",
+                  timeout)
+        return {"state": self.get("Auto:State_RBV", as_string=True), "mismatch": round(float(self.get("Auto:Mismatch_RBV")), 3),
+                "message": self.get("Auto:Message_RBV", as_string=True),
+                "ssim_vs_reconstruction": round(float(self.get("SSIM_RBV")), 3),
+                "recon": self.get("Recon:Message_RBV", as_string=True),
+                "recon_s": float(self.get("Recon:Duration_RBV"))}
 
     def image(self, name: str):
         from .io.ntndarray import from_value
@@ -130,147 +157,162 @@ class Session:
         return from_value(self.ctx.get("DEMO:" + name))
 
 
-def _png(path: Path, img: np.ndarray, title: str) -> None:
+def _pngs(out: Path, panels: dict, title: str, loss, val) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.imshow(img, cmap="gray")
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
+    fig, axs = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.4), dpi=100)
+    ref = panels["truth"]
+    lo, hi = np.nanpercentile(ref, [1, 99])
+    for ax, (name, img) in zip(axs, panels.items()):
+        ax.imshow(img - np.nanmean(img - ref), cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out / "scan2_panels.png")
     plt.close(fig)
-
-
-def _loss_png(path: Path, loss, val) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot(np.arange(1, len(loss) + 1), loss, label="training MAE")
-    ax.plot(np.arange(1, len(val) + 1), val, label="validation MAE")
+    ax.plot(np.arange(1, len(loss) + 1), loss, label="training loss")
+    ax.plot(np.arange(1, len(val) + 1), val, label="validation loss")
     ax.set_xlabel("epoch")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(out / "loss.png")
     plt.close(fig)
+
+
+def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, live, window, recon_path) -> tuple:
+    """NRMSE / SSIM on scan B2 of the IOC's live image, of v1 and v2 with the same window through the
+    chain's own plugins, of pty-chi's reconstruction, and of the calibration images."""
+    from . import fidelity
+    from .inference import ModelRegistry, select_engine
+    from .io.scanfile import read_scan, read_truth
+    from .science import metrics
+    from .science.stitching import StitchedImage
+
+    truth = read_truth(truth_path)
+    scan = read_scan(scan_path)
+    fs = fidelity.FamilyScan(FAMILY, 0.6, 1e6, scan.frames, scan.positions_m, truth.obj, truth.probe, DEMO)
+    rows = {}
+    a = live.attributes
+    ioc_img = StitchedImage(live.data, np.isfinite(live.data).astype(np.float32),
+                            (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
+    rows["live (IOC, v2)"] = fidelity.score(ioc_img, fs)
+    reg = ModelRegistry(registry, create=False)
+    images = {}
+    for v in (1, 2):
+        eng = select_engine(reg.get(v).source(), "onnxruntime")
+        images[v] = fidelity.live_image(scan.frames, scan.positions_m, eng, pixel_size_m=DEMO.pixel_size_m,
+                                        window=window)
+        eng.close()
+        rows[f"v{v}, same window"] = fidelity.score(images[v], fs)
+    if recon_path and Path(recon_path).exists():
+        from .hpc.reconstruct import read_reconstruction
+
+        rec = read_reconstruction(recon_path)
+        ny, nx = rec.object.shape
+        origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
+        rows["pty-chi ePIE"] = fidelity.score(StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin,
+                                                            rec.pixel_size_m), fs)
+    for name, img in fidelity.calibration_images(fs, images[2]).items():
+        rows[f"calibration: {name}"] = fidelity.score(img, fs)
+    ref, mask = metrics.scored_region(images[2], fs.truth_phase, fs.pixel_size_m, positions_m=fs.positions_m)
+    panels = {"truth": np.where(mask, ref, np.nan),
+              "v1 (family A)": np.where(mask, images[1].phase, np.nan),
+              "v2 (after one B scan)": np.where(mask, images[2].phase, np.nan)}
+    return rows, panels
 
 
 def run_demo(args) -> int:
     apply_loopback()
-    from .science.metrics import stitched_ssim
     from .procs import start_ioc, start_sim
-    from .io.scanfile import read_scan, read_truth
-    from .science.stitching import StitchedImage
 
     p = QUICK if args.quick else FULL
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("registry", "scans", "jobs", "corpus.h5", "autosave"):
+        path = out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     ports = {k: free_port() for k in ("ca", "rep", "pva", "bcast", "img", "sim", "simb")}
     cfg1 = _config(out, p, ports, -SCAN2_OFFSET_M / 2, "scan1_truth.h5")
     cfg2 = _config(out, p, ports, SCAN2_OFFSET_M / 2, "scan2_truth.h5")
     t0 = time.monotonic()
     print(f"ptychopv demo ({'quick' if args.quick else 'full'}): files in {out}", flush=True)
-    children = []
-    s = None
+    children, s = [], None
 
     def step(text):
         print(f"[{time.monotonic() - t0:6.1f} s] {text}", flush=True)
 
     try:
-        step("starting the detector simulator (scan 1) and the IOC")
+        step(f"starting the detector simulator (scan B1 of an {FAMILY.upper()} chip) and the IOC")
         sim = start_sim(cfg1, name="sim", echo=args.echo)
         children.append(sim)
         ioc = start_ioc(cfg1, name="ioc", echo=args.echo)
         children.append(ioc)
         s = Session(ports)
-        s.wait(lambda: s.get("ModelVersion_RBV") > 0, "the shipped model loaded", 120)
-        v0 = int(s.get("ModelVersion_RBV"))
-        step(f"chain runs model v{v0} on {s.get('Infer:Engine_RBV')}; capturing scan 1")
-        scan1 = s.capture("scan 1")
-        step(f"scan 1: {scan1['frames']} frames at {scan1['stream_hz']} Hz; reconstructing (caput -c Recon:Start 1)")
+        s.wait(lambda: s.get("ModelVersion_RBV") == 1, "the shipped model loaded", 120)
         s.put("Recon:Iterations", p["iterations"])
-        s.put("Recon:Start", 1)
-        recon1 = s.status("Recon")
-        if recon1[0] != "Done":
-            raise RuntimeError(f"reconstruction 1: {recon1}")
-        recon1_s = float(s.get("Recon:Duration_RBV"))
-        step(f"reconstruction 1 done in {recon1_s:.1f} s ({recon1[1]}); training (caput -c Train:Start 1)")
-        recon_img = s.image("Recon:Image")
         s.put("Train:Epochs", p["epochs"])
-        s.put("Train:Start", 1)
-        train = s.status("Train")
-        if train[0] != "Done":
-            raise RuntimeError(f"training: {train}")
+        s.put("Auto:Tolerance", 0.2)     # the reference is measured on the training scan: optimistic
+        s.put("Auto:Enable", 1)
+        step(f"chain runs v1 (natural photographs only) on {s.get('Infer:Engine_RBV')}; continual learning on; "
+             "capturing scan B1")
+        scan1 = s.capture("scan B1")
+        step(f"scan B1: {scan1['frames']} frames at {scan1['stream_hz']} Hz; the controller reconstructs and checks v1")
+        auto1 = s.auto_settles("scan B1")
+        step(f"controller: {auto1['message']}")
         loss, val = s.get("Train:LossHistory_RBV"), s.get("Train:ValLossHistory_RBV")
-        s.wait(lambda: s.get("ModelVersion_RBV") > v0, "the chain swaps to the new model", 120)
-        v1 = int(s.get("ModelVersion_RBV"))
-        step(f"{train[1]}; the chain runs v{v1}. Moving to scan 2 (another area of the sample)")
+        if auto1["state"] != "Suspended":          # it retrained: the chain swaps to the new version
+            s.wait(lambda: s.get("ModelVersion_RBV") >= 2, "the chain swaps to the retrained model", 120)
+        v2 = int(s.get("ModelVersion_RBV"))
+        recon1 = sorted((out / "scans").glob("*_recon.h5"))
+        step(f"the chain runs v{v2}. Moving to scan B2 (another area of the chip)")
         sim.stop()
         children.remove(sim)
         s.wait(lambda: s.get("Infer:Connected_RBV") == 0, "the IOC to see the detector go", 30)
         sim = start_sim(cfg2, name="sim2", echo=args.echo)
         children.append(sim)
-        s.reconnect(ports)
+        s.reconnect()
         s.put("Infer:NDArrayPort", "DEMOSIM:Pva1:Image")  # resubscribe now rather than after a backoff
         s.wait(lambda: s.get("Infer:Connected_RBV") == 1, "the IOC to reconnect to the detector", 60)
-        scan2 = s.capture("scan 2")
-        s.wait(lambda: s.get("Stitch:FramesStitched_RBV") >= scan2["frames"] - scan2["dropped"], "stitching", 60)
-        stitched_n = int(s.get("Stitch:FramesStitched_RBV"))
-        # Stitch:Image's uniqueId is the number of frames in it: wait for the publish that has them all
-        s.wait(lambda: s.image("Stitch:Image").unique_id >= stitched_n, "the final stitched image", 30)
-        img = s.image("Stitch:Image")
-        step(f"scan 2: {scan2['inferred']} frames inferred live with v{scan2['model_version']}; "
-             "reconstructing it to validate")
-        s.put("Recon:Start", 1)
-        recon2 = s.status("Recon")
-        truth2 = read_truth(out / "scan2_truth.h5")
-        a = img.attributes
-        ps = float(a["PixelSize"])
-        # score the scanned area (the hull of the positions the chain recorded), where every
-        # pixel was lit; the image's rim holds only the faint tails of the beam
-        # (the image is published without its weights: every finite pixel counts)
-        origin = (float(a["OriginX"]), float(a["OriginY"]))
-        stitched = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), origin, ps)
-        scored = {"fraction": 0.5, "positions_m": read_scan(scan2["file"]).positions_m}
-        # compared as ptychographic phase images are: after the best offset and linear phase
-        # ramp (small errors in each patch's offset chain into slopes across a live image);
-        # the offset-only figure is reported beside it
-        ssim_truth = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, ramp=True, **scored)
-        ssim_offset = stitched_ssim(stitched, np.angle(truth2.obj), truth2.pixel_size_m, **scored)
-        stages = {"capture": scan1["captured"] > 0 and scan2["captured"] > 0,
-                  "reconstruct": recon1[0] == "Done" and recon2[0] == "Done",
-                  "train": train[0] == "Done", "swap": scan2["model_version"] > scan1["model_version"]}
+        scan2 = s.capture("scan B2")
+        step(f"scan B2: {scan2['inferred']} frames inferred live with v{scan2['model_version']}; the controller "
+             "checks it")
+        auto2 = s.auto_settles("scan B2")
+        step(f"controller: {auto2['message']}")
+        from .hpc.reconstruct import read_reconstruction
+
+        window = read_reconstruction(recon1[0]).probe if recon1 else DEMO.probe()
+        recons = sorted((out / "scans").glob("*_recon.h5"))
+        rows, panels = score_scan2(out, out / "scan2_truth.h5", scan2["file"], out / "registry", scan2.pop("image"),
+                                   window, recons[-1] if len(recons) > 1 else None)
+        scan1.pop("image")
+        v1n, v2n = rows["v1, same window"]["nrmse"], rows["v2, same window"]["nrmse"]
         summary = {
-            "mode": "quick" if args.quick else "full",
+            "mode": "quick" if args.quick else "full", "family_a": FAMILY_A, "family_b": FAMILY,
             "frames": {"scan1": scan1["frames"], "scan2": scan2["frames"]},
             "stream_rate_hz": {"scan1": scan1["stream_hz"], "scan2": scan2["stream_hz"]},
-            "frame_rate_rbv_hz": float(s.get("FrameRate_RBV")),
             "dropped": scan1["dropped"] + scan2["dropped"], "missed": scan1["missed"] + scan2["missed"],
             "model_versions": {"scan1": scan1["model_version"], "scan2": scan2["model_version"]},
-            "reconstruction_s": {"scan1": recon1_s, "scan2": float(s.get("Recon:Duration_RBV"))},
-            "reconstruction_status": {"scan1": recon1[0], "scan2": recon2[0]},
-            "training": {"status": train[0], "epochs": len(loss), "final_loss": float(loss[-1]),
-                         "final_val_loss": float(val[-1]), "seconds": float(s.get("Train:Duration_RBV"))},
-            "ssim_live_vs_truth": round(float(ssim_truth), 3),
-            "ssim_live_vs_truth_offset_only": round(float(ssim_offset), 3),
-            "ssim_live_vs_reconstruction": round(float(s.get("SSIM_RBV")), 3),
-            "stages_ran": stages,
+            "controller": {"scan1": auto1, "scan2": auto2},
+            "training": {"epochs": len(loss), "final_loss": float(loss[-1]) if len(loss) else None,
+                         "final_val_loss": float(val[-1]) if len(val) else None,
+                         "seconds": float(s.get("Train:Duration_RBV"))},
+            "scan2_scores": rows,
+            "improvement_v2_over_v1_nrmse": round((v1n - v2n) / v1n, 3),
+            "stages_ran": {"capture": scan1["captured"] > 0 and scan2["captured"] > 0,
+                           "reconstruct": "done" in auto1["recon"] and "done" in auto2["recon"],
+                           "retrain_decided": scan2["model_version"] > scan1["model_version"],
+                           "suspend_decided": auto2["state"] == "Suspended"},
             "wall_s": round(time.monotonic() - t0, 1),
         }
-        _png(out / "stitched_scan2.png", img.data, f"live stitched phase, scan 2 (model v{v1})")
-        _png(out / "reconstruction_scan1.png", recon_img.data, "pty-chi reconstruction, scan 1")
-        r0 = truth2.obj.shape[0] // 2
-        half = int(p["extent"] / truth2.pixel_size_m / 2) + p["size"] // 2
-        c = int(SCAN2_OFFSET_M / 2 / truth2.pixel_size_m) + truth2.obj.shape[1] // 2
-        _png(out / "truth_scan2.png", np.angle(truth2.obj[r0 - half:r0 + half, c - half:c + half]),
-             "ground truth phase, scan 2 area")
-        _loss_png(out / "loss.png", loss, val)
+        _pngs(out, panels, f"scan B2 ({FAMILY}): v1 NRMSE {v1n:.3f}, v2 NRMSE {v2n:.3f}", loss, val)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(summary)
         if args.keep_running:
@@ -290,18 +332,21 @@ def run_demo(args) -> int:
 
 
 def _print_summary(s: dict) -> None:
-    rows = [
-        ("frames (scan 1 / scan 2)", f"{s['frames']['scan1']} / {s['frames']['scan2']}"),
-        ("stream rate (Hz)", f"{s['stream_rate_hz']['scan1']} / {s['stream_rate_hz']['scan2']}"),
-        ("dropped / missed", f"{s['dropped']} / {s['missed']}"),
-        ("model version (scan 1 -> scan 2)", f"v{s['model_versions']['scan1']} -> v{s['model_versions']['scan2']}"),
-        ("reconstruction time (s)", f"{s['reconstruction_s']['scan1']:.1f} / {s['reconstruction_s']['scan2']:.1f}"),
-        ("training", f"{s['training']['epochs']} epochs, loss {s['training']['final_loss']:.4f}, "
-                     f"val {s['training']['final_val_loss']:.4f}, {s['training']['seconds']:.1f} s"),
-        ("SSIM live stitched vs ground truth", f"{s['ssim_live_vs_truth']:.3f} (offset and ramp removed; "
-                                               f"offset only {s['ssim_live_vs_truth_offset_only']:.3f})"),
-        ("SSIM live stitched vs reconstruction", f"{s['ssim_live_vs_reconstruction']:.3f}"),
-        ("wall time (s)", f"{s['wall_s']:.1f}"),
+    c1, c2 = s["controller"]["scan1"], s["controller"]["scan2"]
+    lines = [
+        f"  family A (v1 trained on): {s['family_a']}; family B (imaged): {s['family_b']}",
+        f"  frames (scan B1 / B2): {s['frames']['scan1']} / {s['frames']['scan2']}; dropped / missed: "
+        f"{s['dropped']} / {s['missed']}; stream {s['stream_rate_hz']['scan1']} / {s['stream_rate_hz']['scan2']} Hz",
+        f"  scan B1: v1 SSIM vs reconstruction {c1['ssim_vs_reconstruction']:.3f}, mismatch {c1['mismatch']:.3f} "
+        f"-> {c1['state']}: {c1['message']}",
+        f"  scan B2: v{s['model_versions']['scan2']} SSIM vs reconstruction {c2['ssim_vs_reconstruction']:.3f}, "
+        f"mismatch {c2['mismatch']:.3f} -> {c2['state']}: {c2['message']}",
+        f"  training: {s['training']['epochs']} epochs in {s['training']['seconds']:.0f} s",
+        "",
+        "  scan B2 against the truth            NRMSE   SSIM   (offset removed; ramp removed: NRMSE / SSIM)",
     ]
-    w = max(len(r[0]) for r in rows)
-    print("\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows) + "\n", flush=True)
+    for name, r in s["scan2_scores"].items():
+        lines.append(f"    {name:<34} {r['nrmse']:.3f}  {r['ssim']:.3f}   ({r['nrmse_ramp']:.3f} / {r['ssim_ramp']:.3f})")
+    lines += ["", f"  v2 over v1 on scan B2 (same window): NRMSE {100 * s['improvement_v2_over_v1_nrmse']:.0f} % lower",
+              f"  wall time: {s['wall_s']:.0f} s"]
+    print("\n" + "\n".join(lines) + "\n", flush=True)

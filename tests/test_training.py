@@ -270,3 +270,28 @@ def test_cosine_schedule_warms_up_then_falls_to_lr_min(corpus, tmp_path):
     assert lrs[0] == pytest.approx(1e-5) and lrs[1] > 10 * lrs[0]     # warmed up within the first epoch
     assert lrs[1] > lrs[2] > lrs[3] > 1e-5            # falling after the warm-up
     assert list(card["options"]["low_dose_range"]) == [1.0, 20.0]
+
+
+def test_square_symmetries_of_a_frame_are_the_frames_of_the_turned_sample():
+    """For a round beam, the frame of a turned or mirrored sample is the turned or mirrored frame
+    (about the centre pixel n // 2): what makes the augmentation valid."""
+    import torch
+
+    from ptychopv.hpc.training import square_symmetry
+    from ptychopv.science import physics, samples
+
+    n = 32
+    probe = physics.make_probe(n, 6, curvature=3.0)
+    obj = samples.make_sample("shapes", (n, n), seed=2)
+    frame = np.abs(physics.far_field(probe * obj)) ** 2
+    for k in range(8):
+        turned_obj = square_symmetry(torch.from_numpy(obj), k).numpy()
+        turned_frame = np.abs(physics.far_field(probe * turned_obj)) ** 2
+        np.testing.assert_allclose(square_symmetry(torch.from_numpy(frame), k).numpy(), turned_frame,
+                                   rtol=1e-3, atol=1e-6 * frame.max())
+    assert len({square_symmetry(torch.from_numpy(obj.real.copy()), k).numpy().tobytes() for k in range(8)}) == 8
+
+
+def test_augmented_training_runs_and_is_recorded(corpus, tmp_path):
+    card = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, augment=True))
+    assert card["options"]["augment"] is True
