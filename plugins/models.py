@@ -219,7 +219,10 @@ class ModelManager:
     def _swap_in(self, version: int, select_engine):
         mv = self.registry().get(version)       # hash-checked
         sizes = sorted({*self.batch_sizes, int(self.infer.batch_size)})
-        engine = select_engine(mv.source(), self.engine, warmup=True, batch_sizes=sizes)
+        # ONNX Runtime's threads do not spin between batches: in a chain they would burn the cores
+        # the source, the stitcher and the detector itself need, most of all under overload
+        engine = select_engine(mv.source(), self.engine, warmup=True, batch_sizes=sizes,
+                               options={"onnxruntime": {"spin": False}})
         try:
             self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
         except BaseException:

@@ -1,5 +1,5 @@
-"""The pass-through engine: no network, the (normalised) frame itself scaled into (-pi, pi) as the
-phase. It exercises every other part of the chain at the cost of a few array operations, for
+"""The pass-through engine: no network, the (normalised) frame itself scaled into [0, pi] as the
+phase (a linear scaling: a transcendental per pixel would cost more than the rest of the chain). It exercises every other part of the chain at the cost of a few array operations, for
 benchmarks of the plumbing and for tests; ``select_engine(ModelSource(input_size=n), "passthrough")``.
 """
 
@@ -18,5 +18,5 @@ class PassThroughEngine(Engine):
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = x[:, 0]
-        peak = np.maximum(x.max(axis=(1, 2), keepdims=True), 1e-12)
-        return {"phase": np.tanh(x / peak) * np.float32(np.pi)}
+        peak = np.maximum(np.abs(x).max(axis=(1, 2), keepdims=True), np.float32(1e-12))
+        return {"phase": np.multiply(x, np.float32(np.pi) / peak, dtype=np.float32)}

@@ -10,9 +10,11 @@ The canvas keeps ``num = sum(w * (phase + offset))`` and ``den = sum(w)``; the i
 lit), else a Tukey taper. Only the window's support (where ``w`` is at least ``support`` of its
 peak) is placed: with a beam much smaller than the field, that is a small part of the patch.
 
-Sub-pixel placement (``subpixel``):
+Sub-pixel placement (``subpixel``; ``"auto"``, the default, takes the Fourier shift when the
+window is a beam, whose patches hold the fine detail a live image is judged by, and the bilinear
+splat for the plain taper of a chain that knows no beam):
 
-- ``"fourier"`` (default): the patch goes to the nearest whole pixel and the remaining shift
+- ``"fourier"``: the patch goes to the nearest whole pixel and the remaining shift
   (at most half a pixel) is applied by the Fourier shift theorem, which keeps every spatial
   frequency the patch holds. The weight window's shifted copies are cached on a 1/32-pixel
   grid. This is the forward model's own sub-pixel shift (``physics.shift_probe``), so a live
@@ -38,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 
-SUBPIXEL = ("fourier", "bilinear")
+SUBPIXEL = ("auto", "fourier", "bilinear")
 
 
 class StitchedImage(NamedTuple):
@@ -176,7 +178,7 @@ class Stitcher:
 
     def __init__(self, pixel_size_m: float, *, window=None, taper: float = 0.5, estimate_offsets: bool = True,
                  min_overlap: float = 0.05, max_canvas_px: int = 8192, grow_px: int = 128,
-                 subpixel: str = "fourier", support: float = 1e-3):
+                 subpixel: str = "auto", support: float = 1e-3):
         """
         pixel_size_m: object pixel size of the patches (m/pixel).
         window: probe (complex, its intensity is used) or real weights of the patch shape; None: Tukey taper.
@@ -186,7 +188,8 @@ class Stitcher:
         max_canvas_px: a frame whose patch lies farther than half this from the scan's first frame
             is rejected (a runaway position would otherwise allocate a huge canvas).
         grow_px: extra margin when the canvas grows, so it grows rarely.
-        subpixel: "fourier" (exact for the frequencies a patch holds) or "bilinear" (cheaper, blurs).
+        subpixel: "fourier" (exact for the frequencies a patch holds), "bilinear" (cheaper, blurs), or
+            "auto": Fourier for a beam window, bilinear for the taper.
         support: only the part of the patch where the window reaches this fraction of its peak is placed.
         """
         if subpixel not in SUBPIXEL:
@@ -303,7 +306,7 @@ class Stitcher:
         (b0, b1), (c0_, c1_) = (win.box[0].start, win.box[0].stop), (win.box[1].start, win.box[1].stop)
         bh, bw = b1 - b0, c1_ - c0_
         ty, tx = ty[idx] + b0, tx[idx] + c0_                # global fractional row/col of the box's pixel 0
-        fourier = self.subpixel == "fourier"
+        fourier = self.subpixel == "fourier" or (self.subpixel == "auto" and win.wy is None)
         r = np.rint(ty) if fourier else np.floor(ty)
         c = np.rint(tx) if fourier else np.floor(tx)
         fy_a, fx_a = ty - r, tx - c
