@@ -101,9 +101,13 @@ def panel(path: Path, scan, images: dict, title: str) -> None:
     for name in ("live", "epie"):
         if name in images:
             img = images[name]
-            on = metrics.truth_on_grid(img.phase, img.pixel_size_m, (img.origin_m[0] - live.origin_m[0] + 0,
-                                                                     img.origin_m[1] - live.origin_m[1]),
-                                       live.pixel_size_m, live.phase.shape) if img is not live else img.phase
+            if img is live:
+                on = img.phase
+            else:   # onto the live grid: truth_on_grid takes an array centred on 0 m
+                ny, nx = img.phase.shape
+                shift = (live.origin_m[0] - img.origin_m[0] - nx / 2 * img.pixel_size_m,
+                         live.origin_m[1] - img.origin_m[1] - ny / 2 * img.pixel_size_m)
+                on = metrics.truth_on_grid(img.phase, img.pixel_size_m, shift, live.pixel_size_m, live.phase.shape)
             cols.append((name, on))
     fig, axs = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), dpi=100)
     lo, hi = np.nanpercentile(ref[mask], [1, 99])

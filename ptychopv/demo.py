@@ -34,7 +34,7 @@ from .fidelity import DEMO
 from .io.epics_env import apply_loopback, free_port, pva_client_conf
 
 QUICK = dict(extent=2.4e-6, overlap=0.6, iterations=25, epochs=12, rate=300)
-FULL = dict(extent=3.0e-6, overlap=0.6, iterations=40, epochs=24, rate=300)
+FULL = dict(extent=3.0e-6, overlap=0.6, iterations=40, epochs=60, rate=300)
 FAMILY = "ic"                      # family B: what the beamline images now
 SCAN2_OFFSET_M = 6.0e-6
 SAMPLE_PX = 512

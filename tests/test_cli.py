@@ -31,22 +31,26 @@ def test_no_command_prints_help():
 @pytest.mark.epics
 @pytest.mark.slow
 def test_demo_quick_runs_every_stage(tmp_path):
+    """The demo's scenario in small: a model trained on natural photographs meets an IC; the
+    controller measures the mismatch, retrains, and v2 images another area of the chip better
+    than v1 did (same window, the chain's own code)."""
     pytest.importorskip("ptychi", reason="the demo reconstructs with pty-chi ([hpc] extra)")
-    r = run("demo", "--quick", "--out", str(tmp_path), timeout=600)
+    r = run("demo", "--quick", "--out", str(tmp_path), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert all(s["stages_ran"].values()), s["stages_ran"]
-    assert s["model_versions"]["scan2"] > s["model_versions"]["scan1"]   # the retrained model ran live
+    ran = s["stages_ran"]
+    assert ran["capture"] and ran["reconstruct"] and ran["retrain_decided"], s
+    assert s["controller"]["scan1"]["mismatch"] > 0.2                      # v1 measurably poor on family B
+    assert s["model_versions"]["scan2"] > s["model_versions"]["scan1"]     # the retrained model ran live
     assert s["dropped"] == 0 and s["missed"] == 0
-    # the issue's bar: the live stitched image of scan 2 against ground truth (offset and linear
-    # ramp removed); measured 0.83-0.84 on a 2-core CPU. The offset-only figure and the score
-    # against scan 2's reconstruction are reported beside it.
-    assert s["ssim_live_vs_truth"] >= 0.8, s
-    assert -1.0 <= s["ssim_live_vs_truth_offset_only"] <= 1.0
-    assert 0.5 <= s["ssim_live_vs_reconstruction"] <= 1.0, s
-    for png in ("stitched_scan2.png", "reconstruction_scan1.png", "truth_scan2.png", "loss.png"):
+    rows = s["scan2_scores"]
+    v1, v2 = rows["v1, same window"]["nrmse"], rows["v2, same window"]["nrmse"]
+    assert v2 < 0.95 * v1, (v1, v2)                     # quick: a few epochs; the full demo's figure is in README
+    assert rows["calibration: zero"]["nrmse"] == pytest.approx(1.0)
+    assert rows["live (IOC, v2)"]["nrmse"] == pytest.approx(v2, abs=0.05)   # the IOC's image is the chain's
+    for png in ("scan2_panels.png", "loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert "SSIM live stitched vs ground truth" in r.stdout
+    assert "scan B2 against the truth" in r.stdout
 
 
 def test_readme_pv_table_is_current():

@@ -1,0 +1,50 @@
+"""The science benchmark, small (one family, one overlap, full dose), as CI runs it: the live image
+is scored against the truth beside the calibration images, by the chain's own plugins."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def science(tmp_path_factory):
+    pytest.importorskip("ptychi", reason="the benchmark runs pty-chi beside the live image")
+    out = tmp_path_factory.mktemp("science")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "science.py"), "--quick", "--iterations", "10",
+                           "--extent", "3e-6", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), out
+
+
+def test_the_live_image_beats_the_calibration_it_must(science):
+    result, out = science
+    (row,) = result["rows"]
+    assert (row["family"], row["overlap"], row["dose_x"]) == ("natural", 0.6, 1.0)
+    live = row["live"]["nrmse"]
+    assert row["zero"]["nrmse"] == pytest.approx(1.0)            # the scale every figure is read against
+    # the shipped model on this (seen) family: measured 0.36 at 4 um (docs/science); a blur of half
+    # a beam scores about 0.75 here, so this bound fails for an image no better than that
+    assert live < 0.45, row
+    assert live < 0.7 * row["blurred"]["nrmse"], row
+    assert (out / "science_natural.png").stat().st_size > 5000
+
+
+def test_the_image_is_faithful_from_the_first_frame(science):
+    """The model card's beam as the window (before any reconstruction) is within 10 % of the
+    window a reconstruction supplies."""
+    (row,) = science[0]["rows"]
+    assert row["live"]["nrmse"] <= 1.1 * row["live_recon_window"]["nrmse"], row
+    assert science[0]["targets"]["first_frame_vs_after_reconstruction"]["natural"]["within_10pct"]
+
+
+def test_epie_on_the_same_frames_is_scored_beside_it(science):
+    (row,) = science[0]["rows"]
+    assert 0 < row["epie"]["nrmse"] < 1.0 and row["epie_s"] > 0
+    assert {"nrmse", "ssim", "nrmse_ramp", "ssim_ramp"} <= set(row["live"])
