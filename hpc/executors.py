@@ -37,9 +37,9 @@ class ExecutorOptions(BaseModel):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if v not in EXECUTORS:
-            raise ValueError(f"unknown executor kind {v!r}; allowed: {', '.join(EXECUTORS)}")
-        return v
+        from .options import one_of
+
+        return one_of("executor kind", EXECUTORS, v)
 
 
 class _Base:

@@ -45,7 +45,9 @@ def register_algorithm(algorithm: Algorithm) -> None:
     ALGORITHMS[algorithm.name] = algorithm
 
 
-def _one_of(kind: str, registry: dict, value: str) -> str:
+def one_of(kind: str, registry, value: str) -> str:
+    """``value`` if ``registry`` (a declaration of an extensible kind) has it; else the error that
+    names the kind and what is allowed (the options' validators all say it this way)."""
     if value not in registry:
         raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(registry)}")
     return value
@@ -57,7 +59,7 @@ class ReconOptions(BaseModel):
     @field_validator("engine")
     @classmethod
     def _algorithm(cls, v: str) -> str:
-        return _one_of("reconstruction algorithm", ALGORITHMS, v)
+        return one_of("reconstruction algorithm", ALGORITHMS, v)
 
     engine: str = "epie"
     """Reconstruction algorithm (a name in ``ALGORITHMS``)."""
@@ -108,7 +110,7 @@ class TrainOptions(BaseModel):
     @field_validator("model")
     @classmethod
     def _network(cls, v: str) -> str:
-        return _one_of("network", NETWORKS, v)
+        return one_of("network", NETWORKS, v)
 
     model: str = "ptychonn2"
     """Network to train (a name in ``ptychopv.inference.NETWORKS``)."""

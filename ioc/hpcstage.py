@@ -118,20 +118,13 @@ class HpcStage:
         label = label_options(scan or "", size, self.cfg.chain.binning, self.cfg.chain.crop, ps)
         version = int(chain.infer.version)
         validate = self._validate_options(version) if version else None
-        t0 = time.monotonic()
 
         async def body(stage):
             return await self.workflow.reconstruct(stage, scan, opts, label=label, validate=validate,
                                                    on_recon=self._publish_recon)
 
-        try:
-            res = await self.recon.run("reconstruction", body)
-        except Busy as exc:
-            ioc.message("Recon", f"{exc} (Recon:Abort stops it)")
-            return None
-        finally:
-            ioc.set("Recon:Duration_RBV", round(time.monotonic() - t0, 2))
-        if res.get("status") != "done":
+        res = await self._run_stage(self.recon, "reconstruction", body)
+        if res is None:
             return None
         summary = res["result"]
         if "corpus_count" in summary:
@@ -142,6 +135,19 @@ class HpcStage:
         ioc.set("Recon:Progress_RBV", 100.0)
         self.last_recon = summary
         return summary
+
+    async def _run_stage(self, stage: JobStage, what: str, body) -> dict | None:
+        """Run ``body`` on ``stage`` and time it into ``<stage>:Duration_RBV``; the final record when
+        it finished, None when it did not (or the stage was busy: said in its message)."""
+        t0 = time.monotonic()
+        try:
+            res = await stage.run(what, body)
+        except Busy as exc:
+            self.ioc.message(stage.name, f"{exc} ({stage.name}:Abort stops it)")
+            return None
+        finally:
+            self.ioc.set(f"{stage.name}:Duration_RBV", round(time.monotonic() - t0, 2))
+        return res if res.get("status") == "done" else None
 
     def _validate_options(self, version: int) -> dict:
         return {"version": int(version), "binning": self.cfg.chain.binning, "engine": self.cfg.workflow.validate_engine,
@@ -186,7 +192,6 @@ class HpcStage:
                 ioc.set("Train:LossHistory_RBV", np.asarray(losses))
                 ioc.set("Train:ValLossHistory_RBV", np.asarray(vals))
 
-        t0 = time.monotonic()
         result: dict = {}
 
         async def body(stage):
@@ -199,14 +204,7 @@ class HpcStage:
             return {"status": "done", "message": f"model v{r['version']} registered (val loss "
                     f"{r.get('val_loss') or 0:.4f}" + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")")}
 
-        try:
-            res = await self.train_stage.run("training", body)
-        except Busy as exc:
-            ioc.message("Train", f"{exc} (Train:Abort stops it)")
-            return None
-        finally:
-            ioc.set("Train:Duration_RBV", round(time.monotonic() - t0, 2))
-        if res.get("status") != "done":
+        if await self._run_stage(self.train_stage, "training", body) is None:
             return None
         ioc.set("Train:Progress_RBV", 100.0)
         return result

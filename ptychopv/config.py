@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 
 from .hpc.executors import ExecutorOptions  # pydantic models and plain data only: no torch, no pty-chi
-from .hpc.options import ReconOptions, TrainOptions
+from .hpc.options import ReconOptions, TrainOptions, one_of
 from .inference.engines import ENGINES
 
 
@@ -134,9 +134,7 @@ class ChainOptions(Strict):
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: str) -> str:
-        if v != "auto" and v not in ENGINES:
-            raise ValueError(f"unknown engine {v!r}; allowed: auto, {', '.join(ENGINES)}")
-        return v
+        return v if v == "auto" else one_of("engine", ("auto", *ENGINES), v)
     passthrough_size: Literal[32, 64, 128, 256] = 64
     """Input size of the pass-through engine (benchmarks)."""
     binning: Annotated[int, Field(ge=1, le=8)] = 1
@@ -198,15 +196,12 @@ class SampleOptions(Strict):
     feature_phase: Annotated[float, Field(ge=0, le=3.0)] = 0.5
     """Phase depth of the etched features (rad)."""
 
-
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:
         from .science.samples import FAMILIES
 
-        if v not in FAMILIES:
-            raise ValueError(f"unknown sample family {v!r}; allowed: {', '.join(FAMILIES)}")
-        return v
+        return one_of("sample family", FAMILIES, v)
 
 
 class ProbeOptions(Strict):
@@ -340,9 +335,7 @@ class ScaleOutOptions(Strict):
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: str | None) -> str | None:
-        if v is not None and v != "auto" and v not in ENGINES:
-            raise ValueError(f"unknown engine {v!r}; allowed: auto, {', '.join(ENGINES)}")
-        return v
+        return v if v is None or v == "auto" else one_of("engine", ("auto", *ENGINES), v)
 
     @field_validator("consumers")
     @classmethod
