@@ -76,8 +76,10 @@ def _scan_ids(scan_id, n: int) -> np.ndarray:
 
 
 def create_corpus(path: str | os.PathLike, frame_shape: tuple[int, int], *,
-                  amplitude: bool = False, attrs: dict | None = None) -> Path:
-    """Create an empty corpus; refuses to overwrite an existing file."""
+                  amplitude: bool = False, attrs: dict | None = None, compress: bool = True) -> Path:
+    """Create an empty corpus; refuses to overwrite an existing file. ``compress=False``: no gzip
+    (a scratch corpus simulated and read back at once, where the gzip would take longer than
+    the training)."""
     path = Path(path)
     h, w = (int(s) for s in frame_shape)
     if h < 1 or w < 1:
@@ -86,7 +88,8 @@ def create_corpus(path: str | os.PathLike, frame_shape: tuple[int, int], *,
     with h5py.File(path, "x") as f:  # "x": fail if the file exists
         for name in ("diffraction", "phase") + (("amplitude",) if amplitude else ()):
             f.create_dataset(name, shape=(0, h, w), maxshape=(None, h, w), dtype=np.float32,
-                             chunks=chunk, compression="gzip", compression_opts=4, shuffle=True)
+                             chunks=chunk, **({"compression": "gzip", "compression_opts": 4, "shuffle": True}
+                                              if compress else {}))
         f.create_dataset("scan_id", shape=(0,), maxshape=(None,), dtype=_STR,
                          chunks=(CHUNK_PAIRS * 16,))
         f.attrs.update(attrs or {})
@@ -116,8 +119,9 @@ def _open(path: Path, mode: str, wait_s: float = 30.0) -> h5py.File:
 
 
 def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
-                 scan_id: str | int | list = "", attrs: dict | None = None) -> int:
-    """Append pairs (creating the corpus on first use); returns the new pair count."""
+                 scan_id: str | int | list = "", attrs: dict | None = None, compress: bool = True) -> int:
+    """Append pairs (creating the corpus on first use, with ``attrs`` and ``compress``); returns
+    the new pair count."""
     path = Path(path)
     diff = _as_frames("diffraction", diffraction)
     n = len(diff)
@@ -130,7 +134,7 @@ def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
     ids = _scan_ids(scan_id, n)
     if not path.exists():
         try:
-            create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs)
+            create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
         except FileExistsError:  # another process created it first
             pass
     with _open(path, "r+") as f:

@@ -170,6 +170,11 @@ class TrainOptions(BaseModel):
     comes from the whole patch, most of it unlit, so the frame cannot tell it; the stitcher
     matches each patch's offset to the canvas anyway. A tenth of the mean residual's size is
     still charged, so the output cannot drift into the saturated tails of its ``tanh``."""
+    time_limit_s: float | None = Field(None, gt=0)
+    """Wall-clock budget of the run, reading the corpus included (an HPC allocation, a lent
+    GPU): training stops after the epoch that would end past it and publishes the best state so far, and the ``cosine`` schedule falls
+    by elapsed time as well as by step, so it has annealed when the budget runs out. None:
+    ``epochs`` epochs."""
     augment: bool = False
     """Each batch is turned by one of the eight symmetries of the square (turns by 90 degrees and
     mirrors about the probe centre), frames and labels alike: valid for a round beam (no

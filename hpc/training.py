@@ -43,7 +43,8 @@ Callback = Callable[[int, float, float, float], object]
 CARD_KEYS = frozenset({
     "parent", "model", "model_config", "outputs", "input_shape", "preprocessing", "corpus",
     "scans", "pairs", "train_pairs", "val_pairs", "epochs", "best_epoch", "loss", "val_loss",
-    "val_ssim", "low_dose_factor", "seed", "device", "train_seconds", "options", "history"})
+    "val_ssim", "low_dose_factor", "seed", "device", "train_seconds", "options", "history",
+    "epochs_run"})
 
 
 class TrainingAborted(RuntimeError):
@@ -83,6 +84,7 @@ def illumination_weight(size: int, beam_px: float) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
+SSIM_PAIRS = 2000  # validation pairs scored by SSIM for the card (all, up to this many)
 OFFSET_ANCHOR = 0.1  # share of the mean residual still charged with ignore_offset
 
 
@@ -129,6 +131,18 @@ def square_symmetry(t, k: int):
     return t
 
 
+def _normalize_t(x, spec: dict):
+    """:func:`normalize` on a torch tensor (on the GPU): the same transforms, float32."""
+    import torch
+
+    x = torch.clamp(x.float(), min=0.0)
+    if spec["transform"] == "log1p":
+        x = torch.log1p(x)
+    elif spec["transform"] != "linear":
+        raise ValueError(f"no torch form of preprocessing transform {spec['transform']!r}")
+    return x / float(spec["divisor"])
+
+
 def mean_ssim(pred: np.ndarray, label: np.ndarray) -> float:
     """Mean SSIM over images ``(N, h, w)``, data range of each label image."""
     from skimage.metrics import structural_similarity
@@ -166,15 +180,19 @@ def _predict(model, x, device: str, batch: int):
 def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray,
         val_y: list[np.ndarray], opts: TrainOptions, *, spec: dict, device: str = "cpu",
         raw_train: np.ndarray | None = None, callback: Callback | None = None,
-        abort=None) -> FitResult:
+        abort=None, started: float | None = None) -> FitResult:
     """The training loop on arrays. ``*_x`` are normalised ``(N, h, w)``; ``*_y`` one array per
     model output, in ``model.output_names`` order. With ``opts.low_dose_factor``, ``raw_train``
-    (intensities) is Poisson-resampled and normalised afresh each epoch."""
+    (intensities) is Poisson-resampled and normalised afresh each epoch. ``opts.time_limit_s``
+    counts from ``started`` (a ``time.perf_counter()``; default: now)."""
     import torch
 
     from .jobs import abort_predicate
 
     should_abort = abort_predicate(abort)
+    fit_t0 = time.perf_counter()
+    t_start = fit_t0 if started is None else started
+    fit_budget = max(1e-3, (opts.time_limit_s or 0) - (fit_t0 - t_start))   # what the schedule spans
     model.to(device)
     rng = np.random.default_rng(opts.seed + 1)
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)[:, None])
@@ -188,10 +206,13 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
         warm = max(1, n_steps // 50)
 
         def factor(i):          # LambdaLR multiplies lr_min: rise to lr_max, then fall back to lr_min
-            peak = opts.lr_max / opts.lr_min
-            if i < warm:
-                return 1 + (peak - 1) * i / warm
-            t = min(1.0, (i - warm) / max(1, n_steps - warm))
+            peak, w = opts.lr_max / opts.lr_min, warm / n_steps
+            p = i / n_steps                                   # progress, by step
+            if opts.time_limit_s:                             # ... or by the deadline, if sooner
+                p = max(p, (time.perf_counter() - fit_t0) / fit_budget)
+            if p < w:
+                return 1 + (peak - 1) * p / w
+            t = min(1.0, (p - w) / max(1e-12, 1 - w))
             return 1 + (peak - 1) * 0.5 * (1 + np.cos(np.pi * t))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -208,14 +229,37 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
 
     best = FitResult(copy.deepcopy(model.state_dict()), 0, float("inf"), float("nan"))
     fixed_x = as_t(train_x)
+    resample = raw_train is not None and bool(opts.low_dose_factor or opts.low_dose_range)
+    # On a GPU the training set lives on the device and the fresh counts are drawn there: a host
+    # Poisson redraw of every frame each epoch, and a host-to-device copy per batch, would take
+    # longer than the epoch's compute.
+    on_device = device != "cpu"
+    if on_device:
+        fixed_x, yt = fixed_x.to(device), [y.to(device) for y in yt]
+        raw_t = (torch.from_numpy(np.ascontiguousarray(raw_train, dtype=np.float32)).to(device)
+                 if resample else None)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(opts.seed + 1)
+    epoch_s = 0.0
     for epoch in range(1, opts.epochs + 1):
+        t_epoch = time.perf_counter()
+        if opts.time_limit_s and epoch > 1 and t_epoch - t_start + epoch_s > opts.time_limit_s:
+            log.info("time limit %.0f s: stopping after %d epochs", opts.time_limit_s, epoch - 1)
+            break
         xt = fixed_x
-        if raw_train is not None and (opts.low_dose_factor or opts.low_dose_range):  # fresh counts each epoch
+        if resample:  # fresh counts each epoch
             f = opts.low_dose_factor or low_dose_factors(len(raw_train), opts.low_dose_range, rng)
-            xt = as_t(normalize(low_dose(raw_train, f, rng), spec))
+            if on_device:
+                ft = torch.as_tensor(np.broadcast_to(f, (len(raw_train),)), dtype=torch.float32,
+                                     device=device).view(-1, 1, 1)
+                counts = torch.poisson(raw_t / ft, generator=gen) * ft
+                xt = _normalize_t(counts, spec)[:, None]
+                del counts
+            else:
+                xt = as_t(normalize(low_dose(raw_train, f, rng), spec))
         model.train()
-        order = torch.from_numpy(rng.permutation(n))
-        total, lr = 0.0, optimizer.param_groups[0]["lr"]
+        order = torch.from_numpy(rng.permutation(n)).to(device)
+        total, lr = torch.zeros((), device=device), optimizer.param_groups[0]["lr"]
         for s in range(steps):
             if should_abort():
                 raise TrainingAborted(f"training aborted in epoch {epoch}")
@@ -231,14 +275,15 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss.detach()) * len(idx)
-        train_loss = total / n
-        pred_v = _predict(model, xv, device, opts.batch_size)
+            total += loss.detach() * len(idx)     # no host sync per step
+        train_loss = float(total) / n
+        pred_v = _predict(model, xv, device, max(opts.batch_size, 256 if on_device else 0))
         val_loss = float(sum(loss_fn(p.to(device), y.to(device)) for p, y in zip(pred_v, yv)))
         if val_loss < best.val_loss:
             best = FitResult(copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
                              epoch, val_loss, train_loss, best.history)
         best.history.append({"epoch": epoch, "loss": train_loss, "val_loss": val_loss, "lr": lr})
+        epoch_s = time.perf_counter() - t_epoch
         if callback is not None:
             callback(epoch, train_loss, val_loss, epoch / opts.epochs)
     model.load_state_dict(best.state)
@@ -317,14 +362,15 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
     try:
         result = fit(model, train_x, [y[tr] for y in labels],
                      normalize(val_raw, spec), [y[va] for y in labels], opts, spec=spec,
-                     device=device, raw_train=diffraction[tr], callback=callback, abort=abort)
+                     device=device, raw_train=diffraction[tr], callback=callback, abort=abort, started=t0)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
     model = model.cpu().eval()
-    val_pred = _predict(model, torch.from_numpy(normalize(val_raw, spec)[:, None]), "cpu",
+    scored = slice(0, SSIM_PAIRS)     # the validation SSIM on the card: the first pairs
+    val_pred = _predict(model, torch.from_numpy(normalize(val_raw[scored], spec)[:, None]), "cpu",
                         opts.batch_size)
     phase_pred = val_pred[list(model.output_names).index("phase")][:, 0].numpy()
-    ssim = mean_ssim(phase_pred, data["phase"][va])
+    ssim = mean_ssim(phase_pred, data["phase"][va][scored])
     card = {
         "parent": parent, "model": model.name, "model_config": model.config(),
         "outputs": list(model.output_names), "input_shape": [1, model.input_size, model.input_size],
@@ -332,7 +378,7 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         "scans": sorted(set(data["scan_id"].tolist())), "pairs": len(diffraction),
         "train_pairs": len(tr), "val_pairs": len(va), "epochs": opts.epochs,
         "best_epoch": result.best_epoch, "loss": result.loss, "val_loss": result.val_loss,
-        "val_ssim": ssim, "low_dose_factor": opts.low_dose_factor, "seed": opts.seed,
+        "epochs_run": len(result.history), "val_ssim": ssim, "low_dose_factor": opts.low_dose_factor, "seed": opts.seed,
         "device": device, "train_seconds": round(time.perf_counter() - t0, 3),
         "options": opts.model_dump(), "history": result.history,
     }

@@ -36,7 +36,9 @@ each evaluation family at overlap 0.6, full dose) and the figures go on the card
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import shutil
 import sys
 import tempfile
@@ -62,29 +64,44 @@ PHASE_RANGE = (0.5, 2.0)
 NATURAL_IMAGES = ("camera", "moon", "brick", "grass", "gravel", "coins", "clock", "text")
 
 
-def build_corpus(path: Path, samples_n: int, per_sample: int, seed: int, *, size_px: int = 256,
-                 families=tuple(samples.TRAIN_FAMILIES), dose_range=DOSE_RANGE, phase_range=PHASE_RANGE) -> None:
-    """``samples_n`` samples of the training families, ``per_sample`` random whole-pixel positions each."""
-    rng = np.random.default_rng(seed)
+def simulate_sample(k: int, seed: int, per_sample: int, size_px: int, families: tuple,
+                    dose_range: tuple, phase_range: tuple) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sample ``k`` of the corpus: ``per_sample`` frames (Poisson counts) and phase labels. Its
+    random numbers come from ``(seed, k)`` alone, so the corpus is the same for any ``--workers``."""
+    rng = np.random.default_rng([seed, k])
     n = BEAMLINE.frame_px
-    probe = BEAMLINE.probe()
-    for k in range(samples_n):
-        family = families[k % len(families)]
-        extra = {}
-        if family == "natural":      # photographs of the family-A set only (phase and amplitude)
-            extra = {"phase_image": NATURAL_IMAGES[k % len(NATURAL_IMAGES)],
-                     "amplitude_image": NATURAL_IMAGES[(k + 3) % len(NATURAL_IMAGES)]}
-        obj = samples.make_sample(family, (size_px, size_px), seed=int(rng.integers(2**31)),
-                                  max_phase=rng.uniform(*phase_range), min_amplitude=rng.uniform(0.6, 0.95), **extra)
-        centres = rng.integers(n // 2 + 1, size_px - n // 2 - 1, (per_sample, 2)).astype(float)
-        inten = physics.diffraction(obj, probe, centres)
-        doses = np.exp(rng.uniform(*np.log(dose_range), per_sample))
-        frames = rng.poisson(inten * (doses / inten.sum(axis=(1, 2)))[:, None, None]).astype(np.float32)
-        labels = phase_labels(physics.extract_patches(obj, centres, n))
-        append_pairs(path, frames, labels, scan_id=f"sim-{k:04d}-{family}",
-                     attrs={"energy_ev": BEAMLINE.energy_ev, "detector_distance_m": BEAMLINE.distance_m,
-                            "detector_pixel_size_m": BEAMLINE.detector_pixel_m,
-                            "pixel_size_m": BEAMLINE.pixel_size_m})
+    family = families[k % len(families)]
+    extra = {}
+    if family == "natural":      # photographs of the family-A set only (phase and amplitude)
+        extra = {"phase_image": NATURAL_IMAGES[k % len(NATURAL_IMAGES)],
+                 "amplitude_image": NATURAL_IMAGES[(k + 3) % len(NATURAL_IMAGES)]}
+    obj = samples.make_sample(family, (size_px, size_px), seed=int(rng.integers(2**31)),
+                              max_phase=rng.uniform(*phase_range), min_amplitude=rng.uniform(0.6, 0.95), **extra)
+    centres = rng.integers(n // 2 + 1, size_px - n // 2 - 1, (per_sample, 2)).astype(float)
+    inten = physics.diffraction(obj, BEAMLINE.probe(), centres)
+    doses = np.exp(rng.uniform(*np.log(dose_range), per_sample))
+    frames = rng.poisson(inten * (doses / inten.sum(axis=(1, 2)))[:, None, None]).astype(np.float32)
+    return frames, phase_labels(physics.extract_patches(obj, centres, n)), f"sim-{k:04d}-{family}"
+
+
+def build_corpus(path: Path, samples_n: int, per_sample: int, seed: int, *, size_px: int = 256,
+                 families=tuple(samples.TRAIN_FAMILIES), dose_range=DOSE_RANGE, phase_range=PHASE_RANGE,
+                 workers: int = 1, compress: bool = True) -> None:
+    """``samples_n`` samples of the training families, ``per_sample`` random whole-pixel positions
+    each, simulated by ``workers`` processes and appended in order (gzip unless ``compress`` is
+    false: with many workers the one writer's gzip is the bottleneck)."""
+    attrs = {"energy_ev": BEAMLINE.energy_ev, "detector_distance_m": BEAMLINE.distance_m,
+             "detector_pixel_size_m": BEAMLINE.detector_pixel_m, "pixel_size_m": BEAMLINE.pixel_size_m}
+    job = functools.partial(simulate_sample, seed=seed, per_sample=per_sample, size_px=size_px,
+                            families=tuple(families), dose_range=dose_range, phase_range=phase_range)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(job, range(samples_n), chunksize=4) if pool else map(job, range(samples_n))
+        for frames, labels, scan_id in results:
+            append_pairs(path, frames, labels, scan_id=scan_id, attrs=attrs, compress=compress)
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def evaluate(version, *, overlap: float = 0.6, dose: float = 1e6, seed: int = 12345) -> dict:
@@ -118,7 +135,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=1, help="processes simulating the corpus (default 1)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-augment", action="store_true", help="generic: without the square's symmetries")
+    p.add_argument("--time-limit", type=float, help="training budget in seconds (train.time_limit_s)")
+    p.add_argument("--deadline", type=float, help="a Unix time by which the model must be published: the "
+                   "training budget is what is left of it when training starts, less a minute")
+    p.add_argument("--wait-for", type=Path, help="simulate, then start training only once this file exists "
+                   "(benchmarks/gpu_session.sh: after the GPU check, which must have the GPU alone)")
+    p.add_argument("--corpus-file", type=Path, help="the simulated corpus: used if it exists, else "
+                   "simulated there and kept (several trainings can share one)")
+    p.add_argument("--simulate-only", action="store_true", help="stop after simulating --corpus-file")
     args = p.parse_args(argv)
+    if args.simulate_only and args.corpus_file is None:
+        p.error("--simulate-only needs --corpus-file")
     natural = args.corpus == "natural"      # the recipe of the shipped model (commit 2bcb473)
     args.samples = args.samples or (16 if natural else 320)
     args.per_sample = args.per_sample or (600 if natural else 150)
@@ -126,18 +156,32 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ptychopv-demo-model-") as tmp:
-        corpus, scratch = Path(tmp) / "corpus.h5", ModelRegistry(Path(tmp) / "registry")
+        corpus, scratch = args.corpus_file or Path(tmp) / "corpus.h5", ModelRegistry(Path(tmp) / "registry")
         families = ("natural",) if natural else tuple(samples.TRAIN_FAMILIES)
-        build_corpus(corpus, args.samples, args.per_sample, args.seed, families=families,
-                     **({"size_px": 448, "dose_range": (1e5, 2e6), "phase_range": (0.6, 1.4)} if natural else {}))
-        print(f"simulated {args.samples * args.per_sample} pairs in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr, flush=True)
+        if not corpus.exists():     # simulated beside, then renamed: a corpus file is always whole
+            partial = corpus.with_name(corpus.name + ".partial")
+            partial.unlink(missing_ok=True)
+            build_corpus(partial, args.samples, args.per_sample, args.seed, families=families, workers=args.workers,
+                         compress=args.workers == 1,
+                         **({"size_px": 448, "dose_range": (1e5, 2e6), "phase_range": (0.6, 1.4)} if natural else {}))
+            partial.rename(corpus)
+            print(f"simulated {args.samples * args.per_sample} pairs in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+        if args.simulate_only:
+            return 0
 
         def progress(epoch, loss, val_loss, fraction):
             print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f} val {val_loss:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-        options = {"model": "ptychonn2", "width": args.width, "epochs": args.epochs, "batch_size": 32,
+        while args.wait_for is not None and not args.wait_for.exists():
+            time.sleep(0.5)
+        if args.deadline is not None:
+            left = args.deadline - time.time() - 60
+            args.time_limit = max(10.0, min(args.time_limit or left, left))
+            print(f"training budget {args.time_limit:.0f} s", file=sys.stderr, flush=True)
+        options = {"model": "ptychonn2", "width": args.width, "epochs": args.epochs, "batch_size": args.batch_size,
+                   "time_limit_s": args.time_limit, "augment": not (natural or args.no_augment),
                    "lr_min": 1e-4 if natural else 2e-5, "lr_max": args.lr_max,
                    "schedule": "cyclic" if natural else "cosine", "seed": args.seed,
                    "device": args.device, "threads": args.threads, "norm": True,

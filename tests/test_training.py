@@ -295,3 +295,35 @@ def test_square_symmetries_of_a_frame_are_the_frames_of_the_turned_sample():
 def test_augmented_training_runs_and_is_recorded(corpus, tmp_path):
     card = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, augment=True))
     assert card["options"]["augment"] is True
+
+
+def test_time_limit_stops_early_and_still_publishes(corpus, tmp_path):
+    """With a budget far below ``epochs`` epochs, training stops after a few, publishes its best
+    state, says how many epochs ran, and the cosine schedule has fallen by the deadline."""
+    import time
+
+    t0 = time.perf_counter()
+    card = train(corpus, tmp_path / "reg", dict(TINY, epochs=10_000, schedule="cosine", lr_min=1e-5,
+                                                lr_max=1e-3, time_limit_s=1.0))
+    assert time.perf_counter() - t0 < 60                      # not 10 000 epochs
+    assert 1 <= card["epochs_run"] < 10_000 and card["epochs_run"] == len(card["history"])
+    assert card["epochs"] == 10_000 and card["options"]["time_limit_s"] == 1.0
+    assert ModelRegistry(tmp_path / "reg").latest().version == card["version"]
+    if card["epochs_run"] >= 3:                               # annealed by elapsed time, not by step
+        assert card["history"][-1]["lr"] < card["history"][1]["lr"]
+    with pytest.raises(ValueError):
+        TrainOptions(time_limit_s=0)
+
+
+def test_torch_normalisation_matches_the_chains():
+    """The GPU path normalises redrawn counts in torch: the same numbers as ``normalize``."""
+    from ptychopv.hpc.training import _normalize_t
+    from ptychopv.inference.preprocessing import normalize
+
+    counts = np.random.default_rng(1).poisson(50.0, (4, 16, 16)).astype(np.float32)
+    counts[0, 0, 0] = -3.0                                    # a background-subtracted pixel
+    for spec in ({"transform": "log1p", "divisor": 7.5}, {"transform": "linear", "divisor": 60.0}):
+        np.testing.assert_allclose(_normalize_t(torch.from_numpy(counts), spec).numpy(),
+                                   normalize(counts, spec), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="sqrt"):
+        _normalize_t(torch.from_numpy(counts), {"transform": "sqrt", "divisor": 1.0})
