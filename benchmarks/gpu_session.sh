@@ -7,7 +7,7 @@
 # 0. ptychopv is installed offline into the running Python (pip -e, or gpu_check.sh's folder of
 #    links on PYTHONPATH); pydantic, which a GPU image may lack, comes as wheels in .whl/ (see
 #    benchmarks/README.md, "GPU").
-# 1. in the background, 14 processes simulate the generic training corpus
+# 1. in the background, 12 processes simulate the generic training corpus
 #    (scripts/make_demo_model.py's families, the demo beamline; SAMPLES x PER_SAMPLE pairs);
 # 2. meanwhile benchmarks/gpu_check.sh (engine tests, smoke check with timings) -> gpu-check.tgz;
 # 3. then scripts/make_demo_model.py trains two PtychoNN 2.0 side by side on the GPU with what
@@ -42,7 +42,7 @@ fi
 # ---- 1. the corpus (CPU, background, while the GPU check runs)
 COMMON=(--corpus generic --samples "$SAMPLES" --per-sample "$PER_SAMPLE" --corpus-file "$WORK/corpus.h5")
 say "simulating ${SAMPLES} x ${PER_SAMPLE} pairs"
-timeout $(( BUDGET / 2 )) "$PY" scripts/make_demo_model.py "${COMMON[@]}" --workers 14 --simulate-only \
+timeout $(( BUDGET / 2 )) "$PY" scripts/make_demo_model.py "${COMMON[@]}" --workers 12 --simulate-only \
     >>"$OUTDIR/session.log" 2>&1 &
 SIM_PID=$!
 
