@@ -40,7 +40,8 @@ fi
 (cd /tmp && "$PY" -c "import ptychopv.hpc.training, pydantic; print('ptychopv importable')") 2>&1 | tee -a "$OUTDIR/session.log"
 
 # ---- 1. the corpus (CPU, background, while the GPU check runs)
-COMMON=(--corpus generic --samples "$SAMPLES" --per-sample "$PER_SAMPLE" --corpus-file "$WORK/corpus.h5")
+COMMON=(--corpus generic --samples "$SAMPLES" --per-sample "$PER_SAMPLE" --corpus-file "$WORK/corpus.h5"
+        --seed "${PTYCHOPV_GPU_SEED:-0}")
 say "simulating ${SAMPLES} x ${PER_SAMPLE} pairs"
 timeout $(( BUDGET / 2 )) "$PY" scripts/make_demo_model.py "${COMMON[@]}" --workers 12 --simulate-only \
     >>"$OUTDIR/session.log" 2>&1 &
@@ -67,11 +68,17 @@ train_one() {  # NAME BATCH LR_MAX [more make_demo_model options]
         --no-eval --deadline $(( T0 + BUDGET - 25 )) "${@:4}" >"$OUTDIR/summary-$1.json" 2>"$OUTDIR/train-$1.log"
     echo "make_demo_model exit $?" >>"$OUTDIR/train-$1.log"
 }
-train_one a 128 1e-3 &
-A_PID=$!
-train_one b 64 3e-4 --no-augment &
-B_PID=$!
-wait $A_PID $B_PID
+if [ -n "${PTYCHOPV_GPU_WARM_START:-}" ]; then
+    # a second call: one training, alone on the GPU, continuing from a model of the first
+    train_one a 256 5e-4 --warm-start "$PTYCHOPV_GPU_WARM_START" --fast
+    echo "make_demo_model exit (no b)" >"$OUTDIR/train-b.log"
+else
+    train_one a 128 1e-3 &
+    A_PID=$!
+    train_one b 64 3e-4 --no-augment &
+    B_PID=$!
+    wait $A_PID $B_PID
+fi
 say "training a: $(tail -n 1 "$OUTDIR/train-a.log"); b: $(tail -n 1 "$OUTDIR/train-b.log")"
 (cd "$WORK" && tar -czf "$OUTDIR/models.tgz" reg-* 2>/dev/null)
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUTDIR/session.log" 2>&1

@@ -175,6 +175,9 @@ class TrainOptions(BaseModel):
     GPU): training stops after the epoch that would end past it and publishes the best state so far, and the ``cosine`` schedule falls
     by elapsed time as well as by step, so it has annealed when the budget runs out. None:
     ``epochs`` epochs."""
+    deterministic: bool = True
+    """cuDNN's deterministic algorithms (the same seed gives the same model on a GPU too); False
+    lets cuDNN pick the fastest (a long GPU run, where speed matters more than bit-equality)."""
     augment: bool = False
     """Each batch is turned by one of the eight symmetries of the square (turns by 90 degrees and
     mirrors about the probe centre), frames and labels alike: valid for a round beam (no

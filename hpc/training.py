@@ -358,7 +358,7 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         model.set_input_standardization(*input_standardization(train_x))
     labels = [data[name] for name in model.output_names]
     deterministic = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = opts.deterministic, not opts.deterministic
     try:
         result = fit(model, train_x, [y[tr] for y in labels],
                      normalize(val_raw, spec), [y[va] for y in labels], opts, spec=spec,

@@ -120,7 +120,7 @@ class LiveChain:
             try:
                 from ..inference.registry import shipped_registry
 
-                self.models.seed(shipped_registry())
+                self.models.seed(shipped_registry(self.cfg.chain.shipped_model))
             except Exception as exc:  # a broken shipped model must not stop the IOC
                 self._message("Infer", f"shipped model not seeded: {exc}")
         self._select(int(self.ioc.get("Model:Select")), at_start=True)

@@ -126,7 +126,12 @@ class ChainOptions(Strict):
     registry: Path = Path("registry")
     """Model registry folder (relative to the config file)."""
     seed_demo_model: bool = True
-    """Copy the shipped demo model into an empty registry, so the chain has a model at once."""
+    """Copy a shipped model (``shipped_model``) into an empty registry, so the chain has a model at once."""
+    shipped_model: Literal["demo", "generic"] = "demo"
+    """The shipped model that seeds an empty registry: ``demo`` (PtychoNN 2.0 trained on natural
+    photographs at 1e5-2e6 photons: the demo's family A) or ``generic`` (trained on a GPU on random
+    fields and shapes only, with low-count frames: better on kinds of sample neither has seen and
+    at low dose; README, *Live image fidelity*). Both for the demo beamline."""
     engine: str = "auto"
     """Inference engine: a name in ``ptychopv.inference.ENGINES``, or auto (TensorRT, PyTorch CUDA,
     ONNX Runtime, PyTorch CPU in turn)."""

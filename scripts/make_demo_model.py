@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes simulating the corpus (default 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-augment", action="store_true", help="generic: without the square's symmetries")
+    p.add_argument("--warm-start", type=Path, help="continue training from this registry's latest version "
+                   "(its network and preprocessing; the card's parent names that version)")
+    p.add_argument("--fast", action="store_true", help="cuDNN picks its fastest algorithms (not bit-reproducible)")
     p.add_argument("--time-limit", type=float, help="training budget in seconds (train.time_limit_s)")
     p.add_argument("--deadline", type=float, help="a Unix time by which the model must be published: the "
                    "training budget is what is left of it when training starts, less a minute")
@@ -188,11 +191,20 @@ def main(argv=None) -> int:
                    "loss_weight": "illumination", "beam_px": BEAMLINE.beam_px, "ignore_offset": True,
                    "low_dose_range": (1.0, args.low_dose_max) if args.low_dose_max > 1 and not natural else None,
                    "val_fraction": 0.1 if natural else 0.05}
+        options["deterministic"] = not args.fast
+        if args.warm_start is not None:
+            shutil.copytree(args.warm_start, scratch.root, dirs_exist_ok=True)
+            options["warm_start"] = "latest"
         card = train(corpus, scratch.root, options, callback=progress)
         trained = scratch.get(card["version"])
         held_out = {} if args.no_eval else evaluate(trained)
         print(json.dumps(held_out), file=sys.stderr, flush=True)
         final = {k: v for k, v in card.items() if k not in ModelRegistry.RESERVED}
+        if card.get("parent") is not None:     # the parent lives in another registry
+            parent = scratch.get(card["parent"]).card
+            final.update(parent=None, continued_from={"version": parent["version"], "sha256": parent.get("sha256"),
+                                                      "epochs_run": parent.get("epochs_run"),
+                                                      "history": parent.get("history")})
         final.update(corpus="simulated by scripts/make_demo_model.py (not shipped)", beamline=BEAMLINE.card(),
                      held_out=held_out, pixel_size_m=BEAMLINE.pixel_size_m,
                      training_families=list(families),

@@ -79,3 +79,28 @@ def test_a_broken_selection_at_start_falls_back_to_the_newest_good_version(tmp_p
     assert fresh.infer.version == 1
     assert f"running v1, the newest version that loads" in manager.messages[-1]
     fresh.close()
+
+
+def test_either_shipped_model_seeds_an_empty_registry(tmp_path):
+    """``chain.shipped_model``: the demo model or the GPU-trained generic one; both load and say
+    which training families they saw; an unknown name is refused by the config and the registry."""
+    from ptychopv.config import ChainOptions
+    from ptychopv.inference.registry import ModelRegistry
+
+    seen = {}
+    for name in ("demo", "generic"):
+        infer = InferPlugin("Infer")
+        m = ModelManager(infer, tmp_path / name, "onnxruntime", batch_sizes=(1,), report=lambda *a, **k: None)
+        try:
+            assert m.seed(shipped_registry(name)) == 1
+            card = ModelRegistry(tmp_path / name).get(1).card
+            seen[name] = set(card["training_families"])
+            assert card["beamline"]["frame_px"] == 64
+        finally:
+            m.close()
+    assert seen == {"demo": {"natural"}, "generic": {"grf", "shapes", "mix"}}
+    assert ChainOptions(shipped_model="generic").shipped_model == "generic"
+    with pytest.raises(ValueError):
+        ChainOptions(shipped_model="photos")
+    with pytest.raises(ValueError, match="unknown shipped model"):
+        shipped_registry("photos")
