@@ -1,8 +1,8 @@
-"""Regenerate the shipped model (``ptychopv/models/registry``) from simulated scans, or train one
-from the generic training families.
+"""Regenerate the shipped models from simulated scans: the demo's (``ptychopv/models/registry``,
+natural photographs) or the generic one (``ptychopv/models/generic``, random fields and shapes).
 
-    python scripts/make_demo_model.py --corpus natural --replace     # the shipped model's recipe
-    python scripts/make_demo_model.py --out /tmp/generic              # the generic corpus (see below)
+    python scripts/make_demo_model.py --corpus natural --replace     # the demo model's recipe (CPU)
+    bash benchmarks/gpu_session.sh OUT 540                            # the generic model (a GPU)
 
 The live chain needs a model before the first scan has been reconstructed, so the repository
 ships a PtychoNN 2.0 (64x64 input) trained by ``ptychopv.hpc.training`` on simulated frames with
@@ -25,9 +25,11 @@ trained now (whole-pixel positions) is of the same kind, not bit-identical.
 
 Default (``--corpus generic``): only the generic *training* families of ``ptychopv.science.samples``
 (random fields, random shapes, their mix), never the evaluation families, with doses from 1e4
-to 3e6 and half of the frames redrawn each epoch at up to 30x fewer counts. In this work's runs
-on 2 CPU cores its validation loss stayed at the predict-the-mean level for the epochs the CPU
-allowed (the README's *Known limits*); it is kept to be run where a GPU is lent.
+to 3e6, half of the frames redrawn each epoch at up to 30x fewer counts, and the square's
+symmetries. On 2 CPU cores it is too slow to learn (two epochs an hour); on a GPU it learns at
+once: ``ptychopv/models/generic`` was trained so on one H200 by ``benchmarks/gpu_session.sh``
+(``--device cuda --batch-size 128 --workers 12 --corpus-file ... --deadline ...``, then
+``--warm-start ... --fast`` on a fresh corpus; about 8 minutes of GPU time in all).
 
 At the end the model is scored as ``benchmarks/science.py`` scores it (live stitched NRMSE on
 each evaluation family at overlap 0.6, full dose) and the figures go on the card.
