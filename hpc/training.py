@@ -250,8 +250,8 @@ def fit(model, train_x: np.ndarray, train_y: list[np.ndarray], val_x: np.ndarray
         if resample:  # fresh counts each epoch
             f = opts.low_dose_factor or low_dose_factors(len(raw_train), opts.low_dose_range, rng)
             if on_device:
-                ft = torch.as_tensor(np.broadcast_to(f, (len(raw_train),)), dtype=torch.float32,
-                                     device=device).view(-1, 1, 1)
+                ft = torch.as_tensor(np.asarray(f, dtype=np.float32), device=device)
+                ft = ft.view(-1, 1, 1) if ft.ndim else ft     # one factor per frame, or one for all
                 counts = torch.poisson(raw_t / ft, generator=gen) * ft
                 xt = _normalize_t(counts, spec)[:, None]
                 del counts

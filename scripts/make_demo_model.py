@@ -146,8 +146,6 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, help="training budget in seconds (train.time_limit_s)")
     p.add_argument("--deadline", type=float, help="a Unix time by which the model must be published: the "
                    "training budget is what is left of it when training starts, less a minute")
-    p.add_argument("--wait-for", type=Path, help="simulate, then start training only once this file exists "
-                   "(benchmarks/gpu_session.sh: after the GPU check, which must have the GPU alone)")
     p.add_argument("--corpus-file", type=Path, help="the simulated corpus: used if it exists, else "
                    "simulated there and kept (several trainings can share one)")
     p.add_argument("--simulate-only", action="store_true", help="stop after simulating --corpus-file")
@@ -179,8 +177,6 @@ def main(argv=None) -> int:
             print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f} val {val_loss:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-        while args.wait_for is not None and not args.wait_for.exists():
-            time.sleep(0.5)
         if args.deadline is not None:
             left = args.deadline - time.time() - 60
             args.time_limit = max(10.0, min(args.time_limit or left, left))

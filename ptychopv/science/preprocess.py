@@ -168,14 +168,19 @@ def apply_mask(frames: np.ndarray, mask, mode: str = "median", *, _table=None) -
 
 
 # ----------------------------------------------------------------------------- intensity
-def check_scale(factor) -> float:
+def check_positive(value, what: str, unit: str = "") -> float:
+    """``value`` as a finite float > 0, else a ValueError naming ``what`` (and ``unit``: " of metres")."""
     try:
-        f = float(factor)
+        v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"scale factor must be a number > 0, got {factor!r}") from None
-    if not np.isfinite(f) or f <= 0:
-        raise ValueError(f"scale factor must be a finite number > 0, got {factor!r}")
-    return f
+        raise ValueError(f"{what} must be a number{unit} > 0, got {value!r}") from None
+    if not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a finite number{unit} > 0, got {value!r}")
+    return v
+
+
+def check_scale(factor) -> float:
+    return check_positive(factor, "scale factor")
 
 
 def scale(frames: np.ndarray, factor: float) -> np.ndarray:

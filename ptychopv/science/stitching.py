@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .preprocess import check_positive
+
 
 SUBPIXEL = ("auto", "fourier", "bilinear")
 
@@ -215,12 +217,7 @@ class Stitcher:
 
     @pixel_size_m.setter
     def pixel_size_m(self, value: float) -> None:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"pixel size must be a number of metres > 0, got {value!r}") from None
-        if not np.isfinite(v) or v <= 0:
-            raise ValueError(f"pixel size must be a finite number of metres > 0, got {value!r}")
+        v = check_positive(value, "pixel size", " of metres")
         with self._lock:
             self._ps = v
             if hasattr(self, "_num"):
