@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine
 
 DEFAULT_VARIANTS = ("demo:", "lr_max 1e-3:lr_max=1e-3", "120 epochs:epochs=120",
                     "resimulate 500, 30 epochs:resimulate=500,epochs=30",
@@ -77,6 +77,7 @@ def resimulated(rec, frames: np.ndarray, count: int, fov: int, preprocess, seed:
 
 def run(demo: Path, name: str, opts: dict) -> dict:
     from ptychopv import fidelity
+    from ptychopv.demo import FAMILY
     from ptychopv.fidelity import DEMO
     from ptychopv.hpc.corpus import append_pairs
     from ptychopv.hpc.labels import label_scan
@@ -88,9 +89,13 @@ def run(demo: Path, name: str, opts: dict) -> dict:
 
     opts = dict(opts)
     n_resim = int(opts.pop("resimulate", 0))
-    recon = sorted((demo / "scans").glob("*_recon.h5"))[0]
+    recon = min((demo / "scans").glob("*_recon.h5"))
     rec = read_reconstruction(recon)
-    v1 = ModelRegistry(demo / "registry", create=False).get(1)
+    registry = ModelRegistry(demo / "registry", create=False)
+    v1 = registry.get(1)
+    if 2 not in registry.versions():
+        raise SystemExit(f"{demo} has no retrained version (v2): did its demo finish?")
+    demo_v2 = registry.get(2)
     card1 = v1.card
     size = int(card1["input_shape"][-1])
     work = Path(tempfile.mkdtemp(prefix="ptychopv-finetune-"))
@@ -103,10 +108,7 @@ def run(demo: Path, name: str, opts: dict) -> dict:
             x, y = resimulated(rec, read_scan(rec.scan_file).frames, n_resim, size, pre)
             append_pairs(work / "corpus.h5", x, y, None, scan_id=rec.scan_id)
         t1 = time.perf_counter()
-        train_opts = dict(model=card1["model"], epochs=60, batch_size=16, lr_min=5e-5, lr_max=5e-4,
-                          schedule="cosine", seed=0, warm_start=1, loss_weight="illumination",
-                          beam_px=DEMO.beam_px, ignore_offset=True, augment=True)
-        train_opts.update(opts)
+        train_opts = {**demo_v2.card["options"], "warm_start": 1, **opts}   # what the demo trained v2 with
         card = train(work / "corpus.h5", work / "registry", train_opts)
         t2 = time.perf_counter()
         reg = ModelRegistry(work / "registry", create=False)
@@ -114,7 +116,7 @@ def run(demo: Path, name: str, opts: dict) -> dict:
         for s in (1, 2):
             scan = read_scan(demo / "scans" / f"scan_{s:05d}.h5")
             truth = read_truth(demo / f"scan{s}_truth.h5")
-            fs = fidelity.FamilyScan("ic", 0.6, 1e6, scan.frames, scan.positions_m, truth.obj, truth.probe, DEMO)
+            fs = fidelity.FamilyScan(FAMILY, 0.6, 1e6, scan.frames, scan.positions_m, truth.obj, truth.probe, DEMO)
             for v in (1, 2):
                 eng = select_engine(reg.get(v).source(), "onnxruntime")
                 try:
