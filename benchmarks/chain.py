@@ -60,6 +60,9 @@ NOTES = [
      "best of before and after its chain runs); fraction_of_bare_engine only where the offered rate exceeds it"),
     "infer_execution_ms_per_batch_median: Infer:ExecutionTime_RBV sampled every 0.5 s (preprocess + engine)",
     "all processes share this machine's cores: sim, IOC or consumer, and this client",
+    ("cpu_s: user + system CPU seconds of each process (sim, IOC, this client) from Acquire to the counters "
+     "settling (cpu_wall_s); machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy); "
+     "ioc_cpu_us_per_frame_taken: the IOC's CPU per frame it processed or dropped"),
 ]
 
 
@@ -154,6 +157,7 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
     probe.wait_connected()   # else the first results could go out before the subscription exists
     samples: dict[str, list] = {"FrameRate_RBV": [], "Infer:ExecutionTime_RBV": [], "Stitch:ExecutionTime_RBV": [],
                                 "Infer:Latency_RBV": []}
+    cpu0 = cpu_by_process()
     ctx.put(SIM_PREFIX + "Acquire", 1, timeout=5)
     while time.time() - t_start < seconds:
         time.sleep(0.5)
@@ -167,6 +171,8 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
                 int(get(p + "Stitch:ArrayCounter_RBV")), int(get(p + "Infer:QueueUse")), len(probe.items))
 
     wait_quiet(counters, settle=1.0, timeout=60)
+    cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_by_process().items()}
+    cpu_wall = time.time() - t_start
     offered = int(get(SIM_PREFIX + "ArrayCounter_RBV")) - sent0
     d = {n: int(get(p + n)) - before[n] for n in counted}
     processed, dropped, missed = d["Infer:ArrayCounter_RBV"], d["Infer:DroppedArrays_RBV"], d["Infer:MissedFrames_RBV"]
@@ -182,7 +188,28 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
         "infer_latency_rbv_ms_median": median(samples["Infer:Latency_RBV"][1:]),
         "stitch_execution_ms_median": median(samples["Stitch:ExecutionTime_RBV"][1:]),
         "stitch_processed": d["Stitch:ArrayCounter_RBV"], "stitch_dropped": d["Stitch:DroppedArrays_RBV"],
+        "cpu_s": cpu, "cpu_wall_s": round(cpu_wall, 2),
+        "machine_cpu_busy": round(sum(cpu.values()) / (cpu_wall * (os.cpu_count() or 1)), 3),
+        "ioc_cpu_us_per_frame_taken": round(1e6 * sum(v for k, v in cpu.items() if k.startswith("ioc"))
+                                            / max(1, processed + dropped), 1),
     }
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds of each child (simulator, IOC) and of this client, to tell a chain that is slow
+    from a machine that is full."""
+    out = {c.name: _cpu_s(c.proc.pid) for c in CHILDREN}
+    out["client"] = _cpu_s(os.getpid())
+    return out
 
 
 def run_chain(name: str, tag: str, folder: Path, sim_port: int, chain: dict, engine: str, rates,
