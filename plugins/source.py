@@ -12,17 +12,6 @@ address list, TCP name servers only when given (pvAccessCPP servers, e.g. areaDe
 NDPluginPva or pvaPy's, answer UDP searches only). A channel not found within
 ``connect_timeout_s``, or lost and not found again within it, is said in ``last_message``; the
 search goes on.
-
-Overload is squashed in the PVA library, not paid for in Python. The subscription's updates run
-on a thread of their own; when no stage can take a frame (``gate()`` False), the update waits
-there up to ``room_wait_s`` for room. While it waits nothing is popped, so the monitor queue
-(``queue_size`` updates, in pvxs's C++) fills and pvxs squashes the updates behind it: they
-arrive as uniqueId gaps, counted as missed, without a Python call or a decode. Only a frame
-still without room after the wait is dropped, before it is decoded. A chain that paid a
-Python callback to receive and drop every frame it could not serve processed fewer frames the
-more it was offered (766 frames/s at 2 kHz against 937 at 1 kHz). PVA's pipelined flow control
-(``pipeline=true``, squashing at the server) was tried and left out: between p4p's client and
-server a subscription that had waited stalled for good after a few frames.
 """
 
 from __future__ import annotations
@@ -65,11 +54,9 @@ class NTNDArraySource:
     def __init__(self, channel: str, conf: dict, *, downstream: Iterable[Callable] = (),
                  queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None,
                  connect_timeout_s: float = 5.0, gate: Callable[[], bool] | None = None,
-                 on_drop: Callable[[], None] | None = None, room_wait_s: float = 0.05):
-        """``gate()`` False: no stage can take a frame now; after waiting up to ``room_wait_s``
-        for room, it is dropped before it is decoded (``on_drop()`` counts it where the records
-        show drops)."""
-        from p4p.util import WorkQueue
+                 on_drop: Callable[[], None] | None = None):
+        """``gate()`` False: no stage can take a frame now, so it is dropped before it is decoded
+        (``on_drop()`` counts it where the records show drops)."""
         from p4p.client.thread import Context
 
         self.ctx = Context("pva", conf=conf, useenv=False, unwrap=False)
@@ -83,7 +70,6 @@ class NTNDArraySource:
         self.on_frame = on_frame
         self.gate = gate
         self.on_drop = on_drop
-        self.room_wait_s = float(room_wait_s)
         self.dropped_at_entry = 0
         self.queue_size = int(queue_size)
         self._lock = threading.Lock()
@@ -98,10 +84,6 @@ class NTNDArraySource:
         self.connected = False
         self.last_message = ""
         self._last_uid: int | None = None
-        # the updates' own thread: waiting there for room holds up no other subscription
-        self._wq = WorkQueue()
-        self._wq_thread = threading.Thread(target=self._wq.handle, name="source-updates", daemon=True)
-        self._wq_thread.start()
         self.connect(channel)
 
     # ------------------------------------------------------------------ subscription
@@ -119,8 +101,7 @@ class NTNDArraySource:
             if channel:
                 self._arm()
                 self._sub = self.ctx.monitor(channel, self._update, notify_disconnect=True,
-                                             request=f"record[queueSize={self.queue_size}]",
-                                             queue=self._wq)
+                                             request=f"record[queueSize={self.queue_size}]")
             else:
                 self._disarm()
 
@@ -130,8 +111,6 @@ class NTNDArraySource:
             if self._sub is not None:
                 self._sub.close()
                 self._sub = None
-        self._wq.interrupt()
-        self._wq_thread.join(timeout=5)
         self.ctx.close()
 
     # ------------------------------------------------------------------ search timeout
@@ -172,15 +151,6 @@ class NTNDArraySource:
         self.last_message = message
         log.info("%s: %s", self.channel, message)
 
-    def _room(self, t0: float) -> bool:
-        """``gate()``, waiting up to ``room_wait_s`` from ``t0`` for it to turn true."""
-        deadline = t0 + self.room_wait_s
-        while not self.gate():
-            if time.perf_counter() >= deadline or self._sub is None:
-                return False
-            time.sleep(0.0005)      # a stage's queue frees a slot every batch: sub-ms polling suffices
-        return True
-
     def _update(self, value) -> None:
         t = time.perf_counter()
         if isinstance(value, Exception):
@@ -202,16 +172,15 @@ class NTNDArraySource:
             self.stream += 1
             self.report(f"connected to {self.channel}" + (f" (again, after {self.disconnects} disconnect(s))"
                                                            if self.disconnects else ""))
-        if self.gate is not None:
+        if self.gate is not None and not self.gate():
+            # overload: nothing downstream can take this frame, so it is dropped here, before
+            # decoding, for the cost of reading its uniqueId (the chain holds its capacity
+            # instead of spending it on frames it would drop later)
             try:
                 uid = int(value["uniqueId"])
             except Exception:  # noqa: BLE001 - a malformed value: let the decoder say why
                 uid = None
-            # uniqueId 0 is a server's idle placeholder (or no id at all): the decoder decides
-            if uid and not self._room(t):
-                # overload: nothing downstream could take this frame within room_wait_s (the
-                # updates behind it were squashed meanwhile), so it is dropped here, before
-                # decoding, for the cost of reading its uniqueId
+            if uid:          # uniqueId 0: a server's idle placeholder, not a frame: the decoder decides
                 self._count_uid(uid)
                 self.dropped_at_entry += 1
                 if self.on_drop is not None:
