@@ -44,17 +44,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"variant {text!r}: {item!r} is not key=value")
-        opts[key.strip()] = json.loads(value) if value.strip()[0] in "[{" else _number(value.strip())
+        try:                                   # numbers, true/false, null, lists as JSON
+            opts[key.strip()] = json.loads(value)
+        except ValueError:                     # a bare word: a string
+            opts[key.strip()] = value.strip()
     return name.strip() or "demo", opts
-
-
-def _number(v: str):
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
 
 
 def resimulated(rec, frames: np.ndarray, count: int, fov: int, preprocess, seed: int = 0):

@@ -172,9 +172,9 @@ class TrainOptions(BaseModel):
     still charged, so the output cannot drift into the saturated tails of its ``tanh``."""
     time_limit_s: float | None = Field(None, gt=0)
     """Wall-clock budget of the run, reading the corpus included (an HPC allocation, a lent
-    GPU): training stops after the epoch that would end past it and publishes the best state so far, and the ``cosine`` schedule falls
-    by elapsed time as well as by step, so it has annealed when the budget runs out. None:
-    ``epochs`` epochs."""
+    GPU): training stops after the epoch that would end past it and publishes the best state
+    so far, and the ``cosine`` schedule falls by elapsed time as well as by step, so it has
+    annealed when the budget runs out. None: ``epochs`` epochs."""
     deterministic: bool = True
     """cuDNN's deterministic algorithms (the same seed gives the same model on a GPU too); False
     lets cuDNN pick the fastest (a long GPU run, where speed matters more than bit-equality)."""

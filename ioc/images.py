@@ -12,6 +12,7 @@ from p4p.server.thread import SharedPV
 
 import threading
 
+from ..io.epics_env import pva_server_conf
 from ..io.ntndarray import NTNDArrayWriter, to_value
 from .schema import ntndarrays
 
@@ -44,10 +45,7 @@ class ImageServer:
             self.pvs[pv.name] = shared
             self.writers[pv.name], self._locks[pv.name] = NTNDArrayWriter(), threading.Lock()
             self.provider.add(prefix + pv.name, shared)
-        conf = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-                "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(port),
-                "EPICS_PVAS_BROADCAST_PORT": str(broadcast_port)}
-        self.server = Server(providers=[self.provider], conf=conf, useenv=False)
+        self.server = Server(providers=[self.provider], conf=pva_server_conf(port, broadcast_port), useenv=False)
 
     def watched(self, name: str) -> bool:
         """True while at least one client has ``$(P)name`` open."""

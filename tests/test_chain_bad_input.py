@@ -12,7 +12,7 @@ import pytest
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
 
-from ptychopv.io.epics_env import free_port
+from ptychopv.io.epics_env import free_port, pva_server_conf
 from ptychopv.io.ntndarray import to_value
 from ptychopv.procs import start_ioc
 
@@ -38,10 +38,7 @@ class Detector:
         provider.add(prefix + "X", self.x)
         provider.add(prefix + "Y", self.y)
         self.port = port
-        self.server = Server(providers=[provider], useenv=False, conf={
-            "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_SERVER_PORT": str(port),
-            "EPICS_PVAS_BROADCAST_PORT": str(free_port()), "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO"})
+        self.server = Server(providers=[provider], useenv=False, conf=pva_server_conf(port, free_port()))
         self.uid = 0
 
     def good(self, **kw):

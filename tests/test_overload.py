@@ -5,48 +5,36 @@ missed or dropped."""
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
 import pytest
-from p4p.server import Server, StaticProvider
-from p4p.server.thread import SharedPV
 
 from ptychopv.io.epics_env import free_port, pva_client_conf
-from ptychopv.io.ntndarray import to_value
 from ptychopv.plugins.source import NTNDArraySource
 
 from .test_chain import wait_until
-
-CHANNEL = "OVL:Pva1:Image"
+from .test_chain_bad_input import Detector
 
 
 @pytest.fixture
 def detector():
-    port, bcast = free_port(), free_port()
-    pv = SharedPV(initial=to_value(np.zeros((1, 1), np.uint16), 0, timestamp=0.0))
-    provider = StaticProvider("overload-test")
-    provider.add(CHANNEL, pv)
-    server = Server(providers=[provider], useenv=False, conf={
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(port),
-        "EPICS_PVAS_BROADCAST_PORT": str(bcast)})
-    yield pv, port
-    server.stop()
+    det = Detector(f"OVL{os.getpid()}:", free_port())
+    yield det
+    det.close()
 
 
-def post(pv, n):
-    frame = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
-    for uid in range(1, n + 1):
-        pv.post(to_value(frame, uid))
+def post(det, n):
+    for _ in range(n):
+        det.good()
 
 
 def test_a_frame_without_room_is_dropped_before_decoding_and_counted(detector):
-    pv, port = detector
     drops = []
-    src = NTNDArraySource(CHANNEL, pva_client_conf(port), queue_size=4, gate=lambda: False,
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), queue_size=4, gate=lambda: False,
                           on_drop=lambda: drops.append(1))
     try:
         wait_until(lambda: src.connected, 10, "the source to connect")
-        post(pv, 50)
+        post(detector, 50)
         wait_until(lambda: src._last_uid == 50, 15, "the last uniqueId seen")
         assert src.dropped_at_entry == len(drops) > 0       # the placeholder (uniqueId 0) is not among them
         assert src.dropped_at_entry + src.missed == 50     # none decoded, every one accounted for
@@ -56,14 +44,13 @@ def test_a_frame_without_room_is_dropped_before_decoding_and_counted(detector):
 
 
 def test_frames_taken_and_dropped_add_up_to_what_the_server_posted(detector):
-    pv, port = detector
     calls = iter(range(10**6))
     got = []
-    src = NTNDArraySource(CHANNEL, pva_client_conf(port), queue_size=64, gate=lambda: next(calls) % 2 == 0,
-                          downstream=[got.append])
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), queue_size=64,
+                          gate=lambda: next(calls) % 2 == 0, downstream=[got.append])
     try:
         wait_until(lambda: src.connected, 10, "the source to connect")
-        post(pv, 60)
+        post(detector, 60)
         wait_until(lambda: src._last_uid == 60, 15, "the last uniqueId seen")
         assert got and src.dropped_at_entry > 0
         assert len(got) == src.received

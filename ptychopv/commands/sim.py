@@ -48,7 +48,7 @@ def run(args) -> int:
     import signal
     import threading
 
-    from ..io.epics_env import apply_loopback
+    from ..io.epics_env import apply_loopback, pva_server_conf
 
     opts = _options(args)
     apply_loopback()
@@ -58,9 +58,7 @@ def run(args) -> int:
     src = simulation.build(opts)
     if opts.truth_file:
         simulation.write_truth_file(opts.truth_file, src)
-    conf = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(opts.pva_server_port),
-            "EPICS_PVAS_BROADCAST_PORT": str(opts.pva_broadcast_port)}
+    conf = pva_server_conf(opts.pva_server_port, opts.pva_broadcast_port)
     sim = DetectorSimulator(opts, src, conf)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

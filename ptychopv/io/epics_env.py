@@ -83,6 +83,14 @@ def server_env(ca_port: int | None, pva_port: int | None, pva_broadcast: int | N
     return env
 
 
+def pva_server_conf(port: int, broadcast_port: int) -> dict:
+    """p4p server configuration on loopback only: its own TCP port and UDP search port, beacons
+    to 127.0.0.1 only."""
+    return {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
+            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO", "EPICS_PVAS_SERVER_PORT": str(int(port)),
+            "EPICS_PVAS_BROADCAST_PORT": str(int(broadcast_port))}
+
+
 def pva_client_conf(*ports: int, broadcast: int | None = None) -> dict:
     """p4p client configuration that finds PVA servers by TCP name server on loopback."""
     conf = {
