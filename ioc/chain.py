@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import numpy as np
+
 from ..config import Config, resolve
 from ..plugins.models import ModelError, ModelManager
 from ..plugins.positions import SOURCES as POSITION_SOURCES
@@ -51,7 +53,8 @@ class LiveChain:
         self._mismatch = False               # the live model was trained for another beamline
         self.binder = StageBinder(ioc)
         plugins = self.binder.build()
-        self.infer, self.stitch = plugins["Infer"], plugins["Stitch"]
+        self.infer, self.stitch, self.refine = plugins["Infer"], plugins["Stitch"], plugins["Refine"]
+        self.refine.use_seed(self.stitch.stitcher)     # refinement starts from the stitched image
         mask = None
         if c.mask_file:
             import numpy as np
@@ -236,10 +239,22 @@ class LiveChain:
             self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4))
 
     def set_stitch_window(self, window, *, from_reconstruction: bool = False) -> None:
-        """Weight stitched patches by ``window`` (a probe or weights of the patch shape); None: taper."""
+        """Weight stitched patches by ``window`` (a probe or weights of the patch shape); None: taper.
+        A reconstruction's probe (complex) is also the refine stage's probe from then on."""
         if from_reconstruction:
             self._probe_window = True
         self.stitch.submit(self.stitch.stitcher.set_window, window)
+        if window is not None and np.iscomplexobj(window):
+            self.refine.submit(self._set_refine_probe, window, from_reconstruction)
+
+    def _set_refine_probe(self, probe, reconstructed: bool = False) -> None:
+        try:
+            self.refine.set_probe(probe, reconstructed=reconstructed)
+        except ValueError as exc:
+            self._message("Refine", f"probe not used for refinement: {exc}", severity=1)
+        else:
+            self._message("Refine", "refining with " + ("no probe (waiting for one)" if probe is None else
+                                                        f"a {probe.shape[0]}x{probe.shape[1]} probe"))
 
     def _swapped(self, version: int) -> None:
         eng = self.infer.engine
@@ -250,6 +265,7 @@ class LiveChain:
             ps = self._pixel_size()
             if abs(ps - self.stitch.stitcher.pixel_size_m) > 1e-15:
                 self.stitch.submit(self.stitch.set_pixel_size, ps)
+                self.refine.submit(self.refine.reset)
         size = self.infer.input_size
         if size and not self._probe_window:
             card = None
@@ -264,6 +280,9 @@ class LiveChain:
         # on the stitch thread, after a pixel-size change the swap may have queued
         if not self._probe_window:
             self.stitch.stitcher.set_window(self.model_window(card, size))
+            trained = physics.Beamline.from_card(card)
+            probe = trained.probe() if trained is not None and trained.frame_px == size else None
+            self.refine.submit(self._set_refine_probe, probe)
 
     def _registry_loop(self) -> None:
         while not self._stop.wait(REGISTRY_PERIOD_S):
@@ -317,16 +336,25 @@ class LiveChain:
             rate = max(float(self.ioc.get("Stitch:UpdateRate")), 0.1)
             if self._stop.wait(1.0 / rate):
                 return
-            gen = self.stitch.generation
+            gen = (self.stitch.generation, self.refine.generation)
             if gen == last:
                 continue
             last = gen
             img = self.stitch.image()
             if img.phase.size == 0:
                 continue
-            self.ioc.images.post("Stitch:Image", img.phase, self.stitch.frames_stitched, attributes={
-                "PixelSize": float(img.pixel_size_m), "OriginX": float(img.origin_m[0]),
-                "OriginY": float(img.origin_m[1]), "ModelVersion": int(self.infer.version)})
+            self._post_image("Stitch:Image", img, self.stitch.frames_stitched)
+            updates = self.refine.updates
+            if updates:
+                # Updates: how many object updates the image holds (a client waiting for the
+                # background passes to end waits for this, not for time)
+                self._post_image("Refine:Image", self.refine.image(), self.refine.frames_refined,
+                                 Updates=int(updates))
+
+    def _post_image(self, name: str, img, uid: int, **extra) -> None:
+        self.ioc.images.post(name, img.phase, uid, attributes={
+            "PixelSize": float(img.pixel_size_m), "OriginX": float(img.origin_m[0]),
+            "OriginY": float(img.origin_m[1]), "ModelVersion": int(self.infer.version), **extra})
 
     # ------------------------------------------------------------------ positions
     def _set_position_source(self, index: int) -> str:
@@ -374,8 +402,9 @@ class LiveChain:
         on = self.ioc.on
         on("Infer:NDArrayPort")(self._set_port)
         on("ScaleFactor")(lambda v: self.infer.set_preprocess(scale=float(v)))
-        on("Stitch:NDArrayPort")(self._stitch_port)
-        on("Stitch:Reset")(lambda v: self.stitch.submit(self.stitch.reset) if v else None)
+        on("Stitch:NDArrayPort")(lambda v: self._internal_port("Stitch", "Infer:Phase", v))
+        on("Refine:NDArrayPort")(lambda v: self._internal_port("Refine", "Stitch:Image", v))
+        on("Stitch:Reset")(lambda v: self._reset_image() if v else None)
         on("Stitch:PixelSize")(self._set_pixel_size)
         on("Stitch:PositionSource")(self._position_hook)
         on("Scan:Capture")(self._capture)
@@ -387,14 +416,20 @@ class LiveChain:
         self.source.connect(str(channel))
         self._message("Infer", f"reading {channel}" if channel else "no input channel")
 
-    def _stitch_port(self, channel: str) -> str:
-        own = self.ioc.prefix + "Infer:Phase"
+    def _internal_port(self, stage: str, upstream: str, channel: str) -> str:
+        own = self.ioc.prefix + upstream
         if channel != own:
-            self._message("Stitch", f"Stitch reads {own} inside the IOC; NDArrayPort kept")
+            self._message(stage, f"{stage} reads {own} inside the IOC; NDArrayPort kept")
         return own
+
+    def _reset_image(self) -> None:
+        """A new image: the stitched one and its refinement together (Stitch:Reset, a capture)."""
+        self.stitch.submit(self.stitch.reset)
+        self.refine.submit(self.refine.reset)
 
     def _set_pixel_size(self, v: float) -> None:
         self.stitch.submit(self.stitch.set_pixel_size, float(v) if v > 0 else self._pixel_size())
+        self.refine.submit(self.refine.reset)      # its canvas is in pixels of the old size
 
     def _position_hook(self, index: int) -> int:
         try:
@@ -409,7 +444,7 @@ class LiveChain:
         import asyncio
 
         if on:
-            self.stitch.submit(self.stitch.reset)
+            self._reset_image()
             fut = self.recorder.start_capture()
             self._capturing = True
         else:
@@ -451,7 +486,7 @@ class LiveChain:
         while not self._stop.wait(STATS_PERIOD_S):
             try:
                 self.binder.poll()
-                for stage, p in (("Infer", self.infer), ("Stitch", self.stitch)):
+                for stage, p in (("Infer", self.infer), ("Stitch", self.stitch), ("Refine", self.refine)):
                     msg = p.last_message
                     if msg and self._messages.get(stage + "#plugin") != msg:
                         self._messages[stage + "#plugin"] = msg

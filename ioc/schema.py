@@ -19,6 +19,7 @@ from ..hpc.options import ALGORITHMS
 from ..io.ntndarray import ND_DATA_TYPES
 from ..plugins.infer import InferPlugin
 from ..plugins.positions import SOURCES as POSITION_SOURCES
+from ..plugins.refine import RefinePlugin
 from ..plugins.stitch import StitchPlugin
 
 STATUS = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
@@ -204,12 +205,41 @@ STITCH_PVS = (
     PV("Stitch:Message_RBV", "stringin", "Stitch last message", initial="", length=256, group="stitch"),
 )
 
+REFINE_PVS = (
+    PV("Refine:Image", "ntndarray", "Live refined phase (NTNDArray)", group="refine",
+       doc="the stitched image corrected by the measured frames (streaming ePIE from it)"),
+    PV("Refine:Revisits", "longout", "Updates with kept frames per frame", low=0, high=100, initial=2, rbv=True,
+       autosave=True, group="refine", attr="revisits"),
+    PV("Refine:Lag", "longout", "Frames seen before a frame is used", low=0, high=100000, initial=64,
+       rbv=True, autosave=True, group="refine", attr="lag",
+       doc="a frame is first used once this many later frames were stitched around it (or when idle)"),
+    PV("Refine:Passes", "longout", "Idle updates per kept frame", low=0, high=1000, initial=10, rbv=True,
+       autosave=True, group="refine", attr="passes",
+       doc="background updates per kept frame once the stream pauses; renewed only by new frames"),
+    PV("Refine:Step", "ao", "Update step (ePIE alpha)", prec=2, low=0.01, high=1.99, initial=1.0, rbv=True,
+       autosave=True, group="refine", attr="alpha"),
+    PV("Refine:HalfStepPhotons", "ao", "Photons/frame that halve the step", prec=0, low=0.0, high=1e12,
+       initial=1e5, rbv=True, autosave=True, group="refine", attr="half_step_photons",
+       doc="the step shrinks as N / (N + this) for frames of N photons: noisy frames move the image less"),
+    PV("Refine:StepInUse_RBV", "ai", "Step in use after the photon count", prec=3, initial=0.0,
+       group="refine", attr="step_size"),
+    PV("Refine:Probe_RBV", "bi", "Probe to refine with", states=("None", "Known"), initial=0, group="refine",
+       attr="has_probe", doc="the model card's beamline probe, then each reconstruction's"),
+    PV("Refine:FramesRefined_RBV", "longin", "Frames taken for refinement", initial=0, group="refine",
+       attr="frames_refined"),
+    PV("Refine:FramesNotRefined_RBV", "longin", "Frames not refinable", initial=0, group="refine",
+       attr="frames_not_refined", doc="no probe yet, no counts, bad counts or no position"),
+    PV("Refine:Updates_RBV", "longin", "Object updates done", initial=0, group="refine", attr="updates"),
+    PV("Refine:Message_RBV", "stringin", "Refine last message", initial="", length=256, group="refine"),
+)
+
 # The live chain's stages, in the order frames flow. Adding a stage is one entry here (with its
 # plugin class): the IOC builds and binds it, and the database, screens, ophyd device and PV
 # table show it.
 STAGES: list[Stage] = [
     Stage("Infer", InferPlugin, serves="Infer:Phase", pvs=INFER_PVS),
     Stage("Stitch", StitchPlugin, serves="Stitch:Image", pvs=STITCH_PVS, upstream="Infer"),
+    Stage("Refine", RefinePlugin, serves="Refine:Image", pvs=REFINE_PVS, upstream="Stitch"),
 ]
 
 SCAN = [

@@ -113,6 +113,12 @@ class PluginBase:
         """Work on one frame (or, for a batching plugin, a list); return what goes downstream or None."""
         return item
 
+    def idle(self) -> bool:
+        """One short piece of background work, run on the plugin's thread when nothing is queued
+        (after each item until it returns False). Return True while there is more to do: the
+        queue is checked between pieces, so queued frames always come first."""
+        return False
+
     def on_start(self) -> None:
         """Runs on the plugin's thread before the first item."""
 
@@ -318,20 +324,32 @@ class PluginBase:
 
     def _run(self) -> None:
         self._safe(self.on_start, "on_start")
+        more = False                # idle() has background work left
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self._stopping:
+                    while not self._queue and not self._stopping and not more:
                         self._not_empty.wait()
-                    if not self._queue:
+                    if self._queue:
+                        self._busy = True
+                        work = self._take_locked()
+                        if not isinstance(work, _Call):
+                            self._begin_locked(work)
+                    elif self._stopping:
                         break
-                    self._busy = True
-                    work = self._take_locked()
-                    if not isinstance(work, _Call):
-                        self._begin_locked(work)
+                    else:
+                        work = None     # nothing queued: background work
+                if work is None:
+                    try:
+                        more = bool(self.idle())
+                    except Exception as exc:  # noqa: BLE001 - background work must never end the thread
+                        self._error(exc, "idle")
+                        more = False
+                    continue
                 try:
                     self._handle(work)
                 finally:
+                    more = True
                     with self._lock:
                         self._busy = False
                         if not self._queue:

@@ -129,6 +129,12 @@ class InferPlugin(BatchingPlugin):
         valid = result.get("valid", np.ones(len(frames), bool))
         now = time.perf_counter()
         out = []
+        # the counts in the network's geometry travel on with the phase, for the refine stage
+        # (photons as measured: the refine stage weighs its steps by them, so ScaleFactor is undone)
+        opts = self.pre.options
+        counts = None
+        if opts.normalise == "none" and np.ndim(batch) == 3:
+            counts = batch if opts.scale == 1 else batch / np.float32(opts.scale)
         for i, f in enumerate(frames):
             if not valid[i]:
                 self.bad_frames += 1
@@ -138,6 +144,8 @@ class InferPlugin(BatchingPlugin):
             res = f.derive(result["phase"][i], attributes=attrs)
             if "amplitude" in result:
                 res.amplitude = result["amplitude"][i]
+            if counts is not None:
+                res.counts = counts[i]
             out.append(res)
         if out:
             self.latency_ms = (now - min(f.t_received for f in frames)) * 1e3

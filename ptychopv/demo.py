@@ -129,13 +129,28 @@ class Session:
         # Stitch:Image's uniqueId is the number of frames in it: the publish that has them all
         self.wait(lambda: self.image("Stitch:Image").unique_id >= stitched, f"{label}'s final stitched image", 30)
         image = self.image("Stitch:Image")
+        refined = self.refined(label, stitched)
         version = int(self.get("ModelVersion_RBV"))
         self.put("Scan:Capture", 0)           # the controller takes it from here
         return {"frames": n, "stream_hz": round(rate, 1), "captured": int(self.get("Scan:FramesCaptured_RBV")),
                 "inferred": int(self.get("Infer:ArrayCounter_RBV")),
                 "dropped": int(self.get("Infer:DroppedArrays_RBV")),
                 "missed": int(self.get("Infer:MissedFrames_RBV")),
-                "file": self.get("Scan:FileName_RBV", as_string=True), "model_version": version, "image": image}
+                "file": self.get("Scan:FileName_RBV", as_string=True), "model_version": version, "image": image,
+                "refined": refined}
+
+    def refined(self, label: str, stitched: int):
+        """Refine:Image once the refine stage has used every frame it took and made its background
+        passes (None when it has no probe)."""
+        if not self.get("Refine:Probe_RBV"):
+            return None
+        self.wait(lambda: self.get("Refine:FramesRefined_RBV") + self.get("Refine:FramesNotRefined_RBV")
+                  + self.get("Refine:DroppedArrays_RBV") >= stitched, f"{label} refined", 60)
+        per_frame = 1 + self.get("Refine:Revisits_RBV") + self.get("Refine:Passes_RBV")
+        target = int(self.get("Refine:FramesRefined_RBV")) * per_frame
+        self.wait(lambda: int(self.image("Refine:Image").attributes.get("Updates", 0)) >= target,
+                  f"{label}'s refined image", 120)
+        return self.image("Refine:Image")
 
     def auto_settles(self, label: str, timeout: float = 1800.0) -> dict:
         """Wait until the controller has finished with the scan that just ended."""
@@ -184,8 +199,9 @@ def _pngs(out: Path, panels: dict, title: str, loss, val) -> None:
     plt.close(fig)
 
 
-def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, live, window, recon_path) -> tuple:
-    """NRMSE / SSIM on scan B2 of the IOC's live image, of v1 and v2 with the same window through the
+def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, live, window, recon_path,
+                refined=None) -> tuple:
+    """NRMSE / SSIM on scan B2 of the IOC's live image (and its refined image), of v1 and v2 with the same window through the
     chain's own plugins, of pty-chi's reconstruction, and of the calibration images."""
     from . import fidelity
     from .inference import ModelRegistry, select_engine
@@ -201,6 +217,11 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     ioc_img = StitchedImage(live.data, np.isfinite(live.data).astype(np.float32),
                             (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
     rows["live (IOC, v2)"] = fidelity.score(ioc_img, fs)
+    if refined is not None:
+        a = refined.attributes
+        rows["refined (IOC, v2 + frames)"] = fidelity.score(StitchedImage(
+            refined.data, np.isfinite(refined.data).astype(np.float32), (float(a["OriginX"]), float(a["OriginY"])),
+            float(a["PixelSize"])), fs)
     reg = ModelRegistry(registry, create=False)
     images = {}
     for v in (1, 2):
@@ -291,8 +312,9 @@ def run_demo(args) -> int:
         window = read_reconstruction(recon1[0]).probe if recon1 else DEMO.probe()
         recons = sorted((out / "scans").glob("*_recon.h5"))
         rows, panels = score_scan2(out, out / "scan2_truth.h5", scan2["file"], out / "registry", scan2.pop("image"),
-                                   window, recons[-1] if len(recons) > 1 else None)
+                                   window, recons[-1] if len(recons) > 1 else None, refined=scan2.pop("refined"))
         scan1.pop("image")
+        scan1.pop("refined")
         v1n, v2n = rows["v1, same window"]["nrmse"], rows["v2, same window"]["nrmse"]
         summary = {
             "mode": "quick" if args.quick else "full", "family_a": FAMILY_A, "family_b": FAMILY,

@@ -71,8 +71,21 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
     """The live chain's image of a scan: ``frames`` through the infer and stitch plugins the IOC
     runs (preprocessing with ``scale`` as ``ScaleFactor``, batches of ``batch_size``, ``engine``,
     the stitcher weighted by ``window``), blocking callbacks so nothing is dropped."""
+    return live_images(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window, scale=scale,
+                       batch_size=batch_size)[0]
+
+
+def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
+                scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
+                refine: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
+    """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
+    stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
+    ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
+    the probe is a solver's, see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
+    background passes it makes once the stream pauses."""
     from .plugins.frame import Frame
     from .plugins.infer import InferPlugin
+    from .plugins.refine import RefinePlugin
     from .plugins.stitch import StitchPlugin
     from .science.preprocess import PreprocessOptions
 
@@ -82,19 +95,32 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
     stitch = StitchPlugin("Stitch", pixel_size_m=pixel_size_m, window=window, queue_size=64,
                           blocking_callbacks=True)
     infer.downstream = [stitch]
-    infer.start()
-    stitch.start()
+    plugins = [infer, stitch]
+    ref = None
+    if refine_probe is not None:
+        ref = RefinePlugin("Refine", seed=stitch.stitcher, queue_size=64, blocking_callbacks=True)
+        ref.set_probe(refine_probe, reconstructed=probe_reconstructed)
+        for k, v in (refine or {}).items():
+            setattr(ref, k, v)
+        stitch.downstream = [ref]
+        plugins.append(ref)
+    for pl in plugins:
+        pl.start()
     try:
         for i, (f, p) in enumerate(zip(frames, positions_m)):
             infer.put(Frame(np.asarray(f), unique_id=i + 1, position=(float(p[0]), float(p[1]))))
-        infer.flush()
-        stitch.flush()
-        if infer.error_count or stitch.error_count:
-            raise RuntimeError(f"the chain failed: {infer.last_message or stitch.last_message}")
-        return stitch.image()
+        for pl in plugins:
+            pl.flush()
+        if any(pl.error_count for pl in plugins):
+            raise RuntimeError("the chain failed: " + "; ".join(pl.last_message for pl in plugins if pl.error_count))
+        refined = None
+        if ref is not None:
+            ref.refiner.finish()            # what the plugin does in the background once frames pause
+            refined = ref.image()
+        return stitch.image(), refined
     finally:
-        infer.stop(timeout=10)
-        stitch.stop(timeout=10)
+        for pl in plugins:
+            pl.stop(timeout=10)
 
 
 def _on_grid(img: np.ndarray, stitched: StitchedImage, pixel_size_m: float) -> np.ndarray:

@@ -106,6 +106,40 @@ def test_stitched_phase_matches_ground_truth(rig):
     assert stitched_ssim(oracle.image(), np.angle(truth.obj), truth.pixel_size_m, fraction=0.5) > 0.95
 
 
+def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
+    """The refine stage behind the stitch stage, over the network: the model card's probe from the
+    first frame, settings over CA, and its image (over PVA) nearer the truth than Stitch:Image."""
+    h, ctx, sp, folder = rig
+    from ptychopv.io.scanfile import read_scan
+    from ptychopv.science.metrics import stitched_scores
+
+    wait_until(lambda: caget(h.pv("Refine:Probe_RBV")) == 1, what="the model card's probe")
+    assert "probe" in caget(h.pv("Refine:Message_RBV"), as_string=True)
+    epics.caput(h.pv("Refine:Passes"), 6, wait=True)
+    assert caget(h.pv("Refine:Passes_RBV")) == 6
+    n = int(ctx.get(sp + "NumFrames_RBV").value)
+    epics.caput(h.pv("Stitch:Reset"), 1, wait=True)          # resets the refined image too
+    wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) == 0, what="the refine stage reset")
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) >= n, timeout=120, what="the scan refined")
+    # after the stream stops, the background passes (Refine:Passes per frame) go on
+    wait_until(lambda: caget(h.pv("Refine:Updates_RBV")) >= n * (1 + 2 + 6), timeout=120,
+               what="the background passes")
+    truth = read_truth(folder / "truth.h5")
+    scan = read_scan(folder / "truth.h5")
+    scores = {}
+    for name in ("Stitch:Image", "Refine:Image"):
+        img = from_value(ctx.get(h.pv(name)))
+        a = img.attributes
+        st = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), (a["OriginX"], a["OriginY"]),
+                           a["PixelSize"])
+        scores[name] = stitched_scores(st, np.angle(truth.obj), truth.pixel_size_m, fraction=0.5,
+                                       positions_m=scan.positions_m)["nrmse"]
+    assert scores["Refine:Image"] < 0.7 * scores["Stitch:Image"], scores
+    assert caget(h.pv("Refine:FramesNotRefined_RBV")) == 0
+    assert caget(h.pv("Refine:DroppedArrays_RBV")) == 0
+
+
 def test_model_swap_mid_stream_loses_no_frame(rig):
     h, ctx, sp, folder = rig
     from ptychopv.inference.registry import ModelRegistry

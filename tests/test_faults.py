@@ -73,6 +73,9 @@ def plain_ioc(tmp_path_factory):
     ("ScaleFactor", float("nan"), 1.0),
     ("ScaleFactor", float("inf"), 1.0),
     ("ScaleFactor", -1.0, 1.0),
+    ("Refine:Revisits", 101, 2),            # 0 .. 100
+    ("Refine:Step", 2.5, 1.0),              # ePIE alpha in (0, 2)
+    ("Refine:Lag", -1, 64),
 ])
 def test_out_of_range_values_are_refused_over_ca_and_pva(plain_ioc, name, bad, good):
     """Refused means: never stored (so never autosaved), the reason in Message_RBV, a WRITE alarm

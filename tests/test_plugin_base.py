@@ -381,3 +381,80 @@ def test_min_callback_time_skips_arrays_that_come_too_soon():
     assert p.queue_use == 2 and p.queue_free == 98
     with pytest.raises(ValueError, match="minimum callback time"):
         p.min_callback_time = -1
+
+
+class Background(PluginBase):
+    """Has ``budget`` pieces of background work after each frame; records what ran in what order."""
+
+    def __init__(self, *a, budget=5, fail_at=None, **kw):
+        super().__init__(*a, **kw)
+        self.budget, self.left, self.fail_at, self.log = budget, 0, fail_at, []
+        self.first_piece = threading.Event()
+        self.go_on = threading.Event()
+        self.go_on.set()
+
+    def process(self, f):
+        self.log.append(("frame", f.unique_id))
+        self.left = self.budget
+        return f
+
+    def idle(self):
+        if self.left <= 0:
+            return False
+        self.go_on.wait(10)
+        self.left -= 1
+        self.log.append(("idle", self.left))
+        self.first_piece.set()
+        if self.fail_at is not None and self.left == self.fail_at:
+            raise RuntimeError("background work failed")
+        return self.left > 0
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_idle_work_runs_when_the_queue_is_empty_and_stops_when_done(plugins):
+    p = Background("B", budget=5)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    wait_for(lambda: len(p.log) == 6)
+    assert p.log == [("frame", 1)] + [("idle", k) for k in (4, 3, 2, 1, 0)]
+    assert p.flush(5) and p.error_count == 0
+    n = len(p.log)
+    p.put(frame(2))                                       # each frame renews the work
+    wait_for(lambda: len(p.log) == n + 6)
+
+
+def test_frames_come_before_idle_work_and_a_failure_is_counted(plugins):
+    p = Background("B", budget=100, fail_at=50, queue_size=10)
+    plugins.append(p)
+    p.start()
+    p.go_on.clear()
+    p.put(frame(1))
+    wait_for(lambda: p.first_piece.is_set() or p.left == 100)   # in the first piece of idle work
+    p.put(frame(2))
+    p.put(frame(3))
+    p.go_on.set()
+    wait_for(lambda: ("frame", 3) in p.log)
+    i2 = p.log.index(("frame", 2))
+    # at most the piece already running when frame 2 came ran before it
+    assert [e for e in p.log[:i2] if e[0] == "idle"] in ([], [("idle", 99)])
+    assert p.log[i2 + 1] == ("frame", 3)
+    wait_for(lambda: p.error_count == 1)                  # the failing piece: counted, the thread lives
+    assert "background work failed" in p.last_message
+    p.put(frame(4))
+    wait_for(lambda: ("frame", 4) in p.log)
+    assert p.stop(timeout=5)                              # stopping does not wait for idle work
+
+
+def test_stop_while_idle_work_remains():
+    p = Background("B", budget=10**9)
+    p.start()
+    p.put(frame(1))
+    wait_for(lambda: len(p.log) > 10)
+    assert p.stop(timeout=5) and not p.running

@@ -125,8 +125,12 @@ def check_value(where: str, prop: ET.Element) -> None:
 
 
 def test_every_screen_is_there_and_current(tmp_path):
-    assert {f.name for f in FILES} == {"ptychopv_overview.bob", "ptychopv_infer.bob", "ptychopv_stitch.bob",
-                                       "ptychopv_images.bob", "ptychopv_training.bob"}
+    from ptychopv.ioc.schema import STAGES
+
+    # one screen per declared stage (Infer, Stitch, Refine, ...) beside the fixed ones
+    assert {f.name for f in FILES} == {"ptychopv_overview.bob", "ptychopv_images.bob", "ptychopv_training.bob",
+                                       *(f"ptychopv_{st.name.lower()}.bob" for st in STAGES)}
+    assert "ptychopv_refine.bob" in {f.name for f in FILES}
     run = [sys.executable, "-m", "ptychopv.opi.generate", "--check"]
     r = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -378,6 +378,22 @@ class Stitcher:
             np.divide(num, den, out=phase, where=covered, casting="unsafe")
             return StitchedImage(phase, den.astype(np.float32), (c0 * self._ps, r0 * self._ps), self._ps)
 
+    def region(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stitched phase and its weight over global rows [r0, r1) and columns [c0, c1)
+        (0 where nothing was placed): what a refiner starts a new part of the object from."""
+        phase = np.zeros((r1 - r0, c1 - c0), np.float32)
+        weight = np.zeros_like(phase)
+        with self._lock:
+            H, W = self._num.shape
+            a0, b0 = max(r0, self._r0), max(c0, self._c0)
+            a1, b1 = min(r1, self._r0 + H), min(c1, self._c0 + W)
+            if a1 > a0 and b1 > b0:
+                src = (slice(a0 - self._r0, a1 - self._r0), slice(b0 - self._c0, b1 - self._c0))
+                dst = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
+                weight[dst] = self._den[src]
+                np.divide(self._num[src], self._den[src], out=phase[dst], where=self._den[src] > 0)
+        return phase, weight
+
     @property
     def canvas_shape(self) -> tuple[int, int]:
         return self._num.shape

@@ -1,0 +1,137 @@
+"""The refine plugin: the live stitched image, refined by the measured frames (streaming ePIE).
+
+Downstream of the stitch stage: each frame arrives after its network patch has been stitched,
+carrying its photon counts in the network's geometry (``Frame.counts``, attached by the infer
+plugin) and its position. :class:`~ptychopv.science.refine.Refiner` starts each newly lit part of
+the object from the stitch stage's image (``use_seed``) and corrects it with the frames, using the
+probe the chain knows (the model card's beamline, then each reconstruction's). Frames come first;
+when none are queued the plugin keeps refining in the background (``idle``), within a budget of
+``passes`` updates per kept frame that only new frames renew. A frame this stage drops (full
+queue) is not refined, and the stitched image shows there: refinement can only fall behind, never
+hold the chain up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from ..science.refine import Refiner
+from ..science.stitching import StitchedImage, Stitcher
+from .batching import BatchingPlugin
+
+IDLE_STEPS = 16      # refiner updates per idle() call: the queue is checked between calls
+NICE = 10            # the refine thread's niceness, above the chain's (0)
+
+
+class RefinePlugin(BatchingPlugin):
+    plugin_type = "NDPluginPtychoRefine"
+
+    def __init__(self, name: str = "Refine", *, seed: Stitcher | None = None, probe=None, **kw):
+        kw.setdefault("batch_size", 32)
+        kw.setdefault("batch_timeout_s", 0.0)
+        super().__init__(name, **kw)
+        self.refiner = Refiner(seed if seed is not None else Stitcher(1.0), probe)
+        self._last_uid: int | None = None
+        self.frames_no_counts = 0
+        self.generation = 0     # bumps on every change of the image, for the publisher
+
+    # ------------------------------------------------------------------ settings (Refine: records)
+    revisits = property(lambda self: self.refiner.revisits,
+                        lambda self, v: setattr(self.refiner, "revisits", v))
+    lag = property(lambda self: self.refiner.lag, lambda self, v: setattr(self.refiner, "lag", v))
+    passes = property(lambda self: self.refiner.passes, lambda self, v: setattr(self.refiner, "passes", v))
+    alpha = property(lambda self: self.refiner.alpha, lambda self, v: setattr(self.refiner, "alpha", v))
+    half_step_photons = property(lambda self: self.refiner.half_step_photons,
+                                 lambda self, v: setattr(self.refiner, "half_step_photons", v))
+    step_size = property(lambda self: self.refiner.step_size)
+
+    @property
+    def frames_refined(self) -> int:
+        return self.refiner.frames_refined
+
+    @property
+    def updates(self) -> int:
+        return self.refiner.updates
+
+    @property
+    def frames_not_refined(self) -> int:
+        c = self.refiner.counters()
+        return c["frames_no_probe"] + c["frames_rejected"] + self.frames_no_counts
+
+    @property
+    def has_probe(self) -> int:
+        return int(self.refiner.probe is not None)
+
+    # ------------------------------------------------------------------ control
+    def use_seed(self, stitcher: Stitcher) -> None:
+        """Start new parts of the object from ``stitcher``'s image (the chain's stitch stage)."""
+        self.refiner.seed = stitcher
+        self.reset()
+
+    def set_probe(self, probe, *, reconstructed: bool = False) -> None:
+        """Refine with ``probe`` (complex (n, n)); None: wait for one. ValueError if unusable.
+        ``reconstructed``: a solver's probe, whose arbitrary phase ramp the image must not take."""
+        self.refiner.set_probe(probe, reconstructed=reconstructed)
+        self.generation += 1
+
+    def reset(self) -> None:
+        self.refiner.reset()
+        self._last_uid = None
+        self.generation += 1
+
+    def image(self) -> StitchedImage:
+        return self.refiner.image()
+
+    # ------------------------------------------------------------------ work
+    def on_start(self) -> None:
+        # the refine thread runs at a lower CPU priority than the rest of the chain (Linux allows
+        # it per thread): refinement uses what inference and stitching leave
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        except (AttributeError, OSError):
+            pass
+
+    def process(self, frames):
+        frames = frames if isinstance(frames, list) else [frames]
+        if not frames:
+            return None
+        if self._last_uid is not None and frames[0].unique_id < self._last_uid:
+            self.refiner.reset()      # a new acquisition (the stitch stage resets on the same rule)
+        self._last_uid = frames[-1].unique_id
+        if self.refiner.probe is None:             # nothing to refine with: cheap, counted
+            self.refiner.no_probe(len(frames))
+            self.report(self.refiner.last_message)
+            return frames
+        usable = [f for f in frames if getattr(f, "counts", None) is not None]
+        if len(usable) < len(frames):
+            self.frames_no_counts += len(frames) - len(usable)
+            self.report("frames without counts in the network's geometry (a normalising preprocess, or "
+                        "scale-out results) are not refined")
+        shapes = {f.counts.shape for f in usable}
+        if len(shapes) > 1:
+            self.report(f"frames of different shapes {sorted(shapes)} in one batch: not refined")
+            self.frames_no_counts += len(usable)
+            return frames
+        if usable:
+            pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in usable], float)
+            before = self.refiner.counters()
+            self.refiner.add(np.stack([f.counts for f in usable]), pos)
+            after = self.refiner.counters()
+            if (after["frames_no_probe"], after["frames_rejected"]) != (before["frames_no_probe"],
+                                                                        before["frames_rejected"]):
+                self.report(after["last_message"])
+            self.generation += 1
+        return frames
+
+    def idle(self) -> bool:
+        did = 0
+        for _ in range(IDLE_STEPS):
+            if not self.refiner.step():
+                break
+            did += 1
+        if did:
+            self.generation += 1
+        return did == IDLE_STEPS

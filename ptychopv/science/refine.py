@@ -1,0 +1,461 @@
+"""Live refinement: the network's stitched image, corrected by the measured frames as they arrive.
+
+The network's patches are fast but blurry (``README``, *Live image fidelity*: its error is about
+that of the truth blurred by half a beam). The measured frames hold what it misses, and a probe is
+known from the first frame (the model card's beamline, then each reconstruction's). So the live
+image is refined the way ePIE refines an object, one frame at a time, but started from the
+network's stitched image instead of from a flat one:
+
+- when a frame arrives, the object pixels it lights that no earlier update has lit yet are set to
+  the network's stitched phase there (a :class:`~ptychopv.science.stitching.Stitcher`, the seed),
+  matched in constant phase to what is already refined around them;
+- then one ePIE object update with that frame: exit wave ``psi = P O``, its far field given the
+  measured moduli ``sqrt(counts)``, and ``O += a conj(P) / max|P|^2 (psi' - psi)``, with the step
+  ``a = alpha N / (N + half_step_photons)`` for frames of ``N`` photons on average: a Wiener-like
+  shrinkage, since the modulus' Poisson noise is the same at any count while its signal power
+  grows with ``N`` (at 1e4 photons per frame a full step amplifies the noise into the image: the
+  science benchmark, ``README``);
+- and ``revisits`` updates with frames already seen, drawn at random from the last
+  ``max_frames``, so earlier parts of the scan keep improving while the scan goes on.
+
+The probe stays fixed (a live image must not wander while it is watched); it is moved by each
+position's fraction of a pixel by the Fourier shift theorem as the forward model moves it
+(:func:`ptychopv.science.physics.shift_probe`), on a 1/32-pixel grid of cached copies, and scaled
+so that its intensity matches the frames' mean photon count. The image (:meth:`Refiner.image`) is
+on the seed's grid with the seed's weights, so it is scored over exactly the region the live
+stitched image is: the seed's phase plus the refined deviation from it (which keeps the seed's
+unwrapped phase), and the seed's phase where no update has reached yet.
+
+A phase ramp on the probe and the opposite one on the object give the same frames, so a solver's
+probe (``set_probe(..., reconstructed=True)``) may carry any ramp, which would tilt the whole
+refined image away from the seed (and fight the seed where new parts of the object start). With
+such a probe the refiner lets the probe take the ramp instead: it sums, over the updates, the
+neighbour products of ``psi' conj(psi)`` (the phase slope the frames ask of each exit wave, as in
+:func:`phase_slope`: immune to wrapping) and every ``REGAUGE_EVERY`` updates multiplies the
+probe by that slope, so the object stays in the seed's gauge; and the image shows the refined
+deviation from the seed without its linear part (a weighted least-squares plane), since a ramp
+the object has taken on already (through the phase matching of each new region to its refined
+neighbours) is no more the sample's than the probe's.
+The beamline's own probe (a model card's) has the training data's gauge, and there the ramp the
+refinement finds is kept. (Moving the probe's far-field centroid onto the frames' was tried
+first: the far field fills the detector and wraps, and on pty-chi's probe it made the image worse.)
+
+Geometry is the stitcher's: pixel ``g`` of the canvas lies at ``g * pixel_size`` metres; a frame at
+``(x, y)`` lights the ``n x n`` block whose pixel 0 is at ``y / pixel_size - n / 2``. Frames are
+``(n, n)`` photon counts with the zero frequency at the centre (``physics.far_field``), in the
+network's geometry (after the chain's crop and binning).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+import scipy.fft
+
+from .stitching import StitchedImage, Stitcher
+
+SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
+REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
+
+
+def check_probe(probe) -> np.ndarray:
+    """A probe usable for refinement: complex, square, finite and not all zero (ValueError if not)."""
+    p = np.asarray(probe)
+    if not np.iscomplexobj(p) or p.ndim != 2 or p.shape[0] != p.shape[1] or p.shape[0] < 2:
+        raise ValueError(f"refinement needs a complex (n, n) probe, got {p.dtype} {p.shape}")
+    if not np.isfinite(p).all() or not np.abs(p).max() > 0:
+        raise ValueError("probe must be finite and not all zero")
+    return p.astype(np.complex64)
+
+
+def _plane(values: np.ndarray, rc: tuple[np.ndarray, np.ndarray], weight: np.ndarray) -> np.ndarray:
+    """The weighted least-squares plane ``a + b row + c col`` through ``values`` at pixels ``rc``."""
+    r, c = (x.astype(np.float64) - x.mean() for x in rc)
+    w = weight.astype(np.float64)
+    a = np.stack([np.ones_like(r), r, c], axis=1)
+    coef = np.linalg.lstsq(a.T @ (a * w[:, None]), a.T @ (w * values), rcond=None)[0]
+    return a @ coef
+
+
+def phase_slope(z: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(rows, cols) phase slope in rad/pixel of the complex field ``z`` over ``mask``, from the
+    mean product of neighbours (``angle(sum z[r+1] conj(z[r]))``): unaffected by phase wrapping."""
+    zr = z[1:, :] * np.conj(z[:-1, :])
+    zc = z[:, 1:] * np.conj(z[:, :-1])
+    mr = mask[1:, :] & mask[:-1, :]
+    mc = mask[:, 1:] & mask[:, :-1]
+    return (float(np.angle(zr[mr].sum())) if mr.any() else 0.0,
+            float(np.angle(zc[mc].sum())) if mc.any() else 0.0)
+
+
+class Refiner:
+    """Streaming ePIE on a canvas that grows with the scan, seeded by a stitcher's image.
+
+    Thread-safe: :meth:`add` (the refine thread), :meth:`image` (the publisher), :meth:`reset` and
+    :meth:`set_probe` (PV writes) may be called from different threads.
+    """
+
+    def __init__(self, seed: Stitcher, probe=None, *, alpha: float = 1.0, half_step_photons: float = 1e5,
+                 revisits: int = 2, lag: int = 64,
+                 passes: int = 10, max_frames: int = 20000, lit_level: float = 0.5, grow_px: int = 128, rng_seed: int = 0):
+        """
+        seed: the stitcher whose image starts each new region (the chain's own stitch stage's).
+        probe: complex (n, n); None: :meth:`add` waits (counts ``frames_no_probe``) until one is set.
+        alpha: ePIE step (0, 2); 1 replaces the lit object by the measured modulus' correction.
+        half_step_photons: mean photons per frame at which the step is halved (0: always alpha).
+        revisits: updates with earlier frames per arriving frame.
+        lag: a frame is first used once this many later frames have arrived (or when the stream
+            is idle), so that the seed around it already holds every patch that overlaps it.
+        passes: background updates per kept frame when the stream is idle (bounded: the budget
+            is renewed only by new frames).
+        max_frames: how many of the latest frames are kept for revisits (n * n float32 each).
+        lit_level: a pixel whose summed relative probe intensity is below this is (re)seeded.
+        """
+        self.seed = seed
+        self._lock = threading.RLock()
+        self.alpha = alpha
+        self.half_step_photons = half_step_photons
+        self.revisits = revisits
+        self.lag = lag
+        self.passes = passes
+        self.max_frames = int(max_frames)
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        self.lit_level = float(lit_level)
+        self.grow_px = int(grow_px)
+        self._rng = np.random.default_rng(rng_seed)
+        self._probe = None if probe is None else check_probe(probe)
+        self._free_ramp = False       # a solver's probe: its phase ramp is arbitrary
+        self._since_gauge = 0
+        self._slope = [[0j, 0], [0j, 0]]      # neighbour products of psi' conj(psi): rows, cols
+        self.regauged = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        v = float(value)
+        if not 0 < v < 2:
+            raise ValueError(f"refinement step alpha must be in (0, 2), got {value!r}")
+        self._alpha = v
+
+    @property
+    def half_step_photons(self) -> float:
+        return self._half
+
+    @half_step_photons.setter
+    def half_step_photons(self, value: float) -> None:
+        v = float(value)
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"half_step_photons must be a number >= 0, got {value!r}")
+        self._half = v
+
+    @property
+    def step_size(self) -> float:
+        """The step in use: ``alpha`` shrunk by the frames' mean photon count (module doc)."""
+        if not self._counts_n or self._half == 0:
+            return self._alpha
+        n = self._counts_sum / self._counts_n
+        return self._alpha * n / (n + self._half)
+
+    @property
+    def revisits(self) -> int:
+        return self._revisits
+
+    @revisits.setter
+    def revisits(self, value: int) -> None:
+        v = int(value)
+        if not 0 <= v <= 100:
+            raise ValueError(f"revisits must be 0..100, got {value!r}")
+        self._revisits = v
+
+    @property
+    def lag(self) -> int:
+        return self._lag
+
+    @lag.setter
+    def lag(self, value: int) -> None:
+        v = int(value)
+        if not 0 <= v <= 100000:
+            raise ValueError(f"lag must be 0..100000 frames, got {value!r}")
+        self._lag = v
+
+    @property
+    def passes(self) -> int:
+        return self._passes
+
+    @passes.setter
+    def passes(self, value: int) -> None:
+        v = int(value)
+        if not 0 <= v <= 1000:
+            raise ValueError(f"passes must be 0..1000, got {value!r}")
+        self._passes = v
+
+    @property
+    def probe(self) -> np.ndarray | None:
+        return self._probe
+
+    def set_probe(self, probe, *, reconstructed: bool = False) -> None:
+        """Refine with ``probe`` (complex (n, n)) from the next frame on; None: wait for one.
+        The refined object is kept (the same sample); the probe's scale is re-estimated."""
+        p = None if probe is None else check_probe(probe)
+        with self._lock:
+            self._probe = p
+            self._free_ramp = bool(reconstructed) and p is not None
+            self._probes = {}
+            self._scale = None
+
+    def reset(self) -> None:
+        """Forget the object and the kept frames (a new scan). The probe stays."""
+        with self._lock:
+            self._obj = np.zeros((0, 0), np.complex64)
+            self._lit = np.zeros((0, 0), np.float32)
+            self._r0 = self._c0 = 0
+            self._frames: list[tuple[np.ndarray, int, int, tuple[int, int]]] = []
+            self._next = 0                       # ring-buffer slot to overwrite once full
+            self._pending: deque = deque()       # frames waiting for ``lag`` later ones
+            self._polish = 0                     # background updates left since the last arrival
+            self._probes: dict = {}
+            self._scale = None
+            self._counts_sum = 0.0
+            self._counts_n = 0
+            self._step = np.float32(self._alpha)
+            self.frames_refined = 0
+            self.frames_no_probe = 0
+            self.frames_rejected = 0
+            self.updates = 0
+            self.last_message = ""
+
+    # ------------------------------------------------------------------ adding
+    def add(self, counts, positions_m) -> int:
+        """Refine with ``counts`` (B, n, n) measured at ``positions_m`` (B, 2) as (x, y) metres;
+        returns how many frames were used. The seed stitcher must already hold their patches.
+
+        A frame with a NaN position, or non-finite or negative counts, counts in
+        ``frames_rejected``; without a probe, frames count in ``frames_no_probe``; neither is used.
+        """
+        c = np.asarray(counts)
+        if c.ndim == 2:
+            c = c[None]
+        if c.ndim != 3 or c.dtype.kind not in "uif" or c.shape[1] != c.shape[2] or c.shape[1] < 2:
+            raise ValueError(f"counts must be real (B, n, n) or (n, n) frames, got {c.dtype} {c.shape}")
+        try:
+            pos = np.asarray(positions_m, dtype=np.float64).reshape(-1, 2)
+        except (TypeError, ValueError):
+            raise ValueError(f"{len(c)} frames need positions of shape ({len(c)}, 2) as (x, y)") from None
+        if len(pos) != len(c):
+            raise ValueError(f"{len(c)} frames need positions of shape ({len(c)}, 2) as (x, y), got {len(pos)}")
+        with self._lock:
+            if self._probe is None:
+                self.no_probe(len(c))
+                return 0
+            n = self._probe.shape[0]
+            if c.shape[1] != n:
+                self.frames_rejected += len(c)
+                self.last_message = f"frames are {c.shape[1]}x{c.shape[2]}, the probe {n}x{n}: not refined"
+                return 0
+            c = c.astype(np.float32, copy=False)
+            totals = c.reshape(len(c), -1).sum(axis=1)
+            ok = np.isfinite(pos).all(axis=1) & np.isfinite(totals) & (c.reshape(len(c), -1).min(axis=1) >= 0)
+            if (~ok).any():
+                self.frames_rejected += int((~ok).sum())
+                self.last_message = "frame without a position, or with NaN, inf or negative counts: not refined"
+            used = 0
+            for k in np.flatnonzero(ok):
+                self._counts_sum += float(totals[k])
+                self._counts_n += 1
+                if self._scale is None:
+                    self._scale = np.float32(np.sqrt(self._counts_sum / self._counts_n
+                                                     / float(np.sum(np.abs(self._probe) ** 2))))
+                ty, tx = pos[k, 1] / self.seed.pixel_size_m - n / 2, pos[k, 0] / self.seed.pixel_size_m - n / 2
+                r, cc = int(np.rint(ty)), int(np.rint(tx))
+                key = (int(np.rint((ty - r) * SUBPIXEL_STEPS)), int(np.rint((tx - cc) * SUBPIXEL_STEPS)))
+                meas = np.sqrt(scipy.fft.ifftshift(c[k])).astype(np.float32)
+                self._ensure(r, r + n, cc, cc + n)
+                self._pending.append((meas, r, cc, key))
+                used += 1
+            self.frames_refined += used
+            self._step = np.float32(self.step_size)
+            while len(self._pending) > self.lag:
+                self._first(self._pending.popleft())
+            self._polish = self.passes * (len(self._frames) + len(self._pending))
+            return used
+
+    def no_probe(self, count: int) -> None:
+        """Count ``count`` frames that arrived while there was no probe to refine with."""
+        with self._lock:
+            self.frames_no_probe += int(count)
+            self.last_message = "no probe yet (a model card with a beamline, or a reconstruction): frames not refined"
+
+    def step(self) -> bool:
+        """One piece of background work, for when no frames are waiting: the first update of the
+        oldest frame still held back by ``lag``, else one more update of a random kept frame while
+        the ``passes`` budget since the last arrival lasts. Returns False when there is nothing to do."""
+        with self._lock:
+            if self._pending:
+                self._first(self._pending.popleft())
+                return True
+            if self._polish > 0 and self._frames:
+                self._polish -= 1
+                self._update(self._frames[int(self._rng.integers(len(self._frames)))])
+                return True
+            return False
+
+    def finish(self) -> None:
+        """Do all the background work now (a benchmark's end of scan; the plugin does it when idle)."""
+        while self.step():
+            pass
+
+    def _first(self, entry) -> None:
+        """A frame's first update: seed what it lights, update, revisit ``revisits`` kept frames."""
+        meas, r, cc, key = entry
+        if len(self._frames) < self.max_frames:
+            self._frames.append(entry)
+        else:
+            self._frames[self._next] = entry
+            self._next = (self._next + 1) % self.max_frames
+        self._seed(r, cc, meas.shape[0])
+        self._update(entry)
+        for j in self._rng.integers(0, len(self._frames), self._revisits):
+            self._update(self._frames[int(j)])
+
+    def _shifted(self, key: tuple[int, int]):
+        """The probe moved by ``key / SUBPIXEL_STEPS`` pixels: (P, conj(P) alpha / max|P|^2, |P|^2 / max|P|^2)."""
+        got = self._probes.get(key)
+        if got is None:
+            n = self._probe.shape[0]
+            if "ft" not in self._probes:
+                self._probes["ft"] = scipy.fft.fft2(self._probe * self._scale)
+            k = np.fft.fftfreq(n)
+            ry = np.exp(-2j * np.pi * key[0] / SUBPIXEL_STEPS * k)
+            rx = np.exp(-2j * np.pi * key[1] / SUBPIXEL_STEPS * k)
+            p = scipy.fft.ifft2(self._probes["ft"] * np.multiply.outer(ry, rx)).astype(np.complex64)
+            i = np.abs(p) ** 2
+            m = float(i.max())
+            got = (p, (np.conj(p) / m).astype(np.complex64), (i / m).astype(np.float32))
+            self._probes[key] = got
+        return got
+
+    def _seed(self, r: int, c: int, n: int) -> None:
+        """Set the pixels of block (r, c) that no update has lit to the seed's phase, matched in
+        constant phase to the refined pixels around them (amplitude: theirs, else 1)."""
+        rr, cc = r - self._r0, c - self._c0
+        lit = self._lit[rr:rr + n, cc:cc + n]
+        fresh = lit < self.lit_level
+        if not fresh.any():
+            return
+        phase, weight = self.seed.region(r, r + n, c, c + n)
+        obj = self._obj[rr:rr + n, cc:cc + n]
+        old = ~fresh & (weight > 0)
+        amp = 1.0
+        offset = 0.0
+        if old.any():
+            z = obj[old] * np.exp(-1j * phase[old]) * lit[old]
+            offset = float(np.angle(z.sum()))
+            amp = float(np.abs(obj[old]).mean())
+        put = fresh & (weight > 0)
+        obj[put] = (amp * np.exp(1j * (phase[put] + offset))).astype(np.complex64)
+        none = fresh & ~(weight > 0) & (obj == 0)
+        obj[none] = amp
+
+    def _regauge(self) -> None:
+        """Put the phase slope the frames asked of the exit waves since the last call onto the probe."""
+        self._since_gauge = 0
+        (sr, nr), (sc, nc) = self._slope
+        self._slope = [[0j, 0], [0j, 0]]
+        if nr < 16 or nc < 16:
+            return
+        b, c = float(np.angle(sr)), float(np.angle(sc))
+        if abs(b) < 1e-6 and abs(c) < 1e-6:
+            return
+        self._tilt_probe(b, c)
+
+    def _tilt_probe(self, b: float, c: float) -> None:
+        """Multiply the probe by ``exp(i (b row + c col))`` (the object took or gives the opposite)."""
+        k = np.arange(self._probe.shape[0], dtype=np.float64)
+        self._probe = (self._probe * np.exp(1j * (b * k[:, None] + c * k[None, :]))).astype(np.complex64)
+        self._probes = {}
+        self.regauged += 1
+
+    def _update(self, entry) -> None:
+        meas, r, c, key = entry
+        p, pc, pi = self._shifted(key)
+        n = p.shape[0]
+        rr, cc = r - self._r0, c - self._c0
+        obj = self._obj[rr:rr + n, cc:cc + n]
+        psi = p * obj
+        f = scipy.fft.fft2(psi, norm="ortho")
+        mag = np.abs(f)
+        f *= meas / np.maximum(mag, 1e-6)
+        d = scipy.fft.ifft2(f, norm="ortho")
+        if self._free_ramp:        # the phase slope the data asks of this exit wave
+            z = d * np.conj(psi)
+            m = pi > 0.1
+            mr, mc = m[1:] & m[:-1], m[:, 1:] & m[:, :-1]
+            self._slope[0][0] += complex((z[1:] * np.conj(z[:-1]))[mr].sum())
+            self._slope[0][1] += int(mr.sum())
+            self._slope[1][0] += complex((z[:, 1:] * np.conj(z[:, :-1]))[mc].sum())
+            self._slope[1][1] += int(mc.sum())
+            self._since_gauge += 1
+            if self._since_gauge >= REGAUGE_EVERY:
+                self._regauge()
+        d -= psi
+        d *= pc
+        d *= self._step
+        obj += d
+        self._lit[rr:rr + n, cc:cc + n] += pi
+        self.updates += 1
+
+    def _ensure(self, r0: int, r1: int, c0: int, c1: int) -> None:
+        H, W = self._obj.shape
+        if H and r0 >= self._r0 and r1 <= self._r0 + H and c0 >= self._c0 and c1 <= self._c0 + W:
+            return
+        g = self.grow_px
+        if H:
+            r0, r1 = min(r0, self._r0), max(r1, self._r0 + H)
+            c0, c1 = min(c0, self._c0), max(c1, self._c0 + W)
+        nr0, nc0 = r0 - g, c0 - g
+        obj = np.zeros((r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.complex64)
+        lit = np.zeros(obj.shape, np.float32)
+        if H:
+            sl = (slice(self._r0 - nr0, self._r0 - nr0 + H), slice(self._c0 - nc0, self._c0 - nc0 + W))
+            obj[sl], lit[sl] = self._obj, self._lit
+        self._obj, self._lit, self._r0, self._c0 = obj, lit, nr0, nc0
+
+    # ------------------------------------------------------------------ reading
+    def image(self) -> StitchedImage:
+        """The refined phase on the seed image's grid, with the seed's weights."""
+        base = self.seed.image()
+        with self._lock:
+            if base.phase.size == 0 or not self._obj.size:
+                return base
+            ps = base.pixel_size_m
+            r0, c0 = int(round(base.origin_m[1] / ps)), int(round(base.origin_m[0] / ps))
+            h, w = base.phase.shape
+            obj = np.zeros((h, w), np.complex64)
+            lit = np.zeros((h, w), np.float32)
+            a0, b0 = max(r0, self._r0), max(c0, self._c0)
+            a1, b1 = min(r0 + h, self._r0 + self._obj.shape[0]), min(c0 + w, self._c0 + self._obj.shape[1])
+            if a1 > a0 and b1 > b0:
+                src = (slice(a0 - self._r0, a1 - self._r0), slice(b0 - self._c0, b1 - self._c0))
+                dst = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
+                obj[dst], lit[dst] = self._obj[src], self._lit[src]
+        done = (lit > 0) & (obj != 0)
+        phase = base.phase.copy()
+        dev = np.angle(obj[done] * np.exp(-1j * base.phase[done]))
+        if self._free_ramp and dev.size >= 3:
+            dev -= _plane(dev, np.nonzero(done), base.weight[done])
+        phase[done] += dev.astype(np.float32)
+        return base._replace(phase=phase)
+
+    def counters(self) -> dict:
+        with self._lock:
+            return {"frames_refined": self.frames_refined, "frames_no_probe": self.frames_no_probe,
+                    "frames_rejected": self.frames_rejected, "updates": self.updates,
+                    "frames_kept": len(self._frames), "last_message": self.last_message}

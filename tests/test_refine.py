@@ -1,0 +1,237 @@
+"""Live refinement (streaming ePIE from the stitched image): it must bring a blurry live image close
+to the truth, keep the seed where it has nothing to say, never take a bad frame, and run in the
+background of the refine plugin without holding frames up."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ptychopv import fidelity
+from ptychopv.plugins.frame import Frame
+from ptychopv.plugins.refine import RefinePlugin
+from ptychopv.plugins.stitch import StitchPlugin
+from ptychopv.science import physics
+from ptychopv.science.refine import Refiner
+from ptychopv.science.stitching import Stitcher
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return fidelity.family_scan("cell", overlap=0.6, extent_m=1.6e-6, seed=5)
+
+
+def blurry_patches(scan) -> np.ndarray:
+    """What a network gives: the true phase blurred by half a beam, per frame, mean removed
+    (the calibration image 'truth blurred' of the science benchmark, cut into patches)."""
+    blurred = ndimage.gaussian_filter(scan.truth_phase, scan.beamline.beam_px / 2)
+    centres = physics.positions_to_pixels(scan.positions_m, scan.pixel_size_m, scan.obj.shape)
+    p = physics.extract_patches(blurred, centres, scan.beamline.frame_px)
+    return (p - p.mean(axis=(1, 2), keepdims=True)).astype(np.float32)
+
+
+def seeded(scan, batch=8):
+    st = Stitcher(scan.pixel_size_m, window=scan.probe)
+    return st, blurry_patches(scan)
+
+
+def run(scan, refiner, st, patches, batch=8):
+    for i in range(0, len(patches), batch):
+        st.add(patches[i:i + batch], scan.positions_m[i:i + batch])
+        refiner.add(scan.frames[i:i + batch], scan.positions_m[i:i + batch])
+
+
+def test_refinement_brings_a_blurry_live_image_close_to_the_truth(scan):
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16)             # this short scan has fewer frames than the default lag
+    run(scan, ref, st, patches)
+    live = fidelity.score(st.image(), scan)["nrmse"]
+    during = fidelity.score(ref.image(), scan)["nrmse"]
+    ref.finish()
+    after = fidelity.score(ref.image(), scan)["nrmse"]
+    zero = fidelity.score(fidelity.calibration_images(scan, st.image())["zero"], scan)["nrmse"]
+    assert zero == pytest.approx(1.0, abs=0.02)       # the scale: an all-zero image scores 1
+    assert live > 0.3                                  # the seed is as blurry as a network's image
+    assert during < live                               # better while the scan streams
+    assert after < 0.5 * live and after < 0.15, (live, during, after)
+    assert np.isfinite(ref.image().phase).all()
+    c = ref.counters()
+    assert c["frames_refined"] == len(scan.frames) and c["frames_rejected"] == 0
+    assert c["updates"] == len(scan.frames) * (1 + ref.revisits + ref.passes)
+
+
+def test_the_image_is_the_seed_until_a_frame_is_used(scan):
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=10_000)         # every frame held back
+    assert ref.image().phase.size == 0
+    run(scan, ref, st, patches)
+    assert ref.updates == 0
+    seed = st.image()
+    img = ref.image()
+    assert img.origin_m == seed.origin_m and np.array_equal(img.phase, seed.phase)
+    assert np.array_equal(img.weight, seed.weight)    # scored over exactly the live image's region
+    assert ref.step()                                  # idle: the oldest held frame is used
+    assert ref.updates == 1 + ref.revisits
+    assert not np.array_equal(ref.image().phase, seed.phase)
+    ref.reset()
+    assert ref.updates == 0 and ref.counters()["frames_kept"] == 0 and not ref.step()
+
+
+def test_bad_frames_are_counted_and_never_used(scan):
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=0)
+    st.add(patches[:4], scan.positions_m[:4])
+    frames = scan.frames[:4].copy()
+    frames[0, 3, 3] = np.nan
+    frames[1, 5, 5] = -4.0
+    pos = scan.positions_m[:4].copy()
+    pos[2] = np.nan
+    assert ref.add(frames, pos) == 1
+    c = ref.counters()
+    assert c["frames_rejected"] == 3 and c["frames_refined"] == 1
+    assert "NaN" in c["last_message"]
+    assert np.isfinite(ref.image().phase).all()
+    ref.add(np.ones((2, 32, 32), np.float32), scan.positions_m[:2])      # not the probe's size
+    assert ref.frames_rejected == 5 and "32x32" in ref.last_message
+    with pytest.raises(ValueError, match="counts must be real"):
+        ref.add(np.ones((2, 64, 32)), scan.positions_m[:2])
+    with pytest.raises(ValueError, match="positions"):
+        ref.add(scan.frames[:3], scan.positions_m[:2])
+
+
+def test_without_a_probe_frames_wait_and_settings_are_checked(scan):
+    st, _ = seeded(scan)
+    ref = Refiner(st)
+    assert ref.add(scan.frames[:3], scan.positions_m[:3]) == 0
+    assert ref.frames_no_probe == 3 and "no probe" in ref.last_message
+    for bad in (np.ones((64, 64)), np.ones((64, 32), complex), np.full((64, 64), np.nan, complex),
+                np.zeros((64, 64), complex)):
+        with pytest.raises(ValueError):
+            ref.set_probe(bad)
+    assert ref.probe is None                          # a refused probe is not kept
+    for name, bad in (("alpha", 0.0), ("alpha", 2.5), ("revisits", -1), ("revisits", 101), ("lag", -1),
+                      ("passes", 1001)):
+        with pytest.raises(ValueError):
+            setattr(ref, name, bad)
+    with pytest.raises(ValueError):
+        Refiner(st, max_frames=0)
+
+
+def test_a_reconstructed_probes_phase_ramp_does_not_tilt_the_image(scan):
+    """A ramp on the probe is one a solver may return (the object takes the opposite one)."""
+    n = scan.beamline.frame_px
+    yy, xx = np.mgrid[:n, :n]
+    ramped = scan.probe * np.exp(2j * np.pi * 0.4 * (yy + xx) / n)
+    out = {}
+    for name, probe, rec in (("exact", scan.probe, False), ("ramp", ramped, True), ("ramp_kept", ramped, False)):
+        st, patches = seeded(scan)
+        ref = Refiner(st)
+        ref.set_probe(probe, reconstructed=rec)
+        run(scan, ref, st, patches)
+        ref.finish()
+        out[name] = fidelity.score(ref.image(), scan)["nrmse"]
+    assert out["ramp"] < 1.5 * out["exact"] + 0.02, out
+    assert out["ramp_kept"] > 2 * out["ramp"], out
+
+
+def test_only_the_latest_frames_are_kept_for_revisits(scan):
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=0, max_frames=5)
+    run(scan, ref, st, patches)
+    assert ref.counters()["frames_kept"] == 5
+    assert ref.frames_refined == len(scan.frames)
+
+
+def wait_until(cond, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
+    patches = blurry_patches(scan)
+    stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
+    ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
+    ref.set_probe(scan.probe)
+    ref.revisits, ref.passes = 1, 4
+    stitch.downstream = [ref]
+    stitch.start()
+    ref.start()
+    try:
+        frames = []
+        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
+            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
+            f.counts = c
+            frames.append(f)
+        bare = Frame(patches[0], unique_id=len(frames) + 1, position=tuple(scan.positions_m[0]))   # no counts
+        for f in frames + [bare]:
+            stitch.put(f)
+        n = len(frames)
+        # the frames are used, then the plugin keeps refining on its own thread once they stop
+        wait_until(lambda: ref.updates >= n * (1 + 1 + 4), what="the background passes")
+        assert stitch.dropped_arrays == 0 and ref.dropped_arrays == 0
+        assert ref.frames_refined == n and ref.frames_not_refined == 1
+        assert "without counts" in ref.last_message
+        live = fidelity.score(stitch.image(), scan)["nrmse"]
+        refined = fidelity.score(ref.image(), scan)["nrmse"]
+        assert refined < 0.6 * live, (live, refined)
+        assert ref.error_count == 0 and stitch.error_count == 0
+        # a new acquisition (uniqueId back to 1) starts a new object
+        g = ref.generation
+        again = Frame(patches[0], unique_id=1, position=tuple(scan.positions_m[0]))
+        again.counts = scan.frames[0]
+        stitch.put(again)
+        wait_until(lambda: ref.frames_refined == 1, what="the reset on a new acquisition")
+        assert ref.generation > g
+    finally:
+        stitch.stop()
+        ref.stop()
+
+
+def test_the_step_shrinks_with_the_photon_count(scan):
+    """Noisy frames move the image less: the step is alpha N / (N + half_step_photons)."""
+    st, _ = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=10_000)
+    assert ref.step_size == 1.0                       # no frames yet
+    low = scan.frames[:8] * (1e4 / scan.frames[:8].sum(axis=(1, 2)).mean())
+    ref.add(low, scan.positions_m[:8])
+    assert ref.step_size == pytest.approx(1e4 / (1e4 + 1e5), rel=1e-3)
+    ref.half_step_photons = 0
+    assert ref.step_size == 1.0
+    with pytest.raises(ValueError):
+        ref.half_step_photons = -1
+    with pytest.raises(ValueError):
+        ref.half_step_photons = float("nan")
+
+
+def test_the_infer_plugin_hands_on_counts_as_measured_whatever_the_scale_factor(scan):
+    """Frame.counts carries the frame in the network's geometry with ScaleFactor undone (the
+    refine stage weighs its steps by the photon count)."""
+    from ptychopv.inference.engines import select_engine
+    from ptychopv.inference.engines.base import ModelSource
+    from ptychopv.plugins.infer import InferPlugin
+    from ptychopv.science.preprocess import PreprocessOptions
+
+    engine = select_engine(ModelSource(input_size=64), "passthrough")
+    big = np.zeros((3, 96, 96), np.float32)
+    big[:, 16:80, 16:80] = scan.frames[:3]            # the detector is larger than the network's input
+    got = []
+    infer = InferPlugin(engine=engine, preprocess=PreprocessOptions(scale=100.0), blocking_callbacks=True,
+                        batch_size=3)
+    infer.downstream = [got.extend]
+    infer.start()
+    try:
+        for i in range(3):
+            infer.put(Frame(big[i], unique_id=i + 1, position=(0.0, 0.0)))
+        infer.flush()
+    finally:
+        infer.stop()
+    assert len(got) == 3
+    for i, f in enumerate(got):
+        assert f.counts.shape == (64, 64)
+        np.testing.assert_allclose(f.counts, scan.frames[i], rtol=1e-5)
