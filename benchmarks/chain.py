@@ -63,6 +63,8 @@ NOTES = [
     ("cpu_s: user + system CPU seconds of each process (sim, IOC, this client) from Acquire to the counters "
      "settling (cpu_wall_s); machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy); "
      "ioc_cpu_us_per_frame_taken: the IOC's CPU per frame it processed or dropped"),
+    ("refine_processed / refine_dropped / refine_updates: the refine stage's Refine:ArrayCounter_RBV, "
+     "DroppedArrays_RBV and Updates_RBV deltas; it refines only with a probe (--refine), else it counts"),
 ]
 
 
@@ -109,8 +111,9 @@ def write_ioc_config(folder: Path, prefix: str, sim_port: int, chain: dict) -> d
     return {"config": path, "prefix": prefix, **ports}
 
 
-def publish_untrained_ptychonn2(folder: Path) -> Path:
-    """An untrained PtychoNN 2.0 at 128x128, exported to ONNX, as version 1 of a new registry."""
+def publish_untrained_ptychonn2(folder: Path, refine: bool = False) -> Path:
+    """An untrained PtychoNN 2.0 at 128x128, exported to ONNX, as version 1 of a new registry.
+    ``refine``: its card names a beamline (128-pixel frames), so the refine stage has a probe."""
     from ptychopv.inference.export import export_onnx
     from ptychopv.inference.networks import build_model
     from ptychopv.inference.registry import ModelRegistry
@@ -121,6 +124,10 @@ def publish_untrained_ptychonn2(folder: Path) -> Path:
             "outputs": list(model.output_names), "parent": None,
             "preprocessing": {"transform": "log1p", "divisor": float(np.log1p(65535.0))},
             "note": "untrained (random weights): benchmarks/chain.py; run time does not depend on weights"}
+    if refine:
+        from ptychopv.science.physics import Beamline
+
+        card["beamline"] = Beamline(frame_px=SIZE).card()
     root = folder / "registry"
     ModelRegistry(root).publish(onnx, card, weights_path=None)
     return root
@@ -147,7 +154,8 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
     # Counters are read before and after: writing 0 to Infer:ArrayCounter a second time does not
     # reach the plugin (the longout record is not always_update), so deltas are what can be trusted.
     counted = ("Infer:ArrayCounter_RBV", "Infer:DroppedArrays_RBV", "Infer:MissedFrames_RBV",
-               "Stitch:ArrayCounter_RBV", "Stitch:DroppedArrays_RBV")
+               "Stitch:ArrayCounter_RBV", "Stitch:DroppedArrays_RBV", "Refine:ArrayCounter_RBV",
+               "Refine:DroppedArrays_RBV", "Refine:Updates_RBV")
     ctx.put(SIM_PREFIX + "FrameRate", float(rate), timeout=5)
     wait_quiet(lambda: [int(get(p + n)) for n in counted], settle=0.6, timeout=30)   # records lag 0.25 s
     before = {n: int(get(p + n)) for n in counted}
@@ -188,6 +196,8 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
         "infer_latency_rbv_ms_median": median(samples["Infer:Latency_RBV"][1:]),
         "stitch_execution_ms_median": median(samples["Stitch:ExecutionTime_RBV"][1:]),
         "stitch_processed": d["Stitch:ArrayCounter_RBV"], "stitch_dropped": d["Stitch:DroppedArrays_RBV"],
+        "refine_processed": d["Refine:ArrayCounter_RBV"], "refine_dropped": d["Refine:DroppedArrays_RBV"],
+        "refine_updates": d["Refine:Updates_RBV"],
         "cpu_s": cpu, "cpu_wall_s": round(cpu_wall, 2),
         "machine_cpu_busy": round(sum(cpu.values()) / (cpu_wall * (os.cpu_count() or 1)), 3),
         "ioc_cpu_us_per_frame_taken": round(1e6 * sum(v for k, v in cpu.items() if k.startswith("ioc"))
@@ -272,6 +282,8 @@ def main() -> int:
     ap.add_argument("--no-passthrough", action="store_true", help="skip the pass-through chain")
     ap.add_argument("--no-model", action="store_true", help="skip the PtychoNN 2.0 chain")
     ap.add_argument("--no-pvapy", action="store_true", help="skip pvapy-hpc-consumer")
+    ap.add_argument("--refine", action="store_true",
+                    help="give the model's card a beamline, so the refine stage works beside inference")
     ap.add_argument("--echo", action="store_true", help="echo the children's output to stderr")
     a = ap.parse_args()
     rates = a.rates or ([500.0, 2000.0] if a.quick else [500.0, 1000.0, 2000.0])
@@ -296,7 +308,8 @@ def main() -> int:
             todo.append(("ptychopv-passthrough", lambda: run_passthrough_chain(folder, sim_port, common, rates, seconds)))
         if not a.no_model:
             todo.append((f"ptychopv-ptychonn2-{a.model_engine}",
-                         lambda: run_model_chain(folder, sim_port, common, a.model_engine, rates, seconds)))
+                         lambda: run_model_chain(folder, sim_port, common, a.model_engine, rates, seconds,
+                                                 a.refine)))
         if not a.no_pvapy:
             todo.append(("pvapy-hpc-consumer", lambda: run_pvapy(SIM_PREFIX, sim_port, a.monitor_queue, rates, seconds,
                                                                  CHILDREN, log)))
@@ -333,12 +346,13 @@ def run_passthrough_chain(folder: Path, sim_port: int, common: dict, rates, seco
                      "passthrough", rates, seconds, bare)
 
 
-def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str, rates, seconds: float) -> dict:
+def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str, rates, seconds: float,
+                    refine: bool = False) -> dict:
     from ptychopv.inference.engines import select_engine
     from ptychopv.inference.registry import ModelRegistry
 
     log("building and publishing an untrained PtychoNN 2.0 (128x128)")
-    registry = publish_untrained_ptychonn2(folder)
+    registry = publish_untrained_ptychonn2(folder, refine)
     # The bare engine, loaded from the registry as the IOC loads it, at the chain's default batch,
     # timed before and after the chain runs: on a shared machine the two differ.
     engine = select_engine(ModelRegistry(registry).latest().source(), engine_name, warmup=False)
