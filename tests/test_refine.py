@@ -8,12 +8,12 @@ import time
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
-from ptychopv import fidelity
 from ptychopv.plugins.frame import Frame
 from ptychopv.plugins.refine import RefinePlugin
 from ptychopv.plugins.stitch import StitchPlugin
+from scipy import ndimage
+
+from ptychopv import fidelity
 from ptychopv.science import physics
 from ptychopv.science.refine import Refiner
 from ptychopv.science.stitching import Stitcher
@@ -94,8 +94,13 @@ def test_bad_frames_are_counted_and_never_used(scan):
     assert c["frames_rejected"] == 3 and c["frames_refined"] == 1
     assert "NaN" in c["last_message"]
     assert np.isfinite(ref.image().phase).all()
+    far = scan.positions_m[4:6].copy()
+    far[0] = (1.0, 0.0)                              # a runaway position (1 m): no canvas for it
+    assert ref.add(scan.frames[4:6], far) == 1
+    assert ref.frames_rejected == 4 and "first frame" in ref.last_message
+    assert ref._obj.size < 4 * st.max_canvas_px ** 2
     ref.add(np.ones((2, 32, 32), np.float32), scan.positions_m[:2])      # not the probe's size
-    assert ref.frames_rejected == 5 and "32x32" in ref.last_message
+    assert ref.frames_rejected == 6 and "32x32" in ref.last_message
     with pytest.raises(ValueError, match="counts must be real"):
         ref.add(np.ones((2, 64, 32)), scan.positions_m[:2])
     with pytest.raises(ValueError, match="positions"):
@@ -215,6 +220,7 @@ def test_the_infer_plugin_hands_on_counts_as_measured_whatever_the_scale_factor(
     from ptychopv.inference.engines import select_engine
     from ptychopv.inference.engines.base import ModelSource
     from ptychopv.plugins.infer import InferPlugin
+
     from ptychopv.science.preprocess import PreprocessOptions
 
     engine = select_engine(ModelSource(input_size=64), "passthrough")

@@ -225,6 +225,7 @@ class Refiner:
             self._scale = None
             self._counts_sum = 0.0
             self._counts_n = 0
+            self._anchor = None                  # (row, col) of the scan's first frame
             self._step = np.float32(self._alpha)
             self.frames_refined = 0
             self.frames_no_probe = 0
@@ -266,6 +267,21 @@ class Refiner:
             if (~ok).any():
                 self.frames_rejected += int((~ok).sum())
                 self.last_message = "frame without a position, or with NaN, inf or negative counts: not refined"
+            # a runaway position must not grow the canvas without bound: the stitcher's rule
+            ps = self.seed.pixel_size_m
+            rows, cols = pos[:, 1] / ps, pos[:, 0] / ps
+            if self._anchor is None and ok.any():
+                i = int(np.flatnonzero(ok)[0])
+                self._anchor = (rows[i], cols[i])
+            if self._anchor is not None:
+                half = self.seed.max_canvas_px / 2
+                with np.errstate(invalid="ignore"):
+                    far = ok & ((np.abs(rows - self._anchor[0]) + n / 2 > half)
+                                | (np.abs(cols - self._anchor[1]) + n / 2 > half))
+                if far.any():
+                    self.frames_rejected += int(far.sum())
+                    self.last_message = f"position more than {half:.0f} px from the scan's first frame: not refined"
+                    ok &= ~far
             used = 0
             for k in np.flatnonzero(ok):
                 self._counts_sum += float(totals[k])
@@ -314,7 +330,7 @@ class Refiner:
 
     def _first(self, entry) -> None:
         """A frame's first update: seed what it lights, update, revisit ``revisits`` kept frames."""
-        meas, r, cc, key = entry
+        meas, r, cc, _ = entry
         if len(self._frames) < self.max_frames:
             self._frames.append(entry)
         else:
@@ -436,7 +452,7 @@ class Refiner:
             if base.phase.size == 0 or not self._obj.size:
                 return base
             ps = base.pixel_size_m
-            r0, c0 = int(round(base.origin_m[1] / ps)), int(round(base.origin_m[0] / ps))
+            r0, c0 = round(base.origin_m[1] / ps), round(base.origin_m[0] / ps)
             h, w = base.phase.shape
             obj = np.zeros((h, w), np.complex64)
             lit = np.zeros((h, w), np.float32)
