@@ -346,10 +346,11 @@ class LiveChain:
             self._post_image("Stitch:Image", img, self.stitch.frames_stitched)
             updates = self.refine.updates
             if updates:
-                # Updates: how many object updates the image holds (a client waiting for the
-                # background passes to end waits for this, not for time)
+                # Updates: how many object updates the image holds; Settled: 1 once the
+                # background sweeps are over (a client waits for this state, not for time)
+                settled = self.refine.settled
                 self._post_image("Refine:Image", self.refine.image(), self.refine.frames_refined,
-                                 Updates=int(updates))
+                                 Updates=int(updates), Settled=int(settled))
 
     def _post_image(self, name: str, img, uid: int, **extra) -> None:
         self.ioc.images.post(name, img.phase, uid, attributes={

@@ -6,7 +6,9 @@ plugin) and its position. :class:`~ptychopv.science.refine.Refiner` starts each 
 the object from the stitch stage's image (``use_seed``) and corrects it with the frames, using the
 probe the chain knows (the model card's beamline, then each reconstruction's). Frames come first;
 when none are queued the plugin keeps refining in the background (``idle``), within a budget of
-``passes`` updates per kept frame that only new frames renew. A frame this stage drops (full
+``passes`` sweeps over the kept frames that only new frames renew, and that stop early once the
+frames are explained to their photon noise where little overlap would let more sweeps fit the
+noise (:class:`~ptychopv.science.refine.Refiner`). A frame this stage drops (full
 queue) is not refined, and the stitched image shows there: refinement can only fall behind, never
 hold the chain up.
 """
@@ -60,6 +62,18 @@ class RefinePlugin(BatchingPlugin):
     def frames_not_refined(self) -> int:
         c = self.refiner.counters()
         return c["frames_no_probe"] + c["frames_rejected"] + self.frames_no_counts
+
+    @property
+    def misfit(self) -> float:
+        return self.refiner.misfit
+
+    @property
+    def redundancy(self) -> float:
+        return self.refiner.redundancy
+
+    @property
+    def settled(self) -> int:
+        return int(self.refiner.settled)
 
     @property
     def has_probe(self) -> int:

@@ -140,16 +140,14 @@ class Session:
                 "refined": refined}
 
     def refined(self, label: str, stitched: int):
-        """Refine:Image once the refine stage has used every frame it took and made its background
-        passes (None when it has no probe)."""
+        """Refine:Image once the refine stage has used every frame it took and its background
+        sweeps are over (the image's ``Settled`` attribute; None when it has no probe)."""
         if not self.get("Refine:Probe_RBV"):
             return None
         self.wait(lambda: self.get("Refine:FramesRefined_RBV") + self.get("Refine:FramesNotRefined_RBV")
                   + self.get("Refine:DroppedArrays_RBV") >= stitched, f"{label} refined", 60)
-        per_frame = 1 + self.get("Refine:Revisits_RBV") + self.get("Refine:Passes_RBV")
-        target = int(self.get("Refine:FramesRefined_RBV")) * per_frame
-        self.wait(lambda: int(self.image("Refine:Image").attributes.get("Updates", 0)) >= target,
-                  f"{label}'s refined image", 120)
+        self.wait(lambda: int(self.image("Refine:Image").attributes.get("Settled", 0)) == 1,
+                  f"{label}'s refined image", 600)
         return self.image("Refine:Image")
 
     def auto_settles(self, label: str, timeout: float = 1800.0) -> dict:

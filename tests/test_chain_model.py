@@ -122,9 +122,10 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) == 0, what="the refine stage reset")
     ctx.put(sp + "Acquire", 1)
     wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) >= n, timeout=120, what="the scan refined")
-    # after the stream stops, the background passes (Refine:Passes per frame) go on
-    wait_until(lambda: caget(h.pv("Refine:Updates_RBV")) >= n * (1 + 2 + 6), timeout=120,
-               what="the background passes")
+    # after the stream stops the background sweeps (at most Refine:Passes) go on, then settle
+    wait_until(lambda: caget(h.pv("Refine:Settled_RBV")) == 1, timeout=120, what="the background sweeps")
+    assert caget(h.pv("Refine:Updates_RBV")) >= n * (1 + 2)
+    assert caget(h.pv("Refine:Misfit_RBV")) > 0 and caget(h.pv("Refine:Redundancy_RBV")) > 1
     truth = read_truth(folder / "truth.h5")
     scan = read_scan(folder / "truth.h5")
     scores = {}

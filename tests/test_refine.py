@@ -46,7 +46,7 @@ def run(scan, refiner, st, patches, batch=8):
 
 def test_refinement_brings_a_blurry_live_image_close_to_the_truth(scan):
     st, patches = seeded(scan)
-    ref = Refiner(st, scan.probe, lag=16)             # this short scan has fewer frames than the default lag
+    ref = Refiner(st, scan.probe, lag=16, passes=40)  # this short scan has fewer frames than the default lag
     run(scan, ref, st, patches)
     live = fidelity.score(st.image(), scan)["nrmse"]
     during = fidelity.score(ref.image(), scan)["nrmse"]
@@ -60,6 +60,8 @@ def test_refinement_brings_a_blurry_live_image_close_to_the_truth(scan):
     assert np.isfinite(ref.image().phase).all()
     c = ref.counters()
     assert c["frames_refined"] == len(scan.frames) and c["frames_rejected"] == 0
+    # at overlap 0.6 every pixel is seen by several frames: all the sweeps are made
+    assert c["settled"] and c["redundancy"] > 3 and c["misfit"] > 0
     assert c["updates"] == len(scan.frames) * (1 + ref.revisits + ref.passes)
 
 
@@ -118,7 +120,7 @@ def test_without_a_probe_frames_wait_and_settings_are_checked(scan):
             ref.set_probe(bad)
     assert ref.probe is None                          # a refused probe is not kept
     for name, bad in (("alpha", 0.0), ("alpha", 2.5), ("revisits", -1), ("revisits", 101), ("lag", -1),
-                      ("passes", 1001)):
+                      ("passes", 10001), ("passes", -1)):
         with pytest.raises(ValueError):
             setattr(ref, name, bad)
     with pytest.raises(ValueError):
@@ -178,7 +180,8 @@ def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
             stitch.put(f)
         n = len(frames)
         # the frames are used, then the plugin keeps refining on its own thread once they stop
-        wait_until(lambda: ref.updates >= n * (1 + 1 + 4), what="the background passes")
+        wait_until(lambda: ref.settled, what="the background sweeps")
+        assert ref.updates == n * (1 + 1 + 4)
         assert stitch.dropped_arrays == 0 and ref.dropped_arrays == 0
         assert ref.frames_refined == n and ref.frames_not_refined == 1
         assert "without counts" in ref.last_message
@@ -241,3 +244,42 @@ def test_the_infer_plugin_hands_on_counts_as_measured_whatever_the_scale_factor(
     for i, f in enumerate(got):
         assert f.counts.shape == (64, 64)
         np.testing.assert_allclose(f.counts, scan.frames[i], rtol=1e-5)
+
+
+def test_the_noise_table_is_what_poisson_counts_give():
+    """E[(sqrt(k) - sqrt(lam))^2] for Poisson k: the misfit a fit to the truth leaves."""
+    from ptychopv.science.refine import expected_misfit
+
+    rng = np.random.default_rng(3)
+    for lam in (0.05, 0.7, 3.0, 50.0, 2000.0):
+        k = rng.poisson(lam, 400_000)
+        mc = float(np.mean((np.sqrt(k) - np.sqrt(lam)) ** 2))
+        assert expected_misfit(np.full(10, lam)) / 10 == pytest.approx(mc, rel=0.03), lam
+    assert expected_misfit(np.zeros(5)) == 0.0
+
+
+@pytest.mark.parametrize("overlap, stops", [(0.0, True), (0.6, False)])
+def test_at_low_dose_the_sweeps_stop_at_the_noise_only_where_frames_overlap_little(overlap, stops):
+    """At 1e4 photons per frame and overlap 0 more sweeps would fit the noise (each pixel is seen
+    by about one frame): they stop once a sweep explains the frames to their noise, and the image
+    is no worse than the seed. At overlap 0.6 more sweeps average the noise over the overlapping
+    frames, and all of them are made."""
+    low = fidelity.family_scan("cell", overlap=overlap, extent_m=1.6e-6, seed=5, dose=1e4)
+    st, patches = seeded(low)
+    ref = Refiner(st, low.probe, lag=16, passes=30)
+    run(low, ref, st, patches)
+    ref.finish()
+    c = ref.counters()
+    n = len(low.frames)
+    full = n * (1 + ref.revisits + ref.passes)
+    assert c["settled"] and c["misfit"] > 0
+    seed_err = fidelity.score(st.image(), low)["nrmse"]
+    after = fidelity.score(ref.image(), low)["nrmse"]
+    if stops:
+        assert c["redundancy"] < 3 and c["misfit"] <= 1
+        assert c["updates"] < full / 2, (c, full)
+        assert after < seed_err, (seed_err, after)
+    else:
+        assert c["redundancy"] > 3
+        assert c["updates"] == full
+        assert after < 0.8 * seed_err, (seed_err, after)
