@@ -49,6 +49,9 @@ class RefinePlugin(BatchingPlugin):
     half_step_photons = property(lambda self: self.refiner.half_step_photons,
                                  lambda self, v: setattr(self.refiner, "half_step_photons", v))
     step_size = property(lambda self: self.refiner.step_size)
+    misfit = property(lambda self: self.refiner.misfit)
+    redundancy = property(lambda self: self.refiner.redundancy)
+    settled = property(lambda self: int(self.refiner.settled))
 
     @property
     def frames_refined(self) -> int:
@@ -62,18 +65,6 @@ class RefinePlugin(BatchingPlugin):
     def frames_not_refined(self) -> int:
         c = self.refiner.counters()
         return c["frames_no_probe"] + c["frames_rejected"] + self.frames_no_counts
-
-    @property
-    def misfit(self) -> float:
-        return self.refiner.misfit
-
-    @property
-    def redundancy(self) -> float:
-        return self.refiner.redundancy
-
-    @property
-    def settled(self) -> int:
-        return int(self.refiner.settled)
 
     @property
     def has_probe(self) -> int:

@@ -383,21 +383,24 @@ class Refiner:
 
     def _first(self, entry) -> None:
         """A frame's first update: seed what it lights, update, revisit ``revisits`` kept frames."""
-        meas, r, cc, key = entry
+        meas, r, cc, _ = entry
         if len(self._frames) < self.max_frames:
             self._frames.append(entry)
         else:
-            _, r1, c1, k1 = self._frames[self._next]
-            self._cover[r1 - self._r0:r1 - self._r0 + meas.shape[0], c1 - self._c0:c1 - self._c0 + meas.shape[0]] \
-                -= self._shifted(k1)[2]
+            self._cover_add(self._frames[self._next], -1.0)
             self._frames[self._next] = entry
             self._next = (self._next + 1) % self.max_frames
-        n = meas.shape[0]
-        self._cover[r - self._r0:r - self._r0 + n, cc - self._c0:cc - self._c0 + n] += self._shifted(key)[2]
+        self._cover_add(entry, 1.0)
         self._seed(r, cc, meas.shape[0])
         self._update(entry)
         for j in self._rng.integers(0, len(self._frames), self._revisits):
             self._update(self._frames[int(j)])
+
+    def _cover_add(self, entry, sign: float) -> None:
+        """Add (``sign`` 1) or take away (-1) a kept frame's relative probe intensity in ``_cover``."""
+        meas, r, c, key = entry
+        n = meas.shape[0]
+        self._cover[r - self._r0:r - self._r0 + n, c - self._c0:c - self._c0 + n] += sign * self._shifted(key)[2]
 
     def _redundancy(self) -> float:
         """How many frames' worth of probe light a lit pixel on average (weighted by that light),
