@@ -283,3 +283,20 @@ def test_at_low_dose_the_sweeps_stop_at_the_noise_only_where_frames_overlap_litt
         assert c["redundancy"] > 3
         assert c["updates"] == full
         assert after < 0.8 * seed_err, (seed_err, after)
+
+
+def test_a_probe_set_while_frames_wait_is_used_for_them(scan):
+    """A reconstruction's probe arrives while frames are held back by the lag or background sweeps
+    remain (the end of a scan): the refiner goes on with it, scaled to the frames' photon count."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16, passes=2)
+    n = 24
+    st.add(patches[:n], scan.positions_m[:n])
+    ref.add(scan.frames[:n], scan.positions_m[:n])
+    assert ref._pending
+    ref.set_probe(scan.probe * 3)
+    ref.finish()
+    assert ref.settled and ref.updates >= n * (1 + ref.revisits)
+    p = ref._shifted((0, 0))[0]
+    mean_counts = float(np.mean([f.sum() for f in scan.frames[:n]]))
+    assert float(np.sum(np.abs(p) ** 2)) == pytest.approx(mean_counts, rel=1e-3)

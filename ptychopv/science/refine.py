@@ -252,6 +252,8 @@ class Refiner:
             self._free_ramp = bool(reconstructed) and p is not None
             self._probes = {}
             self._scale = None
+            if p is not None and self._counts_n:    # frames kept or held back are updated next
+                self._fit_scale()
 
     def reset(self) -> None:
         """Forget the object and the kept frames (a new scan). The probe stays."""
@@ -333,8 +335,7 @@ class Refiner:
                 self._counts_sum += float(totals[k])
                 self._counts_n += 1
                 if self._scale is None:
-                    self._scale = np.float32(np.sqrt(self._counts_sum / self._counts_n
-                                                     / float(np.sum(np.abs(self._probe) ** 2))))
+                    self._fit_scale()
                 ty, tx = pos[k, 1] / self.seed.pixel_size_m - n / 2, pos[k, 0] / self.seed.pixel_size_m - n / 2
                 r, cc = int(np.rint(ty)), int(np.rint(tx))
                 key = (int(np.rint((ty - r) * SUBPIXEL_STEPS)), int(np.rint((tx - cc) * SUBPIXEL_STEPS)))
@@ -395,6 +396,11 @@ class Refiner:
         self._update(entry)
         for j in self._rng.integers(0, len(self._frames), self._revisits):
             self._update(self._frames[int(j)])
+
+    def _fit_scale(self) -> None:
+        """Scale the probe so that its intensity matches the frames' mean photon count so far."""
+        self._scale = np.float32(np.sqrt(self._counts_sum / self._counts_n
+                                         / float(np.sum(np.abs(self._probe) ** 2))))
 
     def _cover_add(self, entry, sign: float) -> None:
         """Add (``sign`` 1) or take away (-1) a kept frame's relative probe intensity in ``_cover``."""
