@@ -12,7 +12,9 @@ Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and rep
 - ``live``: the live image, produced by the chain's own plugins (preprocess -> engine -> stitch,
   ``fidelity.live_image``) with the model of ``--registry`` (default: the shipped one) on ONNX
   Runtime, the stitcher weighted by the model card's beam as the IOC does before any
-  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor);
+  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor) and,
+  where that factor is beyond the scalings the model was trained at (its card and its parents',
+  ``ModelRegistry.trained_scale_range``), ``live_scaled_trained``: ``ScaleFactor`` at that limit;
 - ``live_recon_window``: the same, weighted by the probe that ePIE reconstructed (what the IOC
   uses after its first reconstruction): the "faithful from the first frame" check;
 - ``refined``: the refine stage's image of the same run (``fidelity.live_images``): the live
@@ -86,6 +88,12 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
         scaled = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
                                      scale=1.0 / dose_x, **live_kw)
         row["live_scaled"] = fidelity.score(scaled, scan)
+        hi = args.trained_scale[1]
+        if 1.0 / dose_x > hi * 1.0001:   # the matching ScaleFactor is beyond what the model saw: also at its limit
+            limited = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
+                                          scale=hi, **live_kw)
+            row["live_scaled_trained"] = fidelity.score(limited, scan)
+            row["scale_trained"] = hi
     if args.iterations:
         rec_img, rec_probe, secs = epie(scan, args.iterations, args.threads)
         row["epie"] = fidelity.score(rec_img, scan)
@@ -168,9 +176,13 @@ def summarize(rows: list[dict]) -> dict:
     low_ref = {f: get(f, 0.6, 0.01, "refined") for f in fams}
     if all(v is not None for v in low_ref.values()):
         out["dose_0.01_refined_nrmse"] = low_ref
-    low = {f: (get(f, 0.6, 0.01), get(f, 0.6, 0.01, "live_scaled")) for f in fams}
-    if all(a is not None for a, _ in low.values()):
-        out["dose_0.01_nrmse"] = {f: {"scale_1": a, "scale_matched": b} for f, (a, b) in low.items()}
+    low = {f: (get(f, 0.6, 0.01), get(f, 0.6, 0.01, "live_scaled"), get(f, 0.6, 0.01, "live_scaled_trained"))
+           for f in fams}
+    if all(a is not None for a, _, _ in low.values()):
+        out["dose_0.01_nrmse"] = {f: {"scale_1": a, "scale_matched": b, "scale_trained_max": c,
+                                      "matched_never_worse": b is not None and b <= a,
+                                      "trained_max_never_worse": None if c is None else c <= a}
+                                  for f, (a, b, c) in low.items()}
     return out
 
 
@@ -203,6 +215,7 @@ def main(argv=None) -> int:
               f"({'no beamline on its card' if beam is None else ', '.join(beam.differences(fidelity.DEMO))})",
               file=sys.stderr)
     card_window = (beam or fidelity.DEMO).probe()
+    a.trained_scale = reg.trained_scale_range(mv.version)   # the ScaleFactors its frames were trained at
     engine = select_engine(mv.source(), "onnxruntime")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -223,6 +236,7 @@ def main(argv=None) -> int:
                       "machine": f"{platform.machine()} {os.cpu_count()} cpu, {platform.processor() or platform.platform()}",
                       "model": {"registry": str(reg.root), "version": mv.version,
                                 "training_families": mv.card.get("training_families")},
+                      "trained_scale_range": list(a.trained_scale),
                       "beamline": fidelity.DEMO.card(), "extent_m": a.extent, "epie_iterations": a.iterations,
                       "seconds": round(time.perf_counter() - t0, 1), "targets": summarize(rows), "rows": rows},
                      indent=1))

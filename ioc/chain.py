@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from ..config import Config, resolve
+from ..inference.registry import card_scale_range
 from ..plugins.models import ModelError, ModelManager
 from ..plugins.positions import SOURCES as POSITION_SOURCES
 from ..plugins.positions import AttributePositions, FilePositions, PvFeed, TimestampedPositions
@@ -51,6 +52,8 @@ class LiveChain:
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
         self._seen: dict[str, object] = {}   # last (value, severity) the stats loop wrote to each record
         self._mismatch = False               # the live model was trained for another beamline
+        self._scale_range = None             # (version, lo, hi): the ScaleFactors the live model saw in training
+        self._scale_warned = False
         self.binder = StageBinder(ioc)
         plugins = self.binder.build()
         self.infer, self.stitch, self.refine = plugins["Infer"], plugins["Stitch"], plugins["Refine"]
@@ -195,6 +198,39 @@ class LiveChain:
         self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim_for(mv.version))
         self._mismatch = False
         self._check_beamline(mv.card)
+        try:
+            lo, hi = self.registry().trained_scale_range(mv.version)
+        except Exception:  # noqa: BLE001 - a card that cannot be read: frames as measured
+            lo, hi = card_scale_range(mv.card)
+        self._scale_range = (mv.version, lo, hi)
+        self.ioc.set("Model:MinScale_RBV", lo)
+        self.ioc.set("Model:MaxScale_RBV", hi)
+        if not self._mismatch:      # a model for another beamline is the graver news: its message stays
+            self._check_scale(float(self.ioc.get("ScaleFactor")))
+
+    def _set_scale(self, value: float) -> None:
+        self.infer.set_preprocess(scale=float(value))
+        self._check_scale(float(value))
+
+    def _check_scale(self, scale: float) -> None:
+        """Say when ScaleFactor multiplies frames further than the live model saw in training. The
+        value is taken (frames are multiplied by exactly ScaleFactor, and the refine stage undoes
+        it): this is a warning, not a refusal. Measured (benchmarks/science.py, the generic model,
+        trained up to 30, at 1e4 photons per frame): ScaleFactor 100 gave a worse image than 30
+        on every family, and worse than 1 on three of four."""
+        if self._scale_range is None:
+            return
+        version, lo, hi = self._scale_range
+        outside = not (lo / 1.0001 <= scale <= hi * 1.0001)
+        if outside:
+            self._scale_warned = True
+            self._message("Infer", f"ScaleFactor {scale:g} is outside the scalings model v{version} was trained "
+                          f"at ({lo:g} to {hi:g}): its image may be worse than at ScaleFactor "
+                          f"{min(max(scale, lo), hi):g}", severity=1)
+        elif self._scale_warned:
+            self._scale_warned = False
+            self._message("Infer", f"ScaleFactor {scale:g} is within the scalings model v{version} was trained "
+                          f"at ({lo:g} to {hi:g})")
 
     def _check_beamline(self, card: dict) -> None:
         """Say when the model was trained for another beamline than the config describes."""
@@ -402,7 +438,7 @@ class LiveChain:
     def _register_hooks(self) -> None:
         on = self.ioc.on
         on("Infer:NDArrayPort")(self._set_port)
-        on("ScaleFactor")(lambda v: self.infer.set_preprocess(scale=float(v)))
+        on("ScaleFactor")(self._set_scale)
         on("Stitch:NDArrayPort")(lambda v: self._internal_port("Stitch", "Infer:Phase", v))
         on("Refine:NDArrayPort")(lambda v: self._internal_port("Refine", "Stitch:Image", v))
         on("Stitch:Reset")(lambda v: self._reset_image() if v else None)

@@ -301,6 +301,13 @@ MODEL = [
     PV("Model:Latest_RBV", "longin", "Newest version in the registry", initial=0, group="model"),
     PV("Model:ValSSIM_RBV", "ai", "Validation SSIM of the live model", prec=3, low=0, high=1, initial=0.0,
        group="model"),
+    PV("Model:MinScale_RBV", "ai", "Smallest ScaleFactor trained at", prec=3, low=0.001, high=1000.0,
+       initial=1.0, group="model",
+       doc="the live model (and the versions it was fine-tuned from) saw frames multiplied back by "
+           "MinScale_RBV to MaxScale_RBV in training; a ScaleFactor outside says so in Infer:Message_RBV "
+           "(MINOR): its image may be worse than within"),
+    PV("Model:MaxScale_RBV", "ai", "Largest ScaleFactor trained at", prec=3, low=0.001, high=1000.0,
+       initial=1.0, group="model"),
 ]
 
 AUTO = [

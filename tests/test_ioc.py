@@ -94,12 +94,34 @@ def test_caput_round_trips_and_limits_are_enforced(ioc):
     for bad in (-2.0, 1e9, math.nan, math.inf, -math.inf):    # refused: the value stays, and says why
         epics.caput(p + "ScaleFactor", bad, wait=True, timeout=10)
         assert caget(p + "ScaleFactor") == 7.5 and caget(p + "ScaleFactor_RBV") == 7.5
-        assert "ScaleFactor" in caget(p + "Infer:Message_RBV", as_string=True)
+        assert "ScaleFactor = " in (msg := caget(p + "Infer:Message_RBV", as_string=True)) and "refused" in msg
         assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "MINOR"
     epics.caput(p + "Infer:BatchSize", 0, wait=True, timeout=10)
     assert caget(p + "Infer:BatchSize_RBV") == 8
     epics.caput(p + "ScaleFactor", 1.0, wait=True, timeout=10)
     assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "NO_ALARM"   # an accepted value clears it
+
+
+def test_a_scale_factor_beyond_the_models_training_is_taken_and_flagged(ioc, pva_ctx):
+    """The seeded demo model was trained on frames as measured (its card: no low-dose options), so
+    ScaleFactor 10 is accepted (a low-dose scan may need it) but flagged: Infer:Message_RBV says so
+    with a MINOR alarm, and Model:Min/MaxScale_RBV say what the model saw."""
+    p = ioc.prefix
+    seeded_model_running(p)
+    assert caget(p + "Model:MinScale_RBV") == 1.0 and caget(p + "Model:MaxScale_RBV") == 1.0
+    assert pva_ctx.get(p + "Model:MaxScale_RBV").value == 1.0
+    try:
+        assert epics.caput(p + "ScaleFactor", 10, wait=True, timeout=10) == 1
+        assert caget(p + "ScaleFactor_RBV") == 10.0                   # taken, not refused
+        msg = caget(p + "Infer:Message_RBV", as_string=True)
+        assert "ScaleFactor 10 is outside" in msg and "model v1" in msg and "(1 to 1)" in msg
+        assert caget(p + "Infer:Message_RBV.SEVR", as_string=True) == "MINOR"
+        assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "NO_ALARM"
+    finally:
+        assert epics.caput(p + "ScaleFactor", 1.0, wait=True, timeout=10) == 1
+    msg = caget(p + "Infer:Message_RBV", as_string=True)
+    assert "ScaleFactor 1 is within" in msg
+    assert caget(p + "Infer:Message_RBV.SEVR", as_string=True) == "NO_ALARM"
 
 
 def test_pva_put_round_trips(ioc, pva_ctx):

@@ -146,3 +146,22 @@ def test_concurrent_writers_get_distinct_versions(tmp_path):
     reg = ModelRegistry(tmp_path / "reg")
     assert reg.versions() == list(range(1, 17))
     assert all(reg.get(v).card["version"] == v for v in reg.versions())
+
+
+def test_trained_scale_range_from_the_cards_and_their_parents(tmp_path):
+    from ptychopv.inference.registry import card_scale_range, shipped_registry
+
+    assert card_scale_range({}) == (1.0, 1.0)                                    # frames as measured
+    assert card_scale_range({"options": {"low_dose_factor": 10.0}}) == (10.0, 10.0)
+    assert card_scale_range({"options": {"low_dose_range": [1.0, 30.0]}}) == (1.0, 30.0)
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.publish(fake_onnx(tmp_path / "a.onnx", b"a"), dict(CARD_FIELDS, options={"low_dose_range": [2.0, 30.0]}))
+    reg.publish(fake_onnx(tmp_path / "b.onnx", b"b"), dict(CARD_FIELDS, parent=1, options={"low_dose_factor": None}))
+    reg.publish(fake_onnx(tmp_path / "c.onnx", b"c"), dict(CARD_FIELDS, options={"low_dose_factor": 50.0}))
+    # a fine-tune on frames as measured keeps what its parent saw; an unrelated version does not inherit
+    assert reg.trained_scale_range(1) == (1.0, 30.0)
+    assert reg.trained_scale_range(2) == (1.0, 30.0)
+    assert reg.trained_scale_range(3) == (50.0, 50.0)
+    # the shipped models: the demo one saw frames as measured, the generic one up to 30x fewer counts
+    assert ModelRegistry(shipped_registry("demo"), create=False).trained_scale_range(1) == (1.0, 1.0)
+    assert ModelRegistry(shipped_registry("generic"), create=False).trained_scale_range(1) == (1.0, 30.0)
