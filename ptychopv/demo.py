@@ -55,7 +55,7 @@ def _config(out: Path, p: dict, ports: dict, center_x: float, truth: str) -> Pat
         hpc: {{kind: local, workers: 1}}
         recon: {{beam_m: {DEMO.beam_m}, probe_curvature: {DEMO.curvature}}}
         train: {{batch_size: 16, seed: 0, lr_min: 5.0e-5, lr_max: 5.0e-4, schedule: cosine, augment: true,
-                loss_weight: illumination, beam_px: {DEMO.beam_px:.3f}, ignore_offset: true}}
+                loss_weight: illumination, beam_px: {DEMO.beam_px:.3f}, ignore_offset: true, loss: mse}}
         sim:
           prefix: "DEMOSIM:"
           pva_server_port: {ports['sim']}
