@@ -36,6 +36,9 @@ def saturated(count: int) -> tuple[int, int]:
     """A counter for a 32-bit record: saturates (with a MAJOR alarm) rather than wrapping negative."""
     return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
 REGISTRY_PERIOD_S = 1.0
+# Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
+# (8 batches of Infer:BatchSize 8: 64 frames, about 30 ms at 2 kHz)
+PHASE_PUBLISH_DEPTH = 8
 
 
 class LiveChain:
@@ -74,6 +77,8 @@ class LiveChain:
                                    passthrough_size=c.passthrough_size,
                                    report=lambda text, severity=0: self._message("Infer", text, severity),
                                    on_loaded=self._loaded)
+        # Infer:Phase / Infer:Amplitude are posted on their own thread (images.StreamPublisher)
+        self._phase_out = None
         self.infer.downstream.append(self._publish_phase)
         self.infer.on_swap.append(self._swapped)
         self._pv_feed = None
@@ -117,6 +122,10 @@ class LiveChain:
         return max(nums, default=0) + 1
 
     def start(self) -> None:
+        from .images import StreamPublisher
+
+        self._phase_out = StreamPublisher(self._post_phase, depth=PHASE_PUBLISH_DEPTH, name="chain-phase",
+                                          report=lambda text: self._message("Infer", text, severity=1))
         self.binder.start()
         self.recorder.start()
         self._threads = [threading.Thread(target=self._stats_loop, name="chain-stats", daemon=True),
@@ -146,6 +155,8 @@ class LiveChain:
         if self._pv_feed is not None:
             self._pv_feed.close()
         self.binder.stop()
+        if self._phase_out is not None:
+            self._phase_out.close()
         self.recorder.stop(timeout=10)
 
     # ------------------------------------------------------------------ models
@@ -354,9 +365,16 @@ class LiveChain:
     def _publish_phase(self, frames) -> None:
         images = self.ioc.images
         # building and posting an NTNDArray per frame is most of a pass-through chain's cost: only
-        # when a client (a screen, a test, a downstream consumer) has the channel open
+        # when a client (a screen, a test, a downstream consumer) has the channel open, and on the
+        # publisher's thread, so the infer stage goes on with its next batch meanwhile
         if not (images.watched("Infer:Phase") or images.watched("Infer:Amplitude")):
             return
+        out = self._phase_out
+        if out is not None:
+            out.put(frames)
+
+    def _post_phase(self, frames) -> None:
+        images = self.ioc.images
         for f in frames:
             attrs = dict(f.attributes)
             if f.position is not None:

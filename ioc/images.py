@@ -59,3 +59,80 @@ class ImageServer:
 
     def close(self) -> None:
         self.server.stop()
+
+
+class StreamPublisher:
+    """Posts a stage's per-frame NTNDArrays on a thread of their own.
+
+    Building an NTNDArray ``Value`` and handing it to p4p costs about as much as a pass-through
+    stage's whole per-frame work, and ``SharedPV.post`` gives up the GIL and must wait to get it
+    back; done inline it held the infer thread. Here the stage hands over the batch and goes on
+    with the next one, and this thread posts it.
+
+    A bounded queue of ``depth`` batches sits between them. When it is full, :meth:`put` waits:
+    the stage slows, its own input queue fills, and the chain drops at its entry, counted. So
+    latency stays bounded, and every frame the stage processed is posted, in order. A batch that
+    fails to post is counted (``errors``) and reported; the thread goes on. After :meth:`close`,
+    :meth:`put` returns False at once: nothing waits on a thread that has stopped.
+    """
+
+    def __init__(self, post_batch, *, depth: int = 8, name: str = "stream-publisher", report=None):
+        import queue
+
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._post_batch = post_batch
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._report = report
+        self._closed = threading.Event()
+        self.posted_batches = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, batch) -> bool:
+        """Queue ``batch`` for posting; waits while ``depth`` batches wait. False once closed."""
+        import queue
+
+        while not self._closed.is_set():
+            try:
+                self._queue.put(batch, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            try:
+                batch = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._closed.is_set():
+                    return
+                continue
+            if batch is None:           # close(): what was queued before it has been posted
+                return
+            try:
+                self._post_batch(batch)
+                self.posted_batches += 1
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the stream
+                self.errors += 1
+                if self._report is not None:
+                    self._report(f"publishing: {type(exc).__name__}: {exc}")
+
+    def pending(self) -> int:
+        """Batches waiting to be posted."""
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Post what is queued (within ``timeout``), then stop; later puts are refused."""
+        import queue
+
+        self._closed.set()
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=timeout)
