@@ -200,3 +200,32 @@ def test_tukey_window_is_positive_and_flat_inside():
     w = tukey(32, 0.5)
     assert (w > 0).all() and w.max() == 1.0 and (w[12:20] == 1).all()
     assert np.allclose(w, w[::-1])
+
+
+@pytest.mark.parametrize("window,subpixel", [(None, "bilinear"), ("probe", "fourier"), ("probe", "bilinear")])
+def test_a_batch_stitches_as_its_frames_one_by_one(window, subpixel):
+    """The stitcher computes each patch's own planes for the whole batch, then the offsets and adds
+    frame after frame: batching must not change the image (each offset sees the frames before it,
+    including those earlier in the same batch)."""
+    rng = np.random.default_rng(3)
+    n, size, ps = 40, 32, 10e-9
+    w = None
+    if window == "probe":
+        yy, xx = np.mgrid[:size, :size] - size / 2
+        w = np.exp(-(yy ** 2 + xx ** 2) / (2 * (size / 6) ** 2))
+    pos = physics.fermat_spiral(size / 4 * ps, size * ps * 2)[:n] + rng.uniform(-0.5, 0.5, (n, 2)) * ps
+    # zero-mean patches with offsets of their own: the offset estimate matters
+    patches = (rng.standard_normal((n, size, size)) + rng.uniform(-2, 2, (n, 1, 1))).astype(np.float32)
+    one, batched = Stitcher(ps, window=w, subpixel=subpixel), Stitcher(ps, window=w, subpixel=subpixel)
+    for k in range(n):
+        one.add(patches[k], pos[k])
+    for k in range(0, n, 16):
+        batched.add(patches[k:k + 16], pos[k:k + 16])
+    a, b = one.image(), batched.image()
+    assert a.origin_m == b.origin_m and a.phase.shape == b.phase.shape
+    assert np.abs(a.weight - b.weight).max() <= 1e-5 * a.weight.max()
+    assert np.abs(a.phase - b.phase).max() < 1e-3
+    # and the offsets did something: without them the image differs
+    plain = Stitcher(ps, window=w, subpixel=subpixel, estimate_offsets=False)
+    plain.add(patches, pos)
+    assert np.abs(plain.image().phase - a.phase).max() > 0.1

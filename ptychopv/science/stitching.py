@@ -28,8 +28,13 @@ against the canvas is estimated in the overlap by weighted least squares: with w
 ``w_patch * den``, ``c = (sum(w num) - sum(den w phase)) / sum(w den)``: three dot products, no
 division per pixel. Phases are treated as unwrapped (the networks output a continuous phase).
 
-Work is done one frame at a time on float32 buffers (offsets need sequential adds), except the
-Fourier shifts, which run on the whole batch at once.
+The canvas is one float32 array of two planes, ``num`` and ``den``. Each patch's own part (its
+two planes, ``w * phase`` and ``w``, moved by the sub-pixel shift) is computed for the whole
+batch at once; only the offset and the add need the canvas as the previous patches left it, so
+per frame there are two or three array operations (one ``einsum`` for the offset's sums, one add,
+and the offset's own add). Each NumPy call gives up the GIL and must win it back: in a chain whose
+other stages hold it, a frame costs about that many waits, so fewer calls per frame is what makes
+the stage keep up (``benchmarks/stitch.py --contention``).
 """
 
 from __future__ import annotations
@@ -79,24 +84,28 @@ def window_from(window, shape: tuple[int, int], taper: float) -> np.ndarray:
     return w / w.max()
 
 
-def _splat1(v: np.ndarray, f: float, out: np.ndarray) -> np.ndarray:
-    """Linear splat of a 1-D array shifted by ``f`` in [0, 1): length n -> n + 1."""
-    n = len(v)
-    np.multiply(v, 1 - f, out=out[:n])
-    out[n] = 0
-    out[1:] += v * f
+def _splat_batch(a: np.ndarray, fy: np.ndarray, fx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Bilinear splat of every patch of ``a`` (B, h, w) (or one (h, w) for all) shifted by its own
+    (fy, fx) in [0, 1) (B,), separably, into ``out`` (B, h+1, w+1): a few operations for the batch."""
+    h, w = a.shape[-2:]
+    fy, fx = fy.astype(np.float32)[:, None, None], fx.astype(np.float32)[:, None, None]
+    t = np.empty((len(out), h, w + 1), np.float32)
+    np.multiply(a, 1 - fx, out=t[:, :, :w])
+    t[:, :, w] = 0
+    t[:, :, 1:] += a * fx
+    np.multiply(t, 1 - fy, out=out[:, :h])
+    out[:, h] = 0
+    out[:, 1:] += t * fy
     return out
 
 
-def _splat(a: np.ndarray, fy: float, fx: float, t: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Bilinear splat of ``a`` (h, w) shifted by (fy, fx) in [0, 1): -> (h+1, w+1), separably."""
-    h, w = a.shape
-    np.multiply(a, 1 - fx, out=t[:, :w])        # Python floats keep float32 (NEP 50)
-    t[:, w] = 0
-    t[:, 1:] += a * fx
-    np.multiply(t, 1 - fy, out=out[:h])
-    out[h] = 0
-    out[1:] += t * fy
+def _splat1_batch(v: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Linear splat of a 1-D array ``v`` (n,) shifted by each ``f`` (B,) in [0, 1): -> (B, n + 1)."""
+    n = len(v)
+    f = f.astype(np.float32)[:, None]
+    out = np.zeros((len(f), n + 1), np.float32)
+    out[:, :n] = v * (1 - f)
+    out[:, 1:] += v * f
     return out
 
 
@@ -146,13 +155,7 @@ class _Window:
             full = window_from(window, shape, taper).astype(np.float32)
         self.box = _support(full, support)
         self.w = np.ascontiguousarray(full[self.box])
-        bh, bw = self.w.shape
         self.self_weight = float((self.w.astype(np.float64) ** 2).sum())
-        self.q = np.empty((bh, bw), np.float32)
-        self.t = np.empty((bh, bw + 1), np.float32)
-        self.s_pw = np.empty((bh + 1, bw + 1), np.float32)
-        self.s_w = np.empty((bh + 1, bw + 1), np.float32)
-        self.sy, self.sx = np.empty(bh + 1, np.float32), np.empty(bw + 1, np.float32)
         if self.wy is not None:
             self.wy, self.wx = self.wy[self.box[0]].copy(), self.wx[self.box[1]].copy()
         self._shifted: dict[tuple[int, int], np.ndarray] = {}
@@ -232,8 +235,7 @@ class Stitcher:
     def reset(self) -> None:
         """Empty the canvas and zero the counters (a new scan)."""
         with self._lock:
-            self._num = np.zeros((0, 0), np.float32)
-            self._den = np.zeros((0, 0), np.float32)
+            self._set_canvas(np.zeros((2, 0, 0), np.float32))
             self._r0 = self._c0 = 0                 # global pixel of canvas [0, 0]
             self._used = None                       # [r0, r1, c0, c1) global, of placed patches
             self._anchor = None                     # global (row, col) of the first frame
@@ -312,32 +314,37 @@ class Stitcher:
         ext = 0 if fourier else 1                           # a bilinear splat is one pixel larger
         self._ensure(int(r.min()), int(r.max()) + bh + ext, int(c.min()), int(c.max()) + bw + ext)
         rows, cols = (r - self._r0).tolist(), (c - self._c0).tolist()     # after a possible growth
-        if fourier:
-            boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
-            shifted = fourier_shift(boxed * win.w, fy_a, fx_a)            # (B, bh, bw): w * phase, moved
-        for k in range(len(idx)):
-            rr, cc = rows[k], cols[k]
-            num = self._num[rr:rr + bh + ext, cc:cc + bw + ext]
-            den = self._den[rr:rr + bh + ext, cc:cc + bw + ext]
-            if fourier:
-                s_w = win.shifted(fy[k], fx[k])
-                s_pw = shifted[k]
-            else:
-                np.multiply(p[idx[k], b0:b1, c0_:c1_], win.w, out=win.q)
-                s_pw = _splat(win.q, fy[k], fx[k], win.t, win.s_pw)
-                if win.wy is not None:      # separable window: the splat is an outer product
-                    s_w = np.multiply.outer(_splat1(win.wy, fy[k], win.sy), _splat1(win.wx, fx[k], win.sx),
-                                            out=win.s_w)
-                else:
-                    s_w = _splat(win.w, fy[k], fx[k], win.t, win.s_w)
-            if self.estimate_offsets:
-                overlap = float(np.einsum("ij,ij->", s_w, den))
-                if overlap > self.min_overlap * win.self_weight:
-                    off = (float(np.einsum("ij,ij->", s_w, num)) - float(np.einsum("ij,ij->", den, s_pw))) / overlap
-                    num += off * s_w
-            num += s_pw
-            den += s_w
+        # every patch's own part first, for the whole batch: planes [w * phase, w], moved by the
+        # sub-pixel shift; only the offsets and the adds need the canvas, one frame after another
         n = len(idx)
+        ph, pw = bh + ext, bw + ext
+        own = np.empty((n, 2, ph, pw), np.float32)
+        boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
+        if fourier:
+            own[:, 0] = fourier_shift(boxed * win.w, fy_a, fx_a)          # w * phase, moved
+            own[:, 1] = [win.shifted(fy[k], fx[k]) for k in range(n)]
+        else:
+            _splat_batch(boxed * win.w, fy_a, fx_a, own[:, 0])
+            if win.wy is not None:      # separable window: the splat is an outer product
+                np.multiply(_splat1_batch(win.wy, fy_a)[:, :, None], _splat1_batch(win.wx, fx_a)[:, None, :],
+                            out=own[:, 1])
+            else:
+                _splat_batch(win.w, fy_a, fx_a, own[:, 1])
+        threshold = self.min_overlap * win.self_weight
+        canvas = self._canvas
+        for k in range(n):
+            rr, cc = rows[k], cols[k]
+            view = canvas[:, rr:rr + ph, cc:cc + pw]                    # [num, den] under the patch
+            mine = own[k]                                                # [w * phase, w]
+            if self.estimate_offsets:
+                # g[i, j] = sum(mine[i] * view[j]): g[1, 1] the overlap weight, g[1, 0] and g[0, 1]
+                # the two sums of the offset's least squares
+                g = np.einsum("kij,lij->kl", mine, view)
+                overlap = float(g[1, 1])
+                if overlap > threshold:
+                    off = (float(g[1, 0]) - float(g[0, 1])) / overlap
+                    mine[0] += off * mine[1]
+            view += mine
         ur = (int(r.min()), int(r.max()) + bh + ext, int(c.min()), int(c.max()) + bw + ext)
         u = self._used
         self._used = ur if u is None else (min(u[0], ur[0]), max(u[1], ur[1]), min(u[2], ur[2]), max(u[3], ur[3]))
@@ -354,12 +361,17 @@ class Stitcher:
             r0, r1 = min(r0, self._r0), max(r1, self._r0 + H)
             c0, c1 = min(c0, self._c0), max(c1, self._c0 + W)
         nr0, nc0 = r0 - g, c0 - g
-        num = np.zeros((r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.float32)
-        den = np.zeros_like(num)
+        canvas = np.zeros((2, r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.float32)
         if H:
-            sl = (slice(self._r0 - nr0, self._r0 - nr0 + H), slice(self._c0 - nc0, self._c0 - nc0 + W))
-            num[sl], den[sl] = self._num, self._den
-        self._num, self._den, self._r0, self._c0 = num, den, nr0, nc0
+            canvas[:, self._r0 - nr0:self._r0 - nr0 + H, self._c0 - nc0:self._c0 - nc0 + W] = self._canvas
+        self._set_canvas(canvas)
+        self._r0, self._c0 = nr0, nc0
+
+    def _set_canvas(self, canvas: np.ndarray) -> None:
+        """``canvas`` (2, H, W): plane 0 is ``num``, plane 1 ``den`` (one array, so one frame's
+        overlap sums and its add are one operation each on both planes)."""
+        self._canvas = canvas
+        self._num, self._den = canvas[0], canvas[1]
 
     # ------------------------------------------------------------------ reading
     def image(self, fill: float = 0.0, min_weight: float = 1e-6) -> StitchedImage:
