@@ -187,8 +187,9 @@ class ModelRegistry:
         (:func:`card_scale_range` of each card, joined): a fine-tune keeps what its parent learnt."""
         lo, hi = float("inf"), 0.0
         seen = set()
+        known = set(self.versions())
         v = version
-        while v is not None and v not in seen and v in self.versions():
+        while v is not None and v not in seen and v in known:
             seen.add(v)
             card = self._read_card(v)
             a, b = card_scale_range(card)

@@ -6,11 +6,12 @@ own port (``epics.image_pva_port``). Clients list both ports in ``EPICS_PVA_NAME
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 from p4p.server import Server, StaticProvider
 from p4p.server.thread import SharedPV
-
-import threading
 
 from ..io.epics_env import pva_server_conf
 from ..io.ntndarray import NTNDArrayWriter, to_value
@@ -77,8 +78,6 @@ class StreamPublisher:
     """
 
     def __init__(self, post_batch, *, depth: int = 8, name: str = "stream-publisher", report=None):
-        import queue
-
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self._post_batch = post_batch
@@ -92,8 +91,6 @@ class StreamPublisher:
 
     def put(self, batch) -> bool:
         """Queue ``batch`` for posting; waits while ``depth`` batches wait. False once closed."""
-        import queue
-
         while not self._closed.is_set():
             try:
                 self._queue.put(batch, timeout=0.2)
@@ -103,8 +100,6 @@ class StreamPublisher:
         return False
 
     def _loop(self) -> None:
-        import queue
-
         while True:
             try:
                 batch = self._queue.get(timeout=0.2)
@@ -128,8 +123,6 @@ class StreamPublisher:
 
     def close(self, timeout: float = 5.0) -> None:
         """Post what is queued (within ``timeout``), then stop; later puts are refused."""
-        import queue
-
         self._closed.set()
         try:
             self._queue.put(None, timeout=timeout)

@@ -310,7 +310,6 @@ class Stitcher:
         c = np.rint(tx) if fourier else np.floor(tx)
         fy_a, fx_a = ty - r, tx - c
         r, c = r.astype(np.int64), c.astype(np.int64)
-        fy, fx = fy_a.tolist(), fx_a.tolist()
         ext = 0 if fourier else 1                           # a bilinear splat is one pixel larger
         self._ensure(int(r.min()), int(r.max()) + bh + ext, int(c.min()), int(c.max()) + bw + ext)
         rows, cols = (r - self._r0).tolist(), (c - self._c0).tolist()     # after a possible growth
@@ -322,7 +321,7 @@ class Stitcher:
         boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
         if fourier:
             own[:, 0] = fourier_shift(boxed * win.w, fy_a, fx_a)          # w * phase, moved
-            own[:, 1] = [win.shifted(fy[k], fx[k]) for k in range(n)]
+            own[:, 1] = [win.shifted(fy, fx) for fy, fx in zip(fy_a.tolist(), fx_a.tolist())]
         else:
             _splat_batch(boxed * win.w, fy_a, fx_a, own[:, 0])
             if win.wy is not None:      # separable window: the splat is an outer product
