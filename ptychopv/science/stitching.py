@@ -46,7 +46,6 @@ import numpy as np
 
 from .preprocess import check_positive
 
-
 SUBPIXEL = ("auto", "fourier", "bilinear")
 
 
@@ -163,7 +162,7 @@ class _Window:
     def shifted(self, fy: float, fx: float) -> np.ndarray:
         """The window moved by (fy, fx) in [-0.5, 0.5], from a cache on a 1/32-pixel grid (a
         separable window is moved along each axis: two short transforms)."""
-        key = (int(round(fy * SHIFT_STEPS)), int(round(fx * SHIFT_STEPS)))
+        key = (int(round(fy * SHIFT_STEPS)), int(round(fx * SHIFT_STEPS)))  # noqa: RUF046 - fy may be a NumPy scalar
         w = self._shifted.get(key)
         if w is None:
             if self.wy is not None:
