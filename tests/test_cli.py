@@ -38,6 +38,7 @@ def test_demo_quick_runs_every_stage(tmp_path):
     r = run("demo", "--quick", "--out", str(tmp_path), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["sample_seed"] == 5 and s["extent_m"] == {"scan1": 2.4e-6, "scan2": 2.4e-6}
     ran = s["stages_ran"]
     assert ran["capture"] and ran["reconstruct"] and ran["retrain_decided"], s
     assert s["controller"]["scan1"]["mismatch"] > 0.2                      # v1 measurably poor on family B
@@ -54,6 +55,26 @@ def test_demo_quick_runs_every_stage(tmp_path):
     for png in ("scan2_panels.png", "loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "scan B2 against the truth" in r.stdout
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_demo_configs_scan_the_areas_and_sample_asked(tmp_path, quick):
+    """Each scan's config, as the IOC and simulator load it: the full demo's B1 is the wider
+    survey the fine-tune learns from, B2 the area it is scored on, both of the seeded chip."""
+    from ptychopv import demo
+    from ptychopv.config import load_config
+
+    p = demo.QUICK if quick else demo.FULL
+    ports = dict(zip(("ca", "rep", "pva", "bcast", "img", "sim", "simb"), range(20000, 20007)))
+    cfgs = [load_config(demo._config(tmp_path, p, ports, sign * demo.SCAN2_OFFSET_M / 2, f"scan{k}_truth.h5",
+                                     p[f"extent_b{k}"], 11)) for k, sign in ((1, -1), (2, 1))]
+    assert [c.sim.seed for c in cfgs] == [11, 11]
+    assert [c.sim.scan.extent_m for c in cfgs] == [p["extent_b1"], p["extent_b2"]]
+    assert (p["extent_b1"] > p["extent_b2"]) is (not quick)
+    # the two areas do not overlap, beam included: B2 is a different area of the chip
+    edge1 = cfgs[0].sim.scan.center_m[0] + p["extent_b1"] / 2 + demo.DEMO.beam_m
+    edge2 = cfgs[1].sim.scan.center_m[0] - p["extent_b2"] / 2 - demo.DEMO.beam_m
+    assert edge1 < edge2
 
 
 def test_readme_pv_table_is_current():

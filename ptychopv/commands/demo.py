@@ -12,6 +12,8 @@ HELP = "everything on one host (loopback): simulator, IOC, scripted session"
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller scan, for CI")
+    p.add_argument("--sample-seed", type=int, default=5,
+                   help="seed of the simulated chip (its layout) and of the detector noise (default 5)")
     p.add_argument("--out", default="demo-out", help="folder for configs, scan files and pictures")
     p.add_argument("--keep-running", action="store_true", help="keep serving after the session until Ctrl-C")
     p.add_argument("--echo", action="store_true", help="show the children's output")
