@@ -54,3 +54,18 @@ def test_resimulated_pairs_follow_the_forward_model_and_the_measured_dose(finetu
     moved = np.clip(picked + rng.uniform(-step / 2, step / 2, size=(40, 2)), 33, np.array(obj.shape) - 33)
     assert np.allclose(y, phase_labels(crop_object(obj, moved, (64, 64))), atol=1e-4)
     assert not np.allclose(moved, picked)
+
+
+def test_default_variants_are_training_options(finetune):
+    """A misspelt key in the defaults would fail only after a demo's worth of work: check them here."""
+    from ptychopv.hpc.options import TrainOptions
+
+    names = set()
+    for text in finetune.DEFAULT_VARIANTS:
+        name, opts = finetune.parse_variant(text)
+        opts.pop("resimulate", None)
+        TrainOptions.model_validate(opts)
+        names.add(name)
+    assert len(names) == len(finetune.DEFAULT_VARIANTS)          # each row of the JSON is told apart
+    with pytest.raises(ValueError):
+        TrainOptions.model_validate(finetune.parse_variant("x:seeds=1")[1])
