@@ -278,6 +278,9 @@ def run_demo(args) -> int:
         children.append(ioc)
         s = Session(ports)
         s.wait(lambda: s.get("ModelVersion_RBV") == 1, "the shipped model loaded", 120)
+        # the chain's input queue holds a whole scan: the demo scores every frame, even where the
+        # two cores give inference less than the simulator's 300 Hz
+        s.put("Infer:QueueSize", 1000)
         s.put("Recon:Iterations", p["iterations"])
         s.put("Train:Epochs", p["epochs"])
         s.put("Auto:Tolerance", 0.2)     # the reference is measured on the training scan: optimistic

@@ -30,15 +30,22 @@ def test_no_command_prints_help():
 
 @pytest.mark.epics
 @pytest.mark.slow
-def test_demo_quick_runs_every_stage(tmp_path):
-    """The demo's scenario in small: a model trained on natural photographs meets an IC; the
-    controller measures the mismatch, retrains, and v2 images another area of the chip better
-    than v1 did (same window, the chain's own code)."""
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_demo_runs_every_stage(tmp_path, mode):
+    """The demo's scenario: a model trained on natural photographs meets an IC; the controller
+    measures the mismatch, retrains, and v2 images another area of the chip better than v1 did
+    (same window, the chain's own code). ``--quick`` (a few epochs on a small scan): better at
+    all; the full demo, whose figure the README quotes: the issue's 30 % (measured 35 %, and
+    32.7-39.1 % over four training seeds and two chips in benchmarks/results-finetune-cpu-3.json)."""
     pytest.importorskip("ptychi", reason="the demo reconstructs with pty-chi ([hpc] extra)")
-    r = run("demo", "--quick", "--out", str(tmp_path), timeout=900)
+    from ptychopv import demo
+
+    r = run("demo", *(["--quick"] if mode == "quick" else []), "--out", str(tmp_path), timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["sample_seed"] == 5 and s["extent_m"] == {"scan1": 2.4e-6, "scan2": 2.4e-6}
+    p = demo.QUICK if mode == "quick" else demo.FULL
+    assert s["mode"] == mode and s["sample_seed"] == 5
+    assert s["extent_m"] == {"scan1": p["extent_b1"], "scan2": p["extent_b2"]}
     ran = s["stages_ran"]
     assert ran["capture"] and ran["reconstruct"] and ran["retrain_decided"], s
     assert s["controller"]["scan1"]["mismatch"] > 0.2                      # v1 measurably poor on family B
@@ -46,7 +53,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert s["dropped"] == 0 and s["missed"] == 0
     rows = s["scan2_scores"]
     v1, v2 = rows["v1, same window"]["nrmse"], rows["v2, same window"]["nrmse"]
-    assert v2 < 0.95 * v1, (v1, v2)                     # quick: a few epochs; the full demo's figure is in README
+    assert v2 < (0.95 if mode == "quick" else 0.70) * v1, (v1, v2)
+    assert s["improvement_v2_over_v1_nrmse"] == pytest.approx((v1 - v2) / v1, abs=1e-3)
     assert rows["calibration: zero"]["nrmse"] == pytest.approx(1.0)
     assert rows["live (IOC, v2)"]["nrmse"] == pytest.approx(v2, abs=0.05)   # the IOC's image is the chain's
     # the refine stage (scan B1's reconstructed probe, the frames of B2) brings the live image
