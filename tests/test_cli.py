@@ -74,8 +74,7 @@ def test_demo_configs_scan_the_areas_and_sample_asked(tmp_path, quick):
 
     p = demo.QUICK if quick else demo.FULL
     ports = dict(zip(("ca", "rep", "pva", "bcast", "img", "sim", "simb"), range(20000, 20007)))
-    cfgs = [load_config(demo._config(tmp_path, p, ports, sign * demo.SCAN2_OFFSET_M / 2, f"scan{k}_truth.h5",
-                                     p[f"extent_b{k}"], 11)) for k, sign in ((1, -1), (2, 1))]
+    cfgs = [load_config(path) for path in demo._configs(tmp_path, p, ports, 11)]
     assert [c.sim.seed for c in cfgs] == [11, 11]
     assert [c.sim.scan.extent_m for c in cfgs] == [p["extent_b1"], p["extent_b2"]]
     assert (p["extent_b1"] > p["extent_b2"]) is (not quick)
