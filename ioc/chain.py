@@ -394,16 +394,20 @@ class LiveChain:
             if gen == last:
                 continue
             last = gen
+            # ImageNumber (which image: it bumps at every reset), then the count, then the pixels:
+            # read in this order, a reset between the reads labels a new image with the old
+            # number or the count low, never an old image as the new one
+            number, uid = self.stitch.image_number, self.stitch.frames_stitched
             img = self.stitch.image()
             if img.phase.size == 0:
                 continue
-            self._post_image("Stitch:Image", img, self.stitch.frames_stitched)
-            updates = self.refine.updates
+            self._post_image("Stitch:Image", img, uid, ImageNumber=int(number))
+            number, updates = self.refine.image_number, self.refine.updates
             if updates:
                 # Updates: how many object updates the image holds; Settled: 1 once the
                 # background sweeps are over (a client waits for this state, not for time)
-                settled = self.refine.settled
-                self._post_image("Refine:Image", self.refine.image(), self.refine.frames_refined,
+                settled, uid = self.refine.settled, self.refine.frames_refined
+                self._post_image("Refine:Image", self.refine.image(), uid, ImageNumber=int(number),
                                  Updates=int(updates), Settled=int(settled))
 
     def _post_image(self, name: str, img, uid: int, **extra) -> None:

@@ -39,6 +39,7 @@ class RefinePlugin(BatchingPlugin):
         self._last_uid: int | None = None
         self.frames_no_counts = 0
         self.generation = 0     # bumps on every change of the image, for the publisher
+        self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
 
     # ------------------------------------------------------------------ settings (Refine: records)
     revisits = property(lambda self: self.refiner.revisits,
@@ -85,6 +86,7 @@ class RefinePlugin(BatchingPlugin):
     def reset(self) -> None:
         self.refiner.reset()
         self._last_uid = None
+        self.image_number += 1
         self.generation += 1
 
     def image(self) -> StitchedImage:
@@ -105,6 +107,7 @@ class RefinePlugin(BatchingPlugin):
             return None
         if self._last_uid is not None and frames[0].unique_id < self._last_uid:
             self.refiner.reset()      # a new acquisition (the stitch stage resets on the same rule)
+            self.image_number += 1
         self._last_uid = frames[-1].unique_id
         if self.refiner.probe is None:             # nothing to refine with: cheap, counted
             self.refiner.no_probe(len(frames))

@@ -27,6 +27,7 @@ class StitchPlugin(BatchingPlugin):
         self.stitcher = Stitcher(pixel_size_m, window=window)
         self._last_uid: int | None = None
         self.generation = 0     # bumps on every change of the image, for the publisher
+        self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
 
     @property
     def frames_stitched(self) -> int:
@@ -39,10 +40,12 @@ class StitchPlugin(BatchingPlugin):
     def reset(self) -> None:
         self.stitcher.reset()
         self._last_uid = None
+        self.image_number += 1
         self.generation += 1
 
     def set_pixel_size(self, pixel_size_m: float) -> None:
         self.stitcher.pixel_size_m = pixel_size_m  # validates, and resets the canvas
+        self.image_number += 1
         self.generation += 1
 
     def image(self) -> StitchedImage:
@@ -55,6 +58,7 @@ class StitchPlugin(BatchingPlugin):
         first = frames[0].unique_id
         if self._last_uid is not None and first < self._last_uid:
             self.stitcher.reset()  # a new acquisition
+            self.image_number += 1
         self._last_uid = frames[-1].unique_id
         patches = np.stack([f.data for f in frames])
         pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)

@@ -123,6 +123,8 @@ class Session:
 
     def capture(self, label: str) -> dict:
         n = int(self.ctx.get("DEMOSIM:NumFrames_RBV").value)
+        # the images the last scan left: this scan's carry a higher ImageNumber (a capture resets them)
+        before = {name: self.image_number(name) for name in ("Stitch:Image", "Refine:Image")}
         self.put("Infer:ArrayCounter", 0)
         self.put("Infer:DroppedArrays", 0)
         self.put("Scan:Capture", 1)
@@ -135,10 +137,11 @@ class Session:
         self.wait(lambda: self.get("Stitch:FramesStitched_RBV") >= self.get("Infer:ArrayCounter_RBV"),
                   f"{label} stitched", 60)
         stitched = int(self.get("Stitch:FramesStitched_RBV"))
-        # Stitch:Image's uniqueId is the number of frames in it: the publish that has them all
-        self.wait(lambda: self.image("Stitch:Image").unique_id >= stitched, f"{label}'s final stitched image", 30)
-        image = self.image("Stitch:Image")
-        refined = self.refined(label, stitched)
+        # Stitch:Image's uniqueId is the number of frames in it: this scan's image (not the last
+        # scan's, which may have as many) once it has them all
+        image = self.wait_image("Stitch:Image", lambda im: im.unique_id >= stitched, before["Stitch:Image"],
+                                f"{label}'s final stitched image", 30)
+        refined = self.refined(label, stitched, before["Refine:Image"])
         version = int(self.get("ModelVersion_RBV"))
         self.put("Scan:Capture", 0)           # the controller takes it from here
         return {"frames": n, "stream_hz": round(rate, 1), "captured": int(self.get("Scan:FramesCaptured_RBV")),
@@ -148,16 +151,32 @@ class Session:
                 "file": self.get("Scan:FileName_RBV", as_string=True), "model_version": version, "image": image,
                 "refined": refined}
 
-    def refined(self, label: str, stitched: int):
-        """Refine:Image once the refine stage has used every frame it took and its background
-        sweeps are over (the image's ``Settled`` attribute; None when it has no probe)."""
+    def refined(self, label: str, stitched: int, number_before: int):
+        """This scan's Refine:Image once the refine stage has used every frame it took and its
+        background sweeps are over (the image's ``Settled`` attribute; None when it has no probe)."""
         if not self.get("Refine:Probe_RBV"):
             return None
         self.wait(lambda: self.get("Refine:FramesRefined_RBV") + self.get("Refine:FramesNotRefined_RBV")
                   + self.get("Refine:DroppedArrays_RBV") >= stitched, f"{label} refined", 60)
-        self.wait(lambda: int(self.image("Refine:Image").attributes.get("Settled", 0)) == 1,
-                  f"{label}'s refined image", 600)
-        return self.image("Refine:Image")
+        return self.wait_image("Refine:Image", lambda im: int(im.attributes.get("Settled", 0)) == 1, number_before,
+                               f"{label}'s refined image", 600)
+
+    def image_number(self, name: str) -> int:
+        """The image's ImageNumber attribute (bumped at every reset); -1 before any image."""
+        return int(self.image(name).attributes.get("ImageNumber", -1))
+
+    def wait_image(self, name: str, ready, number_before: int, what: str, timeout: float):
+        """The first image of ``name`` newer than ImageNumber ``number_before`` that is ``ready``."""
+        got = {}
+
+        def check():
+            im = self.image(name)
+            if int(im.attributes.get("ImageNumber", -1)) > number_before and ready(im):
+                got["image"] = im
+            return "image" in got
+
+        self.wait(check, what, timeout)
+        return got["image"]
 
     def auto_settles(self, label: str, timeout: float = 1800.0) -> dict:
         """Wait until the controller has finished with the scan that just ended."""

@@ -125,6 +125,45 @@ def test_a_scan_streams_through_infer_and_stitch_with_nothing_lost(beamline):
     assert caget(h.pv("FrameRate_RBV")) >= 0
 
 
+def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_last_scans(beamline):
+    """A reset (Stitch:Reset, a capture starting) starts a new image but publishes nothing until
+    frames arrive: Stitch:Image still shows the last scan's image, which may hold as many frames
+    as the new one will. Its ImageNumber attribute tells them apart (the demo once scored the
+    last scan's image this way). Every image labelled with the new number holds only new frames."""
+    h, ctx, sp, _ = beamline
+    n = int(ctx.get(sp + "NumFrames_RBV").value)
+    wait_until(lambda: caget(h.pv("Infer:Engine_RBV")) == "passthrough", what="pass-through engine")
+
+    def number(d):
+        return int(d.attributes.get("ImageNumber", -1))
+
+    seen: queue.Queue = queue.Queue()
+    sub = ctx.monitor(h.pv("Stitch:Image"), seen.put, request="record[queueSize=1000]")
+    numbers = []
+    for _ in range(2):
+        before = number(from_value(ctx.get(h.pv("Stitch:Image"))))
+        epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
+        epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
+        # nothing stitched yet: the image on the PV is the last one, with its own number
+        assert number(from_value(ctx.get(h.pv("Stitch:Image")))) == before
+        ctx.put(sp + "Acquire", 1)
+        img = wait_until(lambda: (lambda d: d if number(d) > before and d.unique_id >= n else None)(
+            from_value(ctx.get(h.pv("Stitch:Image")))), what="this scan's full image")
+        assert img.unique_id == n and img.data.size > 1
+        numbers.append(number(img))
+    sub.close()
+    assert numbers[1] > numbers[0] >= 0
+    # images under one number count up (the frames stitched into that image), never beyond the scan
+    by_number: dict = {}
+    while not seen.empty():
+        d = from_value(seen.get_nowait())
+        if number(d) in numbers:
+            by_number.setdefault(number(d), []).append(d.unique_id)
+    for k in numbers:
+        uids = by_number[k]
+        assert uids == sorted(uids) and uids[-1] == n and all(0 < u <= n for u in uids), (k, uids)
+
+
 def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)
