@@ -137,6 +137,10 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
     def number(d):
         return int(d.attributes.get("ImageNumber", -1))
 
+    def full_image_after(before):
+        d = from_value(ctx.get(h.pv("Stitch:Image")))
+        return d if number(d) > before and d.unique_id >= n else None
+
     seen: queue.Queue = queue.Queue()
     sub = ctx.monitor(h.pv("Stitch:Image"), seen.put, request="record[queueSize=1000]")
     numbers = []
@@ -147,8 +151,7 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
         # nothing stitched yet: the image on the PV is the last one, with its own number
         assert number(from_value(ctx.get(h.pv("Stitch:Image")))) == before
         ctx.put(sp + "Acquire", 1)
-        img = wait_until(lambda: (lambda d: d if number(d) > before and d.unique_id >= n else None)(
-            from_value(ctx.get(h.pv("Stitch:Image")))), what="this scan's full image")
+        img = wait_until(lambda before=before: full_image_after(before), what="this scan's full image")
         assert img.unique_id == n and img.data.size > 1
         numbers.append(number(img))
     sub.close()
