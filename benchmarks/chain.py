@@ -91,6 +91,9 @@ def write_sim_config(folder: Path) -> tuple[Path, int]:
     return path, port
 
 
+SOURCE_NICE = 19    # the IOC's source.nice (--source-nice)
+
+
 def write_ioc_config(folder: Path, prefix: str, sim_port: int, chain: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     ports = {k: free_port() for k in ("ca", "rep", "pva", "bcast", "img")}
@@ -105,7 +108,7 @@ def write_ioc_config(folder: Path, prefix: str, sim_port: int, chain: dict) -> d
           pva_broadcast_port: {ports['bcast']}
           image_pva_port: {ports['img']}
         autosave: {{directory: "{folder / 'autosave'}", period_s: 60}}
-        source: {{channel: "{SIM_PREFIX}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        source: {{channel: "{SIM_PREFIX}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"], nice: {SOURCE_NICE}}}
         chain: {{{chain_yaml}, scan_folder: "{folder / 'scans'}"}}
         """))
     return {"config": path, "prefix": prefix, **ports}
@@ -284,8 +287,13 @@ def main() -> int:
     ap.add_argument("--no-pvapy", action="store_true", help="skip pvapy-hpc-consumer")
     ap.add_argument("--refine", action="store_true",
                     help="give the model's card a beamline, so the refine stage works beside inference")
+    ap.add_argument("--source-nice", type=int, default=19, choices=range(20), metavar="0..19",
+                    help="the IOCs' source.nice: nice value of the threads receiving the detector's frames "
+                         "(default 19, the IOC's default; 0: not niced)")
     ap.add_argument("--echo", action="store_true", help="echo the children's output to stderr")
     a = ap.parse_args()
+    global SOURCE_NICE
+    SOURCE_NICE = a.source_nice
     rates = a.rates or ([500.0, 2000.0] if a.quick else [500.0, 1000.0, 2000.0])
     seconds = a.seconds or (3.0 if a.quick else 8.0)
     if seconds <= 0 or any(r <= 0 for r in rates):
@@ -298,7 +306,7 @@ def main() -> int:
     result = {"benchmark": "chain", "machine": machine("numpy", "p4p", "onnxruntime", "pvapy"),
               "settings": {"frame": f"{SIZE}x{SIZE} uint16", "codec": "none", "transport": "PVA over 127.0.0.1",
                            "rates_hz": rates, "seconds_per_rate": seconds, "quick": a.quick,
-                           "monitor_queue": a.monitor_queue},
+                           "monitor_queue": a.monitor_queue, "source_nice": a.source_nice},
               "notes": NOTES, "pipelines": []}
     with tempfile.TemporaryDirectory(prefix="ptychopv-bench-chain-") as tmp:
         folder = Path(tmp)

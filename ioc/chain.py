@@ -87,7 +87,7 @@ class LiveChain:
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
                                       on_frame=self._on_frame, downstream=[self._record, self.infer],
                                       connect_timeout_s=cfg.source.connect_timeout_s,
-                                      gate=self._wanted, on_drop=self._dropped_at_entry)
+                                      gate=self._wanted, on_drop=self._dropped_at_entry, nice=cfg.source.nice)
         self.scaleout = None
         if cfg.scaleout.consumers:    # the stitch stage is fed by the scale-out consumers' results
             from .scaleout import ScaleOut

@@ -17,6 +17,7 @@ search goes on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -50,16 +51,56 @@ def describe_search(conf: dict) -> str:
     return "; ".join(parts) or "no search address configured"
 
 
+def _threads_named(prefix: str) -> set[int]:
+    """Thread ids of this process whose kernel name starts with ``prefix`` (empty off Linux)."""
+    out = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith(prefix):
+                    out.add(int(tid))
+        except OSError:     # the thread ended meanwhile
+            continue
+    return out
+
+
+def set_thread_nice(tid: int, nice: int) -> bool:
+    """Give thread ``tid`` of this process the nice value ``nice`` (Linux: nice is per thread).
+
+    The receiving threads run niced so that, under overload, inference keeps the CPU: frames then
+    wait in the socket and the detector's server squashes them (uniqueId gaps, counted as missed)
+    instead of the IOC spending CPU on frames it would drop. False where it cannot be set."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, int(tid), int(nice))
+        return True
+    except (AttributeError, OSError) as exc:
+        log.info("cannot set thread %s to nice %s: %s", tid, nice, exc)
+        return False
+
+
 class NTNDArraySource:
     def __init__(self, channel: str, conf: dict, *, downstream: Iterable[Callable] = (),
                  queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None,
                  connect_timeout_s: float = 5.0, gate: Callable[[], bool] | None = None,
-                 on_drop: Callable[[], None] | None = None):
+                 on_drop: Callable[[], None] | None = None, nice: int = 0):
         """``gate()`` False: no stage can take a frame now, so it is dropped before it is decoded
-        (``on_drop()`` counts it where the records show drops)."""
+        (``on_drop()`` counts it where the records show drops). ``nice``: the receiving threads'
+        nice value (Linux; 0 leaves them as they are), see :func:`set_thread_nice`."""
         from p4p.client.thread import Context
 
+        self.nice = int(nice)
+        before = _threads_named("PVXCTCP")
         self.ctx = Context("pva", conf=conf, useenv=False, unwrap=False)
+        # the context's own TCP reader: deserialises every update, before our callback sees it
+        self.receive_threads = sorted(_threads_named("PVXCTCP") - before)
+        self._niced_threads: set[int] = set()
+        if self.nice:
+            for tid in self.receive_threads:
+                set_thread_nice(tid, self.nice)
         self.search = describe_search(conf)
         self.connect_timeout_s = float(connect_timeout_s)
         self.not_found = False     # True while the channel was not found within connect_timeout_s
@@ -153,6 +194,10 @@ class NTNDArraySource:
 
     def _update(self, value) -> None:
         t = time.perf_counter()
+        if self.nice and threading.get_native_id() not in self._niced_threads:
+            # p4p's callback worker: the Python side of receiving
+            self._niced_threads.add(threading.get_native_id())
+            set_thread_nice(threading.get_native_id(), self.nice)
         if isinstance(value, Exception):
             if self.connected:
                 self.disconnects += 1

@@ -91,6 +91,12 @@ class SourceOptions(Strict):
     connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
     """A channel not found (or lost and not found again) within this says so in
     Infer:Message_RBV; the search goes on."""
+    nice: Annotated[int, Field(ge=0, le=19)] = 19
+    """Linux nice value of the threads that receive the detector's frames (pvxs's TCP reader
+    for the detector subscription, p4p's callback worker). Inference runs at 0, so under
+    overload it keeps the CPU and the backlog waits in the socket, where the detector's server
+    drops it (counted as Infer:MissedFrames) at no cost to the IOC. Below overload inference
+    idles between batches and the receive threads get the CPU they need. 0: no change."""
     position_attributes: PositionAttributes = PositionAttributes()
 
 

@@ -58,3 +58,46 @@ def test_frames_taken_and_dropped_add_up_to_what_the_server_posted(detector):
         assert all(f.data.shape == (64, 64) for f in got)     # taken frames decoded whole
     finally:
         src.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice is Linux's")
+def test_the_receiving_threads_run_niced_and_nothing_else_does(detector):
+    """``source.nice``: pvxs's TCP reader of the source's own client context and p4p's callback
+    worker run at the nice value given, so under overload inference keeps the CPU. The thread that
+    made the source, and another client context's reader, keep theirs."""
+    import threading
+
+    from p4p.client.thread import Context
+
+    from ptychopv.plugins.source import _threads_named
+
+    def nice(tid):
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    other = Context("pva", conf=pva_client_conf(detector.port), useenv=False)
+    others = _threads_named("PVXCTCP")
+    callback_threads = set()
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), queue_size=64, nice=mine + 7,
+                          on_frame=lambda f: callback_threads.add(threading.get_native_id()))
+    try:
+        assert len(src.receive_threads) == 1 and src.receive_threads[0] not in others
+        assert nice(src.receive_threads[0]) == mine + 7
+        wait_until(lambda: src.connected, 10, "the source to connect")
+        post(detector, 5)
+        wait_until(lambda: src.received == 5, 15, "five frames")
+        assert callback_threads and all(nice(t) == mine + 7 for t in callback_threads)
+        assert nice(threading.get_native_id()) == mine
+        assert all(nice(t) == mine for t in others)
+    finally:
+        src.close()
+        other.close()
+
+
+def test_nice_zero_leaves_the_threads_as_they_are(detector):
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), nice=0)
+    try:
+        assert src.receive_threads
+        assert os.getpriority(os.PRIO_PROCESS, src.receive_threads[0]) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        src.close()
