@@ -195,6 +195,44 @@ def test_two_headed_model_returns_amplitude_and_phase(tmp_path):
         np.testing.assert_allclose(out["phase"], phase[:, 0].numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("sessions", [1, 2, 3])
+def test_onnxruntime_splits_a_batch_over_its_sessions_in_order(sessions, source, model_files):
+    """The CPU sessions each take a contiguous part of the batch: every frame's result comes
+    back in its place (frames differ, so a swap would show), for batches smaller than, equal to
+    and larger than the sessions, and for a two-headed model."""
+    from ptychopv.inference.engines.onnxrt import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(source, providers="cpu", threads=3, sessions=sessions).load()
+    assert engine.describe()["sessions"] == sessions
+    for b in (1, 2, 3, 8, 11):
+        x = frames(b, seed=10 + b)
+        np.testing.assert_allclose(engine.infer(x)["phase"], reference(model_files[0], x), atol=1e-4)
+    engine.close()
+    assert engine._pool is None and engine._others == []
+
+
+def test_onnxruntime_sessions_default_to_two_on_two_cpus_and_never_exceed_the_threads(source, tmp_path):
+    from ptychopv.inference.engines.onnxrt import OnnxRuntimeEngine
+
+    assert OnnxRuntimeEngine(source, providers="cpu", threads=2).load().describe()["sessions"] == 2
+    assert OnnxRuntimeEngine(source, providers="cpu", threads=1).load().describe()["sessions"] == 1
+    assert OnnxRuntimeEngine(source, providers="cpu", threads=1, sessions=4).load().describe()["sessions"] == 1
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="sessions must be an integer >= 1"):
+            OnnxRuntimeEngine(source, sessions=bad)
+    torch.manual_seed(0)
+    model = build_model("ptychonn", 64, width=4).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    two = OnnxRuntimeEngine(ModelSource.from_onnx(tmp_path / "m.onnx"), providers="cpu", threads=2, sessions=2)
+    x = frames(5)
+    out = two.infer(x)
+    with torch.no_grad():
+        amp, phase = model(torch.from_numpy(x[:, None]))
+    np.testing.assert_allclose(out["amplitude"], amp[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out["phase"], phase[:, 0].numpy(), atol=1e-4)
+    two.close()
+
+
 class _Recorder(Engine):
     """A fixed-batch engine that records the batch sizes it is given."""
 
