@@ -33,6 +33,8 @@ class PositionSource(Protocol):
 
 
 def _number(v) -> float | None:
+    if type(v) is float:        # the usual attribute, without NumPy's per-call cost (per frame)
+        return v if math.isfinite(v) else None
     try:
         f = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) else float(v)
     except (TypeError, ValueError, IndexError):

@@ -17,6 +17,7 @@ The dimension convention is areaDetector's: ``dimension[0]`` is x, the fastest a
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -241,37 +242,38 @@ class Decoded:
     codec: str = "none"
 
 
-def _seconds(ts) -> float:
-    return ts.secondsPastEpoch + ts.nanoseconds * 1e-9
+def _seconds(v: Value, stamp: str) -> float:
+    return v[stamp + ".secondsPastEpoch"] + v[stamp + ".nanoseconds"] * 1e-9
 
 
 def from_value(v: Value) -> Decoded:
-    """Decode an NTNDArray ``Value``; :class:`CodecError` names what is wrong with a bad one."""
+    """Decode an NTNDArray ``Value``; :class:`CodecError` names what is wrong with a bad one.
+
+    Fields are read by name (``v["codec.name"]``): in p4p that is a third to a fifth of the cost
+    of attribute access (``v.codec.name``), and this runs once per frame on the thread that
+    takes the detector's frames, under the GIL (a 128x128 frame with three attributes: 43 -> 7 us)."""
     try:
-        dims = [int(d.size) for d in v.dimension]
+        dims = [d["size"] for d in v["dimension"]]
     except Exception:
         raise CodecError("not an NTNDArray: no dimension array") from None
     if not dims:
         raise CodecError("NTNDArray has no dimensions")
     shape = tuple(reversed(dims))
-    codec = str(v.codec.name or "none")
-    raw = v.value
+    codec = v["codec.name"] or "none"
+    raw = v["value"]
     if raw is None:
         raise CodecError("NTNDArray has an empty value union")
-    raw = np.asarray(raw)
     if codec == "none":
-        data = raw
+        data = raw if isinstance(raw, np.ndarray) else np.asarray(raw)
     else:
-        code = v.codec.parameters
+        code = v["codec.parameters"]
         try:
             dtype = ND_DTYPES[int(code)]
         except (TypeError, ValueError, KeyError):
             raise CodecError(f"codec {codec!r} with unknown original data type {code!r} in codec.parameters") from None
-        data = decode_payload(raw.tobytes(), codec, dtype, int(v.uncompressedSize))
-    if data.size != int(np.prod(shape)):
+        data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, int(v["uncompressedSize"]))
+    if data.size != math.prod(shape):
         raise CodecError(f"NTNDArray holds {data.size} elements but its dimensions say {shape}")
-    attrs = {}
-    for a in v.attribute:
-        attrs[a.name] = a.value
-    return Decoded(data.reshape(shape), int(v.uniqueId), _seconds(v.timeStamp), _seconds(v.dataTimeStamp),
+    attrs = {a["name"]: a["value"] for a in v["attribute"]}
+    return Decoded(data.reshape(shape), int(v["uniqueId"]), _seconds(v, "timeStamp"), _seconds(v, "dataTimeStamp"),
                    attrs, codec)
