@@ -33,6 +33,22 @@ pytest.importorskip("onnxruntime", reason="the demo model runs on ONNX Runtime (
 DEMO_SSIM_MIN = 0.8
 
 
+def image_number(ctx, pv) -> int:
+    """The image's ImageNumber (it rises at every reset); -1 before any image."""
+    return int(from_value(ctx.get(pv)).attributes.get("ImageNumber", -1))
+
+
+def new_image(ctx, pv, number_before, ready, what):
+    """The first image on ``pv`` newer than ImageNumber ``number_before`` that is ``ready``: a
+    reset publishes nothing until frames arrive, so the PV shows the last scan's image till then."""
+
+    def check():
+        d = from_value(ctx.get(pv))
+        return d if int(d.attributes.get("ImageNumber", -1)) > number_before and ready(d) else None
+
+    return wait_until(check, timeout=120, what=what)
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
@@ -69,12 +85,12 @@ def test_stitched_phase_matches_ground_truth(rig):
     h, ctx, sp, folder = rig
     assert caget(h.pv("Infer:Engine_RBV")) == "onnxruntime"
     n = int(ctx.get(sp + "NumFrames_RBV").value)
+    before = image_number(ctx, h.pv("Stitch:Image"))
     epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
     epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
     ctx.put(sp + "Acquire", 1)
     wait_until(lambda: caget(h.pv("Stitch:FramesStitched_RBV")) >= n, timeout=120, what="the scan stitched")
-    wait_until(lambda: from_value(ctx.get(h.pv("Stitch:Image"))).unique_id >= n, what="the final image")
-    img = from_value(ctx.get(h.pv("Stitch:Image")))
+    img = new_image(ctx, h.pv("Stitch:Image"), before, lambda d: d.unique_id >= n, "the final image")
     truth = read_truth(folder / "truth.h5")
     a = img.attributes
     assert a["PixelSize"] == pytest.approx(truth.pixel_size_m, rel=1e-6)
@@ -118,6 +134,7 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     epics.caput(h.pv("Refine:Passes"), 6, wait=True)
     assert caget(h.pv("Refine:Passes_RBV")) == 6
     n = int(ctx.get(sp + "NumFrames_RBV").value)
+    before = {name: image_number(ctx, h.pv(name)) for name in ("Stitch:Image", "Refine:Image")}
     epics.caput(h.pv("Stitch:Reset"), 1, wait=True)          # resets the refined image too
     wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) == 0, what="the refine stage reset")
     ctx.put(sp + "Acquire", 1)
@@ -129,8 +146,12 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     truth = read_truth(folder / "truth.h5")
     scan = read_scan(folder / "truth.h5")
     scores = {}
-    for name in ("Stitch:Image", "Refine:Image"):
-        img = from_value(ctx.get(h.pv(name)))
+    # this scan's images (a higher ImageNumber than before the reset) once they hold all of it
+    final = {"Stitch:Image": new_image(ctx, h.pv("Stitch:Image"), before["Stitch:Image"],
+                                       lambda d: d.unique_id >= n, "the final stitched image"),
+             "Refine:Image": new_image(ctx, h.pv("Refine:Image"), before["Refine:Image"],
+                                       lambda d: int(d.attributes.get("Settled", 0)) == 1, "the settled refined image")}
+    for name, img in final.items():
         a = img.attributes
         st = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), (a["OriginX"], a["OriginY"]),
                            a["PixelSize"])
