@@ -504,6 +504,7 @@ class LiveChain:
 
         if on:
             self._reset_image()
+            self.source.set_niced(False)      # a capture takes every frame: receive at full priority
             fut = self.recorder.start_capture()
             self._capturing = True
         else:
@@ -511,6 +512,7 @@ class LiveChain:
         result = await asyncio.wrap_future(fut)
         if not on:
             self._capturing = False
+            self.source.set_niced(True)
         else:  # the put-callback completes with the new scan's counters already shown
             self._force("Scan:FramesCaptured_RBV", 0)
             self._force("Scan:Number_RBV", int(self.recorder.scan_number))

@@ -70,10 +70,7 @@ def _threads_named(prefix: str) -> set[int]:
 
 def set_thread_nice(tid: int, nice: int) -> bool:
     """Give thread ``tid`` of this process the nice value ``nice`` (Linux: nice is per thread).
-
-    The receiving threads run niced so that, under overload, inference keeps the CPU: frames then
-    wait in the socket and the detector's server squashes them (uniqueId gaps, counted as missed)
-    instead of the IOC spending CPU on frames it would drop. False where it cannot be set."""
+    False where it cannot be set."""
     try:
         os.setpriority(os.PRIO_PROCESS, int(tid), int(nice))
         return True
@@ -82,14 +79,28 @@ def set_thread_nice(tid: int, nice: int) -> bool:
         return False
 
 
+def can_restore_nice() -> bool:
+    """May this process lower a thread's nice value back to the process's own? Root may; others
+    as far as RLIMIT_NICE allows (a thread can go down to 20 - its soft limit)."""
+    try:
+        if os.geteuid() == 0:
+            return True
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError, ImportError, ValueError):
+        return False
+    return soft == resource.RLIM_INFINITY or 20 - soft <= base
+
+
 class NTNDArraySource:
     def __init__(self, channel: str, conf: dict, *, downstream: Iterable[Callable] = (),
                  queue_size: int = 64, on_frame: Callable[[Frame], None] | None = None,
                  connect_timeout_s: float = 5.0, gate: Callable[[], bool] | None = None,
                  on_drop: Callable[[], None] | None = None, nice: int = 0):
         """``gate()`` False: no stage can take a frame now, so it is dropped before it is decoded
-        (``on_drop()`` counts it where the records show drops). ``nice``: the receiving threads'
-        nice value (Linux; 0 leaves them as they are), see :func:`set_thread_nice`."""
+        (``on_drop()`` counts it where the records show drops). ``nice``: see :meth:`set_niced`."""
         from p4p.client.thread import Context
 
         self.nice = int(nice)
@@ -97,10 +108,15 @@ class NTNDArraySource:
         self.ctx = Context("pva", conf=conf, useenv=False, unwrap=False)
         # the context's own TCP reader: deserialises every update, before our callback sees it
         self.receive_threads = sorted(_threads_named("PVXCTCP") - before)
-        self._niced_threads: set[int] = set()
-        if self.nice:
-            for tid in self.receive_threads:
-                set_thread_nice(tid, self.nice)
+        self._callback_threads: set[int] = set()
+        self._base_nice = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+        # niced only where it can be undone: a capture must have every frame
+        self.nice_usable = bool(self.nice) and can_restore_nice()
+        if self.nice and not self.nice_usable:
+            log.warning("source.nice %d not applied: this process may not lower a thread's nice again "
+                        "(RLIMIT_NICE), and a capture needs the receiving threads at full priority", self.nice)
+        self.niced = False
+        self.set_niced(True)
         self.search = describe_search(conf)
         self.connect_timeout_s = float(connect_timeout_s)
         self.not_found = False     # True while the channel was not found within connect_timeout_s
@@ -126,6 +142,24 @@ class NTNDArraySource:
         self.last_message = ""
         self._last_uid: int | None = None
         self.connect(channel)
+
+    # ------------------------------------------------------------------ priority
+    def set_niced(self, on: bool) -> None:
+        """The receiving threads (pvxs's TCP reader of this context, p4p's callback worker) at
+        ``nice`` (on) or at the process's own priority (off).
+
+        Niced, inference and the stages keep the CPU under overload: frames wait in the socket
+        and the detector's server squashes them (uniqueId gaps, counted as missed) instead of the
+        IOC spending CPU on frames it would drop. A capture needs every frame, so the chain turns
+        this off while it records; where the process could not undo it (see
+        :func:`can_restore_nice`) it is never turned on."""
+        on = bool(on) and self.nice_usable
+        if on == self.niced:
+            return
+        self.niced = on
+        value = self.nice if on else self._base_nice
+        for tid in (*self.receive_threads, *self._callback_threads):
+            set_thread_nice(tid, value)
 
     # ------------------------------------------------------------------ subscription
     def connect(self, channel: str) -> None:
@@ -194,10 +228,11 @@ class NTNDArraySource:
 
     def _update(self, value) -> None:
         t = time.perf_counter()
-        if self.nice and threading.get_native_id() not in self._niced_threads:
+        if self.nice_usable and threading.get_native_id() not in self._callback_threads:
             # p4p's callback worker: the Python side of receiving
-            self._niced_threads.add(threading.get_native_id())
-            set_thread_nice(threading.get_native_id(), self.nice)
+            self._callback_threads.add(threading.get_native_id())
+            if self.niced:
+                set_thread_nice(threading.get_native_id(), self.nice)
         if isinstance(value, Exception):
             if self.connected:
                 self.disconnects += 1

@@ -96,7 +96,10 @@ class SourceOptions(Strict):
     for the detector subscription, p4p's callback worker). Inference runs at 0, so under
     overload it keeps the CPU and the backlog waits in the socket, where the detector's server
     drops it (counted as Infer:MissedFrames) at no cost to the IOC. Below overload inference
-    idles between batches and the receive threads get the CPU they need. 0: no change."""
+    idles between batches and the receive threads get the CPU they need. While Scan:Capture
+    records they run at full priority (a scan file must have every frame); where the process
+    may not lower a thread's nice again (not root, RLIMIT_NICE below 20) it is never applied.
+    0: no change."""
     position_attributes: PositionAttributes = PositionAttributes()
 
 

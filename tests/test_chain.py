@@ -167,6 +167,49 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
         assert uids == sorted(uids) and uids[-1] == n and all(0 < u <= n for u in uids), (k, uids)
 
 
+def _ioc_reader_nices(config) -> list[int]:
+    """Nice values of the pvxs TCP readers (PVXCTCP threads) of the IOC started with ``config``."""
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"ioc" in cmd and str(config).encode() in cmd:
+            nices = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                        if not f.read().startswith("PVXCTCP"):
+                            continue
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        nices.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+                except OSError:
+                    continue
+            return nices
+    raise AssertionError(f"no IOC process with {config}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread nice is Linux's")
+def test_the_detector_is_received_at_full_priority_while_a_capture_records(beamline):
+    """source.nice (default 19) lowers the receiving threads' priority so that under overload the
+    stages keep the CPU; a capture needs every frame, so while Scan:Capture records they run at
+    the IOC's own priority, and niced again after."""
+    from ptychopv.plugins.source import can_restore_nice
+
+    if not can_restore_nice():
+        pytest.skip("this process may not lower a nice again, so the IOC never nices (tested in test_overload)")
+    h, _ctx, _sp, _ = beamline
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert 19 in _ioc_reader_nices(h.config)            # the source's reader, niced
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    try:
+        assert 19 not in _ioc_reader_nices(h.config) and base in _ioc_reader_nices(h.config)
+    finally:
+        epics.caput(h.pv("Scan:Capture"), 0, wait=True)
+    assert 19 in _ioc_reader_nices(h.config)
+
+
 def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)

@@ -30,6 +30,7 @@ def test_no_command_prints_help():
 
 @pytest.mark.epics
 @pytest.mark.slow
+@pytest.mark.timeout(1260)   # the full demo takes 4-5 min here, near the suite's 300 s default
 @pytest.mark.parametrize("mode", ["quick", "full"])
 def test_demo_runs_every_stage(tmp_path, mode):
     """The demo's scenario: a model trained on natural photographs meets an IC; the controller

@@ -81,14 +81,24 @@ def test_the_receiving_threads_run_niced_and_nothing_else_does(detector):
     src = NTNDArraySource(detector.name, pva_client_conf(detector.port), queue_size=64, nice=mine + 7,
                           on_frame=lambda f: callback_threads.add(threading.get_native_id()))
     try:
+        if not src.nice_usable:
+            pytest.skip("this process may not lower a thread's nice again (not root, RLIMIT_NICE < 20)")
         assert len(src.receive_threads) == 1 and src.receive_threads[0] not in others
-        assert nice(src.receive_threads[0]) == mine + 7
+        assert nice(src.receive_threads[0]) == mine + 7 and src.niced
         wait_until(lambda: src.connected, 10, "the source to connect")
         post(detector, 5)
         wait_until(lambda: src.received == 5, 15, "five frames")
         assert callback_threads and all(nice(t) == mine + 7 for t in callback_threads)
         assert nice(threading.get_native_id()) == mine
         assert all(nice(t) == mine for t in others)
+        # a capture: every receiving thread back at the process's priority, then niced again
+        src.set_niced(False)
+        assert not src.niced and all(nice(t) == mine for t in [*src.receive_threads, *callback_threads])
+        post(detector, 2)
+        wait_until(lambda: src.received == 7, 15, "two more frames")
+        assert all(nice(t) == mine for t in callback_threads)
+        src.set_niced(True)
+        assert all(nice(t) == mine + 7 for t in [*src.receive_threads, *callback_threads])
     finally:
         src.close()
         other.close()
@@ -101,3 +111,34 @@ def test_nice_zero_leaves_the_threads_as_they_are(detector):
         assert os.getpriority(os.PRIO_PROCESS, src.receive_threads[0]) == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         src.close()
+
+
+def test_nice_is_not_applied_where_it_could_not_be_undone(detector, monkeypatch):
+    """A capture needs the receiving threads at full priority; a process that may not lower a
+    nice again (not root, RLIMIT_NICE < 20) never nices them."""
+    from ptychopv.plugins import source as source_module
+
+    monkeypatch.setattr(source_module, "can_restore_nice", lambda: False)
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), nice=10)
+    try:
+        assert not src.nice_usable and not src.niced
+        assert os.getpriority(os.PRIO_PROCESS, src.receive_threads[0]) == os.getpriority(os.PRIO_PROCESS, 0)
+        src.set_niced(True)
+        assert not src.niced
+    finally:
+        src.close()
+
+
+def test_can_restore_nice_follows_the_nice_limit(monkeypatch):
+    import resource
+
+    from ptychopv.plugins.source import can_restore_nice
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 0)
+    for soft, ok in ((0, False), (19, False), (20, True), (25, True), (resource.RLIM_INFINITY, True)):
+        monkeypatch.setattr(resource, "getrlimit", lambda which, soft=soft: (soft, soft))
+        assert can_restore_nice() is ok, soft
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (0, 0))
+    assert can_restore_nice() is True
