@@ -106,8 +106,7 @@ class RefinePlugin(BatchingPlugin):
         if not frames:
             return None
         if self._last_uid is not None and frames[0].unique_id < self._last_uid:
-            self.refiner.reset()      # a new acquisition (the stitch stage resets on the same rule)
-            self.image_number += 1
+            self.reset()      # a new acquisition (the stitch stage resets on the same rule)
         self._last_uid = frames[-1].unique_id
         if self.refiner.probe is None:             # nothing to refine with: cheap, counted
             self.refiner.no_probe(len(frames))

@@ -57,8 +57,7 @@ class StitchPlugin(BatchingPlugin):
             return None
         first = frames[0].unique_id
         if self._last_uid is not None and first < self._last_uid:
-            self.stitcher.reset()  # a new acquisition
-            self.image_number += 1
+            self.reset()  # a new acquisition
         self._last_uid = frames[-1].unique_id
         patches = np.stack([f.data for f in frames])
         pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)

@@ -115,11 +115,13 @@ class Session:
             raise RuntimeError(f"caput -c DEMO:{name} {value} did not complete")
 
     def wait(self, fn, what, timeout=300.0):
+        """Poll ``fn`` until it returns something true, and return that."""
         deadline = time.monotonic() + timeout
-        while not fn():
+        while not (value := fn()):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {what}")
             time.sleep(0.1)
+        return value
 
     def capture(self, label: str) -> dict:
         n = int(self.ctx.get("DEMOSIM:NumFrames_RBV").value)
@@ -162,21 +164,19 @@ class Session:
                                f"{label}'s refined image", 600)
 
     def image_number(self, name: str) -> int:
-        """The image's ImageNumber attribute (bumped at every reset); -1 before any image."""
-        return int(self.image(name).attributes.get("ImageNumber", -1))
+        from .io.ntndarray import image_number
+
+        return image_number(self.image(name))
 
     def wait_image(self, name: str, ready, number_before: int, what: str, timeout: float):
         """The first image of ``name`` newer than ImageNumber ``number_before`` that is ``ready``."""
-        got = {}
+        from .io.ntndarray import image_number
 
         def check():
             im = self.image(name)
-            if int(im.attributes.get("ImageNumber", -1)) > number_before and ready(im):
-                got["image"] = im
-            return "image" in got
+            return im if image_number(im) > number_before and ready(im) else None
 
-        self.wait(check, what, timeout)
-        return got["image"]
+        return self.wait(check, what, timeout)
 
     def auto_settles(self, label: str, timeout: float = 1800.0) -> dict:
         """Wait until the controller has finished with the scan that just ended."""

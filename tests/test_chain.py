@@ -18,7 +18,7 @@ import pytest
 from p4p.client.thread import Context
 
 from ptychopv.io.epics_env import free_port, pva_client_conf
-from ptychopv.io.ntndarray import from_value
+from ptychopv.io.ntndarray import from_value, image_number
 from ptychopv.procs import start_ioc, start_sim
 from ptychopv.io.scanfile import read_scan
 
@@ -37,6 +37,17 @@ def wait_until(fn, timeout=30.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
         time.sleep(0.05)
+
+
+def new_image(ctx, pv, number_before, ready, what, timeout=120.0):
+    """The first image on ``pv`` newer than ImageNumber ``number_before`` that is ``ready``: a
+    reset publishes nothing until frames arrive, so the PV shows the last scan's image till then."""
+
+    def check():
+        d = from_value(ctx.get(pv))
+        return d if image_number(d) > number_before and ready(d) else None
+
+    return wait_until(check, timeout=timeout, what=what)
 
 
 def caget(name, **kw):
@@ -134,34 +145,27 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
     n = int(ctx.get(sp + "NumFrames_RBV").value)
     wait_until(lambda: caget(h.pv("Infer:Engine_RBV")) == "passthrough", what="pass-through engine")
 
-    def number(d):
-        return int(d.attributes.get("ImageNumber", -1))
-
-    def full_image_after(before):
-        d = from_value(ctx.get(h.pv("Stitch:Image")))
-        return d if number(d) > before and d.unique_id >= n else None
-
     seen: queue.Queue = queue.Queue()
     sub = ctx.monitor(h.pv("Stitch:Image"), seen.put, request="record[queueSize=1000]")
     numbers = []
     for _ in range(2):
-        before = number(from_value(ctx.get(h.pv("Stitch:Image"))))
+        before = image_number(from_value(ctx.get(h.pv("Stitch:Image"))))
         epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
         epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
         # nothing stitched yet: the image on the PV is the last one, with its own number
-        assert number(from_value(ctx.get(h.pv("Stitch:Image")))) == before
+        assert image_number(from_value(ctx.get(h.pv("Stitch:Image")))) == before
         ctx.put(sp + "Acquire", 1)
-        img = wait_until(lambda before=before: full_image_after(before), what="this scan's full image")
+        img = new_image(ctx, h.pv("Stitch:Image"), before, lambda d: d.unique_id >= n, "this scan's full image")
         assert img.unique_id == n and img.data.size > 1
-        numbers.append(number(img))
+        numbers.append(image_number(img))
     sub.close()
     assert numbers[1] > numbers[0] >= 0
     # images under one number count up (the frames stitched into that image), never beyond the scan
     by_number: dict = {}
     while not seen.empty():
         d = from_value(seen.get_nowait())
-        if number(d) in numbers:
-            by_number.setdefault(number(d), []).append(d.unique_id)
+        if image_number(d) in numbers:
+            by_number.setdefault(image_number(d), []).append(d.unique_id)
     for k in numbers:
         uids = by_number[k]
         assert uids == sorted(uids) and uids[-1] == n and all(0 < u <= n for u in uids), (k, uids)

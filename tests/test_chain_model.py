@@ -13,13 +13,13 @@ from p4p.client.thread import Context
 
 from ptychopv.io.epics_env import free_port, pva_client_conf
 from ptychopv.science.metrics import stitched_ssim
-from ptychopv.io.ntndarray import from_value
+from ptychopv.io.ntndarray import from_value, image_number
 from ptychopv.procs import start_ioc, start_sim
 from ptychopv.io.scanfile import read_truth
 from ptychopv.science.stitching import StitchedImage
 
 from .conftest import CA_PORTS, write_ioc_config
-from .test_chain import caget, wait_until
+from .test_chain import caget, new_image, wait_until
 
 pytestmark = pytest.mark.epics
 pytest.importorskip("onnxruntime", reason="the demo model runs on ONNX Runtime ([onnx] extra)")
@@ -31,22 +31,6 @@ pytest.importorskip("onnxruntime", reason="the demo model runs on ONNX Runtime (
 # the chain's image equals an offline stitch of the same model's output (the plumbing), and true
 # phase patches stitched at the recorded positions reproduce the truth (the geometry).
 DEMO_SSIM_MIN = 0.8
-
-
-def image_number(ctx, pv) -> int:
-    """The image's ImageNumber (it rises at every reset); -1 before any image."""
-    return int(from_value(ctx.get(pv)).attributes.get("ImageNumber", -1))
-
-
-def new_image(ctx, pv, number_before, ready, what):
-    """The first image on ``pv`` newer than ImageNumber ``number_before`` that is ``ready``: a
-    reset publishes nothing until frames arrive, so the PV shows the last scan's image till then."""
-
-    def check():
-        d = from_value(ctx.get(pv))
-        return d if int(d.attributes.get("ImageNumber", -1)) > number_before and ready(d) else None
-
-    return wait_until(check, timeout=120, what=what)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +69,7 @@ def test_stitched_phase_matches_ground_truth(rig):
     h, ctx, sp, folder = rig
     assert caget(h.pv("Infer:Engine_RBV")) == "onnxruntime"
     n = int(ctx.get(sp + "NumFrames_RBV").value)
-    before = image_number(ctx, h.pv("Stitch:Image"))
+    before = image_number(from_value(ctx.get(h.pv("Stitch:Image"))))
     epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
     epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
     ctx.put(sp + "Acquire", 1)
@@ -134,7 +118,7 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     epics.caput(h.pv("Refine:Passes"), 6, wait=True)
     assert caget(h.pv("Refine:Passes_RBV")) == 6
     n = int(ctx.get(sp + "NumFrames_RBV").value)
-    before = {name: image_number(ctx, h.pv(name)) for name in ("Stitch:Image", "Refine:Image")}
+    before = {name: image_number(from_value(ctx.get(h.pv(name)))) for name in ("Stitch:Image", "Refine:Image")}
     epics.caput(h.pv("Stitch:Reset"), 1, wait=True)          # resets the refined image too
     wait_until(lambda: caget(h.pv("Refine:FramesRefined_RBV")) == 0, what="the refine stage reset")
     ctx.put(sp + "Acquire", 1)

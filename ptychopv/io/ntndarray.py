@@ -242,6 +242,12 @@ class Decoded:
     codec: str = "none"
 
 
+def image_number(d: Decoded) -> int:
+    """A live image's ``ImageNumber`` attribute (``Stitch:Image``, ``Refine:Image``: it rises at
+    every reset, so a client tells a scan's image from the last one's); -1 where it has none."""
+    return int(d.attributes.get("ImageNumber", -1))
+
+
 def _seconds(v: Value, stamp: str) -> float:
     return v[stamp + ".secondsPastEpoch"] + v[stamp + ".nanoseconds"] * 1e-9
 
