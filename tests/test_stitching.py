@@ -229,3 +229,51 @@ def test_a_batch_stitches_as_its_frames_one_by_one(window, subpixel):
     plain = Stitcher(ps, window=w, subpixel=subpixel, estimate_offsets=False)
     plain.add(patches, pos)
     assert np.abs(plain.image().phase - a.phase).max() > 0.1
+
+
+@pytest.mark.parametrize("window,subpixel", [(None, "bilinear"), ("probe", "fourier"), ("probe", "bilinear")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+@pytest.mark.parametrize("estimate", [True, False])
+def test_the_compiled_kernel_stitches_the_image_numpy_does(window, subpixel, dtype, estimate):
+    """The Numba kernel (the default where Numba is installed) and the NumPy loop it replaces
+    place the same patches with the same offsets: the same image, whatever the patches' dtype."""
+    rng = np.random.default_rng(5)
+    n, size, ps = 40, 24, 10e-9
+    w = None
+    if window == "probe":
+        yy, xx = np.mgrid[:size, :size] - size / 2
+        w = np.exp(-(yy ** 2 + xx ** 2) / (2 * (size / 6) ** 2))
+    pos = physics.fermat_spiral(size / 4 * ps, size * ps * 2)[:n] + rng.uniform(-0.5, 0.5, (n, 2)) * ps
+    patches = (rng.standard_normal((n, size, size)) * 20 + rng.uniform(-40, 40, (n, 1, 1))).astype(dtype)
+    pos[7] = np.nan                                             # counted, not placed, either way
+    images = {}
+    for kernel in ("numpy", "compiled"):
+        s = stitch(patches, pos, batch=16, window=w, subpixel=subpixel, estimate_offsets=estimate, kernel=kernel)
+        assert s.kernel == kernel and s.frames_stitched == n - 1 and s.frames_no_position == 1
+        images[kernel] = s.image()
+    a, b = images["numpy"], images["compiled"]
+    assert a.origin_m == b.origin_m and a.phase.shape == b.phase.shape
+    assert np.abs(a.weight - b.weight).max() <= 1e-5 * a.weight.max()
+    assert np.abs(a.phase - b.phase).max() <= 1e-4 * np.abs(a.phase).max()
+
+
+def test_the_default_kernel_is_the_compiled_one_and_releases_the_gil():
+    from ptychopv.science import stitching
+
+    assert Stitcher(PS).kernel == "compiled"            # numba is a dependency
+    assert stitching._place_compiled.targetoptions["nogil"] is True
+    assert stitching._splat_compiled.targetoptions["nogil"] is True
+
+
+def test_a_kernel_that_cannot_run_is_refused(monkeypatch):
+    from ptychopv.science import stitching
+
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        Stitcher(PS, kernel="cuda")
+    monkeypatch.setattr(stitching, "_place_compiled", None)     # as where Numba is not installed
+    with pytest.raises(ValueError, match="needs Numba"):
+        Stitcher(PS, kernel="compiled")
+    s = Stitcher(PS)                                            # auto: the NumPy loop
+    assert s.kernel == "numpy"
+    s.add(np.ones((3, 8, 8)), [[0, 0], [2 * PS, 0], [0, 2 * PS]])
+    assert s.frames_stitched == 3
