@@ -56,7 +56,7 @@ NOTES = [
     "unaccounted = offered - processed - dropped - missed: 0 when every frame is accounted for",
     ("latency_ms: receive time here of the result minus the frame's timeStamp (set at send), one host clock; "
      "the chain batches (Infer:BatchSize frames or Infer:FlushTimeout), pvapy handles frame by frame"),
-    ("bare_engine: Engine.infer on uint16 batches of 8 in the benchmark process, no stream running (the model's: "
+    ("bare_engine: Engine.infer on uint16 batches of --batch (default 32) in the benchmark process, no stream running (the model's: "
      "best of before and after its chain runs); fraction_of_bare_engine only where the offered rate exceeds it"),
     "infer_execution_ms_per_batch_median: Infer:ExecutionTime_RBV sampled every 0.5 s (preprocess + engine)",
     "all processes share this machine's cores: sim, IOC or consumer, and this client",
@@ -92,6 +92,7 @@ def write_sim_config(folder: Path) -> tuple[Path, int]:
 
 
 SOURCE_NICE = 19    # the IOC's source.nice (--source-nice)
+BATCH = 32          # Infer:BatchSize of both chains and the bare engine's batch (--batch)
 
 
 def write_ioc_config(folder: Path, prefix: str, sim_port: int, chain: dict) -> dict:
@@ -241,6 +242,9 @@ def run_chain(name: str, tag: str, folder: Path, sim_port: int, chain: dict, eng
 
         wait_until(lambda: get("Infer:Engine_RBV") == engine, 180, f"{name}: engine {engine} loaded",
                    period=0.5)
+        if int(get("Infer:BatchSize_RBV")) != BATCH:
+            ctx.put(p + "Infer:BatchSize", BATCH)
+            wait_until(lambda: int(get("Infer:BatchSize_RBV")) == BATCH, 10, f"{name}: Infer:BatchSize {BATCH}")
         out = {"pipeline": name, "engine": engine, "batch_size": int(get("Infer:BatchSize_RBV")),
                "infer_queue_size": int(get("Infer:QueueSize_RBV")),
                "model_version": int(get("ModelVersion_RBV"))}
@@ -290,10 +294,13 @@ def main() -> int:
     ap.add_argument("--source-nice", type=int, default=19, choices=range(20), metavar="0..19",
                     help="the IOCs' source.nice: nice value of the threads receiving the detector's frames "
                          "(default 19, the IOC's default; 0: not niced)")
+    ap.add_argument("--batch", type=int, default=32, choices=range(1, 1025), metavar="1..1024",
+                    help="Infer:BatchSize of both chains, and the bare engine's batch (default 32, the IOC's default)")
     ap.add_argument("--echo", action="store_true", help="echo the children's output to stderr")
     a = ap.parse_args()
-    global SOURCE_NICE
+    global SOURCE_NICE, BATCH
     SOURCE_NICE = a.source_nice
+    BATCH = a.batch
     rates = a.rates or ([500.0, 2000.0] if a.quick else [500.0, 1000.0, 2000.0])
     seconds = a.seconds or (3.0 if a.quick else 8.0)
     if seconds <= 0 or any(r <= 0 for r in rates):
@@ -306,7 +313,7 @@ def main() -> int:
     result = {"benchmark": "chain", "machine": machine("numpy", "p4p", "onnxruntime", "pvapy"),
               "settings": {"frame": f"{SIZE}x{SIZE} uint16", "codec": "none", "transport": "PVA over 127.0.0.1",
                            "rates_hz": rates, "seconds_per_rate": seconds, "quick": a.quick,
-                           "monitor_queue": a.monitor_queue, "source_nice": a.source_nice},
+                           "monitor_queue": a.monitor_queue, "source_nice": a.source_nice, "batch": a.batch},
               "notes": NOTES, "pipelines": []}
     with tempfile.TemporaryDirectory(prefix="ptychopv-bench-chain-") as tmp:
         folder = Path(tmp)
@@ -349,7 +356,7 @@ def main() -> int:
 def run_passthrough_chain(folder: Path, sim_port: int, common: dict, rates, seconds: float) -> dict:
     from ptychopv.inference.engines import ModelSource, select_engine
 
-    bare = {**bare_engine(select_engine(ModelSource(input_size=SIZE), "passthrough"), 8, 1.0), "engine": "passthrough"}
+    bare = {**bare_engine(select_engine(ModelSource(input_size=SIZE), "passthrough"), BATCH, 1.0), "engine": "passthrough"}
     return run_chain("ptychopv-passthrough", "PT", folder / "pass", sim_port, {"engine": "passthrough", **common},
                      "passthrough", rates, seconds, bare)
 
@@ -366,16 +373,16 @@ def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str,
     engine = select_engine(ModelRegistry(registry).latest().source(), engine_name, warmup=False)
     bare: dict = {}
     try:
-        before = bare_engine(engine, 8, 3.0)
+        before = bare_engine(engine, BATCH, 3.0)
         below = round(max(5.0, before["fps"] / 2), -1 if before["fps"] >= 40 else 0)
         chain = {"engine": engine_name, "registry": f'"{registry}"', **common}
         out = run_chain(f"ptychopv-ptychonn2-{engine_name}", "NN", folder / "model", sim_port, chain, engine_name,
                         [below, *rates], seconds, bare)
-        after = bare_engine(engine, 8, 3.0)
+        after = bare_engine(engine, BATCH, 3.0)
     finally:
         engine.close()
     best = max(before["fps"], after["fps"])
-    bare.update(engine=engine_name, batch=8, fps=best, us_per_frame=round(1e6 / best, 1),
+    bare.update(engine=engine_name, batch=BATCH, fps=best, us_per_frame=round(1e6 / best, 1),
                 fps_before=before["fps"], fps_after=after["fps"])
     for r in out["rates"]:
         if r["offered_fps"] > best:   # saturated: the engine sets the pace

@@ -37,7 +37,7 @@ def saturated(count: int) -> tuple[int, int]:
     return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
 REGISTRY_PERIOD_S = 1.0
 # Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
-# (8 batches of Infer:BatchSize 8: 64 frames, about 30 ms at 2 kHz)
+# (8 batches of the default Infer:BatchSize 32: 256 frames, about 130 ms at 2 kHz)
 PHASE_PUBLISH_DEPTH = 8
 
 

@@ -173,7 +173,7 @@ CORE = [
 ]
 
 INFER_PVS = (
-    PV("Infer:BatchSize", "longout", "Frames per inference batch", low=1, high=1024, initial=8, rbv=True,
+    PV("Infer:BatchSize", "longout", "Frames per inference batch", low=1, high=1024, initial=32, rbv=True,
        autosave=True, group="infer", attr="batch_size"),
     PV("Infer:FlushTimeout", "ao", "Flush a partial batch after", egu="s", prec=3, low=0.0, high=10.0,
        initial=0.002, rbv=True, autosave=True, group="infer", attr="batch_timeout_s"),

@@ -69,7 +69,7 @@ def plain_ioc(tmp_path_factory):
     ("Stitch:PositionSource", 7, 0),
     ("Recon:Engine", 9, 0),                 # four algorithms
     ("Infer:EnableCallbacks", 2, 1),
-    ("Infer:BatchSize", 5000, 8),           # 1 .. 1024
+    ("Infer:BatchSize", 5000, 32),          # 1 .. 1024
     ("ScaleFactor", float("nan"), 1.0),
     ("ScaleFactor", float("inf"), 1.0),
     ("ScaleFactor", -1.0, 1.0),
@@ -119,15 +119,15 @@ def test_long_strings_and_impossible_file_names_are_refused(plain_ioc):
 
 def test_refused_values_never_reach_autosave(plain_ioc):
     h, ctx, _ = plain_ioc
-    epics.caput(h.pv("Infer:BatchSize"), 32, wait=True, timeout=10)
+    epics.caput(h.pv("Infer:BatchSize"), 16, wait=True, timeout=10)
     refused_over_pva(ctx, h.pv("Stitch:PositionSource"), 7)
     epics.caput(h.pv("Recon:Engine"), 9, wait=True, timeout=10)
     sav = Path(h.config).parent / "autosave" / f"{h.prefix.rstrip(':')}.softsav"
-    wait_until(lambda: sav.exists() and yaml.safe_load(sav.read_text()).get(h.pv("Infer:BatchSize")) == 32,
+    wait_until(lambda: sav.exists() and yaml.safe_load(sav.read_text()).get(h.pv("Infer:BatchSize")) == 16,
                what="autosave written")
     saved = yaml.safe_load(sav.read_text())
     assert saved[h.pv("Stitch:PositionSource")] == 0 and saved[h.pv("Recon:Engine")] == 0
-    epics.caput(h.pv("Infer:BatchSize"), 8, wait=True, timeout=10)
+    epics.caput(h.pv("Infer:BatchSize"), 32, wait=True, timeout=10)
 
 
 def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
@@ -140,7 +140,7 @@ def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
     child = start_ioc(h.config, timeout=60)                  # "ready": start-up did not block
     try:
         assert caget(h.pv("Stitch:PositionSource")) == 0 and caget(h.pv("Recon:Engine")) == 0
-        assert caget(h.pv("Infer:BatchSize")) == 8 and caget(h.pv("ScaleFactor")) == 1.0
+        assert caget(h.pv("Infer:BatchSize")) == 32 and caget(h.pv("ScaleFactor")) == 1.0
         assert caget(h.pv("Infer:FlushTimeout")) == pytest.approx(0.01)      # the good value restored
         assert "not restored" in caget(h.pv("Stitch:Message_RBV"), as_string=True)
         assert "not restored" in caget(h.pv("Recon:Message_RBV"), as_string=True)

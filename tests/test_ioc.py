@@ -97,7 +97,7 @@ def test_caput_round_trips_and_limits_are_enforced(ioc):
         assert "ScaleFactor = " in (msg := caget(p + "Infer:Message_RBV", as_string=True)) and "refused" in msg
         assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "MINOR"
     epics.caput(p + "Infer:BatchSize", 0, wait=True, timeout=10)
-    assert caget(p + "Infer:BatchSize_RBV") == 8
+    assert caget(p + "Infer:BatchSize_RBV") == 32
     epics.caput(p + "ScaleFactor", 1.0, wait=True, timeout=10)
     assert caget(p + "ScaleFactor_RBV.SEVR", as_string=True) == "NO_ALARM"   # an accepted value clears it
 

@@ -202,6 +202,17 @@ def test_tukey_window_is_positive_and_flat_inside():
     assert np.allclose(w, w[::-1])
 
 
+def small_scan(window, n, size, ps, rng):
+    """A Gaussian beam window of ``size`` pixels (``window`` "probe"; None: the taper) and ``n``
+    sub-pixel positions of a Fermat spiral a quarter of a patch apart."""
+    w = None
+    if window == "probe":
+        yy, xx = np.mgrid[:size, :size] - size / 2
+        w = np.exp(-(yy ** 2 + xx ** 2) / (2 * (size / 6) ** 2))
+    pos = physics.fermat_spiral(size / 4 * ps, size * ps * 2)[:n] + rng.uniform(-0.5, 0.5, (n, 2)) * ps
+    return w, pos
+
+
 @pytest.mark.parametrize("window,subpixel", [(None, "bilinear"), ("probe", "fourier"), ("probe", "bilinear")])
 def test_a_batch_stitches_as_its_frames_one_by_one(window, subpixel):
     """The stitcher computes each patch's own planes for the whole batch, then the offsets and adds
@@ -209,11 +220,7 @@ def test_a_batch_stitches_as_its_frames_one_by_one(window, subpixel):
     including those earlier in the same batch)."""
     rng = np.random.default_rng(3)
     n, size, ps = 40, 32, 10e-9
-    w = None
-    if window == "probe":
-        yy, xx = np.mgrid[:size, :size] - size / 2
-        w = np.exp(-(yy ** 2 + xx ** 2) / (2 * (size / 6) ** 2))
-    pos = physics.fermat_spiral(size / 4 * ps, size * ps * 2)[:n] + rng.uniform(-0.5, 0.5, (n, 2)) * ps
+    w, pos = small_scan(window, n, size, ps, rng)
     # zero-mean patches with offsets of their own: the offset estimate matters
     patches = (rng.standard_normal((n, size, size)) + rng.uniform(-2, 2, (n, 1, 1))).astype(np.float32)
     one, batched = Stitcher(ps, window=w, subpixel=subpixel), Stitcher(ps, window=w, subpixel=subpixel)
@@ -239,11 +246,7 @@ def test_the_compiled_kernel_stitches_the_image_numpy_does(window, subpixel, dty
     place the same patches with the same offsets: the same image, whatever the patches' dtype."""
     rng = np.random.default_rng(5)
     n, size, ps = 40, 24, 10e-9
-    w = None
-    if window == "probe":
-        yy, xx = np.mgrid[:size, :size] - size / 2
-        w = np.exp(-(yy ** 2 + xx ** 2) / (2 * (size / 6) ** 2))
-    pos = physics.fermat_spiral(size / 4 * ps, size * ps * 2)[:n] + rng.uniform(-0.5, 0.5, (n, 2)) * ps
+    w, pos = small_scan(window, n, size, ps, rng)
     patches = (rng.standard_normal((n, size, size)) * 20 + rng.uniform(-40, 40, (n, 1, 1))).astype(dtype)
     pos[7] = np.nan                                             # counted, not placed, either way
     images = {}
