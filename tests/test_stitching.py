@@ -280,3 +280,16 @@ def test_a_kernel_that_cannot_run_is_refused(monkeypatch):
     assert s.kernel == "numpy"
     s.add(np.ones((3, 8, 8)), [[0, 0], [2 * PS, 0], [0, 2 * PS]])
     assert s.frames_stitched == 3
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "numpy"])
+def test_a_patch_off_the_canvas_is_never_written(monkeypatch, kernel):
+    """The compiled kernel does not check its indices; the stitcher checks every batch against the
+    canvas before handing it over (here the canvas is kept from growing, as a bug would)."""
+    s = Stitcher(PS, kernel=kernel)
+    s.add(np.ones((1, 8, 8)), [[0, 0]])
+    before = s._canvas.copy()
+    monkeypatch.setattr(Stitcher, "_ensure", lambda self, *a: None)
+    with pytest.raises(RuntimeError, match="outside the"):
+        s.add(np.ones((1, 8, 8)), [[500 * PS, 0]])
+    assert np.array_equal(s._canvas, before) and s.frames_stitched == 1

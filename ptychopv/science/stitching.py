@@ -431,6 +431,11 @@ class Stitcher:
         # sub-pixel shift; only the offsets and the adds need the canvas, one frame after another
         n = len(idx)
         ph, pw = bh + ext, bw + ext
+        H, W = self._canvas.shape[1:]
+        if rows.min() < 0 or cols.min() < 0 or rows.max() + ph > H or cols.max() + pw > W:
+            # the compiled kernel does not check its indices: never hand it a patch off the canvas
+            raise RuntimeError(f"stitcher: patch at canvas rows {rows.min()}..{rows.max() + ph}, columns "
+                               f"{cols.min()}..{cols.max() + pw} outside the {H}x{W} canvas")
         own = np.empty((n, 2, ph, pw), np.float32)
         if not fourier and self.kernel == "compiled":
             src = p if p.dtype in (np.float32, np.float64) else p.astype(np.float32)  # one compilation each
