@@ -61,7 +61,9 @@ NOTES = [
     "infer_execution_ms_per_batch_median: Infer:ExecutionTime_RBV sampled every 0.5 s (preprocess + engine)",
     "all processes share this machine's cores: sim, IOC or consumer, and this client",
     ("cpu_s: user + system CPU seconds of each process (sim, IOC, this client) from Acquire to the counters "
-     "settling (cpu_wall_s); machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy); "
+     "settling (cpu_wall_s); cpu_s_by_thread: the same per OS thread name in the simulator and the IOC (the IOC names "
+     "its own: plugin-<stage>, ort-session, chain-phase, chain-publish; PVXCTCP/PVXTCP are pvxs's TCP threads; "
+     "'python' is any unnamed Python thread), threads under 0.05 s left out; machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy); "
      "ioc_cpu_us_per_frame_taken: the IOC's CPU per frame it processed or dropped"),
     ("refine_processed / refine_dropped / refine_updates: the refine stage's Refine:ArrayCounter_RBV, "
      "DroppedArrays_RBV and Updates_RBV deltas; it refines only with a probe (--refine), else it counts"),
@@ -169,7 +171,7 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
     probe.wait_connected()   # else the first results could go out before the subscription exists
     samples: dict[str, list] = {"FrameRate_RBV": [], "Infer:ExecutionTime_RBV": [], "Stitch:ExecutionTime_RBV": [],
                                 "Infer:Latency_RBV": []}
-    cpu0 = cpu_by_process()
+    cpu0, threads0 = cpu_by_process(), cpu_by_thread()
     ctx.put(SIM_PREFIX + "Acquire", 1, timeout=5)
     while time.time() - t_start < seconds:
         time.sleep(0.5)
@@ -184,6 +186,7 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
 
     wait_quiet(counters, settle=1.0, timeout=60)
     cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_by_process().items()}
+    by_thread = thread_deltas(threads0, cpu_by_thread())
     cpu_wall = time.time() - t_start
     offered = int(get(SIM_PREFIX + "ArrayCounter_RBV")) - sent0
     d = {n: int(get(p + n)) - before[n] for n in counted}
@@ -202,20 +205,52 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
         "stitch_processed": d["Stitch:ArrayCounter_RBV"], "stitch_dropped": d["Stitch:DroppedArrays_RBV"],
         "refine_processed": d["Refine:ArrayCounter_RBV"], "refine_dropped": d["Refine:DroppedArrays_RBV"],
         "refine_updates": d["Refine:Updates_RBV"],
-        "cpu_s": cpu, "cpu_wall_s": round(cpu_wall, 2),
+        "cpu_s": cpu, "cpu_s_by_thread": by_thread, "cpu_wall_s": round(cpu_wall, 2),
         "machine_cpu_busy": round(sum(cpu.values()) / (cpu_wall * (os.cpu_count() or 1)), 3),
         "ioc_cpu_us_per_frame_taken": round(1e6 * sum(v for k, v in cpu.items() if k.startswith("ioc"))
                                             / max(1, processed + dropped), 1),
     }
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; 0 where it cannot be read)."""
+def _cpu_s(pid) -> float:
+    """User + system CPU seconds of a process (or ``"pid/task/tid"``: a thread) so far (Linux /proc;
+    0 where it cannot be read)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def cpu_by_thread() -> dict[str, dict[int, tuple[str, float]]]:
+    """Each child's threads: thread id -> (OS thread name, CPU seconds so far) (Linux /proc)."""
+    out = {}
+    for c in CHILDREN:
+        threads = {}
+        try:
+            tids = os.listdir(f"/proc/{c.proc.pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                name = Path(f"/proc/{c.proc.pid}/task/{tid}/comm").read_text().strip()
+                threads[int(tid)] = (name, _cpu_s(f"{c.proc.pid}/task/{tid}"))
+            except OSError:
+                continue
+        out[c.name] = threads
+    return out
+
+
+def thread_deltas(before: dict, after: dict, least_s: float = 0.05) -> dict[str, dict[str, float]]:
+    """CPU seconds per process and OS thread name between two :func:`cpu_by_thread` snapshots,
+    threads of one name summed, those under ``least_s`` left out, largest first."""
+    out = {}
+    for proc, threads in after.items():
+        sums: dict[str, float] = {}
+        for tid, (name, cpu) in threads.items():
+            sums[name] = sums.get(name, 0.0) + cpu - before.get(proc, {}).get(tid, (name, 0.0))[1]
+        out[proc] = {k: round(v, 2) for k, v in sorted(sums.items(), key=lambda kv: -kv[1]) if v >= least_s}
+    return out
 
 
 def cpu_by_process() -> dict[str, float]:

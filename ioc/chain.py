@@ -17,6 +17,7 @@ import numpy as np
 
 from ..config import Config, resolve
 from ..inference.registry import card_scale_range
+from ..io.osthread import name_os_thread
 from ..plugins.models import ModelError, ModelManager
 from ..plugins.positions import SOURCES as POSITION_SOURCES
 from ..plugins.positions import AttributePositions, FilePositions, PvFeed, TimestampedPositions
@@ -385,6 +386,7 @@ class LiveChain:
                 images.post("Infer:Amplitude", amp, f.unique_id, timestamp=f.timestamp, attributes=attrs)
 
     def _publish_loop(self) -> None:
+        name_os_thread("chain-publish")
         last = -1
         while not self._stop.is_set():
             rate = max(float(self.ioc.get("Stitch:UpdateRate")), 0.1)
@@ -537,6 +539,7 @@ class LiveChain:
         self.ioc.set(name, value)
 
     def _stats_loop(self) -> None:
+        name_os_thread("chain-stats")
         seen = self._seen
 
         def put(name, value, severity=0):

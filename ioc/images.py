@@ -15,6 +15,7 @@ from p4p.server.thread import SharedPV
 
 from ..io.epics_env import pva_server_conf
 from ..io.ntndarray import NTNDArrayWriter, to_value
+from ..io.osthread import name_os_thread
 from .schema import ntndarrays
 
 
@@ -100,6 +101,7 @@ class StreamPublisher:
         return False
 
     def _loop(self) -> None:
+        name_os_thread(self._thread.name)
         while True:
             try:
                 batch = self._queue.get(timeout=0.2)

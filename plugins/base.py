@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
+from ..io.osthread import name_os_thread
 from .frame import Frame, data_type_name
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,7 @@ class PluginBase:
                 self._hurry -= 1
 
     def _run(self) -> None:
+        name_os_thread(f"plugin-{self.name}")
         self._safe(self.on_start, "on_start")
         more = False                # idle() has background work left
         try:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,6 +208,10 @@ def test_onnxruntime_splits_a_batch_over_its_sessions_in_order(sessions, source,
     for b in (1, 2, 3, 8, 11):
         x = frames(b, seed=10 + b)
         np.testing.assert_allclose(engine.infer(x)["phase"], reference(model_files[0], x), atol=1e-4)
+    # the further sessions' threads carry their OS name, so top -H and /proc show inference's CPU
+    pool = [t.native_id for t in engine._pool._threads] if engine._pool else []
+    assert len(pool) == sessions - 1
+    assert all(Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "ort-session" for tid in pool)
     engine.close()
     assert engine._pool is None and engine._others == []
 

@@ -3,6 +3,7 @@
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,3 +459,26 @@ def test_stop_while_idle_work_remains():
     p.put(frame(1))
     wait_for(lambda: len(p.log) > 10)
     assert p.stop(timeout=5) and not p.running
+
+
+def test_a_plugin_thread_carries_its_stage_name_for_the_os():
+    """``top -H``, ``ps -L`` and /proc tell the stages apart (Python 3.11 names threads for Python only)."""
+    started = threading.Event()
+
+    class Named(PluginBase):
+        def on_start(self):
+            started.set()
+
+        def process(self, frame):
+            return frame
+
+    p = Named("Stitch")
+    p.start()
+    try:
+        assert started.wait(5)      # on_start runs after the thread named itself
+        comm = Path(f"/proc/self/task/{p._thread.native_id}/comm").read_text().strip()
+        assert comm == "plugin-Stitch"
+        main = Path(f"/proc/self/task/{threading.main_thread().native_id}/comm").read_text().strip()
+        assert main != "plugin-Stitch"      # the process keeps its own name
+    finally:
+        p.stop()

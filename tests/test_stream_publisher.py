@@ -6,6 +6,7 @@ caller waiting once closed."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,13 @@ def test_after_close_nothing_waits_even_when_the_poster_is_stuck():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth"):
         StreamPublisher(print, depth=0)
+
+
+def test_the_publisher_thread_carries_its_name_for_the_os():
+    seen = threading.Event()
+    pub = StreamPublisher(lambda batch: seen.set(), depth=2, name="chain-phase")
+    try:
+        assert pub.put([0]) and seen.wait(5)        # posting runs after the thread named itself
+        assert Path(f"/proc/self/task/{pub._thread.native_id}/comm").read_text().strip() == "chain-phase"
+    finally:
+        pub.close()

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ...io.osthread import name_os_thread
 from ..onnxfile import CPU_EP as _CPU_EP
 from ..onnxfile import cpu_threads, open_session
 from .base import Engine, ModelSource
@@ -91,7 +92,8 @@ class OnnxRuntimeEngine(Engine):
         self._session = open_session(self.source.onnx_path, providers, each, self.spin)
         self._others = [open_session(self.source.onnx_path, providers, each, self.spin) for _ in range(n - 1)]
         if self._others:
-            self._pool = ThreadPoolExecutor(len(self._others), thread_name_prefix="ort-session")
+            self._pool = ThreadPoolExecutor(len(self._others), thread_name_prefix="ort-session",
+                                            initializer=name_os_thread, initargs=("ort-session",))
         (h, w) = self._session.get_inputs()[0].shape[2:]
         names = tuple(o.name for o in self._session.get_outputs())
         if (h, w) != (self.source.input_size,) * 2 or set(names) != set(self.source.outputs):
