@@ -181,8 +181,8 @@ def place_numpy(canvas: np.ndarray, own: np.ndarray, rows: np.ndarray, cols: np.
     """Add each patch's planes ``own[k]`` ([w * phase, w], (n, 2, ph, pw)) into ``canvas`` (2, H, W) at
     (``rows[k]``, ``cols[k]``), one after another, first matching its constant phase to what the
     previous patches left where the overlap weight exceeds ``threshold``. ``own`` is changed."""
+    ph, pw = own.shape[2:]
     for k, (rr, cc) in enumerate(zip(rows.tolist(), cols.tolist())):
-        ph, pw = own.shape[2:]
         view = canvas[:, rr:rr + ph, cc:cc + pw]                        # [num, den] under the patch
         mine = own[k]                                                    # [w * phase, w]
         if estimate:
@@ -274,6 +274,8 @@ def _warm_up() -> None:
     _splat_compiled(p, idx, 0, 0, np.ones((2, 2), np.float32), f, f, own)
     _place_compiled(np.zeros((2, 3, 3), np.float32), own, idx, idx, 0.0, True)
     _warm = True
+
+
 KERNELS = ("auto", "compiled", "numpy")
 
 
