@@ -95,11 +95,18 @@ class Session:
         self.ctx = Context("pva", conf=pva_client_conf(ports["pva"], ports["img"], ports["sim"]), useenv=False,
                            unwrap=False)
 
+    def disconnect(self) -> None:
+        """Close the PVA client before the simulator stops: its channels to the simulator would
+        otherwise keep reconnecting to a closed port, and pvxs logs every refusal."""
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+
     def reconnect(self) -> None:
         """A fresh PVA client after the simulator restarted (old channels would wait out a backoff)."""
         from p4p.client.thread import Context
 
-        self.ctx.close()
+        self.disconnect()
         p = self.ports
         self.ctx = Context("pva", conf=pva_client_conf(p["pva"], p["img"], p["sim"]), useenv=False, unwrap=False)
 
@@ -322,6 +329,7 @@ def run_demo(args) -> int:
         v2 = int(s.get("ModelVersion_RBV"))
         recon1 = sorted((out / "scans").glob("*_recon.h5"))
         step(f"the chain runs v{v2}. Moving to scan B2 (another area of the chip)")
+        s.disconnect()
         sim.stop()
         children.remove(sim)
         s.wait(lambda: s.get("Infer:Connected_RBV") == 0, "the IOC to see the detector go", 30)
@@ -377,7 +385,7 @@ def run_demo(args) -> int:
         # clients first, then the IOC before the detector it reads: nothing is left trying to
         # reconnect to a server that has gone
         if s is not None:
-            s.ctx.close()
+            s.disconnect()
         for child in sorted(children, key=lambda c: c.name != "ioc"):
             child.stop()
 
