@@ -293,3 +293,28 @@ def test_a_patch_off_the_canvas_is_never_written(monkeypatch, kernel):
     with pytest.raises(RuntimeError, match="outside the"):
         s.add(np.ones((1, 8, 8)), [[500 * PS, 0]])
     assert np.array_equal(s._canvas, before) and s.frames_stitched == 1
+
+
+def test_the_kernels_compile_where_nothing_can_be_cached(monkeypatch):
+    """An IOC installed read-only, run by a user without a writable home, has nowhere for Numba's
+    cache: Numba refuses ``cache=True`` at decoration, and the stitcher compiles at each start instead."""
+    import numba
+
+    from ptychopv.science import stitching
+
+    real = numba.njit
+
+    def njit(*args, **kw):
+        if kw.get("cache"):
+            def refuse(fn):
+                raise RuntimeError(f"cannot cache function {fn.__name__!r}: no locator available")
+            return refuse
+        return real(*args, **kw)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    place, splat = stitching._compile()
+    assert place is not None and splat is not None and place.targetoptions["nogil"] is True
+    canvas, own = np.zeros((2, 4, 4), np.float32), np.ones((1, 2, 2, 2), np.float32)
+    idx = np.zeros(1, np.int64)
+    place(canvas, own, idx, idx, 0.0, True)
+    assert canvas[1, :2, :2].sum() == 4 and canvas[1].sum() == 4

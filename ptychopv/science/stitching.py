@@ -253,7 +253,13 @@ def _compile():
         import numba
     except ImportError:
         return None, None
-    jit = numba.njit(nogil=True, cache=True)
+
+    def jit(fn):
+        try:
+            return numba.njit(nogil=True, cache=True)(fn)
+        except RuntimeError:    # nowhere to cache (a read-only install, no writable home): compile each start
+            return numba.njit(nogil=True)(fn)
+
     return jit(_place_loops), jit(_splat_loops)
 
 
