@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from .batching import BatchingPlugin
 
 IDLE_STEPS = 16      # refiner updates per idle() call: the queue is checked between calls
 NICE = 10            # the refine thread's niceness, above the chain's (0)
+YIELD_POLL_S = 0.02  # while the chain is overloaded, how often the refine thread looks again
 
 
 class RefinePlugin(BatchingPlugin):
@@ -36,6 +38,11 @@ class RefinePlugin(BatchingPlugin):
         kw.setdefault("batch_timeout_s", 0.0)
         super().__init__(name, **kw)
         self.refiner = Refiner(seed if seed is not None else Stitcher(1.0), probe)
+        # () -> True while the chain upstream is overloaded (the chain: frames wait at Infer); then
+        # frames are kept but not refined, and background work waits, so refinement takes no CPU
+        # that inference needs. None: never.
+        self.chain_busy = None
+        self.yielded_s = 0.0    # time spent waiting for the chain
         self._last_uid: int | None = None
         self.frames_no_counts = 0
         self.generation = 0     # bumps on every change of the image, for the publisher
@@ -125,7 +132,7 @@ class RefinePlugin(BatchingPlugin):
         if usable:
             pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in usable], float)
             before = self.refiner.counters()
-            self.refiner.add(np.stack([f.counts for f in usable]), pos)
+            self.refiner.add(np.stack([f.counts for f in usable]), pos, defer=self._yielding())
             after = self.refiner.counters()
             if (after["frames_no_probe"], after["frames_rejected"]) != (before["frames_no_probe"],
                                                                         before["frames_rejected"]):
@@ -133,7 +140,22 @@ class RefinePlugin(BatchingPlugin):
             self.generation += 1
         return frames
 
+    def _yielding(self) -> bool:
+        busy = self.chain_busy
+        try:
+            return bool(busy()) if busy is not None else False
+        except Exception:  # noqa: BLE001 - a broken probe must not stop refinement
+            return False
+
     def idle(self) -> bool:
+        if self._yielding():
+            # the chain needs the CPU: look again shortly (frames still wake the thread at once)
+            t = time.monotonic()
+            with self._lock:
+                if not self._queue:
+                    self._not_empty.wait(YIELD_POLL_S)
+            self.yielded_s += time.monotonic() - t
+            return True
         did = 0
         for _ in range(IDLE_STEPS):
             if not self.refiner.step():

@@ -300,3 +300,41 @@ def test_a_probe_set_while_frames_wait_is_used_for_them(scan):
     p = ref._shifted((0, 0))[0]
     mean_counts = float(np.mean([f.sum() for f in scan.frames[:n]]))
     assert float(np.sum(np.abs(p) ** 2)) == pytest.approx(mean_counts, rel=1e-3)
+
+
+def test_while_the_chain_is_overloaded_frames_are_kept_and_refined_once_it_is_not(scan):
+    """Refinement takes only what inference leaves: while ``chain_busy()`` the plugin keeps every
+    frame (none dropped, none lost) but makes no update and no background sweep; once the chain
+    has room it refines them all, as it would have."""
+    patches = blurry_patches(scan)
+    busy = [True]
+    stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
+    ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
+    ref.set_probe(scan.probe)
+    ref.revisits, ref.passes = 1, 4
+    ref.chain_busy = lambda: busy[0]
+    stitch.downstream = [ref]
+    stitch.start()
+    ref.start()
+    try:
+        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
+            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
+            f.counts = c
+            stitch.put(f)
+        n = len(patches)
+        wait_until(lambda: ref.array_counter == n, what="the refine stage to take every frame")
+        yielded = ref.yielded_s
+        wait_until(lambda: ref.yielded_s > yielded, what="the refine thread to wait for the chain")
+        assert ref.updates == 0 and ref.frames_refined == n and ref.dropped_arrays == 0
+        assert not ref.settled
+        busy[0] = False                                  # the chain has room again
+        wait_until(lambda: ref.settled, what="the deferred frames and the background sweeps")
+        assert ref.updates == n * (1 + 1 + 4)            # every frame's first update, revisit and sweeps
+        live = fidelity.score(stitch.image(), scan)["nrmse"]
+        assert fidelity.score(ref.image(), scan)["nrmse"] < 0.6 * live
+        # a probe that fails counts as not busy: refinement never stops for a broken probe
+        ref.chain_busy = lambda: 1 / 0
+        assert ref._yielding() is False
+    finally:
+        stitch.stop()
+        ref.stop()

@@ -282,9 +282,11 @@ class Refiner:
             self.last_message = ""
 
     # ------------------------------------------------------------------ adding
-    def add(self, counts, positions_m) -> int:
+    def add(self, counts, positions_m, *, defer: bool = False) -> int:
         """Refine with ``counts`` (B, n, n) measured at ``positions_m`` (B, 2) as (x, y) metres;
         returns how many frames were used. The seed stitcher must already hold their patches.
+        ``defer``: keep the frames for :meth:`step` instead of updating with those past ``lag`` now
+        (while the chain is overloaded); at most ``max_frames`` wait, the oldest are used beyond that.
 
         A frame with a NaN position, or non-finite or negative counts, counts in
         ``frames_rejected``; without a probe, frames count in ``frames_no_probe``; neither is used.
@@ -345,7 +347,7 @@ class Refiner:
                 used += 1
             self.frames_refined += used
             self._step = np.float32(self.step_size)
-            while len(self._pending) > self.lag:
+            while len(self._pending) > (self.max_frames if defer else self.lag):
                 self._first(self._pending.popleft())
             self._polish = self.passes * (len(self._frames) + len(self._pending))
             return used
