@@ -389,7 +389,7 @@ class LiveChain:
                 images.post("Infer:Amplitude", amp, f.unique_id, timestamp=f.timestamp, attributes=attrs)
 
     def _publish_loop(self) -> None:
-        name_os_thread("chain-publish")
+        name_os_thread()
         last = -1
         while not self._stop.is_set():
             rate = max(float(self.ioc.get("Stitch:UpdateRate")), 0.1)
@@ -542,7 +542,7 @@ class LiveChain:
         self.ioc.set(name, value)
 
     def _stats_loop(self) -> None:
-        name_os_thread("chain-stats")
+        name_os_thread()
         seen = self._seen
 
         def put(name, value, severity=0):

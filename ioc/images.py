@@ -101,7 +101,7 @@ class StreamPublisher:
         return False
 
     def _loop(self) -> None:
-        name_os_thread(self._thread.name)
+        name_os_thread()
         while True:
             try:
                 batch = self._queue.get(timeout=0.2)

@@ -324,7 +324,7 @@ class PluginBase:
                 self._hurry -= 1
 
     def _run(self) -> None:
-        name_os_thread(f"plugin-{self.name}")
+        name_os_thread()                # plugin-<name>, as the thread was named
         self._safe(self.on_start, "on_start")
         more = False                # idle() has background work left
         try:

@@ -15,7 +15,6 @@ hold the chain up.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -24,6 +23,7 @@ import numpy as np
 from ..science.refine import Refiner
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
+from .source import set_thread_nice
 
 IDLE_STEPS = 16      # refiner updates per idle() call: the queue is checked between calls
 NICE = 10            # the refine thread's niceness, above the chain's (0)
@@ -103,10 +103,7 @@ class RefinePlugin(BatchingPlugin):
     def on_start(self) -> None:
         # the refine thread runs at a lower CPU priority than the rest of the chain (Linux allows
         # it per thread): refinement uses what inference and stitching leave
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        except (AttributeError, OSError):
-            pass
+        set_thread_nice(threading.get_native_id(), NICE)
 
     def process(self, frames):
         frames = frames if isinstance(frames, list) else [frames]

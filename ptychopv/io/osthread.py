@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 _PR_SET_NAME = 15
 _libc = None
 
 
-def name_os_thread(name: str) -> bool:
-    """Give the calling thread the OS name ``name`` (its first 15 bytes). Call it from a thread
-    of its own, never the main thread (that would rename the process). True where it was set."""
+def name_os_thread(name: str | None = None) -> bool:
+    """Give the calling thread the OS name ``name`` (its first 15 bytes; default: its Python
+    name). Call it from a thread of its own, never the main thread (that would rename the
+    process). True where it was set."""
     global _libc
+    name = threading.current_thread().name if name is None else name
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -448,18 +448,18 @@ class Stitcher:
         if not fourier and self.kernel == "compiled":
             src = p if p.dtype in (np.float32, np.float64) else p.astype(np.float32)  # one compilation each
             _splat_compiled(src, idx, b0, c0_, win.w, fy_a, fx_a, own)
-        elif fourier:
-            boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
-            own[:, 0] = fourier_shift(boxed * win.w, fy_a, fx_a)          # w * phase, moved
-            own[:, 1] = [win.shifted(fy, fx) for fy, fx in zip(fy_a.tolist(), fx_a.tolist())]
         else:
             boxed = p[idx][:, b0:b1, c0_:c1_].astype(np.float32, copy=False)
-            _splat_batch(boxed * win.w, fy_a, fx_a, own[:, 0])
-            if win.wy is not None:      # separable window: the splat is an outer product
-                np.multiply(_splat1_batch(win.wy, fy_a)[:, :, None], _splat1_batch(win.wx, fx_a)[:, None, :],
-                            out=own[:, 1])
+            if fourier:
+                own[:, 0] = fourier_shift(boxed * win.w, fy_a, fx_a)          # w * phase, moved
+                own[:, 1] = [win.shifted(fy, fx) for fy, fx in zip(fy_a.tolist(), fx_a.tolist())]
             else:
-                _splat_batch(win.w, fy_a, fx_a, own[:, 1])
+                _splat_batch(boxed * win.w, fy_a, fx_a, own[:, 0])
+                if win.wy is not None:      # separable window: the splat is an outer product
+                    np.multiply(_splat1_batch(win.wy, fy_a)[:, :, None],
+                                _splat1_batch(win.wx, fx_a)[:, None, :], out=own[:, 1])
+                else:
+                    _splat_batch(win.w, fy_a, fx_a, own[:, 1])
         threshold = self.min_overlap * win.self_weight
         place = _place_compiled if (self.kernel == "compiled") else place_numpy
         place(self._canvas, own, np.asarray(rows, np.int64), np.asarray(cols, np.int64), float(threshold),
