@@ -4,6 +4,16 @@ Batches hold up to ``batch_size`` frames and close after ``batch_timeout_s`` so 
 of a scan never wait. The engine is swapped between two batches (:meth:`InferPlugin.swap`
 runs on the plugin's thread, in order with the frames queued before it): no frame is lost or
 inferred twice, and a model that fails to load never replaces the running one.
+
+An engine with workers that infer whole batches side by side (``engine.pipeline_depth`` > 1: the
+CPU sessions of ONNX Runtime) gets up to that many batches at once while frames wait (overload):
+the plugin hands a batch over, takes the next one, and passes on the oldest batch's results when
+its worker is done, so no worker waits for another. Results leave in the order the batches were
+taken. With no frame waiting and nothing in flight (below capacity) a batch goes through
+``engine.infer``, which spreads it over every worker: a frame then waits no longer than before.
+When nothing is queued the plugin finishes every batch it handed over before it takes the next
+frame, so ``flush()`` returns with every result passed on, and a swap or any other queued call
+runs with nothing in flight.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..science.preprocess import PreprocessOptions, Preprocessor
+from .base import _Call
 from .batching import BatchingPlugin
 from .frame import Frame
 
@@ -38,6 +49,7 @@ class InferPlugin(BatchingPlugin):
         self.latency_ms = 0.0
         self._out_times: deque = deque()
         self.on_swap: list[Callable[[int], None]] = []
+        self._in_flight: deque = deque()   # (Future, frames, batch, preprocess options, version)
 
     # ------------------------------------------------------------------ model
     @property
@@ -113,6 +125,7 @@ class InferPlugin(BatchingPlugin):
         raise ValueError(f"frame {odd[0].unique_id} is {odd[0].data.shape}, the batch {shape}")
 
     def _one_by_one(self, frames, first_exc):
+        self._settle(0)             # results leave in order
         out = []
         for f in frames:
             try:
@@ -121,17 +134,56 @@ class InferPlugin(BatchingPlugin):
                 self.bad_frames += 1
                 self.report(f"frame {f.unique_id}: {exc}")
                 continue
-            out.extend(self._infer([f], x) or [])
+            out.extend(self._infer([f], x, sync=True) or [])
         return out or None
 
-    def _infer(self, frames, batch):
-        result = self.engine.infer(batch)
+    # ------------------------------------------------------------------ batches in flight
+    @property
+    def in_flight(self) -> int:
+        """Batches handed to the engine's workers whose results have not been passed on."""
+        return len(self._in_flight)
+
+    def _handle(self, work) -> None:
+        if isinstance(work, _Call):
+            self._settle(0)         # a swap (or any call) runs with nothing in flight
+        super()._handle(work)
+
+    def on_stop(self) -> None:
+        self._settle(0)
+
+    def _settle(self, keep: int) -> None:
+        """Pass on the oldest batches' results until at most ``keep`` are in flight."""
+        while len(self._in_flight) > keep:
+            future, frames, batch, opts, version = self._in_flight[0]
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - one batch's failure is counted, the rest go on
+                self._error(exc, "process")
+                continue
+            finally:
+                self._in_flight.popleft()
+            out = self._results(frames, batch, result, opts, version)
+            if out and self.array_callbacks:
+                self.emit(out)
+
+    def _infer(self, frames, batch, sync: bool = False):
+        depth = getattr(self.engine, "pipeline_depth", 1)
+        waiting = self._nframes
+        if sync or depth <= 1 or not (waiting or self._in_flight):
+            # one batch at a time (below capacity): infer spreads it over every worker
+            self._settle(0)
+            return self._results(frames, batch, self.engine.infer(batch), self.pre.options, self.version)
+        self._in_flight.append((self.engine.submit(batch), frames, batch, self.pre.options, self.version))
+        # frames waiting: take the next batch while this one runs; none: finish everything now
+        self._settle(depth - 1 if waiting else 0)
+        return None
+
+    def _results(self, frames, batch, result, opts, version):
         valid = result.get("valid", np.ones(len(frames), bool))
         now = time.perf_counter()
         out = []
         # the counts in the network's geometry travel on with the phase, for the refine stage
         # (photons as measured: the refine stage weighs its steps by them, so ScaleFactor is undone)
-        opts = self.pre.options
         counts = None
         if opts.normalise == "none" and np.ndim(batch) == 3:
             counts = batch if opts.scale == 1 else batch / np.float32(opts.scale)
@@ -140,7 +192,7 @@ class InferPlugin(BatchingPlugin):
                 self.bad_frames += 1
                 self.report(f"frame {f.unique_id}: not finite after preprocessing; skipped")
                 continue
-            attrs = dict(f.attributes, ModelVersion=self.version)
+            attrs = dict(f.attributes, ModelVersion=version)
             res = f.derive(result["phase"][i], attributes=attrs)
             if "amplitude" in result:
                 res.amplitude = result["amplitude"][i]

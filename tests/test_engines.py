@@ -238,6 +238,43 @@ def test_onnxruntime_sessions_default_to_two_on_two_cpus_and_never_exceed_the_th
     two.close()
 
 
+@pytest.mark.parametrize("sessions", [1, 2, 3])
+def test_onnxruntime_submit_runs_whole_batches_side_by_side_on_their_own_sessions(sessions, source, model_files):
+    """``submit``: each session infers whole batches on its own worker, so as many batches as
+    sessions run at once (``pipeline_depth``). Every batch's result is its own, in its frames'
+    order; a bad batch fails its own Future only; one session infers alone."""
+    from ptychopv.inference.engines.onnxrt import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(source, providers="cpu", threads=3, sessions=sessions).load()
+    assert engine.pipeline_depth == sessions
+    batches = [frames(b, seed=40 + i) for i, b in enumerate((1, 3, 8, 5, 2, 8))]
+    futures = [engine.submit(x) for x in batches]
+    bad = engine.submit(np.full((2, 64, 64), np.nan, np.float32)[:, :8])     # wrong size: refused
+    for x, f in zip(batches, futures):
+        out = f.result(timeout=60)
+        np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=1e-4)
+        assert out["valid"].all()
+    with pytest.raises(ValueError, match="the model expects 64x64"):
+        bad.result(timeout=60)
+    if sessions > 1:
+        # one worker per session, each named, each on a session of its own
+        workers = list(engine._workers._threads)
+        assert 1 <= len(workers) <= sessions
+        assert all(Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip() == "ort-worker"
+                   for t in workers)
+    else:
+        assert engine._workers is None       # nothing to run beside: inferred in the caller's thread
+    # a worker uses its own session only: the batch is not split again across the others
+    calls = []
+    for s in (engine._session, *engine._others):
+        run = s.run
+        s.run = (lambda run: lambda *a, **k: (calls.append(1), run(*a, **k))[1])(run)
+    engine.submit(frames(6)).result(timeout=60)
+    assert len(calls) == 1
+    engine.close()
+    assert engine._workers is None
+
+
 class _Recorder(Engine):
     """A fixed-batch engine that records the batch sizes it is given."""
 

@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -266,6 +267,24 @@ class Engine(ABC):
             out[name][bad] = np.nan
         out["valid"] = valid
         return out
+
+    @property
+    def pipeline_depth(self) -> int:
+        """How many batches :meth:`submit` runs at once: more than 1 where the engine has workers
+        that infer whole batches side by side (the CPU sessions of ONNX Runtime), so a caller
+        keeps that many in flight; 1 for the rest, whose ``submit`` infers at once."""
+        return 1
+
+    def submit(self, batch) -> Future:
+        """Infer ``batch`` as :meth:`infer` does, on one of the engine's workers where it has them
+        (:attr:`pipeline_depth` > 1); the Future holds the result, or the exception ``infer``
+        raised. Engines without workers infer in the caller's thread and return a done Future."""
+        future: Future = Future()
+        try:
+            future.set_result(self.infer(batch))
+        except Exception as exc:  # noqa: BLE001 - the caller gets it from the Future
+            future.set_exception(exc)
+        return future
 
     def describe(self) -> dict:
         s = self.source

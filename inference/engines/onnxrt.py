@@ -12,12 +12,21 @@ thread that lost it; sessions on their own threads meet once per batch. On the 2
 machine two one-thread sessions ran 291-297 frames/s against 281-282 for one two-thread session
 alone, and 202-206 against 179-192 beside two processes each busy a third of the time
 (PtychoNN 2.0 at 128x128, batches of 8 and 16).
+
+:meth:`OnnxRuntimeEngine.submit` goes one step further for a caller that keeps several batches
+in flight (the live chain's infer stage): each session infers whole batches on its own worker
+thread, so the sessions never wait for each other. A session that lost its core for a moment
+delays only its own batch while the other goes on with the next (``pipeline_depth`` is the
+number of sessions). ``infer`` still splits one batch over the sessions, for a caller that has
+one batch at a time.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -66,6 +75,9 @@ class OnnxRuntimeEngine(Engine):
         self._session = None
         self._others: list = []          # the further CPU sessions
         self._pool: ThreadPoolExecutor | None = None
+        self._workers: ThreadPoolExecutor | None = None   # submit(): one per session, whole batches
+        self._workers_lock = threading.Lock()
+        self._own = threading.local()                     # .session: a submit worker's own session
 
     @classmethod
     def unavailable(cls, source: ModelSource) -> str | None:
@@ -103,10 +115,34 @@ class OnnxRuntimeEngine(Engine):
         self._input = self._session.get_inputs()[0].name
         self._names = names
 
+    @property
+    def pipeline_depth(self) -> int:
+        return 1 + len(self._others)
+
+    def submit(self, batch) -> Future:
+        """Infer ``batch`` on the next free session's own worker, the whole batch on that session."""
+        self.load()
+        if not self._others:
+            return super().submit(batch)
+        with self._workers_lock:
+            if self._workers is None:
+                sessions: queue.SimpleQueue = queue.SimpleQueue()
+                for s in (self._session, *self._others):
+                    sessions.put(s)
+                self._workers = ThreadPoolExecutor(
+                    self.pipeline_depth, thread_name_prefix="ort-worker",
+                    initializer=self._own_session, initargs=(sessions,))
+            return self._workers.submit(self.infer, batch)
+
+    def _own_session(self, sessions: queue.SimpleQueue) -> None:
+        name_os_thread("ort-worker")
+        self._own.session = sessions.get()
+
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        k = min(1 + len(self._others), len(x))
+        own = getattr(self._own, "session", None)
+        k = 1 if own is not None else min(1 + len(self._others), len(x))
         if k <= 1:
-            got = self._session.run(None, {self._input: x})
+            got = (own or self._session).run(None, {self._input: x})
             return {name: np.asarray(v, dtype=np.float32)[:, 0] for name, v in zip(self._names, got)}
         # the batch in k contiguous parts, the first on this thread, the others beside it
         parts = np.array_split(x, k)
@@ -130,6 +166,10 @@ class OnnxRuntimeEngine(Engine):
         return info
 
     def close(self) -> None:
+        with self._workers_lock:
+            workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
