@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from ptychopv.inference.engines.base import Engine, ModelSource
 from ptychopv.plugins.frame import Frame
 from ptychopv.plugins.infer import InferPlugin
