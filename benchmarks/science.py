@@ -12,7 +12,9 @@ Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and rep
 - ``live``: the live image, produced by the chain's own plugins (preprocess -> engine -> stitch,
   ``fidelity.live_image``) with the model of ``--registry`` (default: the shipped one) on ONNX
   Runtime, the stitcher weighted by the model card's beam as the IOC does before any
-  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor) and,
+  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor;
+  ``refined_scaled``: the refine stage's image of that run, ``refined_scaled_trained`` at the
+  trained limit below) and,
   where that factor is beyond the scalings the model was trained at (its card and its parents',
   ``ModelRegistry.trained_scale_range``), ``live_scaled_trained``: ``ScaleFactor`` at that limit;
 - ``live_recon_window``: the same, weighted by the probe that ePIE reconstructed (what the IOC
@@ -84,6 +86,19 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
         row["refined"] = fidelity.score(refined, scan)
         row["refined_s"] = round(time.perf_counter() - t0, 2)
         images["refined"] = refined
+    if dose_x != 1 and args.refine:
+        # the refine stage works on the counts as measured (ScaleFactor undone), so ScaleFactor
+        # reaches its image only through the network's image it starts from
+        t0 = time.perf_counter()
+        _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
+                                          refine_probe=card_window, scale=1.0 / dose_x, **live_kw)
+        row["refined_scaled"] = fidelity.score(refined, scan)
+        row["refined_scaled_s"] = round(time.perf_counter() - t0, 2)
+        hi = args.trained_scale[1]
+        if 1.0 / dose_x > hi * 1.0001:   # and at the model's trained limit, as a scan macro writes it
+            _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
+                                              refine_probe=card_window, scale=hi, **live_kw)
+            row["refined_scaled_trained"] = fidelity.score(refined, scan)
     if dose_x != 1:
         scaled = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
                                      scale=1.0 / dose_x, **live_kw)
@@ -176,6 +191,20 @@ def summarize(rows: list[dict]) -> dict:
     low_ref = {f: get(f, 0.6, 0.01, "refined") for f in fams}
     if all(v is not None for v in low_ref.values()):
         out["dose_0.01_refined_nrmse"] = low_ref
+    for d in sorted({r["dose_x"] for r in rows if "refined_scaled" in r}):
+        pairs = {}
+        for r in rows:
+            if r["dose_x"] == d and r["overlap"] == 0.6 and "refined_scaled" in r and "refined" in r:
+                one, matched, limit = r["refined"], r["refined_scaled"], r.get("refined_scaled_trained")
+                pair = {"scale_1": {"nrmse": one["nrmse"], "ssim": one["ssim"]},
+                        "scale_matched": {"nrmse": matched["nrmse"], "ssim": matched["ssim"]},
+                        "matched_never_worse": matched["nrmse"] <= one["nrmse"] and matched["ssim"] >= one["ssim"]}
+                if limit is not None:
+                    pair["scale_trained_max"] = {"nrmse": limit["nrmse"], "ssim": limit["ssim"]}
+                    pair["trained_max_never_worse"] = limit["nrmse"] <= one["nrmse"] and limit["ssim"] >= one["ssim"]
+                pairs[r["family"]] = pair
+        if pairs:
+            out[f"dose_{d:g}_refined_scale"] = pairs
     low = {f: (get(f, 0.6, 0.01), get(f, 0.6, 0.01, "live_scaled"), get(f, 0.6, 0.01, "live_scaled_trained"))
            for f in fams}
     if all(a is not None for a, _, _ in low.values()):
