@@ -32,6 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections import deque
 from pathlib import Path
 
 from ptychopv.io.epics_env import apply_loopback, free_port, pva_client_conf
@@ -156,8 +157,6 @@ def bare_engine(engine, batch: int, seconds: float) -> dict:
     out = {"batch": batch, "fps_infer": round(n / dt, 1)}
     depth = engine.pipeline_depth
     if depth > 1:
-        from collections import deque
-
         for f in [engine.submit(x) for _ in range(depth)]:
             f.result()
         flight: deque = deque()

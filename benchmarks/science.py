@@ -86,29 +86,25 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
         row["refined"] = fidelity.score(refined, scan)
         row["refined_s"] = round(time.perf_counter() - t0, 2)
         images["refined"] = refined
-    if dose_x != 1 and args.refine:
-        # the refine stage works on the counts as measured (ScaleFactor undone), so ScaleFactor
-        # reaches its image only through the network's image it starts from
-        t0 = time.perf_counter()
-        _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
-                                          refine_probe=card_window, scale=1.0 / dose_x, **live_kw)
-        row["refined_scaled"] = fidelity.score(refined, scan)
-        row["refined_scaled_s"] = round(time.perf_counter() - t0, 2)
-        hi = args.trained_scale[1]
-        if 1.0 / dose_x > hi * 1.0001:   # and at the model's trained limit, as a scan macro writes it
-            _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
-                                              refine_probe=card_window, scale=hi, **live_kw)
-            row["refined_scaled_trained"] = fidelity.score(refined, scan)
     if dose_x != 1:
-        scaled = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
-                                     scale=1.0 / dose_x, **live_kw)
-        row["live_scaled"] = fidelity.score(scaled, scan)
+        # ScaleFactor = 1/dose factor and, where that is beyond the scalings the model saw, its
+        # trained limit (as a scan macro writes it). One run gives the live image and the refine
+        # stage's, which works on the counts as measured (ScaleFactor undone), so ScaleFactor
+        # reaches it only through the network's image it starts from.
         hi = args.trained_scale[1]
-        if 1.0 / dose_x > hi * 1.0001:   # the matching ScaleFactor is beyond what the model saw: also at its limit
-            limited = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
-                                          scale=hi, **live_kw)
-            row["live_scaled_trained"] = fidelity.score(limited, scan)
+        scales = {"scaled": 1.0 / dose_x}
+        if 1.0 / dose_x > hi * 1.0001:
+            scales["scaled_trained"] = hi
             row["scale_trained"] = hi
+        for key, scale in scales.items():
+            t0 = time.perf_counter()
+            live_at, refined_at = fidelity.live_images(
+                scan.frames, scan.positions_m, engine, window=card_window, scale=scale,
+                refine_probe=card_window if args.refine else None, **live_kw)
+            row[f"live_{key}"] = fidelity.score(live_at, scan)
+            if refined_at is not None:
+                row[f"refined_{key}"] = fidelity.score(refined_at, scan)
+                row[f"refined_{key}_s"] = round(time.perf_counter() - t0, 2)
     if args.iterations:
         rec_img, rec_probe, secs = epie(scan, args.iterations, args.threads)
         row["epie"] = fidelity.score(rec_img, scan)

@@ -125,7 +125,6 @@ class InferPlugin(BatchingPlugin):
         raise ValueError(f"frame {odd[0].unique_id} is {odd[0].data.shape}, the batch {shape}")
 
     def _one_by_one(self, frames, first_exc):
-        self._settle(0)             # results leave in order
         out = []
         for f in frames:
             try:
@@ -134,7 +133,7 @@ class InferPlugin(BatchingPlugin):
                 self.bad_frames += 1
                 self.report(f"frame {f.unique_id}: {exc}")
                 continue
-            out.extend(self._infer([f], x, sync=True) or [])
+            out.extend(self._infer([f], x, sync=True) or [])   # settles what is in flight first
         return out or None
 
     # ------------------------------------------------------------------ batches in flight
