@@ -88,7 +88,10 @@ def ioc(tmp_path_factory):
     """One IOC for the session, with default settings."""
     from ptychopv.procs import start_ioc
 
-    h = write_ioc_config(tmp_path_factory.mktemp("ioc"), f"T{os.getpid()}:", CA_PORTS[0])
+    # no detector serves this IOC: its source would report "not found" on Infer:Message_RBV 5 s
+    # after start, racing the tests that read the messages stages write there
+    h = write_ioc_config(tmp_path_factory.mktemp("ioc"), f"T{os.getpid()}:", CA_PORTS[0],
+                         "source: {connect_timeout_s: 3600}\n")
     h.child = start_ioc(h.config)
     yield h
     h.child.stop()
