@@ -61,6 +61,8 @@ def test_demo_runs_every_stage(tmp_path, mode):
     # the refine stage (scan B1's reconstructed probe, the frames of B2) brings the live image
     # nearer the truth than the network alone: measured 0.198 against 0.408 (README)
     assert rows["refined (IOC, v2 + frames)"]["nrmse"] < 0.7 * rows["live (IOC, v2)"]["nrmse"], rows
+    # the panels show the network's images beside the refined one and pty-chi's, as scored
+    assert s["panels"] == ["truth", "v1 (family A)", "v2 (after one B scan)", "refined (IOC)", "pty-chi ePIE"]
     for png in ("scan2_panels.png", "loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "scan B2 against the truth" in r.stdout

@@ -5,8 +5,8 @@ import pytest
 from scipy import ndimage
 
 from ptychopv.science import physics
-from ptychopv.science.metrics import (best_offset, best_plane, coverage_mask, phase_ssim, remove_offset, stitched_ssim,
-                              truth_on_grid)
+from ptychopv.science.metrics import (best_offset, best_plane, coverage_mask, image_on_grid, phase_ssim, remove_offset,
+                              stitched_ssim, truth_on_grid)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,27 @@ def test_truth_on_grid_exact_crop_and_interpolation(phase):
         truth_on_grid(phase[0], ps, origin, ps, (4, 4))
     with pytest.raises(ValueError, match="pixel_size"):
         truth_on_grid(phase, ps, origin, 0.0, (4, 4))
+
+
+def test_image_on_grid_puts_one_image_on_anothers_grid(phase):
+    """The demo draws the IOC's refined image and pty-chi's reconstruction, each made on its own
+    grid, beside the network's image: resampled onto that image's grid."""
+    ps = 1e-8
+    src = (phase, np.ones_like(phase), (-64 * ps, -64 * ps), ps)          # pixel (i, j) at ((j-64) ps, (i-64) ps)
+    like = (np.zeros((40, 50)), np.ones((40, 50)), ((20 - 64) * ps, (30 - 64) * ps), ps)
+    assert np.array_equal(image_on_grid(src, like), phase[30:70, 20:70])   # a whole-pixel offset: a crop
+    half = image_on_grid(src, (like[0], like[1], (like[2][0], like[2][1] + 0.5 * ps), ps))
+    assert np.allclose(half[:-1], 0.5 * (phase[30:69, 20:70] + phase[31:70, 20:70]))
+    coarse = image_on_grid(src, (np.zeros((10, 10)), None, like[2], 2 * ps))
+    assert coarse[3, 2] == pytest.approx(phase[36, 24])
+    edge = image_on_grid(src, (np.zeros((4, 4)), None, (62 * ps, 0.0), ps))  # columns 126..129 of 128
+    assert np.isfinite(edge[:, :2]).all() and np.isnan(edge[:, 2:]).all()
+    # the same as truth_on_grid for a truth centred on 0 m
+    assert np.array_equal(image_on_grid(src, like), truth_on_grid(phase, ps, like[2], ps, (40, 50)))
+    with pytest.raises(ValueError, match="2-D"):
+        image_on_grid((phase[0], None, (0.0, 0.0), ps), like)
+    with pytest.raises(ValueError, match="pixel size"):
+        image_on_grid((phase, None, (0.0, 0.0), 0.0), like)
 
 
 def test_coverage_mask_and_stitched_ssim(phase):

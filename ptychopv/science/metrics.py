@@ -141,19 +141,41 @@ def truth_on_grid(truth, truth_pixel_size_m: float, origin_m, pixel_size_m: floa
     ty, tx = t.shape
     rows = (origin_m[1] + np.arange(ny) * pixel_size_m) / truth_pixel_size_m + ty / 2
     cols = (origin_m[0] + np.arange(nx) * pixel_size_m) / truth_pixel_size_m + tx / 2
-    rr = np.rint(rows)
-    cc = np.rint(cols)
+    return _sample(t, rows, cols, order)
+
+
+def _sample(t: np.ndarray, rows: np.ndarray, cols: np.ndarray, order: int) -> np.ndarray:
+    """``t`` at fractional pixel ``rows`` x ``cols`` (an exact crop when they are whole), NaN outside."""
+    ty, tx = t.shape
+    rr, cc = np.rint(rows), np.rint(cols)
     if np.allclose(rows, rr, atol=1e-6) and np.allclose(cols, cc, atol=1e-6):
-        out = np.full((ny, nx), np.nan)
+        out = np.full((len(rows), len(cols)), np.nan)
         ri, ci = rr.astype(int), cc.astype(int)
         rin, cin = (ri >= 0) & (ri < ty), (ci >= 0) & (ci < tx)
         out[np.ix_(rin, cin)] = t[np.ix_(ri[rin], ci[cin])]
         return out
     R, C = np.meshgrid(rows, cols, indexing="ij")
     out = ndimage.map_coordinates(t.astype(np.float64), [R, C], order=order, mode="constant", cval=np.nan)
-    outside = (R < 0) | (R > ty - 1) | (C < 0) | (C > tx - 1)
-    out[outside] = np.nan
+    out[(R < 0) | (R > ty - 1) | (C < 0) | (C > tx - 1)] = np.nan
     return out
+
+
+def image_on_grid(image, like, order: int = 1) -> np.ndarray:
+    """The phase of ``image`` (a :class:`~ptychopv.science.stitching.StitchedImage` or its 4-tuple,
+    e.g. the IOC's refined image or a reconstruction) resampled onto the grid of ``like``, to show
+    or compare images that were made on different grids. Pixels of ``like`` that fall outside
+    ``image`` are NaN. With equal pixel sizes and origins a whole number of pixels apart this is an
+    exact crop."""
+    phase, _, (ox, oy), ps = image
+    _, _, (lx, ly), lps = like
+    t = np.asarray(phase, dtype=np.float64)
+    if t.ndim != 2:
+        raise ValueError(f"image must be 2-D, got {t.shape}")
+    for name, v in (("image pixel size", ps), ("grid pixel size", lps)):
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number of metres > 0, got {v}")
+    ny, nx = np.shape(like[0])
+    return _sample(t, (ly + np.arange(ny) * lps - oy) / ps, (lx + np.arange(nx) * lps - ox) / ps, order)
 
 
 def stitched_ssim(stitched, truth_phase, truth_pixel_size_m: float, *, fraction: float = 0.1,
