@@ -23,7 +23,8 @@ Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and rep
   image corrected by the measured frames with the model card's probe (here the simulator's own
   probe: the ideal case of a beamline whose probe the card knows), including the background
   passes the plugin makes once the stream pauses; ``refined_recon_probe``: the same with the probe
-  ePIE reconstructed from these frames (what the IOC uses after a reconstruction);
+  ePIE reconstructed from these frames, its phase ramp aligned to the card's probe (what the IOC
+  uses after a reconstruction);
 - ``epie``: pty-chi ePIE on the same frames (``--iterations``, the full demo's 60 by default),
   started from the beamline's probe;
 - ``zero``, ``blurred`` (truth through a Gaussian of sigma = beam/2), ``highpass`` (truth minus
@@ -114,8 +115,11 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
             after = fidelity.live_image(scan.frames, scan.positions_m, engine, window=rec_probe, **live_kw)
             row["live_recon_window"] = fidelity.score(after, scan)
             if args.refine:
+                # as the IOC does after a reconstruction: the solver's probe, in the gauge of the
+                # beamline's (the model card's) probe it refined with before
                 _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=rec_probe,
-                                                  refine_probe=rec_probe, probe_reconstructed=True, **live_kw)
+                                                  refine_probe=rec_probe, probe_reconstructed=True,
+                                                  probe_reference=card_window, **live_kw)
                 row["refined_recon_probe"] = fidelity.score(refined, scan)
     for name, img in fidelity.calibration_images(scan, live).items():
         row[name] = fidelity.score(img, scan)

@@ -305,7 +305,8 @@ class LiveChain:
             self._message("Refine", f"probe not used for refinement: {exc}", severity=1)
         else:
             self._message("Refine", "refining with " + ("no probe (waiting for one)" if probe is None else
-                                                        f"a {probe.shape[0]}x{probe.shape[1]} probe"))
+                                                        f"a {probe.shape[0]}x{probe.shape[1]} probe "
+                                                        f"({self.refine.refiner.probe_kind})"))
 
     def _swapped(self, version: int) -> None:
         eng = self.infer.engine

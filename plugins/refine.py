@@ -84,10 +84,12 @@ class RefinePlugin(BatchingPlugin):
         self.refiner.seed = stitcher
         self.reset()
 
-    def set_probe(self, probe, *, reconstructed: bool = False) -> None:
+    def set_probe(self, probe, *, reconstructed: bool = False, reference=None) -> None:
         """Refine with ``probe`` (complex (n, n)); None: wait for one. ValueError if unusable.
-        ``reconstructed``: a solver's probe, whose arbitrary phase ramp the image must not take."""
-        self.refiner.set_probe(probe, reconstructed=reconstructed)
+        ``reconstructed``: a solver's probe, whose arbitrary phase ramp the image must not take:
+        aligned to the beamline's probe (``reference``, else the last one set) where it can be
+        (:meth:`~ptychopv.science.refine.Refiner.set_probe`)."""
+        self.refiner.set_probe(probe, reconstructed=reconstructed, reference=reference)
         self.generation += 1
 
     def reset(self) -> None:

@@ -77,11 +77,12 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
 
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
-                refine: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
+                probe_reference=None, refine: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
-    the probe is a solver's, see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
+    the probe is a solver's, aligned to ``probe_reference``, the beamline's probe, when given, as the
+    IOC does after a reconstruction; see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
     background passes it makes once the stream pauses."""
     from .plugins.frame import Frame
     from .plugins.infer import InferPlugin
@@ -99,7 +100,7 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
     ref = None
     if refine_probe is not None:
         ref = RefinePlugin("Refine", seed=stitch.stitcher, queue_size=64, blocking_callbacks=True)
-        ref.set_probe(refine_probe, reconstructed=probe_reconstructed)
+        ref.set_probe(refine_probe, reconstructed=probe_reconstructed, reference=probe_reference)
         for k, v in (refine or {}).items():
             setattr(ref, k, v)
         stitch.downstream = [ref]

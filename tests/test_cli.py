@@ -58,9 +58,13 @@ def test_demo_runs_every_stage(tmp_path, mode):
     assert s["improvement_v2_over_v1_nrmse"] == pytest.approx((v1 - v2) / v1, abs=1e-3)
     assert rows["calibration: zero"]["nrmse"] == pytest.approx(1.0)
     assert rows["live (IOC, v2)"]["nrmse"] == pytest.approx(v2, abs=0.05)   # the IOC's image is the chain's
-    # the refine stage (scan B1's reconstructed probe, the frames of B2) brings the live image
-    # nearer the truth than the network alone: measured 0.198 against 0.408 (README)
-    assert rows["refined (IOC, v2 + frames)"]["nrmse"] < 0.7 * rows["live (IOC, v2)"]["nrmse"], rows
+    # the refine stage (scan B1's reconstructed probe in the card probe's gauge, the frames of B2)
+    # brings the live image nearer the truth than the network alone: in the full demo 0.018
+    # against 0.312, where pty-chi scores 0.046 (README); the issue's bar is 0.17
+    refined = rows["refined (IOC, v2 + frames)"]["nrmse"]
+    assert refined < 0.7 * rows["live (IOC, v2)"]["nrmse"], rows
+    if mode == "full":
+        assert refined < 0.17, rows
     # the panels show the network's images beside the refined one and pty-chi's, as scored
     assert s["panels"] == ["truth", "v1 (family A)", "v2 (after one B scan)", "refined (IOC)", "pty-chi ePIE"]
     for png in ("scan2_panels.png", "loss.png"):
