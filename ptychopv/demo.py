@@ -249,18 +249,21 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     truth = read_truth(truth_path)
     scan = read_scan(scan_path)
     fs = fidelity.FamilyScan(FAMILY, 0.6, 1e6, scan.frames, scan.positions_m, truth.obj, truth.probe, DEMO)
-    rows = {}
-    a = live.attributes
-    ioc_img = StitchedImage(live.data, np.isfinite(live.data).astype(np.float32),
-                            (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
-    rows["live (IOC, v2)"] = fidelity.score(ioc_img, fs)
-    shown = {}      # images drawn beside the network's, each on its own grid
+
+    def published(d) -> StitchedImage:      # an image as the IOC publishes it (NaN: not covered)
+        a = d.attributes
+        return StitchedImage(d.data, np.isfinite(d.data).astype(np.float32),
+                             (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
+
+    rows = {"live (IOC, v2)": fidelity.score(published(live), fs)}
+    shown = []      # (panel, row, image) drawn beside the network's, each made on its own grid
+
+    def show(panel: str, row: str, img: StitchedImage) -> None:
+        rows[row] = fidelity.score(img, fs)
+        shown.append((panel, row, img))
+
     if refined is not None:
-        a = refined.attributes
-        shown["refined (IOC)"] = StitchedImage(
-            refined.data, np.isfinite(refined.data).astype(np.float32), (float(a["OriginX"]), float(a["OriginY"])),
-            float(a["PixelSize"]))
-        rows["refined (IOC, v2 + frames)"] = fidelity.score(shown["refined (IOC)"], fs)
+        show("refined (IOC)", "refined (IOC, v2 + frames)", published(refined))
     reg = ModelRegistry(registry, create=False)
     images = {}
     for v in (1, 2):
@@ -275,9 +278,8 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
         rec = read_reconstruction(recon_path)
         ny, nx = rec.object.shape
         origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
-        shown["pty-chi ePIE"] = StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin,
-                                              rec.pixel_size_m)
-        rows["pty-chi ePIE"] = fidelity.score(shown["pty-chi ePIE"], fs)
+        show("pty-chi ePIE", "pty-chi ePIE",
+             StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin, rec.pixel_size_m))
     for name, img in fidelity.calibration_images(fs, images[2]).items():
         rows[f"calibration: {name}"] = fidelity.score(img, fs)
     ref, mask = metrics.scored_region(images[2], fs.truth_phase, fs.pixel_size_m, positions_m=fs.positions_m)
@@ -286,10 +288,8 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
               f"v1 (family A)\nNRMSE {rows['v1, same window']['nrmse']:.3f}": np.where(mask, images[1].phase, np.nan),
               f"v2 (after one B scan)\nNRMSE {rows['v2, same window']['nrmse']:.3f}":
                   np.where(mask, images[2].phase, np.nan)}
-    row_of = {"refined (IOC)": "refined (IOC, v2 + frames)", "pty-chi ePIE": "pty-chi ePIE"}
-    for name, img in shown.items():
-        panels[f"{name}\nNRMSE {rows[row_of[name]]['nrmse']:.3f}"] = np.where(
-            mask, metrics.image_on_grid(img, images[2]), np.nan)
+    for name, row, img in shown:
+        panels[f"{name}\nNRMSE {rows[row]['nrmse']:.3f}"] = np.where(mask, metrics.image_on_grid(img, images[2]), np.nan)
     return rows, panels
 
 
