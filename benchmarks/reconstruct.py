@@ -50,9 +50,7 @@ def simulated_scan(path: Path, n: int, beam_px: float, extent_px: float, dose: f
 
 
 def ssim_vs_truth(rec, truth) -> float:
-    ny, nx = rec.object.shape
-    origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
-    ref = truth_on_grid(np.angle(truth.obj), truth.pixel_size_m, origin, rec.pixel_size_m, (ny, nx))
+    ref = truth_on_grid(np.angle(truth.obj), truth.pixel_size_m, rec.origin_m, rec.pixel_size_m, rec.object.shape)
     ill = rec.illumination()
     mask = (ill >= 0.3 * ill.max()) & np.isfinite(ref)
     turn = np.angle(np.sum(rec.object[mask] * np.exp(-1j * ref[mask])))

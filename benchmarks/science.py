@@ -49,7 +49,6 @@ import numpy as np
 
 from ptychopv import fidelity
 from ptychopv.science import samples
-from ptychopv.science.stitching import StitchedImage
 
 DOSE_X1 = 1e6
 
@@ -66,10 +65,7 @@ def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None)
     t0 = time.perf_counter()
     rec = reconstruct(s, {"engine": "epie", "iterations": iterations, "beam_m": b.beam_m,
                           "probe_curvature": b.curvature, "threads": threads})
-    ny, nx = rec.object.shape
-    origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
-    img = StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin, rec.pixel_size_m)
-    return img, rec.probe, time.perf_counter() - t0
+    return rec.image(), rec.probe, time.perf_counter() - t0
 
 
 def run_case(family: str, overlap: float, dose_x: float, engine, card_window, args, seed: int) -> dict:

@@ -37,8 +37,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ptychopv.science import physics
 from ptychopv.io.scanfile import Scan, load_any_scan
+from ptychopv.science import physics
+from ptychopv.science.stitching import StitchedImage
 
 from .jobs import abort_predicate
 from .options import ALGORITHMS, ReconOptions
@@ -79,6 +80,16 @@ class Reconstruction:
     def illumination(self) -> np.ndarray:
         """Sum of the probe intensity over all positions, on the object grid."""
         return illumination(self.probe, self.positions_px, self.object.shape)
+
+    @property
+    def origin_m(self) -> tuple[float, float]:
+        """(x, y) in metres of the object's pixel [0, 0]: the grid is centred on ``center_m``."""
+        ny, nx = self.object.shape
+        return (self.center_m[0] - nx / 2 * self.pixel_size_m, self.center_m[1] - ny / 2 * self.pixel_size_m)
+
+    def image(self) -> StitchedImage:
+        """The phase on the sample, weighted by the illumination: scored and drawn as a stitched image is."""
+        return StitchedImage(self.phase, self.illumination().astype(np.float32), self.origin_m, self.pixel_size_m)
 
 
 def illumination(probe: np.ndarray, positions_px: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -26,6 +26,7 @@ from ..plugins.source import NTNDArraySource, search_conf
 from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
 from .binder import StageBinder
+from .images import image_attributes
 from .schema import INFER_STATUS
 
 log = logging.getLogger(__name__)
@@ -418,8 +419,7 @@ class LiveChain:
 
     def _post_image(self, name: str, img, uid: int, **extra) -> None:
         self.ioc.images.post(name, img.phase, uid, attributes={
-            "PixelSize": float(img.pixel_size_m), "OriginX": float(img.origin_m[0]),
-            "OriginY": float(img.origin_m[1]), "ModelVersion": int(self.infer.version), **extra})
+            **image_attributes(img), "ModelVersion": int(self.infer.version), **extra})
 
     # ------------------------------------------------------------------ positions
     def _set_position_source(self, index: int) -> str:

@@ -16,7 +16,24 @@ from p4p.server.thread import SharedPV
 from ..io.epics_env import pva_server_conf
 from ..io.ntndarray import NTNDArrayWriter, to_value
 from ..io.osthread import name_os_thread
+from ..science.stitching import StitchedImage
 from .schema import ntndarrays
+
+
+def image_attributes(img: StitchedImage) -> dict:
+    """The NTNDArray attributes that place a stitched image on the sample: ``PixelSize`` and
+    ``OriginX``/``OriginY`` (metres, pixel [0, 0]). :func:`stitched_image` reads them back."""
+    return {"PixelSize": float(img.pixel_size_m), "OriginX": float(img.origin_m[0]),
+            "OriginY": float(img.origin_m[1])}
+
+
+def stitched_image(decoded) -> StitchedImage:
+    """An image as the IOC publishes it (``Stitch:Image``, ``Refine:Image``: a decoded NTNDArray
+    with :func:`image_attributes`) as a :class:`StitchedImage`; NaN pixels (not covered) weigh 0."""
+    a = decoded.attributes
+    data = np.asarray(decoded.data)
+    return StitchedImage(data, np.isfinite(data).astype(np.float32),
+                         (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
 
 
 class _Watch:

@@ -243,6 +243,7 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     from . import fidelity
     from .inference import ModelRegistry, select_engine
     from .io.scanfile import read_scan, read_truth
+    from .ioc.images import stitched_image
     from .science import metrics
     from .science.stitching import StitchedImage
 
@@ -250,12 +251,7 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     scan = read_scan(scan_path)
     fs = fidelity.FamilyScan(FAMILY, 0.6, 1e6, scan.frames, scan.positions_m, truth.obj, truth.probe, DEMO)
 
-    def published(d) -> StitchedImage:      # an image as the IOC publishes it (NaN: not covered)
-        a = d.attributes
-        return StitchedImage(d.data, np.isfinite(d.data).astype(np.float32),
-                             (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))
-
-    rows = {"live (IOC, v2)": fidelity.score(published(live), fs)}
+    rows = {"live (IOC, v2)": fidelity.score(stitched_image(live), fs)}
     shown = []      # (panel, row, image) drawn beside the network's, each made on its own grid
 
     def show(panel: str, row: str, img: StitchedImage) -> None:
@@ -263,7 +259,7 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
         shown.append((panel, row, img))
 
     if refined is not None:
-        show("refined (IOC)", "refined (IOC, v2 + frames)", published(refined))
+        show("refined (IOC)", "refined (IOC, v2 + frames)", stitched_image(refined))
     reg = ModelRegistry(registry, create=False)
     images = {}
     for v in (1, 2):
@@ -275,11 +271,7 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     if recon_path and Path(recon_path).exists():
         from .hpc.reconstruct import read_reconstruction
 
-        rec = read_reconstruction(recon_path)
-        ny, nx = rec.object.shape
-        origin = (rec.center_m[0] - nx / 2 * rec.pixel_size_m, rec.center_m[1] - ny / 2 * rec.pixel_size_m)
-        show("pty-chi ePIE", "pty-chi ePIE",
-             StitchedImage(rec.phase, rec.illumination().astype(np.float32), origin, rec.pixel_size_m))
+        show("pty-chi ePIE", "pty-chi ePIE", read_reconstruction(recon_path).image())
     for name, img in fidelity.calibration_images(fs, images[2]).items():
         rows[f"calibration: {name}"] = fidelity.score(img, fs)
     ref, mask = metrics.scored_region(images[2], fs.truth_phase, fs.pixel_size_m, positions_m=fs.positions_m)

@@ -16,7 +16,7 @@ from ptychopv.science.metrics import stitched_ssim
 from ptychopv.io.ntndarray import from_value, image_number
 from ptychopv.procs import start_ioc, start_sim
 from ptychopv.io.scanfile import read_truth
-from ptychopv.science.stitching import StitchedImage
+from ptychopv.ioc.images import stitched_image
 
 from .conftest import CA_PORTS, write_ioc_config
 from .test_chain import caget, new_image, wait_until
@@ -86,7 +86,7 @@ def test_stitched_phase_matches_ground_truth(rig):
 
     scan = read_scan(folder / "truth.h5")
     # scored over the scanned area (the hull of the positions), where every pixel was lit
-    st = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), (a["OriginX"], a["OriginY"]), a["PixelSize"])
+    st = stitched_image(img)
     ssim = stitched_ssim(st, np.angle(truth.obj), truth.pixel_size_m, fraction=0.5, ramp=True,
                          positions_m=scan.positions_m)
     assert ssim > DEMO_SSIM_MIN, f"stitched SSIM {ssim:.3f}"
@@ -136,10 +136,7 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
              "Refine:Image": new_image(ctx, h.pv("Refine:Image"), before["Refine:Image"],
                                        lambda d: int(d.attributes.get("Settled", 0)) == 1, "the settled refined image")}
     for name, img in final.items():
-        a = img.attributes
-        st = StitchedImage(img.data, np.isfinite(img.data).astype(np.float32), (a["OriginX"], a["OriginY"]),
-                           a["PixelSize"])
-        scores[name] = stitched_scores(st, np.angle(truth.obj), truth.pixel_size_m, fraction=0.5,
+        scores[name] = stitched_scores(stitched_image(img), np.angle(truth.obj), truth.pixel_size_m, fraction=0.5,
                                        positions_m=scan.positions_m)["nrmse"]
     assert scores["Refine:Image"] < 0.7 * scores["Stitch:Image"], scores
     assert caget(h.pv("Refine:FramesNotRefined_RBV")) == 0

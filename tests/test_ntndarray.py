@@ -86,3 +86,21 @@ def test_the_writer_reuses_one_value_and_every_frame_replaces_all_it_may_change(
     assert d.attributes == {"ColorMode": 0, "PositionX": 3.0}  # PositionY of the last frame is gone
     v3 = w.value(np.zeros((5, 5), np.uint16), 3)              # another shape or dtype: a new Value
     assert v3 is not v1 and from_value(v3).data.shape == (5, 5)
+
+
+def test_a_stitched_image_survives_publishing_as_an_ntndarray():
+    """What the IOC posts on ``Stitch:Image`` / ``Refine:Image`` reads back as the image it was:
+    phase, NaN where nothing was placed (weight 0 there), origin and pixel size."""
+    from ptychopv.ioc.images import image_attributes, stitched_image
+    from ptychopv.science.stitching import StitchedImage
+
+    rng = np.random.default_rng(3)
+    phase = rng.normal(size=(6, 9)).astype(np.float32)
+    phase[:, :2] = np.nan                                     # not covered
+    img = StitchedImage(phase, np.isfinite(phase).astype(np.float32), (-1.25e-6, 3.5e-7), 5.87e-8)
+    back = stitched_image(from_value(to_value(img.phase, 7, attributes={**image_attributes(img), "ModelVersion": 2})))
+    np.testing.assert_array_equal(back.phase, img.phase)      # NaN in the same places
+    np.testing.assert_array_equal(back.weight, img.weight)
+    assert back.origin_m == img.origin_m and back.pixel_size_m == img.pixel_size_m
+    with pytest.raises(KeyError, match="OriginX"):            # an image that does not say where it lies
+        stitched_image(from_value(to_value(img.phase, 8)))

@@ -23,7 +23,7 @@ pytest.importorskip("ptychi", reason="pty-chi (ptychopv[hpc]) is not installed")
 from ptychopv.cli import main as cli_main  # noqa: E402
 from ptychopv.hpc.reconstruct import (Aborted, ReconOptions, read_reconstruction, reconstruct,  # noqa: E402
                                       reconstruct_file, recon_path_for)
-from ptychopv.science.metrics import phase_ssim  # noqa: E402
+from ptychopv.science.metrics import phase_ssim, truth_on_grid  # noqa: E402
 from ptychopv.io.scanfile import ScanWriter, read_scan, read_truth  # noqa: E402
 
 from .recon_helpers import truth_phase_on_recon, write_sim_scan  # noqa: E402
@@ -67,6 +67,16 @@ def test_epie_matches_truth_and_writes_the_layout(scan_file):
 
     score = ssim_vs_truth(back, truth)
     assert score > 0.90, f"ePIE phase SSIM vs truth {score:.3f}"
+    # as an image on the sample (how the demo and the benchmarks score and draw it): its origin puts
+    # the truth where the whole-pixel crop above does, and its weight is the illumination
+    img = back.image()
+    on_grid = truth_on_grid(truth.obj, truth.pixel_size_m, img.origin_m, img.pixel_size_m, img.phase.shape)
+    crop = truth_phase_on_recon(truth.obj, truth.pixel_size_m, back)
+    assert np.isfinite(crop).sum() > 0.9 * crop.size
+    np.testing.assert_array_equal(np.isfinite(on_grid), np.isfinite(crop))
+    np.testing.assert_allclose(on_grid[np.isfinite(crop)], crop[np.isfinite(crop)], atol=1e-6)
+    np.testing.assert_array_equal(img.phase, back.phase)
+    np.testing.assert_allclose(img.weight, back.illumination(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ["rpie", "lsqml", "dm"])
