@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import queue
-import textwrap
 import time
 
 import epics

@@ -11,7 +11,6 @@ pvaPy runs only as a child process (its EPICS libraries never share a process wi
 from __future__ import annotations
 
 import os
-import textwrap
 
 import pytest
 from p4p.client.thread import Context

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import epics
-import numpy as np
 import pytest
 
 from ptychopv.ioc import schema
@@ -197,7 +196,7 @@ def test_access_security_limits_writes_to_listed_hosts(tmp_path):
         pv = epics.get_pv(h.pv("ScaleFactor"))
         assert pv.wait_for_connection(timeout=10)
         assert pv.read_access and not pv.write_access
-        with pytest.raises(Exception):
+        with pytest.raises(epics.ca.CASeverityException, match="Write access denied"):
             pv.put(3.0, wait=True, timeout=5)
         assert caget(h.pv("ScaleFactor")) == 1.0
         assert "some-other-host" in (tmp_path / "autosave" / "ptychopv.acf").read_text()

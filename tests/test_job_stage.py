@@ -119,7 +119,7 @@ def test_abort_ends_aborted_and_nothing_to_abort_says_so(tmp_path):
 @pytest.mark.slow
 def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
     ex = LocalExecutor(1, kill_after_s=1.0)
-    fut = ex.submit(job_helpers.sleeping_job, 120, str(tmp_path))
+    ex.submit(job_helpers.sleeping_job, 120, str(tmp_path))
     deadline = time.monotonic() + 30
     procs = []
     while time.monotonic() < deadline and not procs:

@@ -77,7 +77,7 @@ def test_a_broken_selection_at_start_falls_back_to_the_newest_good_version(tmp_p
     with pytest.raises(ModelError, match=f"model v{v2} not loaded"):
         fresh.select(v2).result(timeout=120)
     assert fresh.infer.version == 1
-    assert f"running v1, the newest version that loads" in manager.messages[-1]
+    assert "running v1, the newest version that loads" in manager.messages[-1]
     fresh.close()
 
 

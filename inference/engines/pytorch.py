@@ -272,8 +272,6 @@ class PyTorchCUDAEngine(_PyTorchEngine):
         return tuple(o.float().contiguous() for o in out) + (ok,)
 
     def _run_frames(self, frames) -> dict[str, np.ndarray]:
-        import torch
-
         n, total = self.source.input_size, len(frames)
         for slot in self._slots:  # left in flight by a call that raised: wait, then drop
             if slot.busy is not None:

@@ -173,7 +173,11 @@ def load_numpy_scan(path: str | Path, *, fftshift: bool = False, pixel_size_m: f
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"numpy scan {path} does not exist")
-    raw = bz2.open(path).read() if path.suffix == ".bz2" else path.read_bytes()
+    if path.suffix == ".bz2":
+        with bz2.open(path) as f:
+            raw = f.read()
+    else:
+        raw = path.read_bytes()
     with np.load(io.BytesIO(raw)) as z:
         if "data" not in z or "scan" not in z:
             raise ValueError(f"{path}: a numpy scan needs 'data' and 'scan' arrays, has {sorted(z.files)}")
