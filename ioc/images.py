@@ -31,6 +31,10 @@ def stitched_image(decoded) -> StitchedImage:
     """An image as the IOC publishes it (``Stitch:Image``, ``Refine:Image``: a decoded NTNDArray
     with :func:`image_attributes`) as a :class:`StitchedImage`; NaN pixels (not covered) weigh 0."""
     a = decoded.attributes
+    missing = [k for k in ("PixelSize", "OriginX", "OriginY") if k not in a]
+    if missing:
+        raise ValueError(f"not an image on the sample: no {', '.join(missing)} attribute "
+                         f"(it has {', '.join(sorted(a)) or 'none'})")
     data = np.asarray(decoded.data)
     return StitchedImage(data, np.isfinite(data).astype(np.float32),
                          (float(a["OriginX"]), float(a["OriginY"])), float(a["PixelSize"]))

@@ -102,5 +102,5 @@ def test_a_stitched_image_survives_publishing_as_an_ntndarray():
     np.testing.assert_array_equal(back.phase, img.phase)      # NaN in the same places
     np.testing.assert_array_equal(back.weight, img.weight)
     assert back.origin_m == img.origin_m and back.pixel_size_m == img.pixel_size_m
-    with pytest.raises(KeyError, match="OriginX"):            # an image that does not say where it lies
+    with pytest.raises(ValueError, match="no PixelSize, OriginX, OriginY attribute"):  # one that does not say where it lies
         stitched_image(from_value(to_value(img.phase, 8)))
