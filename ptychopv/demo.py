@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -116,6 +117,11 @@ class Session:
         if v is None:
             raise RuntimeError(f"caget DEMO:{name} timed out")
         return v
+
+    def peek(self, name):
+        """``name``'s value, or None while it does not answer yet (the IOC is serving, but its
+        first search answer may be seconds away on a busy machine)."""
+        return self.epics.caget("DEMO:" + name, timeout=2, use_monitor=False)
 
     def put(self, name, value, timeout=900.0):
         if self.epics.caput("DEMO:" + name, value, wait=True, timeout=timeout) != 1:
@@ -314,7 +320,7 @@ def run_demo(args) -> int:
         ioc = start_ioc(cfg1, name="ioc", echo=args.echo)
         children.append(ioc)
         s = Session(ports)
-        s.wait(lambda: s.get("ModelVersion_RBV") == 1, "the shipped model loaded", 120)
+        s.wait(lambda: s.peek("ModelVersion_RBV") == 1, "the shipped model loaded", 120)
         # the chain's input queue holds a whole scan: the demo scores every frame, even where the
         # two cores give inference less than the simulator's 300 Hz
         s.put("Infer:QueueSize", 1000)
@@ -388,6 +394,12 @@ def run_demo(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: stopping", flush=True)
         return 130
+    except Exception:
+        # what the children said last is where a failure is explained
+        for child in children:
+            tail = "\n".join(child.lines[-40:])
+            print(f"--- the last lines of {child.name} ---\n{tail}", file=sys.stderr, flush=True)
+        raise
     finally:
         # clients first, then the IOC before the detector it reads: nothing is left trying to
         # reconnect to a server that has gone

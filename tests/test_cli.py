@@ -93,6 +93,37 @@ def test_demo_configs_scan_the_areas_and_sample_asked(tmp_path, quick):
     assert edge1 < edge2
 
 
+@pytest.mark.epics
+def test_a_failing_demo_shows_what_its_children_said_last(tmp_path, monkeypatch, capsys):
+    """A demo that fails after starting its children says why in their own words: the last lines
+    of each child's output, then the error; and it stops them."""
+    import os
+
+    from ptychopv import procs
+    from ptychopv.cli import main
+    from ptychopv.io.epics_env import LOOPBACK
+
+    for key in LOOPBACK:        # the demo applies the loopback settings to its process: undone after
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    started = []
+
+    def failing_ioc(*a, **k):
+        raise procs.ProcessFailed("ioc: no 'ptychopv ioc: ready' within 90 s (made to fail here)")
+
+    real_sim = procs.start_sim
+    monkeypatch.setattr(procs, "start_ioc", failing_ioc)
+    monkeypatch.setattr(procs, "start_sim", lambda *a, **k: started.append(real_sim(*a, **k)) or started[-1])
+    with pytest.raises(procs.ProcessFailed, match="made to fail here"):
+        main(["demo", "--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--- the last lines of sim ---" in err
+    assert "ptychopv sim:" in err.split("--- the last lines of sim ---")[1]     # the simulator's own words
+    assert len(started) == 1 and started[0].proc.poll() is not None            # and it was stopped
+
+
 def test_readme_pv_table_is_current():
     from pathlib import Path
 
