@@ -108,14 +108,17 @@ def test_a_failing_demo_shows_what_its_children_said_last(tmp_path, monkeypatch,
             monkeypatch.setenv(key, os.environ[key])
         else:
             monkeypatch.delenv(key, raising=False)
-    started = []
+    started, real_sim = [], procs.start_sim
+
+    def sim(*a, **k):           # the real simulator, kept to see that the demo stopped it
+        started.append(real_sim(*a, **k))
+        return started[-1]
 
     def failing_ioc(*a, **k):
         raise procs.ProcessFailed("ioc: no 'ptychopv ioc: ready' within 90 s (made to fail here)")
 
-    real_sim = procs.start_sim
+    monkeypatch.setattr(procs, "start_sim", sim)
     monkeypatch.setattr(procs, "start_ioc", failing_ioc)
-    monkeypatch.setattr(procs, "start_sim", lambda *a, **k: started.append(real_sim(*a, **k)) or started[-1])
     with pytest.raises(procs.ProcessFailed, match="made to fail here"):
         main(["demo", "--quick", "--out", str(tmp_path)])
     err = capsys.readouterr().err

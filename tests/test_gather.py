@@ -6,7 +6,6 @@ monitors drive it; :class:`ConsumerCore` is what ``pvapy-hpc-consumer`` runs, wi
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
