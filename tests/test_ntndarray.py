@@ -88,6 +88,23 @@ def test_the_writer_reuses_one_value_and_every_frame_replaces_all_it_may_change(
     assert v3 is not v1 and from_value(v3).data.shape == (5, 5)
 
 
+def test_a_frame_passed_on_carries_each_attribute_once():
+    """A decoded frame's attributes include its ``ColorMode``; republished (``Infer:Phase`` passes
+    them on) the NTNDArray holds one ``ColorMode``, the frame's, not a second one beside it."""
+    from ptychopv.io.ntndarray import NTNDArrayWriter
+
+    frame = from_value(to_value(np.ones((4, 4), np.uint16), 1, attributes={"ColorMode": 2, "PositionX": 1.5}))
+    assert frame.attributes == {"ColorMode": 2, "PositionX": 1.5}
+    attrs = {**frame.attributes, "PositionY": -0.5}
+    w = NTNDArrayWriter()
+    for v in (to_value(frame.data, 2, attributes=attrs), w.value(frame.data, 2, attributes=attrs),
+              w.value(frame.data, 3, attributes=attrs)):     # built anew, then updated in place
+        names = [a["name"] for a in v["attribute"]]
+        assert names == ["ColorMode", "PositionX", "PositionY"], names
+        assert from_value(v).attributes == {"ColorMode": 2, "PositionX": 1.5, "PositionY": -0.5}
+        assert [a["descriptor"] for a in v["attribute"]] == ["Color mode", "", ""]
+
+
 def test_a_stitched_image_survives_publishing_as_an_ntndarray():
     """What the IOC posts on ``Stitch:Image`` / ``Refine:Image`` reads back as the image it was:
     phase, NaN where nothing was placed (weight 0 there), origin and pixel size."""

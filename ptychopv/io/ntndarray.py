@@ -159,6 +159,16 @@ def _stamp(t: float) -> dict:
     return {"secondsPastEpoch": sec, "nanoseconds": int(round((t - sec) * 1e9)) % 1_000_000_000, "userTag": 0}
 
 
+def _attribute_array(attributes: dict | None) -> list[dict]:
+    """The NTAttribute elements of a frame: ``ColorMode`` first (0, mono, unless ``attributes``
+    gives one: a decoded frame passed on carries its own), then the others, each name once. The
+    fields not given (descriptor, sourceType, source) take their defaults, "" and 0: in p4p a
+    dict of two keys converts in two thirds of the time of one of five, and this runs per frame."""
+    rest = dict(attributes or {})
+    return ([{"name": "ColorMode", "value": rest.pop("ColorMode", 0), "descriptor": "Color mode"}]
+            + [{"name": k, "value": v} for k, v in rest.items()])
+
+
 def to_value(arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
              data_timestamp: float | None = None, attributes: dict | None = None,
              codec: str = "none") -> Value:
@@ -179,9 +189,6 @@ def to_value(arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
         payload = encode_payload(arr, codec)
         value = ("ubyteValue", np.frombuffer(payload, dtype=np.uint8))
         params, comp_size = ND_CODE[arr.dtype], len(payload)
-    attrs = [{"name": "ColorMode", "value": 0, "descriptor": "Color mode", "sourceType": 0, "source": ""}]
-    for k, v in (attributes or {}).items():
-        attrs.append({"name": k, "value": v, "descriptor": "", "sourceType": 0, "source": ""})
     return Value(_NT.type, {
         "value": value,
         "codec": {"name": "" if codec == "none" else codec, "parameters": params},
@@ -192,7 +199,7 @@ def to_value(arr: np.ndarray, unique_id: int, *, timestamp: float | None = None,
         "timeStamp": _stamp(ts),
         "dimension": [{"size": nx, "offset": 0, "fullSize": nx, "binning": 1, "reverse": False},
                       {"size": ny, "offset": 0, "fullSize": ny, "binning": 1, "reverse": False}],
-        "attribute": attrs,
+        "attribute": _attribute_array(attributes),
     })
 
 
@@ -223,10 +230,7 @@ class NTNDArrayWriter:
         v["uniqueId"] = int(unique_id) & 0x7FFFFFFF
         v["timeStamp"] = _stamp(ts)
         v["dataTimeStamp"] = _stamp(dts)
-        attrs = [{"name": "ColorMode", "value": 0, "descriptor": "Color mode", "sourceType": 0, "source": ""}]
-        for k, val in (attributes or {}).items():
-            attrs.append({"name": k, "value": val, "descriptor": "", "sourceType": 0, "source": ""})
-        v["attribute"] = attrs
+        v["attribute"] = _attribute_array(attributes)
         return v
 
 
