@@ -397,8 +397,7 @@ def run_demo(args) -> int:
     except Exception:
         # what the children said last is where a failure is explained
         for child in children:
-            tail = "\n".join(child.lines[-40:])
-            print(f"--- the last lines of {child.name} ---\n{tail}", file=sys.stderr, flush=True)
+            print(f"--- the last lines of {child.name} ---\n{child.output(40)}", file=sys.stderr, flush=True)
         raise
     finally:
         # clients first, then the IOC before the detector it reads: nothing is left trying to

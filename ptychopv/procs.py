@@ -63,8 +63,9 @@ class Child:
             if text in line:
                 return line
 
-    def output(self) -> str:
-        return "\n".join(self.lines[-200:])
+    def output(self, last: int = 200) -> str:
+        """The child's ``last`` lines of output."""
+        return "\n".join(self.lines[-last:])
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM (clean shutdown: settings saved, files closed), then SIGKILL if it hangs."""
