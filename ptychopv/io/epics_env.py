@@ -8,6 +8,7 @@ connection ever leaves 127.0.0.1. The settings mirror ``shared/epics-loopback.en
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -25,18 +26,39 @@ LOOPBACK = {
 }
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out on its own (source ports of clients, ``bind(0)``)."""
+    try:
+        lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999           # Linux's default; elsewhere only a hint
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port the kernel says is free on 127.0.0.1 (for TCP and UDP alike)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
+    """A port free on 127.0.0.1 for TCP and UDP alike, outside the kernel's ephemeral range.
+
+    Outside that range so that the kernel never gives it, between this choice and the server's
+    bind or while the server runs, to some client's socket as its own source port: a CA or PVA
+    client's UDP socket on a server's search port takes the searches meant for the server (one
+    unicast datagram reaches one of the sockets bound there), and the server, "ready", is never
+    found. Full test runs here lost a first connection that way now and then."""
+    lo, hi = _ephemeral_range()
+    # above the well-known and registered services most hosts run (EPICS's own 5064-5076 too)
+    choices = [r for r in ((10000, lo - 1), (hi + 1, 65535)) if r[1] - r[0] > 1000]
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        a, b = rng.choice(choices)
+        port = rng.randint(a, b)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
                 udp.bind(("127.0.0.1", port))
         except OSError:
             continue
         return port
+    raise RuntimeError(f"no free port on 127.0.0.1 outside the ephemeral range {lo}-{hi}")
 
 
 @dataclass(frozen=True)
