@@ -187,14 +187,12 @@ class Refiner:
         self.lit_level = float(lit_level)
         self.grow_px = int(grow_px)
         self._rng = np.random.default_rng(rng_seed)
-        self._probe = None if probe is None else check_probe(probe)
-        self._free_ramp = False       # a solver's probe: its phase ramp is arbitrary
-        self._beamline = self._probe  # the beamline's probe (its gauge is the training data's)
-        self.probe_kind = "none" if probe is None else "beamline"
+        self._beamline = None         # the beamline's probe (its gauge is the training data's)
         self._since_gauge = 0
         self._slope = [[0j, 0], [0j, 0]]      # neighbour products of psi' conj(psi): rows, cols
         self.regauged = 0
         self.reset()
+        self.set_probe(probe)         # the beamline's, or None: wait for one
 
     # ------------------------------------------------------------------ settings
     @property
