@@ -67,7 +67,9 @@ NOTES = [
     ("cpu_s: user + system CPU seconds of each process (sim, IOC, this client) from Acquire to the counters "
      "settling (cpu_wall_s); cpu_s_by_thread: the same per OS thread name in the simulator and the IOC (the IOC names "
      "its own: plugin-<stage>, ort-session, chain-phase, chain-publish; PVXCTCP/PVXTCP are pvxs's TCP threads; "
-     "'python' is any unnamed Python thread), threads under 0.05 s left out; machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy); "
+     "'python' is any unnamed Python thread), threads under 0.05 s left out; machine_cpu_busy: their sum over cpu_wall_s x cores (1.0: every core busy; "
+     "the window includes the drain and settle after Acquire stops, when the chain idles); "
+     "machine_busy_acquiring: 1 - idle share of every core from /proc/stat (all processes and the kernel) from Acquire to its stop; "
      "ioc_cpu_us_per_frame_taken: the IOC's CPU per frame it processed or dropped"),
     ("refine_processed / refine_dropped / refine_updates: the refine stage's Refine:ArrayCounter_RBV, "
      "DroppedArrays_RBV and Updates_RBV deltas; it refines only with a probe (--refine), else it counts"),
@@ -197,6 +199,7 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
     samples: dict[str, list] = {"FrameRate_RBV": [], "Infer:ExecutionTime_RBV": [], "Stitch:ExecutionTime_RBV": [],
                                 "Infer:Latency_RBV": []}
     cpu0, threads0 = cpu_by_process(), cpu_by_thread()
+    stat0 = machine_jiffies()
     ctx.put(SIM_PREFIX + "Acquire", 1, timeout=5)
     while time.time() - t_start < seconds:
         time.sleep(0.5)
@@ -204,6 +207,7 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
             values.append(float(get(p + name)))
     ctx.put(SIM_PREFIX + "Acquire", 0, timeout=5)
     t_stop = time.time()
+    stat1 = machine_jiffies()
 
     def counters():
         return (int(get(SIM_PREFIX + "ArrayCounter_RBV")), int(get(p + "Infer:ArrayCounter_RBV")),
@@ -232,9 +236,26 @@ def chain_rate(ctx, h: dict, rate: float, seconds: float) -> dict:
         "refine_updates": d["Refine:Updates_RBV"],
         "cpu_s": cpu, "cpu_s_by_thread": by_thread, "cpu_wall_s": round(cpu_wall, 2),
         "machine_cpu_busy": round(sum(cpu.values()) / (cpu_wall * (os.cpu_count() or 1)), 3),
+        "machine_busy_acquiring": busy_share(stat0, stat1),
         "ioc_cpu_us_per_frame_taken": round(1e6 * sum(v for k, v in cpu.items() if k.startswith("ioc"))
                                             / max(1, processed + dropped), 1),
     }
+
+
+def machine_jiffies() -> tuple[int, int] | None:
+    """(idle + iowait, total) jiffies of all cores so far, from /proc/stat (None where unreadable)."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return None
+    return f[3] + f[4], sum(f[:8])       # user nice system idle iowait irq softirq steal
+
+
+def busy_share(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    """The share of every core's time that was not idle between two :func:`machine_jiffies`."""
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return round(1 - (b[0] - a[0]) / (b[1] - a[1]), 3)
 
 
 def _cpu_s(pid) -> float:
