@@ -7,7 +7,9 @@ allocated up front and listed in EPICS_CA_ADDR_LIST.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,18 @@ def write_ioc_config(folder: Path, prefix: str, ca_port: int, extra: str = "") -
           period_s: 0.5
         """) + textwrap.dedent(extra))
     return h
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package; its modules import
+    their siblings, so it goes on ``sys.path``), for tests of a benchmark's own pieces."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool) -> str:

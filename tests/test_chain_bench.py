@@ -1,24 +1,17 @@
 """benchmarks/chain.py's own measures that need no stream (the benchmark itself runs minutes of
 EPICS traffic: not in CI): how busy the machine was while frames were offered."""
 
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def chain():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("chain_bench", ROOT / "benchmarks" / "chain.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("chain")
 
 
 def test_busy_share_is_the_part_of_every_cores_time_not_idle(chain):

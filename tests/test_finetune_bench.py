@@ -1,9 +1,6 @@
 """benchmarks/finetune.py's own pieces: the variant syntax and the pairs it resimulates from a
 reconstruction (the full benchmark needs a finished demo and minutes of training: not in CI)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,16 +11,12 @@ from ptychopv.hpc.labels import crop_object, phase_labels
 from ptychopv.science import physics
 from ptychopv.science.samples import make_sample
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def finetune():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("finetune_bench", ROOT / "benchmarks" / "finetune.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("finetune")
 
 
 def test_variants_parse_to_training_options(finetune):
