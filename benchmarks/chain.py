@@ -71,6 +71,10 @@ NOTES = [
      "the window includes the drain and settle after Acquire stops, when the chain idles); "
      "machine_busy_acquiring: 1 - idle share of every core from /proc/stat (all processes and the kernel) from Acquire to its stop; "
      "ioc_cpu_us_per_frame_taken: the IOC's CPU per frame it processed or dropped"),
+    ("bare_engine.beside_stream: the bare engine timed again (3 s each way) while the simulator streams at each "
+     "overloaded rate to a null consumer (a nice-19 process that subscribes to full frames and drops them): what the "
+     "rig (simulator, socket, a reader) leaves to inference on these cores; fraction_of_bare_engine_beside_stream: "
+     "the chain's achieved_fps over it, the chain's own overhead beside the rig's"),
     ("refine_processed / refine_dropped / refine_updates: the refine stage's Refine:ArrayCounter_RBV, "
      "DroppedArrays_RBV and Updates_RBV deltas; it refines only with a probe (--refine), else it counts"),
 ]
@@ -175,6 +179,51 @@ def bare_engine(engine, batch: int, seconds: float) -> dict:
         out.update(fps_submit=round(n / dt, 1), pipeline_depth=depth)
     fps = max(out["fps_infer"], out.get("fps_submit", 0.0))
     return {**out, "fps": fps, "us_per_frame": round(1e6 / fps, 1)}
+
+
+# A detector stream with nobody working on it: a consumer that takes every frame it can (niced,
+# as the IOC's reader is) and does nothing with it. The bare engine timed beside it shows what the
+# rig itself (the simulator and the socket on the same two cores) leaves to inference.
+NULL_CONSUMER = textwrap.dedent("""
+    import os, sys, threading
+    os.nice(19)
+    from p4p.client.thread import Context
+    from ptychopv.io.epics_env import pva_client_conf
+    ctx = Context("pva", conf=pva_client_conf(int(sys.argv[2])), useenv=False, unwrap=False)
+    sub = ctx.monitor(sys.argv[1], lambda v: None, request="record[queueSize=64]")
+    print("null consumer: subscribed", flush=True)
+    threading.Event().wait()
+""")
+
+
+def bare_engine_beside_stream(engine, sim_port: int, rates, seconds: float) -> list[dict]:
+    """:func:`bare_engine` while the simulator streams at each of ``rates`` to a null consumer."""
+    from p4p.client.thread import Context
+
+    from ptychopv.procs import child_env
+
+    out = []
+    consumer = Child([sys.executable, "-c", NULL_CONSUMER, SIM_PREFIX + "Pva1:Image", str(sim_port)],
+                     child_env(), name="null-consumer")
+    CHILDREN.append(consumer)
+    ctx = Context("pva", conf=pva_client_conf(sim_port), useenv=False, unwrap=False)
+    try:
+        consumer.wait_for("null consumer: subscribed", 30)
+        for rate in rates:
+            log(f"bare engine beside a {rate:g} Hz stream")
+            ctx.put(SIM_PREFIX + "FrameRate", float(rate), timeout=5)
+            sent0, t0 = int(ctx.get(SIM_PREFIX + "ArrayCounter_RBV", timeout=5)["value"]), time.time()
+            ctx.put(SIM_PREFIX + "Acquire", 1, timeout=5)
+            time.sleep(1.0)                      # the stream running before the engine is timed
+            got = bare_engine(engine, BATCH, seconds)
+            ctx.put(SIM_PREFIX + "Acquire", 0, timeout=5)
+            sent = int(ctx.get(SIM_PREFIX + "ArrayCounter_RBV", timeout=5)["value"]) - sent0
+            out.append({"offered_hz": rate, "offered_fps": round(sent / (time.time() - t0), 1), **got})
+        return out
+    finally:
+        ctx.close()
+        consumer.stop(timeout=10)
+        CHILDREN.remove(consumer)
 
 
 # ---------------------------------------------------------------------------- ptychopv chain
@@ -460,9 +509,11 @@ def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str,
         out = run_chain(f"ptychopv-ptychonn2-{engine_name}", "NN", folder / "model", sim_port, chain, engine_name,
                         [below, *rates], seconds, bare)
         after = bare_engine(engine, BATCH, 3.0)
+        best = max(before["fps"], after["fps"])
+        over = [r for r in out["rates"] if r["offered_fps"] > best]
+        beside = bare_engine_beside_stream(engine, sim_port, [r["offered_hz"] for r in over], 3.0) if over else []
     finally:
         engine.close()
-    best = max(before["fps"], after["fps"])
     bare.update(engine=engine_name, batch=BATCH, fps=best, us_per_frame=round(1e6 / best, 1),
                 fps_before=before["fps"], fps_after=after["fps"],
                 **{f"{k}_{when}": d[k] for when, d in (("before", before), ("after", after))
@@ -470,6 +521,10 @@ def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str,
     for r in out["rates"]:
         if r["offered_fps"] > best:   # saturated: the engine sets the pace
             r["fraction_of_bare_engine"] = round(r["achieved_fps"] / best, 3)
+    bare["beside_stream"] = beside
+    for r, ref in zip(over, beside):
+        r["bare_engine_beside_stream_fps"] = ref["fps"]
+        r["fraction_of_bare_engine_beside_stream"] = round(r["achieved_fps"] / ref["fps"], 3)
     return out
 
 
