@@ -30,3 +30,12 @@ def test_a_core_kept_busy_shows_in_the_machine_share(chain):
     share = chain.busy_share(a, chain.machine_jiffies())
     cores = os.cpu_count() or 1               # /proc/stat sums every online core
     assert share is not None and share > 0.6 / cores, share
+
+
+def test_loading_a_benchmark_leaves_this_runs_epics_settings_alone():
+    # chain.py applies the loopback settings at import: its EPICS_CA_ADDR_LIST ("127.0.0.1") once
+    # replaced the test run's list of CA ports, and caproto's searches in later tests went nowhere
+    before = dict(os.environ)
+    assert ":" in before["EPICS_CA_ADDR_LIST"]          # conftest's 127.0.0.1:<port> list
+    load_benchmark("chain")
+    assert dict(os.environ) == before
