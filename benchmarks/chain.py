@@ -43,7 +43,7 @@ import numpy as np
 from _chain_pvapy import run_pvapy
 from _common import LatencyProbe, machine, median, print_json, wait_quiet, wait_until
 
-from ptychopv.procs import Child, ProcessFailed, start_ioc, start_sim
+from ptychopv.procs import Child, ProcessFailed, child_env, start_ioc, start_sim
 
 SIZE = 128
 SIM_PREFIX = f"BSIM{os.getpid()}:"
@@ -199,8 +199,6 @@ NULL_CONSUMER = textwrap.dedent("""
 def bare_engine_beside_stream(engine, sim_port: int, rates, seconds: float) -> list[dict]:
     """:func:`bare_engine` while the simulator streams at each of ``rates`` to a null consumer."""
     from p4p.client.thread import Context
-
-    from ptychopv.procs import child_env
 
     out = []
     consumer = Child([sys.executable, "-c", NULL_CONSUMER, SIM_PREFIX + "Pva1:Image", str(sim_port)],
@@ -518,11 +516,9 @@ def run_model_chain(folder: Path, sim_port: int, common: dict, engine_name: str,
                 fps_before=before["fps"], fps_after=after["fps"],
                 **{f"{k}_{when}": d[k] for when, d in (("before", before), ("after", after))
                    for k in ("fps_infer", "fps_submit") if k in d})
-    for r in out["rates"]:
-        if r["offered_fps"] > best:   # saturated: the engine sets the pace
-            r["fraction_of_bare_engine"] = round(r["achieved_fps"] / best, 3)
     bare["beside_stream"] = beside
-    for r, ref in zip(over, beside):
+    for r, ref in zip(over, beside):   # saturated: the engine sets the pace
+        r["fraction_of_bare_engine"] = round(r["achieved_fps"] / best, 3)
         r["bare_engine_beside_stream_fps"] = ref["fps"]
         r["fraction_of_bare_engine_beside_stream"] = round(r["achieved_fps"] / ref["fps"], 3)
     return out

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 LOOPBACK = {
     "EPICS_CA_ADDR_LIST": "127.0.0.1",
@@ -29,7 +30,7 @@ LOOPBACK = {
 def _ephemeral_range() -> tuple[int, int]:
     """The ports the kernel hands out on its own (source ports of clients, ``bind(0)``)."""
     try:
-        lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
         return lo, hi
     except (OSError, ValueError):
         return 32768, 60999           # Linux's default; elsewhere only a hint
