@@ -36,7 +36,7 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999           # Linux's default; elsewhere only a hint
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
+def free_port() -> int:
     """A port free on 127.0.0.1 for TCP and UDP alike, outside the kernel's ephemeral range.
 
     Outside that range so that the kernel never gives it, between this choice and the server's
