@@ -21,6 +21,7 @@ from ..plugins.infer import InferPlugin
 from ..plugins.positions import SOURCES as POSITION_SOURCES
 from ..plugins.refine import RefinePlugin
 from ..plugins.stitch import StitchPlugin
+from ..science.stitching import WINDOW_POWER, WINDOW_POWER_MAX, WINDOW_POWER_MIN
 
 STATUS = ("Idle", "Queued", "Running", "Done", "Failed", "Aborted")
 ENABLE = ("Disable", "Enable")
@@ -197,6 +198,10 @@ STITCH_PVS = (
     PV("Stitch:Reset", "bo", "Clear the stitched image", states=("Done", "Reset"), initial=0, group="stitch"),
     PV("Stitch:PixelSize", "ao", "Object pixel size", egu="m", prec=12, low=1e-12, high=1e-3, initial=0.0,
        rbv=True, autosave=True, group="stitch", doc="metres per object pixel (0: from the model card)"),
+    PV("Stitch:WindowPower", "ao", "Beam intensity power of patch weights", prec=2, low=WINDOW_POWER_MIN,
+       high=WINDOW_POWER_MAX, initial=WINDOW_POWER, rbv=True, autosave=True, group="stitch", attr="window_power",
+       doc="each patch pixel weighs the beam's intensity to this power (1: the intensity; 1.5 keeps the "
+           "network's less sure rim of each patch from blurring the image); from the next patch on"),
     PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=tuple(POSITION_SOURCES),
        initial=0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch", attr="frames_stitched"),

@@ -30,6 +30,15 @@ class StitchPlugin(BatchingPlugin):
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
 
     @property
+    def window_power(self) -> float:
+        """``Stitch:WindowPower``: patches are weighted by the beam's intensity to this power."""
+        return self.stitcher.window_power
+
+    @window_power.setter
+    def window_power(self, value: float) -> None:
+        self.stitcher.window_power = value      # ValueError out of range: the put is refused
+
+    @property
     def frames_stitched(self) -> int:
         return self.stitcher.counters()["frames_stitched"]
 

@@ -67,17 +67,19 @@ def family_scan(family: str, *, overlap: float = 0.6, dose: float = 1e6, seed: i
 
 
 def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
-               scale: float = 1.0, batch_size: int = 16) -> StitchedImage:
+               scale: float = 1.0, batch_size: int = 16, window_power: float | None = None) -> StitchedImage:
     """The live chain's image of a scan: ``frames`` through the infer and stitch plugins the IOC
     runs (preprocessing with ``scale`` as ``ScaleFactor``, batches of ``batch_size``, ``engine``,
-    the stitcher weighted by ``window``), blocking callbacks so nothing is dropped."""
+    the stitcher weighted by ``window`` to ``window_power``, ``Stitch:WindowPower``, default the
+    IOC's), blocking callbacks so nothing is dropped."""
     return live_images(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window, scale=scale,
-                       batch_size=batch_size)[0]
+                       batch_size=batch_size, window_power=window_power)[0]
 
 
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
-                probe_reference=None, refine: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
+                probe_reference=None, refine: dict | None = None,
+                window_power: float | None = None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
@@ -95,6 +97,8 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
                         blocking_callbacks=True)
     stitch = StitchPlugin("Stitch", pixel_size_m=pixel_size_m, window=window, queue_size=64,
                           blocking_callbacks=True)
+    if window_power is not None:
+        stitch.window_power = window_power
     infer.downstream = [stitch]
     plugins = [infer, stitch]
     ref = None

@@ -76,6 +76,8 @@ def plain_ioc(tmp_path_factory):
     ("Refine:Revisits", 101, 2),            # 0 .. 100
     ("Refine:Step", 2.5, 1.0),              # ePIE alpha in (0, 2)
     ("Refine:Lag", -1, 64),
+    ("Stitch:WindowPower", 0.1, 1.5),       # the beam's intensity to 0.25 .. 8
+    ("Stitch:WindowPower", float("nan"), 1.5),
 ])
 def test_out_of_range_values_are_refused_over_ca_and_pva(plain_ioc, name, bad, good):
     """Refused means: never stored (so never autosaved), the reason in Message_RBV, a WRITE alarm
@@ -95,6 +97,21 @@ def test_out_of_range_values_are_refused_over_ca_and_pva(plain_ioc, name, bad, g
     assert caget(pv + "_RBV.STAT", as_string=True) == "WRITE"
     epics.caput(pv, good, wait=True, timeout=10)             # an accepted value clears the alarm
     assert caget(pv + "_RBV.SEVR", as_string=True) == "NO_ALARM"
+
+
+def test_a_window_power_written_over_ca_reaches_the_stitcher(plain_ioc):
+    """Stitch:WindowPower is bound to the stitch plugin by its declaration alone: the readback is
+    the stitcher's own value, copied back by the binder, and PVA reads the same."""
+    h, ctx, _ = plain_ioc
+    pv = h.pv("Stitch:WindowPower")
+    assert caget(pv) == pytest.approx(1.5)
+    try:
+        epics.caput(pv, 2.25, wait=True, timeout=10)
+        wait_until(lambda: caget(pv + "_RBV") == pytest.approx(2.25), what="the stitcher's power in the readback")
+        assert ctx.get(pv + "_RBV", timeout=5)["value"] == pytest.approx(2.25)
+    finally:
+        epics.caput(pv, 1.5, wait=True, timeout=10)
+    wait_until(lambda: caget(pv + "_RBV") == pytest.approx(1.5), what="the default back")
 
 
 def test_a_position_source_without_its_config_is_refused_at_the_record(plain_ioc):

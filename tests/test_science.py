@@ -60,7 +60,8 @@ def test_epie_on_the_same_frames_is_scored_beside_it(science):
     assert {"nrmse", "ssim", "nrmse_ramp", "ssim_ramp"} <= set(row["live"])
 
 
-def _live_nrmse(registry: Path, family: str, dose: float, scale: float = 1.0) -> float:
+def _live_nrmse(registry: Path, family: str, dose: float, scale: float = 1.0,
+                window_power: float | None = None) -> float:
     pytest.importorskip("onnxruntime")
     from ptychopv import fidelity
     from ptychopv.inference import ModelRegistry, select_engine
@@ -69,10 +70,26 @@ def _live_nrmse(registry: Path, family: str, dose: float, scale: float = 1.0) ->
     engine = select_engine(ModelRegistry(registry, create=False).latest().source(), "onnxruntime")
     try:
         img = fidelity.live_image(scan.frames, scan.positions_m, engine, pixel_size_m=scan.pixel_size_m,
-                                  window=fidelity.DEMO.probe(), scale=scale)
+                                  window=fidelity.DEMO.probe(), scale=scale, window_power=window_power)
     finally:
         engine.close()
     return fidelity.score(img, scan)["nrmse"]
+
+
+@pytest.mark.parametrize("model", ["generic", "registry"])
+def test_weighting_by_the_beams_intensity_to_the_power_1_5_sharpens_the_live_image(model):
+    """``Stitch:WindowPower``: the network's phase is least sure where the beam is weak, and
+    weighting each patch pixel by the intensity to the power 1.5 (the default, chosen on the
+    training families) instead of the intensity itself lowers the stitched NRMSE on unseen
+    families: on the benchmark's 4 um scans of cells at overlap 0.6, 0.231 -> 0.178 (generic) and
+    0.365 -> 0.274 (demo model). Here 3 um scans of cells and IC, summed: measured 0.851 -> 0.767
+    (generic) and 1.140 -> 1.056 (demo model) at full dose, 1.299 -> 1.244 and 2.547 -> 2.278 at
+    1e4 photons per frame."""
+    registry = ROOT / "ptychopv" / "models" / model
+    for dose, bound in ((1e6, 0.95), (1e4, 0.98)):
+        old, new = (sum(_live_nrmse(registry, family, dose, window_power=p) for family in ("cell", "ic"))
+                    for p in (1.0, 1.5))
+        assert new < bound * old, (model, dose, old, new)
 
 
 def test_the_generic_model_images_unseen_families_and_low_dose_better():

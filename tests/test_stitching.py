@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from ptychopv.science import physics
 from ptychopv.science.metrics import stitched_ssim, truth_on_grid
-from ptychopv.science.stitching import Stitcher, tukey
+from ptychopv.science.stitching import WINDOW_POWER, Stitcher, tukey, window_from
 
 PS = 10e-9        # object pixel size (m)
 N = 384           # object size
@@ -162,6 +162,47 @@ def test_bad_settings():
         Stitcher(PS, support=1.0)
     with pytest.raises(ValueError, match="window"):
         Stitcher(PS, window=np.ones((4, 4))).add(np.ones((8, 8)), [[0, 0]])
+
+
+def test_patches_weigh_the_beams_intensity_to_the_window_power():
+    """A probe window weighs each patch pixel by |P|^(2 power); real weights are an intensity and
+    take the same power; the taper does not. Power 1 is the intensity itself."""
+    probe = physics.make_probe(64, 24)
+    inten = np.abs(probe) ** 2 / (np.abs(probe) ** 2).max()
+    assert WINDOW_POWER == 1.5
+    np.testing.assert_allclose(window_from(probe, (64, 64), 0.5, 1.0), inten, rtol=1e-6)
+    np.testing.assert_allclose(window_from(probe, (64, 64), 0.5, 1.5), inten ** 1.5, rtol=1e-6)
+    np.testing.assert_allclose(window_from(inten, (64, 64), 0.5, 2.0), inten ** 2, rtol=1e-6)
+    np.testing.assert_array_equal(window_from(None, (8, 8), 0.5, 3.0), window_from(None, (8, 8), 0.5, 1.0))
+    # the stitcher's weight image follows its power: one patch placed is the window, to the power
+    shares = []
+    for power in (1.0, 1.5, 3.0):
+        s = Stitcher(PS, window=probe, window_power=power, estimate_offsets=False)
+        s.add(np.zeros((64, 64), np.float32), [[0.0, 0.0]])
+        w = s.image().weight
+        assert w.max() == pytest.approx(1.0, rel=1e-3)
+        lit = np.sort(w[w > 0])
+        shares.append(lit[-len(lit) // 10:].sum() / lit.sum())   # the brightest tenth's share of the weight
+    # measured 0.39, 0.53, 0.77: the rim of the patch counts for less as the power grows
+    assert 0.3 < shares[0] < 0.45 and shares[1] > 1.25 * shares[0] and shares[2] > 1.35 * shares[1], shares
+
+
+def test_a_new_window_power_applies_from_the_next_patch_and_bad_ones_are_refused():
+    probe = physics.make_probe(64, 24)
+    s = Stitcher(PS, window=probe, estimate_offsets=False)
+    assert s.window_power == WINDOW_POWER
+    s.add(np.zeros((64, 64), np.float32), [[0.0, 0.0]])
+    before = s.image().weight.copy()
+    for bad in (0.0, 0.2, 8.5, float("nan"), float("inf"), "x", None):
+        with pytest.raises(ValueError, match="window power"):
+            s.window_power = bad
+        with pytest.raises(ValueError, match="window power"):
+            Stitcher(PS, window_power=bad)
+    assert s.window_power == WINDOW_POWER            # a refused value is not kept
+    s.window_power = 3.0
+    s.add(np.zeros((64, 64), np.float32), [[0.0, 0.0]])
+    after = s.image().weight - before                   # the second patch's own weights
+    np.testing.assert_allclose(after, before ** 2, atol=2e-4)    # (I^1.5)^2 = I^3: power 3
 
 
 def test_reset_and_pixel_size_change_empty_the_canvas():

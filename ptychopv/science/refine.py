@@ -46,7 +46,7 @@ such a probe the refiner lets the probe take the ramp instead: it sums, over the
 neighbour products of ``psi' conj(psi)`` (the phase slope the frames ask of each exit wave, as in
 :func:`phase_slope`: immune to wrapping) and every ``REGAUGE_EVERY`` updates multiplies the
 probe by that slope, so the object stays in the seed's gauge; and the image shows the refined
-deviation from the seed without its linear part (a weighted least-squares plane), since a ramp
+deviation from the seed without its linear part (a least-squares plane over the refined pixels), since a ramp
 the object has taken on already (through the phase matching of each new region to its refined
 neighbours) is no more the sample's than the probe's.
 The beamline's own probe (a model card's) has the training data's gauge, and there the ramp the
@@ -586,7 +586,9 @@ class Refiner:
         phase = base.phase.copy()
         dev = np.angle(obj[done] * np.exp(-1j * base.phase[done]))
         if self._free_ramp and dev.size >= 3:
-            dev -= _plane(dev, np.nonzero(done), base.weight[done])
+            # the plane over every refined pixel alike: a ramp is best measured over the widest
+            # baseline, and the seed's weights (peaked at the beam centres) narrowed it (tests/test_refine.py)
+            dev -= _plane(dev, np.nonzero(done), np.ones(dev.size))
         phase[done] += dev.astype(np.float32)
         return base._replace(phase=phase)
 

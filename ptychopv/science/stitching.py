@@ -73,8 +73,9 @@ def tukey(n: int, alpha: float = 0.5) -> np.ndarray:
     return w
 
 
-def window_from(window, shape: tuple[int, int], taper: float) -> np.ndarray:
-    """The weight window for patches of ``shape``: ``|probe|^2`` (complex), given weights, or a taper."""
+def window_from(window, shape: tuple[int, int], taper: float, power: float = 1.0) -> np.ndarray:
+    """The weight window for patches of ``shape``: the beam's intensity (``|probe|^2`` of a complex
+    probe, or given as real values >= 0) raised to ``power``, peak 1; None: a Tukey taper."""
     if window is None:
         return np.outer(tukey(shape[0], taper), tukey(shape[1], taper))
     w = np.asarray(window)
@@ -83,7 +84,19 @@ def window_from(window, shape: tuple[int, int], taper: float) -> np.ndarray:
     w = np.abs(w) ** 2 if np.iscomplexobj(w) else w.astype(np.float64)
     if not np.isfinite(w).all() or (w < 0).any() or w.max() <= 0:
         raise ValueError("weight window must be finite, >= 0 and not all zero")
-    return w / w.max()
+    w = w / w.max()
+    return w if power == 1 else w ** power
+
+
+def check_window_power(value) -> float:
+    """A window power as the stitcher takes it: a finite number in [WINDOW_POWER_MIN, WINDOW_POWER_MAX]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"window power must be a number, got {value!r}") from None
+    if not WINDOW_POWER_MIN <= v <= WINDOW_POWER_MAX:
+        raise ValueError(f"window power must be in [{WINDOW_POWER_MIN:g}, {WINDOW_POWER_MAX:g}], got {value!r}")
+    return v
 
 
 def _splat_batch(a: np.ndarray, fy: np.ndarray, fx: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -110,6 +123,14 @@ def _splat1_batch(v: np.ndarray, f: np.ndarray) -> np.ndarray:
     out[:, 1:] += v * f
     return out
 
+
+# The weight of a patch pixel is the beam's intensity to this power. The network's phase is
+# least sure where the beam is weak, so weighting by the intensity itself (power 1, the ePIE-like
+# choice) gives the rim of each patch too much say: power 1.5 (|probe|^3) lowered the stitched
+# NRMSE by 10-40 % on the training families at overlap 0.3 and 0.6, at full dose and at 1e4
+# photons per frame, with both shipped models (README, Live image fidelity).
+WINDOW_POWER = 1.5
+WINDOW_POWER_MIN, WINDOW_POWER_MAX = 0.25, 8.0
 
 SHIFT_STEPS = 32        # the Fourier-shifted weight windows are cached on a 1/32-pixel grid
 
@@ -147,14 +168,14 @@ def _shift1(v: np.ndarray, f: float) -> np.ndarray:
 class _Window:
     """The weight window of one patch shape, its support box and the scratch buffers (float32)."""
 
-    def __init__(self, window, shape: tuple[int, int], taper: float, support: float):
+    def __init__(self, window, shape: tuple[int, int], taper: float, support: float, power: float = 1.0):
         h, w = shape
         if window is None:
             self.wy, self.wx = tukey(h, taper).astype(np.float32), tukey(w, taper).astype(np.float32)
             full = np.multiply.outer(self.wy, self.wx)
         else:
             self.wy = self.wx = None
-            full = window_from(window, shape, taper).astype(np.float32)
+            full = window_from(window, shape, taper, power).astype(np.float32)
         self.box = _support(full, support)
         self.w = np.ascontiguousarray(full[self.box])
         self.self_weight = float((self.w.astype(np.float64) ** 2).sum())
@@ -294,10 +315,14 @@ class Stitcher:
 
     def __init__(self, pixel_size_m: float, *, window=None, taper: float = 0.5, estimate_offsets: bool = True,
                  min_overlap: float = 0.05, max_canvas_px: int = 8192, grow_px: int = 128,
-                 subpixel: str = "auto", support: float = 1e-3, kernel: str = "auto"):
+                 subpixel: str = "auto", support: float = 1e-3, kernel: str = "auto",
+                 window_power: float = WINDOW_POWER):
         """
         pixel_size_m: object pixel size of the patches (m/pixel).
-        window: probe (complex, its intensity is used) or real weights of the patch shape; None: Tukey taper.
+        window: the beam of the patch shape: a probe (complex, its intensity is used) or its intensity
+            (real, >= 0); None: Tukey taper.
+        window_power: the patches are weighted by the beam's intensity raised to this power
+            (:data:`WINDOW_POWER`; 1: the intensity itself). Not applied to the taper.
         taper: Tukey alpha of the default window (0: flat, 1: Hann).
         estimate_offsets: match each patch's constant phase to the canvas before adding it.
         min_overlap: the overlap weight, relative to the patch's own, needed to estimate an offset.
@@ -328,6 +353,7 @@ class Stitcher:
         self._lock = threading.RLock()
         self.pixel_size_m = pixel_size_m
         self._window_arg = window
+        self._window_power = check_window_power(window_power)
         self.taper = float(taper)
         self.estimate_offsets = bool(estimate_offsets)
         self.min_overlap = float(min_overlap)
@@ -354,6 +380,18 @@ class Stitcher:
             self._window_arg = window
             self._windows = {}
 
+    @property
+    def window_power(self) -> float:
+        return self._window_power
+
+    @window_power.setter
+    def window_power(self, value: float) -> None:
+        """Weight by the beam's intensity to this power from the next patch on (ValueError out of range)."""
+        v = check_window_power(value)
+        with self._lock:
+            self._window_power = v
+            self._windows = {}
+
     def reset(self) -> None:
         """Empty the canvas and zero the counters (a new scan)."""
         with self._lock:
@@ -370,7 +408,7 @@ class Stitcher:
     # ------------------------------------------------------------------ adding
     def _window(self, shape) -> _Window:
         if shape not in self._windows:
-            self._windows[shape] = _Window(self._window_arg, shape, self.taper, self.support)
+            self._windows[shape] = _Window(self._window_arg, shape, self.taper, self.support, self._window_power)
         return self._windows[shape]
 
     def _reject(self, count: int, message: str) -> None:
