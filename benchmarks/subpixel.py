@@ -3,11 +3,13 @@
 bilinearly) and (b) as now (the probe moved by the fraction, the Fourier shift theorem in the
 stitcher), and the same with perfect patches (the object itself). Prints JSON.
 
-    python benchmarks/subpixel.py          # about 1 minute on 2 cores
+    python benchmarks/subpixel.py                     # about 1 minute on 2 cores
+    python benchmarks/subpixel.py --window-power 1    # the patches weighted by the intensity itself
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -19,10 +21,14 @@ from ptychopv.hpc.labels import crop_object, phase_labels
 from ptychopv.inference import ModelRegistry, select_engine
 from ptychopv.inference.registry import shipped_registry
 from ptychopv.science import physics
-from ptychopv.science.stitching import Stitcher
+from ptychopv.science.stitching import WINDOW_POWER, Stitcher
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--window-power", type=float, default=WINDOW_POWER,
+                    help=f"the beam's intensity to this power weights each patch (Stitch:WindowPower, default {WINDOW_POWER})")
+    a = ap.parse_args()
     b = fidelity.DEMO
     eng = select_engine(ModelRegistry(shipped_registry(), create=False).latest().source(), "onnxruntime")
     rows = []
@@ -39,7 +45,7 @@ def main() -> None:
                 ("nn_subpixel_fourier", eng.infer(sc.frames)["phase"], "fourier"),
                 ("perfect_rounded_bilinear", phase_labels(physics.extract_patches(sc.obj, centres, n)), "bilinear"),
                 ("perfect_subpixel_fourier", truth_patches, "fourier")):
-            st = Stitcher(b.pixel_size_m, window=b.probe(), subpixel=mode)
+            st = Stitcher(b.pixel_size_m, window=b.probe(), subpixel=mode, window_power=a.window_power)
             st.add(patches, sc.positions_m)
             row[name] = fidelity.score(st.image(), sc)["nrmse"]
         rows.append(row)
@@ -47,7 +53,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "subpixel", "machine": f"{platform.machine()} {os.cpu_count()} cpu",
                       "notes": "NRMSE (offset removed) over the scanned area; perfect_* use the object's own "
                                "phase as the patches (bilinear crops at the exact positions for the Fourier case)",
-                      "rows": rows}, indent=1))
+                      "window_power": a.window_power, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
