@@ -126,9 +126,10 @@ def _splat1_batch(v: np.ndarray, f: np.ndarray) -> np.ndarray:
 
 # The weight of a patch pixel is the beam's intensity to this power. The network's phase is
 # least sure where the beam is weak, so weighting by the intensity itself (power 1, the ePIE-like
-# choice) gives the rim of each patch too much say: power 1.5 (|probe|^3) lowered the stitched
-# NRMSE by 10-40 % on the training families at overlap 0.3 and 0.6, at full dose and at 1e4
-# photons per frame, with both shipped models (README, Live image fidelity).
+# choice) gives the rim of each patch too much say. Over the training families, both shipped
+# models, overlap 0.6 / 0.3 / 0 and 1e6 / 1e4 photons per frame, the stitched NRMSE relative to
+# power 1 was 0.818 on average at 1.5 (|probe|^3), 0.829 at 2 and 0.837 at 3
+# (benchmarks/window_power.py; README, Live image fidelity).
 WINDOW_POWER = 1.5
 WINDOW_POWER_MIN, WINDOW_POWER_MAX = 0.25, 8.0
 
