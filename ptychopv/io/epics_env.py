@@ -36,14 +36,24 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999           # Linux's default; elsewhere only a hint
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free on 127.0.0.1 for TCP and UDP alike, outside the kernel's ephemeral range.
+    """A port free on 127.0.0.1 for TCP and UDP alike, outside the kernel's ephemeral range,
+    and never one this process has handed out before.
 
     Outside that range so that the kernel never gives it, between this choice and the server's
     bind or while the server runs, to some client's socket as its own source port: a CA or PVA
     client's UDP socket on a server's search port takes the searches meant for the server (one
     unicast datagram reaches one of the sockets bound there), and the server, "ready", is never
-    found. Full test runs here lost a first connection that way now and then."""
+    found. Full test runs here lost a first connection that way now and then.
+
+    Never twice in one process: a port handed out is free only until its server binds it, and a
+    run allocates its ports before it starts the servers (the test run's CA ports at import, an
+    IOC's CA, PVA and image ports together). Drawn twice, one port went to the CA server and to
+    the image PVA server of the same IOC; the PVA client, sent to that port, read CA's version
+    message ("Protocol decode fault") and the image PVs timed out (a CI run failed so)."""
     lo, hi = _ephemeral_range()
     # above the well-known and registered services most hosts run (EPICS's own 5064-5076 too)
     choices = [r for r in ((10000, lo - 1), (hi + 1, 65535)) if r[1] - r[0] > 1000]
@@ -51,6 +61,8 @@ def free_port() -> int:
     for _ in range(1000):
         a, b = rng.choice(choices)
         port = rng.randint(a, b)
+        if port in _HANDED_OUT:
+            continue
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
                     socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -58,6 +70,7 @@ def free_port() -> int:
                 udp.bind(("127.0.0.1", port))
         except OSError:
             continue
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError(f"no free port on 127.0.0.1 outside the ephemeral range {lo}-{hi}")
 
