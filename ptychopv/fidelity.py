@@ -79,13 +79,15 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
                 probe_reference=None, refine: dict | None = None,
-                window_power: float | None = None) -> tuple[StitchedImage, StitchedImage | None]:
+                window_power: float | None = None, refine_finish=None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
     the probe is a solver's, aligned to ``probe_reference``, the beamline's probe, when given, as the
     IOC does after a reconstruction; see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
-    background passes it makes once the stream pauses."""
+    background passes it makes once the stream pauses. ``refine_finish``: called with the
+    :class:`~ptychopv.science.refine.Refiner` once every frame is in, in place of its
+    :meth:`~ptychopv.science.refine.Refiner.finish` (a benchmark that scores the image sweep by sweep)."""
     from .plugins.frame import Frame
     from .plugins.infer import InferPlugin
     from .plugins.refine import RefinePlugin
@@ -120,7 +122,8 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
             raise RuntimeError("the chain failed: " + "; ".join(pl.last_message for pl in plugins if pl.error_count))
         refined = None
         if ref is not None:
-            ref.refiner.finish()            # what the plugin does in the background once frames pause
+            # what the plugin does in the background once frames pause
+            (refine_finish or type(ref.refiner).finish)(ref.refiner)
             refined = ref.image()
         return stitch.image(), refined
     finally:

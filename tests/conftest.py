@@ -81,6 +81,15 @@ def load_benchmark(name: str):
     return mod
 
 
+def run_benchmark(name: str, *args: str, timeout: float = 300) -> "subprocess.CompletedProcess":
+    """``python benchmarks/<name>.py ARGS`` as a user runs it, from the repository root."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "benchmarks" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=root, check=False)
+
+
 def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool) -> str:
     """Config for an IOC + simulator that run the HPC loop quickly: 64x64 frames, one thread each."""
     return f"""

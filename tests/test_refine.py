@@ -71,12 +71,14 @@ def test_the_image_is_the_seed_until_a_frame_is_used(scan):
     assert ref.image().phase.size == 0
     run(scan, ref, st, patches)
     assert ref.updates == 0
+    assert ref.counters()["frames_pending"] == len(scan.frames) and ref.counters()["frames_kept"] == 0
     seed = st.image()
     img = ref.image()
     assert img.origin_m == seed.origin_m and np.array_equal(img.phase, seed.phase)
     assert np.array_equal(img.weight, seed.weight)    # scored over exactly the live image's region
     assert ref.step()                                  # idle: the oldest held frame is used
     assert ref.updates == 1 + ref.revisits
+    assert ref.counters()["frames_pending"] == len(scan.frames) - 1 and ref.counters()["frames_kept"] == 1
     assert not np.array_equal(ref.image().phase, seed.phase)
     ref.reset()
     assert ref.updates == 0 and ref.counters()["frames_kept"] == 0 and not ref.step()

@@ -2,18 +2,14 @@
 choice of ``Stitch:WindowPower`` as the benchmark makes it, on families the default was chosen on."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import run_benchmark
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "window_power.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+def run(*args: str):
+    return run_benchmark("window_power", *args)
 
 
 def test_the_default_power_beats_the_intensity_on_the_training_families():

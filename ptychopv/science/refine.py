@@ -603,5 +603,6 @@ class Refiner:
         with self._lock:
             return {"frames_refined": self.frames_refined, "frames_no_probe": self.frames_no_probe,
                     "frames_rejected": self.frames_rejected, "updates": self.updates,
-                    "frames_kept": len(self._frames), "last_message": self.last_message,
+                    "frames_kept": len(self._frames), "frames_pending": len(self._pending),
+                    "last_message": self.last_message,
                     "misfit": self.misfit, "redundancy": self.redundancy, "settled": self.settled}
