@@ -358,6 +358,8 @@ class LiveChain:
         it has room. Under overload the source drops the rest before decoding them."""
         if self._capturing:
             return True
+        if self.scaleout is not None:       # the refine stage wants each frame's counts (ioc/scaleout.py)
+            return self.scaleout.wants_counts()
         return self.infer in self.source.downstream and self.infer.has_room()
 
     def _dropped_at_entry(self) -> None:

@@ -6,18 +6,31 @@ the chain's stitch plugin (positions found by the chain's position source, as fo
 results), takes the local infer plugin off the detector stream (the scan recorder still gets
 every frame) and shows the ``Scale:`` records a few times a second. The consumers themselves
 run outside the IOC (``ptychopv scaleout``).
+
+The consumers publish phases, not counts, yet the refine stage corrects the stitched image with
+each frame's photon counts. The IOC receives every frame itself (for the scan recorder), so
+while the refine stage is on and has a probe it keeps each frame's counts in the network's
+geometry (the infer plugin's preprocess, :meth:`~ptychopv.plugins.infer.InferPlugin.counts_of`),
+by uniqueId, and attaches them to the consumer's result for that uniqueId on its way to the
+stitch stage. At most :data:`COUNTS_KEPT_BYTES` wait (the oldest go first); a result whose counts
+are not there (the frame came after its result, or was refused by the preprocess) goes on
+without, and the refine stage counts it in ``Refine:FramesNotRefined_RBV``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
+
+import numpy as np
 
 from ..plugins.gather import Gatherer
 from ..plugins.source import search_conf
 
 log = logging.getLogger(__name__)
 PERIOD_S = 0.25
+COUNTS_KEPT_BYTES = 32 << 20        # frames' counts waiting for their consumer's result
 
 
 def consumer_search(cfg) -> dict:
@@ -34,14 +47,63 @@ class ScaleOut:
         s = chain.cfg.scaleout
         self.gatherer = Gatherer([c.channel for c in s.consumers], consumer_search(chain.cfg),
                                  names=[f"consumer {i + 1}" for i in range(len(s.consumers))],
-                                 downstream=[chain.stitch.put], on_frame=chain._on_frame,
+                                 downstream=[self._with_counts], on_frame=chain._on_frame,
                                  reorder_s=s.reorder_s, queue_size=s.queue_size)
-        # the detector's frames still reach the scan recorder, not the local inference
+        # the detector's frames still reach the scan recorder, not the local inference; their
+        # counts wait for the consumers' results, for the refine stage
         chain.source.downstream = [fn for fn in chain.source.downstream if fn is not chain.infer]
+        chain.source.downstream.append(self._keep_counts)
+        self._counts: OrderedDict = OrderedDict()       # uniqueId -> counts in the network's geometry
+        self._counts_bytes = 0
+        self._counts_lock = threading.Lock()
+        self.counts_attached = 0        # results that went on with their frame's counts
+        self.counts_missing = 0         # results the refine stage wanted counts for and had none
         self._stop = threading.Event()
         self._seen: dict = {}
         self._message = ""
         self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ counts for the refine stage
+    def wants_counts(self) -> bool:
+        """Does the refine stage take frames now (on, with a probe)? Then the IOC decodes every
+        detector frame for its counts, not only those a capture records."""
+        refine = self.chain.refine
+        return bool(refine.enable_callbacks) and refine.refiner.probe is not None
+
+    def _keep_counts(self, frame) -> None:
+        if not self.wants_counts():
+            return
+        try:
+            counts = self.chain.infer.counts_of(frame.data)
+        except ValueError:          # a frame the preprocess refuses: its result goes on without
+            return
+        if counts is None:
+            return
+        counts = np.ascontiguousarray(counts, np.float32)
+        with self._counts_lock:
+            old = self._counts.pop(frame.unique_id, None)     # a new acquisition reuses the ids
+            if old is not None:
+                self._counts_bytes -= old.nbytes
+            self._counts[frame.unique_id] = counts
+            self._counts_bytes += counts.nbytes
+            while self._counts_bytes > COUNTS_KEPT_BYTES and self._counts:
+                self._counts_bytes -= self._counts.popitem(last=False)[1].nbytes
+
+    def _with_counts(self, frames: list) -> None:
+        """Gathered results (in uniqueId order) on to the stitch stage, each with its frame's counts
+        where they came."""
+        wanted = self.wants_counts()
+        with self._counts_lock:
+            for frame in frames:
+                counts = self._counts.pop(frame.unique_id, None)
+                if counts is not None:
+                    self._counts_bytes -= counts.nbytes
+                if counts is not None and counts.shape == np.shape(frame.data):
+                    frame.counts = counts
+                    self.counts_attached += 1
+                elif wanted:
+                    self.counts_missing += 1
+        self.chain.stitch.put(frames)
 
     def start(self) -> None:
         self.gatherer.start()

@@ -107,10 +107,7 @@ class InferPlugin(BatchingPlugin):
             good.append(f)
         if not good:
             return None
-        opts = self.pre.options
-        if opts.crop is None and opts.roi is None:
-            fy, fx = (opts.binning, opts.binning) if isinstance(opts.binning, int) else opts.binning
-            self.pre.options = opts.with_(crop=(size * fy, size * fx))
+        self._network_geometry(size)
         try:
             batch = self.pre(np.stack([f.data for f in good]) if len({f.data.shape for f in good}) == 1
                              else self._same_shape(good))
@@ -118,6 +115,27 @@ class InferPlugin(BatchingPlugin):
             # e.g. NaN in a frame, or frames smaller than the model's input: find the culprits one by one
             return self._one_by_one(good, exc)
         return self._infer(good, batch)
+
+    def _network_geometry(self, size: int):
+        """The preprocess options, with the detector's centre cropped to the model's input (times
+        the binning) unless a crop or ROI is set."""
+        opts = self.pre.options
+        if opts.crop is None and opts.roi is None:
+            fy, fx = (opts.binning, opts.binning) if isinstance(opts.binning, int) else opts.binning
+            self.pre.options = opts = opts.with_(crop=(size * fy, size * fx))
+        return opts
+
+    def counts_of(self, data) -> np.ndarray | None:
+        """One raw frame's photon counts in the network's geometry, as this plugin's results carry
+        them to the refine stage (``ScaleFactor`` undone), for a frame inferred elsewhere (a
+        scale-out consumer's result). None without a model or with a normalising preprocess;
+        ValueError for a frame the preprocess refuses. Any thread."""
+        size = self.input_size
+        if size is None:
+            return None
+        opts = self._network_geometry(size)
+        counts = _counts(self.pre(np.asarray(data)[None]), opts)
+        return None if counts is None else counts[0]
 
     def _same_shape(self, frames):
         shape = frames[0].data.shape
@@ -183,9 +201,7 @@ class InferPlugin(BatchingPlugin):
         out = []
         # the counts in the network's geometry travel on with the phase, for the refine stage
         # (photons as measured: the refine stage weighs its steps by them, so ScaleFactor is undone)
-        counts = None
-        if opts.normalise == "none" and np.ndim(batch) == 3:
-            counts = batch if opts.scale == 1 else batch / np.float32(opts.scale)
+        counts = _counts(batch, opts)
         for i, f in enumerate(frames):
             if not valid[i]:
                 self.bad_frames += 1
@@ -204,3 +220,10 @@ class InferPlugin(BatchingPlugin):
                 self._out_times.append((now, len(out)))
             self.frames_out += len(out)
         return out or None
+
+
+def _counts(batch, opts) -> np.ndarray | None:
+    """A preprocessed batch as photon counts (``ScaleFactor`` undone); None if it was normalised."""
+    if opts.normalise == "none" and np.ndim(batch) == 3:
+        return batch if opts.scale == 1 else batch / np.float32(opts.scale)
+    return None

@@ -122,7 +122,7 @@ class RefinePlugin(BatchingPlugin):
         if len(usable) < len(frames):
             self.frames_no_counts += len(frames) - len(usable)
             self.report("frames without counts in the network's geometry (a normalising preprocess, or "
-                        "scale-out results) are not refined")
+                        "scale-out results whose frames did not reach the IOC first) are not refined")
         shapes = {f.counts.shape for f in usable}
         if len(shapes) > 1:
             self.report(f"frames of different shapes {sorted(shapes)} in one batch: not refined")

@@ -288,6 +288,13 @@ def test_the_infer_plugin_hands_on_counts_as_measured_whatever_the_scale_factor(
     for i, f in enumerate(got):
         assert f.counts.shape == (64, 64)
         np.testing.assert_allclose(f.counts, scan.frames[i], rtol=1e-5)
+        # the same counts for a frame inferred elsewhere (a scale-out consumer's result)
+        np.testing.assert_array_equal(infer.counts_of(big[i]), f.counts)
+    with pytest.raises(ValueError):
+        infer.counts_of(np.zeros((32, 32), np.float32))           # smaller than the network's input
+    assert InferPlugin().counts_of(big[0]) is None                 # no model: no geometry yet
+    infer.set_preprocess(normalise="max")
+    assert infer.counts_of(big[0]) is None                         # normalised frames are not counts
 
 
 def test_the_noise_table_is_what_poisson_counts_give():
