@@ -47,6 +47,9 @@ NOTES = [
     "aggregate(N) / (N * aggregate(1))",
     "offered_fps: the simulator's ArrayCounter_RBV per second, the same way",
     "missing: Scale:Missing_RBV (uniqueIds never gathered) at the end; dropped: Scale:ConsumerDropped_RBV",
+    "refined / not_refined / refine_dropped: the refine stage's Refine:FramesRefined_RBV, FramesNotRefined_RBV and "
+    "DroppedArrays_RBV at the end (refine: Refine:EnableCallbacks; it refines with the model card's probe, the "
+    "frames' counts from the IOC's own copy of each frame)",
     "all processes share this machine's cores: simulator, mirror, consumers, IOC and this client",
 ]
 
@@ -91,7 +94,7 @@ def write_config(folder: Path, n: int, rate: float, threads: int, queue: int) ->
     return path, {"prefix": f"BSO{pid}:", "sim_prefix": f"BSS{pid}:", **p}
 
 
-def run_n(n: int, rate: float, seconds: float, warmup: float, threads: int, queue: int) -> dict:
+def run_n(n: int, rate: float, seconds: float, warmup: float, threads: int, queue: int, refine: bool = True) -> dict:
     from p4p.client.thread import Context
 
     with tempfile.TemporaryDirectory(prefix=f"scaleout{n}-") as tmp:
@@ -110,6 +113,7 @@ def run_n(n: int, rate: float, seconds: float, warmup: float, threads: int, queu
                 return ctx.get(prefix + name, timeout=5)["value"]
 
             wait_until(lambda: v("Scale:Connected_RBV") == n, 60, f"{n} consumer channel(s) connected")
+            ctx.put(p["prefix"] + "Refine:EnableCallbacks", int(refine), wait=True, timeout=5)
             ctx.put(p["sim_prefix"] + "Acquire", 1, timeout=5)
             time.sleep(warmup)          # benchmark window, not a test: let the pipeline fill first
             names = [p["prefix"] + "Scale:Frames_RBV", p["prefix"] + "Scale:ConsumerFrames_RBV",
@@ -136,7 +140,12 @@ def run_n(n: int, rate: float, seconds: float, warmup: float, threads: int, queu
                     "offered_fps": slope([x[3] for x in samples]),
                     "aggregate_fps": slope([x[1] for x in samples]), "per_consumer_fps": per,
                     "missing": int(v("Scale:Missing_RBV")), "duplicates": int(v("Scale:Duplicates_RBV")),
-                    "dropped": [int(x) for x in v("Scale:ConsumerDropped_RBV")]}
+                    "dropped": [int(x) for x in v("Scale:ConsumerDropped_RBV")],
+                    # the refine stage, fed the frames' counts by the IOC's own copy of each frame
+                    "refine": bool(refine), "refined": int(v("Refine:FramesRefined_RBV")),
+                    "not_refined": int(v("Refine:FramesNotRefined_RBV")),
+                    "refine_dropped": int(v("Refine:DroppedArrays_RBV")),
+                    "refine_message": str(v("Refine:Message_RBV"))}
         finally:
             if ctx is not None:
                 ctx.close()
@@ -152,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=3.0, help="streaming before the window")
     ap.add_argument("--threads", type=int, default=1, help="inference threads per consumer")
     ap.add_argument("--queue", type=int, default=100, help="server queue of each consumer's input")
+    ap.add_argument("--no-refine", dest="refine", action="store_false",
+                    help="Refine:EnableCallbacks 0: the IOC neither refines nor keeps the frames' counts")
     a = ap.parse_args(argv)
     result = {"benchmark": "scaleout", "machine": machine("numpy", "p4p", "pvapy", "onnxruntime"),
               "model": "shipped demo model (PtychoNN 2.0, 64x64), ONNX Runtime CPU",
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
               "notes": NOTES, "runs": []}
     for n in a.consumers:
         log(f"N = {n}")
-        result["runs"].append(run_n(n, a.rate, a.seconds, a.warmup, a.threads, a.queue))
+        result["runs"].append(run_n(n, a.rate, a.seconds, a.warmup, a.threads, a.queue, a.refine))
     one = next((r for r in result["runs"] if r["n"] == 1), None)
     if one and one["aggregate_fps"] > 0 and one["per_consumer_fps"][0] > 0:
         single = one["per_consumer_fps"][0]
