@@ -133,8 +133,11 @@ class InferPlugin(BatchingPlugin):
         size = self.input_size
         if size is None:
             return None
+        data = np.asarray(data)
+        if data.ndim != 2 or data.dtype.kind not in "uif":
+            raise ValueError(f"{data.dtype} array of shape {data.shape} is not a 2-D real image")
         opts = self._network_geometry(size)
-        counts = _counts(self.pre(np.asarray(data)[None]), opts)
+        counts = _counts(self.pre(data[None]), opts)
         return None if counts is None else counts[0]
 
     def _same_shape(self, frames):

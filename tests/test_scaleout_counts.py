@@ -73,6 +73,8 @@ def test_waiting_counts_are_bounded_and_bad_frames_are_skipped(rig, monkeypatch)
         s._keep_counts(raw(uid))
     assert list(s._counts) == [3, 4, 5] and s._counts_bytes == 3 * 32 * 32 * 4   # the oldest went first
     s._keep_counts(Frame(np.zeros((16, 16), np.uint16), unique_id=6))  # smaller than the network's input
+    s._keep_counts(Frame(np.zeros((3, 48, 48), np.uint16), unique_id=7))   # not a 2-D image
+    s._keep_counts(Frame(np.zeros((48, 48), np.complex64), unique_id=8))   # not real
     s._keep_counts(raw(4, value=7.0))                                  # a new acquisition reuses an id
     assert list(s._counts) == [3, 5, 4] and s._counts[4][0, 0] == 7.0 + 4    # the new frame's
     s._with_counts([result(3), result(6)])
