@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..science.preprocess import PreprocessOptions, Preprocessor
+from ..science.preprocess import PreprocessOptions, Preprocessor, check_image
 from .base import _Call
 from .batching import BatchingPlugin
 from .frame import Frame
@@ -99,10 +99,11 @@ class InferPlugin(BatchingPlugin):
         size = self.input_size
         good = []
         for f in frames:
-            if f.data.ndim != 2 or f.data.dtype.kind not in "uif":
+            try:
+                check_image(f.data)
+            except ValueError as exc:
                 self.bad_frames += 1
-                self.report(f"frame {f.unique_id}: {f.data.dtype} array of shape {f.data.shape} "
-                            "is not a 2-D real image; skipped")
+                self.report(f"frame {f.unique_id}: {exc}; skipped")
                 continue
             good.append(f)
         if not good:
@@ -117,12 +118,11 @@ class InferPlugin(BatchingPlugin):
         return self._infer(good, batch)
 
     def _network_geometry(self, size: int):
-        """The preprocess options, with the detector's centre cropped to the model's input (times
-        the binning) unless a crop or ROI is set."""
+        """The preprocess options in use, cropped to the model's input unless a crop or ROI is set
+        (:meth:`~ptychopv.science.preprocess.PreprocessOptions.cropped_to`)."""
         opts = self.pre.options
-        if opts.crop is None and opts.roi is None:
-            fy, fx = (opts.binning, opts.binning) if isinstance(opts.binning, int) else opts.binning
-            self.pre.options = opts = opts.with_(crop=(size * fy, size * fx))
+        if (cropped := opts.cropped_to(size)) is not opts:
+            self.pre.options = opts = cropped
         return opts
 
     def counts_of(self, data) -> np.ndarray | None:
@@ -133,9 +133,7 @@ class InferPlugin(BatchingPlugin):
         size = self.input_size
         if size is None:
             return None
-        data = np.asarray(data)
-        if data.ndim != 2 or data.dtype.kind not in "uif":
-            raise ValueError(f"{data.dtype} array of shape {data.shape} is not a 2-D real image")
+        data = check_image(data)
         opts = self._network_geometry(size)
         counts = _counts(self.pre(data[None]), opts)
         return None if counts is None else counts[0]

@@ -122,8 +122,10 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
             raise RuntimeError("the chain failed: " + "; ".join(pl.last_message for pl in plugins if pl.error_count))
         refined = None
         if ref is not None:
-            # what the plugin does in the background once frames pause
-            (refine_finish or type(ref.refiner).finish)(ref.refiner)
+            if refine_finish is not None:
+                refine_finish(ref.refiner)
+            else:
+                ref.refiner.finish()        # what the plugin does in the background once frames pause
             refined = ref.image()
         return stitch.image(), refined
     finally:

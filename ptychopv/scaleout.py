@@ -29,6 +29,7 @@ from shutil import which
 import numpy as np
 
 from .config import Config, resolve
+from .science.preprocess import check_image
 
 log = logging.getLogger(__name__)
 PROCESSOR = "ptychopv.pvapy_processor.PtychoProcessor"
@@ -169,13 +170,10 @@ class ConsumerCore:
             self.waiting += 1
             return None, {}
         try:
-            data = np.asarray(data)
-            if data.ndim != 2 or data.dtype.kind not in "uif":
-                raise ValueError(f"{data.dtype} array of shape {data.shape} is not a 2-D real image")
+            data = check_image(data)
             o = self.pre.options
-            if o.crop is None and o.roi is None:
-                size = int(engine.source.input_size) * self.binning
-                self.pre.options = o.with_(crop=(size, size))
+            if (cropped := o.cropped_to(int(engine.source.input_size))) is not o:
+                self.pre.options = cropped
             x = self.pre(data[None])
             result = engine.infer(x)
             if not bool(result.get("valid", np.ones(1, bool))[0]):

@@ -185,3 +185,18 @@ def test_bad_options():
         pp.Preprocessor(pp.PreprocessOptions(roi=(10, 0, 10, 4)))(np.zeros((1, 16, 16)))
     with pytest.raises(ValueError, match="mask"):
         pp.Preprocessor(pp.PreprocessOptions(mask=np.zeros((8, 8), bool)))(np.zeros((1, 16, 16)))
+
+
+def test_options_crop_to_the_models_input_unless_a_crop_or_roi_is_set():
+    from ptychopv.science.preprocess import PreprocessOptions, check_image
+
+    assert PreprocessOptions().cropped_to(64).crop == (64, 64)
+    assert PreprocessOptions(binning=(2, 1)).cropped_to(32).crop == (64, 32)
+    set_crop = PreprocessOptions(crop=(100, 100))
+    assert set_crop.cropped_to(64) is set_crop
+    with_roi = PreprocessOptions(roi=(0, 0, 128, 128))
+    assert with_roi.cropped_to(64) is with_roi
+    assert check_image([[1, 2], [3, 4]]).shape == (2, 2)
+    for bad in (np.zeros((2, 3, 3)), np.zeros((3, 3), np.complex64), np.array(["a"])):
+        with pytest.raises(ValueError, match="not a 2-D real image"):
+            check_image(bad)

@@ -41,6 +41,15 @@ def as_batch(frames) -> tuple[np.ndarray, bool]:
     return (a[None], True) if a.ndim == 2 else (a, False)
 
 
+def check_image(data) -> np.ndarray:
+    """One detector frame as an array, if it is a 2-D real image (ValueError if not): what the
+    infer stage and a scale-out consumer take."""
+    a = np.asarray(data)
+    if a.ndim != 2 or a.dtype.kind not in "uif":
+        raise ValueError(f"{a.dtype} array of shape {a.shape} is not a 2-D real image")
+    return a
+
+
 def nonfinite_frames(frames) -> np.ndarray:
     """Indices of the frames in a batch that hold a NaN or an infinity."""
     a, _ = as_batch(frames)
@@ -279,6 +288,14 @@ class PreprocessOptions:
     def with_(self, **changes) -> PreprocessOptions:
         """A copy with some fields changed (validated), e.g. when a PV is written."""
         return replace(self, **changes)
+
+    def cropped_to(self, size: int) -> PreprocessOptions:
+        """These options, with the detector's centre cropped to a model input of ``size`` pixels
+        (times the binning) unless a crop or ROI is set (then these options themselves)."""
+        if self.crop is not None or self.roi is not None:
+            return self
+        fy, fx = (self.binning, self.binning) if isinstance(self.binning, int) else self.binning
+        return self.with_(crop=(size * fy, size * fx))
 
     @classmethod
     def from_card(cls, spec: dict | None, **kw) -> PreprocessOptions:
