@@ -53,6 +53,7 @@ def trace(scan: fidelity.FamilyScan, checkpoints: list[int], rows: list[dict]):
             c = refiner.counters()
             rows.append({"sweeps": done, "nrmse": fidelity.score(refiner.image(), scan)["nrmse"],
                          "misfit": round(c["misfit"], 4), "redundancy": round(c["redundancy"], 2),
+                         "tv_weight": float(f"{c['tv_weight']:.3g}"),
                          "stopped": stopped})
             if stopped:
                 break
@@ -66,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--doses", nargs="+", type=float, default=[0.01], help="dose factors of 1e6 photons")
     ap.add_argument("--checkpoints", nargs="+", type=int, default=CHECKPOINTS,
                     help="sweep counts at which the image is scored (ascending, at most 10000)")
+    ap.add_argument("--denoise", nargs="+", type=float, default=[1.0],
+                    help="Refine:Denoise values to compare (0: no total-variation prior, the sweeps stop at the noise)")
     ap.add_argument("--extent", type=float, default=4e-6, help="scan diameter (m)")
     ap.add_argument("--seed", type=int, default=2024, help="the science benchmark's (family i: seed + 17 i)")
     a = ap.parse_args(argv)
@@ -83,20 +86,22 @@ def main(argv=None) -> int:
                 for dose_x in a.doses:
                     scan = fidelity.family_scan(family, overlap=overlap, dose=1e6 * dose_x,
                                                 seed=a.seed + 17 * fi, extent_m=a.extent)
-                    t1, points = time.perf_counter(), []
-                    live, _ = fidelity.live_images(scan.frames, scan.positions_m, engine, window=probe,
-                                                   refine_probe=probe, pixel_size_m=scan.pixel_size_m,
-                                                   refine={"passes": 10000},   # the checkpoints bound it
-                                                   refine_finish=trace(scan, a.checkpoints, points))
-                    best = min(points, key=lambda p: p["nrmse"])
-                    row = {"family": family, "overlap": overlap, "dose_x": dose_x, "frames": len(scan.frames),
-                           "live": fidelity.score(live, scan)["nrmse"], "sweeps": points,
-                           "best": {"sweeps": best["sweeps"], "nrmse": best["nrmse"]},
-                           "last": {"sweeps": points[-1]["sweeps"], "nrmse": points[-1]["nrmse"]},
-                           "seconds": round(time.perf_counter() - t1, 1)}
-                    out.append(row)
-                    print(json.dumps({k: row[k] for k in ("family", "overlap", "dose_x", "live", "best", "last")}),
-                          file=sys.stderr, flush=True)
+                    for denoise in a.denoise:
+                        t1, points = time.perf_counter(), []
+                        live, _ = fidelity.live_images(scan.frames, scan.positions_m, engine, window=probe,
+                                                       refine_probe=probe, pixel_size_m=scan.pixel_size_m,
+                                                       refine={"passes": 10000, "denoise": denoise},  # checkpoints bound it
+                                                       refine_finish=trace(scan, a.checkpoints, points))
+                        best = min(points, key=lambda p: p["nrmse"])
+                        row = {"family": family, "overlap": overlap, "dose_x": dose_x, "denoise": denoise,
+                               "frames": len(scan.frames),
+                               "live": fidelity.score(live, scan)["nrmse"], "sweeps": points,
+                               "best": {"sweeps": best["sweeps"], "nrmse": best["nrmse"]},
+                               "last": {"sweeps": points[-1]["sweeps"], "nrmse": points[-1]["nrmse"]},
+                               "seconds": round(time.perf_counter() - t1, 1)}
+                        out.append(row)
+                        print(json.dumps({k: row[k] for k in ("family", "overlap", "dose_x", "denoise", "live",
+                                                              "best", "last")}), file=sys.stderr, flush=True)
     finally:
         engine.close()
     print(json.dumps({"benchmark": "refine_sweeps", "machine": machine("onnxruntime"),

@@ -56,6 +56,8 @@ class RefinePlugin(BatchingPlugin):
     alpha = property(lambda self: self.refiner.alpha, lambda self, v: setattr(self.refiner, "alpha", v))
     half_step_photons = property(lambda self: self.refiner.half_step_photons,
                                  lambda self, v: setattr(self.refiner, "half_step_photons", v))
+    denoise = property(lambda self: self.refiner.denoise, lambda self, v: setattr(self.refiner, "denoise", v))
+    tv_weight = property(lambda self: self.refiner.tv_weight)
     step_size = property(lambda self: self.refiner.step_size)
     misfit = property(lambda self: self.refiner.misfit)
     redundancy = property(lambda self: self.refiner.redundancy)

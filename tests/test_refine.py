@@ -317,7 +317,7 @@ def test_at_low_dose_the_sweeps_stop_at_the_noise_only_where_frames_overlap_litt
     frames, and all of them are made."""
     low = fidelity.family_scan("cell", overlap=overlap, extent_m=1.6e-6, seed=5, dose=1e4)
     st, patches = seeded(low)
-    ref = Refiner(st, low.probe, lag=16, passes=30)
+    ref = Refiner(st, low.probe, lag=16, passes=30, denoise=0)   # the rule without the prior
     run(low, ref, st, patches)
     ref.finish()
     c = ref.counters()
@@ -334,6 +334,58 @@ def test_at_low_dose_the_sweeps_stop_at_the_noise_only_where_frames_overlap_litt
         assert c["redundancy"] > 3
         assert c["updates"] == full
         assert after < 0.8 * seed_err, (seed_err, after)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.6])
+def test_at_low_dose_a_smoothness_prior_lets_the_sweeps_go_on_without_fitting_the_noise(overlap):
+    """At 1e4 photons per frame each background sweep ends with a total-variation step (the
+    default ``denoise`` 1): the sweeps are all made, even where frames overlap little, and the
+    image ends closer to the truth than without the prior (which stops at the noise at overlap 0
+    and fits it at 0.6)."""
+    low = fidelity.family_scan("cell", overlap=overlap, extent_m=1.6e-6, seed=5, dose=1e4)
+    got = {}
+    for denoise in (0.0, 1.0):
+        st, patches = seeded(low)
+        ref = Refiner(st, low.probe, lag=16, passes=60, denoise=denoise)
+        run(low, ref, st, patches)
+        ref.finish()
+        got[denoise] = (fidelity.score(ref.image(), low)["nrmse"], ref.counters())
+    (off, c_off), (on, c_on) = got[0.0], got[1.0]
+    seed_err = fidelity.score(st.image(), low)["nrmse"]
+    assert c_off["tv_weight"] == 0 and c_off["denoised"] == 0
+    assert c_on["tv_weight"] > 0 and c_on["denoised"] == ref.passes       # one prior step per sweep
+    assert c_on["updates"] == len(low.frames) * (1 + ref.revisits + ref.passes) and c_on["settled"]
+    assert on < 0.85 * off and on < 0.75 * seed_err, (seed_err, off, on)
+    assert np.isfinite(ref.image().phase).all()
+
+
+def test_the_priors_weight_follows_the_noise_and_the_overlap(scan):
+    """The weight falls as the square of the photons per pixel, is 0 without overlap or with
+    ``denoise`` 0, scales with ``denoise``, and bad values are refused."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16, passes=1)
+    assert ref.tv_weight == 0                                  # no frames yet
+    run(scan, ref, st, patches)
+    ref.finish()
+    w1 = ref.tv_weight
+    assert w1 > 0 and ref.redundancy > 3
+    ref.denoise = 2.0
+    assert ref.tv_weight == pytest.approx(2 * w1)
+    ref.denoise = 0
+    assert ref.tv_weight == 0
+    for bad in (-0.1, float("nan"), 101, "x"):
+        with pytest.raises(ValueError):
+            ref.denoise = bad
+    assert ref.denoise == 0                                    # a refused value is not stored
+    ref.denoise = 1.0
+    ref.redundancy = 1.0                                        # frames that do not overlap
+    assert ref.tv_weight == 0
+    ref.redundancy = 4.0
+    low = Refiner(st, scan.probe, lag=16, passes=1)
+    low.add(scan.frames / 100.0, scan.positions_m)              # a hundredth of the photons
+    low.redundancy = 4.0
+    step_ratio = low.step_size / ref.step_size
+    assert low.tv_weight == pytest.approx(ref.tv_weight * step_ratio * 100 ** 2, rel=1e-6)
 
 
 def test_a_probe_set_while_frames_wait_is_used_for_them(scan):

@@ -31,6 +31,15 @@ Morozov's discrepancy principle), and the frames' ``redundancy``, how many frame
 light a lit pixel; the sweeps stop once the misfit is at the noise where the redundancy is below
 :data:`REDUNDANT` (about 2 at overlap 0, 4 at 0.3, 13 at 0.6 for the demo's beam).
 
+That stop rule cannot tell the sweeps that fit the noise from those that still sharpen the image
+(at 1e4 photons per frame and overlap 0.3 the misfit is below 1 before the first sweep), so by
+default each sweep ends with a proximal step of a total-variation prior instead (``denoise``,
+:attr:`Refiner.tv_weight`): the refined pixels' real and imaginary parts, smoothed together by
+Chambolle's algorithm with a weight that grows with the photon noise (as 1 / photons per pixel
+squared: negligible at 1e6 photons per frame) and with the overlap (none where frames do not
+overlap). With the prior the sweeps converge to a regularized image rather than to the noise, so
+they run their whole budget; ``denoise`` 0 restores the stop rule.
+
 The probe stays fixed (a live image must not wander while it is watched); it is moved by each
 position's fraction of a pixel by the Fourier shift theorem as the forward model moves it
 (:func:`ptychopv.science.physics.shift_probe`), on a 1/32-pixel grid of cached copies, and scaled
@@ -72,6 +81,7 @@ from collections import deque
 
 import numpy as np
 import scipy.fft
+from skimage.restoration import denoise_tv_chambolle
 
 from .stitching import StitchedImage, Stitcher
 
@@ -79,6 +89,9 @@ SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
 MISFIT_STOP = 1.0            # background sweeps stop at the photon noise ...
 REDUNDANT = 3.0              # ... unless each pixel is seen by this many frames' worth of probe
+TV_PER_PHOTON = 0.65         # total-variation weight per sweep = this * denoise * step / (photons per pixel)^2 ...
+TV_FULL_REDUNDANCY = 4.0     # ... times (redundancy - 1) / (this - 1), at most 1
+TV_ITERATIONS = 50           # Chambolle iterations of each sweep's denoising
 
 
 def _sqrt_poisson_table(top: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +171,7 @@ class Refiner:
     """
 
     def __init__(self, seed: Stitcher, probe=None, *, alpha: float = 1.0, half_step_photons: float = 1e5,
-                 revisits: int = 2, lag: int = 64,
+                 revisits: int = 2, lag: int = 64, denoise: float = 1.0,
                  passes: int = 500, max_frames: int = 20000, lit_level: float = 0.5, grow_px: int = 128, rng_seed: int = 0):
         """
         seed: the stitcher whose image starts each new region (the chain's own stitch stage's).
@@ -171,6 +184,9 @@ class Refiner:
         passes: the most background sweeps over the kept frames when the stream is idle (the
             budget is renewed only by new frames); they stop earlier once a sweep's misfit
             (:attr:`misfit`) is down to the frames' photon noise.
+        denoise: strength of the total-variation prior each background sweep ends with, relative
+            to the photon-noise rule (:attr:`tv_weight`); 0: none, and the sweeps stop at the
+            noise where frames overlap little instead.
         max_frames: how many of the latest frames are kept for revisits (n * n float32 each).
         lit_level: a pixel whose summed relative probe intensity is below this is (re)seeded.
         """
@@ -181,6 +197,7 @@ class Refiner:
         self.revisits = revisits
         self.lag = lag
         self.passes = passes
+        self.denoise = denoise
         self.max_frames = int(max_frames)
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
@@ -259,6 +276,36 @@ class Refiner:
         self._passes = v
 
     @property
+    def denoise(self) -> float:
+        return self._denoise
+
+    @denoise.setter
+    def denoise(self, value: float) -> None:
+        v = float(value)
+        if not (np.isfinite(v) and 0 <= v <= 100):
+            raise ValueError(f"denoise must be a number in 0..100, got {value!r}")
+        self._denoise = v
+
+    @property
+    def tv_weight(self) -> float:
+        """The total-variation weight each background sweep ends with (0: none yet, or off).
+
+        A proximal step of the prior after the sweep's data steps, so it scales with the step in
+        use, and with the noise: as 1 / (mean photons per detector pixel)^2, steeper than the
+        modulus' squared relative noise (1 / (4 photons)) because what the prior buys falls faster
+        than the noise: at 2.4 photons per pixel (1e4 per 64 x 64 frame) it takes the sweeps from
+        fitting the noise to well below the network's error, at 24 even a fifth of the weight
+        costs a little (the science benchmark's scans, ``README``). Where frames barely
+        overlap, a pixel is pinned by one frame's data and the prior would flatten it: the weight
+        grows with the redundancy, from 0 at 1 (no overlap) to full at ``TV_FULL_REDUNDANCY``.
+        ``TV_PER_PHOTON`` was chosen on the science benchmark's scans (``README``, *Live image fidelity*)."""
+        if not self._denoise or not self._counts_n or self._probe is None or self.redundancy <= 1:
+            return 0.0
+        per_pixel = self._counts_sum / self._counts_n / self._probe.size
+        share = min(1.0, (self.redundancy - 1.0) / (TV_FULL_REDUNDANCY - 1.0))
+        return TV_PER_PHOTON * self._denoise * self.step_size * share / max(per_pixel, 1e-3) ** 2
+
+    @property
     def probe(self) -> np.ndarray | None:
         return self._probe
 
@@ -314,6 +361,7 @@ class Refiner:
             self.frames_no_probe = 0
             self.frames_rejected = 0
             self.updates = 0
+            self.denoised = 0                    # sweeps that ended with the prior's step
             self.last_message = ""
 
     # ------------------------------------------------------------------ adding
@@ -409,7 +457,10 @@ class Refiner:
                     self.misfit = sw[0] / sw[1] if sw[1] > 0 else 0.0
                     self._sweep = [0.0, 0.0, 0]
                     self.redundancy = self._redundancy()
-                    if self.misfit <= MISFIT_STOP and self.redundancy < REDUNDANT:
+                    w = self.tv_weight
+                    if w > 0:
+                        self._tv(w)
+                    elif self.misfit <= MISFIT_STOP and self.redundancy < REDUNDANT:
                         self._polish = 0             # more would fit the noise (the module doc)
                 return True
             return False
@@ -418,6 +469,21 @@ class Refiner:
         """Do all the background work now (a benchmark's end of scan; the plugin does it when idle)."""
         while self.step():
             pass
+
+    def _tv(self, weight: float) -> None:
+        """One proximal step of the total-variation prior on the refined pixels (real and imaginary
+        parts as two channels of one image, so the phase has no wraps to smooth across)."""
+        lit = self._lit > 0
+        rows, cols = np.flatnonzero(lit.any(axis=1)), np.flatnonzero(lit.any(axis=0))
+        if rows.size < 2 or cols.size < 2:
+            return
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        z = self._obj[box]        # in transmission units (the probe is scaled to the counts)
+        out = denoise_tv_chambolle(np.stack([z.real, z.imag], axis=-1), weight=weight,
+                                   channel_axis=-1, max_num_iter=TV_ITERATIONS)
+        m = lit[box]
+        z[m] = (out[..., 0] + 1j * out[..., 1])[m].astype(np.complex64)
+        self.denoised += 1
 
     def _first(self, entry) -> None:
         """A frame's first update: seed what it lights, update, revisit ``revisits`` kept frames."""
@@ -605,4 +671,5 @@ class Refiner:
                     "frames_rejected": self.frames_rejected, "updates": self.updates,
                     "frames_kept": len(self._frames), "frames_pending": len(self._pending),
                     "last_message": self.last_message,
-                    "misfit": self.misfit, "redundancy": self.redundancy, "settled": self.settled}
+                    "misfit": self.misfit, "redundancy": self.redundancy, "settled": self.settled,
+                    "tv_weight": self.tv_weight, "denoised": self.denoised}
