@@ -71,6 +71,7 @@ def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None)
 def run_case(family: str, overlap: float, dose_x: float, engine, card_window, args, seed: int) -> dict:
     scan = fidelity.family_scan(family, overlap=overlap, dose=DOSE_X1 * dose_x, seed=seed, extent_m=args.extent)
     live_kw = {"pixel_size_m": scan.pixel_size_m}
+    refine_kw = {"denoise": args.refine_denoise}
     t0 = time.perf_counter()
     live = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window, **live_kw)
     row = {"family": family, "overlap": overlap, "dose_x": dose_x, "frames": len(scan.frames),
@@ -79,7 +80,7 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
     if args.refine:
         t0 = time.perf_counter()
         _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
-                                          refine_probe=card_window, **live_kw)
+                                          refine_probe=card_window, refine=refine_kw, **live_kw)
         row["refined"] = fidelity.score(refined, scan)
         row["refined_s"] = round(time.perf_counter() - t0, 2)
         images["refined"] = refined
@@ -97,7 +98,7 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
             t0 = time.perf_counter()
             live_at, refined_at = fidelity.live_images(
                 scan.frames, scan.positions_m, engine, window=card_window, scale=scale,
-                refine_probe=card_window if args.refine else None, **live_kw)
+                refine_probe=card_window if args.refine else None, refine=refine_kw, **live_kw)
             row[f"live_{key}"] = fidelity.score(live_at, scan)
             if refined_at is not None:
                 row[f"refined_{key}"] = fidelity.score(refined_at, scan)
@@ -115,7 +116,7 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
                 # beamline's (the model card's) probe it refined with before
                 _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=rec_probe,
                                                   refine_probe=rec_probe, probe_reconstructed=True,
-                                                  probe_reference=card_window, **live_kw)
+                                                  probe_reference=card_window, refine=refine_kw, **live_kw)
                 row["refined_recon_probe"] = fidelity.score(refined, scan)
     for name, img in fidelity.calibration_images(scan, live).items():
         row[name] = fidelity.score(img, scan)
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("science-out"), help="folder for the PNG panels")
     ap.add_argument("--no-refine", dest="refine", action="store_false",
                     help="skip the refine stage's image (the live image corrected by the frames)")
+    ap.add_argument("--refine-denoise", type=float, default=1.0,
+                    help="Refine:Denoise (0: no smoothness prior, the refine stage before 2026-12-02 14:00 UTC)")
     ap.add_argument("--quick", action="store_true", help="natural family, overlap 0.6, full dose, 25 ePIE iterations")
     a = ap.parse_args(argv)
     if a.quick:

@@ -36,8 +36,7 @@ That stop rule cannot tell the sweeps that fit the noise from those that still s
 default each sweep ends with a proximal step of a total-variation prior instead (``denoise``,
 :attr:`Refiner.tv_weight`): the refined pixels' real and imaginary parts, smoothed together by
 Chambolle's algorithm with a weight that grows with the photon noise (as 1 / photons per pixel
-squared: negligible at 1e6 photons per frame) and with the overlap (none where frames do not
-overlap). With the prior the sweeps converge to a regularized image rather than to the noise, so
+squared: negligible at 1e6 photons per frame). With the prior the sweeps converge to a regularized image rather than to the noise, so
 they run their whole budget; ``denoise`` 0 restores the stop rule.
 
 The probe stays fixed (a live image must not wander while it is watched); it is moved by each
@@ -89,8 +88,7 @@ SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
 MISFIT_STOP = 1.0            # background sweeps stop at the photon noise ...
 REDUNDANT = 3.0              # ... unless each pixel is seen by this many frames' worth of probe
-TV_PER_PHOTON = 0.65         # total-variation weight per sweep = this * denoise * step / (photons per pixel)^2 ...
-TV_FULL_REDUNDANCY = 4.0     # ... times (redundancy - 1) / (this - 1), at most 1
+TV_PER_PHOTON = 0.2          # total-variation weight per sweep = this * denoise * step / (photons per pixel)^2 ...
 TV_ITERATIONS = 50           # Chambolle iterations of each sweep's denoising
 
 
@@ -288,22 +286,20 @@ class Refiner:
 
     @property
     def tv_weight(self) -> float:
-        """The total-variation weight each background sweep ends with (0: none yet, or off).
+        """The total-variation weight each background sweep ends with (0: off, or before the
+        first sweep).
 
         A proximal step of the prior after the sweep's data steps, so it scales with the step in
         use, and with the noise: as 1 / (mean photons per detector pixel)^2, steeper than the
         modulus' squared relative noise (1 / (4 photons)) because what the prior buys falls faster
         than the noise: at 2.4 photons per pixel (1e4 per 64 x 64 frame) it takes the sweeps from
-        fitting the noise to well below the network's error, at 24 even a fifth of the weight
-        costs a little (the science benchmark's scans, ``README``). Where frames barely
-        overlap, a pixel is pinned by one frame's data and the prior would flatten it: the weight
-        grows with the redundancy, from 0 at 1 (no overlap) to full at ``TV_FULL_REDUNDANCY``.
-        ``TV_PER_PHOTON`` was chosen on the science benchmark's scans (``README``, *Live image fidelity*)."""
-        if not self._denoise or not self._counts_n or self._probe is None or self.redundancy <= 1:
+        fitting the noise to well below the network's error, at 24 it is a tenth as strong and at
+        240 (full dose) negligible. ``TV_PER_PHOTON`` was chosen on the science benchmark's scans
+        (``benchmarks/refine_sweeps.py``, ``README``, *Live image fidelity*)."""
+        if not self._denoise or not self._counts_n or self._probe is None or self.redundancy <= 0:
             return 0.0
         per_pixel = self._counts_sum / self._counts_n / self._probe.size
-        share = min(1.0, (self.redundancy - 1.0) / (TV_FULL_REDUNDANCY - 1.0))
-        return TV_PER_PHOTON * self._denoise * self.step_size * share / max(per_pixel, 1e-3) ** 2
+        return TV_PER_PHOTON * self._denoise * self.step_size / max(per_pixel, 1e-3) ** 2
 
     @property
     def probe(self) -> np.ndarray | None:
