@@ -230,7 +230,7 @@ REFINE_PVS = (
     PV("Refine:Denoise", "ao", "Strength of the smoothness prior", prec=2, low=0.0, high=100.0, initial=1.0,
        rbv=True, autosave=True, group="refine", attr="denoise",
        doc="each background sweep ends with a total-variation step of this times a weight that grows "
-           "with the photon noise and the overlap (1: the rule's; 0: none, the sweeps stop at the noise "
+           "with the photon noise (1: the rule's; 0: none, the sweeps stop at the noise "
            "where frames overlap little)"),
     PV("Refine:DenoiseInUse_RBV", "ai", "Smoothness weight in use", prec=5, initial=0.0, group="refine",
        attr="tv_weight", doc="the total-variation weight of the last background sweep's step (0: none)"),

@@ -122,6 +122,10 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
             raise RuntimeError("the chain failed: " + "; ".join(pl.last_message for pl in plugins if pl.error_count))
         refined = None
         if ref is not None:
+            # the plugin's thread sweeps in the background while it runs; stopped here, the sweeps
+            # below are all there are (a benchmark's count of them is then exact)
+            if not ref.stop(timeout=10):
+                raise RuntimeError("the refine plugin's thread did not stop")
             if refine_finish is not None:
                 refine_finish(ref.refiner)
             else:
