@@ -221,7 +221,7 @@ REFINE_PVS = (
     PV("Refine:Passes", "longout", "Most idle sweeps over the frames", low=0, high=10000, initial=500, rbv=True,
        autosave=True, group="refine", attr="passes",
        doc="background sweeps over the kept frames once the stream pauses (renewed only by new frames); "
-           "they stop early at the photon noise where frames overlap little"),
+           "with Refine:Denoise 0 they stop early at the photon noise where frames overlap little"),
     PV("Refine:Step", "ao", "Update step (ePIE alpha)", prec=2, low=0.01, high=1.99, initial=1.0, rbv=True,
        autosave=True, group="refine", attr="alpha"),
     PV("Refine:HalfStepPhotons", "ao", "Photons/frame that halve the step", prec=0, low=0.0, high=1e12,

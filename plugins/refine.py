@@ -6,9 +6,10 @@ plugin) and its position. :class:`~ptychopv.science.refine.Refiner` starts each 
 the object from the stitch stage's image (``use_seed``) and corrects it with the frames, using the
 probe the chain knows (the model card's beamline, then each reconstruction's). Frames come first;
 when none are queued the plugin keeps refining in the background (``idle``), within a budget of
-``passes`` sweeps over the kept frames that only new frames renew, and that stop early once the
-frames are explained to their photon noise where little overlap would let more sweeps fit the
-noise (:class:`~ptychopv.science.refine.Refiner`). A frame this stage drops (full
+``passes`` sweeps over the kept frames that only new frames renew, each ending with a step of a
+smoothness prior that keeps them from fitting the photon noise (``denoise``; with ``denoise`` 0
+they stop early once the frames are explained to their noise where frames overlap little:
+:class:`~ptychopv.science.refine.Refiner`). A frame this stage drops (full
 queue) is not refined, and the stitched image shows there: refinement can only fall behind, never
 hold the chain up.
 """

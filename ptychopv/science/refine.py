@@ -36,8 +36,9 @@ That stop rule cannot tell the sweeps that fit the noise from those that still s
 default each sweep ends with a proximal step of a total-variation prior instead (``denoise``,
 :attr:`Refiner.tv_weight`): the refined pixels' real and imaginary parts, smoothed together by
 Chambolle's algorithm with a weight that grows with the photon noise (as 1 / photons per pixel
-squared: negligible at 1e6 photons per frame). With the prior the sweeps converge to a regularized image rather than to the noise, so
-they run their whole budget; ``denoise`` 0 restores the stop rule.
+squared: negligible at 1e6 photons per frame). With the prior the sweeps converge to a
+regularized image rather than to the noise, so they run their whole budget; ``denoise`` 0
+restores the stop rule.
 
 The probe stays fixed (a live image must not wander while it is watched); it is moved by each
 position's fraction of a pixel by the Fourier shift theorem as the forward model moves it
@@ -88,7 +89,7 @@ SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
 MISFIT_STOP = 1.0            # background sweeps stop at the photon noise ...
 REDUNDANT = 3.0              # ... unless each pixel is seen by this many frames' worth of probe
-TV_PER_PHOTON = 0.2          # total-variation weight per sweep = this * denoise * step / (photons per pixel)^2 ...
+TV_PER_PHOTON = 0.2          # total-variation weight = this * denoise * step / (photons per pixel)^2
 TV_ITERATIONS = 50           # Chambolle iterations of each sweep's denoising
 
 
@@ -180,8 +181,9 @@ class Refiner:
         lag: a frame is first used once this many later frames have arrived (or when the stream
             is idle), so that the seed around it already holds every patch that overlaps it.
         passes: the most background sweeps over the kept frames when the stream is idle (the
-            budget is renewed only by new frames); they stop earlier once a sweep's misfit
-            (:attr:`misfit`) is down to the frames' photon noise.
+            budget is renewed only by new frames); with ``denoise`` 0 they stop earlier once a
+            sweep's misfit (:attr:`misfit`) is down to the frames' photon noise where frames
+            overlap little.
         denoise: strength of the total-variation prior each background sweep ends with, relative
             to the photon-noise rule (:attr:`tv_weight`); 0: none, and the sweeps stop at the
             noise where frames overlap little instead.
@@ -293,8 +295,8 @@ class Refiner:
         use, and with the noise: as 1 / (mean photons per detector pixel)^2, steeper than the
         modulus' squared relative noise (1 / (4 photons)) because what the prior buys falls faster
         than the noise: at 2.4 photons per pixel (1e4 per 64 x 64 frame) it takes the sweeps from
-        fitting the noise to well below the network's error, at 24 it is a tenth as strong and at
-        240 (full dose) negligible. ``TV_PER_PHOTON`` was chosen on the science benchmark's scans
+        fitting the noise to well below the network's error, at 24 (1e5 per frame) it is a
+        twentieth as strong and at 240 (1e6) negligible. ``TV_PER_PHOTON`` was chosen on the science benchmark's scans
         (``benchmarks/refine_sweeps.py``, ``README``, *Live image fidelity*)."""
         if not self._denoise or not self._counts_n or self._probe is None or self.redundancy <= 0:
             return 0.0
