@@ -127,6 +127,8 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     wait_until(lambda: caget(h.pv("Refine:Settled_RBV")) == 1, timeout=120, what="the background sweeps")
     assert caget(h.pv("Refine:Updates_RBV")) >= n * (1 + 2)
     assert caget(h.pv("Refine:Misfit_RBV")) > 0 and caget(h.pv("Refine:Redundancy_RBV")) > 1
+    # each sweep ended with the smoothness prior's step, its weight shown (tiny at this dose, not 0)
+    assert caget(h.pv("Refine:Denoise_RBV")) == 1.0 and caget(h.pv("Refine:DenoiseInUse_RBV")) > 0
     truth = read_truth(folder / "truth.h5")
     scan = read_scan(folder / "truth.h5")
     scores = {}
