@@ -5,12 +5,15 @@ frames explained to their photon noise) and where the refiner's own stop rule en
 The chain's own plugins (``fidelity.live_images``: infer -> stitch -> refine, the generic model,
 the model card's probe) on the science benchmark's scans (same families, seeds and extent); in
 place of the refiner's ``finish()`` the sweeps are made one at a time and the image scored at
-``--checkpoints`` (sweeps after the last frame arrived; the plugin's thread may have swept a little
-in the stream's gaps before), up to ``Refine:Passes``' default of 500 or until the refiner's own
-stop rule (the misfit at the noise where frames barely overlap) ends them.
+``--checkpoints`` (sweeps after the last frame arrived, the plugin's thread stopped; it may have
+swept a little in the stream's gaps before), up to ``Refine:Passes``' default of 500 or until the
+refiner's own stop rule (with ``--denoise 0``: the misfit at the noise where frames barely
+overlap) ends them. ``--denoise``: the ``Refine:Denoise`` values to run each case with (the
+smoothness prior each sweep ends with; 1 is the default, 0 none).
 NRMSE after offset removal (1.0: an all-zero image). Prints JSON.
 
-    python benchmarks/refine_sweeps.py                              # x0.01, overlaps 0.6 0.3 0: 6 min on 2 cores
+    python benchmarks/refine_sweeps.py                              # x0.01, overlaps 0.6 0.3 0: 4 min on 2 cores
+    python benchmarks/refine_sweeps.py --denoise 1 0 --checkpoints 0 3 20 100 500      # the A/B: 7 min
     python benchmarks/refine_sweeps.py --families cell --overlaps 0.3 --doses 1 0.1 0.03 0.01
 """
 
