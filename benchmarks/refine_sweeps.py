@@ -93,7 +93,8 @@ def main(argv=None) -> int:
                         t1, points = time.perf_counter(), []
                         live, _ = fidelity.live_images(scan.frames, scan.positions_m, engine, window=probe,
                                                        refine_probe=probe, pixel_size_m=scan.pixel_size_m,
-                                                       refine={"passes": 10000, "denoise": denoise},  # checkpoints bound it
+                                                       # the checkpoints bound the sweeps
+                                                       refine={"passes": 10000, "denoise": denoise},
                                                        refine_finish=trace(scan, a.checkpoints, points))
                         best = min(points, key=lambda p: p["nrmse"])
                         row = {"family": family, "overlap": overlap, "dose_x": dose_x, "denoise": denoise,

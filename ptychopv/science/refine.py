@@ -296,8 +296,9 @@ class Refiner:
         modulus' squared relative noise (1 / (4 photons)) because what the prior buys falls faster
         than the noise: at 2.4 photons per pixel (1e4 per 64 x 64 frame) it takes the sweeps from
         fitting the noise to well below the network's error, at 24 (1e5 per frame) it is a
-        twentieth as strong and at 240 (1e6) negligible. ``TV_PER_PHOTON`` was chosen on the science benchmark's scans
-        (``benchmarks/refine_sweeps.py``, ``README``, *Live image fidelity*)."""
+        twentieth as strong and at 240 (1e6) negligible. ``TV_PER_PHOTON`` was chosen on the
+        science benchmark's scans (``benchmarks/refine_sweeps.py``, ``README``, *Live image
+        fidelity*)."""
         if not self._denoise or not self._counts_n or self._probe is None or self.redundancy <= 0:
             return 0.0
         per_pixel = self._counts_sum / self._counts_n / self._probe.size
