@@ -300,14 +300,20 @@ class LiveChain:
             self.refine.submit(self._set_refine_probe, window, from_reconstruction)
 
     def _set_refine_probe(self, probe, reconstructed: bool = False) -> None:
+        """The refine stage's probe: the beamline's is set; a reconstruction's is offered, used only
+        if it explains the kept frames better than the one in use (``Refine:ProbeTrial``)."""
         try:
-            self.refine.set_probe(probe, reconstructed=reconstructed)
+            if reconstructed and probe is not None:
+                msg = self.refine.offer_probe(probe, reconstructed=True)
+            else:
+                self.refine.set_probe(probe)
+                msg = None
         except ValueError as exc:
             self._message("Refine", f"probe not used for refinement: {exc}", severity=1)
         else:
-            self._message("Refine", "refining with " + ("no probe (waiting for one)" if probe is None else
-                                                        f"a {probe.shape[0]}x{probe.shape[1]} probe "
-                                                        f"({self.refine.refiner.probe_kind})"))
+            self._message("Refine", msg or "refining with " + (
+                "no probe (waiting for one)" if probe is None else
+                f"a {probe.shape[0]}x{probe.shape[1]} probe ({self.refine.refiner.probe_kind})"))
 
     def _swapped(self, version: int) -> None:
         eng = self.infer.engine

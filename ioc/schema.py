@@ -238,6 +238,18 @@ REFINE_PVS = (
        group="refine", attr="step_size"),
     PV("Refine:Probe_RBV", "bi", "Probe to refine with", states=("None", "Known"), initial=0, group="refine",
        attr="has_probe", doc="the model card's beamline probe, then each reconstruction's"),
+    PV("Refine:ProbeTrial", "longout", "Sweeps per probe in a probe trial", low=0, high=100, initial=10,
+       rbv=True, autosave=True, group="refine", attr="trial_sweeps",
+       doc="a reconstruction's probe is tried against the one in use: the kept frames refined from "
+           "the stitched image with each for this many sweeps; it is used if its misfit is 10 % smaller "
+           "(0: used untried)"),
+    PV("Refine:Trial_RBV", "mbbi", "Last probe trial", states=("None", "Pending", "Adopted", "Kept"), initial=0,
+       group="refine", attr="trial_state",
+       doc="Pending: waits for frames; Adopted: the reconstruction's probe is used; Kept: the one in use stays"),
+    PV("Refine:TrialMisfitInUse_RBV", "ai", "Trial misfit, probe in use", prec=3, initial=0.0, group="refine",
+       attr="trial_misfit_in_use"),
+    PV("Refine:TrialMisfitOffered_RBV", "ai", "Trial misfit, offered probe", prec=3, initial=0.0,
+       group="refine", attr="trial_misfit_offered"),
     PV("Refine:FramesRefined_RBV", "longin", "Frames taken for refinement", initial=0, group="refine",
        attr="frames_refined"),
     PV("Refine:FramesNotRefined_RBV", "longin", "Frames not refinable", initial=0, group="refine",

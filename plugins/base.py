@@ -97,6 +97,7 @@ class PluginBase:
         self._stopping = False
         self._busy = False
         self._hurry = 0                      # flush() waiting: a batch being gathered goes now
+        self._woken = False                  # wake(): run idle() again though nothing is queued
         self._array_counter = 0
         self._dropped = 0
         self.execution_time_ms = 0.0
@@ -119,6 +120,13 @@ class PluginBase:
         (after each item until it returns False). Return True while there is more to do: the
         queue is checked between pieces, so queued frames always come first."""
         return False
+
+    def wake(self) -> None:
+        """Have the plugin's thread run :meth:`idle` again although nothing is queued: background
+        work handed over from another thread (the refine stage's probe trial)."""
+        with self._lock:
+            self._woken = True
+            self._not_empty.notify()
 
     def on_start(self) -> None:
         """Runs on the plugin's thread before the first item."""
@@ -330,8 +338,9 @@ class PluginBase:
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self._stopping and not more:
+                    while not self._queue and not self._stopping and not more and not self._woken:
                         self._not_empty.wait()
+                    self._woken = False
                     if self._queue:
                         self._busy = True
                         work = self._take_locked()

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from ..science.refine import Refiner
+from ..science.refine import TRIAL_STATES, Refiner
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .source import set_thread_nice
@@ -46,6 +46,7 @@ class RefinePlugin(BatchingPlugin):
         self.yielded_s = 0.0    # time spent waiting for the chain
         self._last_uid: int | None = None
         self.frames_no_counts = 0
+        self._trials_seen = 0   # the refiner's probe_trials last reported
         self.generation = 0     # bumps on every change of the image, for the publisher
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
 
@@ -58,6 +59,8 @@ class RefinePlugin(BatchingPlugin):
     half_step_photons = property(lambda self: self.refiner.half_step_photons,
                                  lambda self, v: setattr(self.refiner, "half_step_photons", v))
     denoise = property(lambda self: self.refiner.denoise, lambda self, v: setattr(self.refiner, "denoise", v))
+    trial_sweeps = property(lambda self: self.refiner.trial_sweeps,
+                            lambda self, v: setattr(self.refiner, "trial_sweeps", v))
     tv_weight = property(lambda self: self.refiner.tv_weight)
     step_size = property(lambda self: self.refiner.step_size)
     misfit = property(lambda self: self.refiner.misfit)
@@ -81,6 +84,19 @@ class RefinePlugin(BatchingPlugin):
     def has_probe(self) -> int:
         return int(self.refiner.probe is not None)
 
+    @property
+    def trial_state(self) -> int:
+        """The last offered probe's trial (:data:`~ptychopv.science.refine.TRIAL_STATES`' index)."""
+        return TRIAL_STATES.index(self.refiner.trial_state)
+
+    @property
+    def trial_misfit_in_use(self) -> float:
+        return float(self.refiner.trial.get("misfit_in_use") or 0.0)
+
+    @property
+    def trial_misfit_offered(self) -> float:
+        return float(self.refiner.trial.get("misfit_offered") or 0.0)
+
     # ------------------------------------------------------------------ control
     def use_seed(self, stitcher: Stitcher) -> None:
         """Start new parts of the object from ``stitcher``'s image (the chain's stitch stage)."""
@@ -94,6 +110,15 @@ class RefinePlugin(BatchingPlugin):
         (:meth:`~ptychopv.science.refine.Refiner.set_probe`)."""
         self.refiner.set_probe(probe, reconstructed=reconstructed, reference=reference)
         self.generation += 1
+
+    def offer_probe(self, probe, *, reconstructed: bool = False, reference=None) -> str:
+        """A reconstruction's probe, used only if it explains the kept frames better than the one
+        in use (tried in the background: :meth:`~ptychopv.science.refine.Refiner.offer_probe`).
+        ValueError if unusable; returns what was done."""
+        msg = self.refiner.offer_probe(probe, reconstructed=reconstructed, reference=reference)
+        self.generation += 1
+        self.wake()             # the trial is background work: due now if frames are kept
+        return msg
 
     def reset(self) -> None:
         self.refiner.reset()
@@ -165,4 +190,7 @@ class RefinePlugin(BatchingPlugin):
             did += 1
         if did:
             self.generation += 1
+            if self.refiner.probe_trials != self._trials_seen:     # a probe trial ended: say how
+                self._trials_seen = self.refiner.probe_trials
+                self.report(self.refiner.last_message)
         return did == IDLE_STEPS

@@ -129,6 +129,8 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     assert caget(h.pv("Refine:Misfit_RBV")) > 0 and caget(h.pv("Refine:Redundancy_RBV")) > 1
     # each sweep ended with the smoothness prior's step, its weight shown (tiny at this dose, not 0)
     assert caget(h.pv("Refine:Denoise_RBV")) == 1.0 and caget(h.pv("Refine:DenoiseInUse_RBV")) > 0
+    # no reconstruction yet, so no probe was offered for a trial (Refine:ProbeTrial sweeps each)
+    assert caget(h.pv("Refine:ProbeTrial_RBV")) == 10 and caget(h.pv("Refine:Trial_RBV"), as_string=True) == "None"
     truth = read_truth(folder / "truth.h5")
     scan = read_scan(folder / "truth.h5")
     scores = {}

@@ -111,6 +111,12 @@ def check_effect(b: Beamline, scans, recons, version):
     # one new version registered by the training, and it is the one the chain runs
     assert caget(b.h.pv("Model:Latest_RBV"), use_monitor=False) == version + 1
     assert b.version() == version + 1
+    # the reconstruction's probe was offered to the refine stage and tried against the one in use
+    # on the scan's kept frames (the model card's probe, or an earlier reconstruction's)
+    wait_until(lambda: caget(b.h.pv("Refine:Trial_RBV"), as_string=True, use_monitor=False) in ("Adopted", "Kept"),
+               60, "the probe trial")
+    assert caget(b.h.pv("Refine:TrialMisfitInUse_RBV"), use_monitor=False) > 0
+    assert caget(b.h.pv("Refine:TrialMisfitOffered_RBV"), use_monitor=False) > 0
 
 
 def test_shell_macro(beamline, tmp_path):

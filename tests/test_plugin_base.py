@@ -453,6 +453,24 @@ def test_frames_come_before_idle_work_and_a_failure_is_counted(plugins):
     assert p.stop(timeout=5)                              # stopping does not wait for idle work
 
 
+def test_background_work_handed_over_from_another_thread_runs_on_wake(plugins):
+    """Work given to a quiet plugin from another thread (the refine stage's probe trial) runs
+    once ``wake()`` is called, without a frame to carry it."""
+    p = Background("B", budget=2)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    wait_for(lambda: len(p.log) == 3)                     # the frame, then its idle work, then quiet
+    assert p.flush(5)
+    p.left = 3                                            # new background work, from this thread
+    p.wake()
+    wait_for(lambda: len(p.log) == 6)
+    assert p.log[3:] == [("idle", 2), ("idle", 1), ("idle", 0)] and p.error_count == 0
+    p.wake()                                              # nothing to do: idle() says so, no harm
+    p.put(frame(2))
+    wait_for(lambda: ("frame", 2) in p.log)
+
+
 def test_stop_while_idle_work_remains():
     p = Background("B", budget=10**9)
     p.start()

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from ptychopv import fidelity
 from ptychopv.science import physics
-from ptychopv.science.refine import Refiner, align_ramp, phase_slope
+from ptychopv.science.refine import TRIAL_MARGIN, Refiner, align_ramp, phase_slope
 from ptychopv.science.stitching import Stitcher
 
 
@@ -438,3 +438,144 @@ def test_while_the_chain_is_overloaded_frames_are_kept_and_refined_once_it_is_no
     finally:
         stitch.stop()
         ref.stop()
+
+
+def stale_probe(scan, curvature: float = 8.0) -> np.ndarray:
+    """The scan's beamline with twice its defocus: a model card's probe after the optics moved."""
+    b = scan.beamline
+    return physics.make_probe(b.frame_px, b.beam_px, b.probe_kind, curvature=curvature)
+
+
+def noisy_probe(scan, level: float = 0.25) -> np.ndarray:
+    """The scan's probe with complex noise where it is bright: what a solver returns from few photons."""
+    rng = np.random.default_rng(3)
+    p = scan.probe
+    noise = rng.normal(size=p.shape) + 1j * rng.normal(size=p.shape)
+    return (p + level * np.abs(p).max() * noise * (np.abs(p) > 0.1 * np.abs(p).max())).astype(np.complex64)
+
+
+@pytest.mark.parametrize("in_use, offered, adopt", [("true", "noisy", False), ("true", "stale", False),
+                                                    ("stale", "true", True)])
+def test_an_offered_probe_is_used_only_if_it_explains_the_frames_better(scan, in_use, offered, adopt):
+    """After a reconstruction the IOC offers the solver's probe (``Refine:ProbeTrial``): the kept
+    frames are refined from the seed with each probe for a few sweeps, and the one whose last sweep
+    leaves the smaller misfit is used. A noisy solver's probe (low dose) or one of another defocus
+    is refused where the probe in use is the scan's own; where the probe in use is stale (the optics
+    moved since the model card), the scan's own is adopted and the image gets better."""
+    probes = {"true": scan.probe, "noisy": noisy_probe(scan), "stale": stale_probe(scan)}
+    st, patches = seeded(scan)
+    ref = Refiner(st, probes[in_use], lag=16, passes=20)
+    run(scan, ref, st, patches)
+    ref.finish()
+    before = fidelity.score(ref.image(), scan)["nrmse"]
+    assert ref.offer_probe(probes[offered]).startswith("offered probe")
+    assert ref.trial_state == "pending" and ref.probe_trials == 0
+    ref.finish()                    # the trial, then the sweeps the budget has left (none here)
+    c = ref.counters()
+    assert c["probe_trials"] == 1 and c["trial_state"] == ("adopted" if adopt else "kept")
+    assert c["trial_frames"] == len(scan.frames) and c["trial_sweeps"] == ref.trial_sweeps == 10
+    assert c["trial_adopted"] is adopt
+    assert (c["trial_misfit_offered"] < (1 - TRIAL_MARGIN) * c["trial_misfit_in_use"]) is adopt, c
+    assert np.array_equal(ref.probe, probes[offered if adopt else in_use])
+    assert ("offered probe used" if adopt else "probe in use kept") in ref.last_message
+    if adopt:
+        # the stale probe's image is poor; with the adopted one the sweeps mend it
+        ref.add(scan.frames[:1], scan.positions_m[:1])          # new frames renew the sweeps' budget
+        ref.finish()
+        after = fidelity.score(ref.image(), scan)["nrmse"]
+        assert after < 0.5 * before, (before, after)
+    else:
+        assert fidelity.score(ref.image(), scan)["nrmse"] == before      # nothing changed
+
+
+def test_an_offered_probe_waits_for_frames_and_the_rules_of_an_offer(scan):
+    """Without frames to try it on the offer waits; a probe set outright ends the wait; with no
+    probe in use, with ``trial_sweeps`` 0 or of another shape it is used untried; bad probes and
+    bad settings are refused and change nothing."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16, passes=2)
+    ref.offer_probe(stale_probe(scan))
+    assert ref.trial_state == "pending" and "0 of 16 frames kept" in ref.last_message
+    assert not ref.step() and ref.trial_state == "pending"         # nothing to try it on yet
+    st.add(patches[:8], scan.positions_m[:8])
+    ref.add(scan.frames[:8], scan.positions_m[:8])
+    while ref.step():
+        pass
+    assert ref.trial_state == "pending" and ref.probe_trials == 0     # 8 frames: still too few
+    run(scan, ref, st, patches)
+    assert ref.step() and ref.trial_state == "kept" and ref.probe_trials == 1     # the trial came first
+    assert np.array_equal(ref.probe, scan.probe)
+    # a probe set outright ends an offer's wait
+    ref.reset()
+    ref.offer_probe(noisy_probe(scan))
+    ref.set_probe(scan.probe)
+    assert ref.trial_state == "none" and ref._offer is None
+    # used untried: no probe in use, trials off, another shape
+    fresh = Refiner(st)
+    fresh.offer_probe(scan.probe, reconstructed=True)
+    assert fresh.trial_state == "adopted" and "no probe in use" in fresh.last_message
+    assert fresh.probe_kind == "reconstructed, ramp free"
+    off = Refiner(st, scan.probe, trial_sweeps=0)
+    off.offer_probe(noisy_probe(scan))
+    assert off.trial_state == "adopted" and "Refine:ProbeTrial 0" in off.last_message
+    small = Refiner(st, scan.probe)
+    small.offer_probe(scan.probe[:32, :32])
+    assert small.trial_state == "adopted" and "shape" in small.last_message
+    # refused: the state and the probe in use stay
+    for bad in (np.ones((64, 64)) * np.nan, np.zeros((64, 64), complex), np.ones((64, 32), complex)):
+        with pytest.raises(ValueError):
+            ref.offer_probe(bad)
+    assert ref.trial_state == "none" and np.array_equal(ref.probe, scan.probe)
+    for bad in (-1, 101, "x"):
+        with pytest.raises(ValueError):
+            ref.trial_sweeps = bad
+    assert ref.trial_sweeps == 10
+
+
+def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_went(scan):
+    patches = blurry_patches(scan)
+    stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
+    ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
+    ref.set_probe(stale_probe(scan))
+    ref.passes, ref.trial_sweeps = 2, 5
+    stitch.downstream = [ref]
+    stitch.start()
+    ref.start()
+    try:
+        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
+            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
+            f.counts = c
+            stitch.put(f)
+        wait_until(lambda: ref.settled, what="the background sweeps")
+        g = ref.generation
+        assert ref.offer_probe(scan.probe).startswith("offered probe")
+        wait_until(lambda: ref.refiner.trial_state != "pending", what="the probe trial")
+        assert ref.trial_state == 2 and ref.refiner.trial["sweeps"] == 5              # Adopted
+        assert ref.trial_misfit_offered < ref.trial_misfit_in_use
+        wait_until(lambda: "offered probe used" in ref.last_message, what="the trial's message")
+        assert ref.generation > g and ref.error_count == 0
+    finally:
+        stitch.stop()
+        ref.stop()
+
+
+def test_a_trial_that_fails_keeps_the_probe_in_use_and_leaves_the_stage_working(scan, monkeypatch):
+    """A trial that raises (here: made to) must not leave the offer due forever, which would jam
+    the background work: the probe in use stays, the message says why, and the sweeps go on."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16, passes=3)
+    run(scan, ref, st, patches)
+
+    def broken(*a, **k):
+        raise FloatingPointError("overflow in the trial")
+
+    monkeypatch.setattr(ref, "_trial_misfit", broken)
+    ref.offer_probe(stale_probe(scan))
+    assert not ref.settled                          # a trial is due: the image may still change
+    assert ref.step()
+    c = ref.counters()
+    assert c["trial_state"] == "kept" and c["probe_trials"] == 1 and c["trial_misfit_offered"] is None
+    assert "trial failed (FloatingPointError: overflow in the trial)" in c["last_message"]
+    assert np.array_equal(ref.probe, scan.probe)
+    ref.finish()
+    assert ref.settled and ref.counters()["updates"] == len(scan.frames) * (1 + ref.revisits + ref.passes)
