@@ -176,6 +176,17 @@ class Session:
         return self.wait_image("Refine:Image", lambda im: int(im.attributes.get("Settled", 0)) == 1, number_before,
                                f"{label}'s refined image", 600)
 
+    def probe_trial(self) -> dict | None:
+        """How the refine stage took scan B1's reconstructed probe (``Refine:Trial_RBV``: tried
+        against the probe in use on B1's kept frames, or used untried); None without a refine probe."""
+        if not self.get("Refine:Probe_RBV"):
+            return None
+        state = self.wait(lambda: (v := self.get("Refine:Trial_RBV", as_string=True)) not in ("None", "Pending") and v,
+                          "the refine stage's probe trial", 120)
+        return {"state": state, "misfit_in_use": round(float(self.get("Refine:TrialMisfitInUse_RBV")), 4),
+                "misfit_offered": round(float(self.get("Refine:TrialMisfitOffered_RBV")), 4),
+                "message": self.get("Refine:Message_RBV", as_string=True)}
+
     def image_number(self, name: str) -> int:
         from .io.ntndarray import image_number
 
@@ -339,6 +350,9 @@ def run_demo(args) -> int:
             s.wait(lambda: s.get("ModelVersion_RBV") >= 2, "the chain swaps to the retrained model", 120)
         v2 = int(s.get("ModelVersion_RBV"))
         recon1 = sorted((out / "scans").glob("*_recon.h5"))
+        trial = s.probe_trial()
+        if trial is not None:
+            step(f"refine stage: {_trial_text(trial)}")
         step(f"the chain runs v{v2}. Moving to scan B2 (another area of the chip)")
         s.disconnect()
         sim.stop()
@@ -371,6 +385,7 @@ def run_demo(args) -> int:
             "dropped": scan1["dropped"] + scan2["dropped"], "missed": scan1["missed"] + scan2["missed"],
             "model_versions": {"scan1": scan1["model_version"], "scan2": scan2["model_version"]},
             "controller": {"scan1": auto1, "scan2": auto2},
+            "refine_probe_trial": trial,
             "training": {"epochs": len(loss), "final_loss": float(loss[-1]) if len(loss) else None,
                          "final_val_loss": float(val[-1]) if len(val) else None,
                          "seconds": float(s.get("Train:Duration_RBV"))},
@@ -408,6 +423,12 @@ def run_demo(args) -> int:
             child.stop()
 
 
+def _trial_text(t: dict) -> str:
+    what = {"Adopted": "used", "Kept": "not used, the probe in use kept"}.get(t["state"], t["state"])
+    return (f"scan B1's reconstructed probe {what} (trial misfit {t['misfit_offered']:.3f} offered, "
+            f"{t['misfit_in_use']:.3f} in use)")
+
+
 def _print_summary(s: dict) -> None:
     c1, c2 = s["controller"]["scan1"], s["controller"]["scan2"]
     lines = [
@@ -419,6 +440,11 @@ def _print_summary(s: dict) -> None:
         f"  scan B2: v{s['model_versions']['scan2']} SSIM vs reconstruction {c2['ssim_vs_reconstruction']:.3f}, "
         f"mismatch {c2['mismatch']:.3f} -> {c2['state']}: {c2['message']}",
         f"  training: {s['training']['epochs']} epochs in {s['training']['seconds']:.0f} s",
+    ]
+    t = s.get("refine_probe_trial")
+    if t:
+        lines.append(f"  refine stage: {_trial_text(t)}")
+    lines += [
         "",
         "  scan B2 against the truth            NRMSE   SSIM   (offset removed; ramp removed: NRMSE / SSIM)",
     ]

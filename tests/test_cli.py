@@ -58,9 +58,14 @@ def test_demo_runs_every_stage(tmp_path, mode):
     assert s["improvement_v2_over_v1_nrmse"] == pytest.approx((v1 - v2) / v1, abs=1e-3)
     assert rows["calibration: zero"]["nrmse"] == pytest.approx(1.0)
     assert rows["live (IOC, v2)"]["nrmse"] == pytest.approx(v2, abs=0.05)   # the IOC's image is the chain's
-    # the refine stage (scan B1's reconstructed probe in the card probe's gauge, the frames of B2)
-    # brings the live image nearer the truth than the network alone: in the full demo 0.018
-    # against 0.312, where pty-chi scores 0.046 (README); the issue's bar is 0.17
+    # scan B1's reconstructed probe was tried against the card's on B1's frames (Refine:ProbeTrial):
+    # Refine:Trial_RBV says which it kept, the two misfit readbacks why
+    t = s["refine_probe_trial"]
+    assert t["state"] in ("Adopted", "Kept") and t["misfit_in_use"] > 0 and t["misfit_offered"] > 0, t
+    assert (t["state"] == "Adopted") is (t["misfit_offered"] < 0.9 * t["misfit_in_use"]), t
+    # the refine stage (the probe it kept, the frames of B2) brings the live image nearer the truth
+    # than the network alone: in the full demo 0.014 against 0.245, where pty-chi scores 0.046
+    # (README, 2026-12-02 17:00 UTC); the issue's bar is 0.17
     refined = rows["refined (IOC, v2 + frames)"]["nrmse"]
     assert refined < 0.7 * rows["live (IOC, v2)"]["nrmse"], rows
     if mode == "full":
