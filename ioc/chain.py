@@ -566,7 +566,7 @@ class LiveChain:
                     msg = p.last_message
                     if msg and self._messages.get(stage + "#plugin") != msg:
                         self._messages[stage + "#plugin"] = msg
-                        self.ioc.message(stage, msg)
+                        self.ioc.message(stage, msg, severity=getattr(p, "last_severity", 0))
                 src = self.source
                 if src.last_message and self._messages.get("source") != src.last_message:
                     self._messages["source"] = src.last_message

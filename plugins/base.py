@@ -107,6 +107,7 @@ class PluginBase:
         self.data_type = ""
         self.error_count = 0
         self.last_message = ""
+        self.last_severity = 0
         self._min_callback_time = 0.0
         self._last_taken = -float("inf")
 
@@ -212,9 +213,11 @@ class PluginBase:
     def running(self) -> bool:
         return self._running
 
-    def report(self, message: str) -> None:
-        """Set ``last_message`` (Message_RBV) for a problem that is not an exception."""
+    def report(self, message: str, severity: int = 0) -> None:
+        """Set ``last_message`` (Message_RBV) for a problem that is not an exception, with the
+        severity of what it says (``last_severity``: 0 information, 1 MINOR, 2 MAJOR)."""
         self.last_message = message
+        self.last_severity = int(severity)
 
     def status(self) -> dict:
         """A snapshot of every counter, for the records."""
@@ -427,6 +430,7 @@ class PluginBase:
     def _error(self, exc: BaseException, where: str) -> None:
         self.error_count += 1
         self.last_message = f"{where}: {type(exc).__name__}: {exc}"
+        self.last_severity = 0
         log.debug("%s %s", self.name, self.last_message, exc_info=exc)
 
     def _safe(self, fn, where: str) -> None:

@@ -470,7 +470,7 @@ def test_an_offered_probe_is_used_only_if_it_explains_the_frames_better(scan, in
     before = fidelity.score(ref.image(), scan)["nrmse"]
     assert ref.offer_probe(probes[offered]).startswith("offered probe")
     assert ref.trial_state == "pending" and ref.probe_trials == 0
-    ref.finish()                    # the trial, then the sweeps the budget has left (none here)
+    ref.finish()                    # the trial, then the sweeps an adopted probe renews
     c = ref.counters()
     assert c["probe_trials"] == 1 and c["trial_state"] == ("adopted" if adopt else "kept")
     assert c["trial_frames"] == len(scan.frames) and c["trial_sweeps"] == ref.trial_sweeps == 10
@@ -479,9 +479,11 @@ def test_an_offered_probe_is_used_only_if_it_explains_the_frames_better(scan, in
     assert np.array_equal(ref.probe, probes[offered if adopt else in_use])
     assert ("offered probe used" if adopt else "probe in use kept") in ref.last_message
     if adopt:
-        # the stale probe's image is poor; with the adopted one the sweeps mend it
-        ref.add(scan.frames[:1], scan.positions_m[:1])          # new frames renew the sweeps' budget
-        ref.finish()
+        # the stale probe's image is poor; with the adopted probe the kept frames are refined anew
+        # from the seed, sweeps included (their budget was spent before the offer, as after a scan
+        # whose reconstruction ends later), and the image is mended
+        assert ref.counters()["updates"] == 2 * len(scan.frames) * (1 + ref.revisits + ref.passes)
+        assert ref.settled
         after = fidelity.score(ref.image(), scan)["nrmse"]
         assert after < 0.5 * before, (before, after)
     else:
@@ -547,13 +549,19 @@ def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_wen
             f.counts = c
             stitch.put(f)
         wait_until(lambda: ref.settled, what="the background sweeps")
+        # the stale probe cannot explain the frames: the settled image is flagged (MINOR)
+        wait_until(lambda: "does not explain the frames" in ref.last_message, what="the misfit warning")
+        assert ref.last_severity == 1 and ref.misfit > 10
         g = ref.generation
         assert ref.offer_probe(scan.probe).startswith("offered probe")
         wait_until(lambda: ref.refiner.trial_state != "pending", what="the probe trial")
         assert ref.trial_state == 2 and ref.refiner.trial["sweeps"] == 5              # Adopted
         assert ref.trial_misfit_offered < ref.trial_misfit_in_use
         wait_until(lambda: "offered probe used" in ref.last_message, what="the trial's message")
-        assert ref.generation > g and ref.error_count == 0
+        assert ref.generation > g and ref.error_count == 0 and ref.last_severity == 0
+        # the adopted probe renews the sweeps; once they settle the frames are explained: no warning
+        wait_until(lambda: ref.settled, what="the sweeps with the adopted probe")
+        assert ref.misfit < 10 and "offered probe used" in ref.last_message
     finally:
         stitch.stop()
         ref.stop()

@@ -75,7 +75,7 @@ offered after a reconstruction (:meth:`Refiner.offer_probe`) is tried first: the
 latest :data:`TRIAL_FRAMES`) are refined from the seed twice, with the probe in use and with the
 offered one, ``trial_sweeps`` sweeps each with the same random draws, and the offered probe is
 used from then on only if its last sweep leaves a misfit smaller by :data:`TRIAL_MARGIN` than the
-probe in use (:attr:`Refiner.trial`). Where frames barely overlap (overlap 0) the object absorbs
+probe in use (:attr:`Refiner.trial`); the kept frames are then refined anew from the seed with it. Where frames barely overlap (overlap 0) the object absorbs
 much of a probe's error, and a solver's probe, fitted to these very frames, explained them up to
 5 % better even where its image was worse; the margin keeps the probe in use there, while a
 stale probe lost its trial by a factor of 13 or more, and a solver's probe from 1e4-photon frames
@@ -462,6 +462,7 @@ class Refiner:
             adopt = failed is None and m_new < (1 - TRIAL_MARGIN) * m_cur
             if adopt:
                 self._set_probe(p, reconstructed, ref)
+                self._restart()
             self.trial_state = "adopted" if adopt else "kept"
             self.trial = {"misfit_in_use": None if failed else round(m_cur, 4),
                           "misfit_offered": None if failed else round(m_new, 4),
@@ -470,6 +471,23 @@ class Refiner:
                                  f"{'offered probe used' if adopt else 'probe in use kept'}: misfit "
                                  f"{m_new:.3f} offered, {m_cur:.3f} in use ({sweeps} sweeps over "
                                  f"{len(frames)} frames)")
+
+    def _restart(self) -> None:
+        """Refine the kept frames anew from the seed (after a probe change the object holds what the
+        old probe made of them, and sweeps from there mended a stale probe's image slowly): the
+        object is cleared, every kept frame waits for its first update again, oldest first, and
+        the sweeps' budget is renewed. Until a region is redone the image shows the seed there."""
+        with self._lock:
+            frames = self._frames[self._next:] + self._frames[:self._next] + list(self._pending)
+            self._obj[:] = 0
+            self._lit[:] = 0
+            self._cover[:] = 0
+            self._frames, self._next = [], 0
+            self._pending = deque(frames)
+            self._polish = self.passes * len(frames)
+            self._sweep = [0.0, 0.0, 0]
+            self.misfit = 0.0
+            self.redundancy = 0.0
 
     def reset(self) -> None:
         """Forget the object and the kept frames (a new scan). The probe stays."""
