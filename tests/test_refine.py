@@ -204,21 +204,33 @@ def wait_until(cond, timeout=60.0, what="condition"):
         time.sleep(0.01)
 
 
-def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
-    patches = blurry_patches(scan)
+def plugin_pair(scan, patches, probe):
+    """The stitch plugin and the refine plugin behind it (not started), queues for the whole scan."""
     stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
     ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
-    ref.set_probe(scan.probe)
-    ref.revisits, ref.passes = 1, 4
+    ref.set_probe(probe)
     stitch.downstream = [ref]
+    return stitch, ref
+
+
+def counted_frames(scan, patches) -> list:
+    """The scan as the infer plugin hands it on: each network patch with its frame's counts."""
+    frames = []
+    for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
+        f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
+        f.counts = c
+        frames.append(f)
+    return frames
+
+
+def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
+    patches = blurry_patches(scan)
+    stitch, ref = plugin_pair(scan, patches, scan.probe)
+    ref.revisits, ref.passes = 1, 4
     stitch.start()
     ref.start()
     try:
-        frames = []
-        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
-            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
-            f.counts = c
-            frames.append(f)
+        frames = counted_frames(scan, patches)
         bare = Frame(patches[0], unique_id=len(frames) + 1, position=tuple(scan.positions_m[0]))   # no counts
         for f in frames + [bare]:
             stitch.put(f)
@@ -408,18 +420,13 @@ def test_while_the_chain_is_overloaded_frames_are_kept_and_refined_once_it_is_no
     has room it refines them all, as it would have."""
     patches = blurry_patches(scan)
     busy = [True]
-    stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
-    ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
-    ref.set_probe(scan.probe)
+    stitch, ref = plugin_pair(scan, patches, scan.probe)
     ref.revisits, ref.passes = 1, 4
     ref.chain_busy = lambda: busy[0]
-    stitch.downstream = [ref]
     stitch.start()
     ref.start()
     try:
-        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
-            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
-            f.counts = c
+        for f in counted_frames(scan, patches):
             stitch.put(f)
         n = len(patches)
         wait_until(lambda: ref.array_counter == n, what="the refine stage to take every frame")
@@ -536,17 +543,12 @@ def test_an_offered_probe_waits_for_frames_and_the_rules_of_an_offer(scan):
 
 def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_went(scan):
     patches = blurry_patches(scan)
-    stitch = StitchPlugin(pixel_size_m=scan.pixel_size_m, window=scan.probe, queue_size=len(patches) + 1)
-    ref = RefinePlugin(seed=stitch.stitcher, queue_size=len(patches) + 1)
-    ref.set_probe(stale_probe(scan))
+    stitch, ref = plugin_pair(scan, patches, stale_probe(scan))
     ref.passes, ref.trial_sweeps = 2, 5
-    stitch.downstream = [ref]
     stitch.start()
     ref.start()
     try:
-        for i, (p, c, pos) in enumerate(zip(patches, scan.frames, scan.positions_m)):
-            f = Frame(p, unique_id=i + 1, position=(float(pos[0]), float(pos[1])))
-            f.counts = c
+        for f in counted_frames(scan, patches):
             stitch.put(f)
         wait_until(lambda: ref.settled, what="the background sweeps")
         # the stale probe cannot explain the frames: the settled image is flagged (MINOR)
