@@ -181,8 +181,11 @@ class Session:
         against the probe in use on B1's kept frames, or used untried); None without a refine probe."""
         if not self.get("Refine:Probe_RBV"):
             return None
-        state = self.wait(lambda: (v := self.get("Refine:Trial_RBV", as_string=True)) not in ("None", "Pending") and v,
-                          "the refine stage's probe trial", 120)
+        try:
+            state = self.wait(lambda: (v := self.get("Refine:Trial_RBV", as_string=True)) not in ("None", "Pending")
+                              and v, "the refine stage's probe trial", 120)
+        except RuntimeError:    # no offer, or too few frames kept to try it: a report, not a reason to stop
+            state = self.get("Refine:Trial_RBV", as_string=True)
         return {"state": state, "misfit_in_use": round(float(self.get("Refine:TrialMisfitInUse_RBV")), 4),
                 "misfit_offered": round(float(self.get("Refine:TrialMisfitOffered_RBV")), 4),
                 "message": self.get("Refine:Message_RBV", as_string=True)}
