@@ -8,18 +8,23 @@ as the IOC does before any reconstruction; pty-chi ePIE (``--iterations``, start
 beam) reconstructs a probe from the same frames, and then, where the IOC's stream pauses:
 
 - ``live``: the network's stitched image (``Stitch:Image``), for scale;
-- ``card``: the refine stage's image with the card's probe throughout (no reconstruction);
+- ``card``: the refine stage's image with the card's probe throughout (no reconstruction, no mend:
+  ``Refine:ProbeMend`` 0);
+- ``mended``: the card's probe, mended from the frames where the sweeps leave a misfit above 2
+  (``Refine:ProbeMend``, the IOC's default; no reconstruction), with the last mend's misfits and
+  whether a mended probe is in use at the end (``used``);
 - ``forced``: the reconstruction's probe set outright, aligned to the card's (the IOC before the
   trial; the science benchmark's ``refined_recon_probe``);
 - ``offered``: the card's probe while the frames stream, then the reconstruction's offered
-  (``Refine:ProbeTrial`` sweeps), with the trial's two misfits and which probe it kept.
+  (``Refine:ProbeTrial`` sweeps), with the trial's two misfits and which probe it kept (no mend,
+  so that the trial alone is scored).
 
-``--stale`` adds cases whose sample was scanned with another probe than the card's (a beamline
+``--stale`` adds cases (at each dose) whose sample was scanned with another probe than the card's (a beamline
 whose optics moved since the model was trained, e.g. ``curvature=8``: twice the card's defocus;
 ``beam_m=6e-7``: a wider beam), where the reconstruction's probe is the better one.
 NRMSE after offset removal (1.0: an all-zero image) over the scanned area. Prints JSON.
 
-    python benchmarks/probe_trial.py                   # 4 families x overlaps 0.6 0 x doses 1 0.01 + 2 stale: ~10 min
+    python benchmarks/probe_trial.py                   # 4 families x overlaps 0.6 0 x doses 1 0.01 + 8 stale: ~14 min
     python benchmarks/probe_trial.py --families cell --overlaps 0.6 --doses 0.01 --stale curvature=8
 """
 
@@ -71,18 +76,32 @@ def stale(spec: str) -> dict:
     return {name: v}
 
 
-def run_case(scan, engine, card_probe, rec_probe, passes: int, trial_sweeps: int) -> dict:
+def run_case(scan, engine, card_probe, rec_probe, passes: int, trial_sweeps: int, mend_sweeps: int) -> dict:
     kw = {"pixel_size_m": scan.pixel_size_m, "window": card_probe}
     out = {}
     # the card's probe throughout
     live, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=card_probe,
-                                     refine={"passes": passes}, **kw)
+                                     refine={"passes": passes, "mend_sweeps": 0}, **kw)
     out["live"] = fidelity.score(live, scan)["nrmse"]
     out["card"] = fidelity.score(img, scan)["nrmse"]
+    # the card's probe, mended from the frames where they ask it
+    mend = {}
+
+    def mended(refiner) -> None:
+        t0 = time.perf_counter()
+        refiner.finish()
+        mend.update(refiner.mend, mends=refiner.probe_mends, state=refiner.mend_state,
+                    used=refiner.probe_kind == "mended from the kept frames",
+                    misfit=round(float(refiner.misfit), 4), seconds=round(time.perf_counter() - t0, 2))
+
+    _, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=card_probe,
+                                  refine={"passes": passes, "mend_sweeps": mend_sweeps}, refine_finish=mended, **kw)
+    out["mended"] = fidelity.score(img, scan)["nrmse"]
+    out["mend"] = mend
     # the reconstruction's probe set outright (aligned to the card's, as set_probe does)
     _, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=rec_probe,
                                   probe_reconstructed=True, probe_reference=card_probe,
-                                  refine={"passes": passes}, **kw)
+                                  refine={"passes": passes, "mend_sweeps": 0}, **kw)
     out["forced"] = fidelity.score(img, scan)["nrmse"]
     # the card's while the frames stream, then the reconstruction's offered, as the IOC does
     trial = {}
@@ -97,7 +116,8 @@ def run_case(scan, engine, card_probe, rec_probe, passes: int, trial_sweeps: int
         refiner.finish()
 
     _, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=card_probe,
-                                  refine={"passes": passes, "trial_sweeps": trial_sweeps}, refine_finish=offer, **kw)
+                                  refine={"passes": passes, "trial_sweeps": trial_sweeps, "mend_sweeps": 0},
+                                  refine_finish=offer, **kw)
     out["offered"] = fidelity.score(img, scan)["nrmse"]
     out["trial"] = trial
     better = "forced" if out["forced"] < out["card"] else "card"
@@ -111,10 +131,11 @@ def main(argv=None) -> int:
     ap.add_argument("--overlaps", nargs="+", type=float, default=[0.6, 0.0])
     ap.add_argument("--doses", nargs="+", type=float, default=[1.0, 0.01], help="dose factors of 1e6 photons")
     ap.add_argument("--stale", nargs="*", type=stale, default=[stale(s) for s in STALE],
-                    help="beamline changes for the stale-card cases (overlap 0.6, full dose, natural and cell)")
+                    help="beamline changes for the stale-card cases (overlap 0.6, each dose, natural and cell)")
     ap.add_argument("--iterations", type=int, default=40, help="ePIE iterations of the reconstruction")
     ap.add_argument("--passes", type=int, default=200, help="Refine:Passes (background sweeps)")
     ap.add_argument("--trial-sweeps", type=int, default=10, help="Refine:ProbeTrial (sweeps per probe)")
+    ap.add_argument("--mend-sweeps", type=int, default=60, help="Refine:ProbeMend (sweeps per mend)")
     ap.add_argument("--extent", type=float, default=3e-6, help="scan diameter (m)")
     ap.add_argument("--seed", type=int, default=2024, help="family i: seed + 17 i")
     a = ap.parse_args(argv)
@@ -122,10 +143,12 @@ def main(argv=None) -> int:
         ap.error(f"--doses must be in (0, 10], got {a.doses}")
     if not 1 <= a.trial_sweeps <= 100:
         ap.error(f"--trial-sweeps must be 1..100 (Refine:ProbeTrial's range without 0), got {a.trial_sweeps}")
+    if not 1 <= a.mend_sweeps <= 500:
+        ap.error(f"--mend-sweeps must be 1..500 (Refine:ProbeMend's range without 0), got {a.mend_sweeps}")
     card = fidelity.DEMO
     card_probe = card.probe()
     cases = [(f, o, d, {}) for f in a.families for o in a.overlaps for d in a.doses]
-    cases += [(f, 0.6, 1.0, ch) for ch in a.stale for f in ("natural", "cell") if f in a.families]
+    cases += [(f, 0.6, d, ch) for d in a.doses for ch in a.stale for f in ("natural", "cell") if f in a.families]
     engine = select_engine(ModelRegistry(GENERIC, create=False).latest().source(), "onnxruntime")
     rows, t0 = [], time.perf_counter()
     try:
@@ -138,7 +161,7 @@ def main(argv=None) -> int:
             rec_probe = reconstruct(scan, card, a.iterations)
             row = {"family": family, "overlap": overlap, "dose_x": dose_x, "scanned_with": change or "the card's probe",
                    "frames": len(scan.frames),
-                   **run_case(scan, engine, card_probe, rec_probe, a.passes, a.trial_sweeps),
+                   **run_case(scan, engine, card_probe, rec_probe, a.passes, a.trial_sweeps, a.mend_sweeps),
                    "seconds": round(time.perf_counter() - t1, 1)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -146,9 +169,14 @@ def main(argv=None) -> int:
         engine.close()
     print(json.dumps({"benchmark": "probe_trial", "machine": machine("onnxruntime"),
                       "settings": {"model": str(GENERIC.relative_to(ROOT)), "extent_m": a.extent, "seed": a.seed,
-                                   "iterations": a.iterations, "passes": a.passes, "trial_sweeps": a.trial_sweeps},
+                                   "iterations": a.iterations, "passes": a.passes, "trial_sweeps": a.trial_sweeps,
+                                   "mend_sweeps": a.mend_sweeps},
                       "seconds": round(time.perf_counter() - t0, 1),
                       "kept_the_better": sum(r["kept_the_better"] for r in rows), "cases": len(rows),
+                      "mend_tried": sum(r["mend"].get("mends", 0) > 0 for r in rows),
+                      "mend_used": sum(r["mend"].get("used", False) for r in rows),
+                      "mend_used_and_better": sum(r["mend"].get("used", False) and r["mended"] < r["card"]
+                                                  for r in rows),
                       "rows": rows}, indent=1))
     return 0
 

@@ -250,6 +250,18 @@ REFINE_PVS = (
        attr="trial_misfit_in_use"),
     PV("Refine:TrialMisfitOffered_RBV", "ai", "Trial misfit, offered probe", prec=3, initial=0.0,
        group="refine", attr="trial_misfit_offered"),
+    PV("Refine:ProbeMend", "longout", "Sweeps of a probe mend", low=0, high=500, initial=60,
+       rbv=True, autosave=True, group="refine", attr="mend_sweeps",
+       doc="when the sweeps leave a misfit above 2, the probe is refined with the object from a flat "
+           "start over the kept frames for this many sweeps; the result is used if it halves the misfit "
+           "(0: never)"),
+    PV("Refine:Mend_RBV", "mbbi", "Last probe mend", states=("None", "Adopted", "Kept"), initial=0,
+       group="refine", attr="mend_state",
+       doc="Adopted: the mended probe and object are used; Kept: the probe in use stays"),
+    PV("Refine:MendMisfitInUse_RBV", "ai", "Mend misfit, probe in use", prec=3, initial=0.0, group="refine",
+       attr="mend_misfit_in_use"),
+    PV("Refine:MendMisfitMended_RBV", "ai", "Mend misfit, mended probe", prec=3, initial=0.0,
+       group="refine", attr="mend_misfit_mended"),
     PV("Refine:FramesRefined_RBV", "longin", "Frames taken for refinement", initial=0, group="refine",
        attr="frames_refined"),
     PV("Refine:FramesNotRefined_RBV", "longin", "Frames not refinable", initial=0, group="refine",

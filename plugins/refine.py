@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from ..science.refine import TRIAL_STATES, Refiner
+from ..science.refine import MEND_STATES, TRIAL_STATES, Refiner
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .source import set_thread_nice
@@ -52,6 +52,7 @@ class RefinePlugin(BatchingPlugin):
         self._last_uid: int | None = None
         self.frames_no_counts = 0
         self._trials_seen = 0   # the refiner's probe_trials last reported
+        self._mends_seen = 0    # the refiner's probe_mends last reported
         self._misfit_warned = False     # this settled image's misfit warning was given
         self.generation = 0     # bumps on every change of the image, for the publisher
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
@@ -67,6 +68,8 @@ class RefinePlugin(BatchingPlugin):
     denoise = property(lambda self: self.refiner.denoise, lambda self, v: setattr(self.refiner, "denoise", v))
     trial_sweeps = property(lambda self: self.refiner.trial_sweeps,
                             lambda self, v: setattr(self.refiner, "trial_sweeps", v))
+    mend_sweeps = property(lambda self: self.refiner.mend_sweeps,
+                           lambda self, v: setattr(self.refiner, "mend_sweeps", v))
     tv_weight = property(lambda self: self.refiner.tv_weight)
     step_size = property(lambda self: self.refiner.step_size)
     misfit = property(lambda self: self.refiner.misfit)
@@ -102,6 +105,19 @@ class RefinePlugin(BatchingPlugin):
     @property
     def trial_misfit_offered(self) -> float:
         return float(self.refiner.trial.get("misfit_offered") or 0.0)
+
+    @property
+    def mend_state(self) -> int:
+        """The last probe mend (:data:`~ptychopv.science.refine.MEND_STATES`' index)."""
+        return MEND_STATES.index(self.refiner.mend_state)
+
+    @property
+    def mend_misfit_in_use(self) -> float:
+        return float(self.refiner.mend.get("misfit_in_use") or 0.0)
+
+    @property
+    def mend_misfit_mended(self) -> float:
+        return float(self.refiner.mend.get("misfit_mended") or 0.0)
 
     # ------------------------------------------------------------------ control
     def use_seed(self, stitcher: Stitcher) -> None:
@@ -197,8 +213,9 @@ class RefinePlugin(BatchingPlugin):
             did += 1
         if did:
             self.generation += 1
-            if self.refiner.probe_trials != self._trials_seen:     # a probe trial ended: say how
-                self._trials_seen = self.refiner.probe_trials
+            if (self.refiner.probe_trials, self.refiner.probe_mends) != (self._trials_seen, self._mends_seen):
+                # a probe trial or mend ended: say how
+                self._trials_seen, self._mends_seen = self.refiner.probe_trials, self.refiner.probe_mends
                 self._misfit_warned = False
                 self.report(self.refiner.last_message)
                 return True

@@ -131,6 +131,9 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     assert caget(h.pv("Refine:Denoise_RBV")) == 1.0 and caget(h.pv("Refine:DenoiseInUse_RBV")) > 0
     # no reconstruction yet, so no probe was offered for a trial (Refine:ProbeTrial sweeps each)
     assert caget(h.pv("Refine:ProbeTrial_RBV")) == 10 and caget(h.pv("Refine:Trial_RBV"), as_string=True) == "None"
+    # the card's probe is the beam's here: the frames are explained, so nothing was mended
+    assert caget(h.pv("Refine:ProbeMend_RBV")) == 60 and caget(h.pv("Refine:Mend_RBV"), as_string=True) == "None"
+    assert caget(h.pv("Refine:MendMisfitMended_RBV")) == 0
     truth = read_truth(folder / "truth.h5")
     scan = read_scan(folder / "truth.h5")
     scores = {}

@@ -77,6 +77,7 @@ def plain_ioc(tmp_path_factory):
     ("Refine:Step", 2.5, 1.0),              # ePIE alpha in (0, 2)
     ("Refine:Lag", -1, 64),
     ("Refine:ProbeTrial", 101, 10),         # sweeps per probe, 0 .. 100
+    ("Refine:ProbeMend", 501, 60),          # sweeps per mend, 0 .. 500
     ("Stitch:WindowPower", 0.1, 1.5),       # the beam's intensity to 0.25 .. 8
     ("Stitch:WindowPower", float("nan"), 1.5),
 ])

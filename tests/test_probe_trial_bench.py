@@ -1,7 +1,8 @@
 """benchmarks/probe_trial.py, small: a reconstruction's probe offered to the refine stage as the IOC
 offers it. From 1e4-photon frames pty-chi's probe makes the refined image worse, and the trial
 keeps the card's; where the sample was scanned with another defocus than the card's (a stale
-card), the card's probe ruins the refined image, and the trial adopts the reconstruction's."""
+card), the card's probe ruins the refined image, and the trial adopts the reconstruction's; without
+a reconstruction, the refine stage mends the stale probe from the frames."""
 
 import json
 
@@ -32,8 +33,9 @@ def test_the_trial_keeps_the_better_probe():
     t = low["trial"]
     assert t["state"] == "kept" and t["misfit_offered"] > t["misfit_in_use"] > 0, t
     assert low["offered"] == pytest.approx(low["card"], abs=0.01), low
-    # a stale card: its probe's image is far worse than an all-zero one (measured 9.6); the trial
-    # sees it (misfit ~300 against ~8) and the reconstruction's probe is used
+    # a stale card (the stale case runs at the same dose, x0.01): its probe's image is far worse
+    # than an all-zero one (measured 8.06 with 200 sweeps); the trial sees it (misfit 3.3 against
+    # 1.2) and the reconstruction's probe is used
     assert stale["card"] > 1.0 and stale["forced"] < 0.5 * stale["card"], stale
     t = stale["trial"]
     assert t["state"] == "adopted" and t["misfit_offered"] < 0.5 * t["misfit_in_use"], t
@@ -42,11 +44,22 @@ def test_the_trial_keeps_the_better_probe():
     assert 0 < low["live"] < 1.0        # the network's image (trained for the card's probe: 2.99 when stale)
     for r in out["rows"]:
         assert r["trial"]["frames"] == r["frames"] and r["trial"]["sweeps"] == 10
+    # the mend (no reconstruction): the card's probe explains 1e4-photon frames of its own beam, so
+    # nothing is mended and the image is the card's; the stale card's is mended from the frames, and
+    # the image ends far better than with the card's probe, and than with the reconstruction's
+    # (measured 8.06 -> 0.26, the reconstruction's 0.60, with 200 sweeps)
+    assert low["mend"]["mends"] == 0 and low["mend"]["state"] == "none" and not low["mend"]["used"], low
+    assert low["mended"] == pytest.approx(low["card"], abs=0.02), low       # the same run (thread timing)
+    m = stale["mend"]
+    assert m["mends"] >= 1 and m["used"] and m["misfit"] < 0.5 * stale["trial"]["misfit_in_use"], m
+    assert stale["mended"] < 0.1 * stale["card"] and stale["mended"] < stale["live"], stale
+    assert out["mend_tried"] == out["mend_used"] == out["mend_used_and_better"] == 1
 
 
 def test_bad_arguments_are_refused():
     for args, why in ((["--stale", "focus=3"], "curvature=<rad> or beam_m=<m>"),
                       (["--stale", "beam_m=-1"], "out of range"),
-                      (["--trial-sweeps", "0"], "--trial-sweeps must be 1..100")):
+                      (["--trial-sweeps", "0"], "--trial-sweeps must be 1..100"),
+                      (["--mend-sweeps", "501"], "--mend-sweeps must be 1..500")):
         done = run(*args)
         assert done.returncode == 2 and why in done.stderr, (args, done.stderr)

@@ -15,7 +15,14 @@ from scipy import ndimage
 
 from ptychopv import fidelity
 from ptychopv.science import physics
-from ptychopv.science.refine import TRIAL_MARGIN, Refiner, align_ramp, phase_slope
+from ptychopv.science.refine import (
+    MEND_MARGIN,
+    MEND_MISFIT,
+    TRIAL_MARGIN,
+    Refiner,
+    align_ramp,
+    phase_slope,
+)
 from ptychopv.science.stitching import Stitcher
 
 
@@ -471,7 +478,7 @@ def test_an_offered_probe_is_used_only_if_it_explains_the_frames_better(scan, in
     moved since the model card), the scan's own is adopted and the image gets better."""
     probes = {"true": scan.probe, "noisy": noisy_probe(scan), "stale": stale_probe(scan)}
     st, patches = seeded(scan)
-    ref = Refiner(st, probes[in_use], lag=16, passes=20)
+    ref = Refiner(st, probes[in_use], lag=16, passes=20, mend_sweeps=0)     # the trial alone
     run(scan, ref, st, patches)
     ref.finish()
     before = fidelity.score(ref.image(), scan)["nrmse"]
@@ -544,7 +551,7 @@ def test_an_offered_probe_waits_for_frames_and_the_rules_of_an_offer(scan):
 def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_went(scan):
     patches = blurry_patches(scan)
     stitch, ref = plugin_pair(scan, patches, stale_probe(scan))
-    ref.passes, ref.trial_sweeps = 2, 5
+    ref.passes, ref.trial_sweeps, ref.mend_sweeps = 2, 5, 0      # the trial and the warning, no mend
     stitch.start()
     ref.start()
     try:
@@ -589,3 +596,105 @@ def test_a_trial_that_fails_keeps_the_probe_in_use_and_leaves_the_stage_working(
     assert np.array_equal(ref.probe, scan.probe)
     ref.finish()
     assert ref.settled and ref.counters()["updates"] == len(scan.frames) * (1 + ref.revisits + ref.passes)
+
+
+@pytest.fixture(scope="module")
+def wide_scan():
+    """A 3 um scan (163 frames): a mend from a flat start needs room (on the 1.6 um scan, 47
+    frames, its object's edges stay loose)."""
+    return fidelity.family_scan("cell", overlap=0.6, extent_m=3e-6, seed=5)
+
+
+def test_a_stale_probe_is_mended_from_the_kept_frames(wide_scan):
+    """A probe that does not explain the frames (the card's, after the optics moved: twice the
+    defocus) leaves the sweeps' misfit far above the noise; the refiner then refines the probe with
+    the object from a flat start over the kept frames (``Refine:ProbeMend`` sweeps) and, as the
+    misfit is at least halved, uses both, and mends on while each mend halves it: the image
+    gets far better without any reconstruction. The beam's own probe is never mended."""
+    scan = wide_scan
+    st, patches = seeded(scan)
+    ref = Refiner(st, stale_probe(scan), lag=16, passes=20, mend_sweeps=0)
+    run(scan, ref, st, patches)
+    ref.finish()
+    stale = fidelity.score(ref.image(), scan)["nrmse"]
+    assert ref.misfit > MEND_MISFIT and ref.mend_state == "none" and ref.settled     # mend off: left as is
+    ref.mend_sweeps = 40
+    assert not ref.settled                          # a mend is due: the image may still change
+    assert ref.step() and ref.mend_state == "adopted" and ref.probe_mends == 1
+    c = ref.counters()
+    assert c["mend_adopted"] is True and c["mend_frames"] == len(scan.frames) and c["mend_sweeps"] == 40
+    assert c["mend_misfit_mended"] < MEND_MARGIN * c["mend_misfit_in_use"], c
+    assert ref.probe_kind == "mended from the kept frames" and "mended probe used" in ref.last_message
+    assert not np.array_equal(ref.probe, stale_probe(scan))
+    ref.finish()            # the kept frames refined anew from the mended object; more mends while they help
+    assert ref.settled and not ref.step()           # nothing due: no mend retried on the same frames
+    mended = fidelity.score(ref.image(), scan)["nrmse"]
+    assert ref.misfit < 0.05 * c["mend_misfit_in_use"] and mended < 0.1 * stale, (stale, mended, ref.misfit)
+    assert mended < 0.5 * fidelity.score(st.image(), scan)["nrmse"]     # far better than the network's own
+    # the beam's own probe explains the frames: no mend
+    st2, _ = seeded(scan)
+    ok = Refiner(st2, scan.probe, lag=16, passes=20)
+    run(scan, ok, st2, patches)
+    ok.finish()
+    assert ok.misfit < MEND_MISFIT and ok.mend_state == "none" and ok.probe_mends == 0 and ok.settled
+
+
+def test_a_mend_that_does_not_help_or_fails_keeps_the_probe_and_the_stage_working(scan, monkeypatch):
+    """A mend that does not halve the misfit, or that raises, keeps the probe in use and
+    says why; neither leaves the mend due (which would jam the background work), a new probe may
+    be mended anew, and out-of-range settings are refused."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, stale_probe(scan), lag=16, passes=3, mend_sweeps=5)
+    run(scan, ref, st, patches)
+    real = ref._replay
+
+    def no_better(*a, mend=False, **k):
+        t = real(*a, mend=mend, **k)
+        if mend:
+            t.misfit = float("inf")
+        return t
+
+    monkeypatch.setattr(ref, "_replay", no_better)
+    ref.finish()
+    c = ref.counters()
+    assert c["mend_state"] == "kept" and c["probe_mends"] == 1 and c["mend_adopted"] is False
+    assert np.array_equal(ref.probe, stale_probe(scan)) and ref.settled
+    assert "its mend did not help" in c["last_message"]
+
+    def broken(*a, **k):
+        raise FloatingPointError("overflow in the mend")
+
+    monkeypatch.setattr(ref, "_replay", broken)
+    ref.set_probe(stale_probe(scan, curvature=7.0))     # a new probe: may be mended anew
+    assert not ref.settled
+    ref.finish()
+    c = ref.counters()
+    assert c["mend_state"] == "kept" and c["probe_mends"] == 2 and c["mend_misfit_mended"] is None
+    assert "mend failed (FloatingPointError: overflow in the mend)" in c["last_message"]
+    assert ref.settled and ref.misfit > MEND_MISFIT
+    for bad in (-1, 501, "x"):
+        with pytest.raises(ValueError):
+            ref.mend_sweeps = bad
+    assert ref.mend_sweeps == 5
+
+
+def test_the_plugin_mends_a_stale_probe_in_the_background(wide_scan):
+    scan = wide_scan
+    patches = blurry_patches(scan)
+    stitch, ref = plugin_pair(scan, patches, stale_probe(scan))
+    ref.passes, ref.mend_sweeps = 12, 20
+    stitch.start()
+    ref.start()
+    try:
+        for f in counted_frames(scan, patches):
+            stitch.put(f)
+        wait_until(lambda: ref.refiner.probe_mends >= 1, what="the probe mend")
+        first = ref.refiner.mend if ref.refiner.probe_mends == 1 else None
+        wait_until(lambda: ref.settled, what="the sweeps with the mended probe")
+        assert first is None or first["adopted"] is True
+        assert ref.refiner.probe_kind == "mended from the kept frames" and ref.mend_state in (1, 2)
+        assert ref.misfit < 10 and "mend" in ref.last_message
+        assert ref.last_severity == 0 and ref.error_count == 0      # explained: no misfit warning
+    finally:
+        stitch.stop()
+        ref.stop()

@@ -40,7 +40,8 @@ squared: negligible at 1e6 photons per frame). With the prior the sweeps converg
 regularized image rather than to the noise, so they run their whole budget; ``denoise`` 0
 restores the stop rule.
 
-The probe stays fixed (a live image must not wander while it is watched); it is moved by each
+The probe stays fixed (a live image must not wander while it is watched) unless it is mended
+(below); it is moved by each
 position's fraction of a pixel by the Fourier shift theorem as the forward model moves it
 (:func:`ptychopv.science.physics.shift_probe`), on a 1/32-pixel grid of cached copies, and scaled
 so that its intensity matches the frames' mean photon count. The image (:meth:`Refiner.image`) is
@@ -81,6 +82,29 @@ much of a probe's error, and a solver's probe, fitted to these very frames, expl
 stale probe lost its trial by a factor of 13 or more, and a solver's probe from 1e4-photon frames
 at overlap 0.6 by 7-11 % (``benchmarks/probe_trial.py``, ``README``, *Live image fidelity*).
 
+A model card's probe can be stale too (the optics moved since the model was trained): then no
+reconstruction may come for a while, and the sweeps with it leave a misfit far above the noise
+(107-297 at 1e6 photons per frame, 3.3 at 1e4, where the beam's own probe settles at 0.87-0.99
+at overlap 0.6). So once :data:`MEND_AFTER` sweeps (or all of them) leave a misfit above
+:data:`MEND_MISFIT` where frames overlap (``redundancy``: a probe is solved from overlaps), the
+refiner mends the probe from the kept frames (:meth:`Refiner._run_mend`, ``mend_sweeps``): a
+throwaway refiner refines the latest :data:`TRIAL_FRAMES` of them from a flat object, as a solver
+starts, with ePIE's probe step at every update of the sweeps, starting from the probe in use; if
+its last sweep's misfit is at most :data:`MEND_MARGIN` (half) of what the refiner's own sweeps
+with the probe in use left (not a replay from the seed, as a trial's: the seed, tilted by the
+stale beam too, counts against whichever probe starts from it, and mends chained without end
+in a first version), its probe and object are used from then on, and the kept frames
+refined anew from that object; it mends on while each mend halves the misfit and the misfit stays
+above :data:`MEND_MISFIT`. The margin is wide because a flat start with a free probe can fit the
+frames better than the right probe does and still make a worse image: on the Siemens star at
+overlap 0.6 the beam's own probe left a misfit of 2.65 (its sharp edges), a mend 1.80, and with a
+10 % margin the mend was used and took the image from NRMSE 0.019 to 0.034; a stale probe's
+mend cut the misfit by a factor of 3 or more. The flat start matters: from the network's stitched image, which the stale
+beam has tilted too, the mended probe took the seed's ramp and the image stayed poor (a prototype:
+NRMSE 1.9 against 0.08 from flat). The mended object keeps the flat start's gauge (a solver's), so
+no ramp is aligned to the stale card's. Measured on the stale cases of
+``benchmarks/probe_trial.py`` (``README``, *Live image fidelity*).
+
 Geometry is the stitcher's: pixel ``g`` of the canvas lies at ``g * pixel_size`` metres; a frame at
 ``(x, y)`` lights the ``n x n`` block whose pixel 0 is at ``y / pixel_size - n / 2``. Frames are
 ``(n, n)`` photon counts with the zero frequency at the centre (``physics.far_field``), in the
@@ -90,6 +114,7 @@ network's geometry (after the chain's crop and binning).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -108,6 +133,14 @@ TRIAL_FRAMES = 400           # the most kept frames (the latest) a probe trial r
 TRIAL_MIN_FRAMES = 16        # an offered probe waits until this many frames are kept
 TRIAL_STATES = ("none", "pending", "adopted", "kept")   # the last offer: Refine:Trial_RBV
 TRIAL_MARGIN = 0.10          # an offered probe is used if its trial misfit is this much smaller
+MEND_MISFIT = 2.0            # a sweep's misfit above this: the probe does not explain the frames, mend it
+# where frames overlap (redundancy >= REDUNDANT); with the beam's own probe the sweeps settle at
+# 0.87-0.99 at overlap 0.6; a stale card's probe left 3.3 at 1e4 photons per frame and 107-297 at 1e6
+# (benchmarks/probe_trial.py)
+MEND_MARGIN = 0.5            # a mend is used if its misfit is at most this fraction of the probe in use's
+MEND_ROUNDS = 4              # the most mends used in a row for one probe set (each restarts the sweeps)
+MEND_AFTER = 10              # ... once this many sweeps since the last frame arrived (or all of them) are done
+MEND_STATES = ("none", "adopted", "kept")   # the last mend: Refine:Mend_RBV
 
 
 def _sqrt_poisson_table(top: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +221,7 @@ class Refiner:
 
     def __init__(self, seed: Stitcher, probe=None, *, alpha: float = 1.0, half_step_photons: float = 1e5,
                  revisits: int = 2, lag: int = 64, denoise: float = 1.0, trial_sweeps: int = 10,
-                 passes: int = 500, max_frames: int = 20000, lit_level: float = 0.5, grow_px: int = 128, rng_seed: int = 0):
+                 mend_sweeps: int = 60, passes: int = 500, max_frames: int = 20000, lit_level: float = 0.5, grow_px: int = 128, rng_seed: int = 0):
         """
         seed: the stitcher whose image starts each new region (the chain's own stitch stage's).
         probe: complex (n, n); None: :meth:`add` waits (counts ``frames_no_probe``) until one is set.
@@ -206,6 +239,8 @@ class Refiner:
             noise where frames overlap little instead.
         trial_sweeps: sweeps each probe gets when an offered probe is tried against the one in
             use (:meth:`offer_probe`); 0: an offered probe is used untried.
+        mend_sweeps: sweeps of a probe mend, the probe refined with the object from a flat start,
+            once the sweeps settle with a misfit above :data:`MEND_MISFIT` (:meth:`step`); 0: never.
         max_frames: how many of the latest frames are kept for revisits (n * n float32 each).
         lit_level: a pixel whose summed relative probe intensity is below this is (re)seeded.
         """
@@ -222,6 +257,14 @@ class Refiner:
         self.trial_state = "none"
         self.trial: dict = {}         # the last trial: misfits in use / offered, frames, sweeps
         self.probe_trials = 0
+        self.mend_sweeps = mend_sweeps
+        self.mend_state = "none"
+        self.mend: dict = {}          # the last mend: misfits in use / mended, frames, sweeps
+        self.probe_mends = 0
+        self._mend_at = 0             # frames kept when the last mend was tried (0: none since the scan began)
+        self._probe_gen = 0           # bumps on every probe change: a mend of an older probe is dropped
+        self._learn_probe = False     # a mend's throwaway refiner: _update refines the probe too
+        self._flat_seed = False       # ... and starts new pixels flat (1), not from the seed's phase
         self.max_frames = int(max_frames)
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
@@ -322,6 +365,17 @@ class Refiner:
         self._trial_sweeps = v
 
     @property
+    def mend_sweeps(self) -> int:
+        return self._mend_sweeps
+
+    @mend_sweeps.setter
+    def mend_sweeps(self, value: int) -> None:
+        v = int(value)
+        if not 0 <= v <= 500:
+            raise ValueError(f"mend_sweeps must be 0..500, got {value!r}")
+        self._mend_sweeps = v
+
+    @property
     def tv_weight(self) -> float:
         """The total-variation weight each background sweep ends with (0: off, or before the
         first sweep).
@@ -371,6 +425,9 @@ class Refiner:
             elif p is not None:
                 self._beamline = p
             self._probe = p
+            self._probe_gen += 1
+            self._mend_at = 0             # a new probe may be mended anew
+            self._mend_rounds = 0
             self._free_ramp = free
             self.probe_kind = kind
             self._probes = {}
@@ -419,25 +476,34 @@ class Refiner:
         return (offer, (self._probe, self._free_ramp, self._beamline), frames[-TRIAL_FRAMES:],
                 (self._counts_sum, self._counts_n), self._trial_sweeps)
 
-    def _trial_misfit(self, probe, reconstructed: bool, reference, beamline, frames, counts, sweeps) -> float:
-        """The misfit of the last of ``sweeps`` sweeps over ``frames`` refined from the seed with
-        ``probe`` (a refiner of this one's settings; the same random draws for every probe)."""
+    def _replay(self, probe, reconstructed: bool, reference, beamline, frames, counts, sweeps: int,
+                *, mend: bool = False) -> Refiner:
+        """A throwaway refiner of this one's settings that has refined ``frames`` (oldest first) with
+        ``probe`` for ``sweeps`` sweeps (the same random draws for every probe): from the seed, or
+        with ``mend`` from a flat object with the probe refined too (:meth:`_run_mend`)."""
         t = Refiner(self.seed, None, alpha=self._alpha, half_step_photons=self._half, revisits=self._revisits,
-                    lag=0, denoise=self._denoise, trial_sweeps=0, passes=sweeps,
+                    lag=0, denoise=self._denoise, trial_sweeps=0, mend_sweeps=0, passes=sweeps,
                     max_frames=len(frames), lit_level=self.lit_level, grow_px=self.grow_px, rng_seed=1)
         t._beamline = beamline
         t._set_probe(probe, reconstructed, reference)
         t._counts_sum, t._counts_n = counts
         t._fit_scale()
         t._step = np.float32(t.step_size)
+        t._flat_seed = mend
         n = probe.shape[0]
         for entry in frames:
             _, r, c, _ = entry
             t._ensure(r, r + n, c, c + n)
             t._first(entry)
+        t._learn_probe = mend         # the first updates shape the object, the sweeps the probe too
         t._polish = t.passes * len(t._frames)
         t.finish()
-        m = float(t.misfit)
+        return t
+
+    def _trial_misfit(self, probe, reconstructed: bool, reference, beamline, frames, counts, sweeps) -> float:
+        """The misfit of the last of ``sweeps`` sweeps over ``frames`` refined from the seed with
+        ``probe`` (:meth:`_replay`)."""
+        m = float(self._replay(probe, reconstructed, reference, beamline, frames, counts, sweeps).misfit)
         return m if np.isfinite(m) and m > 0 else float("inf")
 
     def _run_trial(self, due) -> None:
@@ -472,6 +538,77 @@ class Refiner:
                                  f"{m_new:.3f} offered, {m_cur:.3f} in use ({sweeps} sweeps over "
                                  f"{len(frames)} frames)")
 
+    def _mend_due(self, peek: bool = False):
+        """Under the lock: what a due probe mend needs, or None. Due once every kept frame is used
+        and :data:`MEND_AFTER` sweeps since the last arrival (or the whole budget) leave a misfit
+        above :data:`MEND_MISFIT` where frames overlap (``redundancy`` at least :data:`REDUNDANT`:
+        without overlap the object absorbs a probe's error, and the right probe left a misfit of
+        6 on the Siemens star at overlap 0), with no trial due, and not tried since the probe was
+        set or since the kept frames were half as many."""
+        kept = len(self._frames)
+        if (self._mend_sweeps == 0 or self._probe is None or self._pending
+                or (self._polish > 0 and self._sweeps_since < MEND_AFTER)
+                or self._trial_ready() or kept < TRIAL_MIN_FRAMES or not self.misfit > MEND_MISFIT
+                or self.redundancy < REDUNDANT or kept < 2 * self._mend_at or self._mend_rounds >= MEND_ROUNDS):
+            return None
+        if peek:
+            return True
+        self._mend_at = kept
+        frames = self._frames[self._next:] + self._frames[:self._next]
+        return (self._probe_gen, self._probe, float(self.misfit), frames[-TRIAL_FRAMES:],
+                (self._counts_sum, self._counts_n), self._mend_sweeps)
+
+    def _run_mend(self, due) -> None:
+        """Mend the probe in use from the kept frames (outside the lock: the image stays readable).
+
+        A throwaway refiner refines the latest :data:`TRIAL_FRAMES` kept frames from a flat object
+        with the probe refined at every update too (ePIE's probe step), ``mend_sweeps`` sweeps
+        from the probe in use. If the mend's last sweep leaves at most :data:`MEND_MARGIN` of the
+        misfit the refiner's own sweeps left with the probe in use (``misfit``), its probe and its object
+        are used from then on (in the mend's own gauge: the flat start's, not the stale probe's
+        or the seed's) and the kept frames are refined anew from that object."""
+        gen, cur, m_cur, frames, counts, sweeps = due
+        t0 = time.perf_counter()
+        try:
+            t = self._replay(cur, False, None, None, frames, counts, sweeps, mend=True)
+            m_new = float(t.misfit) if np.isfinite(t.misfit) and t.misfit > 0 else float("inf")
+            if not np.isfinite(t._obj).all() or not np.isfinite(t._probe).all():
+                raise FloatingPointError("the mend diverged (non-finite object or probe)")
+        except Exception as exc:  # noqa: BLE001 - a failed mend keeps the probe in use
+            failed = f"{type(exc).__name__}: {exc}"
+        else:
+            failed = None
+        with self._lock:
+            if gen != self._probe_gen:          # a probe set or adopted meanwhile: that one counts
+                return
+            self.probe_mends += 1
+            adopt = failed is None and m_new < MEND_MARGIN * m_cur
+            if adopt:
+                self._probe = t._probe.copy()
+                self._probe_gen += 1
+                self._scale = t._scale
+                self._probes = {}
+                self._free_ramp = False
+                self.probe_kind = "mended from the kept frames"
+                self._mend_at = 0               # mended on while each mend halves the misfit
+                self._mend_rounds += 1
+                self._restart()
+                rr, cc = t._r0 - self._r0, t._c0 - self._c0
+                h, w = t._obj.shape
+                self._ensure(t._r0, t._r0 + h, t._c0, t._c0 + w)     # the mend's margin may reach past
+                rr, cc = t._r0 - self._r0, t._c0 - self._c0
+                self._obj[rr:rr + h, cc:cc + w] = t._obj
+                self._lit[rr:rr + h, cc:cc + w] = t._lit
+            self.mend_state = "adopted" if adopt else "kept"
+            self.mend = {"misfit_in_use": None if failed else round(m_cur, 4),
+                         "misfit_mended": None if failed else round(m_new, 4),
+                         "frames": len(frames), "sweeps": sweeps, "adopted": adopt,
+                         "seconds": round(time.perf_counter() - t0, 2)}
+            self.last_message = (f"probe in use kept: its mend failed ({failed})" if failed else
+                                 f"{'mended probe used' if adopt else 'probe in use kept, its mend did not help'}: "
+                                 f"misfit {m_new:.3f} mended, {m_cur:.3f} in use ({sweeps} sweeps over "
+                                 f"{len(frames)} frames)")
+
     def _restart(self) -> None:
         """Refine the kept frames anew from the seed (after a probe change the object holds what the
         old probe made of them, and sweeps from there mended a stale probe's image slowly): the
@@ -486,6 +623,7 @@ class Refiner:
             self._pending = deque(frames)
             self._polish = self.passes * len(frames)
             self._sweep = [0.0, 0.0, 0]
+            self._sweeps_since = 0
             self.misfit = 0.0
             self.redundancy = 0.0
 
@@ -501,6 +639,9 @@ class Refiner:
             self._pending: deque = deque()       # frames waiting for ``lag`` later ones
             self._polish = 0                     # background updates left since the last arrival
             self._sweep = [0.0, 0.0, 0]          # this sweep's misfit, noise expected, updates
+            self._sweeps_since = 0               # sweeps since the last frame arrived
+            self._mend_at = 0
+            self._mend_rounds = 0                # mends used since the probe was set or the scan began
             self.misfit = 0.0                    # the last full sweep's misfit / noise (0: none yet)
             self.redundancy = 0.0                # frames' worth of probe per lit pixel (1: no overlap)
             self._probes: dict = {}
@@ -585,6 +726,8 @@ class Refiner:
             while len(self._pending) > (self.max_frames if defer else self.lag):
                 self._first(self._pending.popleft())
             self._polish = self.passes * (len(self._frames) + len(self._pending))
+            if used:
+                self._sweeps_since = 0
             return used
 
     def no_probe(self, count: int) -> None:
@@ -604,6 +747,11 @@ class Refiner:
             self._run_trial(due)
             return True
         with self._lock:
+            mend = self._mend_due()
+        if mend is not None:
+            self._run_mend(mend)
+            return True
+        with self._lock:
             if self._pending:
                 self._first(self._pending.popleft())
                 return True
@@ -614,6 +762,7 @@ class Refiner:
                 if sw[2] >= len(self._frames):           # a sweep: as many updates as kept frames
                     self.misfit = sw[0] / sw[1] if sw[1] > 0 else 0.0
                     self._sweep = [0.0, 0.0, 0]
+                    self._sweeps_since += 1
                     self.redundancy = self._redundancy()
                     w = self.tv_weight
                     if w > 0:
@@ -701,6 +850,10 @@ class Refiner:
         """Set the pixels of block (r, c) that no update has lit to the seed's phase, matched in
         constant phase to the refined pixels around them (amplitude: theirs, else 1)."""
         rr, cc = r - self._r0, c - self._c0
+        if self._flat_seed:       # a mend starts from a flat object, as a solver does
+            obj = self._obj[rr:rr + n, cc:cc + n]
+            obj[obj == 0] = 1.0
+            return
         lit = self._lit[rr:rr + n, cc:cc + n]
         fresh = lit < self.lit_level
         if not fresh.any():
@@ -765,11 +918,23 @@ class Refiner:
             if self._since_gauge >= REGAUGE_EVERY:
                 self._regauge()
         d -= psi
+        if self._learn_probe:      # ePIE's probe step, with the object before its own step
+            self._probe_step(d * (np.conj(obj) / max(float(np.max(np.abs(obj) ** 2)), 1e-12)), key)
         d *= pc
         d *= self._step
         obj += d
         self._lit[rr:rr + n, cc:cc + n] += pi
         self.updates += 1
+
+    def _probe_step(self, dp: np.ndarray, key: tuple[int, int]) -> None:
+        """Add ``step * dp``, a correction of the probe as moved by ``key`` (:meth:`_shifted`), to
+        the probe, moved back (the Fourier shift theorem) and out of the counts' scale."""
+        k = np.fft.fftfreq(dp.shape[0])
+        ry = np.exp(2j * np.pi * key[0] / SUBPIXEL_STEPS * k)
+        rx = np.exp(2j * np.pi * key[1] / SUBPIXEL_STEPS * k)
+        back = scipy.fft.ifft2(scipy.fft.fft2(dp) * np.multiply.outer(ry, rx))
+        self._probe = (self._probe + back * (self._step / self._scale)).astype(np.complex64)
+        self._probes = {}
 
     def _ensure(self, r0: int, r1: int, c0: int, c1: int) -> None:
         H, W = self._obj.shape
@@ -822,7 +987,8 @@ class Refiner:
         the photon noise) and no probe trial due: the image will not change until new frames
         (or a new probe) arrive."""
         with self._lock:
-            return bool(self._frames) and not self._pending and self._polish == 0 and not self._trial_ready()
+            return (bool(self._frames) and not self._pending and self._polish == 0 and not self._trial_ready()
+                    and self._mend_due(peek=True) is None)
 
     def counters(self) -> dict:
         with self._lock:
@@ -832,5 +998,7 @@ class Refiner:
                     "last_message": self.last_message,
                     "misfit": self.misfit, "redundancy": self.redundancy, "settled": self.settled,
                     "tv_weight": self.tv_weight, "denoised": self.denoised,
-                    "trial_state": self.trial_state, "probe_trials": self.probe_trials, **{
-                        f"trial_{k}": v for k, v in self.trial.items()}}
+                    "trial_state": self.trial_state, "probe_trials": self.probe_trials,
+                    "mend_state": self.mend_state, "probe_mends": self.probe_mends,
+                    **{f"trial_{k}": v for k, v in self.trial.items()},
+                    **{f"mend_{k}": v for k, v in self.mend.items()}}
