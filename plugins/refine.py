@@ -44,6 +44,8 @@ class RefinePlugin(BatchingPlugin):
         kw.setdefault("batch_timeout_s", 0.0)
         super().__init__(name, **kw)
         self.refiner = Refiner(seed if seed is not None else Stitcher(1.0), probe)
+        # a probe mend (seconds of the refine thread) gives way to frames waiting or a stop
+        self.refiner.interrupt = self._give_way
         # () -> True while the chain upstream is overloaded (the chain: frames wait at Infer); then
         # frames are kept but not refined, and background work waits, so refinement takes no CPU
         # that inference needs. None: never.
@@ -189,6 +191,12 @@ class RefinePlugin(BatchingPlugin):
                 self.report(after["last_message"])
             self.generation += 1
         return frames
+
+    def _give_way(self) -> bool:
+        """On the plugin's own thread: True while frames wait in the queue or the thread is asked
+        to stop (read without the lock: a stale answer only lets a mend run a few more updates).
+        Elsewhere (a benchmark finishing the refiner after the thread stopped) False."""
+        return threading.current_thread() is self._thread and (bool(self._queue) or self._stopping)
 
     def _yielding(self) -> bool:
         busy = self.chain_busy

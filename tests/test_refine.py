@@ -698,3 +698,49 @@ def test_the_plugin_mends_a_stale_probe_in_the_background(wide_scan):
     finally:
         stitch.stop()
         ref.stop()
+
+
+def test_a_mend_gives_way_to_new_frames_and_to_a_stop(scan):
+    """A mend runs for seconds outside the lock; asked to give way (``Refiner.interrupt``: the
+    plugin's frames waiting, or its thread stopping) it stops within a few updates, is not counted
+    as a mend, and is due again; the plugin's thread then stops at once instead of after the mend."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, stale_probe(scan), lag=16, passes=3, mend_sweeps=20)
+    run(scan, ref, st, patches)
+    asked = []
+    ref.interrupt = lambda: asked.append(1) or True        # give way at once: no mend starts
+    ref.finish()
+    assert asked and ref.probe_mends == ref.mends_interrupted == 0 and ref.mend_state == "none"
+    assert ref.misfit > MEND_MISFIT and np.array_equal(ref.probe, stale_probe(scan))
+    asked.clear()
+    ref.interrupt = lambda: asked.append(1) or len(asked) > 1      # asked first before it starts
+    while ref.mends_interrupted == 0:
+        assert ref.step()
+    assert len(asked) == 2 and ref.probe_mends == 0 and ref.mend_state == "none"
+    assert np.array_equal(ref.probe, stale_probe(scan)) and "gave way" in ref.last_message
+    assert not ref.settled                      # still due
+    ref.interrupt = None
+    ref.finish()
+    assert ref.probe_mends >= 1 and ref.counters()["mends_interrupted"] == 1
+    # the plugin: a long mend (500 sweeps of 47 frames: about 10 s here) gives way to a stop
+    patches = blurry_patches(scan)
+    stitch, plug = plugin_pair(scan, patches, stale_probe(scan))
+    plug.passes, plug.mend_sweeps = 12, 500
+    stitch.start()
+    plug.start()
+    try:
+        assert plug._give_way() is False                                # not on the plugin's thread
+        assert plug.submit(plug._give_way).result(timeout=10) is False  # its thread, nothing waiting
+        for f in counted_frames(scan, patches):
+            stitch.put(f)
+        # (while frames still arrive a mend that starts in a pause gives way to them)
+        wait_until(lambda: plug.refiner.frames_refined == len(patches) and plug.queue_use == 0
+                   and plug.refiner._mend_at > 0, what="the mend to start once every frame is in")
+        gave_way = plug.refiner.mends_interrupted
+        t0 = time.monotonic()
+        assert plug.stop(timeout=5)
+        assert time.monotonic() - t0 < 5
+        assert plug.refiner.mends_interrupted == gave_way + 1 and plug.refiner.probe_mends == 0
+    finally:
+        stitch.stop()
+        plug.stop()

@@ -138,9 +138,14 @@ MEND_MISFIT = 2.0            # a sweep's misfit above this: the probe does not e
 # 0.87-0.99 at overlap 0.6; a stale card's probe left 3.3 at 1e4 photons per frame and 107-297 at 1e6
 # (benchmarks/probe_trial.py)
 MEND_MARGIN = 0.5            # a mend is used if its misfit is at most this fraction of the probe in use's
+INTERRUPT_EVERY = 32         # a mend asks Refiner.interrupt this often (updates) whether to give way
 MEND_ROUNDS = 4              # the most mends used in a row for one probe set (each restarts the sweeps)
 MEND_AFTER = 10              # ... once this many sweeps since the last frame arrived (or all of them) are done
 MEND_STATES = ("none", "adopted", "kept")   # the last mend: Refine:Mend_RBV
+
+
+class MendInterrupted(Exception):
+    """A probe mend gave way (:attr:`Refiner.interrupt`: frames waiting, or the stage stopping)."""
 
 
 def _sqrt_poisson_table(top: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
@@ -261,6 +266,10 @@ class Refiner:
         self.mend_state = "none"
         self.mend: dict = {}          # the last mend: misfits in use / mended, frames, sweeps
         self.probe_mends = 0
+        self.mends_interrupted = 0
+        # () -> True when a mend running outside the lock should give way (the plugin: frames are
+        # waiting, or the stage stops); None: a mend always runs to its end
+        self.interrupt = None
         self._mend_at = 0             # frames kept when the last mend was tried (0: none since the scan began)
         self._probe_gen = 0           # bumps on every probe change: a mend of an older probe is dropped
         self._learn_probe = False     # a mend's throwaway refiner: _update refines the probe too
@@ -477,10 +486,11 @@ class Refiner:
                 (self._counts_sum, self._counts_n), self._trial_sweeps)
 
     def _replay(self, probe, reconstructed: bool, reference, beamline, frames, counts, sweeps: int,
-                *, mend: bool = False) -> Refiner:
+                *, mend: bool = False, abort=None) -> Refiner:
         """A throwaway refiner of this one's settings that has refined ``frames`` (oldest first) with
         ``probe`` for ``sweeps`` sweeps (the same random draws for every probe): from the seed, or
-        with ``mend`` from a flat object with the probe refined too (:meth:`_run_mend`)."""
+        with ``mend`` from a flat object with the probe refined too (:meth:`_run_mend`). ``abort``:
+        () -> True to stop early (:class:`MendInterrupted`), asked every :data:`INTERRUPT_EVERY` updates."""
         t = Refiner(self.seed, None, alpha=self._alpha, half_step_photons=self._half, revisits=self._revisits,
                     lag=0, denoise=self._denoise, trial_sweeps=0, mend_sweeps=0, passes=sweeps,
                     max_frames=len(frames), lit_level=self.lit_level, grow_px=self.grow_px, rng_seed=1)
@@ -491,13 +501,19 @@ class Refiner:
         t._step = np.float32(t.step_size)
         t._flat_seed = mend
         n = probe.shape[0]
-        for entry in frames:
+        for i, entry in enumerate(frames):
             _, r, c, _ = entry
             t._ensure(r, r + n, c, c + n)
             t._first(entry)
+            if abort is not None and i % INTERRUPT_EVERY == INTERRUPT_EVERY - 1 and abort():
+                raise MendInterrupted(f"after {i + 1} of {len(frames)} frames' first updates")
         t._learn_probe = mend         # the first updates shape the object, the sweeps the probe too
         t._polish = t.passes * len(t._frames)
-        t.finish()
+        done = 0
+        while t.step():
+            done += 1
+            if abort is not None and done % INTERRUPT_EVERY == 0 and abort():
+                raise MendInterrupted(f"after {done} of {t.passes * len(t._frames)} updates")
         return t
 
     def _trial_misfit(self, probe, reconstructed: bool, reference, beamline, frames, counts, sweeps) -> float:
@@ -553,10 +569,12 @@ class Refiner:
             return None
         if peek:
             return True
-        self._mend_at = kept
+        if self.interrupt is not None and self.interrupt():      # it would give way at once
+            return None
+        before, self._mend_at = self._mend_at, kept
         frames = self._frames[self._next:] + self._frames[:self._next]
         return (self._probe_gen, self._probe, float(self.misfit), frames[-TRIAL_FRAMES:],
-                (self._counts_sum, self._counts_n), self._mend_sweeps)
+                (self._counts_sum, self._counts_n), self._mend_sweeps, before)
 
     def _run_mend(self, due) -> None:
         """Mend the probe in use from the kept frames (outside the lock: the image stays readable).
@@ -567,13 +585,20 @@ class Refiner:
         misfit the refiner's own sweeps left with the probe in use (``misfit``), its probe and its object
         are used from then on (in the mend's own gauge: the flat start's, not the stale probe's
         or the seed's) and the kept frames are refined anew from that object."""
-        gen, cur, m_cur, frames, counts, sweeps = due
+        gen, cur, m_cur, frames, counts, sweeps, before = due
         t0 = time.perf_counter()
         try:
-            t = self._replay(cur, False, None, None, frames, counts, sweeps, mend=True)
+            t = self._replay(cur, False, None, None, frames, counts, sweeps, mend=True, abort=self.interrupt)
             m_new = float(t.misfit) if np.isfinite(t.misfit) and t.misfit > 0 else float("inf")
             if not np.isfinite(t._obj).all() or not np.isfinite(t._probe).all():
                 raise FloatingPointError("the mend diverged (non-finite object or probe)")
+        except MendInterrupted as exc:       # new frames, or the stage stops: tried again later
+            with self._lock:
+                if gen == self._probe_gen:
+                    self._mend_at = before
+                self.mends_interrupted += 1
+                self.last_message = f"probe mend gave way to new frames or a stop ({exc}); tried again once the sweeps settle"
+            return
         except Exception as exc:  # noqa: BLE001 - a failed mend keeps the probe in use
             failed = f"{type(exc).__name__}: {exc}"
         else:
@@ -1000,5 +1025,6 @@ class Refiner:
                     "tv_weight": self.tv_weight, "denoised": self.denoised,
                     "trial_state": self.trial_state, "probe_trials": self.probe_trials,
                     "mend_state": self.mend_state, "probe_mends": self.probe_mends,
+                    "mends_interrupted": self.mends_interrupted,
                     **{f"trial_{k}": v for k, v in self.trial.items()},
                     **{f"mend_{k}": v for k, v in self.mend.items()}}
