@@ -178,7 +178,8 @@ class Session:
 
     def probe_trial(self) -> dict | None:
         """How the refine stage took scan B1's reconstructed probe (``Refine:Trial_RBV``: tried
-        against the probe in use on B1's kept frames, or used untried); None without a refine probe."""
+        against the probe in use on B1's kept frames, or used untried), and whether it mended the probe
+        in use from the frames (``Refine:Mend_RBV``); None without a refine probe."""
         if not self.get("Refine:Probe_RBV"):
             return None
         try:
@@ -188,6 +189,7 @@ class Session:
             state = self.get("Refine:Trial_RBV", as_string=True)
         return {"state": state, "misfit_in_use": round(float(self.get("Refine:TrialMisfitInUse_RBV")), 4),
                 "misfit_offered": round(float(self.get("Refine:TrialMisfitOffered_RBV")), 4),
+                "mend": self.get("Refine:Mend_RBV", as_string=True),
                 "message": self.get("Refine:Message_RBV", as_string=True)}
 
     def image_number(self, name: str) -> int:
@@ -429,7 +431,7 @@ def run_demo(args) -> int:
 def _trial_text(t: dict) -> str:
     what = {"Adopted": "used", "Kept": "not used, the probe in use kept"}.get(t["state"], t["state"])
     return (f"scan B1's reconstructed probe {what} (trial misfit {t['misfit_offered']:.3f} offered, "
-            f"{t['misfit_in_use']:.3f} in use)")
+            f"{t['misfit_in_use']:.3f} in use); probe mend: {t.get('mend', 'None')}")
 
 
 def _print_summary(s: dict) -> None:

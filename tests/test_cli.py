@@ -63,6 +63,8 @@ def test_demo_runs_every_stage(tmp_path, mode):
     t = s["refine_probe_trial"]
     assert t["state"] in ("Adopted", "Kept") and t["misfit_in_use"] > 0 and t["misfit_offered"] > 0, t
     assert (t["state"] == "Adopted") is (t["misfit_offered"] < 0.9 * t["misfit_in_use"]), t
+    # the card's probe is the simulated beam's: the frames are explained, so nothing was mended
+    assert t["mend"] == "None", t
     # the refine stage (the probe it kept, the frames of B2) brings the live image nearer the truth
     # than the network alone: in the full demo 0.014 against 0.245, where pty-chi scores 0.046
     # (README, 2026-12-02 17:00 UTC); the bar is 0.17
