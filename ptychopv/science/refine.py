@@ -148,6 +148,13 @@ class MendInterrupted(Exception):
     """A probe mend gave way (:attr:`Refiner.interrupt`: frames waiting, or the stage stopping)."""
 
 
+def _subpixel_ramp(n: int, key: tuple[int, int]) -> np.ndarray:
+    """The Fourier factor that moves an (n, n) array by ``key / SUBPIXEL_STEPS`` pixels (rows, cols)."""
+    k = np.fft.fftfreq(n)
+    return np.multiply.outer(np.exp(-2j * np.pi * key[0] / SUBPIXEL_STEPS * k),
+                             np.exp(-2j * np.pi * key[1] / SUBPIXEL_STEPS * k))
+
+
 def _sqrt_poisson_table(top: float = 400.0) -> tuple[np.ndarray, np.ndarray]:
     """``E[(sqrt(k) - sqrt(lam))^2]`` for ``k ~ Poisson(lam)``, tabulated on a grid of ``lam``:
     the mean squared error of a measured modulus that the true far field would leave (1/4 for
@@ -270,7 +277,6 @@ class Refiner:
         # () -> True when a mend running outside the lock should give way (the plugin: frames are
         # waiting, or the stage stops); None: a mend always runs to its end
         self.interrupt = None
-        self._mend_at = 0             # frames kept when the last mend was tried (0: none since the scan began)
         self._probe_gen = 0           # bumps on every probe change: a mend of an older probe is dropped
         self._learn_probe = False     # a mend's throwaway refiner: _update refines the probe too
         self._flat_seed = False       # ... and starts new pixels flat (1), not from the seed's phase
@@ -471,6 +477,10 @@ class Refiner:
                                      "offered probe: its trial against the one in use is next")
             return self.last_message
 
+    def _kept_in_order(self) -> list:
+        """Under the lock: the kept frames, oldest first (``_frames`` is a ring once full)."""
+        return self._frames[self._next:] + self._frames[:self._next]
+
     def _trial_ready(self) -> bool:
         return (self._offer is not None and self._probe is not None
                 and len(self._frames) + len(self._pending) >= TRIAL_MIN_FRAMES)
@@ -480,8 +490,8 @@ class Refiner:
         if not self._trial_ready():
             return None
         offer = self._offer
-        # oldest first: the kept frames (a ring once full), then those still held back by ``lag``
-        frames = self._frames[self._next:] + self._frames[:self._next] + list(self._pending)
+        # oldest first: the kept frames, then those still held back by ``lag``
+        frames = self._kept_in_order() + list(self._pending)
         return (offer, (self._probe, self._free_ramp, self._beamline), frames[-TRIAL_FRAMES:],
                 (self._counts_sum, self._counts_n), self._trial_sweeps)
 
@@ -572,7 +582,7 @@ class Refiner:
         if self.interrupt is not None and self.interrupt():      # it would give way at once
             return None
         before, self._mend_at = self._mend_at, kept
-        frames = self._frames[self._next:] + self._frames[:self._next]
+        frames = self._kept_in_order()
         return (self._probe_gen, self._probe, float(self.misfit), frames[-TRIAL_FRAMES:],
                 (self._counts_sum, self._counts_n), self._mend_sweeps, before)
 
@@ -618,7 +628,6 @@ class Refiner:
                 self._mend_at = 0               # mended on while each mend halves the misfit
                 self._mend_rounds += 1
                 self._restart()
-                rr, cc = t._r0 - self._r0, t._c0 - self._c0
                 h, w = t._obj.shape
                 self._ensure(t._r0, t._r0 + h, t._c0, t._c0 + w)     # the mend's margin may reach past
                 rr, cc = t._r0 - self._r0, t._c0 - self._c0
@@ -640,7 +649,7 @@ class Refiner:
         object is cleared, every kept frame waits for its first update again, oldest first, and
         the sweeps' budget is renewed. Until a region is redone the image shows the seed there."""
         with self._lock:
-            frames = self._frames[self._next:] + self._frames[:self._next] + list(self._pending)
+            frames = self._kept_in_order() + list(self._pending)
             self._obj[:] = 0
             self._lit[:] = 0
             self._cover[:] = 0
@@ -665,7 +674,7 @@ class Refiner:
             self._polish = 0                     # background updates left since the last arrival
             self._sweep = [0.0, 0.0, 0]          # this sweep's misfit, noise expected, updates
             self._sweeps_since = 0               # sweeps since the last frame arrived
-            self._mend_at = 0
+            self._mend_at = 0                    # frames kept when the last mend was tried (0: none yet)
             self._mend_rounds = 0                # mends used since the probe was set or the scan began
             self.misfit = 0.0                    # the last full sweep's misfit / noise (0: none yet)
             self.redundancy = 0.0                # frames' worth of probe per lit pixel (1: no overlap)
@@ -861,10 +870,7 @@ class Refiner:
             n = self._probe.shape[0]
             if "ft" not in self._probes:
                 self._probes["ft"] = scipy.fft.fft2(self._probe * self._scale)
-            k = np.fft.fftfreq(n)
-            ry = np.exp(-2j * np.pi * key[0] / SUBPIXEL_STEPS * k)
-            rx = np.exp(-2j * np.pi * key[1] / SUBPIXEL_STEPS * k)
-            p = scipy.fft.ifft2(self._probes["ft"] * np.multiply.outer(ry, rx)).astype(np.complex64)
+            p = scipy.fft.ifft2(self._probes["ft"] * _subpixel_ramp(n, key)).astype(np.complex64)
             i = np.abs(p) ** 2
             m = float(i.max())
             got = (p, (np.conj(p) / m).astype(np.complex64), (i / m).astype(np.float32))
@@ -954,10 +960,7 @@ class Refiner:
     def _probe_step(self, dp: np.ndarray, key: tuple[int, int]) -> None:
         """Add ``step * dp``, a correction of the probe as moved by ``key`` (:meth:`_shifted`), to
         the probe, moved back (the Fourier shift theorem) and out of the counts' scale."""
-        k = np.fft.fftfreq(dp.shape[0])
-        ry = np.exp(2j * np.pi * key[0] / SUBPIXEL_STEPS * k)
-        rx = np.exp(2j * np.pi * key[1] / SUBPIXEL_STEPS * k)
-        back = scipy.fft.ifft2(scipy.fft.fft2(dp) * np.multiply.outer(ry, rx))
+        back = scipy.fft.ifft2(scipy.fft.fft2(dp) * np.conj(_subpixel_ramp(dp.shape[0], key)))
         self._probe = (self._probe + back * (self._step / self._scale)).astype(np.complex64)
         self._probes = {}
 
