@@ -84,7 +84,7 @@ at overlap 0.6 by 7-11 % (``benchmarks/probe_trial.py``, ``README``, *Live image
 
 A model card's probe can be stale too (the optics moved since the model was trained): then no
 reconstruction may come for a while, and the sweeps with it leave a misfit far above the noise
-(107-297 at 1e6 photons per frame, 3.3 at 1e4, where the beam's own probe settles at 0.87-0.99
+(127-297 at 1e6 photons per frame, 1.8-3.3 at 1e4, where the beam's own probe settles at 0.87-0.99
 at overlap 0.6). So once :data:`MEND_AFTER` sweeps (or all of them) leave a misfit above
 :data:`MEND_MISFIT` where frames overlap (``redundancy``: a probe is solved from overlaps), the
 refiner mends the probe from the kept frames (:meth:`Refiner._run_mend`, ``mend_sweeps``): a
@@ -135,7 +135,7 @@ TRIAL_STATES = ("none", "pending", "adopted", "kept")   # the last offer: Refine
 TRIAL_MARGIN = 0.10          # an offered probe is used if its trial misfit is this much smaller
 MEND_MISFIT = 2.0            # a sweep's misfit above this: the probe does not explain the frames, mend it
 # where frames overlap (redundancy >= REDUNDANT); with the beam's own probe the sweeps settle at
-# 0.87-0.99 at overlap 0.6; a stale card's probe left 3.3 at 1e4 photons per frame and 107-297 at 1e6
+# 0.87-0.99 at overlap 0.6; a stale card's probe left 1.8-3.3 at 1e4 photons per frame and 127-297 at 1e6
 # (benchmarks/probe_trial.py)
 MEND_MARGIN = 0.5            # a mend is used if its misfit is at most this fraction of the probe in use's
 INTERRUPT_EVERY = 32         # a mend asks Refiner.interrupt this often (updates) whether to give way
