@@ -252,9 +252,9 @@ REFINE_PVS = (
        group="refine", attr="trial_misfit_offered"),
     PV("Refine:ProbeMend", "longout", "Sweeps of a probe mend", low=0, high=500, initial=60,
        rbv=True, autosave=True, group="refine", attr="mend_sweeps",
-       doc="when the sweeps leave a misfit above 2, the probe is refined with the object from a flat "
-           "start over the kept frames for this many sweeps; the result is used if it halves the misfit "
-           "(0: never)"),
+       doc="when 10 sweeps leave a misfit above 2 (or all of them one above 1.5), the probe is refined "
+           "with the object from a flat start over the kept frames for this many sweeps; the result is "
+           "used if it halves the misfit (its excess over 1 after all of them) (0: never)"),
     PV("Refine:Mend_RBV", "mbbi", "Last probe mend", states=("None", "Adopted", "Kept"), initial=0,
        group="refine", attr="mend_state",
        doc="Adopted: the mended probe and object are used; Kept: the probe in use stays"),

@@ -4,6 +4,8 @@ background of the refine plugin without holding frames up."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 
 import numpy as np
@@ -18,6 +20,8 @@ from ptychopv.science import physics
 from ptychopv.science.refine import (
     MEND_MARGIN,
     MEND_MISFIT,
+    MEND_SETTLED,
+    MISFIT_STOP,
     TRIAL_MARGIN,
     Refiner,
     align_ramp,
@@ -220,6 +224,22 @@ def plugin_pair(scan, patches, probe):
     return stitch, ref
 
 
+@contextlib.contextmanager
+def running_pair(scan, patches, probe, **settings):
+    """:func:`plugin_pair` with ``settings`` set on the refine plugin, both started, both stopped
+    on the way out (also when the test fails)."""
+    stitch, ref = plugin_pair(scan, patches, probe)
+    for name, value in settings.items():
+        setattr(ref, name, value)
+    stitch.start()
+    ref.start()
+    try:
+        yield stitch, ref
+    finally:
+        stitch.stop()
+        ref.stop()
+
+
 def counted_frames(scan, patches) -> list:
     """The scan as the infer plugin hands it on: each network patch with its frame's counts."""
     frames = []
@@ -232,11 +252,7 @@ def counted_frames(scan, patches) -> list:
 
 def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
     patches = blurry_patches(scan)
-    stitch, ref = plugin_pair(scan, patches, scan.probe)
-    ref.revisits, ref.passes = 1, 4
-    stitch.start()
-    ref.start()
-    try:
+    with running_pair(scan, patches, scan.probe, revisits=1, passes=4) as (stitch, ref):
         frames = counted_frames(scan, patches)
         bare = Frame(patches[0], unique_id=len(frames) + 1, position=tuple(scan.positions_m[0]))   # no counts
         for f in frames + [bare]:
@@ -259,9 +275,6 @@ def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
         stitch.put(again)
         wait_until(lambda: ref.frames_refined == 1, what="the reset on a new acquisition")
         assert ref.generation > g
-    finally:
-        stitch.stop()
-        ref.stop()
 
 
 def test_the_step_shrinks_with_the_photon_count(scan):
@@ -427,12 +440,7 @@ def test_while_the_chain_is_overloaded_frames_are_kept_and_refined_once_it_is_no
     has room it refines them all, as it would have."""
     patches = blurry_patches(scan)
     busy = [True]
-    stitch, ref = plugin_pair(scan, patches, scan.probe)
-    ref.revisits, ref.passes = 1, 4
-    ref.chain_busy = lambda: busy[0]
-    stitch.start()
-    ref.start()
-    try:
+    with running_pair(scan, patches, scan.probe, revisits=1, passes=4, chain_busy=lambda: busy[0]) as (stitch, ref):
         for f in counted_frames(scan, patches):
             stitch.put(f)
         n = len(patches)
@@ -449,9 +457,6 @@ def test_while_the_chain_is_overloaded_frames_are_kept_and_refined_once_it_is_no
         # a probe that fails counts as not busy: refinement never stops for a broken probe
         ref.chain_busy = lambda: 1 / 0
         assert ref._yielding() is False
-    finally:
-        stitch.stop()
-        ref.stop()
 
 
 def stale_probe(scan, curvature: float = 8.0) -> np.ndarray:
@@ -550,11 +555,8 @@ def test_an_offered_probe_waits_for_frames_and_the_rules_of_an_offer(scan):
 
 def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_went(scan):
     patches = blurry_patches(scan)
-    stitch, ref = plugin_pair(scan, patches, stale_probe(scan))
-    ref.passes, ref.trial_sweeps, ref.mend_sweeps = 2, 5, 0      # the trial and the warning, no mend
-    stitch.start()
-    ref.start()
-    try:
+    # the trial and the warning, no mend
+    with running_pair(scan, patches, stale_probe(scan), passes=2, trial_sweeps=5, mend_sweeps=0) as (stitch, ref):
         for f in counted_frames(scan, patches):
             stitch.put(f)
         wait_until(lambda: ref.settled, what="the background sweeps")
@@ -571,9 +573,6 @@ def test_the_plugin_tries_an_offered_probe_in_the_background_and_says_how_it_wen
         # the adopted probe renews the sweeps; once they settle the frames are explained: no warning
         wait_until(lambda: ref.settled, what="the sweeps with the adopted probe")
         assert ref.misfit < 10 and "offered probe used" in ref.last_message
-    finally:
-        stitch.stop()
-        ref.stop()
 
 
 def test_a_trial_that_fails_keeps_the_probe_in_use_and_leaves_the_stage_working(scan, monkeypatch):
@@ -639,6 +638,41 @@ def test_a_stale_probe_is_mended_from_the_kept_frames(wide_scan):
     assert ok.misfit < MEND_MISFIT and ok.mend_state == "none" and ok.probe_mends == 0 and ok.settled
 
 
+def test_a_stale_probe_that_barely_shows_is_mended_once_the_sweeps_settle():
+    """At 1e4 photons per frame a 20 % wider beam than the card's leaves a misfit below
+    :data:`MEND_MISFIT` (1.8 in the benchmark), and no mend can halve a misfit that close to the
+    noise (1): once the whole budget is spent, a misfit above :data:`MEND_SETTLED` is mended, and
+    the mend is used if it halves the misfit's excess over the noise. The card's probe, right for
+    the frames at the same dose, settles below :data:`MEND_SETTLED` and is never mended."""
+    card = fidelity.DEMO
+    wider = fidelity.family_scan("cell", overlap=0.6, dose=1e4, extent_m=3e-6, seed=5,
+                                 beamline=dataclasses.replace(card, beam_m=6e-7))
+    st, patches = seeded(wider)
+    ref = Refiner(st, card.probe(), lag=16, passes=100, mend_sweeps=0)
+    run(wider, ref, st, patches)
+    ref.finish()
+    stale = fidelity.score(ref.image(), wider)["nrmse"]
+    assert MEND_SETTLED < ref.misfit < MEND_MISFIT and ref.settled, ref.misfit   # below the early trigger
+    ref.mend_sweeps = 60
+    assert not ref.settled                          # settled above MEND_SETTLED: a mend is due
+    assert ref.step() and ref.mend_state == "adopted" and ref.probe_mends == 1
+    c = ref.counters()
+    assert c["mend_settled"] is True and c["mend_misfit_in_use"] > MEND_SETTLED
+    assert c["mend_misfit_mended"] - MISFIT_STOP < MEND_MARGIN * (c["mend_misfit_in_use"] - MISFIT_STOP), c
+    assert c["mend_misfit_mended"] > MEND_MARGIN * c["mend_misfit_in_use"], c     # the old rule would keep it
+    ref.finish()
+    assert ref.settled and not ref.step() and ref.misfit < MEND_SETTLED
+    mended = fidelity.score(ref.image(), wider)["nrmse"]
+    assert mended < 0.5 * stale and mended < fidelity.score(st.image(), wider)["nrmse"], (stale, mended)
+    # the card's probe at the card's beam, same dose: settles near the noise, never mended
+    right = fidelity.family_scan("cell", overlap=0.6, dose=1e4, extent_m=3e-6, seed=5)
+    st2, patches2 = seeded(right)
+    ok = Refiner(st2, right.probe, lag=16, passes=100)
+    run(right, ok, st2, patches2)
+    ok.finish()
+    assert ok.misfit < MEND_SETTLED and ok.probe_mends == 0 and ok.mend_state == "none" and ok.settled
+
+
 def test_a_mend_that_does_not_help_or_fails_keeps_the_probe_and_the_stage_working(scan, monkeypatch):
     """A mend that does not halve the misfit, or that raises, keeps the probe in use and
     says why; neither leaves the mend due (which would jam the background work), a new probe may
@@ -681,11 +715,7 @@ def test_a_mend_that_does_not_help_or_fails_keeps_the_probe_and_the_stage_workin
 def test_the_plugin_mends_a_stale_probe_in_the_background(wide_scan):
     scan = wide_scan
     patches = blurry_patches(scan)
-    stitch, ref = plugin_pair(scan, patches, stale_probe(scan))
-    ref.passes, ref.mend_sweeps = 12, 20
-    stitch.start()
-    ref.start()
-    try:
+    with running_pair(scan, patches, stale_probe(scan), passes=12, mend_sweeps=20) as (stitch, ref):
         for f in counted_frames(scan, patches):
             stitch.put(f)
         wait_until(lambda: ref.refiner.probe_mends >= 1, what="the probe mend")
@@ -695,9 +725,6 @@ def test_the_plugin_mends_a_stale_probe_in_the_background(wide_scan):
         assert ref.refiner.probe_kind == "mended from the kept frames" and ref.mend_state in (1, 2)
         assert ref.misfit < 10 and "mend" in ref.last_message
         assert ref.last_severity == 0 and ref.error_count == 0      # explained: no misfit warning
-    finally:
-        stitch.stop()
-        ref.stop()
 
 
 def test_a_mend_gives_way_to_new_frames_and_to_a_stop(scan):
@@ -724,11 +751,7 @@ def test_a_mend_gives_way_to_new_frames_and_to_a_stop(scan):
     assert ref.probe_mends >= 1 and ref.counters()["mends_interrupted"] == 1
     # the plugin: a long mend (500 sweeps of 47 frames: about 10 s here) gives way to a stop
     patches = blurry_patches(scan)
-    stitch, plug = plugin_pair(scan, patches, stale_probe(scan))
-    plug.passes, plug.mend_sweeps = 12, 500
-    stitch.start()
-    plug.start()
-    try:
+    with running_pair(scan, patches, stale_probe(scan), passes=12, mend_sweeps=500) as (stitch, plug):
         assert plug._give_way() is False                                # not on the plugin's thread
         assert plug.submit(plug._give_way).result(timeout=10) is False  # its thread, nothing waiting
         for f in counted_frames(scan, patches):
@@ -741,6 +764,3 @@ def test_a_mend_gives_way_to_new_frames_and_to_a_stop(scan):
         assert plug.stop(timeout=5)
         assert time.monotonic() - t0 < 5
         assert plug.refiner.mends_interrupted == gave_way + 1 and plug.refiner.probe_mends == 0
-    finally:
-        stitch.stop()
-        plug.stop()

@@ -99,7 +99,15 @@ above :data:`MEND_MISFIT`. The margin is wide because a flat start with a free p
 frames better than the right probe does and still make a worse image: on the Siemens star at
 overlap 0.6 the beam's own probe left a misfit of 2.65 (its sharp edges), a mend 1.80, and with a
 10 % margin the mend was used and took the image from NRMSE 0.019 to 0.034; a stale probe's
-mend cut the misfit by a factor of 3 or more. The flat start matters: from the network's stitched image, which the stale
+mend cut the misfit by a factor of 3 or more. A stale probe can also barely show: a 20 % wider
+beam than the card's at 1e4 photons per frame settled at a misfit of 1.8, below
+:data:`MEND_MISFIT`, and no mend can halve a misfit within a factor of 2 of the noise (1). So once
+the whole budget is spent (the sweeps' misfit is then the probe's, not an unfinished image's), a
+misfit above :data:`MEND_SETTLED` is mended too, and that mend is used if it halves the misfit's
+excess over the noise (:data:`MISFIT_STOP`): the wider beam's mends went 1.78-1.79 -> 1.09-1.10 and
+the image from 1.9-3.5 to 0.48-0.50, where the reconstruction's probe gives 0.59-0.74. The excess
+is not the early trigger's rule: after 10 sweeps the star's image is unfinished, and its 2.65 ->
+1.80 would halve the excess. The flat start matters: from the network's stitched image, which the stale
 beam has tilted too, the mended probe took the seed's ramp and the image stayed poor (a prototype:
 NRMSE 1.9 against 0.08 from flat). The mended object keeps the flat start's gauge (a solver's), so
 no ramp is aligned to the stale card's. Measured on the stale cases of
@@ -138,6 +146,11 @@ MEND_MISFIT = 2.0            # a sweep's misfit above this: the probe does not e
 # 0.87-0.99 at overlap 0.6; a stale card's probe left 1.8-3.3 at 1e4 photons per frame and 127-297 at 1e6
 # (benchmarks/probe_trial.py)
 MEND_MARGIN = 0.5            # a mend is used if its misfit is at most this fraction of the probe in use's
+MEND_SETTLED = 1.5           # once the whole budget is spent, a misfit above this is mended too, and the
+# mend is used if it halves the misfit's excess over the noise (MISFIT_STOP): a stale card's wider
+# beam at 1e4 photons per frame settled at 1.78-1.79, below MEND_MISFIT, and no mend can halve a
+# misfit already within a factor of 2 of the noise; the beam's own probe settled at 0.92-1.02 at
+# overlap 0.6 on every family and dose (benchmarks/probe_trial.py)
 INTERRUPT_EVERY = 32         # a mend asks Refiner.interrupt this often (updates) whether to give way
 MEND_ROUNDS = 4              # the most mends used in a row for one probe set (each restarts the sweeps)
 MEND_AFTER = 10              # ... once this many sweeps since the last frame arrived (or all of them) are done
@@ -252,7 +265,8 @@ class Refiner:
         trial_sweeps: sweeps each probe gets when an offered probe is tried against the one in
             use (:meth:`offer_probe`); 0: an offered probe is used untried.
         mend_sweeps: sweeps of a probe mend, the probe refined with the object from a flat start,
-            once the sweeps settle with a misfit above :data:`MEND_MISFIT` (:meth:`step`); 0: never.
+            once :data:`MEND_AFTER` sweeps leave a misfit above :data:`MEND_MISFIT` or the whole
+            budget one above :data:`MEND_SETTLED` (:meth:`step`); 0: never.
         max_frames: how many of the latest frames are kept for revisits (n * n float32 each).
         lit_level: a pixel whose summed relative probe intensity is below this is (re)seeded.
         """
@@ -566,15 +580,17 @@ class Refiner:
 
     def _mend_due(self, peek: bool = False):
         """Under the lock: what a due probe mend needs, or None. Due once every kept frame is used
-        and :data:`MEND_AFTER` sweeps since the last arrival (or the whole budget) leave a misfit
-        above :data:`MEND_MISFIT` where frames overlap (``redundancy`` at least :data:`REDUNDANT`:
+        and :data:`MEND_AFTER` sweeps since the last arrival leave a misfit above :data:`MEND_MISFIT`,
+        or the whole budget one above :data:`MEND_SETTLED` (``settled`` in the tuple), where frames overlap (``redundancy`` at least :data:`REDUNDANT`:
         without overlap the object absorbs a probe's error, and the right probe left a misfit of
         6 on the Siemens star at overlap 0), with no trial due, and not tried since the probe was
         set or since the kept frames were half as many."""
         kept = len(self._frames)
+        settled = self._polish == 0
         if (self._mend_sweeps == 0 or self._probe is None or self._pending
-                or (self._polish > 0 and self._sweeps_since < MEND_AFTER)
-                or self._trial_ready() or kept < TRIAL_MIN_FRAMES or not self.misfit > MEND_MISFIT
+                or (not settled and self._sweeps_since < MEND_AFTER)
+                or self._trial_ready() or kept < TRIAL_MIN_FRAMES
+                or not self.misfit > (MEND_SETTLED if settled else MEND_MISFIT)
                 or self.redundancy < REDUNDANT or kept < 2 * self._mend_at or self._mend_rounds >= MEND_ROUNDS):
             return None
         if peek:
@@ -584,7 +600,7 @@ class Refiner:
         before, self._mend_at = self._mend_at, kept
         frames = self._kept_in_order()
         return (self._probe_gen, self._probe, float(self.misfit), frames[-TRIAL_FRAMES:],
-                (self._counts_sum, self._counts_n), self._mend_sweeps, before)
+                (self._counts_sum, self._counts_n), self._mend_sweeps, before, settled)
 
     def _run_mend(self, due) -> None:
         """Mend the probe in use from the kept frames (outside the lock: the image stays readable).
@@ -592,10 +608,11 @@ class Refiner:
         A throwaway refiner refines the latest :data:`TRIAL_FRAMES` kept frames from a flat object
         with the probe refined at every update too (ePIE's probe step), ``mend_sweeps`` sweeps
         from the probe in use. If the mend's last sweep leaves at most :data:`MEND_MARGIN` of the
-        misfit the refiner's own sweeps left with the probe in use (``misfit``), its probe and its object
+        misfit the refiner's own sweeps left with the probe in use (``misfit``; of its excess over
+        :data:`MISFIT_STOP` when the mend came once the whole budget was spent), its probe and its object
         are used from then on (in the mend's own gauge: the flat start's, not the stale probe's
         or the seed's) and the kept frames are refined anew from that object."""
-        gen, cur, m_cur, frames, counts, sweeps, before = due
+        gen, cur, m_cur, frames, counts, sweeps, before, settled = due
         t0 = time.perf_counter()
         try:
             t = self._replay(cur, False, None, None, frames, counts, sweeps, mend=True, abort=self.interrupt)
@@ -617,7 +634,8 @@ class Refiner:
             if gen != self._probe_gen:          # a probe set or adopted meanwhile: that one counts
                 return
             self.probe_mends += 1
-            adopt = failed is None and m_new < MEND_MARGIN * m_cur
+            adopt = failed is None and (m_new - MISFIT_STOP < MEND_MARGIN * (m_cur - MISFIT_STOP) if settled
+                                        else m_new < MEND_MARGIN * m_cur)
             if adopt:
                 self._probe = t._probe.copy()
                 self._probe_gen += 1
@@ -636,7 +654,7 @@ class Refiner:
             self.mend_state = "adopted" if adopt else "kept"
             self.mend = {"misfit_in_use": None if failed else round(m_cur, 4),
                          "misfit_mended": None if failed else round(m_new, 4),
-                         "frames": len(frames), "sweeps": sweeps, "adopted": adopt,
+                         "frames": len(frames), "sweeps": sweeps, "adopted": adopt, "settled": settled,
                          "seconds": round(time.perf_counter() - t0, 2)}
             self.last_message = (f"probe in use kept: its mend failed ({failed})" if failed else
                                  f"{'mended probe used' if adopt else 'probe in use kept, its mend did not help'}: "
