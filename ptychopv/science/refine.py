@@ -149,7 +149,7 @@ MEND_MARGIN = 0.5            # a mend is used if its misfit is at most this frac
 MEND_SETTLED = 1.5           # once the whole budget is spent, a misfit above this is mended too, and the
 # mend is used if it halves the misfit's excess over the noise (MISFIT_STOP): a stale card's wider
 # beam at 1e4 photons per frame settled at 1.78-1.79, below MEND_MISFIT, and no mend can halve a
-# misfit already within a factor of 2 of the noise; the beam's own probe settled at 0.92-1.02 at
+# misfit already within a factor of 2 of the noise; the beam's own probe settled at 0.94-1.02 at
 # overlap 0.6 on every family and dose (benchmarks/probe_trial.py)
 INTERRUPT_EVERY = 32         # a mend asks Refiner.interrupt this often (updates) whether to give way
 MEND_ROUNDS = 4              # the most mends used in a row for one probe set (each restarts the sweeps)
@@ -581,10 +581,11 @@ class Refiner:
     def _mend_due(self, peek: bool = False):
         """Under the lock: what a due probe mend needs, or None. Due once every kept frame is used
         and :data:`MEND_AFTER` sweeps since the last arrival leave a misfit above :data:`MEND_MISFIT`,
-        or the whole budget one above :data:`MEND_SETTLED` (``settled`` in the tuple), where frames overlap (``redundancy`` at least :data:`REDUNDANT`:
-        without overlap the object absorbs a probe's error, and the right probe left a misfit of
-        6 on the Siemens star at overlap 0), with no trial due, and not tried since the probe was
-        set or since the kept frames were half as many."""
+        or the whole budget one above :data:`MEND_SETTLED` (``settled`` in the tuple), where frames
+        overlap (``redundancy`` at least :data:`REDUNDANT`: without overlap the object absorbs a
+        probe's error, and the right probe left a misfit of 6 on the Siemens star at overlap 0),
+        with no trial due, and not tried since the probe was set or since the kept frames were
+        half as many."""
         kept = len(self._frames)
         settled = self._polish == 0
         if (self._mend_sweeps == 0 or self._probe is None or self._pending
