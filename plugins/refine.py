@@ -36,6 +36,12 @@ NICE = 10            # the refine thread's niceness, above the chain's (0)
 YIELD_POLL_S = 0.02  # while the chain is overloaded, how often the refine thread looks again
 
 
+def _refiner_setting(name: str) -> property:
+    """A ``Refine:`` record's setting, read from and written to the plugin's refiner (which
+    refuses a value out of range: :class:`~ptychopv.science.refine.Refiner`)."""
+    return property(lambda self: getattr(self.refiner, name), lambda self, v: setattr(self.refiner, name, v))
+
+
 class RefinePlugin(BatchingPlugin):
     plugin_type = "NDPluginPtychoRefine"
 
@@ -60,18 +66,14 @@ class RefinePlugin(BatchingPlugin):
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
 
     # ------------------------------------------------------------------ settings (Refine: records)
-    revisits = property(lambda self: self.refiner.revisits,
-                        lambda self, v: setattr(self.refiner, "revisits", v))
-    lag = property(lambda self: self.refiner.lag, lambda self, v: setattr(self.refiner, "lag", v))
-    passes = property(lambda self: self.refiner.passes, lambda self, v: setattr(self.refiner, "passes", v))
-    alpha = property(lambda self: self.refiner.alpha, lambda self, v: setattr(self.refiner, "alpha", v))
-    half_step_photons = property(lambda self: self.refiner.half_step_photons,
-                                 lambda self, v: setattr(self.refiner, "half_step_photons", v))
-    denoise = property(lambda self: self.refiner.denoise, lambda self, v: setattr(self.refiner, "denoise", v))
-    trial_sweeps = property(lambda self: self.refiner.trial_sweeps,
-                            lambda self, v: setattr(self.refiner, "trial_sweeps", v))
-    mend_sweeps = property(lambda self: self.refiner.mend_sweeps,
-                           lambda self, v: setattr(self.refiner, "mend_sweeps", v))
+    revisits = _refiner_setting("revisits")
+    lag = _refiner_setting("lag")
+    passes = _refiner_setting("passes")
+    alpha = _refiner_setting("alpha")
+    half_step_photons = _refiner_setting("half_step_photons")
+    denoise = _refiner_setting("denoise")
+    trial_sweeps = _refiner_setting("trial_sweeps")
+    mend_sweeps = _refiner_setting("mend_sweeps")
     tv_weight = property(lambda self: self.refiner.tv_weight)
     step_size = property(lambda self: self.refiner.step_size)
     misfit = property(lambda self: self.refiner.misfit)

@@ -132,12 +132,10 @@ def test_without_a_probe_frames_wait_and_settings_are_checked(scan):
         with pytest.raises(ValueError):
             ref.set_probe(bad)
     assert ref.probe is None                          # a refused probe is not kept
-    for name, bad in (("alpha", 0.0), ("alpha", 2.5), ("revisits", -1), ("revisits", 101), ("lag", -1),
-                      ("passes", 10001), ("passes", -1)):
-        with pytest.raises(ValueError):
-            setattr(ref, name, bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):      # each setting: test_a_setting_refuses_what_is_out_of_range_...
         Refiner(st, max_frames=0)
+    with pytest.raises(ValueError, match="revisits"):
+        Refiner(st, revisits=101)
 
 
 def test_a_reconstructed_probes_phase_ramp_does_not_tilt_the_image(scan):
@@ -275,6 +273,44 @@ def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
         stitch.put(again)
         wait_until(lambda: ref.frames_refined == 1, what="the reset on a new acquisition")
         assert ref.generation > g
+
+
+SETTINGS = {      # name: (the lowest and highest accepted, refused values)
+    "alpha": ((1e-6, 1.999), (0, 2, -1)),
+    "half_step_photons": ((0, 1e12), (-1,)),
+    "revisits": ((0, 100), (-1, 101, 2.5)),
+    "lag": ((0, 100000), (-1, 100001, 0.5)),
+    "passes": ((0, 10000), (-1, 10001, 1.5)),
+    "denoise": ((0, 100), (-0.1, 100.5)),
+    "trial_sweeps": ((0, 100), (-1, 101, 3.25)),
+    "mend_sweeps": ((0, 500), (-1, 501, 59.9)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_setting_refuses_what_is_out_of_range_or_not_a_number_and_keeps_its_value(scan, name):
+    """Every Refiner setting (the Refine: records' values) refuses a value outside its range, a
+    fraction where it counts, NaN, infinity, a string and None with a ValueError that names it,
+    and keeps the value in use; the plugin's setting is the refiner's."""
+    st, _ = seeded(scan)
+    ref = Refiner(st, scan.probe)
+    (lo, hi), refused = SETTINGS[name]
+    kind = type(getattr(ref, name))
+    for good in (lo, hi):
+        setattr(ref, name, good)
+        assert getattr(ref, name) == good and type(getattr(ref, name)) is kind
+    for bad in (*refused, float("nan"), float("inf"), "x", None):
+        with pytest.raises(ValueError, match=name.replace("alpha", "step alpha")):
+            setattr(ref, name, bad)
+        assert getattr(ref, name) == hi
+    setattr(ref, name, np.float64(lo))                      # a record's value, converted
+    assert getattr(ref, name) == lo and type(getattr(ref, name)) is kind
+    plugin = RefinePlugin(seed=st, probe=scan.probe)
+    setattr(plugin, name, hi)
+    assert getattr(plugin.refiner, name) == hi == getattr(plugin, name)
+    with pytest.raises(ValueError):
+        setattr(plugin, name, refused[0])
+    assert getattr(plugin, name) == hi
 
 
 def test_the_step_shrinks_with_the_photon_count(scan):

@@ -237,6 +237,42 @@ def phase_slope(z: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
             float(np.angle(zc[mc].sum())) if mc.any() else 0.0)
 
 
+class _Setting:
+    """A validated setting of :class:`Refiner`, stored in ``attr`` (default ``_<name>``).
+
+    ``kind`` int or float; a value that is not a finite number, an int that is not a whole number,
+    or one outside ``lo``..``hi`` (inclusive, or exclusive with ``open_ends``) is refused with a
+    ValueError naming ``what``, and the value in use stays."""
+
+    def __init__(self, kind: type, lo: float, hi: float, what: str, *, open_ends: bool = False,
+                 unit: str = "", attr: str | None = None):
+        self.kind, self.lo, self.hi, self.what = kind, lo, hi, what
+        self.open_ends, self.unit, self.attr = open_ends, unit, attr
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = self.attr or f"_{name}"
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.attr, self.check(value))
+
+    def check(self, value):
+        lo, hi = self.lo, self.hi
+        span = (f"in ({lo:g}, {hi:g})" if self.open_ends else
+                f"{lo:g}..{hi:g}{self.unit}" if np.isfinite(hi) else f">= {lo:g}{self.unit}")
+        what = "a whole number" if self.kind is int else "a number"
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = np.nan
+        inside = lo < v < hi if self.open_ends else lo <= v <= hi
+        if not (np.isfinite(v) and inside and (self.kind is float or v == int(v))):
+            raise ValueError(f"{self.what} must be {what} {span}, got {value!r}")
+        return self.kind(v)
+
+
 class Refiner:
     """Streaming ePIE on a canvas that grows with the scan, seeded by a stitcher's image.
 
@@ -308,27 +344,15 @@ class Refiner:
         self.set_probe(probe)         # the beamline's, or None: wait for one
 
     # ------------------------------------------------------------------ settings
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        v = float(value)
-        if not 0 < v < 2:
-            raise ValueError(f"refinement step alpha must be in (0, 2), got {value!r}")
-        self._alpha = v
-
-    @property
-    def half_step_photons(self) -> float:
-        return self._half
-
-    @half_step_photons.setter
-    def half_step_photons(self, value: float) -> None:
-        v = float(value)
-        if not (np.isfinite(v) and v >= 0):
-            raise ValueError(f"half_step_photons must be a number >= 0, got {value!r}")
-        self._half = v
+    # each refuses a value out of its range with a ValueError naming it, and keeps the one in use
+    alpha = _Setting(float, 0, 2, "refinement step alpha", open_ends=True)
+    half_step_photons = _Setting(float, 0, np.inf, "half_step_photons", attr="_half")
+    revisits = _Setting(int, 0, 100, "revisits")
+    lag = _Setting(int, 0, 100000, "lag", unit=" frames")
+    passes = _Setting(int, 0, 10000, "passes")
+    denoise = _Setting(float, 0, 100, "denoise")
+    trial_sweeps = _Setting(int, 0, 100, "trial_sweeps")
+    mend_sweeps = _Setting(int, 0, 500, "mend_sweeps")
 
     @property
     def step_size(self) -> float:
@@ -337,72 +361,6 @@ class Refiner:
             return self._alpha
         n = self._counts_sum / self._counts_n
         return self._alpha * n / (n + self._half)
-
-    @property
-    def revisits(self) -> int:
-        return self._revisits
-
-    @revisits.setter
-    def revisits(self, value: int) -> None:
-        v = int(value)
-        if not 0 <= v <= 100:
-            raise ValueError(f"revisits must be 0..100, got {value!r}")
-        self._revisits = v
-
-    @property
-    def lag(self) -> int:
-        return self._lag
-
-    @lag.setter
-    def lag(self, value: int) -> None:
-        v = int(value)
-        if not 0 <= v <= 100000:
-            raise ValueError(f"lag must be 0..100000 frames, got {value!r}")
-        self._lag = v
-
-    @property
-    def passes(self) -> int:
-        return self._passes
-
-    @passes.setter
-    def passes(self, value: int) -> None:
-        v = int(value)
-        if not 0 <= v <= 10000:
-            raise ValueError(f"passes must be 0..10000, got {value!r}")
-        self._passes = v
-
-    @property
-    def denoise(self) -> float:
-        return self._denoise
-
-    @denoise.setter
-    def denoise(self, value: float) -> None:
-        v = float(value)
-        if not (np.isfinite(v) and 0 <= v <= 100):
-            raise ValueError(f"denoise must be a number in 0..100, got {value!r}")
-        self._denoise = v
-
-    @property
-    def trial_sweeps(self) -> int:
-        return self._trial_sweeps
-
-    @trial_sweeps.setter
-    def trial_sweeps(self, value: int) -> None:
-        v = int(value)
-        if not 0 <= v <= 100:
-            raise ValueError(f"trial_sweeps must be 0..100, got {value!r}")
-        self._trial_sweeps = v
-
-    @property
-    def mend_sweeps(self) -> int:
-        return self._mend_sweeps
-
-    @mend_sweeps.setter
-    def mend_sweeps(self, value: int) -> None:
-        v = int(value)
-        if not 0 <= v <= 500:
-            raise ValueError(f"mend_sweeps must be 0..500, got {value!r}")
-        self._mend_sweeps = v
 
     @property
     def tv_weight(self) -> float:
