@@ -11,8 +11,10 @@ beam) reconstructs a probe from the same frames, and then, where the IOC's strea
 - ``card``: the refine stage's image with the card's probe throughout (no reconstruction, no mend:
   ``Refine:ProbeMend`` 0);
 - ``mended``: the card's probe, mended from the frames where the sweeps leave a misfit above 2
-  (``Refine:ProbeMend``, the IOC's default; no reconstruction), with the last mend's misfits and
-  whether a mended probe is in use at the end (``used``);
+  (``Refine:ProbeMend``, the IOC's default; no reconstruction), given with the card's beamline
+  model as the IOC gives it (a first mend also starts from the model's best beam size and defocus:
+  ``start``), with the last mend's misfits, every mend's record (``history``) and whether a
+  mended probe is in use at the end (``used``);
 - ``forced``: the reconstruction's probe set outright, aligned to the card's (the IOC before the
   trial; the science benchmark's ``refined_recon_probe``);
 - ``offered``: the card's probe while the frames stream, then the reconstruction's offered
@@ -76,7 +78,7 @@ def stale(spec: str) -> dict:
     return {name: v}
 
 
-def run_case(scan, engine, card_probe, rec_probe, passes: int, trial_sweeps: int, mend_sweeps: int) -> dict:
+def run_case(scan, engine, card, card_probe, rec_probe, passes: int, trial_sweeps: int, mend_sweeps: int) -> dict:
     kw = {"pixel_size_m": scan.pixel_size_m, "window": card_probe}
     out = {}
     # the card's probe throughout
@@ -92,9 +94,10 @@ def run_case(scan, engine, card_probe, rec_probe, passes: int, trial_sweeps: int
         refiner.finish()
         mend.update(refiner.mend, mends=refiner.probe_mends, state=refiner.mend_state,
                     used=refiner.probe_kind == "mended from the kept frames",
-                    misfit=round(float(refiner.misfit), 4), seconds=round(time.perf_counter() - t0, 2))
+                    misfit=round(float(refiner.misfit), 4), seconds=round(time.perf_counter() - t0, 2),
+                    history=list(refiner.mend_history))
 
-    _, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=card_probe,
+    _, img = fidelity.live_images(scan.frames, scan.positions_m, engine, refine_probe=card_probe, probe_model=card,
                                   refine={"passes": passes, "mend_sweeps": mend_sweeps}, refine_finish=mended, **kw)
     out["mended"] = fidelity.score(img, scan)["nrmse"]
     out["mend"] = mend
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
             rec_probe = reconstruct(scan, card, a.iterations)
             row = {"family": family, "overlap": overlap, "dose_x": dose_x, "scanned_with": change or "the card's probe",
                    "frames": len(scan.frames),
-                   **run_case(scan, engine, card_probe, rec_probe, a.passes, a.trial_sweeps, a.mend_sweeps),
+                   **run_case(scan, engine, card, card_probe, rec_probe, a.passes, a.trial_sweeps, a.mend_sweeps),
                    "seconds": round(time.perf_counter() - t1, 1)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

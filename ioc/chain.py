@@ -299,21 +299,23 @@ class LiveChain:
         if window is not None and np.iscomplexobj(window):
             self.refine.submit(self._set_refine_probe, window, from_reconstruction)
 
-    def _set_refine_probe(self, probe, reconstructed: bool = False) -> None:
-        """The refine stage's probe: the beamline's is set; a reconstruction's is offered, used only
-        if it explains the kept frames better than the one in use (``Refine:ProbeTrial``)."""
+    def _set_refine_probe(self, probe, reconstructed: bool = False, beamline=None) -> None:
+        """The refine stage's probe: the beamline's is set (with ``beamline``, the model card's
+        model of it, which a mend searches first); a reconstruction's is offered, used only if it
+        explains the kept frames better than the one in use (``Refine:ProbeTrial``)."""
         try:
             if reconstructed and probe is not None:
                 msg = self.refine.offer_probe(probe, reconstructed=True)
             else:
-                self.refine.set_probe(probe)
+                self.refine.set_probe(probe, beamline=beamline if probe is not None else None)
                 msg = None
         except ValueError as exc:
             self._message("Refine", f"probe not used for refinement: {exc}", severity=1)
         else:
             self._message("Refine", msg or "refining with " + (
                 "no probe (waiting for one)" if probe is None else
-                f"a {probe.shape[0]}x{probe.shape[1]} probe ({self.refine.refiner.probe_kind})"))
+                f"a {probe.shape[0]}x{probe.shape[1]} probe ({self.refine.refiner.probe_kind})"
+                + ("; a mend searches its beam size and defocus first" if beamline is not None else "")))
 
     def _swapped(self, version: int) -> None:
         eng = self.infer.engine
@@ -341,7 +343,7 @@ class LiveChain:
             self.stitch.stitcher.set_window(self.model_window(card, size))
             trained = physics.Beamline.from_card(card)
             probe = trained.probe() if trained is not None and trained.frame_px == size else None
-            self.refine.submit(self._set_refine_probe, probe)
+            self.refine.submit(self._set_refine_probe, probe, False, trained if probe is not None else None)
 
     def _registry_loop(self) -> None:
         while not self._stop.wait(REGISTRY_PERIOD_S):

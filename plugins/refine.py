@@ -129,12 +129,13 @@ class RefinePlugin(BatchingPlugin):
         self.refiner.seed = stitcher
         self.reset()
 
-    def set_probe(self, probe, *, reconstructed: bool = False, reference=None) -> None:
+    def set_probe(self, probe, *, reconstructed: bool = False, reference=None, beamline=None) -> None:
         """Refine with ``probe`` (complex (n, n)); None: wait for one. ValueError if unusable.
         ``reconstructed``: a solver's probe, whose arbitrary phase ramp the image must not take:
-        aligned to the beamline's probe (``reference``, else the last one set) where it can be
+        aligned to the beamline's probe (``reference``, else the last one set) where it can be;
+        ``beamline``: the model the beamline's probe was made from, searched by its first mend
         (:meth:`~ptychopv.science.refine.Refiner.set_probe`)."""
-        self.refiner.set_probe(probe, reconstructed=reconstructed, reference=reference)
+        self.refiner.set_probe(probe, reconstructed=reconstructed, reference=reference, beamline=beamline)
         self.generation += 1
 
     def offer_probe(self, probe, *, reconstructed: bool = False, reference=None) -> str:

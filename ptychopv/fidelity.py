@@ -78,13 +78,14 @@ def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_siz
 
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
-                probe_reference=None, refine: dict | None = None,
+                probe_reference=None, probe_model=None, refine: dict | None = None,
                 window_power: float | None = None, refine_finish=None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
     the probe is a solver's, aligned to ``probe_reference``, the beamline's probe, when given, as the
-    IOC does after a reconstruction; see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
+    IOC does after a reconstruction; ``probe_model``: the beamline model of the probe, which a mend
+    searches first, as the IOC gives the model card's; see :meth:`~ptychopv.science.refine.Refiner.set_probe`), including the
     background passes it makes once the stream pauses. ``refine_finish``: called with the
     :class:`~ptychopv.science.refine.Refiner` once every frame is in, in place of its
     :meth:`~ptychopv.science.refine.Refiner.finish` (a benchmark that scores the image sweep by sweep)."""
@@ -106,7 +107,8 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
     ref = None
     if refine_probe is not None:
         ref = RefinePlugin("Refine", seed=stitch.stitcher, queue_size=64, blocking_callbacks=True)
-        ref.set_probe(refine_probe, reconstructed=probe_reconstructed, reference=probe_reference)
+        ref.set_probe(refine_probe, reconstructed=probe_reconstructed, reference=probe_reference,
+                      beamline=probe_model)
         for k, v in (refine or {}).items():
             setattr(ref, k, v)
         stitch.downstream = [ref]

@@ -114,7 +114,8 @@ def test_the_refined_image_is_closer_to_the_truth_than_the_stitched_one(rig):
     from ptychopv.science.metrics import stitched_scores
 
     wait_until(lambda: caget(h.pv("Refine:Probe_RBV")) == 1, what="the model card's probe")
-    assert "probe" in caget(h.pv("Refine:Message_RBV"), as_string=True)
+    # the model card's beamline came with its probe: a mend would search its beam size and defocus
+    assert "searches its beam size and defocus" in caget(h.pv("Refine:Message_RBV"), as_string=True)
     epics.caput(h.pv("Refine:Passes"), 6, wait=True)
     assert caget(h.pv("Refine:Passes_RBV")) == 6
     n = int(ctx.get(sp + "NumFrames_RBV").value)

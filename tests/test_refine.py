@@ -20,9 +20,11 @@ from ptychopv.science import physics
 from ptychopv.science.refine import (
     MEND_MARGIN,
     MEND_MISFIT,
+    MEND_SEARCH_SIZES,
     MEND_SETTLED,
     MISFIT_STOP,
     TRIAL_MARGIN,
+    MendInterrupted,
     Refiner,
     align_ramp,
     phase_slope,
@@ -674,6 +676,40 @@ def test_a_stale_probe_is_mended_from_the_kept_frames(wide_scan):
     assert ok.misfit < MEND_MISFIT and ok.mend_state == "none" and ok.probe_mends == 0 and ok.settled
 
 
+def test_the_probes_own_mend_counts_when_the_models_start_is_worse_and_the_search_gives_way(wide_scan, monkeypatch):
+    """With twice the defocus every model candidate scores far off after a few sweeps and the
+    search may pick a wrong start (it did on the benchmark's natural sample): the mend from the
+    probe itself then explains the frames better and is the one used. The search gives way to
+    frames waiting like the mend does."""
+    scan = wide_scan
+    model = dataclasses.replace(scan.beamline, curvature=8.0)       # what the stale card says
+    st, patches = seeded(scan)
+    ref = Refiner(st, None, lag=16, passes=20, mend_sweeps=0)
+    ref.set_probe(stale_probe(scan), beamline=model)
+    run(scan, ref, st, patches)
+    ref.finish()
+    real = ref._search_model
+
+    def wrong_start(*a, **k):           # the search as it runs, its pick replaced by a far-off beam
+        _, start = real(*a, **k)
+        far = dataclasses.replace(model, beam_m=model.beam_m * 0.88, curvature=model.curvature * 2.5)
+        return far.probe(), dict(start, beam=0.88, defocus=2.5)
+
+    monkeypatch.setattr(ref, "_search_model", wrong_start)
+    kept = ref._kept_in_order(), (ref._counts_sum, ref._counts_n)     # before the mend restarts them
+    ref.mend_sweeps = 40
+    assert ref.step() and ref.mend_state == "adopted" and ref.probe_mends == 1, ref.last_message
+    start = ref.mend["start"]
+    assert not start["used"] and start["misfit_mended"] > start["misfit_mended_from_probe"], start
+    assert ref.mend["misfit_mended"] == start["misfit_mended_from_probe"]
+    assert "beamline model" not in ref.last_message
+    monkeypatch.undo()
+    # the search asks the stage whether to give way, as the mend does
+    ref.interrupt = lambda: True
+    with pytest.raises(MendInterrupted):
+        ref._search_model(model, *kept)
+
+
 def test_a_stale_probe_that_barely_shows_is_mended_once_the_sweeps_settle():
     """At 1e4 photons per frame a 20 % wider beam than the card's leaves a misfit below
     :data:`MEND_MISFIT` (1.8 in the benchmark), and no mend can halve a misfit that close to the
@@ -707,6 +743,66 @@ def test_a_stale_probe_that_barely_shows_is_mended_once_the_sweeps_settle():
     run(right, ok, st2, patches2)
     ok.finish()
     assert ok.misfit < MEND_SETTLED and ok.probe_mends == 0 and ok.mend_state == "none" and ok.settled
+
+
+def test_a_first_mend_also_starts_from_the_beamline_model_and_the_better_mend_counts():
+    """A mend is a local fit: from the card's probe of a beam 5 % narrower than the scan's (the
+    probes' overlap is 0.75) it ends at a wrong probe. Given the beamline model the card's probe
+    was made from, the first mend runs again from the model's beam size and defocus that explain
+    the frames best (the card's among the candidates), and the mend with the smaller misfit
+    counts: here the model's, which finds the beam; later mends, of a mended probe, start from it
+    alone. Without the model the same mend stays far from the truth."""
+    card = fidelity.DEMO
+    # the benchmark's sample of cells (benchmarks/probe_trial.py: seed 2024 + 17 * 3); on others
+    # (seed 5) the probe's own mend found the beam too
+    wider = fidelity.family_scan("cell", overlap=0.6, extent_m=3e-6, seed=2075,
+                                 beamline=dataclasses.replace(card, beam_m=5.25e-7))
+    images = {}
+    for name, model in (("model", card), ("probe alone", None)):
+        st, patches = seeded(wider)
+        ref = Refiner(st, None, lag=16, passes=20, mend_sweeps=0)
+        ref.set_probe(card.probe(), beamline=model)
+        run(wider, ref, st, patches)
+        ref.finish()
+        assert ref.misfit > MEND_MISFIT and ref.settled       # the card's probe does not explain them
+        ref.mend_sweeps = 60
+        assert ref.step() and ref.probe_mends == 1 and ref.mend_state == "adopted", ref.last_message
+        start = ref.mend["start"]
+        if model is None:
+            assert start is None and "beamline model" not in ref.last_message
+        else:
+            assert (start["beam"], start["defocus"]) != (1.0, 1.0), start
+            assert start["misfit"] < start["misfit_card"] and start["candidates"] >= len(MEND_SEARCH_SIZES)
+            # both mends ran; the model's explains the frames better and is the one used
+            assert start["used"] and start["misfit_mended"] < start["misfit_mended_from_probe"], start
+            assert ref.mend["misfit_mended"] == start["misfit_mended"]
+            assert f"beam x{start['beam']:g}" in ref.last_message
+        ref.finish()
+        assert ref.probe_mends == 1 or ref.mend["start"] is None     # a mended probe's mend starts from it
+        images[name] = fidelity.score(ref.image(), wider)["nrmse"]
+    assert images["model"] < 0.2 and images["probe alone"] > 0.5, images
+
+
+def test_a_beamline_model_is_checked_and_goes_with_the_beamline_probe_only(scan):
+    st, _ = seeded(scan)
+    card = fidelity.DEMO
+    ref = Refiner(st, None)
+    for kw, what in (({"reconstructed": True}, "not a solver's"),
+                     ({"beamline": dataclasses.replace(card, frame_px=32)}, "64-pixel"),
+                     ({"beamline": "DEMO"}, "Beamline")):
+        kw = {"beamline": card, **kw}
+        with pytest.raises(ValueError, match=what):
+            ref.set_probe(card.probe(), **kw)
+        assert ref.probe is None and ref._model is None          # refused: nothing set
+    with pytest.raises(ValueError):
+        ref.set_probe(None, beamline=card)
+    ref.set_probe(card.probe(), beamline=card)
+    assert ref._model is card and ref.probe_kind == "beamline"
+    ref.set_probe(card.probe())                                   # a probe set alone: no model
+    assert ref._model is None
+    ref.set_probe(card.probe(), beamline=card)
+    ref.set_probe(scan.probe, reconstructed=True)                 # a solver's probe: no search
+    assert ref.probe_kind != "beamline"
 
 
 def test_a_mend_that_does_not_help_or_fails_keeps_the_probe_and_the_stage_working(scan, monkeypatch):
