@@ -110,8 +110,15 @@ is not the early trigger's rule: after 10 sweeps the star's image is unfinished,
 1.80 would halve the excess. The flat start matters: from the network's stitched image, which the stale
 beam has tilted too, the mended probe took the seed's ramp and the image stayed poor (a prototype:
 NRMSE 1.9 against 0.08 from flat). The mended object keeps the flat start's gauge (a solver's), so
-no ramp is aligned to the stale card's. Measured on the stale cases of
-``benchmarks/probe_trial.py`` (``README``, *Live image fidelity*).
+no ramp is aligned to the stale card's. A mend is a local fit: from the card's probe of a beam
+only 5 % narrower than the scan's (their overlap is 0.75) it ended at a wrong probe (cells:
+NRMSE 1.35 where the beam's own gives 0.02), as pty-chi's 40 iterations did, while from a probe
+halfway to the beam it found the beam. So when the beamline model the probe was made from is
+known (``set_probe(..., beamline=)``, the model card's), the first mend of that probe runs twice:
+from the probe, and from the model's probe whose beam size and defocus explain the frames best
+(:meth:`Refiner._search_model`); the mend with the smaller misfit counts. Neither start is
+always right: with twice the defocus the search picked a wrong beam and the probe's own mend won.
+Measured on the stale cases of ``benchmarks/probe_trial.py`` (``README``, *Live image fidelity*).
 
 Geometry is the stitcher's: pixel ``g`` of the canvas lies at ``g * pixel_size`` metres; a frame at
 ``(x, y)`` lights the ``n x n`` block whose pixel 0 is at ``y / pixel_size - n / 2``. Frames are
@@ -595,7 +602,9 @@ class Refiner:
 
         A throwaway refiner refines the latest :data:`TRIAL_FRAMES` kept frames from a flat object
         with the probe refined at every update too (ePIE's probe step), ``mend_sweeps`` sweeps
-        from the probe in use. If the mend's last sweep leaves at most :data:`MEND_MARGIN` of the
+        from the probe in use; for the beamline's own probe with its model known, a second one
+        from the model's best probe (:meth:`_search_model`), the smaller misfit counting
+        (``start`` in :attr:`mend`). If the mend's last sweep leaves at most :data:`MEND_MARGIN` of the
         misfit the refiner's own sweeps left with the probe in use (``misfit``; of its excess over
         :data:`MISFIT_STOP` when the mend came once the whole budget was spent), its probe and its object
         are used from then on (in the mend's own gauge: the flat start's, not the stale probe's
