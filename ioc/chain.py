@@ -343,7 +343,7 @@ class LiveChain:
             self.stitch.stitcher.set_window(self.model_window(card, size))
             trained = physics.Beamline.from_card(card)
             probe = trained.probe() if trained is not None and trained.frame_px == size else None
-            self.refine.submit(self._set_refine_probe, probe, False, trained if probe is not None else None)
+            self.refine.submit(self._set_refine_probe, probe, False, trained)
 
     def _registry_loop(self) -> None:
         while not self._stop.wait(REGISTRY_PERIOD_S):

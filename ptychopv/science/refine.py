@@ -214,6 +214,12 @@ def expected_misfit(model_intensity: np.ndarray) -> float:
     return float(np.where(lam > _NOISE_LAM[-1], 0.25, np.interp(lam, _NOISE_LAM, _NOISE_D)).sum())
 
 
+def _misfit_or_inf(misfit: float) -> float:
+    """A replay's misfit as a score: a non-finite or non-positive one (a diverged replay) is inf."""
+    m = float(misfit)
+    return m if np.isfinite(m) and m > 0 else float("inf")
+
+
 def check_probe(probe) -> np.ndarray:
     """A probe usable for refinement: complex, square, finite and not all zero (ValueError if not)."""
     p = np.asarray(probe)
@@ -280,17 +286,17 @@ class _Setting:
 
     def check(self, value):
         lo, hi = self.lo, self.hi
-        span = (f"in ({lo:g}, {hi:g})" if self.open_ends else
-                f"{lo:g}..{hi:g}{self.unit}" if np.isfinite(hi) else f">= {lo:g}{self.unit}")
-        what = "a whole number" if self.kind is int else "a number"
         try:
             v = float(value)
         except (TypeError, ValueError):
             v = np.nan
         inside = lo < v < hi if self.open_ends else lo <= v <= hi
-        if not (np.isfinite(v) and inside and (self.kind is float or v == int(v))):
-            raise ValueError(f"{self.what} must be {what} {span}, got {value!r}")
-        return self.kind(v)
+        if np.isfinite(v) and inside and (self.kind is float or v == int(v)):
+            return self.kind(v)
+        span = (f"in ({lo:g}, {hi:g})" if self.open_ends else
+                f"{lo:g}..{hi:g}{self.unit}" if np.isfinite(hi) else f">= {lo:g}{self.unit}")
+        what = "a whole number" if self.kind is int else "a number"
+        raise ValueError(f"{self.what} must be {what} {span}, got {value!r}")
 
 
 class Refiner:
@@ -536,8 +542,8 @@ class Refiner:
                       abort=None) -> float:
         """The misfit of the last of ``sweeps`` sweeps over ``frames`` refined from the seed with
         ``probe`` (:meth:`_replay`)."""
-        m = float(self._replay(probe, reconstructed, reference, beamline, frames, counts, sweeps, abort=abort).misfit)
-        return m if np.isfinite(m) and m > 0 else float("inf")
+        return _misfit_or_inf(self._replay(probe, reconstructed, reference, beamline, frames, counts, sweeps,
+                                           abort=abort).misfit)
 
     def _run_trial(self, due) -> None:
         """Try an offered probe against the one in use (outside the lock: the image stays readable)
@@ -612,21 +618,18 @@ class Refiner:
         gen, cur, m_cur, frames, counts, sweeps, before, settled, model = due
         t0 = time.perf_counter()
         start = None
-
-        def misfit_of(t) -> float:
-            return float(t.misfit) if np.isfinite(t.misfit) and t.misfit > 0 else float("inf")
-
         try:
             t = self._replay(cur, False, None, None, frames, counts, sweeps, mend=True, abort=self.interrupt)
-            m_new = misfit_of(t)
+            m_new = _misfit_or_inf(t.misfit)
             if model is not None:       # a second mend from the model's best probe; the better one counts
                 p, start = self._search_model(model, frames, counts)
                 start.update(used=False, misfit_mended_from_probe=round(m_new, 4))
                 if (start["beam"], start["defocus"]) != (1.0, 1.0):
                     t2 = self._replay(p, False, None, None, frames, counts, sweeps, mend=True, abort=self.interrupt)
-                    start["misfit_mended"] = round(misfit_of(t2), 4)
-                    if misfit_of(t2) < m_new:
-                        t, m_new, start["used"] = t2, misfit_of(t2), True
+                    m2 = _misfit_or_inf(t2.misfit)
+                    start["misfit_mended"] = round(m2, 4)
+                    if m2 < m_new:
+                        t, m_new, start["used"] = t2, m2, True
             if not np.isfinite(t._obj).all() or not np.isfinite(t._probe).all():
                 raise FloatingPointError("the mend diverged (non-finite object or probe)")
         except MendInterrupted as exc:       # new frames, or the stage stops: tried again later
@@ -683,11 +686,13 @@ class Refiner:
         t0 = time.perf_counter()
         scores: dict[tuple[float, float], float] = {}
 
+        def candidate(size: float, defocus: float) -> np.ndarray:
+            return dataclasses.replace(model, beam_m=model.beam_m * size, curvature=model.curvature * defocus).probe()
+
         def misfit(size: float, defocus: float) -> float:
             if (size, defocus) not in scores:
                 try:
-                    p = dataclasses.replace(model, beam_m=model.beam_m * size,
-                                            curvature=model.curvature * defocus).probe()
+                    p = candidate(size, defocus)
                 except ValueError:           # a beam the frame cannot hold
                     scores[size, defocus] = float("inf")
                 else:
@@ -701,8 +706,7 @@ class Refiner:
         for _ in range(MEND_SEARCH_ROUNDS):
             size = min(MEND_SEARCH_SIZES, key=lambda x: misfit(x, defocus))
             defocus = min(defocus_grid, key=lambda x: misfit(size, x))
-        probe = dataclasses.replace(model, beam_m=model.beam_m * size, curvature=model.curvature * defocus).probe()
-        return probe, {"beam": size, "defocus": defocus, "misfit": round(scores[size, defocus], 4),
+        return candidate(size, defocus), {"beam": size, "defocus": defocus, "misfit": round(scores[size, defocus], 4),
                        "misfit_card": round(scores[1.0, 1.0], 4), "candidates": len(scores),
                        "seconds": round(time.perf_counter() - t0, 2)}
 
