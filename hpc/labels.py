@@ -88,29 +88,50 @@ def phase_labels(patches: np.ndarray) -> np.ndarray:
 def make_pairs(rec: Reconstruction, frames: np.ndarray, unique_id: np.ndarray, fov, *,
                net_pixel_m: float | None = None, preprocess: Preprocess | None = None,
                index=None, amplitude: bool = False) -> Pairs:
-    """Pair each reconstruction position (or those in ``index``) with its frame, matched by uniqueId."""
+    """Pair each reconstruction position (or those in ``index``) with its frame: by the scan row the
+    reconstruction recorded where the frames are that scan's rows, else matched by uniqueId (which
+    refuses a scan whose uniqueIds repeat: its detector stream restarted during the capture)."""
     frames = np.asarray(frames)
     uid = np.asarray(unique_id)
     if len(uid) != len(frames):
         raise ValueError(f"{len(frames)} frames but {len(uid)} uniqueIds")
-    row_of = {int(u): i for i, u in enumerate(uid)}
     idx = np.arange(len(rec.unique_id)) if index is None else np.asarray(index, int).ravel()
     if len(idx) and (idx.min() < 0 or idx.max() >= len(rec.unique_id)):
         raise ValueError(f"index must select among the reconstruction's {len(rec.unique_id)} positions")
-    missing = [int(rec.unique_id[i]) for i in idx if int(rec.unique_id[i]) not in row_of]
-    if missing:
-        raise ValueError(f"{len(missing)} reconstructed position(s) have no frame in the scan "
-                         f"(uniqueId {missing[:10]}): is this the reconstruction of that scan?")
+    rows = _scan_rows(rec, uid)
+    if rows is None:
+        row_of = {int(u): i for i, u in enumerate(uid)}
+        missing = [int(rec.unique_id[i]) for i in idx if int(rec.unique_id[i]) not in row_of]
+        if missing:
+            raise ValueError(f"{len(missing)} reconstructed position(s) have no frame in the scan "
+                             f"(uniqueId {missing[:10]}): is this the reconstruction of that scan?")
+        if len(row_of) < len(uid):
+            raise ValueError(f"the scan's uniqueIds repeat ({len(uid) - len(row_of)} of {len(uid)}: its detector "
+                             "stream restarted during the capture) and the reconstruction does not record the "
+                             "scan rows it used: reconstruct the scan again to pair its frames")
+        rows = np.array([row_of[int(u)] for u in rec.unique_id])
     scale = 1.0 if net_pixel_m is None else float(net_pixel_m) / rec.pixel_size_m
     patches = crop_object(rec.object, rec.positions_px[idx], fov, scale)
     if not np.isfinite(patches).all():
         raise ValueError("the reconstruction holds NaN or inf inside the labelled area")
-    sel = frames[[row_of[int(rec.unique_id[i])] for i in idx]]
+    sel = frames[rows[idx]]
     x = np.asarray(preprocess(sel) if preprocess else sel, dtype=np.float32)
     if len(x) != len(idx):
         raise ValueError(f"preprocess returned {len(x)} frames for {len(idx)}")
     return Pairs(x, phase_labels(patches), np.abs(patches).astype(np.float32) if amplitude else None,
                  rec.unique_id[idx], idx, rec.scan_id)
+
+
+def _scan_rows(rec: Reconstruction, uid: np.ndarray) -> np.ndarray | None:
+    """The scan rows the reconstruction recorded, where ``uid`` is that scan's uniqueId column
+    (the same uniqueId at each recorded row); None where it recorded none or they do not match."""
+    rows = getattr(rec, "scan_row", None)
+    if rows is None:
+        return None
+    rows = np.asarray(rows, np.int64).ravel()
+    if len(rows) != len(rec.unique_id) or (len(rows) and (rows.min() < 0 or rows.max() >= len(uid))):
+        return None
+    return rows if np.array_equal(uid[rows], np.asarray(rec.unique_id)) else None
 
 
 def append_pairs_to_corpus(corpus_path: str | os.PathLike, pairs: Pairs, attrs: dict | None = None) -> int:

@@ -72,6 +72,9 @@ class Reconstruction:
     center_m: tuple[float, float] = (0.0, 0.0)
     scan_id: str = ""
     scan_file: str = ""
+    # the scan file's row of each position: a uniqueId repeats in a scan whose detector stream
+    # restarted during the capture, so labels are paired by row (None: files written before it)
+    scan_row: np.ndarray | None = None
 
     @property
     def phase(self) -> np.ndarray:
@@ -210,7 +213,7 @@ def reconstruct(scan: Scan, options: ReconOptions | dict | None = None, progress
         positions_px=physics.positions_to_pixels(pos_m - center_m, pixel_m, shape), positions_m=pos_m,
         unique_id=np.asarray(scan.unique_id)[keep], loss=history, engine=opts.engine, iterations=opts.iterations,
         duration_s=time.perf_counter() - t0, center_m=(float(center_m[0]), float(center_m[1])),
-        scan_id=str(scan.attrs.get("scan_id", "")))
+        scan_id=str(scan.attrs.get("scan_id", "")), scan_row=np.flatnonzero(keep))
 
 
 def _run_ptychi(opts, frames, probe, rel, shape, pixel_m, wavelength_m, progress, should_abort):
@@ -274,6 +277,8 @@ def write_reconstruction(rec: Reconstruction, path: str | os.PathLike) -> Path:
             g.create_dataset("positions_m", data=np.asarray(rec.positions_m, np.float64))
             g.create_dataset("uniqueId", data=np.asarray(rec.unique_id, np.int64))
             g.create_dataset("loss", data=np.asarray(rec.loss, np.float64))
+            if rec.scan_row is not None:
+                g.create_dataset("scanRow", data=np.asarray(rec.scan_row, np.int64))
             g.attrs.update(format=FORMAT, engine=rec.engine, iterations=rec.iterations, duration_s=rec.duration_s,
                            pixel_size_m=rec.pixel_size_m, center_x_m=rec.center_m[0], center_y_m=rec.center_m[1],
                            scan_file=str(rec.scan_file), scan_id=str(rec.scan_id),
@@ -303,7 +308,8 @@ def read_reconstruction(path: str | os.PathLike) -> Reconstruction:
             positions_px=g["positions_px"][()], positions_m=g["positions_m"][()], unique_id=g["uniqueId"][()],
             loss=g["loss"][()], engine=str(a["engine"]), iterations=int(a["iterations"]),
             duration_s=float(a["duration_s"]), center_m=(float(a["center_x_m"]), float(a["center_y_m"])),
-            scan_id=str(a["scan_id"]), scan_file=str(a["scan_file"]))
+            scan_id=str(a["scan_id"]), scan_file=str(a["scan_file"]),
+            scan_row=g["scanRow"][()] if "scanRow" in g else None)
 
 
 def load_scan(scan_path: str | os.PathLike, opts: ReconOptions) -> Scan:

@@ -114,3 +114,47 @@ def test_a_failed_reconstruction_adds_nothing(sim, tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         label_scan(write_reconstruction(bad, tmp_path / "nan.h5"), corpus, 64)
     assert corpus_info(corpus).count == 2
+
+
+def test_a_scan_whose_stream_restarted_pairs_each_position_with_its_own_row(sim, tmp_path):
+    """A capture across a detector restart repeats uniqueIds (the recorder's stream column): a
+    reconstruction records each position's scan row, and labels are paired by it; one that does not
+    (an older file) is refused with the reason, never paired with the other stream's frames."""
+    from ptychopv.hpc.reconstruct import read_reconstruction
+
+    path, obj, px = sim
+    rec = truth_recon(path, obj, px)
+    scan = read_scan(path)
+    n = len(scan)
+    half = n // 2
+    uid = np.concatenate([np.arange(1, half + 1), np.arange(1, n - half + 1)])  # the stream restarted
+    rec.unique_id = uid.copy()
+    rec.scan_row = np.arange(n)
+    rec = read_reconstruction(write_reconstruction(rec, tmp_path / "restart_recon.h5"))  # scanRow kept
+    np.testing.assert_array_equal(rec.scan_row, np.arange(n))
+    pairs = make_pairs(rec, scan.frames, uid, 64)
+    np.testing.assert_array_equal(pairs.diffraction, scan.frames.astype(np.float32))  # row k with frame k
+    sub = make_pairs(rec, scan.frames, uid, 64, index=[half, half + 1])  # the second stream's first two
+    np.testing.assert_array_equal(sub.diffraction, scan.frames[[half, half + 1]].astype(np.float32))
+    # frames that are not the recorded rows (another order): matched by uniqueId, which repeats here
+    order = np.random.default_rng(1).permutation(n)
+    with pytest.raises(ValueError, match="repeat"):
+        make_pairs(rec, scan.frames[order], uid[order], 64)
+    rec.scan_row = None  # a reconstruction written before the column
+    with pytest.raises(ValueError, match="stream restarted"):
+        make_pairs(rec, scan.frames, uid, 64)
+
+
+def test_a_reconstruction_records_the_scan_rows_it_used(sim):
+    """Positions without a finite position are left out of a reconstruction; scan_row says which
+    rows remain, so a label pairs with the frame that position was measured with."""
+    pytest.importorskip("ptychi")
+    from ptychopv.hpc.reconstruct import reconstruct
+
+    path, obj, px = sim
+    scan = read_scan(path)
+    scan.positions_m = np.asarray(scan.positions_m, np.float64).copy()
+    scan.positions_m[[0, 3]] = np.nan
+    rec = reconstruct(scan, {"iterations": 1, "beam_px": 12, "threads": 1, "pixel_size_m": px})
+    assert rec.scan_row.tolist() == [i for i in range(len(scan)) if i not in (0, 3)]
+    np.testing.assert_array_equal(rec.unique_id, np.asarray(scan.unique_id)[rec.scan_row])

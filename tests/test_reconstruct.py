@@ -62,7 +62,7 @@ def test_epie_matches_truth_and_writes_the_layout(scan_file):
     assert back.scan_id == "scan_0001" and back.scan_file.endswith("scan_0001.h5")
     assert len(back.positions_px) == len(read_scan(scan_file)) == len(back.unique_id)
     with h5py.File(out) as f:
-        assert set(f["reconstruction"]) == {"object", "probe", "positions_px", "positions_m", "uniqueId", "loss"}
+        assert set(f["reconstruction"]) == {"object", "probe", "positions_px", "positions_m", "uniqueId", "scanRow", "loss"}
         assert f["reconstruction/object"].dtype == np.complex64
 
     score = ssim_vs_truth(back, truth)
