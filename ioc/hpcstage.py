@@ -267,6 +267,14 @@ class HpcStage:
         self._auto_state()
         if summary is None:
             return
+        if "validation" in summary:
+            # the live model was not validated (its engine, files or geometry failed): nothing is
+            # known about its mismatch, so nothing is trained on it; the next scan checks again
+            self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
+            self._auto_state()
+            self.ioc.message("Auto", f"{Path(scan).name}: validation failed, not retrained: {summary['validation']}",
+                             severity=1)
+            return
         if "ssim" not in summary:
             # no live model to validate: the first reconstruction trains one
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=0.0)

@@ -126,3 +126,60 @@ def test_controller_runs_the_papers_loop():
     assert c.on(Event.VALIDATED, t + 770 + H, ssim_live=0.6, ssim_reference=0.9).actions == (Action.TRAIN,)
     c.enabled = False
     assert c.on(Event.TRAIN_DONE, t + 800 + H).state is State.DISABLED
+
+
+class _Ioc:
+    def __init__(self):
+        self.values, self.messages = {}, []
+
+    def set(self, name, value, **kw):
+        self.values[name] = value
+
+    def message(self, stage, text, severity=0):
+        self.messages.append((stage, text, severity))
+
+
+def _binding(summary):
+    """The IOC's controller binding (ioc.hpcstage.HpcStage._auto_cycle) around stub jobs: the
+    reconstruction returns ``summary``; training is counted."""
+    import asyncio
+    import types
+
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    h = object.__new__(HpcStage)
+    h.ioc, h.auto, h.trained = _Ioc(), Controller(enabled=True, tolerance=0.1), 0
+    h.recon = h.train_stage = types.SimpleNamespace(busy=False)
+    h.chain = types.SimpleNamespace(reference_ssim=0.9)
+
+    async def reconstruct(scan):
+        return dict(summary)
+
+    async def train():
+        h.trained += 1
+        return {"status": "done"}
+
+    h.reconstruct, h.train = reconstruct, train
+    return h, lambda: asyncio.run(h._auto_cycle(__import__("pathlib").Path("scan_00007.h5")))
+
+
+def test_a_failed_validation_is_not_taken_for_a_missing_model():
+    """A live model whose validation failed (engine missing on the worker, a broken version) was
+    taken as 'no live model': mismatch 1.0, retrain, on every scan. It is a validation failure: the
+    controller goes back to Idle with the reason (MINOR) and trains nothing."""
+    h, cycle = _binding({"recon_path": "r.h5", "validation": "no engine 'tensorrt' on this host"})
+    cycle()
+    assert h.trained == 0 and h.auto.state is State.IDLE and h.auto.reason == "validation failed"
+    stage, text, sevr = h.ioc.messages[-1]
+    assert stage == "Auto" and "tensorrt" in text and "not retrained" in text and sevr == 1
+    assert h.ioc.values["Auto:State_RBV"] == 1  # Idle
+    cycle()  # the next scan is checked again, and again not trained on
+    assert h.trained == 0 and h.auto.state is State.IDLE
+    # the cases that do train: no live model yet, and a validated mismatch above the tolerance
+    for summary in ({"recon_path": "r.h5"}, {"recon_path": "r.h5", "ssim": 0.5}):
+        h, cycle = _binding(summary)
+        cycle()
+        assert h.trained == 1 and h.auto.state is State.IDLE and h.auto.reason.startswith("trained")
+    h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.89})  # within the tolerance of 0.9
+    cycle()
+    assert h.trained == 0 and h.auto.state is State.SUSPENDED
