@@ -47,6 +47,11 @@ CARD_KEYS = frozenset({
     "epochs_run"})
 
 
+class TrainingDiverged(RuntimeError):
+    """No epoch gave a finite validation loss: nothing is published (the weights would be the
+    untrained start, or a warm start's parent, under a new version)."""
+
+
 class TrainingAborted(RuntimeError):
     """``abort`` was set; nothing was published."""
 
@@ -365,6 +370,12 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
                      device=device, raw_train=diffraction[tr], callback=callback, abort=abort, started=t0)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic
+    if result.best_epoch == 0:
+        last = result.history[-1] if result.history else {}
+        raise TrainingDiverged(
+            f"training diverged: no finite validation loss in {len(result.history)} epoch(s) (last: loss "
+            f"{last.get('loss', float('nan')):.3g}, val loss {last.get('val_loss', float('nan')):.3g}); nothing "
+            f"published: lower lr_max ({opts.lr_max:g})")
     model = model.cpu().eval()
     scored = slice(0, SSIM_PAIRS)     # the validation SSIM on the card: the first pairs
     val_pred = _predict(model, torch.from_numpy(normalize(val_raw[scored], spec)[:, None]), "cpu",

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch", reason="training needs torch")
 from ptychopv.hpc.corpus import append_pairs
 from ptychopv.hpc.training import (
     TrainingAborted,
+    TrainingDiverged,
     TrainOptions,
     illumination_weight,
     input_standardization,
@@ -114,6 +115,14 @@ def test_abort_publishes_nothing(corpus, tmp_path):
     stop.set()
     with pytest.raises(TrainingAborted):
         train(corpus, tmp_path / "reg", TINY, abort=stop)
+    assert ModelRegistry(tmp_path / "reg").versions() == []
+
+
+def test_a_run_that_diverges_publishes_nothing(corpus, tmp_path):
+    """With a learning rate far too high every validation loss is NaN, and the best state was the
+    untrained start: that was published as a new version (val loss inf) and went live."""
+    with pytest.raises(TrainingDiverged, match="no finite validation loss in 2 epoch.*lower lr_max"):
+        train(corpus, tmp_path / "reg", dict(TINY, epochs=2, lr_max=1e8, lr_min=1e7))
     assert ModelRegistry(tmp_path / "reg").versions() == []
 
 
