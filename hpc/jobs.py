@@ -104,6 +104,11 @@ def run_job(kind: str, job_dir, body: Callable[[Reporter], dict]) -> dict:
         pass
     rep = Reporter(job_dir, kind)
     rep.update(message="started")
+    if rep.aborted():
+        # aborted while it waited in the executor's queue: the caller has moved on. Checked after
+        # the first record is written, so a caller that read no record (Job.abort) is always seen
+        rep.update(status="aborted", message="aborted before it started")
+        return dict(rep.state)
     try:
         result = body(rep)
     except aborted_types as exc:
@@ -191,10 +196,12 @@ class Job:
         self._last = read_progress(self.dir) or self._last
         return self._last
 
-    def abort(self) -> None:
-        """Ask the job to stop at its next check; a job not yet started is cancelled."""
+    def abort(self) -> bool:
+        """Ask the job to stop at its next check. True when it had not started: cancelled, or
+        (an executor that already handed it to a worker's queue cannot cancel it) left to end at
+        its start, where :func:`run_job` finds the abort file and runs nothing."""
         request_abort(self.dir)
-        self.future.cancel()
+        return self.future.cancel() or read_progress(self.dir) is None
 
     def done(self) -> bool:
         return self.future.done()

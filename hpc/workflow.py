@@ -99,8 +99,10 @@ class JobStage:
         last = None
         try:
             while not job.done():
-                if self._abort:
-                    job.abort()
+                if self._abort and job.abort():
+                    # not started: a process pool cannot cancel a job it already queued for a
+                    # worker, and waiting for it would hold the stage until the job before it ends
+                    return {**job.progress(), "status": "aborted", "message": f"the {kind} job was aborted while queued"}
                 p = job.progress()
                 if p != last:
                     last = p
@@ -118,7 +120,7 @@ class JobStage:
             self.current = None
 
     def abort(self) -> bool:
-        """Stop the run in progress (its job at the next check; a queued job is cancelled).
+        """Stop the run in progress (its job at the next check; a queued job ends the run at once).
         Returns False when there is nothing to abort."""
         if not self._busy:
             return False

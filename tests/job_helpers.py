@@ -38,3 +38,12 @@ def sleeping_job(seconds: float, job_dir: str) -> dict:
     """Ignore the abort file: a job stuck in native code."""
     time.sleep(seconds)
     return {"status": "done"}
+
+
+def marking_job(path: str, job_dir: str) -> dict:
+    """Write ``path`` when its body runs (a job with a side effect, as labelling appends pairs)."""
+    def body(rep):
+        with open(path, "w") as f:
+            f.write("ran")
+        return {"ran": True}
+    return run_job("marking", job_dir, body)

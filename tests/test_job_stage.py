@@ -117,6 +117,53 @@ def test_abort_ends_aborted_and_nothing_to_abort_says_so(tmp_path):
 
 
 @pytest.mark.slow
+def test_abort_of_a_job_queued_behind_another_ends_at_once_and_it_never_runs(tmp_path):
+    """Recon and Train share one executor. A job queued behind a running one could not be
+    cancelled (a process pool hands it to a worker's queue at once), so its stage said "abort
+    requested" until the job before it ended. It now ends Aborted at once, and the job, when a
+    worker takes it, finds the abort file and runs nothing."""
+    from ptychopv.hpc.jobs import read_progress
+
+    ex = LocalExecutor(1)
+    running, queued = JobStage("Train"), JobStage("Recon")
+    marker = tmp_path / "ran"
+    try:
+        async def main():
+            async def long(stage):
+                return await stage.job(ex, job_helpers.abortable_job, job_dir=tmp_path / "a", kind="train")
+
+            async def behind(stage):
+                return await stage.job(ex, job_helpers.marking_job, str(marker), job_dir=tmp_path / "b",
+                                       kind="reconstruct")
+
+            first = asyncio.create_task(running.run("training", long))
+            deadline = time.monotonic() + 60
+            while running.state != "Running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            second = asyncio.create_task(queued.run("reconstruction", behind))
+            await asyncio.sleep(0.5)
+            assert queued.state == "Queued" and running.state == "Running"
+            t0 = time.monotonic()
+            assert queued.abort() is True
+            res = await asyncio.wait_for(second, 10)
+            took = time.monotonic() - t0
+            assert running.state == "Running"          # the job before it still runs
+            running.abort()
+            return res, took, await first
+
+        res, took, first = run(main())
+        assert res["status"] == "aborted" and "while queued" in res["message"] and took < 5
+        assert queued.state == "Aborted" and not queued.busy and first["status"] == "aborted"
+        deadline = time.monotonic() + 30   # the worker reaches the queued job and ends it unrun
+        while (read_progress(tmp_path / "b") or {}).get("status") != "aborted" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert read_progress(tmp_path / "b")["message"] == "aborted before it started"
+        assert not marker.exists()
+    finally:
+        ex.shutdown(wait=False)
+
+
+@pytest.mark.slow
 def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
     ex = LocalExecutor(1, kill_after_s=1.0)
     ex.submit(job_helpers.sleeping_job, 120, str(tmp_path))
