@@ -19,6 +19,8 @@ def _row(pv: PV) -> str:
     if pv.rtype.startswith("string") and pv.length > 40:
         rtype += f" (long string, {pv.length})"
     limits = "" if pv.low is None else f"{pv.low:g} … {pv.high:g}"
+    if limits and pv.allow:
+        limits = " or ".join(f"{a:g}" for a in pv.allow) + " or " + limits
     notes = ", ".join(pv.states) if pv.states else ""
     extra = [x for x in (pv.doc, "autosaved" if pv.autosave else "", "put-callback waits" if pv.blocking else "")
              if x]

@@ -31,6 +31,8 @@ def check_value(pv: PV, value) -> str | None:
             return f"{value!r} is not a number"
         if not math.isfinite(v):
             return f"{value} is not a finite number"
+        if v in pv.allow:
+            return None
         if pv.low is not None and pv.high is not None and pv.high > pv.low and not pv.low <= v <= pv.high:
             return f"{value:g} is outside {pv.low:g} .. {pv.high:g}"
         return None

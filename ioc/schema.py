@@ -57,6 +57,7 @@ class PV:
     doc: str = ""                  # longer description for docs and screens
     attr: str = ""                 # a stage's: the plugin attribute this record sets (output) or shows (input)
     check: str = ""                # an extra check of a written value: "path" (a file name a filesystem takes)
+    allow: tuple = ()              # values taken besides low..high, e.g. (0.0,) where 0 means "from elsewhere"
 
     @property
     def writable(self) -> bool:
@@ -197,7 +198,7 @@ STITCH_PVS = (
        initial=2.0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:Reset", "bo", "Clear the stitched image", states=("Done", "Reset"), initial=0, group="stitch"),
     PV("Stitch:PixelSize", "ao", "Object pixel size", egu="m", prec=12, low=1e-12, high=1e-3, initial=0.0,
-       rbv=True, autosave=True, group="stitch", doc="metres per object pixel (0: from the model card)"),
+       allow=(0.0,), rbv=True, autosave=True, group="stitch", doc="metres per object pixel (0: from the model card)"),
     PV("Stitch:WindowPower", "ao", "Beam intensity power of patch weights", prec=2, low=WINDOW_POWER_MIN,
        high=WINDOW_POWER_MAX, initial=WINDOW_POWER, rbv=True, autosave=True, group="stitch", attr="window_power",
        doc="each patch pixel weighs the beam's intensity to this power (1: the intensity; 1.5 keeps the "

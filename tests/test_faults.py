@@ -167,6 +167,44 @@ def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
         assert child.stop() == 0
 
 
+def test_every_settings_default_is_a_value_its_record_takes():
+    """Autosave writes every autosaved setting on its first save, defaults included, and restores
+    them through the same check as a put: a default the check refuses (Stitch:PixelSize's 0, "from
+    the model card", was) is dropped with a warning on every restart and cannot be written back."""
+    from ptychopv.ioc import schema
+    from ptychopv.ioc.records import check_value
+
+    refused = {pv.name: check_value(pv, pv.initial) for pv in schema.records()
+               if pv.writable and pv.initial is not None}
+    assert {k: v for k, v in refused.items() if v} == {}
+    pixel = schema.by_name()["Stitch:PixelSize"]
+    assert check_value(pixel, 0.0) is None and check_value(pixel, 5e-8) is None
+    assert "outside" in check_value(pixel, -1e-9) and "outside" in check_value(pixel, 1e-13)
+
+
+def test_a_restart_from_an_autosave_file_of_defaults_restores_them_all_and_0_is_writable(tmp_path):
+    from ptychopv.ioc import schema
+
+    h = write_ioc_config(tmp_path, f"PD{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    sav = tmp_path / "autosave" / f"{p.rstrip(':')}.softsav"
+    sav.write_text(yaml.safe_dump({p + pv.name: pv.initial for pv in schema.records() if pv.autosave}))
+    child = start_ioc(h.config, timeout=60)
+    try:
+        stages = sorted({pv.name.split(":")[0] for pv in schema.records() if pv.name.endswith(":Message_RBV")})
+        said = {s: caget(h.pv(s + ":Message_RBV"), as_string=True) for s in stages}
+        assert not [s for s, m in said.items() if "not restored" in m], said
+        epics.caput(h.pv("Stitch:PixelSize"), 5e-8, wait=True)
+        wait_until(lambda: caget(h.pv("Stitch:PixelSize_RBV")) == pytest.approx(5e-8), what="5e-8 taken")
+        epics.caput(h.pv("Stitch:PixelSize"), 0, wait=True)   # back to the model card's
+        assert caget(h.pv("Stitch:PixelSize")) == 0.0          # stored, not refused
+        epics.caput(h.pv("Stitch:PixelSize"), -1e-9, wait=True)
+        assert caget(h.pv("Stitch:PixelSize")) == 0.0          # refused, not stored
+    finally:
+        assert child.stop() == 0
+
+
 def test_an_unreadable_autosave_file_is_moved_aside(tmp_path):
     h = write_ioc_config(tmp_path, f"PU{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
     (tmp_path / "autosave").mkdir()
