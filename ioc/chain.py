@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class LiveChain:
         self._messages: dict[str, str] = {}
         self.last_scan_file: str | None = None
         self._capturing = False
+        self._capture_file: str | None = None   # the file of a capture that has started, until it ends
         self.references: dict[int, float] = {}   # version -> SSIM on its training scan
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
@@ -518,6 +520,7 @@ class LiveChain:
     async def _capture(self, on: int) -> None:
         import asyncio
 
+        self._capture_file = None             # the stats loop watches only a capture that has started
         if on:
             self._reset_image()
             self.source.set_niced(False)      # a capture takes every frame: receive at full priority
@@ -533,14 +536,30 @@ class LiveChain:
             self._force("Scan:FramesCaptured_RBV", 0)
             self._force("Scan:Number_RBV", int(self.recorder.scan_number))
             self._force("Scan:FileName_RBV", str(result))
+            self._capture_file = str(result)
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
         if not on and result:
-            self.last_scan_file = result
-            for fn in self.on_capture_end:
-                try:
-                    fn(result)
-                except Exception:
-                    log.exception("capture-end callback")
+            self._capture_ended(result)
+
+    def _capture_ended(self, path: str) -> None:
+        self.last_scan_file = path
+        for fn in self.on_capture_end:
+            try:
+                fn(path)
+            except Exception:
+                log.exception("capture-end callback")
+
+    def _capture_stopped_by_recorder(self) -> None:
+        """The recorder ended a capture by itself (its file could not be opened, or it took the
+        frames it was asked for): the records, the source's priority and the frame gate follow, as
+        after a put of 0, and a file it wrote is a finished scan (the controller's cue)."""
+        path, self._capture_file = self._capture_file, None
+        self._capturing = False
+        self.source.set_niced(True)
+        self.ioc.rec["Scan:Capture"].set(0, process=False)
+        self.ioc.set("Scan:Capture_RBV", 0)
+        if self.recorder.frames_captured and path and Path(path).exists():
+            self._capture_ended(path)
 
     # ------------------------------------------------------------------ records
     def _message(self, stage: str, text: str, severity: int = 0) -> None:
@@ -580,9 +599,11 @@ class LiveChain:
                 put("Infer:Status_RBV", state, sevr)
                 put("Infer:Connected_RBV", int(bool(src.connected)), 0 if src.connected else 2)
                 r = self.recorder
+                if self._capture_file and not r.capture:
+                    self._capture_stopped_by_recorder()
                 if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
                     self._messages["Scan#plugin"] = r.last_message
-                    self.ioc.message("Scan", r.last_message)
+                    self.ioc.message("Scan", r.last_message, severity=r.last_severity)
                 put("Scan:FramesCaptured_RBV", int(r.frames_captured))
                 put("Scan:FileName_RBV", str(r.current_file))
                 put("Scan:Number_RBV", int(r.scan_number))

@@ -113,7 +113,7 @@ class RecorderPlugin(PluginBase):
                                           flush_every=self.flush_every, **self.metadata)
             except (OSError, ValueError) as exc:
                 self._capture = False                     # one message, not one per frame
-                self._reject(f"cannot open {self._path}: {exc}; capture stopped")
+                self._reject(f"cannot open {self._path}: {exc}; capture stopped", severity=2)
                 return
         w = self._writer
         if data.shape != w.frame_shape:
@@ -137,9 +137,9 @@ class RecorderPlugin(PluginBase):
             self._stop()
         return
 
-    def _reject(self, message: str) -> None:
+    def _reject(self, message: str, severity: int = 1) -> None:
         self.frames_rejected += 1
-        self.report(message)
+        self.report(message, severity)
 
     def on_stop(self) -> None:
         self._stop()

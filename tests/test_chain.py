@@ -213,6 +213,39 @@ def test_the_detector_is_received_at_full_priority_while_a_capture_records(beaml
     assert 19 in _ioc_reader_nices(h.config)
 
 
+def test_a_capture_the_recorder_cannot_write_ends_and_the_records_say_so(beamline):
+    """The recorder stops a capture by itself when it cannot open the scan file; Scan:Capture and
+    Capture_RBV stayed 'Capturing' (the detector kept at full priority, every frame queued to the
+    recorder and thrown away), with the reason as information only. They now follow, with the
+    reason at MAJOR, and the next capture into a writable folder records."""
+    h, ctx, sp, folder = beamline
+    scans = folder / "scans"
+    aside = folder / "scans-aside"
+    if scans.exists():
+        scans.rename(aside)
+    scans.write_text("a file where the scan folder should be")
+    try:
+        epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+        assert caget(h.pv("Scan:Capture_RBV"), as_string=True) == "Capturing"
+        ctx.put(sp + "Acquire", 1)
+        wait_until(lambda: caget(h.pv("Scan:Capture_RBV"), as_string=True) == "Done", what="the capture to end")
+        assert caget(h.pv("Scan:Capture")) == 0
+        assert "cannot open" in caget(h.pv("Scan:Message_RBV"), as_string=True)
+        assert caget(h.pv("Scan:Message_RBV.SEVR"), as_string=True) == "MAJOR"
+        ctx.put(sp + "Acquire", 0)
+    finally:
+        scans.unlink()
+        if aside.exists():
+            aside.rename(scans)
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) > 0, what="the next capture records")
+    ctx.put(sp + "Acquire", 0)
+    epics.caput(h.pv("Scan:Capture"), 0, wait=True)
+    assert (scans / caget(h.pv("Scan:FileName_RBV"), as_string=True).split("/")[-1]).is_file()
+    assert caget(h.pv("Scan:Message_RBV.SEVR"), as_string=True) == "NO_ALARM"
+
+
 def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)
