@@ -67,6 +67,22 @@ class Frame:
                    t_received=time.perf_counter() if t_received is None else t_received)
 
 
+def acquisitions(frames: Sequence[Frame], last_uid: int | None):
+    """Runs of a batch within one acquisition, as ``(new, run)``: ``new`` where the run's first
+    uniqueId is lower than the one before it (in this batch, or ``last_uid`` before it), which is
+    how the stages that keep an image tell a new acquisition. A batch taken while the chain was
+    behind can hold the end of one scan and the start of the next."""
+    start, prev, new = 0, last_uid, False
+    for i, f in enumerate(frames):
+        if prev is not None and f.unique_id < prev:
+            if i > start:
+                yield new, frames[start:i]
+            start, new = i, True
+        prev = f.unique_id
+    if start < len(frames):
+        yield new, frames[start:]
+
+
 def stack(frames: Sequence[Frame]) -> np.ndarray:
     """The frames' data as one ``(B, ny, nx)`` array; all frames must have the same shape."""
     if not frames:

@@ -24,6 +24,7 @@ import numpy as np
 from ..science.refine import MEND_STATES, TRIAL_STATES, Refiner
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
+from .frame import acquisitions
 from .source import set_thread_nice
 
 IDLE_STEPS = 16      # refiner updates per idle() call: the queue is checked between calls
@@ -166,13 +167,18 @@ class RefinePlugin(BatchingPlugin):
         frames = frames if isinstance(frames, list) else [frames]
         if not frames:
             return None
-        if self._last_uid is not None and frames[0].unique_id < self._last_uid:
-            self.reset()      # a new acquisition (the stitch stage resets on the same rule)
+        for new, run in acquisitions(frames, self._last_uid):
+            if new:
+                self.reset()  # a new acquisition (the stitch stage resets on the same rule)
+            self._add(run)
         self._last_uid = frames[-1].unique_id
+        return frames
+
+    def _add(self, frames: list) -> None:
         if self.refiner.probe is None:             # nothing to refine with: cheap, counted
             self.refiner.no_probe(len(frames))
             self.report(self.refiner.last_message)
-            return frames
+            return
         usable = [f for f in frames if getattr(f, "counts", None) is not None]
         if len(usable) < len(frames):
             self.frames_no_counts += len(frames) - len(usable)
@@ -182,7 +188,7 @@ class RefinePlugin(BatchingPlugin):
         if len(shapes) > 1:
             self.report(f"frames of different shapes {sorted(shapes)} in one batch: not refined")
             self.frames_no_counts += len(usable)
-            return frames
+            return
         if usable:
             self._misfit_warned = False
             pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in usable], float)
@@ -193,7 +199,6 @@ class RefinePlugin(BatchingPlugin):
                                                                         before["frames_rejected"]):
                 self.report(after["last_message"])
             self.generation += 1
-        return frames
 
     def _give_way(self) -> bool:
         """On the plugin's own thread: True while frames wait in the queue or the thread is asked

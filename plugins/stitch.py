@@ -12,6 +12,7 @@ import numpy as np
 
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
+from .frame import acquisitions
 
 
 class StitchPlugin(BatchingPlugin):
@@ -64,10 +65,14 @@ class StitchPlugin(BatchingPlugin):
         frames = frames if isinstance(frames, list) else [frames]
         if not frames:
             return None
-        first = frames[0].unique_id
-        if self._last_uid is not None and first < self._last_uid:
-            self.reset()  # a new acquisition
+        for new, run in acquisitions(frames, self._last_uid):
+            if new:
+                self.reset()  # a new acquisition
+            self._add(run)
         self._last_uid = frames[-1].unique_id
+        return frames
+
+    def _add(self, frames: list) -> None:
         patches = np.stack([f.data for f in frames])
         pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)
         before = self.stitcher.counters()
@@ -79,4 +84,3 @@ class StitchPlugin(BatchingPlugin):
         if after.get("frames_rejected", 0) > before.get("frames_rejected", 0):
             self.report(self.stitcher.last_message)
         self.generation += 1
-        return frames

@@ -277,6 +277,36 @@ def test_the_plugin_refines_behind_the_stitch_stage_and_in_the_background(scan):
         assert ref.generation > g
 
 
+def test_a_new_acquisition_inside_one_batch_starts_a_new_image_in_both_stages(scan):
+    """A batch taken while the chain was behind can hold the end of one scan and the start of the
+    next (uniqueIds ..., 9, 10, 1, 2). Only a batch's first uniqueId was compared, so the next
+    scan's patches went onto the old image for good. Both stages now split the batch there."""
+    from ptychopv.plugins.frame import acquisitions
+
+    patches = blurry_patches(scan)
+    frames = counted_frames(scan, patches)[:10]
+    second = []
+    for i, f in enumerate(frames[:3]):   # the next acquisition: uniqueIds from 1 again
+        g = f.derive(f.data, unique_id=i + 1)
+        g.counts = f.counts
+        second.append(g)
+    runs = [(new, [f.unique_id for f in run]) for new, run in acquisitions(frames[:4] + second, None)]
+    assert runs == [(False, [1, 2, 3, 4]), (True, [1, 2, 3])]
+    assert [new for new, _ in acquisitions(second, 10)] == [True]      # the drop at the batch's start
+    assert [new for new, _ in acquisitions(frames[4:6], 4)] == [False]
+    stitch, ref = plugin_pair(scan, patches, scan.probe)
+    stitch.process(frames[:8])
+    n0 = stitch.image_number
+    stitch.process(frames[8:] + second)           # one batch: 9, 10, then 1, 2, 3
+    assert stitch.image_number == n0 + 1          # one new image
+    assert stitch.stitcher.counters()["frames_stitched"] == 3
+    assert stitch._last_uid == 3
+    ref.process(frames[:8])
+    g0 = ref.image_number
+    ref.process(frames[8:] + second)
+    assert ref.image_number == g0 + 1 and ref.refiner.counters()["frames_refined"] == 3
+
+
 SETTINGS = {      # name: (the lowest and highest accepted, refused values)
     "alpha": ((1e-6, 1.999), (0, 2, -1)),
     "half_step_photons": ((0, 1e12), (-1,)),
