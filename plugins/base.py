@@ -362,6 +362,8 @@ class PluginBase:
                     continue
                 try:
                     self._handle(work)
+                except Exception as exc:  # noqa: BLE001 - a subclass's handling must never end the thread
+                    self._error(exc, "handle")
                 finally:
                     more = True
                     with self._lock:
@@ -405,8 +407,9 @@ class PluginBase:
     def _handle(self, work) -> None:
         if isinstance(work, _Call):
             work.run()
-            if work.future.exception() is not None:
-                self._error(work.future.exception(), f"{getattr(work.fn, '__name__', 'call')}")
+            f = work.future
+            if not f.cancelled() and f.exception() is not None:   # a cancelled call never ran
+                self._error(f.exception(), f"{getattr(work.fn, '__name__', 'call')}")
             return
         t0 = time.perf_counter()
         try:

@@ -20,11 +20,18 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 64)
+SWAP_WAIT_S = 60.0   # how long a loaded engine waits for the infer stage to take it between batches
+
+
+class SwapTimeout(RuntimeError):
+    """The infer stage did not reach a queued swap in time (it was busy): the version is not
+    broken, and the next poll tries it again."""
 
 
 class ModelError(ValueError):
@@ -183,6 +190,11 @@ class ModelManager:
                 tried.append(version)
                 try:
                     mv = self._swap_in(version, select_engine)
+                except SwapTimeout as exc:   # not the version's fault: not remembered as broken
+                    log.warning("model v%d: %s", version, exc)
+                    if failure is None:
+                        failure = (version, str(exc))
+                    break
                 except Exception as exc:  # noqa: BLE001 - a bad version never replaces the running one
                     why = str(exc) if isinstance(exc, (ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
                     self.broken[version] = (_signature(self._folder(version)), why)
@@ -223,10 +235,18 @@ class ModelManager:
         # the source, the stitcher and the detector itself need, most of all under overload
         engine = select_engine(mv.source(), self.engine, warmup=True, batch_sizes=sizes,
                                options={"onnxruntime": {"spin": False}})
+        fut = self.infer.swap(engine, mv.version, str(mv.card.get("model", "")))
         try:
-            self.infer.swap(engine, mv.version, str(mv.card.get("model", ""))).result(timeout=60)
+            fut.result(timeout=SWAP_WAIT_S)
+        except FutureTimeout:
+            if fut.cancel():              # not started, so it never will: the engine was not installed
+                engine.close()
+                raise SwapTimeout(f"the infer stage did not take v{mv.version} within {SWAP_WAIT_S:g} s "
+                                  "(busy with a backlog); tried again at the next poll") from None
+            fut.result()                  # it started meanwhile: the swap itself is quick
         except BaseException:
-            engine.close()
+            if fut.cancel():              # never installed: nothing else will close it
+                engine.close()
             raise
         return mv
 

@@ -104,3 +104,35 @@ def test_either_shipped_model_seeds_an_empty_registry(tmp_path):
         ChainOptions(shipped_model="photos")
     with pytest.raises(ValueError, match="unknown shipped model"):
         shipped_registry("photos")
+
+
+def test_a_swap_the_busy_infer_stage_does_not_reach_in_time_is_retried_not_marked_broken(manager, monkeypatch):
+    """A loaded engine waits for the infer stage to take it between batches. When that wait timed
+    out, the engine was closed and the version remembered as broken, while the queued swap still
+    ran later and installed the closed engine. Now a swap not yet started is cancelled, its engine
+    closed, the version not marked broken, and the next poll loads it."""
+    import threading
+
+    import ptychopv.plugins.models as models
+
+    monkeypatch.setattr(models, "SWAP_WAIT_S", 0.5)
+    infer = manager.infer
+    gate = threading.Event()
+    infer.start()
+    try:
+        infer.submit(gate.wait, 30)                      # the infer stage is busy (a long backlog)
+        with pytest.raises(ModelError, match="did not take v1 within 0.5 s"):
+            manager.select(0).result(timeout=120)
+        assert manager.is_broken(1) is None and infer.engine is None
+        assert "tried again" in manager.messages[-1]
+        gate.set()
+        assert infer.flush(10)                           # the cancelled swap did not run
+        assert infer.engine is None and infer.version == 0
+        manager.poll()
+        deadline = time.monotonic() + 120
+        while infer.version != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert infer.version == 1 and infer.engine is not None
+    finally:
+        gate.set()
+        infer.stop()

@@ -245,6 +245,42 @@ def test_submit_runs_in_order_on_the_plugin_thread(plugins):
     assert idle.submit(lambda: threading.current_thread() is threading.main_thread()).result(0)
 
 
+def test_a_queued_call_cancelled_before_it_runs_leaves_the_thread_serving(plugins):
+    """A caller may cancel a call it queued (the model manager does when the stage is too busy
+    to reach a swap). Reading a cancelled call's exception raised on the plugin's thread and ended
+    it: the stage took no frame after that, with nothing said."""
+    p = Gated(queue_size=10)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)
+    ran = []
+    call = p.submit(ran.append, "ran")
+    assert call.cancel()
+    p.put(frame(2))
+    p.gate.set()
+    assert p.flush(5)
+    assert p.seen == [1, 2] and ran == [] and p.error_count == 0
+    assert p._thread.is_alive()
+
+
+def test_an_error_in_a_subclasss_handling_is_counted_and_the_thread_goes_on(plugins):
+    class Fragile(Gated):
+        def _handle(self, work):
+            if getattr(work, "unique_id", 0) == 2:
+                raise RuntimeError("a bug outside process()")
+            super()._handle(work)
+
+    p = Fragile(queue_size=10)
+    p.gate.set()
+    plugins.append(p)
+    p.start()
+    for uid in (1, 2, 3):
+        p.put(frame(uid))
+    assert p.flush(5)
+    assert p.seen == [1, 3] and p.error_count == 1 and p._thread.is_alive()
+
+
 def test_connect_chains_plugins(plugins):
     a, b = PluginBase(name="a"), PluginBase(name="b")
     out = []
