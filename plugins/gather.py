@@ -161,7 +161,12 @@ class Gatherer:
             return
         if d.unique_id == 0 and d.data.size <= 1:
             return           # the placeholder a server posts before its first result
-        self.add(index, Frame.from_decoded(d))
+        try:
+            self.add(index, Frame.from_decoded(d))
+        except Exception as exc:  # noqa: BLE001 - p4p would close the subscription for good on a raise
+            c.undecoded += 1
+            self.report(f"{c.name}: result not taken: {type(exc).__name__}: {exc}")
+            log.exception("scale-out result")
 
     def add(self, index: int, frame: Frame) -> None:
         """A decoded result of consumer ``index`` (the p4p callback's path; tests call it directly)."""

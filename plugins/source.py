@@ -227,6 +227,16 @@ class NTNDArraySource:
         log.info("%s: %s", self.channel, message)
 
     def _update(self, value) -> None:
+        """p4p's monitor callback. p4p closes a subscription for good when its callback raises, so
+        nothing may escape: what fails here is counted and said, and the next frame comes."""
+        try:
+            self._take(value)
+        except Exception as exc:  # noqa: BLE001 - a raise would end the subscription, silently
+            self.errors += 1
+            self.report(f"frame not taken: {type(exc).__name__}: {exc}")
+            log.exception("detector update")
+
+    def _take(self, value) -> None:
         t = time.perf_counter()
         if self.nice_usable and threading.get_native_id() not in self._callback_threads:
             # p4p's callback worker: the Python side of receiving

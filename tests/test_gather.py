@@ -188,3 +188,14 @@ def test_the_consumer_side_imports_no_epics_library():
             "'pvaccess', 'epicscorelibs')); print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_result_whose_counters_are_malformed_is_counted_and_the_next_one_taken():
+    """The gatherer runs in p4p's monitor callback, which closes the subscription for good when it
+    raises: a consumer's malformed sequence counter ended its channel, silently."""
+    g, sink = gatherer(n=1)
+    g.update(0, to_value(np.ones((8, 8), np.float32), 1, attributes={CONSUMER_SEQ: "one"}))
+    assert g.consumers[0].undecoded == 1 and "not taken" in g.last_message
+    g.update(0, to_value(np.ones((8, 8), np.float32), 2, attributes={CONSUMER_SEQ: 2}))
+    g.flush()
+    assert sink.uids == [2]

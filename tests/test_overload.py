@@ -142,3 +142,25 @@ def test_can_restore_nice_follows_the_nice_limit(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(resource, "getrlimit", lambda which: (0, 0))
     assert can_restore_nice() is True
+
+
+def test_a_failure_past_decoding_is_counted_and_the_subscription_lives_on(detector):
+    """p4p closes a subscription for good when its callback raises: a stage's hand-off that failed
+    once (here the third frame) stopped every later frame, with the source still 'connected'."""
+    got = []
+
+    def take(frame):
+        if frame.unique_id == 3:
+            raise RuntimeError("a stage refused its hand-off")
+        got.append(frame.unique_id)
+
+    src = NTNDArraySource(detector.name, pva_client_conf(detector.port), queue_size=64, downstream=[take])
+    try:
+        wait_until(lambda: src.connected, 10, "the source to connect")
+        for _ in range(10):       # one at a time: none squashed by the server
+            detector.good()
+            wait_until(lambda: src._last_uid == detector.uid, 15, f"uniqueId {detector.uid}")
+        assert got == [1, 2, 4, 5, 6, 7, 8, 9, 10]
+        assert src.errors == 1 and "a stage refused its hand-off" in src.last_message
+    finally:
+        src.close()
