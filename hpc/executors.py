@@ -104,6 +104,23 @@ class LocalExecutor(_Base):
     def workers(self) -> int:
         return self._n
 
+    def kill_job(self, progress: dict) -> bool:
+        """Kill the worker running the job whose progress record this is (its ``pid``, on this
+        host, one of this pool's workers); True when killed. The pool is then broken, and the next
+        submit builds a fresh one; a job queued behind it fails with the reason."""
+        import os
+        import signal
+        import socket
+
+        pid = progress.get("pid")
+        if progress.get("host") != socket.gethostname() or pid not in getattr(self._pool, "_processes", {}):
+            return False
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
 
 class DaskExecutor(_Base):
     name = "dask"

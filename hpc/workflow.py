@@ -35,9 +35,16 @@ class Busy(RuntimeError):
 
 
 class JobStage:
-    def __init__(self, name: str, report: Report = lambda state, message, progress: None):
+    def __init__(self, name: str, report: Report = lambda state, message, progress: None, *,
+                 timeout_s: float = 0.0, abort_grace_s: float = 30.0):
+        """``timeout_s``: a job running longer is stopped as an abort would, and the run fails (0:
+        no limit). ``abort_grace_s``: after an abort, how long a job may take to stop before the
+        run ends without it (a local worker still running it is killed: a job stuck in native code
+        never reads the abort file)."""
         self.name = name
         self.report = report
+        self.timeout_s = float(timeout_s)
+        self.abort_grace_s = float(abort_grace_s)
         self.state = "Idle"
         self.message = ""
         self.current = None             # the hpc.jobs.Job in flight, if any
@@ -97,13 +104,27 @@ class JobStage:
             return {"status": "failed", "message": f"the {kind} job could not be submitted: {type(exc).__name__}: {exc}"}
         self.current = job
         last = None
+        started = abort_at = timed_out = None
         try:
             while not job.done():
-                if self._abort and job.abort():
-                    # not started: a process pool cannot cancel a job it already queued for a
-                    # worker, and waiting for it would hold the stage until the job before it ends
-                    return {**job.progress(), "status": "aborted", "message": f"the {kind} job was aborted while queued"}
+                now = time.monotonic()
+                if (self.timeout_s and started is not None and timed_out is None
+                        and now - started > self.timeout_s):
+                    timed_out = f"timed out after {self.timeout_s:g} s"
+                    self._abort = True
+                    self.set(message=f"{kind}: {timed_out}; stopping it")
+                if self._abort:
+                    if job.abort():
+                        # not started: a process pool cannot cancel a job it already queued for a
+                        # worker, and waiting for it would hold the stage until the job before it ends
+                        return {**job.progress(), "status": "aborted",
+                                "message": f"the {kind} job was aborted while queued"}
+                    abort_at = now if abort_at is None else abort_at
+                    if now - abort_at > self.abort_grace_s:
+                        return self._give_up(executor, job, kind, timed_out)
                 p = job.progress()
+                if started is None and p.get("status") == "running":
+                    started = now
                 if p != last:
                     last = p
                     msg = f"{kind}: {p['message']}" if p.get("message") else None
@@ -113,11 +134,24 @@ class JobStage:
                         on_progress(p)
                 await asyncio.sleep(POLL_S)
             result = job.result()
+            if timed_out and result.get("status") == "aborted":
+                result = {**result, "status": "failed", "message": f"{timed_out}: {result.get('message', '')}"}
             if on_progress:
                 on_progress(result)
             return result
         finally:
             self.current = None
+
+    def _give_up(self, executor, job, kind: str, timed_out: str | None) -> dict:
+        """The job did not stop within the grace after an abort: end the run without it. A local
+        worker still running it is killed (its pool heals at the next submit); elsewhere the job is
+        left to its executor, and its late result is never read."""
+        stop = getattr(executor, "kill_job", None)
+        killed = bool(stop(job.progress())) if stop is not None else False
+        what = "its worker was killed" if killed else "it is left to the executor"
+        return {**job.progress(), "status": "failed" if timed_out else "aborted",
+                "message": f"{timed_out or 'aborted'}: the {kind} job did not stop within "
+                           f"{self.abort_grace_s:g} s; {what}"}
 
     def abort(self) -> bool:
         """Stop the run in progress (its job at the next check; a queued job ends the run at once).

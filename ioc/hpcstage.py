@@ -44,8 +44,9 @@ class HpcStage:
         d = self.executor.describe()
         ioc.set("HPC:Executor_RBV", str(d.get("name", cfg.hpc.kind))[:39])
         ioc.set("HPC:Workers_RBV", int(d.get("workers") or 0))
-        self.recon = JobStage("Recon", self._reporter("Recon"))
-        self.train_stage = JobStage("Train", self._reporter("Train"))
+        limits = {"timeout_s": w.job_timeout_s, "abort_grace_s": w.abort_grace_s}
+        self.recon = JobStage("Recon", self._reporter("Recon"), **limits)
+        self.train_stage = JobStage("Train", self._reporter("Train"), **limits)
         self.last_recon: dict | None = None
         self.auto = ac.Controller(enabled=bool(ioc.get("Auto:Enable")), interval_s=float(ioc.get("Auto:Interval")),
                                   tolerance=float(ioc.get("Auto:Tolerance")))

@@ -178,6 +178,12 @@ class WorkflowOptions(Strict):
     """The training corpus (appendable HDF5)."""
     validate_engine: str = "onnxruntime"
     """Engine the validation job runs the model with (on the executor's host)."""
+    job_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    """A job running longer than this is stopped as an abort is, and its run ends Failed (0: no limit)."""
+    abort_grace_s: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds a job has to stop after an abort (or its timeout) before the stage gives up on it:
+    the run ends, and a local worker still running it is killed (a job stuck in native code never
+    looks at the abort file)."""
 
 
 class GeometryOptions(Strict):

@@ -47,3 +47,12 @@ def marking_job(path: str, job_dir: str) -> dict:
             f.write("ran")
         return {"ran": True}
     return run_job("marking", job_dir, body)
+
+
+def stuck_job(seconds: float, job_dir: str) -> dict:
+    """Report that it runs, then never look at the abort file: a job stuck in native code."""
+    def body(rep):
+        rep.update(message="stuck")
+        time.sleep(seconds)
+        return {}
+    return run_job("stuck", job_dir, body)

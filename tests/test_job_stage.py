@@ -164,6 +164,81 @@ def test_abort_of_a_job_queued_behind_another_ends_at_once_and_it_never_runs(tmp
 
 
 @pytest.mark.slow
+def test_a_job_that_ignores_the_abort_is_given_up_and_its_worker_killed(tmp_path):
+    """A job stuck in native code (a solver or GPU hang) never reads the abort file: Abort said
+    "abort requested" and the stage stayed Running until the IOC restarted. After the grace the
+    run now ends Aborted, the local worker is killed, and the healed pool runs the next job."""
+    import os
+
+    from ptychopv.hpc.jobs import read_progress
+
+    ex = LocalExecutor(1)
+    st = JobStage("Recon", abort_grace_s=1.0)
+    try:
+        async def main():
+            async def body(stage):
+                return await stage.job(ex, job_helpers.stuck_job, 120, job_dir=tmp_path / "s", kind="reconstruct")
+
+            task = asyncio.create_task(st.run("reconstruction", body))
+            deadline = time.monotonic() + 60
+            while st.state != "Running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            assert st.abort() is True
+            res = await asyncio.wait_for(task, 30)
+            return res, time.monotonic() - t0
+
+        res, took = run(main())
+        assert res["status"] == "aborted" and st.state == "Aborted" and not st.busy and took < 10
+        assert "did not stop within 1 s; its worker was killed" in res["message"]
+        pid = read_progress(tmp_path / "s")["pid"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"worker {pid} still alive")
+
+        async def quick(stage):
+            return await stage.job(ex, job_helpers.quick_job, 4, job_dir=tmp_path / "q", kind="reconstruct")
+
+        assert run(st.run("reconstruction", quick))["result"] == {"x": 8}
+    finally:
+        ex.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_a_job_past_its_timeout_is_stopped_and_the_run_fails(tmp_path):
+    ex = LocalExecutor(1)
+    st = JobStage("Train", timeout_s=1.0, abort_grace_s=20.0)
+    try:
+        async def body(stage):
+            return await stage.job(ex, job_helpers.abortable_job, job_dir=tmp_path / "t", kind="train")
+
+        res = run(st.run("training", body))
+        assert res["status"] == "failed" and st.state == "Failed" and not st.busy
+        assert res["message"].startswith("timed out after 1 s: aborted after")
+        assert "timed out after 1 s" in st.message
+    finally:
+        ex.shutdown(wait=False)
+
+
+def test_job_limits_are_checked_in_the_config():
+    from pydantic import ValidationError
+
+    from ptychopv.config import WorkflowOptions
+
+    assert WorkflowOptions().job_timeout_s == 0 and WorkflowOptions().abort_grace_s == 30
+    with pytest.raises(ValidationError, match="abort_grace_s"):
+        WorkflowOptions(abort_grace_s=0)
+    with pytest.raises(ValidationError, match="job_timeout_s"):
+        WorkflowOptions(job_timeout_s=-1)
+
+
+@pytest.mark.slow
 def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
     ex = LocalExecutor(1, kill_after_s=1.0)
     ex.submit(job_helpers.sleeping_job, 120, str(tmp_path))
