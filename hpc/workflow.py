@@ -215,6 +215,7 @@ class Workflow:
             val = await self.validate(stage, str(scan), recon_path, validate)
             if val.get("status") == "done":
                 summary["ssim"] = float(val["result"]["ssim"])
+                summary["version"] = int(validate["version"])     # the version this SSIM is of
             else:
                 summary["validation"] = val.get("message", "")
         msg = Path(recon_path).name + (f", {summary['pairs']} pairs" if "pairs" in summary else "") \

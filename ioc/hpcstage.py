@@ -280,7 +280,9 @@ class HpcStage:
             # no live model to validate: the first reconstruction trains one
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=0.0)
         else:
-            ref = float(self.chain.reference_ssim)
+            # the reference of the version validated, not of whatever runs now (a Train:Start
+            # may have pushed another while this scan was reconstructed)
+            ref = float(self.chain.reference_ssim_for(summary.get("version", self.chain.infer.version)))
             ref = ref if 0.0 < ref <= 1.0 else None  # unknown (or a meaningless negative SSIM): 1.0
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=summary["ssim"], ssim_reference=ref)
         self._auto_state()

@@ -150,7 +150,8 @@ def _binding(summary):
     h = object.__new__(HpcStage)
     h.ioc, h.auto, h.trained = _Ioc(), Controller(enabled=True, tolerance=0.1), 0
     h.recon = h.train_stage = types.SimpleNamespace(busy=False)
-    h.chain = types.SimpleNamespace(reference_ssim=0.9)
+    refs = {1: 0.9, 2: 0.99}
+    h.chain = types.SimpleNamespace(infer=types.SimpleNamespace(version=1), reference_ssim_for=lambda v: refs.get(v, 0.0))
 
     async def reconstruct(scan):
         return dict(summary)
@@ -183,3 +184,14 @@ def test_a_failed_validation_is_not_taken_for_a_missing_model():
     h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.89})  # within the tolerance of 0.9
     cycle()
     assert h.trained == 0 and h.auto.state is State.SUSPENDED
+
+
+def test_a_validation_is_judged_against_the_reference_of_the_version_validated():
+    """v1 was validated on the scan; meanwhile a manual Train:Start pushed v2, whose reference is
+    higher. The mismatch is v1's SSIM against v1's reference (0.85 vs 0.9: 5.6 %, suspend), not
+    against v2's (0.99: 14 %, a retrain nothing measured)."""
+    h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.85, "version": 1})
+    h.chain.infer.version = 2
+    cycle()
+    assert h.trained == 0 and h.auto.state is State.SUSPENDED
+    assert h.auto.mismatch == pytest.approx((0.9 - 0.85) / 0.9)
