@@ -29,7 +29,7 @@ from ptychopv.science.refine import (
     align_ramp,
     phase_slope,
 )
-from ptychopv.science.stitching import Stitcher
+from ptychopv.science.stitching import REANCHOR_AFTER, Stitcher
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +305,67 @@ def test_a_new_acquisition_inside_one_batch_starts_a_new_image_in_both_stages(sc
     g0 = ref.image_number
     ref.process(frames[8:] + second)
     assert ref.image_number == g0 + 1 and ref.refiner.counters()["frames_refined"] == 3
+
+
+def _refined(scan, frames, positions, batch=8, sweeps=0):
+    st = Stitcher(scan.pixel_size_m, window=scan.probe)
+    st.add(blurry_patches(scan), scan.positions_m)
+    ref = Refiner(st, scan.probe, lag=0)
+    for i in range(0, len(frames), batch):
+        ref.add(frames[i:i + batch], positions[i:i + batch])
+    for _ in range(sweeps):
+        ref.step()
+    return ref
+
+
+def test_a_dark_first_frame_or_a_hot_pixel_does_not_ruin_the_refined_image(scan):
+    """A frame without counts (the shutter still closed) as a scan's first scaled the probe to 0:
+    NaN in every later update, the image silently stuck at its seed for the whole scan. A frame
+    with one hot or saturated pixel (2**32 - 1, as detectors flag one) raised the running photon
+    mean, so the step and the smoothness prior were wrong for the rest of the scan, and the sweeps
+    wrote the spike back at every revisit (NRMSE 23.8 at 1e4 photons). Both are now refused."""
+    frames = scan.frames.astype(np.float32)
+    control = fidelity.score(_refined(scan, frames, scan.positions_m, sweeps=600).image(), scan)["nrmse"]
+    dark = frames.copy()
+    dark[0] = 0
+    ref = _refined(scan, dark, scan.positions_m, sweeps=600)
+    assert np.isfinite(ref._obj).all() and ref._scale > 0
+    assert ref.frames_rejected == 1 and ref.frames_refined == len(frames) - 1
+    assert fidelity.score(ref.image(), scan)["nrmse"] < control + 0.05
+    hot = frames.copy()
+    hot[20, 10, 10] = 2.0 ** 32 - 1
+    ref = _refined(scan, hot, scan.positions_m, sweeps=600)
+    assert ref.frames_rejected == 1 and "hot or saturated" in ref.last_message
+    assert fidelity.score(ref.image(), scan)["nrmse"] < control + 0.05
+
+
+def test_a_stray_first_position_restarts_the_image_from_the_positions_that_agree(scan):
+    """Both stages measure 'too far' from the scan's first frame. A first position that was the odd
+    one (a stage attribute still at its default) made every later frame be rejected; a position so
+    wild that its pixel row overflows int64 raised. Now the wild one is refused, and after 16 frames
+    in a row that agree with each other but not with the first, the image restarts from them."""
+    pos = scan.positions_m + np.array([5e-3, 2e-3])        # the scan sits at (5 mm, 2 mm)
+    pos[0] = (0.0, 0.0)
+    patches = blurry_patches(scan)
+    st = Stitcher(scan.pixel_size_m, window=scan.probe)
+    for i in range(0, len(pos), 8):
+        st.add(patches[i:i + 8], pos[i:i + 8])
+    c = st.counters()
+    assert c["frames_stitched"] >= len(pos) - 1 - REANCHOR_AFTER
+    assert c["frames_stitched"] + c["frames_rejected"] == len(pos)
+    seed_ok = Stitcher(scan.pixel_size_m, window=scan.probe)
+    seed_ok.add(patches, pos)
+    ref = Refiner(seed_ok, scan.probe, lag=0)
+    for i in range(0, len(pos), 8):
+        ref.add(scan.frames[i:i + 8], pos[i:i + 8])
+    assert ref.frames_refined >= len(pos) - 1 - REANCHOR_AFTER
+    assert ref.frames_refined + ref.frames_rejected == len(pos)
+    assert "restarted" in ref.last_message or ref.frames_rejected < REANCHOR_AFTER
+    wild = Stitcher(1e-8, window=scan.probe)
+    assert wild.add(patches[:1], [(1e12, 0.0)]) == 0 and "beyond" in wild.last_message
+    assert wild.add(patches[1:3], scan.positions_m[1:3]) == 2      # the next frames are placed
+    ref = Refiner(wild, scan.probe, lag=0)
+    assert ref.add(scan.frames[:1], [(1e12, 0.0)]) == 0 and ref.add(scan.frames[1:3], scan.positions_m[1:3]) == 2
 
 
 SETTINGS = {      # name: (the lowest and highest accepted, refused values)

@@ -138,7 +138,7 @@ import scipy.fft
 from skimage.restoration import denoise_tv_chambolle
 
 from .physics import Beamline
-from .stitching import StitchedImage, Stitcher
+from .stitching import MAX_PIXEL, REANCHOR_AFTER, StitchedImage, Stitcher
 
 SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
@@ -175,6 +175,9 @@ MEND_SEARCH_SIZES = (0.88, 0.92, 0.96, 1.0, 1.04, 1.08, 1.12, 1.16, 1.22, 1.3)
 MEND_SEARCH_DEFOCUS = (0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5)
 MEND_SEARCH_SWEEPS = 5
 MEND_SEARCH_ROUNDS = 2
+HOT_FACTOR = 20.0            # a frame with more than this times the scan's median counts is not refined
+HOT_AFTER = 4                # ... once this many frames' counts are known
+HOT_WINDOW = 256             # the latest frames whose counts make that median
 
 
 class MendInterrupted(Exception):
@@ -731,14 +734,8 @@ class Refiner:
     def reset(self) -> None:
         """Forget the object and the kept frames (a new scan). The probe stays."""
         with self._lock:
-            self._obj = np.zeros((0, 0), np.complex64)
-            self._lit = np.zeros((0, 0), np.float32)
-            self._cover = np.zeros((0, 0), np.float32)   # sum of |P|^2 / max of the kept frames
-            self._r0 = self._c0 = 0
-            self._frames: list[tuple[np.ndarray, int, int, tuple[int, int]]] = []
-            self._next = 0                       # ring-buffer slot to overwrite once full
-            self._pending: deque = deque()       # frames waiting for ``lag`` later ones
-            self._polish = 0                     # background updates left since the last arrival
+            self._clear_object()
+            self._totals: deque = deque(maxlen=HOT_WINDOW)   # recent frames' total counts
             self._sweep = [0.0, 0.0, 0]          # this sweep's misfit, noise expected, updates
             self._sweeps_since = 0               # sweeps since the last frame arrived
             self._mend_at = 0                    # frames kept when the last mend was tried (0: none yet)
@@ -749,7 +746,6 @@ class Refiner:
             self._scale = None
             self._counts_sum = 0.0
             self._counts_n = 0
-            self._anchor = None                  # (row, col) of the scan's first frame
             self._step = np.float32(self._alpha)
             self.frames_refined = 0
             self.frames_no_probe = 0
@@ -757,6 +753,19 @@ class Refiner:
             self.updates = 0
             self.denoised = 0                    # sweeps that ended with the prior's step
             self.last_message = ""
+
+    def _clear_object(self) -> None:
+        """Forget the object and the frames kept for it (under the lock)."""
+        self._obj = np.zeros((0, 0), np.complex64)
+        self._lit = np.zeros((0, 0), np.float32)
+        self._cover = np.zeros((0, 0), np.float32)   # sum of |P|^2 / max of the kept frames
+        self._r0 = self._c0 = 0
+        self._frames: list[tuple[np.ndarray, int, int, tuple[int, int]]] = []
+        self._next = 0                       # ring-buffer slot to overwrite once full
+        self._pending: deque = deque()       # frames waiting for ``lag`` later ones
+        self._polish = 0                     # background updates left since the last arrival
+        self._anchor = None                  # (row, col) of the scan's first frame
+        self._far_run = 0                    # frames rejected as far in a row
 
     # ------------------------------------------------------------------ adding
     def add(self, counts, positions_m, *, defer: bool = False) -> int:
@@ -790,13 +799,30 @@ class Refiner:
                 return 0
             c = c.astype(np.float32, copy=False)
             totals = c.reshape(len(c), -1).sum(axis=1)
-            ok = np.isfinite(pos).all(axis=1) & np.isfinite(totals) & (c.reshape(len(c), -1).min(axis=1) >= 0)
-            if (~ok).any():
-                self.frames_rejected += int((~ok).sum())
-                self.last_message = "frame without a position, or with NaN, inf or negative counts: not refined"
-            # a runaway position must not grow the canvas without bound: the stitcher's rule
             ps = self.seed.pixel_size_m
             rows, cols = pos[:, 1] / ps, pos[:, 0] / ps
+            with np.errstate(invalid="ignore"):
+                ok = (np.isfinite(pos).all(axis=1) & (np.abs(rows) < MAX_PIXEL) & (np.abs(cols) < MAX_PIXEL)
+                      & np.isfinite(totals) & (c.reshape(len(c), -1).min(axis=1) >= 0))
+            if (~ok).any():
+                self.frames_rejected += int((~ok).sum())
+                self.last_message = ("frame without a usable position, or with NaN, inf or negative counts: "
+                                     "not refined")
+            # a frame without counts (a dark frame: the shutter still closed) says nothing of the
+            # sample, and as the first one it would scale the probe to 0 (NaN in every update); one
+            # far above the scan's typical counts holds a hot or saturated pixel that the sweeps
+            # would write into the object again at every revisit
+            dark = ok & (totals <= 0)
+            hot = np.zeros_like(ok)
+            if len(self._totals) >= HOT_AFTER:
+                hot = ok & (totals > HOT_FACTOR * float(np.median(self._totals)))
+            for bad, why in ((dark, "no counts (a dark frame)"),
+                             (hot, f"over {HOT_FACTOR:g} times the scan's median counts (a hot or saturated pixel?)")):
+                if bad.any():
+                    self.frames_rejected += int(bad.sum())
+                    self.last_message = f"frame with {why}: not refined"
+                    ok &= ~bad
+            # a runaway position must not grow the canvas without bound: the stitcher's rule
             if self._anchor is None and ok.any():
                 i = int(np.flatnonzero(ok)[0])
                 self._anchor = (rows[i], cols[i])
@@ -809,10 +835,25 @@ class Refiner:
                     self.frames_rejected += int(far.sum())
                     self.last_message = f"position more than {half:.0f} px from the scan's first frame: not refined"
                     ok &= ~far
+                    if not ok.any():
+                        self._far_run += int(far.sum())
+                        if self._far_run >= max(REANCHOR_AFTER, self.frames_refined):
+                            # the first frame's position was the odd one: start again from these
+                            self._clear_object()
+                            self.frames_rejected -= int(far.sum())
+                            self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
+                                                 f"{REANCHOR_AFTER}: the object restarted from them")
+                            self._anchor = (rows[far][0], cols[far][0])
+                            ok = far
+                    else:
+                        self._far_run = 0
+                elif ok.any():
+                    self._far_run = 0
             used = 0
             for k in np.flatnonzero(ok):
                 self._counts_sum += float(totals[k])
                 self._counts_n += 1
+                self._totals.append(float(totals[k]))
                 if self._scale is None:
                     self._fit_scale()
                 ty, tx = pos[k, 1] / self.seed.pixel_size_m - n / 2, pos[k, 0] / self.seed.pixel_size_m - n / 2

@@ -131,6 +131,8 @@ def _splat1_batch(v: np.ndarray, f: np.ndarray) -> np.ndarray:
 # power 1 was 0.818 on average at 1.5 (|probe|^3), 0.829 at 2 and 0.837 at 3
 # (benchmarks/window_power.py; README, Live image fidelity).
 WINDOW_POWER = 1.5
+MAX_PIXEL = 2.0 ** 40   # a position this many pixels from the origin is garbage (and beyond an int64 row)
+REANCHOR_AFTER = 16     # far frames in a row (and more than were placed) that make the later ones the scan
 WINDOW_POWER_MIN, WINDOW_POWER_MAX = 0.25, 8.0
 
 SHIFT_STEPS = 32        # the Fourier-shifted weight windows are cached on a 1/32-pixel grid
@@ -328,7 +330,9 @@ class Stitcher:
         estimate_offsets: match each patch's constant phase to the canvas before adding it.
         min_overlap: the overlap weight, relative to the patch's own, needed to estimate an offset.
         max_canvas_px: a frame whose patch lies farther than half this from the scan's first frame
-            is rejected (a runaway position would otherwise allocate a huge canvas).
+            is rejected (a runaway position would otherwise allocate a huge canvas). Where the
+            first frame's position was the odd one (:data:`REANCHOR_AFTER` frames in a row, and
+            more than were placed, all far from it), the image restarts from the later ones.
         grow_px: extra margin when the canvas grows, so it grows rarely.
         subpixel: "fourier" (exact for the frequencies a patch holds), "bilinear" (cheaper, blurs), or
             "auto": Fourier for a beam window, bilinear for the taper.
@@ -400,6 +404,8 @@ class Stitcher:
             self._r0 = self._c0 = 0                 # global pixel of canvas [0, 0]
             self._used = None                       # [r0, r1, c0, c1) global, of placed patches
             self._anchor = None                     # global (row, col) of the first frame
+            self._placed = 0                        # frames placed since the anchor was set
+            self._far_run = 0                       # frames rejected as far in a row since
             self._windows: dict = {}
             self.frames_stitched = 0
             self.frames_no_position = 0
@@ -450,6 +456,12 @@ class Stitcher:
             return 0
         ty = pos[:, 1] / self._ps - h / 2                   # global fractional row of patch pixel 0
         tx = pos[:, 0] / self._ps - w / 2
+        wild = ok & ((np.abs(ty) > MAX_PIXEL) | (np.abs(tx) > MAX_PIXEL))
+        if wild.any():                                      # no canvas reaches it, nor an int64 row
+            self._reject(int(wild.sum()), f"position beyond {MAX_PIXEL:.0e} px from the origin not placed")
+            ok &= ~wild
+            if not ok.any():
+                return 0
         if self._anchor is None:
             i = int(np.flatnonzero(ok)[0])
             self._anchor = (ty[i] + h / 2, tx[i] + w / 2)
@@ -460,8 +472,21 @@ class Stitcher:
             self._reject(int(far.sum()), f"position more than {half:.0f} px from the scan's first frame")
             ok &= ~far
             if not ok.any():
+                self._far_run += int(far.sum())
+                if self._far_run >= max(REANCHOR_AFTER, self._placed):
+                    # the first frame was the odd one (a stale or default position): start the
+                    # image again from the frames that agree, rather than reject the rest
+                    self._set_canvas(np.zeros((2, 0, 0), np.float32))
+                    self._r0 = self._c0 = 0
+                    self._used, self._anchor, self._placed, self._far_run = None, None, 0, 0
+                    self.frames_rejected -= int(far.sum())  # placed after all, below
+                    self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
+                                         f"{REANCHOR_AFTER}: the image restarted from them")
+                    return self._add(p[far], pos[far])
                 return 0
+        self._far_run = 0
         idx = np.flatnonzero(ok)
+        self._placed += len(idx)
         win = self._window((h, w))
         (b0, b1), (c0_, c1_) = (win.box[0].start, win.box[0].stop), (win.box[1].start, win.box[1].stop)
         bh, bw = b1 - b0, c1_ - c0_
