@@ -11,9 +11,7 @@ under its name and every address it resolves to (and an address also under its n
 
 from __future__ import annotations
 
-import re
-
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+from ..config import ACCESS_NAME as _NAME
 
 
 def _names(kind: str, items: list[str]) -> str:

@@ -167,7 +167,12 @@ class PtychoIOC:
         from .records import create_records
 
         runtime = resolve(self.cfg, self.cfg.autosave.directory)
-        runtime.mkdir(parents=True, exist_ok=True)
+        try:
+            runtime.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from ..config import ConfigError
+
+            raise ConfigError(f"autosave.directory: {runtime} cannot be a folder: {exc.strerror}") from None
         autosave.configure(runtime, name=self._autosave_name(),
                            save_period=self.cfg.autosave.period_s, timestamped_backups=False)
         self.acf = self._access(runtime)
@@ -313,8 +318,29 @@ def epics_environment(cfg: Config) -> dict:
     return server_env(e.ca_server_port, e.pva_server_port, e.pva_broadcast_port, e.ca_repeater_port)
 
 
+def check_ports_free(cfg: Config) -> None:
+    """ConfigError naming the key when a TCP port the IOC serves on is taken on 127.0.0.1 (an IOC
+    still running): the EPICS servers would move to another port with only a warning, and
+    clients looking at the configured one would find nothing, or the old IOC."""
+    import socket
+
+    from ..config import ConfigError
+
+    e = cfg.epics
+    for key in ("ca_server_port", "pva_server_port", "image_pva_port"):
+        port = getattr(e, key)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a connection in TIME_WAIT is no owner
+            try:
+                sk.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise ConfigError(f"epics.{key}: port {port} on 127.0.0.1 is in use ({exc.strerror}); "
+                                  "is another IOC still running?") from None
+
+
 def run(cfg: Config) -> int:
     """Run the IOC in this process until SIGINT/SIGTERM; settings are saved on the way out."""
+    check_ports_free(cfg)
     os.environ.update(epics_environment(cfg))  # before any EPICS library starts
     ioc = PtychoIOC(cfg)
     ioc.build()
@@ -325,16 +351,26 @@ def run(cfg: Config) -> int:
     try:
         ioc.serve_forever()
     finally:
-        ioc.close()
-    # Non-daemon threads (dispatcher, autosave) end only in the exit handlers: run them (autosave
-    # writes the settings; EPICS's own exit handlers run through pythonSoftIOC's atexit hook), then
-    # leave at once. A C-level exit() would also run the libraries' static destructors while a
-    # helper thread may still be in native code (a model load importing torch): that crashes.
+        try:
+            ioc.close()
+        finally:
+            _leave()
+
+
+def _leave() -> None:
+    """Non-daemon threads (dispatcher, autosave) end only in the exit handlers: run them (autosave
+    writes the settings; EPICS's own exit handlers run through pythonSoftIOC's atexit hook), then
+    leave at once. A C-level exit() would also run the libraries' static destructors while a
+    helper thread may still be in native code (a model load importing torch): that crashes.
+    Whatever fails on the way (a parent that stopped reading stdout: a broken pipe), the process
+    ends, so its ports are free for the next IOC."""
     import atexit
     import sys
 
-    print("ptychopv ioc: exiting", flush=True)
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for say in (lambda: print("ptychopv ioc: exiting", flush=True), atexit._run_exitfuncs,
+                sys.stdout.flush, sys.stderr.flush):
+        try:
+            say()
+        except Exception:  # noqa: BLE001 - nothing may stop the exit
+            pass
     os._exit(0)

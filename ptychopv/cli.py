@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ptychopv {args.command}: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a file named on the command line or in the config that is missing or in the way
+        print(f"ptychopv {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

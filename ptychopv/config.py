@@ -7,16 +7,20 @@ message names the key, what was wrong and the allowed values or keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 from .hpc.executors import ExecutorOptions  # pydantic models and plain data only: no torch, no pty-chi
 from .hpc.options import ReconOptions, TrainOptions, one_of
 from .inference.engines import ENGINES
+
+
+ACCESS_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")   # a host or user name access security can match
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,18 @@ class EpicsOptions(Strict):
     image_pva_port: Port = 5077
     """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Stitch:Image, Recon:Image)."""
 
+    @model_validator(mode="after")
+    def _distinct(self):
+        # two servers given one port: pvxs binds the second elsewhere with only a warning, and
+        # clients looking at the configured port never find it
+        ports: dict[int, list[str]] = {}
+        for key in ("ca_server_port", "ca_repeater_port", "pva_server_port", "pva_broadcast_port", "image_pva_port"):
+            ports.setdefault(getattr(self, key), []).append(key)
+        clash = [keys for keys in ports.values() if len(keys) > 1]
+        if clash:
+            raise ValueError(f"each port must be its own: {' = '.join(clash[0])} = {getattr(self, clash[0][0])}")
+        return self
+
 
 class AutosaveOptions(Strict):
     directory: Path = Path("autosave")
@@ -62,6 +78,15 @@ class AccessOptions(Strict):
     """Host names allowed to write control PVs; empty: any host."""
     write_users: list[str] = []
     """User names allowed to write control PVs; empty: any user."""
+
+    @field_validator("write_hosts", "write_users")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [it for it in v if not ACCESS_NAME.match(it)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a plain host or user name (no wildcards or address "
+                             "ranges: list each one)")
+        return v
 
 
 class PositionAttributes(Strict):

@@ -307,7 +307,23 @@ def score_scan2(out: Path, truth_path: Path, scan_path: str, registry: Path, liv
     return rows, panels
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_demo(args) -> int:
+    import signal
+
+    # a SIGTERM (a supervisor, a job scheduler, kill) stops the children as Ctrl-C does: without
+    # this the demo died at once, leaving the simulator and the IOC running, holding their ports
+    before = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run_demo(args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _run_demo(args) -> int:
     apply_loopback()
     from .procs import start_ioc, start_sim
 

@@ -142,3 +142,83 @@ def test_readme_pv_table_is_current():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     a, b = text.index(BEGIN), text.index(END) + len(END)
     assert text[a:b] == render(), "run: python -m ptychopv.ioc.pvtable --write README.md"
+
+
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(k) for k in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the children")
+def test_sigterm_stops_the_demo_and_every_child(tmp_path):
+    """A SIGTERM (a supervisor, a job scheduler) ended the demo at once and left the simulator and
+    the IOC running, holding their ports. It now stops them as Ctrl-C does."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptychopv", "demo", "--quick", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        line = ""
+        while "chain runs" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the demo ended before its chain ran"
+        kids = _children(proc.pid)
+        assert len(kids) >= 2, kids                      # the simulator and the IOC
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130 and "interrupted: stopping" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for pid in kids:
+        try:
+            os.kill(pid, 0)
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+        except (ProcessLookupError, FileNotFoundError):
+            continue
+        assert state == "Z", f"child {pid} still running"
+
+
+def _one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_common_mistakes_are_one_line_naming_what_is_wrong(tmp_path):
+    """A missing replay file, an autosave folder that is a file, a port another IOC still holds,
+    and a consumer list that is not numbers: one line and exit code 2, not a traceback."""
+    import os
+    import socket
+
+    from ptychopv.commands.scaleout import _ids
+    from ptychopv.config import ConfigError
+
+    from .conftest import CA_PORTS, write_ioc_config
+
+    r = run("sim", "--replay", str(tmp_path / "missing.h5"), timeout=60)
+    _one_line_error(r, "ptychopv sim:", "missing.h5")
+    h = write_ioc_config(tmp_path / "a", f"CE{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "a" / "autosave").write_text("a file where the folder should be")
+    _one_line_error(run("ioc", "--config", str(h.config), timeout=60), "ptychopv ioc:", "autosave.directory")
+    h = write_ioc_config(tmp_path / "b", f"CF{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    with socket.socket() as holder:                      # an IOC that is still running, say
+        holder.bind(("127.0.0.1", h.pva_port))
+        holder.listen()
+        _one_line_error(run("ioc", "--config", str(h.config), timeout=60), "epics.pva_server_port",
+                        f"port {h.pva_port}", "in use")
+    with pytest.raises(ConfigError, match="--consumers: '1-2' is not"):
+        _ids("1-2", 2)
+    assert _ids("2", 2) == [1] and _ids("all", 2) == [0, 1]

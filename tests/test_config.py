@@ -44,6 +44,8 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
     ({"colour": 1}, ["colour: unknown key", "allowed keys:", "epics", "sim"]),
     ({"sim": {"scan": {"centre_m": [0, 0]}}}, ["sim.scan.centre_m: unknown key", "center_m"]),
     ({"prefix": ""}, ["prefix", "non-empty"]),
+    ({"epics": {"pva_server_port": 5077}}, ["epics", "each port must be its own", "pva_server_port = image_pva_port"]),
+    ({"access": {"write_hosts": ["10.0.0.0/24"]}}, ["access.write_hosts", "'10.0.0.0/24'", "plain host"]),
 ])
 def test_bad_values_name_the_key(data, expect):
     with pytest.raises(ConfigError) as err:

@@ -410,6 +410,44 @@ def test_sigterm_during_a_job_stops_the_ioc_in_seconds_with_settings_saved(recon
     assert not alive, f"workers left running: {alive}"
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        try:
+            sk.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_sigterm_ends_the_ioc_even_when_nobody_reads_its_output(tmp_path):
+    """A parent that stopped reading the IOC's output (a demo that died, `ptychopv ioc | head`) made
+    the IOC's last line raise BrokenPipeError on the way out; the exit sequence stopped there and
+    the IOC hung for good, holding its ports and never saving its settings."""
+    from ptychopv.procs import child_env, ptychopv_args
+
+    h = write_ioc_config(tmp_path, f"BP{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    proc = subprocess.Popen(ptychopv_args("ioc", "--config", str(h.config)), env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        line = ""
+        while "ready" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the IOC ended before it was ready"
+        assert "ptychopv ioc: ready" in line
+        epics.caput(h.pv("ScaleFactor"), 2.5, wait=True)
+        proc.stdout.close()                      # nobody reads its output any more
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _port_free(h.pva_port)
+    saved = yaml.safe_load((tmp_path / "autosave" / f"{h.prefix.rstrip(':')}.softsav").read_text())
+    assert saved[h.pv("ScaleFactor")] == pytest.approx(2.5)
+
+
 def test_counters_saturate_instead_of_wrapping():
     from ptychopv.ioc.chain import INT32_MAX, saturated
 

@@ -37,11 +37,14 @@ def _ids(text: str, n: int) -> list[int]:
         return list(range(n))
     if text == "none":
         return []
-    ids = [int(t) - 1 for t in text.split(",") if t.strip()]
+    from ..config import ConfigError
+
+    try:
+        ids = [int(t) - 1 for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--consumers: {text!r} is not 'all', 'none' or consumer numbers like 1,2") from None
     bad = [i + 1 for i in ids if not 0 <= i < n]
     if bad:
-        from ..config import ConfigError
-
         raise ConfigError(f"--consumers: no consumer {bad[0]} (the config lists {n})")
     return ids
 
