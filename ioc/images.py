@@ -70,6 +70,11 @@ class ImageServer:
             self.provider.add(prefix + pv.name, shared)
         self.server = Server(providers=[self.provider], conf=pva_server_conf(port, broadcast_port), useenv=False)
 
+    @property
+    def port(self) -> int:
+        """The TCP port it serves on: the configured one, or pvxs's own choice where that was taken."""
+        return int(self.server.conf().get("EPICS_PVAS_SERVER_PORT", 0))
+
     def watched(self, name: str) -> bool:
         """True while at least one client has ``$(P)name`` open."""
         return self.watch[name].open

@@ -318,36 +318,39 @@ def epics_environment(cfg: Config) -> dict:
     return server_env(e.ca_server_port, e.pva_server_port, e.pva_broadcast_port, e.ca_repeater_port)
 
 
-def check_ports_free(cfg: Config) -> None:
-    """ConfigError naming the key when a TCP port the IOC serves on is taken on 127.0.0.1 (an IOC
-    still running): the EPICS servers would move to another port with only a warning, and
-    clients looking at the configured one would find nothing, or the old IOC."""
+def busy_ports(cfg: Config) -> list[str]:
+    """The IOC's TCP ports that another process already holds on 127.0.0.1, as ``epics.key N``.
+    EPICS servers then serve on a port of their own choosing, as several IOCs on one host do: UDP
+    searches still find them, a client given the configured port as its name server does not (nor
+    must it find the old process there instead), so the IOC says so as it starts."""
     import socket
 
-    from ..config import ConfigError
-
-    e = cfg.epics
+    busy = []
     for key in ("ca_server_port", "pva_server_port", "image_pva_port"):
-        port = getattr(e, key)
+        port = getattr(cfg.epics, key)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a connection in TIME_WAIT is no owner
             try:
                 sk.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise ConfigError(f"epics.{key}: port {port} on 127.0.0.1 is in use ({exc.strerror}); "
-                                  "is another IOC still running?") from None
+            except OSError:
+                busy.append(f"epics.{key} {port}")
+    return busy
 
 
 def run(cfg: Config) -> int:
     """Run the IOC in this process until SIGINT/SIGTERM; settings are saved on the way out."""
-    check_ports_free(cfg)
+    busy = busy_ports(cfg)
+    if busy:
+        print(f"ptychopv ioc: warning: {', '.join(busy)} in use on 127.0.0.1 (another IOC still running?): "
+              "served on other ports, found by UDP search but not at the configured port", flush=True)
     os.environ.update(epics_environment(cfg))  # before any EPICS library starts
     ioc = PtychoIOC(cfg)
     ioc.build()
     ioc.start()
     e = cfg.epics
     print(f"ptychopv ioc: ready prefix={cfg.prefix} ca=127.0.0.1:{e.ca_server_port} "
-          f"pva=127.0.0.1:{e.pva_server_port} images=127.0.0.1:{e.image_pva_port}", flush=True)
+          f"pva=127.0.0.1:{e.pva_server_port} images=127.0.0.1:{ioc.images.port}"
+          + (" (configured ports in use: see the warning)" if busy else ""), flush=True)
     try:
         ioc.serve_forever()
     finally:

@@ -448,6 +448,33 @@ def test_sigterm_ends_the_ioc_even_when_nobody_reads_its_output(tmp_path):
     assert saved[h.pv("ScaleFactor")] == pytest.approx(2.5)
 
 
+def test_ports_another_process_holds_are_said_and_the_ready_line_gives_the_image_servers_own(tmp_path):
+    """pvxs serves on a port of its own choosing when the configured one is taken (as several IOCs
+    on one host do), with only a log warning: the IOC printed the configured ports as where it was
+    ready. It now warns, naming the keys, and prints the image server's real port, where a client
+    finds the images."""
+    from p4p.client.thread import Context
+
+    h = write_ioc_config(tmp_path, f"PB{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    with socket.socket() as holder:                      # an IOC that is still running, say
+        holder.bind(("127.0.0.1", h.image_port))
+        holder.listen()
+        child = start_ioc(h.config, timeout=60)
+        try:
+            said = "\n".join(child.lines)
+            assert f"epics.image_pva_port {h.image_port} in use" in said
+            ready = next(line for line in child.lines if "ptychopv ioc: ready" in line)
+            port = int(ready.split("images=127.0.0.1:")[1].split()[0])
+            assert port != h.image_port
+            ctx = Context("pva", conf=pva_client_conf(h.pva_port, port), useenv=False)
+            try:
+                assert ctx.get(h.pv("Stitch:Image"), timeout=10) is not None   # found at the port it printed
+            finally:
+                ctx.close()
+        finally:
+            assert child.stop() == 0
+
+
 def test_counters_saturate_instead_of_wrapping():
     from ptychopv.ioc.chain import INT32_MAX, saturated
 
