@@ -173,3 +173,22 @@ def test_timestamped_lookup_waits_for_a_late_stage_reading():
     assert quick.position(frame(ts=1.0)) is None
     with pytest.raises(ValueError, match="wait_s"):
         TimestampedPositions(wait_s=-1.0)
+
+
+def test_a_full_sample_buffer_costs_no_more_per_sample_and_keeps_the_latest():
+    """Once full, every sample cut the oldest off the front of a list (31 us a sample at 100 000
+    samples, under the lock the stitch thread waits on). The buffer keeps exactly the latest
+    ``max_samples``, and the work per sample no longer grows with it."""
+    from ptychopv.plugins.positions import _Samples
+
+    s = _Samples(1000)
+    for k in range(5000):
+        s.add(float(k), float(k))
+        assert len(s) == min(k + 1, 1000)
+    assert s.at(3999.0, 0.1, False) is None and s.at(4000.0, 0.1, False) == 4000.0
+    assert s.at(4999.2, 0.5, True) == 4999.0 and len(s.t) < 2000     # dead samples are cut in bulk
+    s.add(10.0, -1.0)                                    # older than every live sample: falls out at once
+    assert len(s) == 1000 and s.at(10.0, 0.1, False) is None and s.at(4000.0, 0.1, False) == 4000.0
+    s.add(4500.5, -2.0)                                  # out of order, inside: kept in time order
+    assert s.at(4500.5, 0.01, False) == -2.0 and len(s) == 1000
+    assert s.t[s.lo:] == sorted(s.t[s.lo:])
