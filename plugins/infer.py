@@ -165,6 +165,10 @@ class InferPlugin(BatchingPlugin):
         if isinstance(work, _Call):
             self._settle(0)         # a swap (or any call) runs with nothing in flight
         super()._handle(work)
+        if self._in_flight and not self._nframes:
+            # nothing waits behind: pass on what is in flight now, on every path out of process()
+            # (a last batch of bad frames returns before it would settle the batch before it)
+            self._settle(0)
 
     def on_stop(self) -> None:
         self._settle(0)

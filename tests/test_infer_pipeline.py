@@ -120,6 +120,26 @@ def test_batches_run_side_by_side_and_leave_in_the_order_they_were_taken():
     assert infer.frames_out == 12 and infer.error_count == 0
 
 
+def test_a_last_batch_of_bad_frames_does_not_hold_back_the_batch_before_it():
+    """Batches in flight are passed on when the next batch is taken; one of only bad frames (NaN
+    readouts) returned before that, so the scan's last good frames waited, unstitched, for a frame
+    that might never come, while flush() said all was done."""
+    engine = Workers()
+    got: list[Frame] = []
+    infer = plugin(engine, got)
+    for uid in range(1, 5):
+        infer.put(frame(uid))
+    for uid in range(5, 9):
+        infer.put(Frame(np.full((N, N), np.nan, np.float32), unique_id=uid))
+    infer.start()
+    try:
+        assert infer.flush(30)
+        assert infer.in_flight == 0 and [f.unique_id for f in got] == [1, 2, 3, 4]
+        assert infer.bad_frames == 4 and engine.submitted == 1
+    finally:
+        infer.stop()
+
+
 def test_below_capacity_a_batch_goes_through_infer_at_once():
     engine = Workers()
     got: list[Frame] = []
