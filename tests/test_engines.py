@@ -948,3 +948,52 @@ def test_a_batch_that_raises_half_way_leaves_no_stale_slot(source, model_files):
     x = frames(1, seed=5)
     out = engine.infer(x)  # one frame: nothing of the failed call may land in it
     np.testing.assert_allclose(out["phase"], reference(model_files[0], x), atol=1e-4)
+
+
+def _odd_output_model(path, declared, node):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 32])
+    y = helper.make_tensor_value_info("phase", TensorProto.FLOAT, declared)
+    inits = [helper.make_tensor("ax", TensorProto.INT64, [1], [1])] if node == "Squeeze" else []
+    n = (helper.make_node("Squeeze", ["x", "ax"], ["phase"]) if node == "Squeeze" else
+         helper.make_node("AveragePool", ["x"], ["phase"], kernel_shape=[2, 2], strides=[2, 2]))
+    m = helper.make_model(helper.make_graph([n], "g", [x], [y], initializer=inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return ModelSource.from_onnx(path)
+
+
+def test_a_model_whose_output_is_not_one_phase_per_input_pixel_is_refused(tmp_path):
+    """A model whose output is not (B, 1, n, n) loaded and ran: a 16x16 phase per 32x32 frame, or a
+    1-D row of one, stitched with the wrong geometry and nothing said. ONNX Runtime now refuses a
+    declared output of another shape at load, and every engine an actual one at the first batch."""
+    pytest.importorskip("onnxruntime")
+    frames = np.random.default_rng(0).poisson(5, (3, 32, 32)).astype(np.float32)
+    for declared, node, words in ((["N", 1, 16, 16], "AveragePool", "[batch, 1, 32, 32]"),
+                                  (["N", 32, 32], "Squeeze", "[batch, 1, 32, 32]")):
+        src = _odd_output_model(tmp_path / f"{node}-{len(declared)}-{declared[-1]}.onnx", declared, node)
+        eng = None
+        with pytest.raises(ValueError, match=r"output .*phase") as err:
+            eng = select_engine(src, "onnxruntime", options={"onnxruntime": {"providers": "cpu", "sessions": 1}})
+            eng.infer(frames)
+        assert words in str(err.value)
+        if eng is not None:
+            eng.close()
+
+
+def test_any_engine_refuses_a_phase_of_another_shape_at_the_first_batch():
+    class Halving(Engine):
+        name = "halving"
+
+        def _load(self):
+            pass
+
+        def _run(self, x):
+            return {"phase": x[:, 0, ::2, ::2].astype(np.float32)}
+
+    eng = Halving(ModelSource(input_size=32))
+    with pytest.raises(ValueError, match=r"output 'phase' is \(3, 16, 16\) for a batch of 3 32x32 frames"):
+        eng.infer(np.ones((3, 32, 32), np.float32))

@@ -261,6 +261,14 @@ class Engine(ABC):
         if bad.size:
             x[bad] = 0
         out = self._run_padded(np.ascontiguousarray(x[:, None]))
+        for name in self.source.outputs:
+            shape = np.shape(out[name])
+            if shape != (len(frames), n, n):
+                # a model whose output is not (B, 1, n, n) gave a wrong-sized (or 1-D) phase per
+                # frame, stitched with the wrong geometry, and nothing said so
+                raise ValueError(f"{self.name}: output {name!r} is {shape} for a batch of {len(frames)} "
+                                 f"{n}x{n} frames, not ({len(frames)}, {n}, {n}): the model's output "
+                                 "must be (B, 1, n, n) like its input")
         valid = np.ones(len(frames), dtype=bool)
         valid[bad] = False
         for name in self.source.outputs:

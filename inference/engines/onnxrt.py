@@ -112,6 +112,12 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError(f"{self.source.onnx_path}: input {h}x{w} and outputs {names} do not "
                              f"match the model card ({self.source.input_size}, "
                              f"{self.source.outputs})")
+        bad = [(o.name, o.shape) for o in self._session.get_outputs()
+               if len(o.shape) != 4 or any(isinstance(d, int) and d != want
+                                           for d, want in zip(o.shape[1:], (1, h, w)))]
+        if bad:
+            raise ValueError(f"{self.source.onnx_path}: output {bad[0][0]} is {bad[0][1]}, not "
+                             f"[batch, 1, {h}, {w}] like the input")
         self._input = self._session.get_inputs()[0].name
         self._names = names
 
