@@ -9,11 +9,18 @@ The file is opened when the first frame arrives, since its shape and dtype fix t
 A frame whose shape differs from the scan's, or whose dtype cannot be stored without loss, is
 counted in ``frames_rejected`` and reported in ``last_message``, and the scan goes on.
 An existing file is never overwritten: the scan number moves on to a free name.
+
+A full disk must not cost the frames already recorded: HDF5 grows a file's datasets before it
+writes them, and a write that fails for want of room leaves a file HDF5 then refuses to open
+(all of it lost). So the recorder checks the free space as it goes and closes the scan, readable,
+while :data:`MIN_FREE_BYTES` (or room for :data:`RESERVE_FRAMES` more frames) are left; a write
+that fails all the same stops the capture with the reason (MAJOR).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -23,6 +30,11 @@ from ptychopv.io.scanfile import ScanWriter
 
 from .base import PluginBase
 from .frame import Frame
+
+
+MIN_FREE_BYTES = 256 * 2**20     # a capture stops while this much room is left on the scan's disk ...
+RESERVE_FRAMES = 256             # ... or room for this many more frames, whichever is more
+DISK_CHECK_EVERY = 16            # frames between free-space checks
 
 
 class RecorderPlugin(PluginBase):
@@ -105,7 +117,7 @@ class RecorderPlugin(PluginBase):
             return
         data = np.asarray(frame.data)
         if self._writer is None:
-            if data.ndim != 2:
+            if data.ndim != 2 or data.size == 0:
                 self._reject(f"frame {frame.unique_id}: shape {data.shape} is not a 2-D image; not recorded")
                 return
             try:
@@ -130,12 +142,44 @@ class RecorderPlugin(PluginBase):
         elif frame.stream != self._last_stream:
             self.report(f"{self._path.name}: the detector stream restarted at uniqueId {frame.unique_id} "
                         f"(frame {self.frames_captured}); marked in /entry/data/stream")
+        if self.frames_captured % DISK_CHECK_EVERY == 0 and not self._room(data.nbytes):
+            return
         self._last_stream = frame.stream
-        w.append(data, frame.unique_id, x, y, frame.timestamp, frame.stream)
+        try:
+            w.append(data, frame.unique_id, x, y, frame.timestamp, frame.stream)
+        except (OSError, RuntimeError) as exc:
+            self._end(f"{self._path.name}: writing frame {frame.unique_id} failed ({exc}); capture stopped "
+                      f"after {self.frames_captured} frames")
+            return
         self.frames_captured += 1
         if self.num_capture and self.frames_captured >= self.num_capture:
             self._stop()
         return
+
+    def _room(self, frame_bytes: int) -> bool:
+        """Is there room to go on? If not, the scan is closed while it can be (readable, every
+        frame so far in it) and the capture stops, said at MAJOR."""
+        try:
+            free = shutil.disk_usage(self._path.parent).free
+        except OSError:
+            return True                                   # cannot tell: the write itself will say
+        need = max(MIN_FREE_BYTES, RESERVE_FRAMES * frame_bytes)
+        if free >= need:
+            return True
+        self._end(f"{self._path.name}: the disk is nearly full ({free / 2**20:.0f} MiB left, {need / 2**20:.0f} "
+                  f"kept free); capture stopped after {self.frames_captured} frames, all in the file")
+        return False
+
+    def _end(self, message: str) -> None:
+        """Stop the capture by itself, closing the file as far as it can, and say why (MAJOR)."""
+        self._capture = False
+        try:
+            self._close()
+        except Exception as exc:  # noqa: BLE001 - the message says the capture stopped either way
+            message += f"; closing the file failed too ({exc})"
+            self._writer = None
+        self.scan_number += 1
+        self._reject(message, severity=2)
 
     def _reject(self, message: str, severity: int = 1) -> None:
         self.frames_rejected += 1

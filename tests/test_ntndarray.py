@@ -121,3 +121,28 @@ def test_a_stitched_image_survives_publishing_as_an_ntndarray():
     assert back.origin_m == img.origin_m and back.pixel_size_m == img.pixel_size_m
     with pytest.raises(ValueError, match="no PixelSize, OriginX, OriginY attribute"):  # one that does not say where it lies
         stitched_image(from_value(to_value(img.phase, 8)))
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zlib", "blosc", "bslz4"])
+def test_sizes_that_disagree_are_refused_before_anything_is_allocated(codec):
+    """The decoders trusted uncompressedSize (and blosc's, bslz4's own headers) and compared the
+    result with the dimensions only afterwards: a 400 kB payload claiming 4x4 inflated to 400 MB on
+    the thread that takes the detector's frames. A zero-size dimension decoded to an empty frame
+    that stopped a capture at its first frame."""
+    import resource
+
+    big = np.zeros((10240, 10240), np.uint16)              # 200 MB of zeros: a tiny payload
+    v = to_value(big, 1, codec=codec)
+    v.dimension = [{"size": 4}, {"size": 4}]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CodecError, match="uncompressedSize"):
+        from_value(v)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000     # kB: not 200 MB
+    w = to_value(np.zeros((4, 4), np.uint16), 1, codec=codec)
+    w.dimension = [{"size": 4}, {"size": 0}]
+    with pytest.raises(CodecError, match="must all be positive"):
+        from_value(w)
+    u = to_value(np.zeros((4, 4), np.uint16), 1, codec=codec)
+    u.uncompressedSize = 10**12                             # a header that asks for a terabyte
+    with pytest.raises(CodecError, match="uncompressedSize"):
+        from_value(u)

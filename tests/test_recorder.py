@@ -113,3 +113,57 @@ def test_unwritable_folder_stops_capture_with_a_message(tmp_path):
 def test_bad_template():
     with pytest.raises(ValueError, match="template"):
         RecorderPlugin(".", template="scan_{number}.h5")
+
+
+def test_a_disk_nearly_full_ends_the_capture_with_every_frame_so_far_readable(rec, monkeypatch):
+    """A write that fails for want of room leaves an HDF5 file that will not open at all (HDF5
+    grows the datasets first): every frame of the scan lost. The recorder now checks the free
+    space as it goes and closes the scan while it still can."""
+    import collections
+
+    import ptychopv.plugins.recorder as recorder
+
+    free = {"bytes": 10 * 2**30}
+    monkeypatch.setattr(recorder, "DISK_CHECK_EVERY", 4)
+    monkeypatch.setattr(recorder.shutil, "disk_usage",
+                        lambda path: collections.namedtuple("U", "total used free")(0, 0, free["bytes"]))
+    name = rec.start_capture().result(5)
+    rec.put([frame(i) for i in range(1, 7)])
+    assert rec.flush(5) and rec.capture and rec.frames_captured == 6
+    free["bytes"] = recorder.MIN_FREE_BYTES - 1          # the disk fills up
+    rec.put([frame(i) for i in range(7, 13)])
+    assert rec.flush(5)
+    assert not rec.capture and rec.frames_captured == 8  # stopped at the next check (every 4 frames)
+    assert "nearly full" in rec.last_message and rec.last_severity == 2
+    scan = read_scan(name)                               # closed, readable, all 8 frames in it
+    assert scan.unique_id.tolist() == list(range(1, 9))
+
+
+def test_a_write_that_fails_stops_the_capture_and_says_so(rec, monkeypatch):
+    from ptychopv.io import scanfile
+
+    real = scanfile.ScanWriter.append
+
+    def append(self, data, uid, *a, **k):
+        if uid == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, data, uid, *a, **k)
+
+    monkeypatch.setattr(scanfile.ScanWriter, "append", append)
+    name = rec.start_capture().result(5)
+    rec.put([frame(i) for i in range(1, 7)])
+    assert rec.flush(5)
+    assert not rec.capture and rec.frames_captured == 3 and rec.last_severity == 2
+    assert "writing frame 4 failed" in rec.last_message and "No space left" in rec.last_message
+    assert read_scan(name).unique_id.tolist() == [1, 2, 3]
+
+
+def test_an_empty_first_frame_is_rejected_and_the_capture_goes_on(rec):
+    """A compressed NTNDArray with a zero-size dimension decoded to an empty frame; as a scan's
+    first it failed the file's creation, which stopped the capture: the good frames after it lost."""
+    name = rec.start_capture().result(5)
+    empty = Frame(np.zeros((0, 6), np.uint16), 1, timestamp=1001.0)
+    rec.put([empty] + [frame(i) for i in range(2, 6)])
+    rec.stop_capture().result(5)
+    assert rec.frames_rejected == 1 and rec.frames_captured == 4
+    assert read_scan(name).unique_id.tolist() == [2, 3, 4, 5]

@@ -76,7 +76,9 @@ def bslz4_encode(arr: np.ndarray) -> bytes:
     return b"".join(out)
 
 
-def bslz4_decode(buf: bytes, dtype: np.dtype) -> np.ndarray:
+def bslz4_decode(buf: bytes, dtype: np.dtype, size: int | None = None) -> np.ndarray:
+    """``size``: the bytes expected; a header that says otherwise is refused before anything is
+    allocated for it."""
     dtype = np.dtype(dtype)
     itemsize = dtype.itemsize
     if len(buf) < 12:
@@ -84,6 +86,8 @@ def bslz4_decode(buf: bytes, dtype: np.dtype) -> np.ndarray:
     total, block_bytes = struct.unpack_from(">QI", buf, 0)
     if block_bytes == 0 or block_bytes % itemsize or total % itemsize:
         raise CodecError(f"bslz4 header inconsistent with {dtype} data (total {total}, block {block_bytes})")
+    if size is not None and total != size:
+        raise CodecError(f"bslz4 header inconsistent: it says {total} bytes, {size} expected")
     count = total // itemsize
     out = np.empty(count, dtype=dtype)
     pos = i = 0
@@ -132,9 +136,9 @@ def decode_payload(buf: bytes, codec: str, dtype: np.dtype, size: int) -> np.nda
         if codec == "lz4":
             raw = imagecodecs.lz4_decode(buf, header=False, out=size)
         elif codec == "bslz4":
-            return bslz4_decode(buf, dtype)
+            return bslz4_decode(buf, dtype, size)
         elif codec == "blosc":
-            raw = imagecodecs.blosc_decode(buf, numthreads=1)
+            raw = imagecodecs.blosc_decode(buf, numthreads=1, out=size)
         elif codec == "zlib":
             raw = imagecodecs.zlib_decode(buf, out=size)
         elif codec == "jpeg":
@@ -268,6 +272,8 @@ def from_value(v: Value) -> Decoded:
         raise CodecError("not an NTNDArray: no dimension array") from None
     if not dims:
         raise CodecError("NTNDArray has no dimensions")
+    if any(int(d) <= 0 for d in dims):
+        raise CodecError(f"NTNDArray dimension sizes {dims} must all be positive")
     shape = tuple(reversed(dims))
     codec = v["codec.name"] or "none"
     raw = v["value"]
@@ -281,7 +287,13 @@ def from_value(v: Value) -> Decoded:
             dtype = ND_DTYPES[int(code)]
         except (TypeError, ValueError, KeyError):
             raise CodecError(f"codec {codec!r} with unknown original data type {code!r} in codec.parameters") from None
-        data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, int(v["uncompressedSize"]))
+        size, expected = int(v["uncompressedSize"]), math.prod(shape) * np.dtype(dtype).itemsize
+        if size != expected:
+            # checked before decoding: a small payload must not make the decoder allocate what an
+            # uncompressedSize (or a blosc header) of its own says
+            raise CodecError(f"uncompressedSize {size} is not the {expected} bytes of a {shape} {np.dtype(dtype)} "
+                             "frame")
+        data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, size)
     if data.size != math.prod(shape):
         raise CodecError(f"NTNDArray holds {data.size} elements but its dimensions say {shape}")
     attrs = {a["name"]: a["value"] for a in v["attribute"]}
