@@ -18,6 +18,7 @@ position in metres as attributes and an optional codec. Control PVs (PVA, NTScal
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -29,6 +30,9 @@ from p4p.server.thread import SharedPV
 from .config import SimOptions
 from .io.ntndarray import CODECS, NTNDArrayWriter, to_value
 from .simulation import ScanSource
+
+MIN_RATE_HZ, MAX_RATE_HZ = 1e-3, 1e5     # FrameRate (the config's frame_rate_hz allows up to 1e5)
+WAIT_STEP_S = 0.1                         # the acquisition loop's longest wait: a put takes effect this soon
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,8 @@ class DetectorSimulator:
 
     def _put_rate(self, v) -> float:
         v = float(v)
-        if not v > 0:
-            raise ValueError(f"FrameRate must be > 0 Hz, got {v}")
+        if not (math.isfinite(v) and MIN_RATE_HZ <= v <= MAX_RATE_HZ):
+            raise ValueError(f"FrameRate must be {MIN_RATE_HZ:g} .. {MAX_RATE_HZ:g} Hz, got {v}")
         with self._lock:
             self.rate = v
             self._restart_clock = True
@@ -144,11 +148,17 @@ class DetectorSimulator:
                 rate = self.rate
             due = t0 + (self.counter - k0) / rate
             delay = due - time.perf_counter()
-            if delay > 0 and self._quit.wait(delay):
+            # wait in short steps: a FrameRate or Acquire written meanwhile takes effect at once
+            if delay > 0 and self._quit.wait(min(delay, WAIT_STEP_S)):
                 return
-            if not self._acquiring.is_set():
+            if not self._acquiring.is_set() or delay > WAIT_STEP_S:
                 continue
-            self._send_one()
+            try:
+                self._send_one()
+            except Exception:  # noqa: BLE001 - one frame that fails must not end the acquisition
+                log.exception("frame %d not sent", self.index)
+                self.index += 1
+                self._quit.wait(WAIT_STEP_S)
             rate_n += 1
             now = time.perf_counter()
             if now - rate_t >= 0.5:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -112,9 +113,29 @@ def test_bad_control_values_are_refused(sim):
     ctx, p, _ = sim
     with pytest.raises(Exception, match="Codec must be one of"):
         ctx.put(p + "Codec", "gzip9")
-    with pytest.raises(Exception, match="FrameRate must be > 0"):
-        ctx.put(p + "FrameRate", -3.0)
+    for bad in (-3.0, 0.0, 1e-10, float("inf"), float("nan"), 1e6):
+        with pytest.raises(Exception, match="FrameRate must be"):
+            ctx.put(p + "FrameRate", bad)
     assert ctx.get(p + "FrameRate").value == 200.0
+
+
+def test_a_slow_rate_then_a_fast_one_takes_effect_at_once(sim):
+    """At 0.001 Hz the acquisition loop slept 1000 s in one wait, deaf to a new FrameRate; at 1e-10
+    Hz the wait overflowed and the thread died, the server serving nothing for good."""
+    ctx, p, _ = sim
+    frames = Frames(ctx, p + "Pva1:Image")
+    frames.take(1)
+    try:
+        ctx.put(p + "FrameRate", 0.001)
+        ctx.put(p + "Acquire", 1)
+        frames.take(1)                                   # the first frame goes at once
+        ctx.put(p + "FrameRate", 200.0)
+        t0 = time.monotonic()
+        got = frames.take(5)
+        assert len(got) == 5 and time.monotonic() - t0 < 5
+    finally:
+        ctx.put(p + "Acquire", 0)
+        ctx.put(p + "FrameRate", 200.0)
 
 
 def test_replay_of_a_recorded_scan(tmp_path, sim):
