@@ -60,6 +60,8 @@ class ConsumerStats:
     duplicates: int = 0
     last_uid: int | None = None       # in the current acquisition
     last_seq: int | None = None
+    reported: tuple[int, int] = (0, 0)     # its own missed, errors counters as last reported
+    base: tuple[int, int] = (0, 0)         # what it had reported before it restarted (counters from 0)
     last_time: float = 0.0
     times: deque = field(default_factory=deque)
 
@@ -104,6 +106,7 @@ class Gatherer:
         self.missing = 0               # uniqueIds never seen between two handed on
         self.duplicates = 0
         self.acquisitions = 0
+        self._acquisition_t0 = 0.0     # the detector's timestamp of the frame that began this acquisition
         self.last_message = ""
         self._stop = threading.Event()
         self._tick: threading.Thread | None = None
@@ -183,15 +186,24 @@ class Gatherer:
                 if c.last_seq is not None and seq > c.last_seq + 1:
                     c.lost += seq - c.last_seq - 1
                 c.last_seq = seq
-            if CONSUMER_MISSED in attrs:
-                c.missed = int(attrs[CONSUMER_MISSED])
-            if CONSUMER_ERRORS in attrs:
-                c.errors = int(attrs[CONSUMER_ERRORS])
+            if CONSUMER_MISSED in attrs or CONSUMER_ERRORS in attrs:
+                got = (int(attrs.get(CONSUMER_MISSED, c.reported[0])), int(attrs.get(CONSUMER_ERRORS, c.reported[1])))
+                if got[0] < c.reported[0] or got[1] < c.reported[1]:
+                    # the consumer restarted: its counters begin again, what it counted before stays
+                    c.base = (c.base[0] + c.reported[0], c.base[1] + c.reported[1])
+                c.reported = got
+                c.missed, c.errors = c.base[0] + got[0], c.base[1] + got[1]
             c.frames += 1
             c.times.append(now)
             c.rate(now)
+            if 0 < frame.timestamp < self._acquisition_t0:
+                # taken before the frame that began this acquisition: a consumer that ran behind
+                # still sends the last one's; not merged into this one (nor taken for a new one)
+                c.late += 1
+                self.report(f"{c.name}: uniqueId {uid} belongs to the acquisition before; not stitched")
+                return
             if c.last_uid is not None and uid < c.last_uid:
-                self._new_acquisition(c, uid)
+                self._new_acquisition(c, uid, frame.timestamp)
             if uid in self._recent_set or uid in self._buffered:
                 c.duplicates += 1
                 self.duplicates += 1
@@ -210,9 +222,10 @@ class Gatherer:
             self._buffered.add(uid)
             self._release_locked(now)
 
-    def _new_acquisition(self, c: ConsumerStats, uid: int) -> None:
+    def _new_acquisition(self, c: ConsumerStats, uid: int, t0: float = 0.0) -> None:
         self._release_locked(None)       # everything of the last acquisition goes out first
         self.acquisitions += 1
+        self._acquisition_t0 = t0        # the detector's time of its first frame (0: not stamped)
         self._released = None
         self._recent.clear()
         self._recent_set.clear()

@@ -199,3 +199,51 @@ def test_a_result_whose_counters_are_malformed_is_counted_and_the_next_one_taken
     g.update(0, to_value(np.ones((8, 8), np.float32), 2, attributes={CONSUMER_SEQ: 2}))
     g.flush()
     assert sink.uids == [2]
+
+
+def test_a_consumer_behind_at_a_new_acquisition_does_not_merge_the_last_one_into_it():
+    """Consumer B runs behind: after A's first result of the next scan, B still sends the last
+    scan's 8 and 10. They were merged into the new scan, and B's first new result (2, lower than
+    10) was taken for yet another acquisition: a second reset of the image. Frames taken before
+    the one that began an acquisition (the detector's timestamps) now count as late."""
+    g, sink = gatherer(n=2)
+
+    def f(uid, scan):
+        return Frame(np.zeros((4, 4), np.float32), uid, timestamp=(0 if scan == 1 else 100) + uid,
+                     attributes={"scan": scan})
+
+    for u in (1, 3, 5, 7, 9):
+        g.add(0, f(u, 1))
+    for u in (2, 4, 6):
+        g.add(1, f(u, 1))
+    g.add(0, f(1, 2))                                   # the next scan begins
+    g.add(1, f(8, 1))
+    g.add(1, f(10, 1))                                  # B's last two of the scan before
+    g.add(0, f(3, 2))
+    g.add(0, f(5, 2))
+    for u in (2, 4, 6):
+        g.add(1, f(u, 2))
+    g.flush()
+    got = [(x.unique_id, x.attributes["scan"]) for b in sink.batches for x in b]
+    assert got == [(u, 1) for u in (1, 2, 3, 4, 5, 6, 7, 9)] + [(u, 2) for u in range(1, 7)]
+    assert g.acquisitions == 1 and g.consumers[1].late == 2 and g.missing == 1
+
+
+def test_a_restarted_consumer_keeps_what_it_counted_before():
+    """A consumer process that died and was restarted reports its counters from 0 again: they
+    replaced what it had counted, and its dropped count fell back to 0."""
+    g, sink = gatherer(n=1)
+
+    def v(uid, seq, missed, errors):
+        return to_value(np.ones((8, 8), np.float32), uid,
+                        attributes={CONSUMER_SEQ: seq, CONSUMER_MISSED: missed, CONSUMER_ERRORS: errors})
+
+    g.update(0, v(1, 1, 0, 0))
+    g.update(0, v(5, 2, 3, 0))
+    g.update(0, v(8, 3, 3, 2))
+    assert g.stats()["dropped"] == [5]
+    g.update(0, RuntimeError("Disconnected"))
+    g.update(0, v(20, 1, 0, 0))                         # restarted: its counters begin at 0
+    assert g.stats()["dropped"] == [5]
+    g.update(0, v(22, 2, 1, 1))                         # and count on from there
+    assert g.stats()["dropped"] == [7]
