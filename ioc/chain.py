@@ -204,7 +204,11 @@ class LiveChain:
             # autosave), the reason stays in Infer:Message_RBV
             self._message("Infer", str(exc))
             self.models.selected = previous
-            self.ioc.rec["Model:Select"].set(previous, process=False)
+            from .server import still_written
+
+            if still_written(self.ioc.rec["Model:Select"], int(version)):
+                self.ioc.rec["Model:Select"].set(previous, process=False)
+            # else a put that came while this load ran is waiting to be processed: it decides
             return previous
         return int(version)
 
@@ -488,6 +492,7 @@ class LiveChain:
         on("Model:Select")(self._model_select)
         self.ioc.check("Model:Select")(self.models.check)   # no such version, or known broken: refused
         self.ioc.check("Stitch:PositionSource")(self._position_available)
+        self._assert_internal_ports()
 
     def _set_port(self, channel: str) -> None:
         self.source.connect(str(channel))
@@ -497,7 +502,17 @@ class LiveChain:
         own = self.ioc.prefix + upstream
         if channel != own:
             self._message(stage, f"{stage} reads {own} inside the IOC; NDArrayPort kept")
+            # the setting too, or autosave keeps the refused channel and a restart shows it
+            self.ioc.rec[f"{stage}:NDArrayPort"].set(own, process=False)
         return own
+
+    def _assert_internal_ports(self) -> None:
+        """The internal stages' NDArrayPort as they are, whatever an older autosave file restored."""
+        for stage, upstream in (("Stitch", "Infer:Phase"), ("Refine", "Stitch:Image")):
+            own = self.ioc.prefix + upstream
+            if str(self.ioc.rec[f"{stage}:NDArrayPort"].get()) != own:
+                self.ioc.rec[f"{stage}:NDArrayPort"].set(own, process=False)
+                self.ioc.set(f"{stage}:NDArrayPort_RBV", own)
 
     def _reset_image(self) -> None:
         """A new image: the stitched one and its refinement together (Stitch:Reset, a capture)."""
@@ -520,6 +535,12 @@ class LiveChain:
     async def _capture(self, on: int) -> None:
         import asyncio
 
+        if on and self._capturing and self.recorder.capture:
+            # as areaDetector's Capture: 1 while capturing changes nothing (it closed the scan
+            # without the end-of-scan signal, and restarted the live image, before)
+            self.ioc.set("Scan:Capture_RBV", 1)
+            return
+        ending = self._capture_file           # a capture the recorder may have ended by itself
         self._capture_file = None             # the stats loop watches only a capture that has started
         if on:
             self._reset_image()
@@ -538,6 +559,8 @@ class LiveChain:
             self._force("Scan:FileName_RBV", str(result))
             self._capture_file = str(result)
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
+        if not on and not result and ending and self.recorder.frames_captured and Path(ending).exists():
+            result = ending                   # it had ended by itself, before the stats loop saw it
         if not on and result:
             self._capture_ended(result)
 

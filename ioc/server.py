@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .. import __version__
 from ..config import Config, resolve
 from ..io.epics_env import server_env
@@ -134,7 +136,8 @@ class PtychoIOC:
                 except Exception as exc:  # noqa: BLE001 - the setting goes back; the IOC goes on
                     log.exception("%s hook", pv.name)
                     self.refused(pv.name, value, str(exc) or type(exc).__name__)
-                    if rbv:
+                    if rbv and still_written(self.rec[pv.name], value):
+                        # (a put that came while the hook ran is waiting to be processed: it decides)
                         self.rec[pv.name].set(self.rec[rbv].get(), process=False)
                     return
                 if result is not None:
@@ -316,6 +319,22 @@ def _check_client_ip() -> None:
 def epics_environment(cfg: Config) -> dict:
     e = cfg.epics
     return server_env(e.ca_server_port, e.pva_server_port, e.pva_broadcast_port, e.ca_repeater_port)
+
+
+def still_written(record, value) -> bool:
+    """Does ``record``'s VAL field still hold ``value``? A put that came while the record was busy
+    (PACT) has written its value to VAL and waits to be processed; softioc's ``get()`` gives the
+    last value processed, so VAL is read from the database (as a string, as dbgf does)."""
+    try:
+        val = record.get_field("VAL")
+    except Exception:  # noqa: BLE001 - unreadable: assume nothing came
+        return True
+    if np.ndim(value):
+        return True                                       # an array: VAL shows its first element only
+    try:
+        return float(val) == float(value)
+    except (TypeError, ValueError):
+        return str(val) == str(value)[:len(val)] if val else str(value) == ""
 
 
 def busy_ports(cfg: Config) -> list[str]:

@@ -246,6 +246,26 @@ def test_a_capture_the_recorder_cannot_write_ends_and_the_records_say_so(beamlin
     assert caget(h.pv("Scan:Message_RBV.SEVR"), as_string=True) == "NO_ALARM"
 
 
+def test_capture_1_while_capturing_changes_nothing(beamline):
+    """As areaDetector's Capture: a second 1 (a plan that starts every scan with it) closed the scan
+    without the end-of-scan signal (the controller never saw it) and restarted the live image."""
+    h, ctx, sp, folder = beamline
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    name = caget(h.pv("Scan:FileName_RBV"), as_string=True)
+    number = caget(h.pv("Scan:Number_RBV"))
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) >= 5, what="frames captured")
+    epics.caput(h.pv("Scan:Capture"), 1, wait=True)
+    assert caget(h.pv("Scan:FileName_RBV"), as_string=True) == name and caget(h.pv("Scan:Number_RBV")) == number
+    assert caget(h.pv("Scan:Capture_RBV"), as_string=True) == "Capturing"
+    # to the scan's end, so that the next test's Acquire starts the scan again
+    wait_until(lambda: ctx.get(sp + "Acquire").value == 0, what="the simulated scan to end")
+    epics.caput(h.pv("Scan:Capture"), 0, wait=True)
+    scan = read_scan(folder / "scans" / name.split("/")[-1])
+    wait_until(lambda: caget(h.pv("Scan:FramesCaptured_RBV")) == len(scan), what="the count of frames in the file")
+    assert len(scan) >= 5 and not (folder / "scans" / f"scan_{number + 1:05d}.h5").exists()
+
+
 def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)

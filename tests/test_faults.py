@@ -205,6 +205,57 @@ def test_a_restart_from_an_autosave_file_of_defaults_restores_them_all_and_0_is_
         assert child.stop() == 0
 
 
+def test_an_internal_stages_port_keeps_its_channel_through_a_put_and_a_restart(tmp_path):
+    """Stitch and Refine read their upstream inside the IOC: a put of another channel was answered
+    with the readback, but the setting kept it, autosave saved it and a restart showed it."""
+    h = write_ioc_config(tmp_path, f"NP{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    (tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").write_text(yaml.safe_dump({
+        p + "Stitch:NDArrayPort": "OLD:Image"}))             # written by an IOC before the fix
+    child = start_ioc(h.config, timeout=60)
+    try:
+        own = p + "Infer:Phase"
+        assert caget(h.pv("Stitch:NDArrayPort"), as_string=True) == own
+        assert caget(h.pv("Stitch:NDArrayPort_RBV"), as_string=True) == own
+        epics.caput(h.pv("Refine:NDArrayPort"), "foo:Image", wait=True)
+        assert caget(h.pv("Refine:NDArrayPort"), as_string=True) == p + "Stitch:Image"
+        assert "inside the IOC" in caget(h.pv("Refine:Message_RBV"), as_string=True)
+    finally:
+        assert child.stop() == 0
+    saved = yaml.safe_load((tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").read_text())
+    assert saved[p + "Refine:NDArrayPort"] == p + "Stitch:Image" and saved[p + "Stitch:NDArrayPort"] == own
+
+
+def test_a_selection_written_while_a_failing_load_runs_is_the_one_that_counts(tmp_path):
+    """Model:Select completes when its load does; a second put that came meanwhile (Phoebus, caput
+    without -c) is processed after. When the first load failed, the hook put the old selection back
+    into the record and the waiting put was processed with it: the operator's 5 became 0."""
+    from ptychopv.procs import child_env
+
+    h = write_ioc_config(tmp_path, f"SR{os.getpid()}:", CA_PORTS[1])
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("select_race_ioc.py")), str(tmp_path)],
+                            env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "ready" not in line:
+            line = proc.stdout.readline()
+            assert line, "the IOC ended before it was ready"
+        epics.caput(h.pv("Model:Select"), 3, wait=False)
+        wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 1, what="the load of v3 running")
+        epics.caput(h.pv("Model:Select"), 5, wait=False)
+        wait_until(lambda: caget(h.pv("Model:Select")) == 5, what="the second put waiting")
+        (tmp_path / "release").write_text("")               # v3 fails now; v5 will load
+        calls = tmp_path / "calls"
+        wait_until(lambda: calls.exists() and calls.read_text() == "3,5", what="v5 selected")
+        wait_until(lambda: caget(h.pv("Model:Select_RBV")) == 5, what="the readback")
+        assert caget(h.pv("Model:Select")) == 5
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def test_an_unreadable_autosave_file_is_moved_aside(tmp_path):
     h = write_ioc_config(tmp_path, f"PU{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
     (tmp_path / "autosave").mkdir()
