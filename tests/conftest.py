@@ -135,3 +135,17 @@ def pva_ctx(ioc):
     ctx = Context("pva", conf=ioc.pva_conf(), useenv=False, unwrap=False)
     yield ctx
     ctx.close()
+
+
+def read_until(proc, text: str, timeout: float = 90.0) -> str:
+    """Read a child process's stdout (a raw ``Popen``, text mode) up to the first line holding
+    ``text``, and return that line; fails if the child ends or the deadline passes first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    line = ""
+    while text not in line:
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout:g} s"
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"the child ended before {text!r}"
+    return line

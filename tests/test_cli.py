@@ -162,16 +162,13 @@ def test_sigterm_stops_the_demo_and_every_child(tmp_path):
     the IOC running, holding their ports. It now stops them as Ctrl-C does."""
     import os
     import signal
-    import time
+
+    from .conftest import read_until
 
     proc = subprocess.Popen([sys.executable, "-m", "ptychopv", "demo", "--quick", "--out", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
-        line = ""
-        while "chain runs" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the demo ended before its chain ran"
+        read_until(proc, "chain runs", 180)
         kids = _children(proc.pid)
         assert len(kids) >= 2, kids                      # the simulator and the IOC
         proc.send_signal(signal.SIGTERM)

@@ -34,7 +34,7 @@ from ptychopv.inference.registry import ModelRegistry, shipped_registry
 from ptychopv.io.epics_env import free_port, pva_client_conf
 from ptychopv.procs import start_ioc, start_sim
 
-from .conftest import CA_PORTS, hpc_loop_extra, write_ioc_config
+from .conftest import CA_PORTS, hpc_loop_extra, read_until, write_ioc_config
 from .test_chain import caget, wait_until
 
 pytestmark = [pytest.mark.epics, pytest.mark.slow]
@@ -238,10 +238,7 @@ def test_a_selection_written_while_a_failing_load_runs_is_the_one_that_counts(tm
                             env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        line = ""
-        while "ready" not in line:
-            line = proc.stdout.readline()
-            assert line, "the IOC ended before it was ready"
+        read_until(proc, "ptychopv ioc: ready")
         epics.caput(h.pv("Model:Select"), 3, wait=False)
         wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 1, what="the load of v3 running")
         epics.caput(h.pv("Model:Select"), 5, wait=False)
@@ -480,12 +477,7 @@ def test_sigterm_ends_the_ioc_even_when_nobody_reads_its_output(tmp_path):
     proc = subprocess.Popen(ptychopv_args("ioc", "--config", str(h.config)), env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 90
-        line = ""
-        while "ready" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "the IOC ended before it was ready"
-        assert "ptychopv ioc: ready" in line
+        read_until(proc, "ptychopv ioc: ready")
         epics.caput(h.pv("ScaleFactor"), 2.5, wait=True)
         proc.stdout.close()                      # nobody reads its output any more
         proc.send_signal(signal.SIGTERM)
