@@ -54,6 +54,7 @@ class LiveChain:
         self.last_scan_file: str | None = None
         self._capturing = False
         self._capture_file: str | None = None   # the file of a capture that has started, until it ends
+        self._capture_lock = threading.Lock()    # the stats loop and a put of 0 may both end it: once
         self.references: dict[int, float] = {}   # version -> SSIM on its training scan
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
@@ -540,8 +541,9 @@ class LiveChain:
             # without the end-of-scan signal, and restarted the live image, before)
             self.ioc.set("Scan:Capture_RBV", 1)
             return
-        ending = self._capture_file           # a capture the recorder may have ended by itself
-        self._capture_file = None             # the stats loop watches only a capture that has started
+        ending = self._take_capture_file()    # a capture the recorder may have ended by itself
+        if on and ending and not self.recorder.capture and self.recorder.frames_captured and Path(ending).exists():
+            self._capture_ended(ending)       # ... just before this new one: it is a finished scan
         if on:
             self._reset_image()
             self.source.set_niced(False)      # a capture takes every frame: receive at full priority
@@ -564,6 +566,13 @@ class LiveChain:
         if not on and result:
             self._capture_ended(result)
 
+    def _take_capture_file(self) -> str | None:
+        """The started capture's file, and from now on none (the stats loop watches only a
+        capture that has started)."""
+        with self._capture_lock:
+            path, self._capture_file = self._capture_file, None
+        return path
+
     def _capture_ended(self, path: str) -> None:
         self.last_scan_file = path
         for fn in self.on_capture_end:
@@ -576,7 +585,9 @@ class LiveChain:
         """The recorder ended a capture by itself (its file could not be opened, or it took the
         frames it was asked for): the records, the source's priority and the frame gate follow, as
         after a put of 0, and a file it wrote is a finished scan (the controller's cue)."""
-        path, self._capture_file = self._capture_file, None
+        path = self._take_capture_file()
+        if path is None:                      # a put of 0 is ending it
+            return
         self._capturing = False
         self.source.set_niced(True)
         self.ioc.rec["Scan:Capture"].set(0, process=False)

@@ -291,8 +291,8 @@ def from_value(v: Value) -> Decoded:
         if size != expected:
             # checked before decoding: a small payload must not make the decoder allocate what an
             # uncompressedSize (or a blosc header) of its own says
-            raise CodecError(f"uncompressedSize {size} is not the {expected} bytes of a {shape} {np.dtype(dtype)} "
-                             "frame")
+            raise CodecError(f"uncompressedSize {size} does not match the dimensions {shape} of {np.dtype(dtype)} "
+                             f"({expected} bytes)")
         data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, size)
     if data.size != math.prod(shape):
         raise CodecError(f"NTNDArray holds {data.size} elements but its dimensions say {shape}")
