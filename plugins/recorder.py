@@ -121,8 +121,10 @@ class RecorderPlugin(PluginBase):
                 self._reject(f"frame {frame.unique_id}: shape {data.shape} is not a 2-D image; not recorded")
                 return
             try:
+                # exclusive: a file that appeared since the capture chose this free name (another
+                # writer) is never overwritten; the capture stops and says so
                 self._writer = ScanWriter(self._path, data.shape, data.dtype, scan_id=self._path.stem,
-                                          flush_every=self.flush_every, **self.metadata)
+                                          flush_every=self.flush_every, exclusive=True, **self.metadata)
             except (OSError, ValueError) as exc:
                 self._capture = False                     # one message, not one per frame
                 self._reject(f"cannot open {self._path}: {exc}; capture stopped", severity=2)

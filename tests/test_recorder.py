@@ -167,3 +167,16 @@ def test_an_empty_first_frame_is_rejected_and_the_capture_goes_on(rec):
     rec.stop_capture().result(5)
     assert rec.frames_rejected == 1 and rec.frames_captured == 4
     assert read_scan(name).unique_id.tolist() == [2, 3, 4, 5]
+
+
+def test_a_file_that_appears_after_the_capture_chose_its_name_is_never_overwritten(rec):
+    """The recorder picks a free name when a capture starts but creates the file at its first
+    frame; a file another writer made in between was overwritten."""
+    name = rec.start_capture().result(5)
+    with open(name, "w") as f:
+        f.write("another writer's data")
+    rec.put([frame(i) for i in range(1, 4)])
+    assert rec.flush(5)
+    assert not rec.capture and rec.last_severity == 2 and "cannot open" in rec.last_message
+    with open(name) as f:
+        assert f.read() == "another writer's data"

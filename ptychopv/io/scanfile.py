@@ -67,14 +67,15 @@ class ScanWriter:
 
     def __init__(self, path: str | Path, frame_shape: tuple[int, int], dtype, *, scan_id: str = "",
                  energy_ev: float = float("nan"), detector_distance_m: float = float("nan"),
-                 detector_pixel_size_m: float = float("nan"), flush_every: int = 1):
+                 detector_pixel_size_m: float = float("nan"), flush_every: int = 1, exclusive: bool = False):
+        """``exclusive``: refuse (FileExistsError) rather than overwrite a file already there."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.frame_shape = tuple(int(s) for s in frame_shape)
         self.dtype = np.dtype(dtype)
         self.flush_every = max(1, int(flush_every))
         self.count = 0
-        self._file = h5py.File(self.path, "w")
+        self._file = h5py.File(self.path, "w-" if exclusive else "w")
         entry = self._file.require_group("entry")
         entry.attrs.update(scan_id=scan_id, energy_ev=energy_ev, detector_distance_m=detector_distance_m,
                            detector_pixel_size_m=detector_pixel_size_m,
