@@ -109,7 +109,9 @@ def _open(path: Path, mode: str, wait_s: float = 30.0) -> h5py.File:
             f = h5py.File(path, mode)
             break
         except OSError as exc:  # e.g. a labeller appending while a trainer reads
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+            if "lock" not in str(exc).lower():
+                raise ValueError(f"training corpus {path} is not a readable HDF5 file: {exc}") from None
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
     if f.attrs.get("format") != FORMAT:

@@ -333,10 +333,28 @@ def reconstruct_file(scan_path: str | os.PathLike, out_path: str | os.PathLike |
                      abort=None) -> tuple[Reconstruction, Path]:
     """Reconstruct the scan file and write the result (default: beside it, ``*_recon.h5``)."""
     opts = options if isinstance(options, ReconOptions) else ReconOptions.model_validate(options or {})
+    out = Path(out_path or recon_path_for(scan_path))
+    check_output(out, scan_path)
     scan = load_scan(scan_path, opts)
     rec = reconstruct(scan, opts, progress, abort)
     rec.scan_file = str(Path(scan_path).resolve())
     if not rec.scan_id:
         rec.scan_id = Path(scan_path).name
-    out = write_reconstruction(rec, out_path or recon_path_for(scan_path))
+    out = write_reconstruction(rec, out)
     return rec, out
+
+
+def check_output(out: str | os.PathLike, scan_path: str | os.PathLike) -> None:
+    """ValueError, before any work, where writing a reconstruction to ``out`` would destroy data:
+    the scan itself, or a file there that is not an earlier reconstruction (which is replaced)."""
+    out = Path(out)
+    if out.exists() and Path(scan_path).exists() and out.resolve() == Path(scan_path).resolve():
+        raise ValueError(f"the output {out} is the scan itself: a measured scan is never overwritten")
+    if out.exists():
+        try:
+            with h5py.File(out, "r") as f:
+                ours = GROUP in f and f[GROUP].attrs.get("format") == FORMAT
+        except OSError:
+            ours = False
+        if not ours:
+            raise ValueError(f"{out} exists and is not a reconstruction: not overwritten (choose another output)")

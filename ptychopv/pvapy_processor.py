@@ -62,12 +62,20 @@ class PtychoProcessor(AdImageProcessor):
             self.core.set_scale(float(configDict["scale"]))
 
     def process(self, pvObject):
-        uid, image, _, _, _, _, _ = self.reshapeNtNdArray(pvObject)
-        attrs = {}
-        for a in pvObject["attribute"]:
-            v = _attribute_value(a.get("value"))
-            if isinstance(v, (bool, int, float, str, np.integer, np.floating)):
-                attrs[a["name"]] = v
+        try:
+            uid, image, _, _, _, _, _ = self.reshapeNtNdArray(pvObject)
+            attrs = {}
+            for a in pvObject["attribute"]:
+                v = _attribute_value(a.get("value"))
+                if isinstance(v, (bool, int, float, str, np.integer, np.floating)):
+                    attrs[a["name"]] = v
+        except Exception as exc:  # noqa: BLE001 - counted as this consumer's error, not raised
+            try:
+                uid = int(pvObject["uniqueId"])
+            except Exception:  # noqa: BLE001
+                uid = None
+            self.core.reject(uid, f"not decoded: {type(exc).__name__}: {exc}")
+            return None
         phase, out_attrs = self.core.process(int(uid), image, attrs)
         if phase is None:
             return None

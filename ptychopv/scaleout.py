@@ -150,6 +150,14 @@ class ConsumerCore:
         log.info(text)
 
     # ------------------------------------------------------------------ frames
+    def reject(self, uid: int | None, why: str) -> None:
+        """A frame that arrived and could not even be read (pvaPy could not reshape it): an error
+        of this consumer, not a gap in its input."""
+        if uid is not None:
+            self.count_input(uid)
+        self.errors += 1
+        self.report(f"consumer {self.consumer_id}: frame {uid}: {why}")
+
     def count_input(self, uid: int) -> None:
         """Input gaps of this consumer's share of the stream (stride ``n_consumers``)."""
         last = self._last_uid

@@ -212,3 +212,27 @@ def test_common_mistakes_are_one_line_naming_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="--consumers: '1-2' is not"):
         _ids("1-2", 2)
     assert _ids("2", 2) == [1] and _ids("all", 2) == [0, 1]
+
+
+def test_a_command_never_destroys_a_scan_and_reads_a_corrupt_corpus_in_one_line(tmp_path):
+    """`reconstruct -o` naming the scan itself replaced the measured scan with the reconstruction
+    and said it had succeeded; `train` on a corpus that is not HDF5 printed a traceback."""
+    pytest.importorskip("ptychi")
+    from .recon_helpers import write_sim_scan
+
+    scan = write_sim_scan(tmp_path / "scan.h5", n=32, beam_px=8.0, extent_px=24.0, object_px=96)
+    before = scan.read_bytes()
+    for out in (scan, tmp_path / "notes.h5"):
+        if out != scan:
+            out.write_text("the operator's notes")
+        r = run("reconstruct", str(scan), "-o", str(out), "--iterations", "1", "--quiet", "--beam-px", "8")
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "overwritten" in r.stderr, r.stderr[-1000:]
+    assert scan.read_bytes() == before and (tmp_path / "notes.h5").read_text() == "the operator's notes"
+    r = run("reconstruct", str(scan), "--iterations", "1", "--quiet", "--beam-px", "8")
+    assert r.returncode == 0, r.stderr[-1000:]
+    r = run("reconstruct", str(scan), "--iterations", "1", "--quiet", "--beam-px", "8")   # an earlier one: replaced
+    assert r.returncode == 0, r.stderr[-1000:]
+    (tmp_path / "bad.h5").write_text("junk")
+    r = run("train", "--corpus", str(tmp_path / "bad.h5"), "--registry", str(tmp_path / "reg"), "--epochs", "1",
+            "--quiet")
+    _one_line_error(r, "ptychopv train:", "not a readable HDF5")

@@ -15,6 +15,7 @@ from ptychopv.plugins.gather import CONSUMER_ERRORS, CONSUMER_MISSED, CONSUMER_S
 from ptychopv.scaleout import ConsumerCore
 
 from .test_chain import wait_until
+from .test_discovery import requires_pvapy
 
 
 class Sink:
@@ -247,3 +248,66 @@ def test_a_restarted_consumer_keeps_what_it_counted_before():
     assert g.stats()["dropped"] == [5]
     g.update(0, v(22, 2, 1, 1))                         # and count on from there
     assert g.stats()["dropped"] == [7]
+
+
+PROCESSOR_SCRIPT = """
+import json, sys
+import numpy as np, pvaccess as pva
+from ptychopv.pvapy_processor import PtychoProcessor, _attribute_value
+p = PtychoProcessor({"registry": sys.argv[1], "engine": "passthrough", "consumer_id": 1, "n_consumers": 1,
+                     "passthrough_size": 32})
+sent = []
+p.updateOutputChannel = sent.append
+good = np.random.default_rng(0).poisson(50, (64, 64)).astype(np.uint16)
+for uid in (1, 2):
+    p.process(PtychoProcessor.generateNtNdArray2D(uid, good))
+bad = pva.NtNdArray(); bad["uniqueId"] = 3; bad["value"] = {"ushortValue": good.ravel()}
+bad["dimension"] = [pva.PvDimension(4096, 0, 4096, 1, False)]          # 1-D: pvaPy cannot reshape it
+raised = None
+try:
+    p.process(bad)
+except Exception as exc:
+    raised = repr(exc)
+p.process(PtychoProcessor.generateNtNdArray2D(4, good))
+attrs = {a["name"]: _attribute_value(a.get("value")) for a in sent[-1]["attribute"]}
+print(json.dumps({"raised": raised, "attrs": {k: attrs[k] for k in ("ScaleOutSeq", "ScaleOutMissed", "ScaleOutErrors")},
+                  "message": p.core.last_message}))
+"""
+
+
+@requires_pvapy
+def test_a_frame_the_consumer_cannot_read_is_its_error_not_a_gap(tmp_path):
+    """pvaPy's reshape raised out of the processor for a frame it could not read (1-D, RGB without
+    ColorMode); the frame was then counted as missed input (a gap) at the next good one, pointing
+    at the network instead of the detector's data."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PROCESSOR_SCRIPT, str(tmp_path / "registry")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["raised"] is None
+    assert out["attrs"] == {"ScaleOutSeq": 3, "ScaleOutMissed": 0, "ScaleOutErrors": 1}
+
+
+def test_scale_out_counters_saturate_in_their_32_bit_records():
+    """`Scale:Missing_RBV` wrapped negative past 2**31, and a per-consumer count over it raised in
+    the readbacks' loop, so every readback after it stopped for good."""
+    import types
+
+    from ptychopv.ioc.scaleout import ScaleOut
+
+    set_to = {}
+    ioc = types.SimpleNamespace(set=lambda name, value, **kw: set_to.__setitem__(name, (value, kw.get("severity", 0))),
+                                message=lambda *a, **k: None)
+    stage = object.__new__(ScaleOut)
+    stage.ioc, stage._seen, stage._message = ioc, {}, ""
+    stage.gatherer = types.SimpleNamespace(last_message="", stats=lambda: {
+        "consumers": 2, "connected": 2, "rate": 0.0, "rates": [0.0, 0.0], "gathered": 3_000_000_000,
+        "missing": 4_000_000_000, "duplicates": 0, "frames": [2**31 + 5, 7], "dropped": [0, 2**40]})
+    stage.poll()
+    assert set_to["Scale:Frames_RBV"] == (2**31 - 1, 2) and set_to["Scale:Missing_RBV"] == (2**31 - 1, 2)
+    assert set_to["Scale:ConsumerFrames_RBV"][0] == [2**31 - 1, 7]
+    assert set_to["Scale:ConsumerDropped_RBV"][0] == [0, 2**31 - 1]
