@@ -431,8 +431,10 @@ class LiveChain:
                 # Updates: how many object updates the image holds; Settled: 1 once the
                 # background sweeps are over (a client waits for this state, not for time)
                 settled, uid = self.refine.settled, self.refine.frames_refined
-                self._post_image("Refine:Image", self.refine.image(), uid, ImageNumber=int(number),
-                                 Updates=int(updates), Settled=int(settled))
+                img = self.refine.image()    # empty while the refine stage is still on the last scan
+                if img.phase.size:
+                    self._post_image("Refine:Image", img, uid, ImageNumber=int(number), Updates=int(updates),
+                                     Settled=int(settled))
 
     def _post_image(self, name: str, img, uid: int, **extra) -> None:
         self.ioc.images.post(name, img.phase, uid, attributes={

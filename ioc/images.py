@@ -29,7 +29,9 @@ def image_attributes(img: StitchedImage) -> dict:
 
 def stitched_image(decoded) -> StitchedImage:
     """An image as the IOC publishes it (``Stitch:Image``, ``Refine:Image``: a decoded NTNDArray
-    with :func:`image_attributes`) as a :class:`StitchedImage`; NaN pixels (not covered) weigh 0."""
+    with :func:`image_attributes`) as a :class:`StitchedImage`. The IOC fills pixels nothing was
+    placed on with 0 and does not publish the weight, so every pixel weighs 1 here but NaN ones
+    (another source's "not covered"), which weigh 0; score such an image over the scan's positions."""
     a = decoded.attributes
     missing = [k for k in ("PixelSize", "OriginX", "OriginY") if k not in a]
     if missing:

@@ -127,16 +127,23 @@ class ScaleOut:
             self.ioc.set(name, value, severity=severity, alarm_status=7 if severity else 0)
 
     def poll(self) -> None:
+        from .chain import INT32_MAX, saturated
+
         st = self.gatherer.stats()
         n = st["consumers"]
         self._put("Scale:Connected_RBV", st["connected"], 0 if st["connected"] == n else 2 if not st["connected"] else 1)
         self._put("Scale:FrameRate_RBV", st["rate"])
-        self._put("Scale:Frames_RBV", st["gathered"])
-        self._put("Scale:Missing_RBV", st["missing"], 1 if st["missing"] else 0)
-        self._put("Scale:Duplicates_RBV", st["duplicates"], 1 if st["duplicates"] else 0)
+        # 32-bit records: a counter saturates (MAJOR) rather than wrapping negative, and a waveform
+        # element is capped (it raised, which stopped every readback after it for good)
+        self._put("Scale:Frames_RBV", *saturated(st["gathered"]))
+        missing, sevr = saturated(st["missing"])
+        self._put("Scale:Missing_RBV", missing, max(sevr, 1 if missing else 0))
+        duplicates, sevr = saturated(st["duplicates"])
+        self._put("Scale:Duplicates_RBV", duplicates, max(sevr, 1 if duplicates else 0))
         self._put("Scale:ConsumerRates_RBV", [float(r) for r in st["rates"]])
-        self._put("Scale:ConsumerFrames_RBV", [int(f) for f in st["frames"]])
-        self._put("Scale:ConsumerDropped_RBV", [int(d) for d in st["dropped"]], 1 if any(st["dropped"]) else 0)
+        self._put("Scale:ConsumerFrames_RBV", [min(int(f), INT32_MAX) for f in st["frames"]])
+        self._put("Scale:ConsumerDropped_RBV", [min(int(d), INT32_MAX) for d in st["dropped"]],
+                  1 if any(st["dropped"]) else 0)
         msg = self.gatherer.last_message
         if msg and msg != self._message:
             self._message = msg

@@ -987,3 +987,23 @@ def test_a_mend_gives_way_to_new_frames_and_to_a_stop(scan):
         assert plug.stop(timeout=5)
         assert time.monotonic() - t0 < 5
         assert plug.refiner.mends_interrupted == gave_way + 1 and plug.refiner.probe_mends == 0
+
+
+def test_the_refined_image_is_never_the_last_scans_object_on_the_new_scans_grid(scan):
+    """The stitch stage resets for a new scan before the refine stage (which runs behind it) does;
+    in between, the refined image laid the old scan's object over the new scan's stitched grid and
+    went out under the old ImageNumber. It is empty until the refine stage has reset too."""
+    patches = blurry_patches(scan)
+    st = Stitcher(scan.pixel_size_m, window=scan.probe)
+    st.add(patches, scan.positions_m)
+    ref = Refiner(st, scan.probe, lag=0)
+    ref.add(scan.frames, scan.positions_m)
+    assert ref.image().phase.size
+    st.reset()                                          # the next scan, in the stitch stage only
+    st.add(np.zeros_like(patches[:8]), scan.positions_m[:8])
+    assert ref.image().phase.size == 0
+    ref.reset()                                         # the refine stage reaches it
+    assert ref.image().phase.shape == st.image().phase.shape
+    ref.add(scan.frames[:8], scan.positions_m[:8])
+    img = ref.image()
+    assert img.phase.shape == st.image().phase.shape and img.origin_m == st.image().origin_m

@@ -736,6 +736,7 @@ class Refiner:
         with self._lock:
             self._clear_object()
             self._totals: deque = deque(maxlen=HOT_WINDOW)   # recent frames' total counts
+            self._seed_resets: int | None = None  # the seed's image this object refines (at its first frame)
             self._sweep = [0.0, 0.0, 0]          # this sweep's misfit, noise expected, updates
             self._sweeps_since = 0               # sweeps since the last frame arrived
             self._mend_at = 0                    # frames kept when the last mend was tried (0: none yet)
@@ -850,6 +851,8 @@ class Refiner:
                 elif ok.any():
                     self._far_run = 0
             used = 0
+            if self._seed_resets is None and ok.any():
+                self._seed_resets = self.seed.resets
             for k in np.flatnonzero(ok):
                 self._counts_sum += float(totals[k])
                 self._counts_n += 1
@@ -1091,9 +1094,13 @@ class Refiner:
 
     # ------------------------------------------------------------------ reading
     def image(self) -> StitchedImage:
-        """The refined phase on the seed image's grid, with the seed's weights."""
+        """The refined phase on the seed image's grid, with the seed's weights. Empty while the
+        seed holds a newer image than this object refines (the seed's stage reset for a new scan
+        before this one did): the old scan's object on the new scan's grid is neither image."""
         base = self.seed.image()
         with self._lock:
+            if self._seed_resets is not None and self._seed_resets != self.seed.resets:
+                return base._replace(phase=np.zeros((0, 0), np.float32), weight=np.zeros((0, 0), np.float32))
             if base.phase.size == 0 or not self._obj.size:
                 return base
             ps = base.pixel_size_m

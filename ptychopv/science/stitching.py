@@ -400,6 +400,7 @@ class Stitcher:
     def reset(self) -> None:
         """Empty the canvas and zero the counters (a new scan)."""
         with self._lock:
+            self.resets = getattr(self, "resets", -1) + 1   # which image: a refiner on it tells a new one
             self._set_canvas(np.zeros((2, 0, 0), np.float32))
             self._r0 = self._c0 = 0                 # global pixel of canvas [0, 0]
             self._used = None                       # [r0, r1, c0, c1) global, of placed patches
