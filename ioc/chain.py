@@ -418,23 +418,30 @@ class LiveChain:
             if gen == last:
                 continue
             last = gen
-            # ImageNumber (which image: it bumps at every reset), then the count, then the pixels:
-            # read in this order, a reset between the reads labels a new image with the old
-            # number or the count low, never an old image as the new one
-            number, uid = self.stitch.image_number, self.stitch.frames_stitched
-            img = self.stitch.image()
-            if img.phase.size == 0:
-                continue
-            self._post_image("Stitch:Image", img, uid, ImageNumber=int(number))
-            number, updates = self.refine.image_number, self.refine.updates
-            if updates:
-                # Updates: how many object updates the image holds; Settled: 1 once the
-                # background sweeps are over (a client waits for this state, not for time)
-                settled, uid = self.refine.settled, self.refine.frames_refined
-                img = self.refine.image()    # empty while the refine stage is still on the last scan
-                if img.phase.size:
-                    self._post_image("Refine:Image", img, uid, ImageNumber=int(number), Updates=int(updates),
-                                     Settled=int(settled))
+            try:
+                self._publish_images()
+            except Exception as exc:  # noqa: BLE001 - one failed post must not end all publishing
+                log.exception("publishing the live images")
+                self._message("Stitch", f"live image not published: {type(exc).__name__}: {exc}", severity=1)
+
+    def _publish_images(self) -> None:
+        # ImageNumber (which image: it bumps at every reset), then the count, then the pixels:
+        # read in this order, a reset between the reads labels a new image with the old
+        # number or the count low, never an old image as the new one
+        number, uid = self.stitch.image_number, self.stitch.frames_stitched
+        img = self.stitch.image()
+        if img.phase.size == 0:
+            return
+        self._post_image("Stitch:Image", img, uid, ImageNumber=int(number))
+        number, updates = self.refine.image_number, self.refine.updates
+        if updates:
+            # Updates: how many object updates the image holds; Settled: 1 once the
+            # background sweeps are over (a client waits for this state, not for time)
+            settled, uid = self.refine.settled, self.refine.frames_refined
+            img = self.refine.image()    # empty while the refine stage is still on the last scan
+            if img.phase.size:
+                self._post_image("Refine:Image", img, uid, ImageNumber=int(number), Updates=int(updates),
+                                 Settled=int(settled))
 
     def _post_image(self, name: str, img, uid: int, **extra) -> None:
         self.ioc.images.post(name, img.phase, uid, attributes={
