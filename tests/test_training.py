@@ -158,6 +158,15 @@ def test_cli_train_and_export(corpus, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["sha256"] == card["sha256"]
     assert out.read_bytes() == (reg / "v0001" / "model.onnx").read_bytes()
+    out.write_text("another model")                      # an existing file is not replaced unasked
+    assert cli(["export", "--registry", str(reg), "--version", "1", "-o", str(out)]) == 2
+    assert "not overwritten (--force" in capsys.readouterr().err and out.read_text() == "another model"
+    assert cli(["export", "--registry", str(reg), "--version", "1", "-o", str(out), "--force"]) == 0
+    capsys.readouterr()
+    assert out.read_bytes() == (reg / "v0001" / "model.onnx").read_bytes()
+    own = reg / "v0001" / "model.onnx"                   # the registry's own file: never, not even forced
+    assert cli(["export", "--registry", str(reg), "--version", "1", "-o", str(own), "--force"]) == 2
+    assert "never overwritten" in capsys.readouterr().err and own.read_bytes() == out.read_bytes()
     assert cli(["train", "--corpus", str(tmp_path / "none.h5"), "--registry", str(reg)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli(["export", "--registry", str(reg), "--version", "5"]) == 2

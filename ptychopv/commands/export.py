@@ -23,6 +23,20 @@ def add_arguments(p) -> None:
                    help="TensorRT profile batch sizes (default 1,2,4,8,16,64)")
     p.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for (default 8)")
     p.add_argument("--cache-dir", help="TensorRT plan cache folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+
+
+def _refused_output(out, version, force: bool) -> str | None:
+    """Why ``out`` may not be written: a file of the registry itself (never), or one that exists
+    (unless ``force``)."""
+    from pathlib import Path
+
+    out = Path(out)
+    if out.exists() and out.resolve().parent == Path(version.onnx_path).resolve().parent:
+        return f"{out} is a file of the registry's version {version.version}: never overwritten"
+    if out.exists() and not force:
+        return f"{out} exists: not overwritten (--force replaces it)"
+    return None
 
 
 def run(args) -> int:
@@ -34,8 +48,12 @@ def run(args) -> int:
     except (RegistryError, TypeError) as exc:
         print(f"ptychopv export: {exc}", file=sys.stderr)
         return 2
+    out = args.output or f"model-v{version.version:04d}.{'onnx' if args.format == 'onnx' else 'plan'}"
+    why = _refused_output(out, version, args.force)
+    if why:
+        print(f"ptychopv export: {why}", file=sys.stderr)
+        return 2
     if args.format == "onnx":
-        out = args.output or f"model-v{version.version:04d}.onnx"
         shutil.copyfile(version.onnx_path, out)
         print(json.dumps({"version": version.version, "format": "onnx", "output": str(out),
                           "sha256": version.card["sha256"]}))
