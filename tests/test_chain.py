@@ -250,6 +250,10 @@ def test_capture_1_while_capturing_changes_nothing(beamline):
     """As areaDetector's Capture: a second 1 (a plan that starts every scan with it) closed the scan
     without the end-of-scan signal (the controller never saw it) and restarted the live image."""
     h, ctx, sp, folder = beamline
+    # the simulated scan to its end first (earlier tests stop it anywhere): the capture below then
+    # records a whole scan, not the few frames an earlier test left
+    ctx.put(sp + "Acquire", 1)
+    wait_until(lambda: ctx.get(sp + "Acquire").value == 0, what="the simulated scan to end")
     epics.caput(h.pv("Scan:Capture"), 1, wait=True)
     name = caget(h.pv("Scan:FileName_RBV"), as_string=True)
     number = caget(h.pv("Scan:Number_RBV"))
