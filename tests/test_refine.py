@@ -29,7 +29,7 @@ from ptychopv.science.refine import (
     align_ramp,
     phase_slope,
 )
-from ptychopv.science.stitching import REANCHOR_AFTER, Stitcher
+from ptychopv.science.stitching import REANCHOR_AFTER, ScanAnchor, Stitcher
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +366,46 @@ def test_a_stray_first_position_restarts_the_image_from_the_positions_that_agree
     assert wild.add(patches[1:3], scan.positions_m[1:3]) == 2      # the next frames are placed
     ref = Refiner(wild, scan.probe, lag=0)
     assert ref.add(scan.frames[:1], [(1e12, 0.0)]) == 0 and ref.add(scan.frames[1:3], scan.positions_m[1:3]) == 2
+
+
+def test_the_stitch_and_refine_stages_refuse_and_restart_on_the_same_frames(scan):
+    """One anchor rule (ScanAnchor) for both stages: fed the same batches, with a first position
+    that is the odd one, they refuse the same frames and restart at the same one, so the refined
+    image covers what the stitched one does."""
+    pos = scan.positions_m + np.array([5e-3, 2e-3])
+    pos[0] = (0.0, 0.0)
+    patches = blurry_patches(scan)
+    st = Stitcher(scan.pixel_size_m, window=scan.probe)
+    ref = Refiner(st, scan.probe, lag=0)
+    for i in range(0, len(pos), 8):
+        st.add(patches[i:i + 8], pos[i:i + 8])
+        ref.add(scan.frames[i:i + 8], pos[i:i + 8])
+        c = st.counters()
+        assert (c["frames_stitched"], c["frames_rejected"]) == (ref.frames_refined, ref.frames_rejected)
+    assert "restarted" in st.last_message or "restarted" in ref.last_message
+    # frame 0 kept, frames 1-15 refused (the batch with frame 0 kept something), the rest kept
+    assert c["frames_rejected"] == 2 * 8 - 1 and c["frames_stitched"] == len(pos) - (2 * 8 - 1)
+
+
+def test_a_second_restart_counts_what_was_kept_since_the_last_one():
+    """After a restart the count starts again: the second odd anchor needs REANCHOR_AFTER far
+    frames if fewer were kept since, not the scan's whole count."""
+    a = ScanAnchor()
+    rows, cols = np.array([0.0]), np.array([0.0])
+    far_rows = np.array([1e6])
+    one = np.ones(1, bool)
+    assert not a.far(one, rows, cols, 8, 8, 100).any() and not a.settle(np.zeros(1, bool), one)
+    for _ in range(REANCHOR_AFTER - 1):
+        f = a.far(one, far_rows, cols, 8, 8, 100)
+        assert f.all() and not a.settle(f, ~f)
+    f = a.far(one, far_rows, cols, 8, 8, 100)
+    assert a.settle(f, ~f) and a.centre is None and a.kept == 0
+    a.far(one, far_rows, cols, 8, 8, 100)            # the far frames are the scan now
+    a.settle(np.zeros(1, bool), one)
+    assert a.centre == (1e6, 0.0) and a.kept == 1
+    for _ in range(REANCHOR_AFTER - 1):
+        assert not a.settle(a.far(one, rows, cols, 8, 8, 100), np.zeros(1, bool))
+    assert a.settle(a.far(one, rows, cols, 8, 8, 100), np.zeros(1, bool))
 
 
 SETTINGS = {      # name: (the lowest and highest accepted, refused values)

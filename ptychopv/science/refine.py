@@ -138,7 +138,7 @@ import scipy.fft
 from skimage.restoration import denoise_tv_chambolle
 
 from .physics import Beamline
-from .stitching import MAX_PIXEL, REANCHOR_AFTER, StitchedImage, Stitcher
+from .stitching import MAX_PIXEL, REANCHOR_AFTER, ScanAnchor, StitchedImage, Stitcher
 
 SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
@@ -765,8 +765,7 @@ class Refiner:
         self._next = 0                       # ring-buffer slot to overwrite once full
         self._pending: deque = deque()       # frames waiting for ``lag`` later ones
         self._polish = 0                     # background updates left since the last arrival
-        self._anchor = None                  # (row, col) of the scan's first frame
-        self._far_run = 0                    # frames rejected as far in a row
+        self._anchor = ScanAnchor()          # the scan's first frame: the stitcher's rule
 
     # ------------------------------------------------------------------ adding
     def add(self, counts, positions_m, *, defer: bool = False) -> int:
@@ -824,32 +823,24 @@ class Refiner:
                     self.last_message = f"frame with {why}: not refined"
                     ok &= ~bad
             # a runaway position must not grow the canvas without bound: the stitcher's rule
-            if self._anchor is None and ok.any():
-                i = int(np.flatnonzero(ok)[0])
-                self._anchor = (rows[i], cols[i])
-            if self._anchor is not None:
-                half = self.seed.max_canvas_px / 2
-                with np.errstate(invalid="ignore"):
-                    far = ok & ((np.abs(rows - self._anchor[0]) + n / 2 > half)
-                                | (np.abs(cols - self._anchor[1]) + n / 2 > half))
-                if far.any():
-                    self.frames_rejected += int(far.sum())
-                    self.last_message = f"position more than {half:.0f} px from the scan's first frame: not refined"
-                    ok &= ~far
-                    if not ok.any():
-                        self._far_run += int(far.sum())
-                        if self._far_run >= max(REANCHOR_AFTER, self.frames_refined):
-                            # the first frame's position was the odd one: start again from these
-                            self._clear_object()
-                            self.frames_rejected -= int(far.sum())
-                            self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
-                                                 f"{REANCHOR_AFTER}: the object restarted from them")
-                            self._anchor = (rows[far][0], cols[far][0])
-                            ok = far
-                    else:
-                        self._far_run = 0
-                elif ok.any():
-                    self._far_run = 0
+            half = self.seed.max_canvas_px / 2
+            far = self._anchor.far(ok, rows, cols, n, n, half)
+            if far.any():
+                self.frames_rejected += int(far.sum())
+                self.last_message = f"position more than {half:.0f} px from the scan's first frame: not refined"
+                ok &= ~far
+            if self._anchor.settle(far, ok):
+                # the first frame's position was the odd one: start again from these
+                self._clear_object()
+                self.frames_rejected -= int(far.sum())
+                self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
+                                     f"{REANCHOR_AFTER}: the object restarted from them")
+                ok = far
+                again = self._anchor.far(ok, rows, cols, n, n, half)   # anchored on the first of them
+                if again.any():
+                    self.frames_rejected += int(again.sum())
+                    ok &= ~again
+                self._anchor.settle(again, ok)
             used = 0
             if self._seed_resets is None and ok.any():
                 self._seed_resets = self.seed.resets

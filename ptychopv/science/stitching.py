@@ -309,6 +309,55 @@ def _warm_up() -> None:
 KERNELS = ("auto", "compiled", "numpy")
 
 
+class ScanAnchor:
+    """Where a scan's first frame was, and the rule that keeps a runaway position from growing a
+    canvas without bound: one rule for the stitch and the refine stages, so that both refuse the
+    same frames and restart on the same one.
+
+    A frame whose patch would reach more than ``half`` pixels from the first frame's centre is
+    *far*, and refused. When :data:`REANCHOR_AFTER` far frames come in a row with nothing kept
+    between (and more than were kept since the anchor was set), the first frame was the odd one
+    (a stale or default position): :meth:`settle` says so, and the caller starts its image again
+    from the far frames.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.centre: tuple[float, float] | None = None   # (row, col) in pixels, of the first frame
+        self.kept = 0                                    # frames kept since it was set
+        self._far_run = 0                                # far frames in a row since
+
+    def far(self, ok: np.ndarray, rows: np.ndarray, cols: np.ndarray, h: int, w: int, half: float) -> np.ndarray:
+        """Which of the frames ``ok`` selects, centred at pixel (``rows``, ``cols``) with patches
+        ``h`` x ``w``, reach beyond ``half`` pixels from the anchor; the first of them sets the
+        anchor when there is none."""
+        if self.centre is None:
+            if not ok.any():
+                return np.zeros_like(ok)
+            i = int(np.flatnonzero(ok)[0])
+            self.centre = (float(rows[i]), float(cols[i]))
+        with np.errstate(invalid="ignore"):
+            return ok & ((np.abs(rows - self.centre[0]) + h / 2 > half)
+                         | (np.abs(cols - self.centre[1]) + w / 2 > half))
+
+    def settle(self, far: np.ndarray, kept: np.ndarray) -> bool:
+        """Note a batch's outcome: ``far`` refused, ``kept`` kept. True when the far frames are the
+        scan: the anchor is cleared, and the caller restarts its image from them."""
+        if kept.any():
+            self._far_run = 0
+            self.kept += int(kept.sum())
+            return False
+        if not far.any():
+            return False
+        self._far_run += int(far.sum())
+        if self._far_run >= max(REANCHOR_AFTER, self.kept):
+            self.clear()
+            return True
+        return False
+
+
 class Stitcher:
     """Accumulate phase patches at positions into a canvas that grows to the scan extent.
 
@@ -404,9 +453,7 @@ class Stitcher:
             self._set_canvas(np.zeros((2, 0, 0), np.float32))
             self._r0 = self._c0 = 0                 # global pixel of canvas [0, 0]
             self._used = None                       # [r0, r1, c0, c1) global, of placed patches
-            self._anchor = None                     # global (row, col) of the first frame
-            self._placed = 0                        # frames placed since the anchor was set
-            self._far_run = 0                       # frames rejected as far in a row since
+            self._anchor = ScanAnchor()             # the first frame, against runaway positions
             self._windows: dict = {}
             self.frames_stitched = 0
             self.frames_no_position = 0
@@ -463,31 +510,23 @@ class Stitcher:
             ok &= ~wild
             if not ok.any():
                 return 0
-        if self._anchor is None:
-            i = int(np.flatnonzero(ok)[0])
-            self._anchor = (ty[i] + h / 2, tx[i] + w / 2)
         half = self.max_canvas_px / 2
-        far = ok & ((np.abs(ty + h / 2 - self._anchor[0]) + h / 2 > half)
-                    | (np.abs(tx + w / 2 - self._anchor[1]) + w / 2 > half))
+        far = self._anchor.far(ok, ty + h / 2, tx + w / 2, h, w, half)
         if far.any():
             self._reject(int(far.sum()), f"position more than {half:.0f} px from the scan's first frame")
             ok &= ~far
-            if not ok.any():
-                self._far_run += int(far.sum())
-                if self._far_run >= max(REANCHOR_AFTER, self._placed):
-                    # the first frame was the odd one (a stale or default position): start the
-                    # image again from the frames that agree, rather than reject the rest
-                    self._set_canvas(np.zeros((2, 0, 0), np.float32))
-                    self._r0 = self._c0 = 0
-                    self._used, self._anchor, self._placed, self._far_run = None, None, 0, 0
-                    self.frames_rejected -= int(far.sum())  # placed after all, below
-                    self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
-                                         f"{REANCHOR_AFTER}: the image restarted from them")
-                    return self._add(p[far], pos[far])
-                return 0
-        self._far_run = 0
+        if self._anchor.settle(far, ok):
+            # the first frame was the odd one: start the image again from the frames that agree
+            self._set_canvas(np.zeros((2, 0, 0), np.float32))
+            self._r0 = self._c0 = 0
+            self._used = None
+            self.frames_rejected -= int(far.sum())  # placed after all, below
+            self.last_message = (f"the first frame's position was {half:.0f}+ px from the next "
+                                 f"{REANCHOR_AFTER}: the image restarted from them")
+            return self._add(p[far], pos[far])
+        if not ok.any():
+            return 0
         idx = np.flatnonzero(ok)
-        self._placed += len(idx)
         win = self._window((h, w))
         (b0, b1), (c0_, c1_) = (win.box[0].start, win.box[0].stop), (win.box[1].start, win.box[1].stop)
         bh, bw = b1 - b0, c1_ - c0_
