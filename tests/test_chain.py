@@ -132,7 +132,6 @@ def test_a_scan_streams_through_infer_and_stitch_with_nothing_lost(beamline):
     order = np.argsort(scan.unique_id)
     assert np.array_equal(scan.frames[order], truth.frames)
     assert np.allclose(scan.positions_m[order], truth.positions_m)
-    assert caget(h.pv("FrameRate_RBV")) >= 0
 
 
 def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_last_scans(beamline):
@@ -270,7 +269,9 @@ def test_capture_1_while_capturing_changes_nothing(beamline):
     assert len(scan) >= 5 and not (folder / "scans" / f"scan_{number + 1:05d}.h5").exists()
 
 
-def test_ndarrayport_write_reconnects_and_bad_channel_is_reported(beamline):
+def test_ndarrayport_write_is_taken_over_ca_and_a_good_channel_reconnects(beamline):
+    """The message names the channel being read at once; that a channel nobody serves is then
+    reported not found, with Connected_RBV MAJOR, is test_discovery's."""
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)
     assert caget(h.pv("Infer:NDArrayPort_RBV")) == "NO:SUCH:CHANNEL"

@@ -16,6 +16,7 @@ pytest.importorskip("onnxruntime", reason="validation runs the model on ONNX Run
 from ptychopv.science import physics
 from ptychopv.hpc.reconstruct import Reconstruction, write_reconstruction
 from ptychopv.hpc.validate import validate_job, validate_model
+from ptychopv.inference.registry import RegistryError
 from ptychopv.io.scanfile import read_scan, read_truth
 
 from .recon_helpers import write_sim_scan
@@ -59,7 +60,7 @@ def test_the_shipped_model_validates_well_against_a_perfect_reconstruction(scan)
 def test_validation_of_a_missing_version_or_registry_is_a_clear_error(scan, tmp_path):
     folder, path, t = scan
     rec = write_reconstruction(truth_recon(path, t.obj, t.probe, t.pixel_size_m), tmp_path / "r.h5")
-    with pytest.raises(Exception, match="9"):
+    with pytest.raises(RegistryError, match="model version 9 not found"):
         validate_model(path, rec, SHIPPED, 9)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no model"):
