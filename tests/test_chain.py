@@ -94,6 +94,7 @@ def test_a_scan_streams_through_infer_and_stitch_with_nothing_lost(beamline):
     phases: queue.Queue = queue.Queue()
     # a deep monitor queue: PVA squashes updates a slow client has not taken
     sub = ctx.monitor(h.pv("Infer:Phase"), phases.put, request="record[queueSize=2000]")
+    phases.get(timeout=30)     # the current value: the channel is open, so every frame is posted
     epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
     epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
     start_stitched = caget(h.pv("Stitch:FramesStitched_RBV"))

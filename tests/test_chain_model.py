@@ -4,6 +4,7 @@ against the simulator's ground truth, and a model swap mid-stream that loses no 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 
 import epics
@@ -162,15 +163,34 @@ def test_model_swap_mid_stream_loses_no_frame(rig):
     epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True)
     dropped0 = caget(h.pv("Infer:DroppedArrays_RBV"))
     errors0 = caget(h.pv("Infer:Errors_RBV"))
-    ctx.put(sp + "Acquire", 1)
-    wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) >= n // 4, what="a quarter of the scan")
-    reg.publish(v1.onnx_path, dict(card, parent=1, note="swap test"), weights_path=v1.weights_path)
-    wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 2, timeout=60, what="the chain runs v2")
-    wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) >= n, timeout=120, what="the whole scan")
+    rate = float(ctx.get(sp + "FrameRate").value)
+    ctx.put(sp + "FrameRate", 10.0, wait=True)     # a scan of ~10 s: the swap lands inside it
+    phases: queue.Queue = queue.Queue()
+    sub = ctx.monitor(h.pv("Infer:Phase"), phases.put, request="record[queueSize=2000]")
+    try:
+        phases.get(timeout=30)     # the current value: the channel is open, so every frame is posted
+        ctx.put(sp + "Acquire", 1)
+        wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) >= n // 8, what="an eighth of the scan")
+        reg.publish(v1.onnx_path, dict(card, parent=1, note="swap test"), weights_path=v1.weights_path)
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 2, timeout=60, what="the chain runs v2")
+        wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) >= n, timeout=120, what="the whole scan")
+        got = {}
+        while len(got) < n:
+            d = from_value(phases.get(timeout=10))
+            if d.unique_id > 0:
+                got[d.unique_id] = int(d.attributes["ModelVersion"])
+    finally:
+        sub.close()
+        ctx.put(sp + "FrameRate", rate, wait=True)
     assert caget(h.pv("Infer:ArrayCounter_RBV")) == n          # each frame inferred once
     assert caget(h.pv("Infer:DroppedArrays_RBV")) == dropped0  # none dropped
     assert caget(h.pv("Infer:MissedFrames_RBV")) == 0          # none missed upstream
     assert caget(h.pv("Infer:Errors_RBV")) == errors0
+    # every frame came out once, the first ones from v1 and the last from v2: swapped mid-stream
+    ids = sorted(got)
+    assert len(ids) == n and ids[-1] - ids[0] == n - 1
+    versions = [got[i] for i in ids]
+    assert versions[0] == 1 and versions[-1] == 2 and versions == sorted(versions), versions
     # Select rolls back to v1; a version that does not exist leaves the running one and says why
     epics.caput(h.pv("Model:Select"), 1, wait=True)
     wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="rolled back to v1")
