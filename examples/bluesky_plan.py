@@ -7,7 +7,7 @@ model version is registered. With an areaDetector, pass its ``cam.acquire`` sign
 ends with the acquisition); for ``ptychopv sim``, whose ``Acquire`` is a PV Access PV, pass
 ``SimAcquire(prefix)``::
 
-    python examples/bluesky_plan.py --prefix PTYCHO: --detector 13SIM1: --frames 144
+    python examples/bluesky_plan.py --prefix PTYCHO: --detector PTYSIM: --frames 144
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def count_reconstructions(ptycho, num: int = 1, md: dict | None = None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="capture, reconstruct, train with Bluesky")
     ap.add_argument("--prefix", default=os.environ.get("P", "PTYCHO:"))
-    ap.add_argument("--detector", default=os.environ.get("DET", "13SIM1:"))
+    ap.add_argument("--detector", default=os.environ.get("DET", "PTYSIM:"))
     ap.add_argument("--frames", type=int, default=None, help="frames in the scan")
     args = ap.parse_args(argv)
 

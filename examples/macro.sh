@@ -3,18 +3,20 @@
 #
 # Expects EPICS base's command-line tools on PATH: caget and caput (Channel Access, for the
 # ptychopv IOC) and pvget/pvput (PV Access, for a detector whose Acquire is a PVA PV, such as
-# `ptychopv sim`). With an areaDetector IOC on CA, set DET_PUT="caput -c" and DET_GET="caget -t".
+# `ptychopv sim`). With an areaDetector IOC on CA, set DET_PUT="caput -c", DET_GET="caget -t",
+# DET to its cam prefix (e.g. 13SIM1:cam1:, where Acquire lives) and NFRAMES (areaDetector has no
+# NumFrames_RBV). The messages and file names are long strings (char arrays over CA): caget -S.
 #
 # Settings (environment):
 #   P         ptychopv IOC prefix                      (default PTYCHO:)
-#   DET       detector prefix; Acquire, NumFrames_RBV  (default 13SIM1:)
+#   DET       detector prefix; Acquire, NumFrames_RBV  (default PTYSIM:, ptychopv sim's)
 #   NFRAMES   frames in the scan (default: read ${DET}NumFrames_RBV)
 #   TIMEOUT   seconds to wait for the scan to be captured (default 300)
 #   EPICS_CA_ADDR_LIST / EPICS_PVA_NAME_SERVERS as usual for the tools.
 set -eu
 
 P=${P:-PTYCHO:}
-DET=${DET:-13SIM1:}
+DET=${DET:-PTYSIM:}
 TIMEOUT=${TIMEOUT:-300}
 DET_PUT=${DET_PUT:-pvput}
 DET_GET=${DET_GET:-pvget}
@@ -40,16 +42,16 @@ while [ "$(caget -t "${P}Scan:FramesCaptured_RBV")" -lt "$NFRAMES" ]; do
     waited=$((waited + 1))
 done
 caput -c "${P}Scan:Capture" 0 >/dev/null       # completes when the file is closed
-echo "macro: scan file $(caget -t "${P}Scan:FileName_RBV")"
+echo "macro: scan file $(caget -t -S "${P}Scan:FileName_RBV")"
 
 caput -c "${P}Recon:Start" 1 >/dev/null         # completes when reconstructed, labelled, validated
 STATUS=$(caget -t "${P}Recon:Status_RBV")
-echo "macro: recon ${STATUS}: $(caget -t "${P}Recon:Message_RBV") SSIM $(caget -t "${P}SSIM_RBV")"
+echo "macro: recon ${STATUS}: $(caget -t -S "${P}Recon:Message_RBV") SSIM $(caget -t "${P}SSIM_RBV")"
 [ "$STATUS" = "Done" ] || exit 3
 
 caput -c "${P}Train:Start" 1 >/dev/null         # completes when the new version is registered
 STATUS=$(caget -t "${P}Train:Status_RBV")
-echo "macro: train ${STATUS}: $(caget -t "${P}Train:Message_RBV")"
+echo "macro: train ${STATUS}: $(caget -t -S "${P}Train:Message_RBV")"
 [ "$STATUS" = "Done" ] || exit 4
 
 # the chain loads the new version on its own; wait for it to go live

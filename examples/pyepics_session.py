@@ -3,8 +3,8 @@
 The same steps as ``examples/macro.sh``, with pyepics for the IOC (Channel Access) and p4p for
 the detector's ``Acquire`` (PV Access, as ``ptychopv sim`` serves it)::
 
-    python examples/pyepics_session.py --prefix PTYCHO: --detector 13SIM1: \
-        --ca-addr 127.0.0.1:5064 --pva-name-servers 127.0.0.1:5075
+    python examples/pyepics_session.py --prefix PTYCHO: --detector PTYSIM: \
+        --ca-addr 127.0.0.1:5064 --pva-name-servers 127.0.0.1:5095
 
 Without ``--ca-addr`` / ``--pva-name-servers`` the EPICS environment variables apply. The last
 line printed is a JSON summary (scan file, statuses, SSIM, model versions). Exit status 0 when
@@ -23,7 +23,8 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix", default=os.environ.get("P", "PTYCHO:"), help="ptychopv IOC prefix (env P)")
-    ap.add_argument("--detector", default=os.environ.get("DET", "13SIM1:"), help="detector prefix (env DET)")
+    ap.add_argument("--detector", default=os.environ.get("DET", "PTYSIM:"),
+                    help="detector prefix (env DET; default ptychopv sim's)")
     ap.add_argument("--ca-addr", help="EPICS_CA_ADDR_LIST for the IOC, e.g. 127.0.0.1:5064")
     ap.add_argument("--pva-name-servers", help="EPICS_PVA_NAME_SERVERS for the detector")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for each step")

@@ -116,6 +116,8 @@ def make_record(builder, pv: PV, on_update: Callable | None = None, validate: Ca
     if t in ("waveform_in", "waveform_out"):
         fn = builder.WaveformOut if t == "waveform_out" else builder.WaveformIn
         kw.pop("initial_value", None)
+        if pv.egu:
+            kw["EGU"] = pv.egu
         return fn(pv.name, length=pv.length, FTVL=pv.ftvl, **kw)
     raise ValueError(f"{pv.name}: no record for type {t!r}")
 

@@ -2,7 +2,8 @@
 ``examples/macro.sh`` where the EPICS command-line tools are not installed.
 
 ``python -m tests.example_shims TOOL ARGS...`` behaves like the tool for the options the macro
-uses: ``caget [-t] NAME...`` prints ``NAME VALUE`` (``VALUE`` with ``-t``), enums as strings;
+uses: ``caget [-t] [-S] NAME...`` prints ``NAME VALUE`` (``VALUE`` with ``-t``), enums as strings,
+a char array (a long string) as its count and numbers unless ``-S`` is given, as base's does;
 ``caput [-c] NAME VALUE`` puts (``-c``: waits for the put-callback) and prints ``Old``/``New``
 lines; ``pvget NAME`` prints ``NAME VALUE``; ``pvput NAME VALUE``. Exit status 1 on a timeout.
 :func:`write_shims` makes one executable per tool in a folder for PATH.
@@ -38,9 +39,15 @@ def _split(args: list[str], flags: str) -> tuple[set[str], list[str]]:
 def caget(args: list[str]) -> int:
     import epics
 
-    opts, names = _split(args, "t")
+    opts, names = _split(args, "tS")
     for name in names:
-        value = epics.caget(name, as_string=True, timeout=10, use_monitor=False)   # as the CLI: a fresh read
+        pv = epics.get_pv(name, connect=True, timeout=10)
+        chars = pv.connected and pv.type.endswith("char") and (pv.count or 0) > 1
+        if chars and "S" not in opts:      # base's caget: a char array is numbers without -S
+            raw = pv.get(timeout=10, use_monitor=False)
+            value = None if raw is None else " ".join([str(len(raw))] + [str(int(b)) for b in raw])
+        else:
+            value = pv.get(as_string=True, timeout=10, use_monitor=False)   # as the CLI: a fresh read
         if value is None:
             print(f"{name}: no connection or no value", file=sys.stderr)
             return 1

@@ -126,6 +126,9 @@ def test_shell_macro(beamline, tmp_path):
     env = b.env(P=b.h.prefix, DET=b.sp, TIMEOUT="120", PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
     r = run_example(["sh", str(EXAMPLES / "macro.sh")], env)
     assert f"capturing {b.frames()} frames" in r.stdout
+    # the file name is a long string (a char array over CA): printed as text, as caget -S does
+    (new,) = b.scans() - scans
+    assert f"macro: scan file {new}" in r.stdout, r.stdout
     assert "recon Done" in r.stdout and "train Done" in r.stdout, r.stdout
     check_effect(b, scans, recons, version)
     assert f"ModelVersion_RBV {b.version()}" in r.stdout

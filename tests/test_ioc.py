@@ -53,6 +53,10 @@ def test_core_pvs_and_their_fields_over_ca(ioc):
     assert caget(p + "FrameRate_RBV") == 0.0
     assert caget(p + "SSIM_RBV") == 0.0
     assert caget(p + "FrameRate_RBV.EGU") == "Hz"
+    # every record declared with units serves them (waveforms too: Scale:ConsumerRates_RBV lost its Hz)
+    with_units = {pv.name: pv.egu for pv in schema.by_name().values() if pv.egu}
+    assert "Scale:ConsumerRates_RBV" in with_units
+    assert {n: caget(p + n + ".EGU") for n in with_units} == with_units
     assert caget(p + "ScaleFactor.PREC") == 3
     # limits are the display range; a value beyond them is refused, not clamped (no DRVL/DRVH)
     assert caget(p + "ScaleFactor.HOPR") == 1000.0 and caget(p + "ScaleFactor.LOPR") == 0.001
