@@ -222,7 +222,7 @@ PLOT_W, PLOT_H = 640, 440
 def training() -> str:
     curves = [pv for pv in schema.SCHEMA if pv.group == "train" and pv.rtype == "waveform_in"]
     plot = bob.xyplot("loss_per_epoch", MARGIN, TOP, PLOT_W, PLOT_H, [(pv.desc, pv_ref(pv.name)) for pv in curves],
-                      title="Loss per epoch", x_title="Epoch", y_title="Mean absolute error")
+                      title="Loss per epoch", x_title="Epoch", y_title="Loss (train.loss: weighted MAE or MSE)")
     x0 = 2 * MARGIN + PLOT_W
     train, h = panel("Training", group_decls("train"), x0, TOP)
     model, h2 = panel("Model", group_decls("model"), x0, TOP + h + MARGIN)

@@ -47,7 +47,8 @@ class EpicsOptions(Strict):
     pva_broadcast_port: Port = 5076
     """PV Access UDP search port; searches go to 127.0.0.1 only."""
     image_pva_port: Port = 5077
-    """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Stitch:Image, Recon:Image)."""
+    """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Infer:Amplitude, Stitch:Image,
+    Refine:Image, Recon:Image)."""
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -202,13 +203,19 @@ class WorkflowOptions(Strict):
     corpus: Path = Path("corpus.h5")
     """The training corpus (appendable HDF5)."""
     validate_engine: str = "onnxruntime"
-    """Engine the validation job runs the model with (on the executor's host)."""
+    """Engine the validation job runs the model with (on the executor's host; auto: ONNX Runtime)."""
     job_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     """A job running longer than this is stopped as an abort is, and its run ends Failed (0: no limit)."""
     abort_grace_s: Annotated[float, Field(gt=0)] = 30.0
     """Seconds a job has to stop after an abort (or its timeout) before the stage gives up on it:
     the run ends, and a local worker still running it is killed (a job stuck in native code never
     looks at the abort file)."""
+
+    @field_validator("validate_engine")
+    @classmethod
+    def _validate_engine(cls, v: str) -> str:
+        # a misspelt engine failed every validation, so the controller never retrained
+        return v if v == "auto" else one_of("engine", ("auto", *ENGINES), v)
 
 
 class GeometryOptions(Strict):
@@ -247,6 +254,13 @@ class SampleOptions(Strict):
         from .science.samples import FAMILIES
 
         return one_of("sample family", FAMILIES, v)
+
+    @field_validator("phase_image", "amplitude_image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        from .science.physics import IMAGES
+
+        return one_of("sample image", IMAGES, v)
 
 
 class ProbeOptions(Strict):
@@ -390,6 +404,14 @@ class ScaleOutOptions(Strict):
             raise ValueError("each consumer needs its own channel")
         return v
 
+    def servers(self) -> list[tuple[str, str, int]]:
+        """(config key, host, TCP port) of each PVA server the scale-out starts: the consumers', and
+        the mirror's when there is one."""
+        out = [(f"scaleout.consumers.{i}.server_port", c.host, c.server_port) for i, c in enumerate(self.consumers)]
+        if self.consumers and self.input_channel is None:
+            out.append(("scaleout.mirror.server_port", self.mirror.host, self.mirror.server_port))
+        return out
+
 
 class Config(Strict):
     """The whole configuration file."""
@@ -417,6 +439,24 @@ class Config(Strict):
             raise ValueError("must be a non-empty PV prefix without spaces")
         return v
 
+    @model_validator(mode="after")
+    def _server_ports(self):
+        # two PVA servers on one host given one TCP port: the second binds elsewhere with only a
+        # warning, and the IOC never finds its channel (the epics ports' rule, across servers).
+        # A consumer on loopback runs beside the IOC, so the IOC's TCP ports count there too.
+        loopback = ("127.0.0.1", "localhost", "::1")
+        taken: dict[tuple[str, int], str] = {}
+        e = self.epics
+        for key in ("ca_server_port", "pva_server_port", "image_pva_port"):
+            taken.setdefault(("127.0.0.1", getattr(e, key)), f"epics.{key}")
+        for key, host, port in self.scaleout.servers():
+            where = "127.0.0.1" if host in loopback else host
+            if (where, port) in taken:
+                raise ValueError(f"{key} {port} is also {taken[where, port]} on host {host}: "
+                                 "each server on one host needs its own TCP port")
+            taken[where, port] = key
+        return self
+
 
 def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
@@ -425,6 +465,8 @@ def _loc(loc: tuple) -> str:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys allowed at ``loc`` (the parent of an unknown key)."""
     for part in loc:
+        if isinstance(part, int):           # an item of a list: the list's own model follows
+            continue
         field = model.model_fields.get(str(part)) if isinstance(part, str) else None
         if field is None:
             return []
@@ -446,6 +488,8 @@ def format_error(exc: ValidationError, source: str, model: type[BaseModel] = Non
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
             lines.append(f"{source}: {_loc(loc)}: unknown key; allowed keys: {', '.join(allowed)}")
+        elif isinstance(err.get("input"), dict):   # a rule across keys: the message names them
+            lines.append(f"{source}: {_loc(loc)}: {err['msg']}")
         else:
             got = err.get("input")
             lines.append(f"{source}: {_loc(loc)}: {err['msg']} (got {got!r})")

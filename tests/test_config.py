@@ -31,7 +31,8 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
                       "train.loss_weight", "train.beam_px", "train.ignore_offset"}
     text = EXAMPLE.read_text()
     for key in ("detector_size: 64}  # default 128", "curvature: 4.0}              # defaults", "default 1e5",
-                "probe_curvature: 4.0        # known defocus", "not a default"):
+                "probe_curvature: 4.0        # known defocus", "not a default", "size_px default 1024",
+                "# defaults 0.5, 6 um", "beam_px: 8.517              # not a default"):
         assert key in text
 
 
@@ -46,12 +47,32 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
     ({"prefix": ""}, ["prefix", "non-empty"]),
     ({"epics": {"pva_server_port": 5077}}, ["epics", "each port must be its own", "pva_server_port = image_pva_port"]),
     ({"access": {"write_hosts": ["10.0.0.0/24"]}}, ["access.write_hosts", "'10.0.0.0/24'", "plain host"]),
+    ({"workflow": {"validate_engine": "onnxrunitme"}}, ["workflow.validate_engine", "'onnxrunitme'", "onnxruntime"]),
+    ({"sim": {"sample": {"phase_image": "cameraa"}}}, ["sim.sample.phase_image", "'cameraa'", "camera"]),
+    ({"sim": {"sample": {"amplitude_image": "mon"}}}, ["sim.sample.amplitude_image", "moon"]),
+    ({"scaleout": {"consumers": [{"channel": "a", "prot": 1}]}},
+     ["scaleout.consumers.0.prot: unknown key", "allowed keys: broadcast_port, channel, host, server_port"]),
+    ({"scaleout": {"consumers": [{"channel": "a"}, {"channel": "b"}]}},
+     ["scaleout.consumers.1.server_port 5079 is also scaleout.consumers.0.server_port on host 127.0.0.1"]),
+    ({"scaleout": {"consumers": [{"channel": "a", "host": "localhost", "server_port": 5075}]}},
+     ["scaleout.consumers.0.server_port 5075 is also epics.pva_server_port"]),
+    ({"scaleout": {"consumers": [{"channel": "a", "server_port": 5085}]}},
+     ["scaleout.mirror.server_port 5085 is also scaleout.consumers.0.server_port"]),
 ])
 def test_bad_values_name_the_key(data, expect):
     with pytest.raises(ConfigError) as err:
         parse_config(data, "test.yaml")
     for text in expect:
         assert text in str(err.value)
+
+
+def test_servers_on_other_hosts_may_share_a_port():
+    """The README's layout: each consumer on its own host, all on 5075 (the IOC's own port, on its host)."""
+    cfg = parse_config({"scaleout": {"consumers": [{"channel": f"C{i}:Phase", "host": f"10.0.0.2{i}", "server_port": 5075}
+                                                   for i in (1, 2)],
+                                     "input_channel": "DET:Pva1:Image"}}, "test.yaml")
+    assert [s[2] for s in cfg.scaleout.servers()] == [5075, 5075]
+    assert parse_config({"workflow": {"validate_engine": "auto"}}, "t").workflow.validate_engine == "auto"
 
 
 def test_file_errors(tmp_path):

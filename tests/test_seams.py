@@ -187,3 +187,21 @@ def test_an_algorithm_added_once_reaches_options_records_and_cli():
         del options.ALGORITHMS["toy"]
         schema.refresh()
     assert "Toy PIE" not in schema.by_name()["Recon:Engine"].states
+
+
+def test_a_network_added_once_reaches_training_options_and_cli():
+    """`ptychopv train --model` listed two networks by hand, so a registered one was refused there."""
+    import argparse
+
+    from ptychopv import inference
+    from ptychopv.commands import train as cli
+    from ptychopv.hpc.options import TrainOptions
+
+    inference.register_network("toynet", "ptychopv.inference.networks:PtychoNN")
+    try:
+        assert TrainOptions(model="toynet").model == "toynet"
+        p = argparse.ArgumentParser()
+        cli.add_arguments(p)
+        assert p.parse_args(["--corpus", "c.h5", "--registry", "r", "--model", "toynet"]).model == "toynet"
+    finally:
+        del inference.NETWORKS["toynet"]

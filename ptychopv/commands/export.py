@@ -21,7 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--output", "-o", help="file to write (default: model-vNNNN.onnx / .plan)")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,64",
                    help="TensorRT profile batch sizes (default 1,2,4,8,16,64)")
-    p.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for (default 8)")
+    p.add_argument("--opt-batch", type=int, help="batch size TensorRT tunes for (default 64, the chain's batch at full rate, "
+                   "or the largest of --batch-sizes below it)")
     p.add_argument("--cache-dir", help="TensorRT plan cache folder")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
 

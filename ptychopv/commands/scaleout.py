@@ -23,7 +23,9 @@ def add_arguments(p) -> None:
     p.add_argument("--config", required=True, help="YAML config with a scaleout section (the IOC's)")
     p.add_argument("--consumers", default="all",
                    help="which consumers to start here: all (default), none, or 1-based ids like 1,3")
-    p.add_argument("--no-mirror", action="store_true", help="do not start the mirror server here")
+    p.add_argument("--no-mirror", action="store_true",
+                   help="do not start the mirror server here (it starts only with --consumers all or none, "
+                        "where one is needed: a list of ids is a consumer host's, never the mirror's)")
     p.add_argument("--interface", default="127.0.0.1",
                    help="address the PVA servers started here listen on (default 127.0.0.1: loopback)")
     p.add_argument("--registry", help="model registry folder as this host sees it (default: chain.registry)")

@@ -15,7 +15,9 @@ HELP = "train a network on a corpus and publish it to the model registry"
 def add_arguments(p) -> None:
     p.add_argument("--corpus", required=True, help="training corpus (HDF5)")
     p.add_argument("--registry", required=True, help="model registry folder (created if missing)")
-    p.add_argument("--model", choices=["ptychonn2", "ptychonn"], help="network (default ptychonn2)")
+    from ..inference import NETWORKS
+
+    p.add_argument("--model", choices=list(NETWORKS), help="network (default ptychonn2)")
     p.add_argument("--width", type=int, help="channels of the first level (default: the network's)")
     p.add_argument("--depth", type=int, help="encoder levels (default 4)")
     p.add_argument("--epochs", type=int, help="epochs (default 50)")
