@@ -158,6 +158,57 @@ def test_replay_of_a_recorded_scan(tmp_path, sim):
         child.stop()
 
 
+def write_star_like(path, n=12, size=32):
+    """A numpy scan in the Siemens-star file's layout (``data`` (1, N, ny, nx) with the zero
+    frequency in the corners, ``scan`` (1, N, 2) as (row, col) object pixels), bz2-compressed."""
+    import bz2
+    import io
+
+    rng = np.random.default_rng(3)
+    frames = rng.uniform(0, 1, (n, size, size)).astype(np.float32)
+    frames[:, :4, :4] += 1000.0                       # unshifted: the bright disc in a corner
+    scan = np.stack([np.arange(n) * 2.0, np.arange(n) * 3.0 + 1], axis=1)
+    buf = io.BytesIO()
+    np.savez(buf, data=frames[None], scan=scan[None])
+    path.write_bytes(bz2.compress(buf.getvalue()))
+    return frames, scan
+
+
+def test_replay_of_a_numpy_scan_in_the_real_datas_layout(tmp_path):
+    """The real data lives outside the repository (the test below skips without it); this file
+    has its layout, so --replay of a .npz.bz2 with --fftshift is tested from a fresh clone."""
+    path = tmp_path / "star-like.npz.bz2"
+    frames, scan = write_star_like(path)
+    cfg, port, p = sim_config(tmp_path, dtype="float32")
+    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--rate", "1000")
+    try:
+        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+        got_frames = Frames(ctx, p + "Pva1:Image")
+        got_frames.take(1)
+        assert int(ctx.get(p + "NumFrames_RBV").value) == len(frames)
+        ctx.put(p + "Acquire", 1)
+        got = got_frames.take(len(frames))
+        ctx.close()
+    finally:
+        child.stop()
+    assert [f.unique_id for f in got] == list(range(1, len(frames) + 1))
+    for f, want, (row, col) in zip(got, frames, scan):
+        assert f.data.dtype == np.float32 and f.data.shape == want.shape
+        assert np.array_equal(f.data, np.fft.fftshift(want))        # fftshifted: the disc in the middle
+        assert (float(f.attributes["PositionX"]), float(f.attributes["PositionY"])) == (col, row)   # (x, y), pixel 1 m
+
+
+def test_a_numpy_scan_without_its_arrays_is_refused(tmp_path):
+    from ptychopv.io.scanfile import load_numpy_scan
+
+    np.savez(tmp_path / "a.npz", data=np.zeros((3, 8, 8)))
+    with pytest.raises(ValueError, match="needs 'data' and 'scan' arrays"):
+        load_numpy_scan(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", data=np.zeros((3, 8, 8)), scan=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="3 frames but 2 positions"):
+        load_numpy_scan(tmp_path / "b.npz")
+
+
 def test_replay_of_the_real_siemens_star_data(tmp_path):
     path = SHARED_DATA / "siemens-star-small.npz.bz2"
     if not path.exists():
