@@ -57,6 +57,7 @@ class ConsumerStats:
     errors: int = 0                   # frames it could not infer (reported)
     late: int = 0                     # results that came after their place in the order had passed
     undecoded: int = 0                # results that could not be decoded
+    undecoded_since: int = 0          # of them, since its last sequence number: they are no gap
     duplicates: int = 0
     last_uid: int | None = None       # in the current acquisition
     last_seq: int | None = None
@@ -160,6 +161,7 @@ class Gatherer:
             d = from_value(value)
         except Exception as exc:  # noqa: BLE001 - a malformed result is counted, never raised
             c.undecoded += 1
+            c.undecoded_since += 1
             self.report(f"{c.name}: result not decoded: {type(exc).__name__}: {exc}")
             return
         if d.unique_id == 0 and d.data.size <= 1:
@@ -168,6 +170,7 @@ class Gatherer:
             self.add(index, Frame.from_decoded(d))
         except Exception as exc:  # noqa: BLE001 - p4p would close the subscription for good on a raise
             c.undecoded += 1
+            c.undecoded_since += 1
             self.report(f"{c.name}: result not taken: {type(exc).__name__}: {exc}")
             log.exception("scale-out result")
 
@@ -180,14 +183,19 @@ class Gatherer:
         uid = frame.unique_id
         with self._lock:
             now = time.monotonic()
+            # every counter read before any is used: a malformed one changes nothing here
             seq = attrs.get(CONSUMER_SEQ)
-            if seq is not None:
-                seq = int(seq)
-                if c.last_seq is not None and seq > c.last_seq + 1:
-                    c.lost += seq - c.last_seq - 1
-                c.last_seq = seq
+            seq = None if seq is None else int(seq)
+            got = None
             if CONSUMER_MISSED in attrs or CONSUMER_ERRORS in attrs:
                 got = (int(attrs.get(CONSUMER_MISSED, c.reported[0])), int(attrs.get(CONSUMER_ERRORS, c.reported[1])))
+            if seq is not None:
+                if c.last_seq is not None and seq > c.last_seq + 1:
+                    # a result that arrived but was not decoded is counted there, not lost too
+                    c.lost += max(0, seq - c.last_seq - 1 - c.undecoded_since)
+                c.last_seq = seq
+                c.undecoded_since = 0
+            if got is not None:
                 if got[0] < c.reported[0] or got[1] < c.reported[1]:
                     # the consumer restarted: its counters begin again, what it counted before stays
                     c.base = (c.base[0] + c.reported[0], c.base[1] + c.reported[1])

@@ -311,3 +311,54 @@ def test_scale_out_counters_saturate_in_their_32_bit_records():
     assert set_to["Scale:Frames_RBV"] == (2**31 - 1, 2) and set_to["Scale:Missing_RBV"] == (2**31 - 1, 2)
     assert set_to["Scale:ConsumerFrames_RBV"][0] == [2**31 - 1, 7]
     assert set_to["Scale:ConsumerDropped_RBV"][0] == [0, 2**31 - 1]
+
+
+def test_through_a_real_pva_server_a_malformed_result_and_a_consumer_restart_cost_nothing_else():
+    """The fault paths above, driven by a real p4p server as a consumer's and by the gatherer's own
+    p4p subscription: p4p closes a subscription for good when its callback raises, so a malformed
+    counter must be counted and the next result taken; a consumer whose server restarts (its
+    counters from 0) is reconnected and keeps what it counted before."""
+    import os
+
+    from p4p.server import Server, StaticProvider
+    from p4p.server.thread import SharedPV
+
+    from ptychopv.io.epics_env import free_port, pva_client_conf, pva_server_conf
+
+    name, port = f"GR{os.getpid()}:Consumer1:Phase", free_port()
+
+    def serve():
+        pv = SharedPV(initial=to_value(np.zeros((1, 1), np.float32), 0, timestamp=0.0))
+        provider = StaticProvider("consumer")
+        provider.add(name, pv)
+        return pv, Server(providers=[provider], useenv=False, conf=pva_server_conf(port, free_port()))
+
+    def result(uid, seq, missed=0, errors=0):
+        return to_value(np.full((8, 8), uid, np.float32), uid, timestamp=float(uid),
+                        attributes={CONSUMER_SEQ: seq, CONSUMER_MISSED: missed, CONSUMER_ERRORS: errors})
+
+    sink = Sink()
+    pv, server = serve()
+    g = Gatherer([name], pva_client_conf(port), downstream=[sink], reorder_s=0.2)
+    g.start()
+    try:
+        wait_until(lambda: g.consumers[0].connected, 15, "the gatherer subscribed")
+        pv.post(result(1, 1))
+        wait_until(lambda: sink.uids == [1], 15, "result 1 gathered")
+        pv.post(result(2, "two"))              # the sequence counter is not a number
+        wait_until(lambda: g.consumers[0].undecoded == 1, 15, "the malformed result counted")
+        pv.post(result(3, 3, missed=2))
+        wait_until(lambda: sink.uids == [1, 3], 15, "the next result gathered: the subscription lives")
+        # the malformed result is dropped once: undecoded, not also lost as a sequence gap
+        assert g.consumers[0].lost == 0 and g.stats()["dropped"] == [2 + 1]
+        server.stop()                           # the consumer process dies ...
+        wait_until(lambda: not g.consumers[0].connected, 15, "the disconnect seen")
+        pv, server = serve()                    # ... and is restarted: its counters begin at 0
+        wait_until(lambda: g.consumers[0].connected, 30, "reconnected")
+        pv.post(result(5, 1))
+        pv.post(result(6, 2, missed=1))
+        wait_until(lambda: sink.uids == [1, 3, 5, 6], 15, "results after the restart gathered")
+        assert g.stats()["dropped"] == [2 + 1 + 1] and g.consumers[0].undecoded == 1
+    finally:
+        g.close()
+        server.stop()
