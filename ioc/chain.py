@@ -28,20 +28,27 @@ from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
 from .binder import StageBinder
 from .images import image_attributes
-from .schema import INFER_STATUS
+from .schema import INFER_STATUS, STAGES
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 0.25
 INT32_MAX = 2**31 - 1
+REGISTRY_PERIOD_S = 1.0
+# Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
+# (8 batches of the default Infer:BatchSize 32: 256 frames, about 130 ms at 2 kHz)
+PHASE_PUBLISH_DEPTH = 8
 
 
 def saturated(count: int) -> tuple[int, int]:
     """A counter for a 32-bit record: saturates (with a MAJOR alarm) rather than wrapping negative."""
     return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
-REGISTRY_PERIOD_S = 1.0
-# Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
-# (8 batches of the default Infer:BatchSize 32: 256 frames, about 130 ms at 2 kHz)
-PHASE_PUBLISH_DEPTH = 8
+
+
+def internal_ports() -> dict[str, str]:
+    """Stage -> the NTNDArray it reads inside the IOC (its upstream stage's), from the declaration:
+    such a stage's NDArrayPort is fixed, whatever a client or an autosave file writes."""
+    serves = {st.name: st.serves for st in STAGES}
+    return {st.name: serves[st.upstream] for st in STAGES if st.upstream is not None}
 
 
 class LiveChain:
@@ -493,8 +500,8 @@ class LiveChain:
         on = self.ioc.on
         on("Infer:NDArrayPort")(self._set_port)
         on("ScaleFactor")(self._set_scale)
-        on("Stitch:NDArrayPort")(lambda v: self._internal_port("Stitch", "Infer:Phase", v))
-        on("Refine:NDArrayPort")(lambda v: self._internal_port("Refine", "Stitch:Image", v))
+        for stage, upstream in internal_ports().items():
+            on(f"{stage}:NDArrayPort")(lambda v, s=stage, u=upstream: self._internal_port(s, u, v))
         on("Stitch:Reset")(lambda v: self._reset_image() if v else None)
         on("Stitch:PixelSize")(self._set_pixel_size)
         on("Stitch:PositionSource")(self._position_hook)
@@ -518,7 +525,7 @@ class LiveChain:
 
     def _assert_internal_ports(self) -> None:
         """The internal stages' NDArrayPort as they are, whatever an older autosave file restored."""
-        for stage, upstream in (("Stitch", "Infer:Phase"), ("Refine", "Stitch:Image")):
+        for stage, upstream in internal_ports().items():
             own = self.ioc.prefix + upstream
             if str(self.ioc.rec[f"{stage}:NDArrayPort"].get()) != own:
                 self.ioc.rec[f"{stage}:NDArrayPort"].set(own, process=False)
@@ -551,7 +558,7 @@ class LiveChain:
             self.ioc.set("Scan:Capture_RBV", 1)
             return
         ending = self._take_capture_file()    # a capture the recorder may have ended by itself
-        if on and ending and not self.recorder.capture and self.recorder.frames_captured and Path(ending).exists():
+        if on and not self.recorder.capture and self._finished_scan(ending):
             self._capture_ended(ending)       # ... just before this new one: it is a finished scan
         if on:
             self._reset_image()
@@ -570,7 +577,7 @@ class LiveChain:
             self._force("Scan:FileName_RBV", str(result))
             self._capture_file = str(result)
         self.ioc.set("Scan:Capture_RBV", int(bool(on)))
-        if not on and not result and ending and self.recorder.frames_captured and Path(ending).exists():
+        if not on and not result and self._finished_scan(ending):
             result = ending                   # it had ended by itself, before the stats loop saw it
         if not on and result:
             self._capture_ended(result)
@@ -581,6 +588,10 @@ class LiveChain:
         with self._capture_lock:
             path, self._capture_file = self._capture_file, None
         return path
+
+    def _finished_scan(self, path: str | None) -> bool:
+        """A capture's file that holds frames: a scan the end-of-scan callbacks may take."""
+        return bool(path) and self.recorder.frames_captured > 0 and Path(path).exists()
 
     def _capture_ended(self, path: str) -> None:
         self.last_scan_file = path
@@ -601,7 +612,7 @@ class LiveChain:
         self.source.set_niced(True)
         self.ioc.rec["Scan:Capture"].set(0, process=False)
         self.ioc.set("Scan:Capture_RBV", 0)
-        if self.recorder.frames_captured and path and Path(path).exists():
+        if self._finished_scan(path):
             self._capture_ended(path)
 
     # ------------------------------------------------------------------ records

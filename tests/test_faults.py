@@ -511,7 +511,7 @@ def test_ports_another_process_holds_are_said_and_the_ready_line_gives_the_image
             assert port != h.image_port
             ctx = Context("pva", conf=pva_client_conf(h.pva_port, port), useenv=False)
             try:
-                assert ctx.get(h.pv("Stitch:Image"), timeout=10).getID() == "epics:nt/NTNDArray:1.0"   # found at the port it printed
+                assert ctx.get(h.pv("Stitch:Image"), timeout=10).ndim == 2   # an image, found at the port it printed
             finally:
                 ctx.close()
         finally:

@@ -99,6 +99,14 @@ def test_a_declared_stage_gets_records_screen_device_and_table(toy_stage):
     assert "ptychopv_toy.bob" in generate.render_all()["ptychopv_overview.bob"]     # a button opens it
 
 
+def test_a_declared_stage_behind_another_reads_it_inside_the_ioc(toy_stage):
+    """Its NDArrayPort is fixed to its upstream stage's output, as Stitch's and Refine's are: the
+    chain derives the pairs from the declaration, not from a list of its own."""
+    from ptychopv.ioc.chain import internal_ports
+
+    assert internal_ports() == {"Stitch": "Infer:Phase", "Refine": "Stitch:Image", "Toy": "Stitch:Image"}
+
+
 def test_the_binder_builds_connects_and_binds_a_declared_stage(toy_stage):
     ioc = FakeIOC()
     binder = StageBinder(ioc)
