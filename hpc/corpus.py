@@ -17,21 +17,34 @@ Layout (one file, all datasets share the first axis ``N``)::
         plus any attributes given at creation (energy_ev, detector_distance_m, ...)
 
 Datasets are chunked along ``N`` (``CHUNK_PAIRS`` pairs per chunk), gzip-compressed and
-resizable. An append resizes, writes the new rows after ``count`` and only then raises
-``count``: earlier pairs are never rewritten, and a crash mid-append loses only that append.
-HDF5 allows one writer at a time; open, write and close per append (these functions do).
+resizable. An append is copy-on-write: under an exclusive lock (``<corpus>.lock``, so appenders
+take turns), the corpus is copied, the pairs are appended to the copy, which is synced, and the
+copy replaces the corpus in one rename. In place, HDF5 rewrites the partly filled last chunk
+(committed pairs among them) and the chunk index, so a process killed mid-append (a job killed
+after its abort grace, the OOM killer) left a corpus that no longer read, and every later label
+and training job failed; now a crash leaves the corpus as it was, and at most a ``.tmp`` copy
+that the next append replaces. The copy costs a read and write of the corpus per append (once
+per reconstructed scan). Readers never wait for an appender: they read the corpus as it was.
+A corpus that HDF5 cannot read (damaged by an older version's crash) is a clear error naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+class CorpusDamaged(ValueError):
+    """A corpus HDF5 opens but cannot read (a crash of an in-place append, before appends were
+    copy-on-write)."""
+
 
 FORMAT = "ptychopv-corpus"
 FORMAT_VERSION = 1
@@ -99,10 +112,12 @@ def create_corpus(path: str | os.PathLike, frame_shape: tuple[int, int], *,
     return path
 
 
-def _open(path: Path, mode: str, wait_s: float = 30.0) -> h5py.File:
-    """Open the corpus; while another process holds the HDF5 file lock, wait for it."""
+def _open(path: Path, mode: str, wait_s: float = 30.0, *, name: Path | None = None) -> h5py.File:
+    """Open the corpus; while another process holds the HDF5 file lock, wait for it. ``name``:
+    the corpus ``path`` is a working copy of, for messages."""
     if not path.is_file():
         raise FileNotFoundError(f"training corpus {path} does not exist")
+    name = name or path
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -110,20 +125,22 @@ def _open(path: Path, mode: str, wait_s: float = 30.0) -> h5py.File:
             break
         except OSError as exc:  # e.g. a labeller appending while a trainer reads
             if "lock" not in str(exc).lower():
-                raise ValueError(f"training corpus {path} is not a readable HDF5 file: {exc}") from None
+                raise ValueError(f"training corpus {name} is not a readable HDF5 file: {exc}") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
     if f.attrs.get("format") != FORMAT:
         f.close()
-        raise ValueError(f"{path} is not a ptychopv training corpus (no format={FORMAT!r})")
+        raise ValueError(f"{name} is not a ptychopv training corpus (no format={FORMAT!r})")
     return f
 
 
 def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
-                 scan_id: str | int | list = "", attrs: dict | None = None, compress: bool = True) -> int:
+                 scan_id: str | int | list = "", attrs: dict | None = None, compress: bool = True,
+                 durable: bool = True) -> int:
     """Append pairs (creating the corpus on first use, with ``attrs`` and ``compress``); returns
-    the new pair count."""
+    the new pair count. ``durable=False``: in place, without the copy (a scratch corpus built in
+    many appends and rebuilt after a crash, as ``scripts/make_demo_model.py``'s)."""
     path = Path(path)
     diff = _as_frames("diffraction", diffraction)
     n = len(diff)
@@ -134,12 +151,68 @@ def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
             raise ValueError(f"{name} labels are {labels.shape[1]}x{labels.shape[2]} but the "
                              f"diffraction crops are {diff.shape[1]}x{diff.shape[2]}")
     ids = _scan_ids(scan_id, n)
-    if not path.exists():
+    if not durable:
+        with _append_lock(path):
+            if not path.exists():
+                create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
+            return _append(path, path, diff, ph, amp, ids)
+    with _append_lock(path):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):   # an appender that crashed: its copy
+            stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
-        except FileExistsError:  # another process created it first
-            pass
-    with _open(path, "r+") as f:
+            if path.exists():
+                shutil.copyfile(path, tmp)
+            else:
+                tmp.unlink(missing_ok=True)
+                create_corpus(tmp, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
+            stop = _append(tmp, path, diff, ph, amp, ids)
+            _sync(tmp)
+            os.replace(tmp, path)             # the commit: the corpus is the old one or the new one
+            _sync(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return stop
+
+
+@contextlib.contextmanager
+def _append_lock(path: Path):
+    """One appender at a time (other processes and threads too): an flock on ``<corpus>.lock``."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                          # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def _damage(path: Path):
+    """HDF5's read errors inside a corpus said nothing of which file: name it, and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise CorpusDamaged(f"training corpus {path} is damaged ({exc}); its pairs cannot all be read: "
+                            "move it aside (the next labels start a new one)") from None
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:                           # a folder some filesystems will not sync
+        pass
+    finally:
+        os.close(fd)
+
+
+def _append(work: Path, path: Path, diff, ph, amp, ids) -> int:
+    """Append to ``work`` (the copy of corpus ``path``); returns the new count."""
+    n = len(diff)
+    with _open(work, "r+", name=path) as f, _damage(path):
         shape = tuple(int(s) for s in f.attrs["frame_shape"])
         if diff.shape[1:] != shape:
             raise ValueError(f"pairs are {diff.shape[1]}x{diff.shape[2]} but corpus {path} holds "
@@ -160,14 +233,14 @@ def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
                 ds.resize(stop, axis=0)
             ds[start:stop] = values
         f.flush()
-        f.attrs["count"] = stop  # the commit point: rows past count are not pairs yet
+        f.attrs["count"] = stop  # rows past count are not pairs yet (a corpus of format 1 in place)
         f.flush()
     return stop
 
 
 def corpus_info(path: str | os.PathLike) -> CorpusInfo:
     path = Path(path)
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damage(path):
         count = int(f.attrs["count"])
         ids, counts = np.unique(f["scan_id"].asstr()[:count], return_counts=True)
         extra = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
@@ -179,7 +252,7 @@ def corpus_info(path: str | os.PathLike) -> CorpusInfo:
 def read_pairs(path: str | os.PathLike, scans=None) -> dict[str, np.ndarray]:
     """All committed pairs (or those of ``scans``): diffraction, phase, [amplitude], scan_id."""
     path = Path(path)
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damage(path):
         count = int(f.attrs["count"])
         ids = np.asarray(f["scan_id"].asstr()[:count], dtype=object)
         if scans is None:

@@ -100,7 +100,8 @@ def build_corpus(path: Path, samples_n: int, per_sample: int, seed: int, *, size
     try:
         results = pool.imap(job, range(samples_n), chunksize=4) if pool else map(job, range(samples_n))
         for frames, labels, scan_id in results:
-            append_pairs(path, frames, labels, scan_id=scan_id, attrs=attrs, compress=compress)
+            append_pairs(path, frames, labels, scan_id=scan_id, attrs=attrs, compress=compress,
+                         durable=False)     # a scratch corpus: rebuilt, not kept, after a crash
     finally:
         if pool is not None:
             pool.terminate()

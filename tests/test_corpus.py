@@ -135,3 +135,76 @@ def test_reader_waits_for_a_writer_in_another_process(tmp_path):
     writer.join(30)
     assert data["diffraction"].shape == (4, 64, 64)
     assert writer.exitcode == 0 and waited > 0.2
+
+
+CRASH = """
+import os, sys
+import numpy as np
+from ptychopv.hpc import corpus
+point = sys.argv[2]
+if point == "write":          # killed in the middle of writing the new rows
+    import h5py
+    write = h5py.Dataset.__setitem__
+    def killed(self, key, value):
+        write(self, key, value)
+        os._exit(9)
+    h5py.Dataset.__setitem__ = killed
+else:                         # killed with the new corpus written, before it replaces the old
+    os.replace = lambda a, b: os._exit(9)
+rng = np.random.default_rng(1)
+corpus.append_pairs(sys.argv[1], rng.random((70, 16, 16), dtype=np.float32),
+                    rng.random((70, 16, 16), dtype=np.float32), scan_id="crashed")
+"""
+
+
+@pytest.mark.parametrize("point", ["write", "replace"])
+def test_a_process_killed_mid_append_leaves_the_corpus_as_it_was(tmp_path, point):
+    """In place, an append rewrote the partly filled last chunk (committed pairs in it) and the
+    chunk index: a kill mid-append left a corpus whose committed pairs no longer read, and every
+    later label and training job failed. Appends are copy-on-write now."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+    d, p = rng.random((100, 16, 16), dtype=np.float32), rng.random((100, 16, 16), dtype=np.float32)
+    append_pairs(path, d, p, scan_id="kept")          # a partly filled last chunk (64 + 36)
+    r = subprocess.run([sys.executable, "-c", CRASH, str(path), point], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    assert list(tmp_path.glob(".c.h5.*.tmp"))          # the killed appender's copy
+    data = read_pairs(path)
+    np.testing.assert_array_equal(data["diffraction"], d)
+    np.testing.assert_array_equal(data["phase"], p)
+    assert corpus_info(path).scans == {"kept": 100}
+    assert append_pairs(path, d[:3], p[:3], scan_id="next") == 103
+    assert corpus_info(path).scans == {"kept": 100, "next": 3}
+    assert not list(tmp_path.glob(".c.h5.*.tmp"))      # the next append cleared it
+
+
+def test_a_damaged_corpus_is_named_in_one_clear_error(tmp_path):
+    """A corpus an older in-place append left damaged: HDF5's read error said nothing of the file."""
+    from ptychopv.hpc.corpus import CorpusDamaged
+
+    path = tmp_path / "c.h5"
+    rng = np.random.default_rng(0)
+    append_pairs(path, rng.random((70, 16, 16), dtype=np.float32), rng.random((70, 16, 16), dtype=np.float32))
+    with h5py.File(path, "r") as f:
+        offset = f["diffraction"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:                     # the first chunk's gzip stream garbled
+        fh.seek(offset + 8)
+        fh.write(b"\xff" * 64)
+    with pytest.raises(CorpusDamaged, match=f"training corpus {path} is damaged .*move it aside"):
+        read_pairs(path)
+
+
+def test_a_scratch_corpus_appends_in_place(tmp_path):
+    """durable=False (a corpus built in thousands of appends and rebuilt after a crash): no copy."""
+    path = tmp_path / "c.h5"
+    d, p, _ = synthetic_pairs(6)
+    append_pairs(path, d[:4], p[:4], scan_id="a", durable=False)
+    ino = path.stat().st_ino
+    assert append_pairs(path, d[4:], p[4:], scan_id="b", durable=False) == 6
+    assert path.stat().st_ino == ino                      # the same file, written in place
+    np.testing.assert_array_equal(read_pairs(path)["diffraction"], d)
+    append_pairs(path, d[:1], p[:1], scan_id="c")
+    assert path.stat().st_ino != ino                      # a durable append replaces it
