@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, resolve
+from ..config import Config, ConfigError, resolve
 from ..inference.registry import card_scale_range
 from ..io.osthread import name_os_thread
 from ..plugins.models import ModelError, ModelManager
@@ -80,7 +80,10 @@ class LiveChain:
         if c.mask_file:
             import numpy as np
 
-            mask = np.load(resolve(cfg, c.mask_file))
+            try:
+                mask = np.load(resolve(cfg, c.mask_file))
+            except (OSError, ValueError) as exc:      # the start fails, with the key named
+                raise ConfigError(f"chain.mask_file {resolve(cfg, c.mask_file)}: {exc}") from None
         self.infer.pre.options = PreprocessOptions(binning=c.binning, crop=(c.crop, c.crop) if c.crop else None,
                                                    mask=mask, scale=float(ioc.get("ScaleFactor")))
         self.stitch.set_pixel_size(self._pixel_size())
@@ -98,7 +101,16 @@ class LiveChain:
         self.infer.on_swap.append(self._swapped)
         self._pv_feed = None
         self._position_kind = 0
-        self._set_position_source(int(ioc.get("Stitch:PositionSource")))
+        try:
+            self._set_position_source(int(ioc.get("Stitch:PositionSource")))
+        except (ValueError, OSError) as exc:
+            # a restored setting the config no longer backs (a positions file gone, no position
+            # PVs): the start goes on with the frames' attributes, and says why
+            self._set_position_source(0)
+            ioc.rec["Stitch:PositionSource"].set(0, process=False)
+            ioc.set("Stitch:PositionSource_RBV", 0)
+            ioc.notes["Stitch"] = f"Stitch:PositionSource not used ({exc}); positions from the frames' attributes"
+            self._message("Stitch", ioc.notes["Stitch"], severity=1)
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
                                       on_frame=self._on_frame, downstream=[self._record, self.infer],
                                       connect_timeout_s=cfg.source.connect_timeout_s,
@@ -617,6 +629,11 @@ class LiveChain:
 
     # ------------------------------------------------------------------ records
     def _message(self, stage: str, text: str, severity: int = 0) -> None:
+        note = self.ioc.notes.get(stage)
+        if note and note not in text:
+            # what the start had to say (settings autosave could not restore) stays in view: the
+            # stage's news would replace it within a second of the start
+            text = f"{text} (at start: {note})"
         self._messages[stage] = text
         self.ioc.message(stage, text, severity=severity)
 

@@ -25,12 +25,16 @@ def check_value(pv: PV, value) -> str | None:
     takes) is refused, so it is never stored and never autosaved."""
     t = pv.rtype
     if t in ("ao", "longout"):
+        if isinstance(value, (str, bytes, bool)):   # a client's text is converted before this; a file's is not
+            return f"{value!r} is not a number"
         try:
             v = float(value)
         except (TypeError, ValueError):
             return f"{value!r} is not a number"
         if not math.isfinite(v):
             return f"{value} is not a finite number"
+        if t == "longout" and v != int(v):
+            return f"{value} is not a whole number"
         if v in pv.allow:
             return None
         if pv.low is not None and pv.high is not None and pv.high > pv.low and not pv.low <= v <= pv.high:
@@ -45,7 +49,9 @@ def check_value(pv: PV, value) -> str | None:
             return f"{value} is not one of 0..{len(pv.states) - 1} ({', '.join(pv.states)})"
         return None
     if t == "stringout":
-        text = str(value)
+        if not isinstance(value, str):
+            return f"{value!r} is not text"
+        text = value
         room = pv.length - 1 if pv.length > 40 else 39
         if len(text.encode()) > room:
             return f"{len(text.encode())} characters is longer than the record holds ({room})"

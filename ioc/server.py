@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Callable
@@ -211,19 +212,36 @@ class PtychoIOC:
         path = self.autosave_path()
         if not path.is_file():
             return []
+        text = path.read_text(errors="replace")
+        torn = None
         try:
-            saved = yaml.safe_load(path.read_text()) or {}
+            saved = yaml.safe_load(text) or {}
             if not isinstance(saved, dict):
                 raise ValueError("not a mapping of PV names to values")
         except Exception as exc:  # noqa: BLE001 - a torn or hand-edited file must not stop the IOC
+            # one setting per line: keep every line that still reads, drop only the others
+            saved, bad = {}, 0
+            for line in text.splitlines():
+                try:
+                    item = yaml.safe_load(line) if line.strip() else {}
+                except Exception:  # noqa: BLE001
+                    item = None
+                if isinstance(item, dict) and len(item) <= 1:
+                    saved.update(item)
+                else:
+                    bad += 1
             aside = path.with_name(path.name + ".unreadable")
             os.replace(path, aside)
-            self.message("Infer", f"autosave file unreadable ({exc}); moved to {aside.name}, defaults used",
-                         severity=1)
-            return [str(path)]
+            torn = (f"autosave file {path.name} partly unreadable ({str(exc).splitlines()[0]}): {len(saved)} "
+                    f"settings kept, {bad} lines not; the file as it was is {aside.name}")
+            log.warning("%s", torn)
         decl = schema.by_name()
         dropped, kept = [], {}
         for key, value in saved.items():
+            if not isinstance(key, str):
+                dropped.append(f"{key!r} = {value!r} (not a PV name)")
+                log.warning("autosave: %r = %r not restored: not a PV name", key, value)
+                continue
             name = key[len(self.prefix):] if key.startswith(self.prefix) else key
             pv = decl.get(name)
             why = "no such setting" if pv is None or not pv.autosave else check_value(pv, value)
@@ -232,7 +250,7 @@ class PtychoIOC:
                 log.warning("autosave: %s = %r not restored: %s", name, value, why)
             else:
                 kept[key] = value
-        if dropped:
+        if dropped or torn:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(yaml.safe_dump(kept))
             os.replace(tmp, path)
@@ -241,6 +259,10 @@ class PtychoIOC:
                 stage = self.stage_of(name)
                 self.notes[stage] = f"autosave: {item} not restored; the default is used"[:255]
                 self.message(stage, self.notes[stage], severity=1)
+            if torn:
+                self.notes["Infer"] = torn[:255]
+                self.message("Infer", torn, severity=1)
+                dropped.append(torn)
         return dropped
 
     def _sync_readbacks(self) -> None:
@@ -364,8 +386,20 @@ def run(cfg: Config) -> int:
               "served on other ports, found by UDP search but not at the configured port", flush=True)
     os.environ.update(epics_environment(cfg))  # before any EPICS library starts
     ioc = PtychoIOC(cfg)
-    ioc.build()
-    ioc.start()
+    try:
+        ioc.build()
+        ioc.start()
+    except Exception as exc:  # noqa: BLE001 - a start that failed must end the process, not serve half an IOC
+        # (once the records are up, EPICS's threads keep a process alive that only returned)
+        from ..config import ConfigError
+
+        if isinstance(exc, (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                            IsADirectoryError, PermissionError)):
+            print(f"ptychopv ioc: {exc}", file=sys.stderr, flush=True)   # one line, as the CLI says them
+            _leave(2)
+        log.exception("start-up failed")
+        print(f"ptychopv ioc: start-up failed: {type(exc).__name__}: {exc}", flush=True)
+        _leave(1)
     e = cfg.epics
     print(f"ptychopv ioc: ready prefix={cfg.prefix} ca=127.0.0.1:{e.ca_server_port} "
           f"pva=127.0.0.1:{e.pva_server_port} images=127.0.0.1:{ioc.images.port}"
@@ -379,20 +413,43 @@ def run(cfg: Config) -> int:
             _leave()
 
 
-def _leave() -> None:
+EXIT_HANDLERS_S = 10.0    # the exit handlers' time; past it the process leaves without them
+
+
+def _leave(code: int = 0) -> None:
     """Non-daemon threads (dispatcher, autosave) end only in the exit handlers: run them (autosave
     writes the settings; EPICS's own exit handlers run through pythonSoftIOC's atexit hook), then
     leave at once. A C-level exit() would also run the libraries' static destructors while a
     helper thread may still be in native code (a model load importing torch): that crashes.
     Whatever fails on the way (a parent that stopped reading stdout: a broken pipe), the process
-    ends, so its ports are free for the next IOC."""
+    ends, so its ports are free for the next IOC; the handlers get EXIT_HANDLERS_S (pythonSoftIOC's
+    autosave retries a failing save for ever once asked to stop: a full disk held the IOC)."""
     import atexit
     import sys
+    import threading
 
-    for say in (lambda: print("ptychopv ioc: exiting", flush=True), atexit._run_exitfuncs,
-                sys.stdout.flush, sys.stderr.flush):
+    def handlers():
+        try:
+            atexit._run_exitfuncs()
+        except Exception:  # noqa: BLE001 - nothing may stop the exit
+            pass
+
+    try:
+        print("ptychopv ioc: exiting", flush=True)
+    except Exception:  # noqa: BLE001
+        pass
+    t = threading.Thread(target=handlers, name="exit-handlers", daemon=True)
+    t.start()
+    t.join(EXIT_HANDLERS_S)
+    if t.is_alive():
+        try:
+            print(f"ptychopv ioc: exit handlers still running after {EXIT_HANDLERS_S:g} s "
+                  "(settings not saved?): leaving without them", flush=True)
+        except Exception:  # noqa: BLE001
+            pass
+    for say in (sys.stdout.flush, sys.stderr.flush):
         try:
             say()
         except Exception:  # noqa: BLE001 - nothing may stop the exit
             pass
-    os._exit(0)
+    os._exit(code)

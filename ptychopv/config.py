@@ -35,6 +35,10 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Dtype = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"]
 
 
+PV_NAME_CHARS = r"[A-Za-z0-9_\-+:\[\]<>;]"   # what an EPICS record name may hold
+PREFIX_MAX = 30          # with the longest record name (29 characters), within EPICS's 60
+
+
 class EpicsOptions(Strict):
     """Ports of the IOC process. Traffic always stays on 127.0.0.1 (see epics-loopback.env)."""
 
@@ -66,8 +70,9 @@ class EpicsOptions(Strict):
 class AutosaveOptions(Strict):
     directory: Path = Path("autosave")
     """Folder for autosave files (created if missing)."""
-    period_s: Annotated[float, Field(gt=0)] = 10.0
-    """Seconds between saves of changed settings; settings are also saved at a clean exit."""
+    period_s: Annotated[float, Field(ge=0.5)] = 10.0
+    """Seconds between saves of changed settings; settings are also saved at a clean exit (at least
+    0.5: a shorter period kept the IOC's CPU busy saving)."""
 
 
 class AccessOptions(Strict):
@@ -437,6 +442,13 @@ class Config(Strict):
     def _prefix(cls, v: str) -> str:
         if not v or " " in v:
             raise ValueError("must be a non-empty PV prefix without spaces")
+        bad = sorted(set(re.sub(PV_NAME_CHARS, "", v)))
+        if bad:
+            raise ValueError(f"characters {''.join(bad)!r} are not allowed in an EPICS record name "
+                             "(letters, digits and _ - + : [ ] < > ; are)")
+        if len(v) > PREFIX_MAX:
+            raise ValueError(f"{len(v)} characters: at most {PREFIX_MAX}, so that every record name stays "
+                             "within EPICS's 60")
         return v
 
     @model_validator(mode="after")

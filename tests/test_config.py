@@ -47,6 +47,9 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
     ({"prefix": ""}, ["prefix", "non-empty"]),
     ({"epics": {"pva_server_port": 5077}}, ["epics", "each port must be its own", "pva_server_port = image_pva_port"]),
     ({"access": {"write_hosts": ["10.0.0.0/24"]}}, ["access.write_hosts", "'10.0.0.0/24'", "plain host"]),
+    ({"prefix": "AUD/X:"}, ["prefix", "'/'", "not allowed in an EPICS record name"]),
+    ({"prefix": "BL99-" + "X" * 40 + ":"}, ["prefix", "46 characters: at most 30"]),
+    ({"autosave": {"period_s": 1e-6}}, ["autosave.period_s", "greater than or equal to 0.5"]),
     ({"workflow": {"validate_engine": "onnxrunitme"}}, ["workflow.validate_engine", "'onnxrunitme'", "onnxruntime"]),
     ({"sim": {"sample": {"phase_image": "cameraa"}}}, ["sim.sample.phase_image", "'cameraa'", "camera"]),
     ({"sim": {"sample": {"amplitude_image": "mon"}}}, ["sim.sample.amplitude_image", "moon"]),
@@ -64,6 +67,15 @@ def test_bad_values_name_the_key(data, expect):
         parse_config(data, "test.yaml")
     for text in expect:
         assert text in str(err.value)
+
+
+def test_the_longest_prefix_allowed_leaves_every_record_name_within_epicss_limit():
+    from ptychopv.config import PREFIX_MAX
+    from ptychopv.ioc import schema
+
+    longest = max(len(n) for n in [r.name for r in schema.records()] + [p.name for p in schema.ntndarrays()])
+    assert PREFIX_MAX + longest <= 60
+    assert parse_config({"prefix": "BL-7[a]<b>;c+d:" + "X" * (PREFIX_MAX - 15)}, "t").prefix
 
 
 def test_servers_on_other_hosts_may_share_a_port():

@@ -266,6 +266,62 @@ def test_an_unreadable_autosave_file_is_moved_aside(tmp_path):
         child.stop()
 
 
+def test_a_torn_autosave_file_keeps_every_line_that_reads(tmp_path):
+    """A file cut off mid-line (a crash while the disk filled) was moved aside whole, and the
+    defaults that replaced it were saved over the good settings; a key that is not a name, or a
+    value of the wrong type, stopped the start or was refused by the record with only a traceback.
+    Each line now counts alone: the good ones are restored, the others dropped and said."""
+    h = write_ioc_config(tmp_path, f"PT{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    sav = tmp_path / "autosave" / f"{p.rstrip(':')}.softsav"
+    sav.write_text(f"{p}ScaleFactor: 3.5\n12: 3\n{p}Infer:BatchSize: 16.7\n{p}Infer:NDArrayPort: 12345\n"
+                   f"{p}Infer:FlushTimeout: 0.02\n{p}Refine:Queu")
+    child = start_ioc(h.config, timeout=60)
+    try:
+        assert caget(h.pv("ScaleFactor")) == 3.5 and caget(h.pv("Infer:FlushTimeout")) == pytest.approx(0.02)
+        assert caget(h.pv("Infer:BatchSize")) == 32                        # 16.7: not a whole number
+        assert caget(h.pv("Infer:NDArrayPort"), as_string=True) != "12345"  # a number is not a channel
+        said = caget(h.pv("Infer:Message_RBV"), as_string=True)
+        assert "partly unreadable" in said and "lines not" in said, said
+        assert (tmp_path / "autosave" / (sav.name + ".unreadable")).read_text().endswith("Refine:Queu")
+    finally:
+        assert child.stop() == 0
+    saved = yaml.safe_load(sav.read_text())
+    assert saved[p + "ScaleFactor"] == 3.5 and 12 not in saved
+
+
+def test_a_restored_position_source_the_config_no_longer_backs_falls_back_and_says_why(tmp_path):
+    """Stitch:PositionSource File, autosaved, with the positions file gone: the start raised, and
+    the half-started IOC stayed up serving records with Status 'Starting' for good."""
+    h = write_ioc_config(tmp_path, f"PF{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {seed_demo_model: false, positions_file: positions.npy}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    (tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").write_text(yaml.safe_dump({p + "Stitch:PositionSource": 2}))
+    child = start_ioc(h.config, timeout=60)
+    try:
+        assert caget(h.pv("Stitch:PositionSource")) == 0 and caget(h.pv("Stitch:PositionSource_RBV")) == 0
+        said = caget(h.pv("Stitch:Message_RBV"), as_string=True)
+        assert "not used" in said and "positions.npy" in said, said
+    finally:
+        assert child.stop() == 0
+
+
+def test_a_start_that_fails_ends_the_process_with_the_reason(tmp_path):
+    """A config whose mask file is missing: the start raised after the records were up, and the
+    process served them for good (EPICS's threads keep it alive), holding its ports."""
+    from ptychopv.procs import child_env, ptychopv_args
+
+    h = write_ioc_config(tmp_path, f"PM{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {seed_demo_model: false, mask_file: mask.npy}\n")
+    r = subprocess.run(ptychopv_args("ioc", "--config", str(h.config)), env=child_env(), capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]    # after EPICS's own start-up lines
+    assert last.startswith("ptychopv ioc: chain.mask_file") and "mask.npy" in last, r.stderr
+
+
 # ----------------------------------------------------------------------------- access
 def _ioc_with_access(tmp_path, access: str):
     h = write_ioc_config(tmp_path, f"AC{os.getpid()}:", CA_PORTS[1],
@@ -524,3 +580,16 @@ def test_counters_saturate_instead_of_wrapping():
     assert saturated(5) == (5, 0)
     assert saturated(2 * 10**9 + 2 * 10**9) == (INT32_MAX, 2)
     assert np.int32(saturated(4 * 10**9)[0]) > 0
+
+
+def test_the_ioc_leaves_even_when_an_exit_handler_never_returns():
+    """pythonSoftIOC's autosave, asked to stop, retries a failing save (a full disk) for ever: the
+    IOC ran its exit handlers on the way out and never left, holding its ports, at full CPU."""
+    code = ("import atexit, threading, time\n"
+            "from ptychopv.ioc import server\n"
+            "atexit.register(lambda: threading.Event().wait())\n"
+            "server.EXIT_HANDLERS_S = 1.0\n"
+            "server._leave(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "exit handlers still running after 1 s" in r.stdout
