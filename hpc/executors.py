@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
@@ -64,6 +65,24 @@ class _Base:
         self.shutdown()
 
 
+PARENT_POLL_S = 1.0
+
+
+def _die_with_parent(parent: int) -> None:
+    """A pool worker's initializer: a worker whose IOC was killed (SIGKILL, the OOM killer) never
+    noticed, since it holds both ends of its own call-queue pipe; it ran its job to the end (a
+    training run then published a version the next IOC loaded). It now ends within
+    ``PARENT_POLL_S`` of its parent, whatever it is running."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class LocalExecutor(_Base):
     """A process pool that heals: a worker that died (killed, out of memory) breaks a
     ``ProcessPoolExecutor`` for good, so the next submit builds a fresh pool. ``shutdown(wait=False)``
@@ -79,7 +98,8 @@ class LocalExecutor(_Base):
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"))
+        return cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"),
+                                      initializer=_die_with_parent, initargs=(os.getpid(),))
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         try:

@@ -56,3 +56,12 @@ def stuck_job(seconds: float, job_dir: str) -> dict:
         time.sleep(seconds)
         return {}
     return run_job("stuck", job_dir, body)
+
+
+def late_marking_job(seconds: float, path: str) -> int:
+    """Sleep, then write ``path``: a job whose side effect comes at its end (a training run
+    publishing a version). Returns its own pid."""
+    time.sleep(seconds)
+    with open(path, "w") as f:
+        f.write("ran")
+    return os.getpid()

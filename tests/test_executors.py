@@ -181,3 +181,48 @@ def test_globus_compute_needs_the_sdk_and_builds_its_executor_lazily(monkeypatch
     assert ex.describe() == {"name": "globus-compute", "workers": 0, "endpoint_id": eid}
     assert ex.submit(reconstruct_job, "a.h5") == ("submitted", reconstruct_job, ("a.h5",))
     assert built == [eid]
+
+
+ORPHAN = """
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from tests import job_helpers
+from ptychopv.hpc.executors import LocalExecutor
+ex = LocalExecutor(1)
+ex.submit(job_helpers.late_marking_job, 20, sys.argv[1])
+deadline = time.monotonic() + 60
+while not [p for p in ex._pool._processes.values() if p.is_alive()] and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(*[p.pid for p in ex._pool._processes.values()], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
+    """An IOC killed outright (SIGKILL, the OOM killer) left its job worker running, reparented, to
+    the end of its job: a training run went on to publish a version the next IOC then loaded."""
+    import subprocess
+    from pathlib import Path
+
+    def running(pid):       # a worker that ended but nobody reaped yet is a zombie: not running
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    marker = tmp_path / "ran"
+    root = str(Path(__file__).resolve().parents[1])
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN, str(marker), root], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers and all(running(p) for p in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+    deadline = time.monotonic() + 15
+    while any(running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [p for p in workers if running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == [] and not marker.exists()
