@@ -37,6 +37,7 @@ REGISTRY_PERIOD_S = 1.0
 # Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
 # (8 batches of the default Infer:BatchSize 32: 256 frames, about 130 ms at 2 kHz)
 PHASE_PUBLISH_DEPTH = 8
+REFERENCE_FILE = "reference.json"   # in a registry version's folder: its SSIM on its training scan
 
 
 def saturated(count: int) -> tuple[int, int]:
@@ -307,12 +308,44 @@ class LiveChain:
         when this IOC trained it; 0.0 (unknown: compared against a perfect 1.0) otherwise."""
         return self.reference_ssim_for(self.infer.version)
 
+    def _reference_file(self, version: int) -> Path:
+        return Path(self.registry_path) / f"v{int(version):04d}" / REFERENCE_FILE
+
     def reference_ssim_for(self, version: int) -> float:
-        return self.references.get(int(version), 0.0)
+        """A version's reference, kept beside it in the registry: held only in memory, it was lost
+        at a restart, and the controller then took the next scan's ordinary mismatch for a drop
+        (compared against 1.0) and retrained."""
+        version = int(version)
+        if version not in self.references and version > 0:
+            import json
+
+            path = self._reference_file(version)
+            try:
+                ssim = float(json.loads(path.read_text())["ssim"])
+                if -1.0 <= ssim <= 1.0:
+                    self.references[version] = ssim
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("reference of v%d not read from %s: %s", version, path, exc)
+        return self.references.get(version, 0.0)
 
     def set_reference(self, version: int, ssim: float) -> None:
-        """Record a version's validation SSIM on its training scan (the controller's reference)."""
+        """Record a version's validation SSIM on its training scan (the controller's reference),
+        in memory and beside the version (written whole: a temporary file, then a rename)."""
+        import datetime as dt
+        import json
+        import os
+
         self.references[int(version)] = float(ssim)
+        path = self._reference_file(version)
+        try:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"version": int(version), "ssim": float(ssim),
+                                       "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("reference of v%d not kept in %s (the next restart will not know it): %s", version, path, exc)
         if self.infer.version == int(version):          # already swapped in by the registry watch
             self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4))
 

@@ -593,3 +593,27 @@ def test_the_ioc_leaves_even_when_an_exit_handler_never_returns():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "exit handlers still running after 1 s" in r.stdout
+
+
+def test_a_restarted_ioc_knows_the_reference_of_the_version_it_runs(tmp_path):
+    """The controller's reference (the live version's SSIM on its training scan) lived only in
+    memory: after a restart it read 0 (compared against 1.0), so the first scan's ordinary mismatch
+    looked like a drop and the controller retrained. It is kept beside the version now."""
+    import json
+
+    h = write_ioc_config(tmp_path, f"RF{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {engine: onnxruntime, registry: registry}\n")
+    child = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the seeded model runs")
+        assert caget(h.pv("Model:ValSSIM_RBV")) == 0.0            # nothing validated it yet
+    finally:
+        assert child.stop() == 0
+    (tmp_path / "registry" / "v0001" / "reference.json").write_text(json.dumps({"version": 1, "ssim": 0.62}))
+    child = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="v1 runs again")
+        wait_until(lambda: caget(h.pv("Model:ValSSIM_RBV")) == pytest.approx(0.62), timeout=30,
+                   what="the reference read back")
+    finally:
+        assert child.stop() == 0

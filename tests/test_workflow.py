@@ -8,6 +8,7 @@ scan by itself, and failures leave Failed/Aborted with a message while the IOC k
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -115,6 +116,9 @@ def test_reconstruct_train_and_push(loop):
     assert -1.0 <= ref <= 1.0
     wait_until(lambda: abs(caget(h.pv("Model:ValSSIM_RBV")) - ref) < 2e-3, timeout=30,
                what=f"Model:ValSSIM_RBV shows v1's reference {ref}")
+    # kept beside the version, so a restarted IOC's controller knows it (test_faults restarts one)
+    kept = json.loads((folder / "registry" / "v0001" / "reference.json").read_text())
+    assert kept["version"] == 1 and kept["ssim"] == pytest.approx(ref, abs=1e-4)
 
 
 def test_failures_leave_a_status_and_the_ioc_serving(loop, tmp_path):
