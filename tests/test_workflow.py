@@ -118,7 +118,7 @@ def test_reconstruct_train_and_push(loop):
                what=f"Model:ValSSIM_RBV shows v1's reference {ref}")
     # kept beside the version, so a restarted IOC's controller knows it (test_faults restarts one)
     kept = json.loads((folder / "registry" / "v0001" / "reference.json").read_text())
-    assert kept["version"] == 1 and kept["ssim"] == pytest.approx(ref, abs=1e-4)
+    assert kept["version"] == 1 and kept["ssim"] == pytest.approx(ref, abs=2e-3)   # the message rounds it
 
 
 def test_failures_leave_a_status_and_the_ioc_serving(loop, tmp_path):
