@@ -271,7 +271,7 @@ REFINE_PVS = (
     PV("Refine:Misfit_RBV", "ai", "Last sweep's misfit over photon noise", prec=3, initial=0.0, group="refine",
        attr="misfit", doc="squared modulus error over what Poisson noise alone leaves: 1 = explained to the noise"),
     PV("Refine:Redundancy_RBV", "ai", "Frames' worth of probe per pixel", prec=1, initial=0.0, group="refine",
-       attr="redundancy", doc="about 2 at overlap 0, 4 at 0.3, 13 at 0.6; below 3 the sweeps stop at the noise"),
+       attr="redundancy", doc="about 2 at overlap 0, 4 at 0.3, 12 at 0.6; below 3 the sweeps stop at the noise"),
     PV("Refine:Settled_RBV", "bi", "Background refinement", states=("Refining", "Settled"), initial=0,
        group="refine", attr="settled", doc="Settled: every frame used and the background sweeps over"),
     PV("Refine:Message_RBV", "stringin", "Refine last message", initial="", length=256, group="refine"),
