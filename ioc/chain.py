@@ -121,6 +121,10 @@ class LiveChain:
             from .scaleout import ScaleOut
 
             self.scaleout = ScaleOut(self)
+            # the receiving threads are niced so that local inference keeps the CPU; with the
+            # consumers inferring there is none here, and the IOC's own copy of each frame (its
+            # counts, for the refine stage) must arrive before the consumers' result does
+            self.source.set_niced(False)
         self._register_hooks()
 
     @property
@@ -615,7 +619,7 @@ class LiveChain:
         result = await asyncio.wrap_future(fut)
         if not on:
             self._capturing = False
-            self.source.set_niced(True)
+            self.source.set_niced(self.scaleout is None)
         else:  # the put-callback completes with the new scan's counters already shown
             self._force("Scan:FramesCaptured_RBV", 0)
             self._force("Scan:Number_RBV", int(self.recorder.scan_number))
@@ -654,7 +658,7 @@ class LiveChain:
         if path is None:                      # a put of 0 is ending it
             return
         self._capturing = False
-        self.source.set_niced(True)
+        self.source.set_niced(self.scaleout is None)
         self.ioc.rec["Scan:Capture"].set(0, process=False)
         self.ioc.set("Scan:Capture_RBV", 0)
         if self._finished_scan(path):

@@ -12,16 +12,20 @@ each frame's photon counts. The IOC receives every frame itself (for the scan re
 while the refine stage is on and has a probe it keeps each frame's counts in the network's
 geometry (the infer plugin's preprocess, :meth:`~ptychopv.plugins.infer.InferPlugin.counts_of`),
 by uniqueId, and attaches them to the consumer's result for that uniqueId on its way to the
-stitch stage. At most :data:`COUNTS_KEPT_BYTES` wait (the oldest go first); a result whose counts
-are not there (the frame came after its result, or was refused by the preprocess) goes on
-without, and the refine stage counts it in ``Refine:FramesNotRefined_RBV``.
+stitch stage. At most :data:`COUNTS_KEPT_BYTES` wait (the oldest go first). A result whose frame
+has not reached the IOC yet waits for it up to :data:`COUNTS_WAIT_S`, and the results behind it
+with it (they stay in uniqueId order); one whose counts do not come (the frame was refused by
+the preprocess, or lost) goes on without, and the refine stage counts it in
+``Refine:FramesNotRefined_RBV``. With the consumers inferring elsewhere the IOC's receiving
+threads run at full priority (no local inference to protect).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from ..plugins.source import search_conf
 log = logging.getLogger(__name__)
 PERIOD_S = 0.25
 COUNTS_KEPT_BYTES = 32 << 20        # frames' counts waiting for their consumer's result
+COUNTS_WAIT_S = 0.5                 # a result waits at most this for its frame's counts
 
 
 def consumer_search(cfg) -> dict:
@@ -56,6 +61,8 @@ class ScaleOut:
         self._counts: OrderedDict = OrderedDict()       # uniqueId -> counts in the network's geometry
         self._counts_bytes = 0
         self._counts_lock = threading.Lock()
+        self._waiting: deque = deque()  # (result, deadline) in uniqueId order, for their counts
+        self._release_lock = threading.Lock()   # results go on in order, from one thread at a time
         self.counts_attached = 0        # results that went on with their frame's counts
         self.counts_missing = 0         # results the refine stage wanted counts for and had none
         self._stop = threading.Event()
@@ -88,22 +95,41 @@ class ScaleOut:
             self._counts_bytes += counts.nbytes
             while self._counts_bytes > COUNTS_KEPT_BYTES and self._counts:
                 self._counts_bytes -= self._counts.popitem(last=False)[1].nbytes
+            waiting = bool(self._waiting)
+        if waiting:
+            self._release()
 
     def _with_counts(self, frames: list) -> None:
         """Gathered results (in uniqueId order) on to the stitch stage, each with its frame's counts
-        where they came."""
-        wanted = self.wants_counts()
+        where they came (waiting up to COUNTS_WAIT_S for them)."""
+        deadline = time.monotonic() + COUNTS_WAIT_S
         with self._counts_lock:
-            for frame in frames:
-                counts = self._counts.pop(frame.unique_id, None)
-                if counts is not None:
-                    self._counts_bytes -= counts.nbytes
-                if counts is not None and counts.shape == np.shape(frame.data):
-                    frame.counts = counts
-                    self.counts_attached += 1
-                elif wanted:
-                    self.counts_missing += 1
-        self.chain.stitch.put(frames)
+            self._waiting.extend((frame, deadline) for frame in frames)
+        self._release()
+
+    def _release(self, everything: bool = False) -> None:
+        """Hand on the waiting results whose counts are here, or whose wait is over, in order."""
+        wanted = self.wants_counts()
+        with self._release_lock:
+            out = []
+            with self._counts_lock:
+                now = time.monotonic()
+                while self._waiting:
+                    frame, deadline = self._waiting[0]
+                    counts = self._counts.pop(frame.unique_id, None)
+                    if counts is None and wanted and now < deadline and not everything:
+                        break                   # its frame has not reached the IOC yet
+                    self._waiting.popleft()
+                    if counts is not None:
+                        self._counts_bytes -= counts.nbytes
+                    if counts is not None and counts.shape == np.shape(frame.data):
+                        frame.counts = counts
+                        self.counts_attached += 1
+                    elif wanted:
+                        self.counts_missing += 1
+                    out.append(frame)
+            if out:
+                self.chain.stitch.put(out)
 
     def start(self) -> None:
         self.gatherer.start()
@@ -119,6 +145,7 @@ class ScaleOut:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.gatherer.close()
+        self._release(everything=True)
 
     def _put(self, name: str, value, severity: int = 0) -> None:
         key = (tuple(value) if isinstance(value, list) else value, severity)
@@ -152,6 +179,7 @@ class ScaleOut:
     def _loop(self) -> None:
         while not self._stop.wait(PERIOD_S):
             try:
+                self._release()                 # results whose wait for their counts is over
                 self.poll()
             except Exception:  # noqa: BLE001 - the readbacks must go on
                 log.exception("scale-out stats")

@@ -154,7 +154,7 @@ def test_two_consumers_share_the_stream_and_the_ioc_stitches_every_frame_once(ri
 
     wait_until(lambda: seen() >= n, 60, "every result at the refine stage")
     refined = value("Refine:FramesRefined_RBV")
-    assert seen() == n and refined >= 0.9 * n, (refined, n)
+    assert seen() == n and refined >= 0.9 * n, (refined, n, value("Refine:Message_RBV"))
     wait_until(lambda: value("Refine:Updates_RBV") > refined, 60, "the refine stage updating")
     ref = from_value(pv("Refine:Image"))
     assert ref.data.shape == img.data.shape and np.isfinite(ref.data).all()
