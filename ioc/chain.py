@@ -691,7 +691,7 @@ class LiveChain:
         while not self._stop.wait(STATS_PERIOD_S):
             try:
                 self.binder.poll()
-                for stage, p in (("Infer", self.infer), ("Stitch", self.stitch), ("Refine", self.refine)):
+                for stage, p in self.binder.plugins.items():      # every declared stage
                     msg = p.last_message
                     if msg and self._messages.get(stage + "#plugin") != msg:
                         self._messages[stage + "#plugin"] = msg

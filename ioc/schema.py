@@ -159,7 +159,14 @@ class Stage:
         return self.name.lower()
 
     def records(self) -> list[PV]:
-        return plugin_records(self.name, self.plugin_type, self.queue_size) + list(self.pvs)
+        own = list(self.pvs)
+        message = f"{self.name}:Message_RBV"
+        if not any(pv.name == message for pv in own):
+            # every stage says what it does and what went wrong (its plugin's last_message, a
+            # refused setting's reason) in its own record; a declaration may word it itself
+            own.append(PV(message, "stringin", f"{self.name} last message", initial="", length=256,
+                          group=self.group))
+        return plugin_records(self.name, self.plugin_type, self.queue_size) + own
 
 
 CORE = [

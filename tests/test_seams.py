@@ -87,6 +87,8 @@ def test_a_declared_stage_gets_records_screen_device_and_table(toy_stage):
     names = {r.name for r in schema.records()}
     assert {"Toy:EnableCallbacks", "Toy:EnableCallbacks_RBV", "Toy:QueueSize", "Toy:PluginType_RBV",
             "Toy:Gain", "Toy:Gain_RBV", "Toy:Total_RBV"} <= names
+    # its own message record (not declared by it): its plugin's news and refused settings go there
+    assert "Toy:Message_RBV" in names and schema.by_name()["Toy:Message_RBV"].group == "toy"
     assert schema.by_name()["Toy:PluginType_RBV"].initial == "NDPluginToy"
     from ptychopv.ioc import device, pvtable
     from ptychopv.opi import generate
@@ -104,7 +106,9 @@ def test_a_declared_stage_behind_another_reads_it_inside_the_ioc(toy_stage):
     chain derives the pairs from the declaration, not from a list of its own."""
     from ptychopv.ioc.chain import internal_ports
 
-    assert internal_ports() == {"Stitch": "Infer:Phase", "Refine": "Stitch:Image", "Toy": "Stitch:Image"}
+    ports = internal_ports()
+    assert ports["Toy"] == "Stitch:Image"
+    assert (ports["Stitch"], ports["Refine"]) == ("Infer:Phase", "Stitch:Image")
 
 
 def test_the_binder_builds_connects_and_binds_a_declared_stage(toy_stage):
