@@ -43,6 +43,7 @@ import numpy as np
 from _chain_pvapy import run_pvapy
 from _common import LatencyProbe, machine, median, print_json, wait_quiet, wait_until
 
+from ptychopv.inference.engines import ENGINES
 from ptychopv.procs import Child, ProcessFailed, child_env, start_ioc, start_sim
 
 SIZE = 128
@@ -410,7 +411,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="acquisition time per rate (default 8; --quick: 3)")
     ap.add_argument("--quick", action="store_true", help="a short run: 2 rates, 3 s each")
     ap.add_argument("--model-engine", default="onnxruntime",
-                    choices=["onnxruntime", "pytorch-cpu", "pytorch-cuda", "tensorrt"],
+                    choices=[n for n in ENGINES if n != "passthrough"],
                     help="engine of the PtychoNN 2.0 chain (default onnxruntime, CPU)")
     ap.add_argument("--monitor-queue", type=int, default=64,
                     help="PVA monitor queue of the detector subscription, chain and pvapy alike (default 64)")

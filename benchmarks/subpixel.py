@@ -20,7 +20,7 @@ from ptychopv import fidelity
 from ptychopv.hpc.labels import crop_object, phase_labels
 from ptychopv.inference import ModelRegistry, select_engine
 from ptychopv.inference.registry import shipped_registry
-from ptychopv.science import physics
+from ptychopv.science import physics, samples
 from ptychopv.science.stitching import WINDOW_POWER, Stitcher
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     b = fidelity.DEMO
     eng = select_engine(ModelRegistry(shipped_registry(), create=False).latest().source(), "onnxruntime")
     rows = []
-    for fam in ("natural", "ic", "star", "cell"):
+    for fam in samples.EVAL_FAMILIES:
         sc = fidelity.family_scan(fam, overlap=0.6, dose=1e6, seed=2024, extent_m=4e-6)
         centres = physics.positions_to_pixels(sc.positions_m, b.pixel_size_m, sc.obj.shape)
         n = b.frame_px

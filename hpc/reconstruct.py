@@ -159,7 +159,7 @@ def _task_options(opts: ReconOptions, pixel_m: float, wavelength_m: float, n_pos
     if alpha is not None:
         o.object_options.alpha = opts.object_step or alpha
         o.probe_options.alpha = opts.probe_step or alpha
-    if opts.engine == "dm":
+    if opts.engine == "dm":   # pty-chi's DM updates all positions at once, in chunks
         o.reconstructor_options.chunk_length = min(n_pos, 64)  # memory vs speed only, not convergence
     else:
         o.reconstructor_options.batch_size = min(opts.batch_size or batch, n_pos)

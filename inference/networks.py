@@ -198,7 +198,9 @@ def build_model(name: str, input_size: int = 128, **kwargs) -> _PtychoBase:
     if unknown:
         raise TypeError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))} "
                         f"(allowed: width, depth, norm)")
-    return cls(input_size=input_size, **kwargs)
+    model = cls(input_size=input_size, **kwargs)
+    model.name = name       # the registry's key, as the card records it: a class registered twice,
+    return model            # or under another name, is rebuilt and warm-started by that name
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -175,8 +175,12 @@ def test_an_engine_added_by_name_is_chosen_by_name_and_never_by_auto():
         assert parse_config({"chain": {"engine": "toy"}}).chain.engine == "toy"
         with pytest.raises(ValueError, match="already registered"):
             engines.register_engine("toy", "tests.toy_engine:ToyEngine")
+        # a class that does not set its name (the recipe's one line) is named by its key
+        engines.register_engine("toy2", "tests.toy_engine:ToyEngine")
+        assert engines.select_engine(engines.ModelSource(input_size=8), "toy2").name == "toy2"
     finally:
         del engines.ENGINES["toy"]
+        engines.ENGINES.pop("toy2", None)
 
 
 def test_an_algorithm_added_once_reaches_options_records_and_cli():
@@ -212,6 +216,10 @@ def test_a_network_added_once_reaches_training_options_and_cli():
     inference.register_network("toynet", "ptychopv.inference.networks:PtychoNN")
     try:
         assert TrainOptions(model="toynet").model == "toynet"
+        from ptychopv.inference.networks import build_model
+
+        model = build_model("toynet", 64, width=4)
+        assert model.name == "toynet" and model.config()["name"] == "toynet"   # warm starts match it
         p = argparse.ArgumentParser()
         cli.add_arguments(p)
         assert p.parse_args(["--corpus", "c.h5", "--registry", "r", "--model", "toynet"]).model == "toynet"

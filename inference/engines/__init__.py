@@ -86,6 +86,7 @@ def select_engine(source: ModelSource, engine: str = "auto", *, warmup: bool = F
             chosen = None
             try:
                 chosen = cls(source, **common, **(options or {}).get(name, {}))
+                chosen.name = name  # the registry's key is its name (Infer:Engine_RBV), whatever the class says
                 chosen.load()  # closes itself when it fails
             except (TypeError, ValueError):
                 _close(chosen)
