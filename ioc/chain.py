@@ -518,6 +518,9 @@ class LiveChain:
             if not c.positions_file:
                 raise ValueError("Stitch:PositionSource=File needs chain.positions_file in the config")
             src = FilePositions.from_file(resolve(self.cfg, c.positions_file))
+        elif kind != "PVs":     # declared in plugins/positions.py SOURCES, not bound here yet
+            raise ValueError(f"Stitch:PositionSource={kind} is not bound in the IOC (ioc/chain.py "
+                             "_set_position_source)")
         else:
             if not c.position_pvs:
                 raise ValueError("Stitch:PositionSource=PVs needs chain.position_pvs in the config")
@@ -539,6 +542,9 @@ class LiveChain:
             raise ValueError("Stitch:PositionSource=File needs chain.positions_file in the config")
         if kind == "PVs" and not c.position_pvs:
             raise ValueError("Stitch:PositionSource=PVs needs chain.position_pvs in the config")
+        if kind is not None and kind not in ("Attributes", "File", "PVs"):
+            raise ValueError(f"Stitch:PositionSource={kind} is not bound in the IOC (ioc/chain.py "
+                             "_set_position_source)")
 
     @property
     def pv_positions(self):

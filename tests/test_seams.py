@@ -225,3 +225,22 @@ def test_a_network_added_once_reaches_training_options_and_cli():
         assert p.parse_args(["--corpus", "c.h5", "--registry", "r", "--model", "toynet"]).model == "toynet"
     finally:
         del inference.NETWORKS["toynet"]
+
+
+def test_a_position_source_declared_but_not_bound_is_refused_not_taken_for_pvs(monkeypatch):
+    """A source appended to plugins/positions.py SOURCES gets its Stitch:PositionSource state; the
+    chain's dispatch fell through to PVs for it, silently. It is refused until it is bound."""
+    from types import SimpleNamespace
+
+    from ptychopv.config import Config
+    from ptychopv.ioc.chain import LiveChain
+    from ptychopv.plugins import positions
+
+    monkeypatch.setitem(positions.SOURCES, "Encoder", positions.AttributePositions)
+    index = list(positions.SOURCES).index("Encoder")
+    stub = SimpleNamespace(cfg=Config(), _pv_feed=None)
+    with pytest.raises(ValueError, match="Encoder is not bound in the IOC"):
+        LiveChain._position_available(stub, index)
+    with pytest.raises(ValueError, match="Encoder is not bound in the IOC"):
+        LiveChain._set_position_source(stub, index)
+    LiveChain._position_available(stub, 0)                  # Attributes: bound
