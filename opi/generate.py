@@ -171,6 +171,12 @@ def overview() -> str:
             [("Scan", rest("scan")), ("Reconstruction", rest("recon")), ("Model", rest("model"))],
             [("Training", rest("train")), ("Continual learning (Auto:)", rest("auto")), ("HPC", rest("hpc")),
              ("Scale-out (Scale:)", rest("scale"))]]
+    # a group declared since these panels were laid out still shows, in a panel of its own: a
+    # declared PV is on a screen without touching this file (a stage's group has its own screen)
+    placed = {"core", "scan", "recon", "model", "train", "auto", "hpc", "scale"} | {st.group for st in schema.STAGES}
+    others = sorted({pv.group for pv in schema.SCHEMA if shown(pv)} - placed)
+    if others:
+        cols.append([(f"{g.capitalize()} ({g.capitalize()}:)", rest(g)) for g in others])
     widgets, width, height = columns(cols, TOP)
     return finish(OVERVIEW, widgets, width, height)
 

@@ -252,3 +252,19 @@ def test_commands_write_one_and_settings_have_readbacks():
     updates = {w.findtext("pv_name") for w in widgets(root) if w.get("type") == "textupdate"}
     assert "$(P)ScaleFactor" in entries and "$(P)ScaleFactor_RBV" in updates
     assert "$(P)Auto:Enable" in entries and "$(P)Auto:Enable_RBV" in updates
+
+
+def test_a_pv_in_a_group_no_panel_names_is_on_the_overview(monkeypatch):
+    """The overview listed its groups by hand: a PV declared in a new group was on no screen."""
+    from ptychopv.ioc import schema
+    from ptychopv.ioc.schema import PV
+    from ptychopv.opi import generate
+
+    extra = [PV("Beam:Energy", "ao", "Beam energy", egu="keV", prec=2, low=1, high=30, initial=8.8, rbv=True,
+                group="beam"),
+             PV("Beam:Status_RBV", "stringin", "Beam status", initial="", group="beam")]
+    before = generate.overview()
+    monkeypatch.setattr(schema, "SCHEMA", schema.SCHEMA + extra)
+    after = generate.overview()
+    assert "$(P)Beam:Energy" in after and "$(P)Beam:Status_RBV" in after and "Beam (Beam:)" in after
+    assert "Beam:" not in before
