@@ -32,6 +32,7 @@ from p4p.client.thread import Context
 
 from ptychopv.inference.registry import ModelRegistry, shipped_registry
 from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.ioc.schema import INFER_STATUS
 from ptychopv.procs import start_ioc, start_sim
 
 from .conftest import CA_PORTS, hpc_loop_extra, read_until, write_ioc_config
@@ -389,12 +390,23 @@ def test_a_broken_newest_version_is_not_retried_and_not_kept_across_a_restart(tm
     saved[h.pv("Model:Select")] = 2                         # as an older IOC would have saved it
     sav.write_text(yaml.safe_dump(saved))
     child = start_ioc(h.config)
+    # read the restarted IOC over PVA with a new client: CA channels of the first IOC search again
+    # with a backed-off period, which once outlasted the wait on a loaded machine
+    ctx = Context("pva", conf=pva_client_conf(h.pva_port), useenv=False)
+
+    def get(name):
+        try:
+            return ctx.get(h.pv(name), timeout=2)
+        except Exception:  # noqa: BLE001 - not served yet
+            return None
+
     try:
-        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the newest good version runs")
-        wait_until(lambda: caget(h.pv("Infer:Status_RBV"), as_string=True) in ("Idle", "Running"),
-                   what="the chain running, not 'No model'")
-        assert caget(h.pv("Model:Select")) == 0
+        wait_until(lambda: get("ModelVersion_RBV") == 1, timeout=120, what="the newest good version runs")
+        running = (INFER_STATUS.index("Idle"), INFER_STATUS.index("Running"))
+        wait_until(lambda: get("Infer:Status_RBV") in running, what="the chain running, not 'No model'")
+        assert get("Model:Select") == 0
     finally:
+        ctx.close()
         assert child.stop() == 0
 
 
