@@ -147,6 +147,10 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
     seen: queue.Queue = queue.Queue()
     sub = ctx.monitor(h.pv("Stitch:Image"), seen.put, request="record[queueSize=1000]")
     numbers = []
+    # the scan's last frame must reach the image: at 100 Hz, not 300, so that a busy machine (the
+    # suite runs on two workers) does not drop it at the chain's entry (it did once)
+    rate = float(ctx.get(sp + "FrameRate").value)
+    ctx.put(sp + "FrameRate", 100.0, wait=True)
     for _ in range(2):
         before = image_number(from_value(ctx.get(h.pv("Stitch:Image"))))
         epics.caput(h.pv("Stitch:Reset"), 1, wait=True)
@@ -158,6 +162,7 @@ def test_a_new_image_carries_a_higher_image_number_so_a_client_never_takes_the_l
         assert img.unique_id == n and img.data.size > 1
         numbers.append(image_number(img))
     sub.close()
+    ctx.put(sp + "FrameRate", rate, wait=True)
     assert numbers[1] > numbers[0] >= 0
     # images under one number count up (the frames stitched into that image), never beyond the scan
     by_number: dict = {}
