@@ -174,23 +174,31 @@ def write_star_like(path, n=12, size=32):
     return frames, scan
 
 
+def replay_fftshifted(tmp_path, path, n):
+    """Replay ``path`` with --fftshift: the first ``n`` frames after Acquire, and NumFrames_RBV."""
+    cfg, port, p = sim_config(tmp_path, dtype="float32")
+    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--rate", "1000")
+    try:
+        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+        try:
+            frames = Frames(ctx, p + "Pva1:Image")
+            frames.take(1)
+            num_frames = int(ctx.get(p + "NumFrames_RBV").value)
+            ctx.put(p + "Acquire", 1)
+            return frames.take(n), num_frames
+        finally:
+            ctx.close()
+    finally:
+        child.stop()
+
+
 def test_replay_of_a_numpy_scan_in_the_real_datas_layout(tmp_path):
     """The real data lives outside the repository (the test below skips without it); this file
     has its layout, so --replay of a .npz.bz2 with --fftshift is tested from a fresh clone."""
     path = tmp_path / "star-like.npz.bz2"
     frames, scan = write_star_like(path)
-    cfg, port, p = sim_config(tmp_path, dtype="float32")
-    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--rate", "1000")
-    try:
-        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
-        got_frames = Frames(ctx, p + "Pva1:Image")
-        got_frames.take(1)
-        assert int(ctx.get(p + "NumFrames_RBV").value) == len(frames)
-        ctx.put(p + "Acquire", 1)
-        got = got_frames.take(len(frames))
-        ctx.close()
-    finally:
-        child.stop()
+    got, num_frames = replay_fftshifted(tmp_path, path, len(frames))
+    assert num_frames == len(frames)
     assert [f.unique_id for f in got] == list(range(1, len(frames) + 1))
     for f, want, (row, col) in zip(got, frames, scan):
         assert f.data.dtype == np.float32 and f.data.shape == want.shape
@@ -213,22 +221,13 @@ def test_replay_of_the_real_siemens_star_data(tmp_path):
     path = SHARED_DATA / "siemens-star-small.npz.bz2"
     if not path.exists():
         pytest.skip(f"real data not present at {path}")
-    cfg, port, p = sim_config(tmp_path, dtype="float32")
-    child = start_sim(cfg, "--replay", str(path), "--fftshift", "--rate", "1000")
-    try:
-        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
-        frames = Frames(ctx, p + "Pva1:Image")
-        frames.take(1)
-        ctx.put(p + "Acquire", 1)
-        got = [f for f in frames.take(5) if f.unique_id > 0]
-        assert got and int(ctx.get(p + "NumFrames_RBV").value) == 516
-        for f in got:
-            assert f.data.shape == (128, 128) and f.data.dtype == np.float32
-            # fftshifted: the zone plate's bright disc sits in the middle, not in the corners
-            assert f.data[32:96, 32:96].sum() > 0.6 * f.data.sum()
-        ctx.close()
-    finally:
-        child.stop()
+    got, num_frames = replay_fftshifted(tmp_path, path, 5)
+    got = [f for f in got if f.unique_id > 0]
+    assert got and num_frames == 516
+    for f in got:
+        assert f.data.shape == (128, 128) and f.data.dtype == np.float32
+        # fftshifted: the zone plate's bright disc sits in the middle, not in the corners
+        assert f.data[32:96, 32:96].sum() > 0.6 * f.data.sum()
 
 
 def test_bad_config_stops_the_simulator_with_the_key(tmp_path):
