@@ -17,6 +17,10 @@ from ptychopv.ioc import schema
 ophyd = pytest.importorskip("ophyd", reason="ophyd comes with the bluesky extra")
 pytest.importorskip("bluesky", reason="bluesky comes with the bluesky extra")
 ophyd.set_cl("pyepics")  # pyepics, configured for loopback by conftest
+# ophyd's default read timeout is 2 s; on the shared 2-core CI machine, with the other test
+# worker training, an unstage() once timed out reading BlockingCallbacks_RBV. 10 s, as this
+# file's own caget. Set at collection, before any signal exists, as ophyd requires.
+ophyd.signal.EpicsSignalBase.set_defaults(timeout=10.0, connection_timeout=10.0)
 
 from bluesky import RunEngine  # noqa: E402
 from bluesky import plan_stubs as bps  # noqa: E402
