@@ -27,7 +27,7 @@ from ..plugins.source import NTNDArraySource, search_conf
 from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
 from .binder import StageBinder
-from .images import image_attributes
+from .images import StagePoster, frame_attributes, image_attributes
 from .schema import INFER_STATUS, STAGES
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,16 @@ def internal_ports() -> dict[str, str]:
     such a stage's NDArrayPort is fixed, whatever a client or an autosave file writes."""
     serves = {st.name: st.serves for st in STAGES}
     return {st.name: serves[st.upstream] for st in STAGES if st.upstream is not None}
+
+
+# the NTNDArrays the chain posts itself (_post_phase, _publish_images); every other stage's output
+# is posted by a StagePoster, so a stage added by its declaration alone is published
+POSTED_BY_CHAIN = ("Infer:Phase", "Stitch:Image", "Refine:Image")
+
+
+def posted_by_stage(stages=None) -> list:
+    """The declared stages whose output a :class:`~.images.StagePoster` posts."""
+    return [st for st in (STAGES if stages is None else stages) if st.serves not in POSTED_BY_CHAIN]
 
 
 class LiveChain:
@@ -158,6 +168,12 @@ class LiveChain:
 
         self._phase_out = StreamPublisher(self._post_phase, depth=PHASE_PUBLISH_DEPTH, name="chain-phase",
                                           report=lambda text: self._message("Infer", text, severity=1))
+        self._posters = []
+        for st in posted_by_stage(self.binder.stages):
+            poster = StagePoster(self.ioc.images, st.serves, depth=PHASE_PUBLISH_DEPTH,
+                                 report=lambda text, stage=st.name: self._message(stage, text, severity=1))
+            self.binder.plugins[st.name].downstream.append(poster)
+            self._posters.append(poster)
         self.binder.start()
         self.recorder.start()
         self._threads = [threading.Thread(target=self._stats_loop, name="chain-stats", daemon=True),
@@ -189,6 +205,8 @@ class LiveChain:
         self.binder.stop()
         if self._phase_out is not None:
             self._phase_out.close()
+        for poster in getattr(self, "_posters", []):
+            poster.close()
         self.recorder.stop(timeout=10)
 
     # ------------------------------------------------------------------ models
@@ -455,9 +473,7 @@ class LiveChain:
     def _post_phase(self, frames) -> None:
         images = self.ioc.images
         for f in frames:
-            attrs = dict(f.attributes)
-            if f.position is not None:
-                attrs["PositionX"], attrs["PositionY"] = float(f.position[0]), float(f.position[1])
+            attrs = frame_attributes(f)
             images.post("Infer:Phase", f.data, f.unique_id, timestamp=f.timestamp, attributes=attrs)
             amp = getattr(f, "amplitude", None)
             if amp is not None:

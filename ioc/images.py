@@ -159,3 +159,47 @@ class StreamPublisher:
         except queue.Full:
             pass
         self._thread.join(timeout=timeout)
+
+
+def frame_attributes(frame) -> dict:
+    """The NTNDArray attributes a per-frame output carries: the frame's own, and its position on
+    the sample (``PositionX``/``PositionY``, metres) once the chain has assigned one."""
+    attrs = dict(frame.attributes)
+    if frame.position is not None:
+        attrs["PositionX"], attrs["PositionY"] = float(frame.position[0]), float(frame.position[1])
+    return attrs
+
+
+class StagePoster:
+    """Posts what a declared stage returns on the NTNDArray it ``serves``: the publisher one
+    declaration gives a new stage (the chain posts ``Infer:Phase``, ``Stitch:Image`` and
+    ``Refine:Image`` itself). It is a downstream callable of the stage's plugin. Each frame the
+    stage returns is posted with its uniqueId, timestamp and :func:`frame_attributes`, in order,
+    on a :class:`StreamPublisher`'s thread and only while a client has the channel open.
+    Anything but frames is an error, counted and reported (``report``), and the stage goes on."""
+
+    def __init__(self, images: ImageServer, name: str, *, depth: int = 8, report=None):
+        if name not in images.pvs:
+            raise KeyError(f"{name} is not an NTNDArray the IOC serves")
+        self.images, self.name = images, name
+        self._out = StreamPublisher(self._post, depth=depth, name=f"post-{name}", report=report)
+
+    @property
+    def errors(self) -> int:
+        return self._out.errors
+
+    def __call__(self, out) -> None:
+        if out is None or not self.images.watched(self.name):
+            return
+        self._out.put(out if isinstance(out, list) else [out])
+
+    def _post(self, frames) -> None:
+        for f in frames:
+            data = getattr(f, "data", None)
+            if not isinstance(data, np.ndarray) or data.ndim != 2 or not hasattr(f, "unique_id"):
+                raise TypeError(f"{self.name} posts 2-D frames; the stage returned "
+                                f"{type(f).__name__}" + (f" of shape {data.shape}" if isinstance(data, np.ndarray) else ""))
+            self.images.post(self.name, data, f.unique_id, timestamp=f.timestamp, attributes=frame_attributes(f))
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._out.close(timeout)

@@ -150,6 +150,21 @@ class Stage:
     upstream: str | None = None    # the stage feeding it; None: the detector channel
     queue_size: int = 100
 
+    def __post_init__(self):
+        # what the screens, the ophyd device and the PV table assume of a stage's records, checked
+        # where it is declared: a PV outside its stage's prefix or group lands on another screen
+        prefix = self.name + ":"
+        for pv in self.pvs:
+            if not pv.name.startswith(prefix):
+                raise ValueError(f"stage {self.name}: PV {pv.name} must be named {prefix}...")
+            if pv.group != self.group:
+                raise ValueError(f"stage {self.name}: PV {pv.name} is in group {pv.group!r}, "
+                                 f"not the stage's {self.group!r}")
+        served = {pv.name for pv in self.pvs if pv.rtype == "ntndarray"}
+        if self.serves not in served:
+            raise ValueError(f"stage {self.name} serves {self.serves}, which it does not declare as an "
+                             f"ntndarray PV ({', '.join(sorted(served)) or 'none declared'})")
+
     @property
     def plugin_type(self) -> str:
         return self.plugin.plugin_type

@@ -2,6 +2,8 @@
 through the public declarations, the generic binder against a dictionary of records, and hooks
 bound by name (a typo fails at once)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -136,6 +138,73 @@ def test_the_binder_builds_connects_and_binds_a_declared_stage(toy_stage):
     binder.poll()
     assert ioc.values["Toy:ArrayCounter_RBV"] == 0
     toy.stop()
+
+
+@pytest.mark.parametrize("pvs, serves, why", [
+    ((schema.PV("Gain", "ao", "gain", group="toy"),), "Toy:Image", "PV Gain must be named Toy:..."),
+    ((schema.PV("Toy:Gain", "ao", "gain"),), "Toy:Image", "PV Toy:Gain is in group 'core', not the stage's 'toy'"),
+    ((schema.PV("Toy:Image", "ntndarray", "out", group="toy"),), "Toy:Out",
+     "serves Toy:Out, which it does not declare as an ntndarray PV (Toy:Image)"),
+])
+def test_a_stage_declared_inconsistently_is_refused_where_it_is_declared(pvs, serves, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        schema.Stage("Toy", ToyPlugin, serves=serves, pvs=pvs)
+    assert "Toy" not in [st.name for st in schema.STAGES]
+
+
+@pytest.mark.epics
+def test_a_declared_stages_output_reaches_a_pva_client(toy_stage):
+    """What the toy returns is posted on the NTNDArray it serves (Toy:Image), only while a client
+    watches it, with the frames' ids, timestamps, attributes and positions; output that is not a
+    2-D frame is counted and reported, and the stage's next frames are posted all the same."""
+    import queue
+    import time
+
+    from p4p.client.thread import Context
+
+    from ptychopv.io.epics_env import free_port, pva_client_conf
+    from ptychopv.io.ntndarray import from_value
+    from ptychopv.ioc.chain import posted_by_stage
+    from ptychopv.ioc.images import ImageServer, StagePoster
+
+    assert [st.name for st in posted_by_stage()] == ["Toy"]      # the chain posts the other three
+    images = ImageServer("SEAM:", free_port(), free_port())
+    reports = []
+    poster = StagePoster(images, "Toy:Image", report=reports.append)
+    toy = ToyPlugin(downstream=[poster])
+    toy.start()
+    ctx = Context("pva", conf=pva_client_conf(images.port), useenv=False, unwrap=False)
+    got: queue.Queue = queue.Queue()
+    try:
+        toy.put(Frame(np.ones((4, 4), np.float32), unique_id=1))   # nobody watches: not posted
+        toy.flush()
+        sub = ctx.monitor("SEAM:Toy:Image", got.put)
+        assert from_value(got.get(timeout=10)).unique_id == 0       # the channel's initial value
+        deadline = time.monotonic() + 10
+        while not images.watched("Toy:Image"):                      # the server saw the client
+            assert time.monotonic() < deadline, "the server never saw the monitor"
+            time.sleep(0.01)
+        frames = [Frame(np.full((4, 6), i, np.float32), unique_id=i, timestamp=1e9 + i,
+                        attributes={"ScanIndex": i}, position=(1e-6 * i, -2e-6)) for i in (2, 3)]
+        toy.put(frames)
+        toy.flush()
+        posted = [from_value(got.get(timeout=10)) for _ in frames]
+        assert [d.unique_id for d in posted] == [2, 3]
+        for d, f in zip(posted, frames):
+            assert np.array_equal(d.data, f.data) and d.timestamp == pytest.approx(f.timestamp)
+            assert d.attributes["ScanIndex"] == f.attributes["ScanIndex"]
+            assert (d.attributes["PositionX"], d.attributes["PositionY"]) == pytest.approx(f.position)
+        poster(["not a frame"])                                     # a stage that returns the wrong thing
+        toy.put(Frame(np.zeros((4, 4), np.float32), unique_id=4))
+        toy.flush()
+        assert from_value(got.get(timeout=10)).unique_id == 4
+        assert poster.errors == 1 and "Toy:Image posts 2-D frames; the stage returned str" in reports[0]
+        sub.close()
+    finally:
+        ctx.close()
+        toy.stop()
+        poster.close()
+        images.close()
 
 
 def test_hooks_are_bound_by_declared_name_only():
