@@ -1,9 +1,10 @@
-"""Scale-out in the IOC: the stitch stage fed by the consumers' results instead of the local infer.
+"""Scale-out in the IOC: the consumers' results stand in for the local infer stage's output.
 
 When the config lists ``scaleout.consumers``, :class:`ScaleOut` builds a
-:class:`~ptychopv.plugins.gather.Gatherer` on their result channels, hands what it gathers to
-the chain's stitch plugin (positions found by the chain's position source, as for local
-results), takes the local infer plugin off the detector stream (the scan recorder still gets
+:class:`~ptychopv.plugins.gather.Gatherer` on their result channels, hands what it gathers on
+as the local infer plugin hands its own (``InferPlugin.emit``: to every stage declared behind
+``Infer``, the stitch stage and any other, and to ``Infer:Phase``; positions found by the
+chain's position source, as for local results), takes the local infer plugin off the detector stream (the scan recorder still gets
 every frame) and shows the ``Scale:`` records a few times a second. The consumers themselves
 run outside the IOC (``ptychopv scaleout``).
 
@@ -100,7 +101,7 @@ class ScaleOut:
             self._release()
 
     def _with_counts(self, frames: list) -> None:
-        """Gathered results (in uniqueId order) on to the stitch stage, each with its frame's counts
+        """Gathered results (in uniqueId order) on to the stages behind infer, each with its frame's counts
         where they came (waiting up to COUNTS_WAIT_S for them)."""
         deadline = time.monotonic() + COUNTS_WAIT_S
         with self._counts_lock:
@@ -129,7 +130,7 @@ class ScaleOut:
                         self.counts_missing += 1
                     out.append(frame)
             if out:
-                self.chain.stitch.put(out)
+                self.chain.infer.emit(out)   # on as the local infer's results would go
 
     def start(self) -> None:
         self.gatherer.start()

@@ -106,6 +106,10 @@ def test_two_consumers_share_the_stream_and_the_ioc_stitches_every_frame_once(ri
     wait_until(lambda: value("Refine:Probe_RBV")["index"] == 1 and value("Refine:FramesRefined_RBV") == 0, 30,
                "the refine stage reset, with a probe")
     not_refined0 = value("Refine:FramesNotRefined_RBV")
+    # the consumers' results leave the gatherer as the local infer's would, Infer:Phase included
+    phases: queue.Queue = queue.Queue()
+    phase_sub = ctx.monitor(h.pv("Infer:Phase"), phases.put, request="record[queueSize=2000]")
+    assert from_value(phases.get(timeout=10)).unique_id == 0      # connected: its value before the scan
     ctx.put(sp + "Acquire", 1)
     wait_until(lambda: value("Scale:Frames_RBV") >= n, 120, "every result gathered")
     wait_until(lambda: value("Stitch:FramesStitched_RBV") - stitched0 >= n, 60, "every result stitched")
@@ -143,6 +147,14 @@ def test_two_consumers_share_the_stream_and_the_ioc_stitches_every_frame_once(ri
     assert len(value("Scale:ConsumerRates_RBV")) == N
     # the local inference saw no frame: the stitcher was fed by the consumers
     assert value("Infer:ArrayCounter_RBV") == 0
+    posted = []
+    while len(posted) < n:
+        d = from_value(phases.get(timeout=10))
+        if d.unique_id > 0:
+            assert d.attributes["ScaleOutConsumer"] in (1, 2) and "PositionX" in d.attributes
+            posted.append(d.unique_id)
+    phase_sub.close()
+    assert posted == list(range(1, n + 1))           # every result once, in uniqueId order
     img = from_value(pv("Stitch:Image"))
     assert img.data.ndim == 2 and min(img.data.shape) > 64 and np.isfinite(img.data).all()
     # the consumers publish phases only; the IOC's own copy of each frame gives the refine stage

@@ -17,13 +17,14 @@ from ptychopv.plugins.infer import InferPlugin
 
 @pytest.fixture
 def rig():
-    infer = InferPlugin(engine=select_engine(ModelSource(input_size=32), "passthrough"))
     put = []
+    # the results go on as the local infer's would: to whatever is downstream of it
+    infer = InferPlugin(engine=select_engine(ModelSource(input_size=32), "passthrough"), downstream=[put.extend])
     chain = SimpleNamespace(
         cfg=SimpleNamespace(scaleout=SimpleNamespace(
             consumers=[SimpleNamespace(channel="X:C1:Phase", host="127.0.0.1", broadcast_port=5076)],
             reorder_s=0.5, queue_size=10), source=SimpleNamespace(broadcast_port=5076)),
-        ioc=None, infer=infer, stitch=SimpleNamespace(put=put.extend), _on_frame=None,
+        ioc=None, infer=infer, _on_frame=None,
         refine=SimpleNamespace(enable_callbacks=True, refiner=SimpleNamespace(probe=np.ones((32, 32), np.complex64))),
         source=SimpleNamespace(downstream=[infer]))
     return so.ScaleOut(chain), chain, put
