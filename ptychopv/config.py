@@ -7,7 +7,9 @@ message names the key, what was wrong and the allowed values or keys.
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -435,7 +437,19 @@ class Config(Strict):
     train: TrainOptions = TrainOptions()
     sim: SimOptions = SimOptions()
     scaleout: ScaleOutOptions = ScaleOutOptions()
+    extensions: list[str] = []
+    """Python modules the IOC imports before it builds its records: a site's own chain stages,
+    engines, reconstruction algorithms or networks, each declared once with ptychopv's
+    ``register_*`` functions (docs/architecture.md). Found on the Python path or beside this file."""
     _source: Optional[Path] = PrivateAttr(None)
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+                raise ValueError(f"{name!r} is not a Python module name (e.g. mysite.stages)")
+        return v
 
     @field_validator("prefix")
     @classmethod
@@ -535,6 +549,21 @@ def load_config(path: str | Path | None) -> Config:
     cfg = parse_config(data, str(path))
     cfg._source = path  # relative paths in the file are relative to it
     return cfg
+
+
+def load_extensions(cfg: Config) -> list[str]:
+    """Import ``cfg.extensions`` (a folder beside the config file is searched after the Python
+    path); what a module declares at import joins the IOC's schema and registries. A module that
+    is not found or fails to import is a ConfigError naming it."""
+    base = getattr(cfg, "_source", None)
+    if cfg.extensions and base is not None and str(base.parent) not in sys.path:
+        sys.path.append(str(base.parent))
+    for i, name in enumerate(cfg.extensions):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure of a site's module ends the start, named
+            raise ConfigError(f"extensions[{i}] {name!r}: {type(exc).__name__}: {exc}") from None
+    return list(cfg.extensions)
 
 
 def resolve(cfg: Config, p: Path | None) -> Path | None:

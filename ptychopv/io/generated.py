@@ -17,6 +17,7 @@ def write_or_check(folder: Path, want: dict[str, str], command: str, check: bool
         for n in stale:
             print(f"{folder / n} is stale: run `{command}`", file=sys.stderr)
         return 1 if stale else 0
+    folder.mkdir(parents=True, exist_ok=True)     # a --folder of one's own may not exist yet
     for n, text in want.items():
         (folder / n).write_text(text)
         print(f"wrote {folder / n}")

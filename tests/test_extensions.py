@@ -1,0 +1,155 @@
+"""A site's own stage, declared once in its own module and named in the config (``extensions``):
+the IOC imports it before building its records, so the stage's settings answer over Channel
+Access, a refused setting is refused, and its output streams over PV Access, with nothing in
+ptychopv edited."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+
+import epics
+import numpy as np
+import pytest
+from p4p.client.thread import Context
+
+from ptychopv.config import ConfigError, load_config, load_extensions
+from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.io.ntndarray import from_value
+from ptychopv.procs import start_ioc, start_sim
+
+from .conftest import CA_PORTS, write_ioc_config
+from .test_chain import caget, wait_until
+
+SITE_MODULE = '''
+from ptychopv.ioc import schema
+from ptychopv.plugins.base import PluginBase
+
+
+class GainPlugin(PluginBase):
+    """The phase times a gain: a stand-in for a site's filter."""
+
+    plugin_type = "NDPluginSiteGain"
+
+    def __init__(self, name="Gain", **kw):
+        super().__init__(name, **kw)
+        self.gain = 2.0
+
+    @property
+    def gain(self):
+        return self._gain
+
+    @gain.setter
+    def gain(self, v):
+        if not v > 0:
+            raise ValueError(f"gain must be > 0, got {v}")
+        self._gain = float(v)
+
+    def process(self, frames):
+        frames = frames if isinstance(frames, list) else [frames]
+        return [f.derive(f.data * self._gain) for f in frames]
+
+
+schema.register_stage(schema.Stage("Gain", GainPlugin, serves="Gain:Image", upstream="Infer", pvs=(
+    schema.PV("Gain:Gain", "ao", "Phase gain", prec=3, low=0.0, high=100.0, initial=2.0, rbv=True,
+              autosave=True, group="gain", attr="gain"),
+    schema.PV("Gain:Image", "ntndarray", "Phase times the gain (NTNDArray)", group="gain"),
+)))
+'''
+
+
+@pytest.mark.epics
+def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
+    (tmp_path / "site_gain.py").write_text(SITE_MODULE)          # beside the config file
+    sim_port, sim_b, sp = free_port(), free_port(), f"XS{os.getpid()}:"
+    extra = f"""
+        extensions: [site_gain]
+        source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{engine: passthrough, passthrough_size: 64, seed_demo_model: false}}
+        sim:
+          prefix: "{sp}"
+          pva_server_port: {sim_port}
+          pva_broadcast_port: {sim_b}
+          frame_rate_hz: 100
+          geometry: {{detector_size: 64}}
+          sample: {{size_px: 256}}
+          probe: {{beam_m: 5.0e-7}}
+          scan: {{extent_m: 1.0e-6, overlap: 0.6}}
+        """
+    h = write_ioc_config(tmp_path, f"XT{os.getpid()}:", CA_PORTS[1], extra=extra)
+    sim = start_sim(h.config)
+    ioc = start_ioc(h.config)
+    ctx = Context("pva", conf=pva_client_conf(h.pva_port, h.image_port, sim_port), useenv=False, unwrap=False)
+    try:
+        # its records over CA: the declared setting, the NDPluginBase set, its port fixed to Infer's output
+        assert caget(h.pv("Gain:Gain")) == pytest.approx(2.0)
+        assert caget(h.pv("Gain:PluginType_RBV"), as_string=True) == "NDPluginSiteGain"
+        assert caget(h.pv("Gain:NDArrayPort"), as_string=True) == h.pv("Infer:Phase")
+        epics.caput(h.pv("Gain:Gain"), 0.0, wait=True, timeout=10)     # the plugin refuses 0
+        assert caget(h.pv("Gain:Gain")) == pytest.approx(2.0)
+        assert "refused" in caget(h.pv("Gain:Message_RBV"), as_string=True)
+        epics.caput(h.pv("Gain:Gain"), 3.0, wait=True, timeout=10)
+        wait_until(lambda: caget(h.pv("Gain:Gain_RBV")) == pytest.approx(3.0), what="the plugin's gain")
+        # its output over PVA: every frame of the scan, the pass-through phase times 3
+        n = int(ctx.get(sp + "NumFrames_RBV").value)
+        phases: queue.Queue = queue.Queue()
+        gained: queue.Queue = queue.Queue()
+        subs = [ctx.monitor(h.pv("Infer:Phase"), phases.put, request="record[queueSize=2000]"),
+                ctx.monitor(h.pv("Gain:Image"), gained.put, request="record[queueSize=2000]")]
+        assert from_value(phases.get(timeout=30)).unique_id == 0 and from_value(gained.get(timeout=30)).unique_id == 0
+        ctx.put(sp + "Acquire", 1)
+        wait_until(lambda: caget(h.pv("Gain:ArrayCounter_RBV")) >= n, 60, "every frame through the site's stage")
+        got = {}
+        for q in (phases, gained):
+            frames = [from_value(q.get(timeout=10)) for _ in range(n)]
+            got[q is gained] = {f.unique_id: f.data for f in frames}
+        for s in subs:
+            s.close()
+        assert sorted(got[True]) == list(range(1, n + 1)) and sorted(got[False]) == sorted(got[True])
+        for uid, data in got[True].items():
+            np.testing.assert_allclose(data, 3.0 * got[False][uid], rtol=1e-6)
+        assert caget(h.pv("Gain:DroppedArrays_RBV")) == 0
+    finally:
+        ctx.close()
+        ioc.stop()
+        sim.stop()
+
+
+def test_an_extension_that_does_not_import_stops_the_start_naming_it(tmp_path):
+    (tmp_path / "broken_site.py").write_text("raise RuntimeError('the site module is broken')\n")
+    (tmp_path / "ioc.yaml").write_text("extensions: [broken_site]\n")
+    with pytest.raises(ConfigError, match=r"extensions\[0\] 'broken_site': RuntimeError: the site module is broken"):
+        load_extensions(load_config(tmp_path / "ioc.yaml"))
+    (tmp_path / "bad.yaml").write_text("extensions: [not-a-module]\n")
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(tmp_path / "bad.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "extensions" in r.stderr and "not a Python module name" in r.stderr
+    (tmp_path / "missing.yaml").write_text(textwrap.dedent("""\
+        extensions: [no_such_site_module]
+        """))
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(tmp_path / "missing.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "extensions[0] 'no_such_site_module': ModuleNotFoundError" in r.stderr, r.stderr
+
+
+def test_the_generators_include_a_sites_stage_in_a_folder_of_its_own(tmp_path):
+    """Screens and database for the site's stage: the generators take the config's extensions and
+    write where they are told, leaving ptychopv's own files alone."""
+    (tmp_path / "site_gain.py").write_text(SITE_MODULE)
+    (tmp_path / "site.yaml").write_text("extensions: [site_gain]\n")
+    for module, folder in (("ptychopv.opi.generate", "opi"), ("ptychopv.ioc.dbgen", "db")):
+        r = subprocess.run([sys.executable, "-m", module, "--config", str(tmp_path / "site.yaml"),
+                            "--folder", str(tmp_path / folder)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "$(P)Gain:Gain" in (tmp_path / "opi" / "ptychopv_gain.bob").read_text()
+    assert "pva://$(P)Gain:Image" in (tmp_path / "opi" / "ptychopv_images.bob").read_text()
+    assert "ptychopv_gain.bob" in (tmp_path / "opi" / "ptychopv_overview.bob").read_text()
+    db = (tmp_path / "db" / "ptychopv.db").read_text()
+    assert 'record(ao, "$(P)Gain:Gain")' in db and 'record(stringin, "$(P)Gain:PluginType_RBV")' in db
+    r = subprocess.run([sys.executable, "-m", "ptychopv.opi.generate", "--config", str(tmp_path / "none.yaml"),
+                        "--folder", str(tmp_path / "opi2")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "none.yaml" in r.stderr and not (tmp_path / "opi2").exists()
