@@ -254,10 +254,16 @@ class PtychoIOC:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(yaml.safe_dump(kept))
             os.replace(tmp, path)
+            by_stage: dict[str, list[str]] = {}
             for item in dropped:
-                name = item.split(" = ")[0]
-                stage = self.stage_of(name)
-                self.notes[stage] = f"autosave: {item} not restored; the default is used"[:255]
+                by_stage.setdefault(self.stage_of(item.split(" = ")[0]), []).append(item)
+            for stage, items in by_stage.items():
+                if len(items) == 1:
+                    note = f"autosave: {items[0]} not restored; the default is used"
+                else:   # e.g. a stage no longer declared: every one named (the reasons are in the log)
+                    note = (f"autosave: {len(items)} settings not restored, defaults used: "
+                            + ", ".join(i.split(" = ")[0] for i in items))
+                self.notes[stage] = note[:255]
                 self.message(stage, self.notes[stage], severity=1)
             if torn:
                 self.notes["Infer"] = torn[:255]

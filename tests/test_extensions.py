@@ -61,6 +61,14 @@ schema.register_stage(schema.Stage("Gain", GainPlugin, serves="Gain:Image", upst
 '''
 
 
+def fresh_get(h, name):
+    ctx = Context("pva", conf=pva_client_conf(h.pva_port), useenv=False, unwrap=False)
+    try:
+        return ctx.get(h.pv(name), timeout=10)["value"]
+    finally:
+        ctx.close()
+
+
 @pytest.mark.epics
 def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
     (tmp_path / "site_gain.py").write_text(SITE_MODULE)          # beside the config file
@@ -112,6 +120,18 @@ def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
         for uid, data in got[True].items():
             np.testing.assert_allclose(data, 3.0 * got[False][uid], rtol=1e-6)
         assert caget(h.pv("Gain:DroppedArrays_RBV")) == 0
+        # its setting is autosaved like any other: back after a restart (read over PVA by a new
+        # client each time: channels to the stopped IOC would search again at a backed-off period)
+        ioc.stop()
+        ioc = start_ioc(h.config)
+        assert fresh_get(h, "Gain:Gain") == pytest.approx(3.0)
+        ioc.stop()
+        # the extension taken out of the config: the saved setting of a stage the IOC no longer
+        # has is dropped, and said, and the IOC starts
+        h.config.write_text(h.config.read_text().replace("extensions: [site_gain]", "extensions: []"))
+        ioc = start_ioc(h.config)
+        msg = str(fresh_get(h, "Infer:Message_RBV"))
+        assert "settings not restored, defaults used: " in msg and "Gain:Gain," in msg, msg
     finally:
         ctx.close()
         ioc.stop()
