@@ -45,6 +45,12 @@ def saturated(count: int) -> tuple[int, int]:
     return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
 
 
+def detector_fed() -> list[str]:
+    """The stages the detector feeds (declared with ``upstream=None``), Infer first: they share
+    the IOC's one detector source, so their NDArrayPort is one channel."""
+    return [st.name for st in STAGES if st.upstream is None]
+
+
 def internal_ports() -> dict[str, str]:
     """Stage -> the NTNDArray it reads inside the IOC (its upstream stage's), from the declaration:
     such a stage's NDArrayPort is fixed, whatever a client or an autosave file writes."""
@@ -122,8 +128,10 @@ class LiveChain:
             ioc.set("Stitch:PositionSource_RBV", 0)
             ioc.notes["Stitch"] = f"Stitch:PositionSource not used ({exc}); positions from the frames' attributes"
             self._message("Stitch", ioc.notes["Stitch"], severity=1)
+        # every detector-fed stage takes the source's frames (Infer, and any other declared so)
+        self._fed = [plugins[name] for name in detector_fed() if name in plugins]
         self.source = NTNDArraySource(str(ioc.get("Infer:NDArrayPort")), self._source_conf(), queue_size=c.monitor_queue,
-                                      on_frame=self._on_frame, downstream=[self._record, self.infer],
+                                      on_frame=self._on_frame, downstream=[self._record, *self._fed],
                                       connect_timeout_s=cfg.source.connect_timeout_s,
                                       gate=self._wanted, on_drop=self._dropped_at_entry, nice=cfg.source.nice)
         self.scaleout = None
@@ -447,13 +455,16 @@ class LiveChain:
         it has room. Under overload the source drops the rest before decoding them."""
         if self._capturing:
             return True
-        if self.scaleout is not None:       # the refine stage wants each frame's counts (ioc/scaleout.py)
-            return self.scaleout.wants_counts()
-        return self.infer in self.source.downstream and self.infer.has_room()
+        if self.scaleout is not None and self.scaleout.wants_counts():
+            return True                     # the refine stage wants each frame's counts (ioc/scaleout.py)
+        downstream = self.source.downstream
+        return any(p in downstream and p.has_room() for p in self._fed)
 
     def _dropped_at_entry(self) -> None:
-        if self.infer in self.source.downstream:
-            self.infer.drop()              # Infer:DroppedArrays counts it, as a full queue would
+        downstream = self.source.downstream
+        for p in self._fed:
+            if p in downstream:
+                p.drop()                   # its DroppedArrays counts it, as a full queue would
 
     def _on_frame(self, frame) -> None:
         if frame.position is None:
@@ -569,7 +580,8 @@ class LiveChain:
     # ------------------------------------------------------------------ PV hooks
     def _register_hooks(self) -> None:
         on = self.ioc.on
-        on("Infer:NDArrayPort")(self._set_port)
+        for stage in detector_fed():
+            on(f"{stage}:NDArrayPort")(lambda v, s=stage: self._set_port(v, s))
         on("ScaleFactor")(self._set_scale)
         for stage, upstream in internal_ports().items():
             on(f"{stage}:NDArrayPort")(lambda v, s=stage, u=upstream: self._internal_port(s, u, v))
@@ -582,8 +594,14 @@ class LiveChain:
         self.ioc.check("Stitch:PositionSource")(self._position_available)
         self._assert_internal_ports()
 
-    def _set_port(self, channel: str) -> None:
+    def _set_port(self, channel: str, stage: str = "Infer") -> None:
+        """A detector-fed stage's NDArrayPort: the one detector source reads ``channel``, and every
+        other detector-fed stage's NDArrayPort says so too."""
         self.source.connect(str(channel))
+        for other in detector_fed():
+            if other != stage:
+                self.ioc.rec[f"{other}:NDArrayPort"].set(str(channel), process=False)
+                self.ioc.set(f"{other}:NDArrayPort_RBV", str(channel))
         self._message("Infer", f"reading {channel}" if channel else "no input channel")
 
     def _internal_port(self, stage: str, upstream: str, channel: str) -> str:
@@ -595,9 +613,11 @@ class LiveChain:
         return own
 
     def _assert_internal_ports(self) -> None:
-        """The internal stages' NDArrayPort as they are, whatever an older autosave file restored."""
-        for stage, upstream in internal_ports().items():
-            own = self.ioc.prefix + upstream
+        """Every stage's NDArrayPort as it is, whatever an older autosave file restored: an internal
+        stage's its upstream's output, a detector-fed stage's the source's (Infer:NDArrayPort)."""
+        ports = {stage: self.ioc.prefix + upstream for stage, upstream in internal_ports().items()}
+        ports.update({stage: str(self.ioc.get("Infer:NDArrayPort")) for stage in detector_fed()})
+        for stage, own in ports.items():
             if str(self.ioc.rec[f"{stage}:NDArrayPort"].get()) != own:
                 self.ioc.rec[f"{stage}:NDArrayPort"].set(own, process=False)
                 self.ioc.set(f"{stage}:NDArrayPort_RBV", own)

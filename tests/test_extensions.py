@@ -1,7 +1,7 @@
-"""A site's own stage, declared once in its own module and named in the config (``extensions``):
-the IOC imports it before building its records, so the stage's settings answer over Channel
-Access, a refused setting is refused, and its output streams over PV Access, with nothing in
-ptychopv edited."""
+"""A site's own stages, declared once in its own module and named in the config (``extensions``):
+the IOC imports it before building its records, so a stage's settings answer over Channel Access,
+a refused setting is refused, its output streams over PV Access, and a stage the detector feeds
+takes the same frames as Infer, with nothing in ptychopv edited."""
 
 from __future__ import annotations
 
@@ -53,6 +53,26 @@ class GainPlugin(PluginBase):
         return [f.derive(f.data * self._gain) for f in frames]
 
 
+class SumPlugin(PluginBase):
+    """The counts of every detector frame it sees: a stage the detector feeds."""
+
+    plugin_type = "NDPluginSiteSum"
+
+    def __init__(self, name="Sum", **kw):
+        super().__init__(name, **kw)
+        self.total = 0.0
+
+    def process(self, frames):
+        frames = frames if isinstance(frames, list) else [frames]
+        for f in frames:
+            self.total += float(f.data.sum())
+        return frames
+
+
+schema.register_stage(schema.Stage("Sum", SumPlugin, serves="Sum:Image", pvs=(
+    schema.PV("Sum:Total_RBV", "ai", "Counts seen", prec=0, initial=0.0, group="sum", attr="total"),
+    schema.PV("Sum:Image", "ntndarray", "Detector frames seen (NTNDArray)", group="sum"),
+)))
 schema.register_stage(schema.Stage("Gain", GainPlugin, serves="Gain:Image", upstream="Infer", pvs=(
     schema.PV("Gain:Gain", "ao", "Phase gain", prec=3, low=0.0, high=100.0, initial=2.0, rbv=True,
               autosave=True, group="gain", attr="gain"),
@@ -120,6 +140,18 @@ def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
         for uid, data in got[True].items():
             np.testing.assert_allclose(data, 3.0 * got[False][uid], rtol=1e-6)
         assert caget(h.pv("Gain:DroppedArrays_RBV")) == 0
+        # the detector-fed stage took every frame from the same source as Infer
+        wait_until(lambda: caget(h.pv("Sum:ArrayCounter_RBV")) >= n, 30, "every frame at the detector-fed stage")
+        assert caget(h.pv("Sum:Total_RBV")) > 0 and caget(h.pv("Sum:DroppedArrays_RBV")) == 0
+        assert caget(h.pv("Sum:NDArrayPort"), as_string=True) == sp + "Pva1:Image"
+        # one detector source: a write to either stage's NDArrayPort moves both
+        epics.caput(h.pv("Sum:NDArrayPort"), "NOWHERE:Image", wait=True, timeout=10)
+        wait_until(lambda: caget(h.pv("Infer:NDArrayPort_RBV"), as_string=True) == "NOWHERE:Image", 10,
+                   "Infer's port following Sum's")
+        assert caget(h.pv("Infer:NDArrayPort"), as_string=True) == "NOWHERE:Image"
+        epics.caput(h.pv("Infer:NDArrayPort"), sp + "Pva1:Image", wait=True, timeout=10)
+        wait_until(lambda: caget(h.pv("Sum:NDArrayPort_RBV"), as_string=True) == sp + "Pva1:Image", 10,
+                   "Sum's port following Infer's")
         # its setting is autosaved like any other: back after a restart (read over PVA by a new
         # client each time: channels to the stopped IOC would search again at a backed-off period)
         ioc.stop()
