@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import GENERATOR_CONFIG_HELP, generator_extensions
 from ..io.generated import write_or_check
 
 from ..ioc import schema
@@ -251,18 +252,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the screens in opi/ are stale")
     ap.add_argument("--folder", type=Path, default=None, help="where the .bob files live (default: opi/)")
-    ap.add_argument("--config", help="a config whose extensions (a site's own stages) are included; "
-                    "write their output to a --folder of your own")
+    ap.add_argument("--config", help=GENERATOR_CONFIG_HELP)
     args = ap.parse_args(argv)
     folder = args.folder or opi_folder()
-    if args.config:
-        from ..config import ConfigError, load_config, load_extensions
-
-        try:
-            load_extensions(load_config(args.config))
-        except ConfigError as exc:
-            print(f"{ap.prog}: {exc}", file=sys.stderr)
-            return 2
+    if not generator_extensions(args.config, ap.prog):
+        return 2
     return write_or_check(folder, render_all(), "python -m ptychopv.opi.generate", args.check)
 
 

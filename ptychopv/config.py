@@ -566,6 +566,23 @@ def load_extensions(cfg: Config) -> list[str]:
     return list(cfg.extensions)
 
 
+GENERATOR_CONFIG_HELP = ("a config whose extensions (a site's own stages) are included; write their output "
+                         "to a --folder of your own")
+
+
+def generator_extensions(path: str | None, prog: str) -> bool:
+    """A generator's ``--config``: import that config's extensions. False, the reason printed in
+    one line, when the config or one of them cannot be used."""
+    if not path:
+        return True
+    try:
+        load_extensions(load_config(path))
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def resolve(cfg: Config, p: Path | None) -> Path | None:
     """A path from the config, relative to the config file's folder."""
     if p is None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import epics
 import numpy as np
@@ -26,48 +28,7 @@ from .test_chain import caget, wait_until
 
 SITE_MODULE = '''
 from ptychopv.ioc import schema
-from ptychopv.plugins.base import PluginBase
-
-
-class GainPlugin(PluginBase):
-    """The phase times a gain: a stand-in for a site's filter."""
-
-    plugin_type = "NDPluginSiteGain"
-
-    def __init__(self, name="Gain", **kw):
-        super().__init__(name, **kw)
-        self.gain = 2.0
-
-    @property
-    def gain(self):
-        return self._gain
-
-    @gain.setter
-    def gain(self, v):
-        if not v > 0:
-            raise ValueError(f"gain must be > 0, got {v}")
-        self._gain = float(v)
-
-    def process(self, frames):
-        frames = frames if isinstance(frames, list) else [frames]
-        return [f.derive(f.data * self._gain) for f in frames]
-
-
-class SumPlugin(PluginBase):
-    """The counts of every detector frame it sees: a stage the detector feeds."""
-
-    plugin_type = "NDPluginSiteSum"
-
-    def __init__(self, name="Sum", **kw):
-        super().__init__(name, **kw)
-        self.total = 0.0
-
-    def process(self, frames):
-        frames = frames if isinstance(frames, list) else [frames]
-        for f in frames:
-            self.total += float(f.data.sum())
-        return frames
-
+from site_stages import GainPlugin, SumPlugin
 
 schema.register_stage(schema.Stage("Sum", SumPlugin, serves="Sum:Image", pvs=(
     schema.PV("Sum:Total_RBV", "ai", "Counts seen", prec=0, initial=0.0, group="sum", attr="total"),
@@ -81,6 +42,12 @@ schema.register_stage(schema.Stage("Gain", GainPlugin, serves="Gain:Image", upst
 '''
 
 
+def write_site(folder):
+    """The site's extension module and the plugins it imports, beside a config in ``folder``."""
+    (folder / "site_gain.py").write_text(SITE_MODULE)
+    shutil.copy(Path(__file__).with_name("site_stages.py"), folder / "site_stages.py")
+
+
 def fresh_get(h, name):
     ctx = Context("pva", conf=pva_client_conf(h.pva_port), useenv=False, unwrap=False)
     try:
@@ -91,7 +58,7 @@ def fresh_get(h, name):
 
 @pytest.mark.epics
 def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
-    (tmp_path / "site_gain.py").write_text(SITE_MODULE)          # beside the config file
+    write_site(tmp_path)                                          # beside the config file
     sim_port, sim_b, sp = free_port(), free_port(), f"XS{os.getpid()}:"
     extra = f"""
         extensions: [site_gain]
@@ -191,7 +158,7 @@ def test_an_extension_that_does_not_import_stops_the_start_naming_it(tmp_path):
 def test_the_generators_include_a_sites_stage_in_a_folder_of_its_own(tmp_path):
     """Screens and database for the site's stage: the generators take the config's extensions and
     write where they are told, leaving ptychopv's own files alone."""
-    (tmp_path / "site_gain.py").write_text(SITE_MODULE)
+    write_site(tmp_path)
     (tmp_path / "site.yaml").write_text("extensions: [site_gain]\n")
     for module, folder in (("ptychopv.opi.generate", "opi"), ("ptychopv.ioc.dbgen", "db")):
         r = subprocess.run([sys.executable, "-m", module, "--config", str(tmp_path / "site.yaml"),

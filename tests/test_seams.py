@@ -9,8 +9,9 @@ import pytest
 
 from ptychopv.ioc import schema
 from ptychopv.ioc.binder import StageBinder
-from ptychopv.plugins.base import PluginBase
 from ptychopv.plugins.frame import Frame
+
+from .site_stages import GainPlugin
 
 
 class FakeIOC:
@@ -43,34 +44,7 @@ class FakeIOC:
             self.values[name + "_RBV"] = self.values[name]
 
 
-class ToyPlugin(PluginBase):
-    """A stage that multiplies each phase patch by ``gain`` and sums what it saw."""
-
-    plugin_type = "NDPluginToy"
-
-    def __init__(self, name="Toy", **kw):
-        super().__init__(name, **kw)
-        self.gain = 1.0
-        self.total = 0.0
-
-    @property
-    def gain(self):
-        return self._gain
-
-    @gain.setter
-    def gain(self, v):
-        if not v > 0:
-            raise ValueError(f"gain must be > 0, got {v}")
-        self._gain = float(v)
-
-    def process(self, frames):
-        frames = frames if isinstance(frames, list) else [frames]
-        for f in frames:
-            self.total += float(np.sum(f.data)) * self._gain
-        return frames
-
-
-TOY = schema.Stage("Toy", ToyPlugin, serves="Toy:Image", upstream="Stitch", pvs=(
+TOY = schema.Stage("Toy", GainPlugin, serves="Toy:Image", upstream="Stitch", pvs=(
     schema.PV("Toy:Gain", "ao", "Toy gain", prec=3, low=0.0, high=100.0, initial=2.0, rbv=True, autosave=True,
               group="toy", attr="gain"),
     schema.PV("Toy:Total_RBV", "ai", "Toy sum of what it saw", prec=3, initial=0.0, group="toy", attr="total"),
@@ -91,12 +65,12 @@ def test_a_declared_stage_gets_records_screen_device_and_table(toy_stage):
             "Toy:Gain", "Toy:Gain_RBV", "Toy:Total_RBV"} <= names
     # its own message record (not declared by it): its plugin's news and refused settings go there
     assert "Toy:Message_RBV" in names and schema.by_name()["Toy:Message_RBV"].group == "toy"
-    assert schema.by_name()["Toy:PluginType_RBV"].initial == "NDPluginToy"
+    assert schema.by_name()["Toy:PluginType_RBV"].initial == "NDPluginSiteGain"
     from ptychopv.ioc import device, pvtable
     from ptychopv.opi import generate
 
     assert "`Toy:` NDPluginBase records" in pvtable.render() and "`Toy:Gain`" in pvtable.render()
-    assert device.plugin_classes()["Toy"]._plugin_type == "NDPluginToy"
+    assert device.plugin_classes()["Toy"]._plugin_type == "NDPluginSiteGain"
     assert "toy" in device.components()
     screen = generate.render_all()["ptychopv_toy.bob"]
     assert "$(P)Toy:Gain" in screen and "$(P)Toy:EnableCallbacks" in screen
@@ -148,7 +122,7 @@ def test_the_binder_builds_connects_and_binds_a_declared_stage(toy_stage):
 ])
 def test_a_stage_declared_inconsistently_is_refused_where_it_is_declared(pvs, serves, why):
     with pytest.raises(ValueError, match=re.escape(why)):
-        schema.Stage("Toy", ToyPlugin, serves=serves, pvs=pvs)
+        schema.Stage("Toy", GainPlugin, serves=serves, pvs=pvs)
     assert "Toy" not in [st.name for st in schema.STAGES]
 
 
@@ -171,7 +145,7 @@ def test_a_declared_stages_output_reaches_a_pva_client(toy_stage):
     images = ImageServer("SEAM:", free_port(), free_port())
     reports = []
     poster = StagePoster(images, "Toy:Image", report=reports.append)
-    toy = ToyPlugin(downstream=[poster])
+    toy = GainPlugin(downstream=[poster])
     toy.start()
     ctx = Context("pva", conf=pva_client_conf(images.port), useenv=False, unwrap=False)
     got: queue.Queue = queue.Queue()
