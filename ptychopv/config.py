@@ -312,8 +312,9 @@ class SimOptions(Strict):
     """Target frame rate (Hz)."""
     dtype: Dtype = "uint16"
     """Data type of the published frames."""
-    codec: Literal["none", "lz4", "bslz4", "blosc"] = "none"
-    """Compression codec, as NDPluginPva/NDPluginCodec send it."""
+    codec: Literal["none", "lz4", "bslz4", "blosc", "zlib", "jpeg"] = "none"
+    """Compression codec, as NDPluginPva/NDPluginCodec send it (jpeg: uint8 frames only). The
+    same names as ``ptychopv.io.ntndarray.CODECS``, which this module may not import (p4p)."""
     position_attributes: PositionAttributes = PositionAttributes()
     auto_start: bool = False
     """Start acquiring as soon as the server is up."""
@@ -338,6 +339,13 @@ class SimOptions(Strict):
         if not v or " " in v:
             raise ValueError("must be a non-empty PV prefix without spaces")
         return v
+
+    @model_validator(mode="after")
+    def _jpeg_needs_uint8(self):
+        # a replayed scan is served in sim.dtype too (simulation.to_dtype)
+        if self.codec == "jpeg" and self.dtype != "uint8":
+            raise ValueError(f"codec jpeg needs dtype uint8 (sim.dtype is {self.dtype})")
+        return self
 
 
 class ConsumerOptions(Strict):

@@ -38,6 +38,7 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
 
 @pytest.mark.parametrize("data, expect", [
     ({"sim": {"codec": "zip"}}, ["sim.codec", "'lz4'", "'zip'"]),
+    ({"sim": {"codec": "jpeg"}}, ["sim", "codec jpeg needs dtype uint8 (sim.dtype is uint16)"]),
     ({"sim": {"geometry": {"detector_size": 100}}}, ["sim.geometry.detector_size", "128"]),
     ({"sim": {"scan": {"overlap": 1.0}}}, ["sim.scan.overlap", "less than 1"]),
     ({"sim": {"probe": {"kind": "gauss"}}}, ["sim.probe.kind", "'donut'"]),
@@ -104,3 +105,15 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("autosave: {directory: here}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert resolve(cfg, cfg.autosave.directory) == tmp_path / "here"
+
+
+def test_the_simulators_codecs_are_the_ones_the_chain_decodes():
+    """config.py may not import the NTNDArray module (p4p), so it names the codecs itself."""
+    import typing
+
+    from ptychopv.config import SimOptions
+    from ptychopv.io.ntndarray import CODECS
+
+    assert typing.get_args(SimOptions.model_fields["codec"].annotation) == CODECS
+    for codec in CODECS:
+        assert SimOptions(codec=codec, dtype="uint8").codec == codec

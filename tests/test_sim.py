@@ -94,7 +94,7 @@ def test_frames_carry_shape_dtype_ids_timestamps_and_positions(sim):
     assert int(ctx.get(p + "Acquire").value) == 0
 
 
-@pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc"])
+@pytest.mark.parametrize("codec", ["lz4", "bslz4", "blosc", "zlib"])
 def test_each_codec_decodes_to_the_same_frames(sim, codec):
     ctx, p, truth_file = sim
     scan = read_scan(truth_file)
@@ -107,6 +107,35 @@ def test_each_codec_decodes_to_the_same_frames(sim, codec):
     for f in got:
         assert f.codec == codec
         assert np.array_equal(f.data, scan.frames[f.attributes["ScanIndex"]])
+
+
+def test_jpeg_frames_of_uint8_decode_close_to_the_scan(tmp_path):
+    """jpeg (lossy, uint8 only) from the config: each frame decodes to its scan frame within a few
+    counts; asked of a uint16 simulator on the command line, it is refused, naming the dtype."""
+    import subprocess
+    import sys
+
+    cfg, port, p = sim_config(tmp_path, dtype="uint8", codec="jpeg", dose=5.0e6)
+    child = start_sim(cfg)
+    try:
+        ctx = Context("pva", conf=pva_client_conf(port), useenv=False, unwrap=False)
+        scan = read_scan(tmp_path / "truth.h5")
+        frames = Frames(ctx, p + "Pva1:Image")
+        frames.take(1)
+        ctx.put(p + "Acquire", 1)
+        got = frames.take(4)
+        ctx.close()
+    finally:
+        child.stop()
+    assert scan.frames.dtype == np.uint8 and scan.frames.max() > 50      # frames with something to lose
+    for f in got:
+        want = scan.frames[f.attributes["ScanIndex"]].astype(float)
+        assert f.codec == "jpeg" and f.data.dtype == np.uint8 and f.data.shape == want.shape
+        assert np.abs(f.data - want).mean() < 3.0
+    cfg16, _, _ = sim_config(tmp_path / "uint16")
+    r = subprocess.run([sys.executable, "-m", "ptychopv", "sim", "--config", str(cfg16), "--codec", "jpeg"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "codec jpeg needs dtype uint8 (sim.dtype is uint16)" in r.stderr, r.stderr
 
 
 def test_bad_control_values_are_refused(sim):
