@@ -451,8 +451,9 @@ class LiveChain:
             self.recorder.put(frame)
 
     def _wanted(self) -> bool:
-        """Does anything take the next frame? A capture takes every one; else the infer stage when
-        it has room. Under overload the source drops the rest before decoding them."""
+        """Does anything take the next frame? A capture takes every one; else a detector-fed stage
+        (the infer stage, and any other declared so) that has room. Under overload the source drops
+        the rest before decoding them."""
         if self._capturing:
             return True
         if self.scaleout is not None and self.scaleout.wants_counts():
