@@ -4,8 +4,9 @@ When the config lists ``scaleout.consumers``, :class:`ScaleOut` builds a
 :class:`~ptychopv.plugins.gather.Gatherer` on their result channels, hands what it gathers on
 as the local infer plugin hands its own (``InferPlugin.emit``: to every stage declared behind
 ``Infer``, the stitch stage and any other, and to ``Infer:Phase``; positions found by the
-chain's position source, as for local results), takes the local infer plugin off the detector stream (the scan recorder still gets
-every frame) and shows the ``Scale:`` records a few times a second. The consumers themselves
+chain's position source, as for local results), takes the local infer plugin off the detector
+stream (the scan recorder still gets every frame) and shows the ``Scale:`` records a few times
+a second. The consumers themselves
 run outside the IOC (``ptychopv scaleout``).
 
 The consumers publish phases, not counts, yet the refine stage corrects the stitched image with
@@ -101,8 +102,8 @@ class ScaleOut:
             self._release()
 
     def _with_counts(self, frames: list) -> None:
-        """Gathered results (in uniqueId order) on to the stages behind infer, each with its frame's counts
-        where they came (waiting up to COUNTS_WAIT_S for them)."""
+        """Gathered results (in uniqueId order) on to the stages behind infer, each with its frame's
+        counts where they came (waiting up to COUNTS_WAIT_S for them)."""
         deadline = time.monotonic() + COUNTS_WAIT_S
         with self._counts_lock:
             self._waiting.extend((frame, deadline) for frame in frames)
