@@ -18,10 +18,10 @@ import pytest
 
 # Under pytest-xdist each worker shares the machine's CPUs with the others: torch (and anything
 # else OpenMP) in a worker and in its children gets its share of threads, not every CPU. With
-# two workers on 2 cores, two two-thread torch processes side by side trained at 0.58x the rate
-# of two one-thread ones (3.7 against 6.4 steps/s each: OpenMP threads spin waiting for each
-# other's preempted threads). Set before torch is imported anywhere in this process; children
-# inherit it.
+# two workers on 2 cores, two two-thread torch processes side by side trained at 0.42-0.58x the
+# rate of two one-thread ones (benchmarks/threads.py; results-threads-cpu.json: 6.3 against 14.9
+# steps/s in all; OpenMP threads spin waiting for each other's preempted threads). Set before
+# torch is imported anywhere in this process; children inherit it.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -649,7 +649,6 @@ class Refiner:
         with self._lock:
             if gen != self._probe_gen:          # a probe set or adopted meanwhile: that one counts
                 return
-            self.probe_mends += 1
             adopt = failed is None and (m_new - MISFIT_STOP < MEND_MARGIN * (m_cur - MISFIT_STOP) if settled
                                         else m_new < MEND_MARGIN * m_cur)
             if adopt:
@@ -673,6 +672,8 @@ class Refiner:
                          "frames": len(frames), "sweeps": sweeps, "adopted": adopt, "settled": settled,
                          "start": start, "seconds": round(time.perf_counter() - t0, 2)}
             self.mend_history.append(self.mend)
+            self.probe_mends += 1       # counted once the mend's record is complete: readers take the
+            #                             count without the lock, then read the record
             origin = ("" if start is None or not start["used"] else
                       f", from the beamline model at beam x{start['beam']:g}, defocus x{start['defocus']:g}")
             self.last_message = (f"probe in use kept: its mend failed ({failed})" if failed else
