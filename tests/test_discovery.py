@@ -59,7 +59,7 @@ def rig(tmp_path_factory):
           prefix: "{sp}"
           pva_server_port: {sim_port}
           pva_broadcast_port: {sim_b}
-          frame_rate_hz: 200
+          frame_rate_hz: 100
           geometry: {{detector_size: 64}}
           sample: {{size_px: 512}}
           probe: {{beam_m: 5.0e-7}}
