@@ -55,6 +55,16 @@ class IocHandle:
     def pv(self, name: str) -> str:
         return self.prefix + name
 
+    def fresh_caget(self, name: str, timeout: float = 10.0):
+        """One CA read by a client that searches anew (caproto's sync client). After an IOC
+        restart pyepics's channels to the stopped IOC search again only at a backed-off period
+        (beacons would cut it short through a CA repeater, which the test run does not start), so
+        a read through them can time out though the new IOC serves the PV."""
+        from caproto.sync.client import read
+
+        data = read(self.pv(name), timeout=timeout).data
+        return data[0] if len(data) == 1 else data
+
 
 def write_ioc_config(folder: Path, prefix: str, ca_port: int, extra: str = "") -> IocHandle:
     folder.mkdir(parents=True, exist_ok=True)

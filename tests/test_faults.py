@@ -623,9 +623,9 @@ def test_a_restarted_ioc_knows_the_reference_of_the_version_it_runs(tmp_path):
         assert child.stop() == 0
     (tmp_path / "registry" / "v0001" / "reference.json").write_text(json.dumps({"version": 1, "ssim": 0.62}))
     child = start_ioc(h.config)
-    try:
-        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="v1 runs again")
-        wait_until(lambda: caget(h.pv("Model:ValSSIM_RBV")) == pytest.approx(0.62), timeout=30,
+    try:   # read by a client that searches anew: pyepics's channels to the stopped IOC back off
+        wait_until(lambda: h.fresh_caget("ModelVersion_RBV") == 1, timeout=120, what="v1 runs again")
+        wait_until(lambda: h.fresh_caget("Model:ValSSIM_RBV") == pytest.approx(0.62), timeout=30,
                    what="the reference read back")
     finally:
         assert child.stop() == 0

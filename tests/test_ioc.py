@@ -174,13 +174,7 @@ def test_settings_survive_a_restart(tmp_path):
     finally:
         assert child.stop() == 0  # a clean exit saves the settings
     child = start_ioc(h.config)
-    # a fresh CA client (caproto searches anew on each read; pyepics's old channels would wait for
-    # a beacon through a CA repeater, which this test run does not start)
-    from caproto.sync.client import read
-
-    def get(name):
-        return read(h.pv(name), timeout=10).data[0]
-
+    get = h.fresh_caget   # pyepics's channels to the stopped IOC would search at a backed-off period
     try:
         assert get("ScaleFactor") == 12.5
         assert get("ScaleFactor_RBV") == 12.5
