@@ -113,9 +113,25 @@ def run_benchmark(name: str, *args: str, timeout: float = 300) -> "subprocess.Co
                           capture_output=True, text=True, timeout=timeout, cwd=root, check=False)
 
 
-def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool) -> str:
+def sim_section(prefix: str, port: int, broadcast_port: int, *, rate_hz: float, size_px: int,
+                extent_m: float, overlap: float = 0.6, probe: dict | None = None, scan: dict | None = None,
+                **keys) -> str:
+    """The ``sim:`` section of a test config, at column 0 (append it to a dedented config): 64x64
+    frames, a 0.5 um beam, the simulator's own PVA ports; ``keys`` adds or replaces top-level sim
+    keys (dose, truth_file, codec...), ``probe`` and ``scan`` add to those mappings."""
+    import yaml
+
+    sim = {"prefix": prefix, "pva_server_port": port, "pva_broadcast_port": broadcast_port,
+           "frame_rate_hz": rate_hz, **keys,
+           "geometry": {"detector_size": 64}, "sample": {"size_px": size_px},
+           "probe": {"beam_m": 5.0e-7, **(probe or {})},
+           "scan": {"extent_m": extent_m, "overlap": overlap, **(scan or {})}}
+    return yaml.safe_dump({"sim": sim}, sort_keys=False, default_flow_style=None)
+
+
+def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool, rate_hz: float = 400) -> str:
     """Config for an IOC + simulator that run the HPC loop quickly: 64x64 frames, one thread each."""
-    return f"""
+    return textwrap.dedent(f"""
         source: {{channel: "{sim_prefix}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
         chain: {{engine: onnxruntime, seed_demo_model: {str(seed_demo_model).lower()}, scan_folder: scans,
                 registry: registry}}
@@ -123,18 +139,8 @@ def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool) -> 
         hpc: {{kind: local, workers: 1}}
         recon: {{beam_m: 5.0e-7, threads: 1}}
         train: {{batch_size: 16, threads: 1, seed: 1}}
-        sim:
-          prefix: "{sim_prefix}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {free_port()}
-          frame_rate_hz: 400
-          truth_file: truth.h5
-          dose: 1.0e6
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 3.0e-6, overlap: 0.65}}
-        """
+        """) + sim_section(sim_prefix, sim_port, free_port(), rate_hz=rate_hz, size_px=512, extent_m=3.0e-6,
+                           overlap=0.65, truth_file="truth.h5", dose=1.0e6)
 
 
 @pytest.fixture(scope="session")

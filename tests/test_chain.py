@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import textwrap
 import time
 
 import epics
@@ -21,7 +22,7 @@ from ptychopv.io.ntndarray import from_value, image_number
 from ptychopv.procs import start_ioc, start_sim
 from ptychopv.io.scanfile import read_scan
 
-from .conftest import CA_PORTS, write_ioc_config
+from .conftest import CA_PORTS, sim_section, write_ioc_config
 
 pytestmark = pytest.mark.epics
 
@@ -62,20 +63,11 @@ def beamline(tmp_path_factory):
     folder = tmp_path_factory.mktemp("chain")
     sim_port, sim_b = free_port(), free_port()
     sim_prefix = f"CS{os.getpid()}:"
-    extra = f"""
+    extra = textwrap.dedent(f"""
         source: {{channel: "{sim_prefix}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
         chain: {{engine: passthrough, passthrough_size: 64, scan_folder: scans}}
-        sim:
-          prefix: "{sim_prefix}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 300
-          truth_file: truth.h5
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 2.5e-6, overlap: 0.6}}
-        """
+        """) + sim_section(sim_prefix, sim_port, sim_b, rate_hz=300, size_px=512, extent_m=2.5e-6,
+                           truth_file="truth.h5")
     h = write_ioc_config(folder, f"CH{os.getpid()}:", CA_PORTS[1], extra=extra)
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)

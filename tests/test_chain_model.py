@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import textwrap
 
 import epics
 import numpy as np
@@ -19,7 +20,7 @@ from ptychopv.procs import start_ioc, start_sim
 from ptychopv.io.scanfile import read_truth
 from ptychopv.ioc.images import stitched_image
 
-from .conftest import CA_PORTS, write_ioc_config
+from .conftest import CA_PORTS, sim_section, write_ioc_config
 from .test_chain import caget, new_image, wait_until
 
 pytestmark = pytest.mark.epics
@@ -39,22 +40,12 @@ def rig(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     sim_port, sim_b = free_port(), free_port()
     sp = f"MS{os.getpid()}:"
-    extra = f"""
+    extra = textwrap.dedent(f"""
         source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
         beamline: {{beam_m: 5.0e-7}}
         chain: {{engine: onnxruntime, registry: registry}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 100
-          truth_file: truth.h5
-          dose: 1.0e6
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 768}}
-          probe: {{beam_m: 5.0e-7, curvature: 4.0}}
-          scan: {{extent_m: 2.4e-6, overlap: 0.6, center_m: [1.0e-6, 0.0]}}
-        """
+        """) + sim_section(sp, sim_port, sim_b, rate_hz=100, size_px=768, extent_m=2.4e-6, truth_file="truth.h5",
+                           dose=1.0e6, probe={"curvature": 4.0}, scan={"center_m": [1.0e-6, 0.0]})
     h = write_ioc_config(folder, f"MD{os.getpid()}:", CA_PORTS[1], extra=extra)
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)

@@ -11,6 +11,7 @@ pvaPy runs only as a child process (its EPICS libraries never share a process wi
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 from p4p.client.thread import Context
@@ -19,7 +20,7 @@ from ptychopv.io.epics_env import free_port, pva_client_conf, server_env
 from ptychopv.procs import Child, start_ioc, start_sim
 from ptychopv.scaleout import pvapy_tool
 
-from .conftest import write_ioc_config
+from .conftest import sim_section, write_ioc_config
 from .test_chain import wait_until
 
 pytestmark = pytest.mark.epics
@@ -47,7 +48,7 @@ def rig(tmp_path_factory):
     ad_channel = f"DAD{os.getpid()}:image"
     # the simulator is searched at 127.0.0.1 on the list's port (broadcast_port), pvaPy's server
     # at 127.0.0.1 on its own port (an address-list entry with a port); no TCP name servers
-    extra = f"""
+    extra = textwrap.dedent(f"""
         source:
           channel: "{sp}Pva1:Image"
           addr_list: ["127.0.0.1", "127.0.0.1:{ad_b}"]
@@ -55,16 +56,7 @@ def rig(tmp_path_factory):
           name_servers: []
           connect_timeout_s: {TIMEOUT_S}
         chain: {{engine: passthrough, passthrough_size: 64}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 100
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 2.5e-6, overlap: 0.6}}
-        """
+        """) + sim_section(sp, sim_port, sim_b, rate_hz=100, size_px=512, extent_m=2.5e-6)
     h = write_ioc_config(folder, f"DI{os.getpid()}:", free_port(), extra=extra)   # records read over PVA
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)

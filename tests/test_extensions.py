@@ -23,7 +23,7 @@ from ptychopv.io.epics_env import free_port, pva_client_conf
 from ptychopv.io.ntndarray import from_value
 from ptychopv.procs import start_ioc, start_sim
 
-from .conftest import CA_PORTS, write_ioc_config
+from .conftest import CA_PORTS, sim_section, write_ioc_config
 from .test_chain import caget, wait_until
 
 SITE_MODULE = '''
@@ -60,20 +60,11 @@ def fresh_get(h, name):
 def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
     write_site(tmp_path)                                          # beside the config file
     sim_port, sim_b, sp = free_port(), free_port(), f"XS{os.getpid()}:"
-    extra = f"""
+    extra = textwrap.dedent(f"""
         extensions: [site_gain]
         source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
         chain: {{engine: passthrough, passthrough_size: 64, seed_demo_model: false}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 100
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 256}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 1.0e-6, overlap: 0.6}}
-        """
+        """) + sim_section(sp, sim_port, sim_b, rate_hz=100, size_px=256, extent_m=1.0e-6)
     h = write_ioc_config(tmp_path, f"XT{os.getpid()}:", CA_PORTS[1], extra=extra)
     sim = start_sim(h.config)
     ioc = start_ioc(h.config)

@@ -413,7 +413,7 @@ def test_a_broken_newest_version_is_not_retried_and_not_kept_across_a_restart(tm
 def test_frames_before_any_model_are_waiting_not_errors_and_are_captured(tmp_path):
     sim_port = free_port()
     sp = f"WM{os.getpid()}:"
-    extra = hpc_loop_extra(sp, sim_port, seed_demo_model=False).replace("frame_rate_hz: 400", "frame_rate_hz: 100")
+    extra = hpc_loop_extra(sp, sim_port, seed_demo_model=False, rate_hz=100)
     h = write_ioc_config(tmp_path, f"WMI{os.getpid()}:", CA_PORTS[1], extra=extra)
     sim = start_sim(h.config)
     child = start_ioc(h.config)

@@ -22,7 +22,7 @@ from ptychopv.io.ntndarray import from_value
 from ptychopv.plugins.source import search_conf
 from ptychopv.procs import Child, child_env, ptychopv_args, start_ioc, start_sim
 
-from .conftest import write_ioc_config
+from .conftest import sim_section, write_ioc_config
 from .test_chain import wait_until
 from .test_discovery import requires_pvapy
 
@@ -44,16 +44,8 @@ def rig(tmp_path_factory):
     extra = textwrap.dedent(f"""
         source: {{channel: "{sp}Pva1:Image", addr_list: ["127.0.0.1"], broadcast_port: {sim_b}, name_servers: []}}
         chain: {{engine: onnxruntime, registry: registry, scan_folder: scans}}
-        sim:
-          prefix: "{sp}"
-          pva_server_port: {sim_port}
-          pva_broadcast_port: {sim_b}
-          frame_rate_hz: 150
-          dose: 1.0e6
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 3.0e-6, overlap: 0.6}}
+        """) + sim_section(sp, sim_port, sim_b, rate_hz=150, size_px=512, extent_m=3.0e-6, dose=1.0e6)
+    extra += textwrap.dedent(f"""
         scaleout:
           mirror: {{channel: "{cp}Mirror:Image", server_port: {mirror[0]}, broadcast_port: {mirror[1]}}}
           threads: 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import textwrap
 import time
 
 import numpy as np
@@ -15,29 +14,17 @@ from ptychopv.io.ntndarray import from_value
 from ptychopv.procs import start_sim
 from ptychopv.io.scanfile import read_scan, read_truth
 
-from .conftest import SHARED_DATA
+from .conftest import SHARED_DATA, sim_section
 
 pytestmark = pytest.mark.epics
 
 
 def sim_config(folder, **over) -> tuple:
-    port, bport = free_port(), free_port()
-    extra = "\n".join(f"  {k}: {v}" for k, v in over.items())
+    port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / "sim.yaml"
-    cfg.write_text(textwrap.dedent(f"""\
-        sim:
-          prefix: "S{port}:"
-          pva_server_port: {port}
-          pva_broadcast_port: {bport}
-          frame_rate_hz: 200
-          truth_file: truth.h5
-          dose: 1.0e5
-          geometry: {{detector_size: 64}}
-          sample: {{size_px: 512}}
-          probe: {{beam_m: 5.0e-7}}
-          scan: {{extent_m: 2.0e-6, overlap: 0.5}}
-        """) + extra + "\n")
+    cfg.write_text(sim_section(f"S{port}:", port, free_port(), rate_hz=200, size_px=512, extent_m=2.0e-6,
+                               overlap=0.5, **{"truth_file": "truth.h5", "dose": 1.0e5, **over}))
     return cfg, port, f"S{port}:"
 
 
