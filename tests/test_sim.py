@@ -33,7 +33,9 @@ class Frames:
 
     def __init__(self, ctx, name):
         self.q: queue.Queue = queue.Queue()
-        self.sub = ctx.monitor(name, self.q.put, notify_disconnect=True)
+        # a deep monitor queue: at the default depth PVA squashes updates a slow client has not
+        # taken (the 1000 Hz replay test once timed out waiting for a frame, another worker beside it)
+        self.sub = ctx.monitor(name, self.q.put, notify_disconnect=True, request="record[queueSize=2000]")
 
     def take(self, n, timeout=30.0):
         out = []
