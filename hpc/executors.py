@@ -83,6 +83,17 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _start_worker(parent: int, extensions: tuple = (), folders: tuple = ()) -> None:
+    """A pool worker's initializer: it ends with its parent, and imports the parent's config
+    ``extensions`` (a spawned process starts without them), so a site's reconstruction algorithm
+    or network is known to the jobs it runs."""
+    _die_with_parent(parent)
+    if extensions:
+        from ..extensions import import_in_worker
+
+        import_in_worker(extensions, folders)
+
+
 class LocalExecutor(_Base):
     """A process pool that heals: a worker that died (killed, out of memory) breaks a
     ``ProcessPoolExecutor`` for good, so the next submit builds a fresh pool. ``shutdown(wait=False)``
@@ -98,8 +109,10 @@ class LocalExecutor(_Base):
         self._pool = self._new_pool()
 
     def _new_pool(self) -> cf.ProcessPoolExecutor:
+        from ..extensions import loaded
+
         return cf.ProcessPoolExecutor(max_workers=self._n, mp_context=mp.get_context("spawn"),
-                                      initializer=_die_with_parent, initargs=(os.getpid(),))
+                                      initializer=_start_worker, initargs=(os.getpid(), *loaded()))
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         try:

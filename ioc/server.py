@@ -388,7 +388,10 @@ def run(cfg: Config) -> int:
     """Run the IOC in this process until SIGINT/SIGTERM; settings are saved on the way out."""
     from ..config import load_extensions
 
-    load_extensions(cfg)        # a site's declarations join the schema before anything is built
+    # a site's declarations join the schema before anything is built; the schema is rebuilt from
+    # the registries a module may have extended without it (an algorithm's Recon:Engine state)
+    if load_extensions(cfg):
+        schema.refresh()
     busy = busy_ports(cfg)
     if busy:
         print(f"ptychopv ioc: warning: {', '.join(busy)} in use on 127.0.0.1 (another IOC still running?): "

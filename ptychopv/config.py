@@ -7,7 +7,6 @@ message names the key, what was wrong and the allowed values or keys.
 
 from __future__ import annotations
 
-import importlib
 import re
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from .hpc.options import ReconOptions, TrainOptions, one_of
 from .inference.engines import ENGINES
 
 
+MODULE_NAME = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"      # a Python module name (extensions)
 ACCESS_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")   # a host or user name access security can match
 
 
@@ -455,7 +455,7 @@ class Config(Strict):
     @classmethod
     def _extensions(cls, v: list[str]) -> list[str]:
         for name in v:
-            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+            if not re.fullmatch(MODULE_NAME, name):
                 raise ValueError(f"{name!r} is not a Python module name (e.g. mysite.stages)")
         return v
 
@@ -554,24 +554,40 @@ def load_config(path: str | Path | None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    _import_named_extensions(data, path)
     cfg = parse_config(data, str(path))
     cfg._source = path  # relative paths in the file are relative to it
     return cfg
 
 
+def _import_named_extensions(data: Any, path: Path) -> None:
+    """Import the file's ``extensions`` before it is validated: a name one of them registers (an
+    engine, an algorithm) is then valid in the same file. A malformed list is left to the
+    validation, which names the key."""
+    from .extensions import ExtensionError, import_extensions
+
+    names = data.get("extensions") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(
+            isinstance(n, str) and re.fullmatch(MODULE_NAME, n) for n in names):
+        return
+    try:
+        import_extensions(names, path.parent)
+    except ExtensionError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def load_extensions(cfg: Config) -> list[str]:
     """Import ``cfg.extensions`` (a folder beside the config file is searched after the Python
     path); what a module declares at import joins the IOC's schema and registries. A module that
-    is not found or fails to import is a ConfigError naming it."""
+    is not found or fails to import is a ConfigError naming it. ``load_config`` has already done
+    this for a config read from a file; again is a no-op."""
+    from .extensions import ExtensionError, import_extensions
+
     base = getattr(cfg, "_source", None)
-    if cfg.extensions and base is not None and str(base.parent) not in sys.path:
-        sys.path.append(str(base.parent))
-    for i, name in enumerate(cfg.extensions):
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - any failure of a site's module ends the start, named
-            raise ConfigError(f"extensions[{i}] {name!r}: {type(exc).__name__}: {exc}") from None
-    return list(cfg.extensions)
+    try:
+        return import_extensions(cfg.extensions, None if base is None else base.parent)
+    except ExtensionError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 GENERATOR_CONFIG_HELP = ("a config whose extensions (a site's own stages) are included; write their output "
@@ -584,10 +600,14 @@ def generator_extensions(path: str | None, prog: str) -> bool:
     if not path:
         return True
     try:
-        load_extensions(load_config(path))
+        names = load_extensions(load_config(path))
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return False
+    if names:
+        from .ioc import schema   # the generators' own import: p4p is loaded there anyway
+
+        schema.refresh()          # registries a module extended (algorithms, position sources)
     return True
 
 

@@ -1,7 +1,9 @@
 """A site's own stages, declared once in its own module and named in the config (``extensions``):
 the IOC imports it before building its records, so a stage's settings answer over Channel Access,
 a refused setting is refused, its output streams over PV Access, and a stage the detector feeds
-takes the same frames as Infer, with nothing in ptychopv edited."""
+takes the same frames as Infer, with nothing in ptychopv edited. An engine or reconstruction
+algorithm a site's module registers is named in the same config, runs the live model, is a
+``Recon:Engine`` state, and is known to the job workers."""
 
 from __future__ import annotations
 
@@ -163,3 +165,77 @@ def test_the_generators_include_a_sites_stage_in_a_folder_of_its_own(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ptychopv.opi.generate", "--config", str(tmp_path / "none.yaml"),
                         "--folder", str(tmp_path / "opi2")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "none.yaml" in r.stderr and not (tmp_path / "opi2").exists()
+
+
+SITE_ENGINE = '''
+from ptychopv.inference.engines import register_engine
+from ptychopv.inference.engines.onnxrt import OnnxRuntimeEngine
+
+
+class SiteOrt(OnnxRuntimeEngine):
+    """ONNX Runtime under the site's own name (a real site would tune or wrap it)."""
+
+    name = "site-ort"
+
+
+register_engine("site-ort", "site_engine:SiteOrt")
+'''
+SITE_ALGORITHM = '''
+from ptychopv.hpc.options import Algorithm, register_algorithm
+
+register_algorithm(Algorithm("site-epie", "Site ePIE", "EPIEOptions", 5, 0.5))
+'''
+
+
+def write_site_engine_and_algorithm(folder):
+    (folder / "site_engine.py").write_text(SITE_ENGINE)
+    (folder / "site_algorithm.py").write_text(SITE_ALGORITHM)
+    return "extensions: [site_engine, site_algorithm]\n"
+
+
+def test_names_a_sites_module_registers_are_valid_in_its_config_and_known_to_job_workers(tmp_path):
+    """An engine or algorithm a site's module registers is named in the same config: the config
+    was validated before the modules were imported, so ``chain.engine: site-ort`` was refused as
+    unknown. A job runs in a spawned worker, which now imports the extensions too. Run in a child
+    process, as a command would, so this process's registries stay ptychopv's own."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "site.yaml").write_text(write_site_engine_and_algorithm(tmp_path)
+                                        + "chain: {engine: site-ort}\nrecon: {engine: site-epie}\n")
+    code = textwrap.dedent("""
+        import sys
+        from ptychopv.config import load_config
+        from ptychopv.hpc.executors import make_executor
+        from ptychopv.hpc.options import ReconOptions
+
+        cfg = load_config(sys.argv[1])
+        print("engines", cfg.chain.engine, cfg.recon.engine)
+        with make_executor({"kind": "local"}) as ex:
+            # a job validates its options in the worker, as reconstruct_job does
+            print("worker", ex.submit(ReconOptions.model_validate, {"engine": "site-epie"}).result(120).engine)
+        """)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site.yaml")], capture_output=True,
+                       text=True, timeout=180, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "engines site-ort site-epie" in r.stdout and "worker site-epie" in r.stdout, r.stdout
+    # without the modules the same names are refused, naming the key
+    (tmp_path / "bare.yaml").write_text("chain: {engine: site-ort}\n")
+    with pytest.raises(ConfigError, match=r"chain\.engine: .*unknown engine 'site-ort'"):
+        load_config(tmp_path / "bare.yaml")
+
+
+@pytest.mark.epics
+def test_a_sites_engine_runs_the_live_model_and_its_algorithm_is_a_recon_engine_state(tmp_path):
+    pytest.importorskip("onnxruntime")
+    extra = write_site_engine_and_algorithm(tmp_path) + "chain: {engine: site-ort, registry: registry}\n"
+    h = write_ioc_config(tmp_path, f"XE{os.getpid()}:", CA_PORTS[1], extra=extra)
+    ioc = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=120, what="the seeded model runs")
+        assert caget(h.pv("Infer:Engine_RBV")) == "site-ort"
+        pv = epics.get_pv(h.pv("Recon:Engine"), form="ctrl")
+        assert pv.wait_for_connection(timeout=10)
+        assert "Site ePIE" in pv.get_ctrlvars(timeout=10)["enum_strs"]
+        assert epics.caput(h.pv("Recon:Engine"), "Site ePIE", wait=True, timeout=10) == 1
+        assert caget(h.pv("Recon:Engine"), as_string=True) == "Site ePIE"
+    finally:
+        ioc.stop()

@@ -13,22 +13,23 @@ from .base import DEFAULT_BATCH_SIZES, Engine, ModelSource, check_batch, file_sh
 
 log = logging.getLogger(__name__)
 
-# The one declaration of the inference engines: name -> "module:Class" (a module of this package,
-# or "package.module:Class" anywhere). ``chain.engine``, the CLI and the benchmarks derive their
-# choices from it; "auto" tries the names in AUTO_ORDER. The pass-through engine (the frame itself
+# The one declaration of the inference engines: name -> "module:Class", the module named as an
+# import names it (".onnxrt" a module of this package; "site_engine", "mysite.engines" anywhere).
+# ``chain.engine``, the CLI and the benchmarks derive their choices from it; "auto" tries the names in AUTO_ORDER. The pass-through engine (the frame itself
 # as the phase: benchmarks and tests of the plumbing) is an engine like the others, never auto.
 ENGINES = {
-    "tensorrt": "tensorrt:TensorRTEngine",
-    "pytorch-cuda": "pytorch:PyTorchCUDAEngine",
-    "onnxruntime": "onnxrt:OnnxRuntimeEngine",
-    "pytorch-cpu": "pytorch:PyTorchCPUEngine",
-    "passthrough": "passthrough:PassThroughEngine",
+    "tensorrt": ".tensorrt:TensorRTEngine",
+    "pytorch-cuda": ".pytorch:PyTorchCUDAEngine",
+    "onnxruntime": ".onnxrt:OnnxRuntimeEngine",
+    "pytorch-cpu": ".pytorch:PyTorchCPUEngine",
+    "passthrough": ".passthrough:PassThroughEngine",
 }
 AUTO_ORDER = ("tensorrt", "pytorch-cuda", "onnxruntime", "pytorch-cpu")
 
 
 def register_engine(name: str, target: str, *, auto: bool = False) -> None:
-    """Add an engine class (``"package.module:Class"``, an :class:`Engine` subclass) by name;
+    """Add an engine class (``"module:Class"``, an :class:`Engine` subclass; a module of a site's
+    own, top-level ``site_engine`` or ``mysite.engines``) by name;
     ``auto=True`` puts it last in the order ``auto`` tries."""
     global AUTO_ORDER
     if name in ENGINES or name == "auto":
@@ -44,7 +45,9 @@ def engine_class(name: str) -> type[Engine]:
     except KeyError:
         raise ValueError(f"unknown engine {name!r}; expected 'auto' or one of "
                          f"{', '.join(ENGINES)}") from None
-    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), cls)
+    # a leading dot: one of ptychopv's own engine modules; else an absolute name (before, a name
+    # without a dot was taken for ptychopv's, so a site's top-level module was never found)
+    return getattr(importlib.import_module(module, package=__name__), cls)
 
 
 def auto_order() -> tuple[str, ...]:
