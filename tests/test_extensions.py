@@ -239,3 +239,41 @@ def test_a_sites_engine_runs_the_live_model_and_its_algorithm_is_a_recon_engine_
         assert caget(h.pv("Recon:Engine"), as_string=True) == "Site ePIE"
     finally:
         ioc.stop()
+
+
+def test_a_scaleout_consumer_started_with_its_arguments_runs_a_sites_engine(tmp_path):
+    """A pvaPy consumer is started with the processor arguments ``ptychopv scaleout`` writes, not
+    with the config: they now carry the extensions and the config's folder, and the consumer
+    imports them before it selects the engine. Two child processes, as in scale-out: the first
+    writes the arguments from the config, the second (which never reads it) runs a frame."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "site.yaml").write_text(write_site_engine_and_algorithm(tmp_path) + textwrap.dedent("""\
+        chain: {engine: onnxruntime, registry: registry}
+        scaleout:
+          engine: site-ort
+          consumers: [{channel: "X:C1:Phase"}]
+        """))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write = ("import json, sys\nfrom ptychopv.config import load_config\nfrom ptychopv.scaleout import processor_args\n"
+             "print(json.dumps(processor_args(load_config(sys.argv[1]), 0)))\n")
+    r = subprocess.run([sys.executable, "-c", write, str(tmp_path / "site.yaml")], capture_output=True, text=True,
+                       timeout=120, cwd=root)
+    assert r.returncode == 0, r.stderr
+    args = r.stdout.strip().splitlines()[-1]
+    assert '"engine": "site-ort"' in args and '"extensions": ["site_engine", "site_algorithm"]' in args
+    run = textwrap.dedent("""
+        import json, sys
+        import numpy as np
+        from ptychopv.scaleout import ConsumerCore
+
+        core = ConsumerCore.from_args(json.loads(sys.argv[1]))
+        assert core.load(), core.last_message
+        frame = np.random.default_rng(0).poisson(200, (64, 64)).astype(np.uint16)
+        phase, attrs = core.process(1, frame, {})
+        print("ran", core.engine.name, phase.shape, attrs["ModelVersion"])
+        core.close()
+        """)
+    r = subprocess.run([sys.executable, "-c", run, args], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path.parent)        # not the config's folder: found through the arguments
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ran site-ort (64, 64) 1" in r.stdout, r.stdout
