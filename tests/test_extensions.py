@@ -277,3 +277,37 @@ def test_a_scaleout_consumer_started_with_its_arguments_runs_a_sites_engine(tmp_
                        cwd=tmp_path.parent)        # not the config's folder: found through the arguments
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ran site-ort (64, 64) 1" in r.stdout, r.stdout
+
+
+def test_the_stand_alone_commands_take_a_sites_algorithm_and_network_with_its_config(tmp_path):
+    """`ptychopv reconstruct --engine` and `train --model` took argparse choices of ptychopv's own
+    names: a site's algorithm or network could not be named. With ``--config`` they import the
+    config's extensions first; without it the name is refused in one line, naming what is known."""
+    pytest.importorskip("ptychi")
+    from .recon_helpers import write_sim_scan
+    from .test_cli import run
+
+    write_site_engine_and_algorithm(tmp_path)
+    (tmp_path / "site_network.py").write_text(
+        "from ptychopv.inference import register_network\n"
+        "register_network('site-net', 'ptychopv.inference.networks:PtychoNN')\n")
+    (tmp_path / "site.yaml").write_text("extensions: [site_algorithm, site_network]\n")
+    scan = write_sim_scan(tmp_path / "scan.h5", n=32, beam_px=8.0, extent_px=24.0, object_px=96)
+    common = (str(scan), "--engine", "site-epie", "--iterations", "1", "--quiet", "--beam-px", "8")
+    r = run("reconstruct", *common)
+    assert r.returncode == 2 and "unknown reconstruction algorithm 'site-epie'" in r.stderr, r.stderr[-1000:]
+    assert "Traceback" not in r.stderr
+    r = run("reconstruct", *common, "--config", str(tmp_path / "site.yaml"), timeout=300)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert '"iterations": 1' in r.stdout and (tmp_path / "scan_recon.h5").exists()
+    # train: the site's network is refused without the config, and with it passes the options'
+    # check and reaches the corpus (which is not HDF5 here)
+    (tmp_path / "bad.h5").write_text("junk")
+    args = ("train", "--corpus", str(tmp_path / "bad.h5"), "--registry", str(tmp_path / "reg"), "--model",
+            "site-net", "--epochs", "1", "--quiet")
+    r = run(*args)
+    assert r.returncode == 2 and "site-net" in r.stderr and "not a readable HDF5" not in r.stderr, r.stderr[-1000:]
+    r = run(*args, "--config", str(tmp_path / "site.yaml"))
+    assert r.returncode == 2 and "not a readable HDF5" in r.stderr, r.stderr[-1000:]
+    r = run("reconstruct", *common, "--config", str(tmp_path / "none.yaml"))
+    assert r.returncode == 2 and "none.yaml" in r.stderr and "Traceback" not in r.stderr

@@ -11,13 +11,17 @@ import json
 import sys
 
 from ..hpc.options import ALGORITHMS
+from ._config import add_config_argument, import_config_extensions
 
 HELP = f"reconstruct a scan file with pty-chi ({', '.join(a.label for a in ALGORITHMS.values())})"
 
 
 def add_arguments(p) -> None:
     p.add_argument("scan", help="scan file (.h5 in the scan layout, or .npz/.npz.bz2)")
-    p.add_argument("--engine", choices=list(ALGORITHMS), default="epie", help="algorithm (default epie)")
+    # no argparse choices: a site's algorithm (--config's extensions) is known only once imported
+    p.add_argument("--engine", default="epie", help=f"algorithm: {', '.join(ALGORITHMS)} or one of --config's "
+                   "extensions (default epie)")
+    add_config_argument(p, "reconstruction algorithms")
     p.add_argument("--iterations", type=int, default=50, help="default 50")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
     p.add_argument("-o", "--out", help="output file (default: SCAN_recon.h5 beside the scan)")
@@ -49,6 +53,7 @@ def run(args) -> int:
 
     from ..hpc.reconstruct import Aborted, ReconOptions, ReconstructionError, reconstruct_file
 
+    import_config_extensions(args)
     try:
         options = ReconOptions.model_validate(options_from(args))
     except ValueError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ._config import add_config_argument, import_config_extensions
+
 HELP = "train a network on a corpus and publish it to the model registry"
 
 
@@ -17,7 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--registry", required=True, help="model registry folder (created if missing)")
     from ..inference import NETWORKS
 
-    p.add_argument("--model", choices=list(NETWORKS), help="network (default ptychonn2)")
+    # no argparse choices: a site's network (--config's extensions) is known only once imported
+    p.add_argument("--model", help=f"network: {', '.join(NETWORKS)} or one of --config's extensions "
+                   "(default ptychonn2)")
+    add_config_argument(p, "networks")
     p.add_argument("--width", type=int, help="channels of the first level (default: the network's)")
     p.add_argument("--depth", type=int, help="encoder levels (default 4)")
     p.add_argument("--epochs", type=int, help="epochs (default 50)")
@@ -50,6 +55,7 @@ def run(args) -> int:
 
     from ..hpc.training import TrainingAborted, TrainOptions, train
 
+    import_config_extensions(args)
     try:
         options = TrainOptions.model_validate(options_from(args))
     except ValueError as exc:
