@@ -89,9 +89,9 @@ def _start_worker(parent: int, extensions: tuple = (), folders: tuple = ()) -> N
     or network is known to the jobs it runs."""
     _die_with_parent(parent)
     if extensions:
-        from ..extensions import import_in_worker
+        from ..extensions import import_extensions
 
-        import_in_worker(extensions, folders)
+        import_extensions(extensions, *folders)
 
 
 class LocalExecutor(_Base):

@@ -571,7 +571,7 @@ def _import_named_extensions(data: Any, path: Path) -> None:
             isinstance(n, str) and re.fullmatch(MODULE_NAME, n) for n in names):
         return
     try:
-        import_extensions(names, path.parent)
+        import_extensions(names, path.parent)   # the config's folder (extension_folders, once parsed)
     except ExtensionError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -583,11 +583,18 @@ def load_extensions(cfg: Config) -> list[str]:
     this for a config read from a file; again is a no-op."""
     from .extensions import ExtensionError, import_extensions
 
-    base = getattr(cfg, "_source", None)
     try:
-        return import_extensions(cfg.extensions, None if base is None else base.parent)
+        return import_extensions(cfg.extensions, *extension_folders(cfg))
     except ExtensionError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def extension_folders(cfg: Config) -> list[str]:
+    """Where the config's extensions are found beyond the Python path: the config file's folder
+    (none for a config not read from a file). A process started without the config (a scale-out
+    consumer) is given these."""
+    base = getattr(cfg, "_source", None)
+    return [str(base.parent.resolve())] if cfg.extensions and base is not None else []
 
 
 GENERATOR_CONFIG_HELP = ("a config whose extensions (a site's own stages) are included; write their output "

@@ -23,37 +23,26 @@ _FOLDERS: list[str] = []     # folders appended to sys.path for them
 class ExtensionError(ImportError):
     """A module named in ``extensions`` that is not found or fails to import."""
 
-    def __init__(self, index: int, name: str, exc: BaseException):
-        super().__init__(f"extensions[{index}] {name!r}: {type(exc).__name__}: {exc}")
-        self.index, self.module = index, name
 
-
-def import_extensions(names, folder: str | Path | None = None) -> list[str]:
-    """Import ``names`` in order; ``folder`` (the config file's) is searched after the Python
+def import_extensions(names, *folders: str | Path) -> list[str]:
+    """Import ``names`` in order; ``folders`` (the config file's) are searched after the Python
     path, so a module there cannot shadow an installed package. Importing again is a no-op."""
     names = list(names)
-    folder = None if folder is None else str(Path(folder).resolve())
-    if names and folder is not None and folder not in sys.path:
-        sys.path.append(folder)
-        _FOLDERS.append(folder)
+    for folder in (str(Path(f).resolve()) for f in folders):
+        if names and folder not in sys.path:
+            sys.path.append(folder)
+            _FOLDERS.append(folder)
     for i, name in enumerate(names):
         try:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any failure of a site's module is named
-            raise ExtensionError(i, name, exc) from None
+            raise ExtensionError(f"extensions[{i}] {name!r}: {type(exc).__name__}: {exc}") from None
         if name not in _LOADED:
             _LOADED.append(name)
     return names
 
 
 def loaded() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(modules imported, folders added to sys.path): what a worker process needs to import them."""
+    """(modules imported, folders added to sys.path): what a worker process passes to
+    :func:`import_extensions` to import them where this process found them."""
     return tuple(_LOADED), tuple(_FOLDERS)
-
-
-def import_in_worker(names, folders) -> None:
-    """A pool worker's start: the parent's extensions, found where the parent found them."""
-    for folder in folders:
-        if folder not in sys.path:
-            sys.path.append(folder)
-    import_extensions(names)

@@ -28,7 +28,7 @@ from shutil import which
 
 import numpy as np
 
-from .config import Config, resolve
+from .config import Config, extension_folders, resolve
 from .science.preprocess import check_image
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,12 @@ class ConsumerCore:
                  crop: int | None = None, mask_file: str | Path | None = None, scale: float = 1.0,
                  position_attributes: tuple[str, str] = ("PositionX", "PositionY"), threads: int = 0,
                  watch_s: float = 2.0, extensions: tuple[str, ...] = (), extension_folders: tuple[str, ...] = ()):
-        from .extensions import import_in_worker
+        from .extensions import import_extensions
         from .science.preprocess import PreprocessOptions, Preprocessor
 
         # the config's extensions first: a consumer is started with these arguments, not the
         # config, and a site's engine (or normalisation) must be known before it is selected
-        import_in_worker(extensions, extension_folders)
+        import_extensions(extensions, *extension_folders)
 
         self.registry_path = Path(registry)
         self.engine_name = engine
@@ -229,13 +229,7 @@ def processor_args(cfg: Config, index: int, *, scale: float = 1.0) -> dict:
             "seed_demo_model": c.seed_demo_model, "binning": c.binning, "crop": c.crop,
             "mask_file": str(Path(resolve(cfg, c.mask_file)).resolve()) if c.mask_file else None,
             "scale": float(scale), "position_attributes": [a.x, a.y], "threads": s.threads,
-            "extensions": list(cfg.extensions), "extension_folders": _extension_folders(cfg)}
-
-
-def _extension_folders(cfg: Config) -> list[str]:
-    """Where a consumer finds the config's extensions beyond its Python path: the config's folder."""
-    base = getattr(cfg, "_source", None)
-    return [str(base.parent.resolve())] if cfg.extensions and base is not None else []
+            "extensions": list(cfg.extensions), "extension_folders": extension_folders(cfg)}
 
 
 def pvapy_tool(name: str) -> str:

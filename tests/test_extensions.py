@@ -28,6 +28,7 @@ from ptychopv.procs import start_ioc, start_sim
 from .conftest import CA_PORTS, sim_section, write_ioc_config
 from .test_chain import caget, wait_until
 
+ROOT = Path(__file__).resolve().parents[1]     # the repository: child processes import ptychopv from it
 SITE_MODULE = '''
 from ptychopv.ioc import schema
 from site_stages import GainPlugin, SumPlugin
@@ -214,7 +215,7 @@ def test_names_a_sites_module_registers_are_valid_in_its_config_and_known_to_job
             print("worker", ex.submit(ReconOptions.model_validate, {"engine": "site-epie"}).result(120).engine)
         """)
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site.yaml")], capture_output=True,
-                       text=True, timeout=180, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       text=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "engines site-ort site-epie" in r.stdout and "worker site-epie" in r.stdout, r.stdout
     # without the modules the same names are refused, naming the key
@@ -253,11 +254,10 @@ def test_a_scaleout_consumer_started_with_its_arguments_runs_a_sites_engine(tmp_
           engine: site-ort
           consumers: [{channel: "X:C1:Phase"}]
         """))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     write = ("import json, sys\nfrom ptychopv.config import load_config\nfrom ptychopv.scaleout import processor_args\n"
              "print(json.dumps(processor_args(load_config(sys.argv[1]), 0)))\n")
     r = subprocess.run([sys.executable, "-c", write, str(tmp_path / "site.yaml")], capture_output=True, text=True,
-                       timeout=120, cwd=root)
+                       timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     args = r.stdout.strip().splitlines()[-1]
     assert '"engine": "site-ort"' in args and '"extensions": ["site_engine", "site_algorithm"]' in args

@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 # The one declaration of the inference engines: name -> "module:Class", the module named as an
 # import names it (".onnxrt" a module of this package; "site_engine", "mysite.engines" anywhere).
-# ``chain.engine``, the CLI and the benchmarks derive their choices from it; "auto" tries the names in AUTO_ORDER. The pass-through engine (the frame itself
-# as the phase: benchmarks and tests of the plumbing) is an engine like the others, never auto.
+# ``chain.engine``, the CLI and the benchmarks derive their choices from it; "auto" tries the
+# names in AUTO_ORDER. The pass-through engine (the frame itself as the phase: benchmarks and
+# tests of the plumbing) is an engine like the others, never auto.
 ENGINES = {
     "tensorrt": ".tensorrt:TensorRTEngine",
     "pytorch-cuda": ".pytorch:PyTorchCUDAEngine",
