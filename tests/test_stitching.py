@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from ptychopv.science import physics
 from ptychopv.science.metrics import stitched_ssim, truth_on_grid
-from ptychopv.science.stitching import WINDOW_POWER, Stitcher, tukey, window_from
+from ptychopv.science.stitching import WINDOW_POWER, Stitcher, grow_to, tukey, window_from
 
 PS = 10e-9        # object pixel size (m)
 N = 384           # object size
@@ -120,6 +120,21 @@ def test_canvas_grows_in_every_direction():
     assert s.canvas_shape[0] > first[0] and s.canvas_shape[1] > first[1]
     assert img.phase.shape[0] >= 170 + 8 and img.phase.shape[1] >= 180 + 8
     assert img.origin_m[0] <= -104 * PS and img.origin_m[1] <= -54 * PS
+
+
+def test_grow_to_keeps_every_pixel_at_its_global_place():
+    # an empty canvas becomes the wanted rows and columns plus the margin
+    assert grow_to((0, 0), (0, 0), (5, 9, -3, 2), 2)[:3] == (3, -5, (8, 9))
+    # a canvas that already holds the span does not move
+    assert grow_to((-4, 10), (20, 30), (-4, 16, 10, 40), 3) is None
+    # growing up and to the right: the old pixels keep their global rows and columns
+    origin, old = (-4, 10), np.arange(20 * 30, dtype=float).reshape(20, 30)
+    nr0, nc0, shape, paste = grow_to(origin, old.shape, (-9, 0, 12, 47), 3)
+    new = np.zeros(shape)
+    new[paste] = old
+    assert (nr0, nc0) == (-12, 7) and shape == (5 + 20 + 6, 37 + 6)
+    for r, c in [(-4, 10), (15, 39), (0, 25)]:
+        assert new[r - nr0, c - nc0] == old[r - origin[0], c - origin[1]]
 
 
 def test_missing_positions_are_counted_not_placed():

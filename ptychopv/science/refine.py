@@ -138,7 +138,7 @@ import scipy.fft
 from skimage.restoration import denoise_tv_chambolle
 
 from .physics import Beamline
-from .stitching import MAX_PIXEL, REANCHOR_AFTER, ScanAnchor, StitchedImage, Stitcher
+from .stitching import MAX_PIXEL, REANCHOR_AFTER, ScanAnchor, StitchedImage, Stitcher, grow_to
 
 SUBPIXEL_STEPS = 32          # probe copies per pixel of shift in each axis
 REGAUGE_EVERY = 16           # updates between moves of a reconstructed probe's ramp (exit waves)
@@ -1068,20 +1068,15 @@ class Refiner:
         self._probes = {}
 
     def _ensure(self, r0: int, r1: int, c0: int, c1: int) -> None:
-        H, W = self._obj.shape
-        if H and r0 >= self._r0 and r1 <= self._r0 + H and c0 >= self._c0 and c1 <= self._c0 + W:
+        grown = grow_to((self._r0, self._c0), self._obj.shape, (r0, r1, c0, c1), self.grow_px)
+        if grown is None:
             return
-        g = self.grow_px
-        if H:
-            r0, r1 = min(r0, self._r0), max(r1, self._r0 + H)
-            c0, c1 = min(c0, self._c0), max(c1, self._c0 + W)
-        nr0, nc0 = r0 - g, c0 - g
-        obj = np.zeros((r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.complex64)
-        lit = np.zeros(obj.shape, np.float32)
-        cover = np.zeros(obj.shape, np.float32)
-        if H:
-            sl = (slice(self._r0 - nr0, self._r0 - nr0 + H), slice(self._c0 - nc0, self._c0 - nc0 + W))
-            obj[sl], lit[sl], cover[sl] = self._obj, self._lit, self._cover
+        nr0, nc0, shape, paste = grown
+        obj = np.zeros(shape, np.complex64)
+        lit = np.zeros(shape, np.float32)
+        cover = np.zeros(shape, np.float32)
+        if self._obj.shape[0]:
+            obj[paste], lit[paste], cover[paste] = self._obj, self._lit, self._cover
         self._obj, self._lit, self._cover, self._r0, self._c0 = obj, lit, cover, nr0, nc0
 
     # ------------------------------------------------------------------ reading

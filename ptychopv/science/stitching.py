@@ -138,6 +138,25 @@ WINDOW_POWER_MIN, WINDOW_POWER_MAX = 0.25, 8.0
 SHIFT_STEPS = 32        # the Fourier-shifted weight windows are cached on a 1/32-pixel grid
 
 
+def grow_to(origin: tuple[int, int], shape: tuple[int, int], want: tuple[int, int, int, int],
+            margin: int) -> tuple[int, int, tuple[int, int], tuple[slice, slice]] | None:
+    """How a canvas whose pixel (0, 0) is global ``origin`` (row, column) and whose size is
+    ``shape`` must grow to hold global rows ``[r0, r1)`` and columns ``[c0, c1)`` (``want``),
+    with ``margin`` pixels around: ``None`` when it already holds them, else the new origin's
+    row and column, the new shape and where the old canvas goes in it. An empty canvas
+    (``shape[0] == 0``) becomes one of ``want`` and the margin."""
+    (or0, oc0), (H, W) = origin, shape
+    r0, r1, c0, c1 = want
+    if H and r0 >= or0 and r1 <= or0 + H and c0 >= oc0 and c1 <= oc0 + W:
+        return None
+    if H:
+        r0, r1 = min(r0, or0), max(r1, or0 + H)
+        c0, c1 = min(c0, oc0), max(c1, oc0 + W)
+    nr0, nc0 = r0 - margin, c0 - margin
+    paste = (slice(or0 - nr0, or0 - nr0 + H), slice(oc0 - nc0, oc0 - nc0 + W))
+    return nr0, nc0, (r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), paste
+
+
 def _support(w: np.ndarray, level: float) -> tuple[slice, slice]:
     """The smallest box holding every pixel of ``w`` at or above ``level`` of its peak."""
     rows = np.flatnonzero((w >= level * w.max()).any(axis=1))
@@ -576,17 +595,13 @@ class Stitcher:
 
     def _ensure(self, r0: int, r1: int, c0: int, c1: int) -> None:
         """Grow the canvas (with a margin) so global rows [r0, r1) and columns [c0, c1) fit."""
-        H, W = self._num.shape
-        if H and r0 >= self._r0 and r1 <= self._r0 + H and c0 >= self._c0 and c1 <= self._c0 + W:
+        grown = grow_to((self._r0, self._c0), self._num.shape, (r0, r1, c0, c1), self.grow_px)
+        if grown is None:
             return
-        g = self.grow_px
-        if H:
-            r0, r1 = min(r0, self._r0), max(r1, self._r0 + H)
-            c0, c1 = min(c0, self._c0), max(c1, self._c0 + W)
-        nr0, nc0 = r0 - g, c0 - g
-        canvas = np.zeros((2, r1 - r0 + 2 * g, c1 - c0 + 2 * g), np.float32)
-        if H:
-            canvas[:, self._r0 - nr0:self._r0 - nr0 + H, self._c0 - nc0:self._c0 - nc0 + W] = self._canvas
+        nr0, nc0, shape, paste = grown
+        canvas = np.zeros((2, *shape), np.float32)
+        if self._num.shape[0]:
+            canvas[(slice(None), *paste)] = self._canvas
         self._set_canvas(canvas)
         self._r0, self._c0 = nr0, nc0
 
