@@ -57,6 +57,8 @@ def check_value(pv: PV, value) -> str | None:
             return f"{len(text.encode())} characters is longer than the record holds ({room})"
         if "\x00" in text:
             return "a NUL character in the text"
+        if "\ufffd" in text:   # softioc decodes a CA client's bytes with errors="replace"
+            return "bytes that are not UTF-8 text (no client could read them back)"
         if pv.check == "path" and text:
             long = [c for c in text.split("/") if len(c.encode()) > NAME_MAX]
             if long:

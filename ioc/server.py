@@ -212,18 +212,33 @@ class PtychoIOC:
         path = self.autosave_path()
         if not path.is_file():
             return []
-        text = path.read_text(errors="replace")
-        torn = None
-        try:
-            saved = yaml.safe_load(text) or {}
-            if not isinstance(saved, dict):
-                raise ValueError("not a mapping of PV names to values")
-        except Exception as exc:  # noqa: BLE001 - a torn or hand-edited file must not stop the IOC
+        raw = path.read_bytes()
+        torn, problem = None, None
+        try:            # softioc reads the file as UTF-8 text: one byte that is not stops every start
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = raw.decode("utf-8", errors="replace")   # the bad bytes become U+FFFD, refused below
+            problem = f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not UTF-8"
+        saved: dict = {}
+        if problem is None:
+            try:
+                loaded = yaml.safe_load(text)
+                if loaded is None:     # empty or comments only: softioc fails on it (None has no items)
+                    problem = "no settings (empty, or comments only)"
+                elif not isinstance(loaded, dict):
+                    problem = "not a mapping of PV names to values"
+                else:
+                    saved = loaded
+            except Exception as exc:  # noqa: BLE001 - a torn or hand-edited file must not stop the IOC
+                problem = str(exc).splitlines()[0]
+        if problem is not None:
             # one setting per line: keep every line that still reads, drop only the others
             saved, bad = {}, 0
             for line in text.splitlines():
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
                 try:
-                    item = yaml.safe_load(line) if line.strip() else {}
+                    item = yaml.safe_load(line)
                 except Exception:  # noqa: BLE001
                     item = None
                 if isinstance(item, dict) and len(item) <= 1:
@@ -232,11 +247,14 @@ class PtychoIOC:
                     bad += 1
             aside = path.with_name(path.name + ".unreadable")
             os.replace(path, aside)
-            torn = (f"autosave file {path.name} partly unreadable ({str(exc).splitlines()[0]}): {len(saved)} "
-                    f"settings kept, {bad} lines not; the file as it was is {aside.name}")
+            if saved or bad:
+                torn = (f"autosave file {path.name} partly unreadable ({problem}): {len(saved)} "
+                        f"settings kept, {bad} lines not; the file as it was is {aside.name}")
+            else:
+                torn = f"autosave file {path.name} has {problem}: defaults used; the file as it was is {aside.name}"
             log.warning("%s", torn)
         decl = schema.by_name()
-        dropped, kept = [], {}
+        dropped, kept, normalised = [], {}, False
         for key, value in saved.items():
             if not isinstance(key, str):
                 dropped.append(f"{key!r} = {value!r} (not a PV name)")
@@ -249,8 +267,10 @@ class PtychoIOC:
                 dropped.append(f"{name} = {value!r} ({why})")
                 log.warning("autosave: %s = %r not restored: %s", name, value, why)
             else:
+                if pv.rtype in ("longout", "bo", "mbbo") and isinstance(value, float):
+                    value, normalised = int(value), True   # 5.0 (hand-edited): the record's set() refuses a float
                 kept[key] = value
-        if dropped or torn:
+        if dropped or torn or normalised:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(yaml.safe_dump(kept))
             os.replace(tmp, path)

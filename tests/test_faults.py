@@ -292,6 +292,83 @@ def test_a_torn_autosave_file_keeps_every_line_that_reads(tmp_path):
     assert saved[p + "ScaleFactor"] == 3.5 and 12 not in saved
 
 
+POISON = {   # files that stopped every start: softioc's yaml.full_load gave None, or raised
+    "empty": b"",
+    "comments only": b"# settings\n# of an old IOC\n",
+    "a null": b"~\n",
+    "a byte that is not UTF-8": b"{p}ScaleFactor: 2.5\n{p}Infer:NDArrayPort: caf\xe9:Image\n",
+    "a list": b"- 1\n- 2\n",
+}
+
+
+@pytest.mark.parametrize("what", list(POISON))
+def test_an_autosave_file_softioc_cannot_load_is_replaced_by_one_it_can(tmp_path, what):
+    """What softioc's loader does with the file is what decides a start: it must read as UTF-8 and
+    load to a mapping. The sanitizer left an empty file (None, read as "no settings") and one with
+    a bad byte (read with errors="replace") in place, and the IOC failed to start every time."""
+    from ptychopv.config import load_config
+    from ptychopv.ioc.server import PtychoIOC
+
+    h = write_ioc_config(tmp_path, "PZ:", CA_PORTS[1])
+    ioc = PtychoIOC(load_config(h.config))
+    said = []
+    ioc.message = lambda stage, text, severity=0: said.append((stage, text, severity))
+    sav = ioc.autosave_path()
+    sav.parent.mkdir(parents=True)
+    original = POISON[what].replace(b"{p}", b"PZ:")
+    sav.write_bytes(original)
+    ioc.sanitize_autosave()
+    with open(sav) as f:                                    # as softioc's _load reads it
+        restored = yaml.full_load(f)
+    assert isinstance(restored, dict)
+    assert restored == ({"PZ:ScaleFactor": 2.5} if what.startswith("a byte") else {})
+    assert (sav.parent / (sav.name + ".unreadable")).read_bytes() == original
+    assert {(stage, sev) for stage, _, sev in said} == {("Infer", 1)}     # the last one says the file
+    assert "unreadable" in said[-1][1] or "no settings" in said[-1][1], said
+
+
+def test_integral_floats_saved_for_whole_number_settings_are_restored(tmp_path):
+    """A hand-edited 5.0 for a longout (or 2.0 for an mbbo) passed the check, then the record's
+    set() refused the float: a traceback in the log, the default used, nothing said."""
+    from ptychopv.config import load_config
+    from ptychopv.ioc.server import PtychoIOC
+
+    h = write_ioc_config(tmp_path, "PY:", CA_PORTS[1])
+    ioc = PtychoIOC(load_config(h.config))
+    ioc.message = lambda *a, **k: pytest.fail(f"nothing to say: {a}")
+    sav = ioc.autosave_path()
+    sav.parent.mkdir(parents=True)
+    sav.write_text("PY:Infer:BatchSize: 16.0\nPY:Recon:Engine: 1.0\nPY:ScaleFactor: 2\n")
+    assert ioc.sanitize_autosave() == []
+    restored = yaml.full_load(sav.read_text())
+    assert restored == {"PY:Infer:BatchSize": 16, "PY:Recon:Engine": 1, "PY:ScaleFactor": 2}
+    assert type(restored["PY:Infer:BatchSize"]) is int and type(restored["PY:Recon:Engine"]) is int
+
+
+def test_an_ioc_starts_from_a_file_with_a_bad_byte_and_refuses_such_bytes_over_ca(tmp_path):
+    h = write_ioc_config(tmp_path, f"PB{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    (tmp_path / "autosave").mkdir()
+    p = h.prefix
+    (tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").write_bytes(
+        f"{p}ScaleFactor: 2.5\n{p}Infer:BatchSize: 16.0\n{p}Infer:FlushTimeout: 0.02\n".encode()
+        + f"{p}Infer:NDArrayPort: caf".encode() + b"\xe9:Image\n")
+    child = start_ioc(h.config, timeout=60)
+    try:
+        assert caget(h.pv("ScaleFactor")) == 2.5 and caget(h.pv("Infer:BatchSize")) == 16
+        assert caget(h.pv("Infer:FlushTimeout")) == pytest.approx(0.02)
+        said = caget(h.pv("Infer:Message_RBV"), as_string=True)
+        assert "not UTF-8" in said, said
+        port = caget(h.pv("Infer:NDArrayPort"), as_string=True)
+        assert "caf" not in port
+        epics.caput(h.pv("Infer:NDArrayPort"), b"bad\xff\xfe:Image", wait=True, timeout=10)
+        assert caget(h.pv("Infer:NDArrayPort"), as_string=True) == port           # refused, not stored
+        assert "not UTF-8" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+        with pva(h) as ctx:
+            assert str(ctx.get(h.pv("Infer:NDArrayPort"), timeout=10).value) == port   # readable over PVA
+    finally:
+        assert child.stop() == 0
+
+
 def test_a_restored_position_source_the_config_no_longer_backs_falls_back_and_says_why(tmp_path):
     """Stitch:PositionSource File, autosaved, with the positions file gone: the start raised, and
     the half-started IOC stayed up serving records with Status 'Starting' for good."""
@@ -525,7 +602,6 @@ def test_sigterm_during_a_job_stops_the_ioc_in_seconds_with_settings_saved(recon
     wait_until(lambda: caget(h.pv("Recon:Status_RBV"), as_string=True) == "Running", timeout=120,
                what="the reconstruction running")
     workers = worker_pids(child.proc.pid)
-    t0 = time.monotonic()
     child.proc.send_signal(signal.SIGTERM)
     child.proc.wait(timeout=60)          # 400 iterations take minutes: the IOC did not wait for the job
     assert child.proc.returncode == 0
