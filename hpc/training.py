@@ -393,6 +393,10 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         "device": device, "train_seconds": round(time.perf_counter() - t0, 3),
         "options": opts.model_dump(), "history": result.history,
     }
+    if parent is not None and "beamline" in parent_version.card:
+        # the beam the chain weights stitched patches by (and the refine stage starts from) until a
+        # reconstruction gives one: a fine-tuned model serves the same beamline as its parent
+        card["beamline"] = parent_version.card["beamline"]
     card.update(card_extra or {})
     with tempfile.TemporaryDirectory(prefix="ptychopv-train-") as tmp:
         onnx = export_onnx(model, Path(tmp) / "model.onnx")

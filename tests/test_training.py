@@ -91,6 +91,21 @@ def test_warm_start_continues_from_the_parent(corpus, trained):
         train(corpus, reg, dict(TINY, model="ptychonn", warm_start=1))
 
 
+def test_a_fine_tuned_model_serves_its_parents_beamline(corpus, tmp_path):
+    """The card's beamline is the beam the chain stitches by, and the refine stage starts from,
+    before a reconstruction gives one. Models the loop fine-tuned had none, so after a restart with
+    v2 live the refine stage said "no probe yet" until the next reconstruction."""
+    from ptychopv.science.physics import Beamline
+
+    beam = Beamline(frame_px=16).card()
+    first = train(corpus, tmp_path / "reg", dict(TINY, epochs=1), card_extra={"beamline": beam})
+    second = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, warm_start=first["version"]))
+    assert second["parent"] == first["version"] and second["beamline"] == beam
+    assert Beamline.from_card(second) == Beamline.from_card(first)
+    cold = train(corpus, tmp_path / "reg", dict(TINY, epochs=1))       # no parent: nothing to inherit
+    assert "beamline" not in cold
+
+
 def test_scans_subset_and_bad_requests(corpus, tmp_path):
     card = train(corpus, tmp_path / "reg", dict(TINY, epochs=1, scans=["scan-b"]),
                  card_extra={"note": "subset"})
