@@ -660,9 +660,10 @@ class LiveChain:
         else:
             fut = self.recorder.stop_capture()
         result = await asyncio.wrap_future(fut)
-        if not on:
+        if not on:   # the put-callback completes with the closed file's count and message shown
             self._capturing = False
             self.source.set_niced(self.scaleout is None)
+            self._scan_counters()
         else:  # the put-callback completes with the new scan's counters already shown
             self._force("Scan:FramesCaptured_RBV", 0)
             self._force("Scan:Number_RBV", int(self.recorder.scan_number))
@@ -702,6 +703,7 @@ class LiveChain:
             return
         self._capturing = False
         self.source.set_niced(self.scaleout is None)
+        self._scan_counters()
         self.ioc.rec["Scan:Capture"].set(0, process=False)
         self.ioc.set("Scan:Capture_RBV", 0)
         if self._finished_scan(path):
@@ -716,6 +718,15 @@ class LiveChain:
             text = f"{text} (at start: {note})"
         self._messages[stage] = text
         self.ioc.message(stage, text, severity=severity)
+
+    def _scan_counters(self) -> None:
+        """Scan:FramesCaptured_RBV and the recorder's message now, as a capture ends (the stats
+        loop would show them a tick after a client saw Capture_RBV 0)."""
+        r = self.recorder
+        self._force("Scan:FramesCaptured_RBV", int(r.frames_captured))
+        if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
+            self._messages["Scan#plugin"] = r.last_message
+            self.ioc.message("Scan", r.last_message, severity=r.last_severity)
 
     def _force(self, name: str, value) -> None:
         """Set a record now (not at the next stats tick), keeping the stats loop's cache right."""

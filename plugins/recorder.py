@@ -58,6 +58,7 @@ class RecorderPlugin(PluginBase):
         self.current_file = ""            # Scan:FileName_RBV
         self.frames_captured = 0          # Scan:FramesCaptured_RBV
         self.frames_rejected = 0
+        self._last_reject = ""
         self._writer: ScanWriter | None = None
         self._last_stream = 0
         self._path: Path | None = None
@@ -100,6 +101,12 @@ class RecorderPlugin(PluginBase):
 
     def _stop(self) -> str:
         closed = self._close()
+        if closed:    # not "recording ..." any more: what the scan's file holds (and what it does not)
+            if self.frames_rejected:
+                self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded, {self.frames_rejected} "
+                            f"not; file closed (last refused: {self._last_reject})", 1)
+            else:
+                self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded; file closed")
         if self._capture:
             self._capture = False
             self.scan_number += 1
@@ -185,6 +192,7 @@ class RecorderPlugin(PluginBase):
 
     def _reject(self, message: str, severity: int = 1) -> None:
         self.frames_rejected += 1
+        self._last_reject = message
         self.report(message, severity)
 
     def on_stop(self) -> None:

@@ -47,7 +47,8 @@ def test_mismatched_frames_counted_and_rest_kept(rec):
     rec.put([frame(1), frame(2, shape=(4, 4)), frame(3, dtype=np.float64), frame(4, dtype=np.uint8), frame(5)])
     rec.stop_capture().result(5)
     assert rec.frames_captured == 3 and rec.frames_rejected == 2
-    assert "shape" in rec.last_message or "dtype" in rec.last_message
+    assert "3 frames recorded, 2 not; file closed (last refused: frame 3: dtype" in rec.last_message
+    assert rec.last_severity == 1
     assert read_scan(name).unique_id.tolist() == [1, 4, 5]      # uint8 fits in uint16 losslessly
 
 
@@ -76,6 +77,8 @@ def test_num_capture_ends_the_scan(rec):
     assert rec.flush(5)
     assert not rec.capture and rec.frames_captured == 3
     assert read_scan(name).unique_id.tolist() == [1, 2, 3]
+    # not "recording ..." any more: what the closed file holds
+    assert rec.last_message == "scan_007.h5: 3 frames recorded; file closed" and rec.last_severity == 0
 
 
 def test_stop_closes_the_file(tmp_path):
