@@ -46,6 +46,7 @@ class InferPlugin(BatchingPlugin):
         self.frames_out = 0
         self.bad_frames = 0
         self.frames_waiting = 0     # frames that came before any model was loaded: not errors
+        self.waited = 0             # ... of which came before the engine now in use (said once it runs)
         self.latency_ms = 0.0
         self._out_times: deque = deque()
         self.on_swap: list[Callable[[int], None]] = []
@@ -64,6 +65,13 @@ class InferPlugin(BatchingPlugin):
 
         def do():
             old, self.engine, self.version, self.model_name = self.engine, engine, version, model_name
+            if engine is not None:
+                # the waiting is over: its message is not the news any more (the stats loop showed
+                # a late "waiting for a model: N frames" over "running model vN"), the count is said
+                # by whoever loaded the model
+                self.waited, self.frames_waiting = self.frames_waiting, 0
+                if self.last_message.startswith("waiting for a model"):
+                    self.last_message, self.last_severity = "", 0
             if old is not None and old is not engine:
                 try:
                     old.close()

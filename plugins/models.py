@@ -203,7 +203,9 @@ class ModelManager:
                         failure = (version, why)
                     continue
                 if failure is None:
-                    self.report(f"running model v{version} on {self.infer.engine.name}")
+                    waited = self.infer.waited
+                    self.report(f"running model v{version} on {self.infer.engine.name}" + (
+                        f"; {waited} frame(s) that came before it were not inferred" if waited else ""))
                 self.on_loaded(mv)            # may add a warning (another beamline) after that
             if failure is not None:
                 self.report(f"model v{failure[0]} not loaded ({failure[1]}); running v{version}, the newest "

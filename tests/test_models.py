@@ -5,9 +5,11 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 
 from ptychopv.inference.registry import shipped_registry
+from ptychopv.plugins.frame import Frame
 from ptychopv.plugins.infer import InferPlugin
 from ptychopv.plugins.models import ModelError, ModelManager
 
@@ -46,6 +48,22 @@ def test_follows_the_registry_and_refuses_what_it_cannot_run(manager):
     with pytest.raises(ModelError, match=">= 0"):
         manager.check(-1)
     manager.check(1)
+
+
+def test_frames_before_the_first_model_are_said_once_it_runs_and_not_after(manager):
+    """Infer:Message_RBV kept "waiting for a model: N frame(s) not inferred" after the model ran
+    (the stats loop showed the plugin's late message over the manager's): the waiting message goes
+    when an engine is swapped in, and the count is said with the model that ended it."""
+    infer = manager.infer
+    infer.process([Frame(np.ones((64, 64), np.uint16), uid) for uid in (1, 2, 3)])
+    assert infer.last_message == "waiting for a model: 3 frame(s) not inferred"
+    assert manager.select(0).result(timeout=120) == 1
+    assert infer.last_message == "" and infer.frames_waiting == 0
+    assert manager.messages[-1].startswith("running model v1 on ")
+    assert manager.messages[-1].endswith("; 3 frame(s) that came before it were not inferred")
+    v2 = republish(manager, "second")
+    assert manager.select(v2).result(timeout=120) == v2
+    assert "not inferred" not in manager.messages[-1]          # said once, for the load that ended it
 
 
 def test_a_broken_version_is_remembered_until_its_files_change(manager):
