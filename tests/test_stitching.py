@@ -154,6 +154,26 @@ def test_bad_patches_rejected_and_far_positions_refused():
     assert s.canvas_shape[0] < 2000
 
 
+def test_the_stitch_stages_warning_lasts_until_frames_are_placed_again():
+    """Stitch:Message_RBV kept "position more than ... px" at NO_ALARM after stitching went on
+    normally: a rejection is a warning (MINOR), and the next batch placed whole replaces it."""
+    from ptychopv.plugins.frame import Frame
+    from ptychopv.plugins.stitch import StitchPlugin
+
+    st = StitchPlugin(pixel_size_m=PS)
+    st.stitcher.max_canvas_px = 1000
+    patch = np.ones((8, 8), np.float32)
+    st.process([Frame(patch, 1, position=(0.0, 0.0)), Frame(patch, 2, position=(1.0, 0.0))])
+    assert "from the scan's first frame" in st.last_message and st.last_severity == 1
+    st.process([Frame(patch, 3, position=(0.0, 0.0)), Frame(patch, 4, position=None)])
+    assert "without a position" in st.last_message and st.last_severity == 1
+    st.process([Frame(patch, 5, position=(PS, 0.0))])
+    assert st.last_message.startswith("stitching: frame 5 placed; earlier: 1 frame(s) without a position")
+    assert st.last_severity == 0
+    st.process([Frame(patch, 6, position=(2 * PS, 0.0))])
+    assert st.last_message.startswith("stitching: frame 5 placed")            # said once
+
+
 @pytest.mark.parametrize("patches, positions, match", [
     (np.ones((2, 2, 8, 8)), np.zeros((2, 2)), "patches"),
     (np.ones((2, 8, 8)), np.zeros((3, 2)), "positions"),
