@@ -137,10 +137,12 @@ def _open(path: Path, mode: str, wait_s: float = 30.0, *, name: Path | None = No
 
 def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
                  scan_id: str | int | list = "", attrs: dict | None = None, compress: bool = True,
-                 durable: bool = True) -> int:
+                 durable: bool = True, replace_scans: bool = False) -> int:
     """Append pairs (creating the corpus on first use, with ``attrs`` and ``compress``); returns
     the new pair count. ``durable=False``: in place, without the copy (a scratch corpus built in
-    many appends and rebuilt after a crash, as ``scripts/make_demo_model.py``'s)."""
+    many appends and rebuilt after a crash, as ``scripts/make_demo_model.py``'s).
+    ``replace_scans``: the pairs already stored for the scans these pairs come from are removed
+    first, in the same commit (a scan labelled again from a newer reconstruction counts once)."""
     path = Path(path)
     diff = _as_frames("diffraction", diffraction)
     n = len(diff)
@@ -155,7 +157,7 @@ def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
         with _append_lock(path):
             if not path.exists():
                 create_corpus(path, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
-            return _append(path, path, diff, ph, amp, ids)
+            return _append(path, path, diff, ph, amp, ids, replace_scans)
     with _append_lock(path):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):   # an appender that crashed: its copy
             stale.unlink(missing_ok=True)
@@ -166,7 +168,7 @@ def append_pairs(path: str | os.PathLike, diffraction, phase, amplitude=None, *,
             else:
                 tmp.unlink(missing_ok=True)
                 create_corpus(tmp, diff.shape[1:], amplitude=amp is not None, attrs=attrs, compress=compress)
-            stop = _append(tmp, path, diff, ph, amp, ids)
+            stop = _append(tmp, path, diff, ph, amp, ids, replace_scans)
             _sync(tmp)
             os.replace(tmp, path)             # the commit: the corpus is the old one or the new one
             _sync(path.parent)
@@ -209,7 +211,23 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _append(work: Path, path: Path, diff, ph, amp, ids) -> int:
+def _drop_scans(f: h5py.File, scans: set[str], count: int) -> int:
+    """Remove the rows of ``scans`` from the first ``count`` rows, keeping the others in order
+    (moved down in blocks, each read before it is written); returns the rows left."""
+    keep = np.flatnonzero(~np.isin(f["scan_id"].asstr()[:count], list(scans)))
+    if len(keep) == count:
+        return count
+    names = [n for n in ("diffraction", "phase", "amplitude", "scan_id") if n in f]
+    for start in range(0, len(keep), 1024):
+        rows = keep[start:start + 1024]
+        for name in names:
+            # rows >= their new place, and later blocks read rows above this block's last:
+            # nothing is overwritten before it was read
+            f[name][start:start + len(rows)] = f[name][rows]
+    return len(keep)
+
+
+def _append(work: Path, path: Path, diff, ph, amp, ids, replace_scans: bool = False) -> int:
     """Append to ``work`` (the copy of corpus ``path``); returns the new count."""
     n = len(diff)
     with _open(work, "r+", name=path) as f, _damage(path):
@@ -223,6 +241,8 @@ def _append(work: Path, path: Path, diff, ph, amp, ids) -> int:
         if amp is not None and not has_amp:
             raise ValueError(f"corpus {path} was created without amplitude labels")
         start = int(f.attrs["count"])
+        if replace_scans and start:
+            start = _drop_scans(f, {str(i) for i in ids}, start)
         stop = start + n
         data = {"diffraction": diff, "phase": ph, "scan_id": ids}
         if has_amp:

@@ -134,22 +134,26 @@ def _scan_rows(rec: Reconstruction, uid: np.ndarray) -> np.ndarray | None:
     return rows if np.array_equal(uid[rows], np.asarray(rec.unique_id)) else None
 
 
-def append_pairs_to_corpus(corpus_path: str | os.PathLike, pairs: Pairs, attrs: dict | None = None) -> int:
-    """Append to the HDF5 training corpus; returns its new pair count (nothing is added for no pairs)."""
+def append_pairs_to_corpus(corpus_path: str | os.PathLike, pairs: Pairs, attrs: dict | None = None,
+                           replace: bool = True) -> int:
+    """Add to the HDF5 training corpus; returns its new pair count (nothing is added for no pairs).
+    ``replace``: the pairs stored earlier for this scan go (a scan reconstructed again is labelled
+    by its newest reconstruction, and counts once in training, not once per reconstruction)."""
     from .corpus import append_pairs, corpus_info
 
     if len(pairs) == 0:
         return corpus_info(corpus_path).count if Path(corpus_path).exists() else 0
     return append_pairs(corpus_path, pairs.diffraction, pairs.phase, pairs.amplitude,
-                        scan_id=pairs.scan_id, attrs=attrs)
+                        scan_id=pairs.scan_id, attrs=attrs, replace_scans=replace)
 
 
 def label_scan(recon_path: str | os.PathLike, corpus_path: str | os.PathLike, fov, *,
                scan_path: str | os.PathLike | None = None, net_pixel_m: float | None = None,
                preprocess: Preprocess | None = None, index=None, amplitude: bool = False,
-               numpy_fftshift: bool = True) -> dict:
+               numpy_fftshift: bool = True, replace: bool = True) -> dict:
     """Label a reconstructed scan into the corpus. The scan defaults to the one the
-    reconstruction names; ``numpy_fftshift`` as for the reconstruction of a numpy scan.
+    reconstruction names; ``numpy_fftshift`` as for the reconstruction of a numpy scan;
+    ``replace``: the scan's earlier pairs are replaced, not kept beside the new ones.
     Returns ``{"pairs": added, "corpus_count": total, "scan_id": ...}``."""
     from ptychopv.io.scanfile import load_any_scan
 
@@ -161,6 +165,7 @@ def label_scan(recon_path: str | os.PathLike, corpus_path: str | os.PathLike, fo
     scan = load_any_scan(scan_path, **kw)
     pairs = make_pairs(rec, scan.frames, scan.unique_id, fov, net_pixel_m=net_pixel_m, preprocess=preprocess,
                        index=index, amplitude=amplitude)
-    total = append_pairs_to_corpus(corpus_path, pairs, {"pixel_size_m": net_pixel_m or rec.pixel_size_m})
+    total = append_pairs_to_corpus(corpus_path, pairs, {"pixel_size_m": net_pixel_m or rec.pixel_size_m},
+                                   replace=replace)
     return {"pairs": len(pairs), "corpus_count": int(total), "scan_id": pairs.scan_id}
 

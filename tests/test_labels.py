@@ -92,12 +92,38 @@ def test_label_scan_appends_to_the_corpus(sim, tmp_path):
     first = label_scan(recon, corpus, 64)
     n = len(read_scan(path))
     assert first == {"pairs": n, "corpus_count": n, "scan_id": "scan_7"}
-    second = label_scan(recon, corpus, 64, index=range(10))
+    second = label_scan(recon, corpus, 64, index=range(10), replace=False)
     assert second["corpus_count"] == n + 10
     info = corpus_info(corpus)
     assert info.count == n + 10 and info.scans == {"scan_7": n + 10}
     stored = read_pairs(corpus)
     np.testing.assert_allclose(stored["phase"][n:], stored["phase"][:10])
+
+
+def test_a_scan_labelled_again_replaces_its_pairs_and_keeps_the_others(sim, tmp_path):
+    """A scan reconstructed twice (Recon:Start again, other iterations) was paired twice: its
+    frames counted twice in training (1214 pairs in one corpus, most of them one scan's)."""
+    from ptychopv.hpc.corpus import append_pairs
+
+    path, obj, px = sim
+    corpus = tmp_path / "corpus.h5"
+    rng = np.random.default_rng(1)
+    before = rng.random((5, 64, 64)).astype(np.float32)
+    after = rng.random((7, 64, 64)).astype(np.float32)
+    append_pairs(corpus, before, before, scan_id="scan_1")
+    recon = write_reconstruction(truth_recon(path, obj, px), tmp_path / "scan_7_recon.h5")
+    label_scan(recon, corpus, 64, index=range(20))
+    append_pairs(corpus, after, after, scan_id="scan_9")
+    again = label_scan(recon, corpus, 64, index=range(4, 10))      # a newer reconstruction's labels
+    assert again == {"pairs": 6, "corpus_count": 18, "scan_id": "scan_7"}
+    assert corpus_info(corpus).scans == {"scan_1": 5, "scan_9": 7, "scan_7": 6}
+    stored = read_pairs(corpus)
+    ids = stored["scan_id"].tolist()
+    assert ids == ["scan_1"] * 5 + ["scan_9"] * 7 + ["scan_7"] * 6   # the others kept, in order
+    np.testing.assert_array_equal(stored["phase"][:5], before)
+    np.testing.assert_array_equal(stored["diffraction"][5:12], after)
+    only = label_scan(recon, corpus, 64, index=range(10))
+    assert only["corpus_count"] == 22 and len(read_pairs(corpus, ["scan_7"])["phase"]) == 10
 
 
 def test_a_failed_reconstruction_adds_nothing(sim, tmp_path):
