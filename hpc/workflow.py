@@ -128,7 +128,10 @@ class JobStage:
                 if p != last:
                     last = p
                     msg = f"{kind}: {p['message']}" if p.get("message") else None
-                    self.set("Running" if p.get("status") == "running" else "Queued", msg,
+                    # Queued is the run's start: a later job of the run waiting for a worker
+                    # (the label job after the reconstruction) is still the run running
+                    running = p.get("status") == "running" or self.state == "Running"
+                    self.set("Running" if running else "Queued", msg,
                              round(100.0 * float(p.get("progress") or 0.0), 1))
                     if on_progress:
                         on_progress(p)

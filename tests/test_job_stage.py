@@ -71,6 +71,51 @@ def test_a_second_run_while_one_runs_is_refused():
     assert run(main())["status"] == "done" and st.state == "Done"
 
 
+class ScriptedJob:
+    """A job that reports the given progress records, one per poll, then its result."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def done(self):
+        return not self.steps
+
+    def progress(self):
+        return self.steps.pop(0) if self.steps else {"status": "done"}
+
+    def result(self):
+        return {"status": "done", "message": "ok"}
+
+    def abort(self):
+        return False
+
+
+def test_a_run_of_several_jobs_stays_running_between_them(monkeypatch):
+    """A reconstruction is a reconstruct job and then a label job (training: train, then the
+    validation): Status_RBV went Running -> Queued -> Running within one run, which a plan
+    waiting for 'Running' or an operator reads as a new run. Queued is only the run's start."""
+    import ptychopv.hpc.jobs as jobs
+
+    rec = Recorder()
+    st = JobStage("Recon", rec)
+    script = iter([[{"status": "queued", "message": "waiting"}, {"status": "running", "message": "it 1"}],
+                   [{"status": "queued", "message": "waiting"}, {"status": "running", "message": "pairs"}]])
+    monkeypatch.setattr(jobs, "submit", lambda *a, **k: ScriptedJob(next(script)))
+    monkeypatch.setattr("ptychopv.hpc.workflow.POLL_S", 0.0)
+
+    async def body(stage):
+        for kind in ("reconstruct", "label"):
+            res = await stage.job(None, None, job_dir="/tmp/ptychopv-test-jobdir", kind=kind)
+            assert res["status"] == "done"
+        return {"status": "done", "message": "ok"}
+
+    assert run(st.run("reconstruction", body))["status"] == "done"
+    states = [s for s, _ in rec.states]
+    assert states[0] == "Queued" and states[-1] == "Done"
+    assert "Queued" not in states[states.index("Running"):], rec.states
+    assert ("Running", "label: waiting") in rec.states                   # the message still says it
+
+
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_job_and_the_next_job_runs(tmp_path):
     ex = LocalExecutor(1)
