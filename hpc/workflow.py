@@ -59,6 +59,13 @@ class JobStage:
     def aborting(self) -> bool:
         return self._abort
 
+    def too_late_to_abort(self) -> bool:
+        """An abort that came after the run's work was done (a training past its last check, its
+        version published): it no longer stops anything, and the run's closing steps (the new
+        version's validation) still run. Returns whether there was one."""
+        late, self._abort = self._abort, False
+        return late
+
     def set(self, state: str | None = None, message: str | None = None, progress: float | None = None) -> None:
         if state is not None:
             if state not in STATES:

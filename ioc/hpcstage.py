@@ -200,10 +200,14 @@ class HpcStage:
             if res.get("status") != "done":
                 return res
             r = res["result"]
+            # an abort during the last epoch's export came after the version was published: it is
+            # live now (the chain follows the registry), so it still gets its reference
+            late = stage.too_late_to_abort()
             ref = await self._reference(stage, int(r["version"]))
             result.update(r, reference=ref)
             return {"status": "done", "message": f"model v{r['version']} registered (val loss "
-                    f"{r.get('val_loss') or 0:.4f}" + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")")}
+                    f"{r.get('val_loss') or 0:.4f}" + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")")
+                    + ("; the abort came after it was published" if late else "")}
 
         if await self._run_stage(self.train_stage, "training", body) is None:
             return None

@@ -195,3 +195,40 @@ def test_a_validation_is_judged_against_the_reference_of_the_version_validated()
     cycle()
     assert h.trained == 0 and h.auto.state is State.SUSPENDED
     assert h.auto.mismatch == pytest.approx((0.9 - 0.85) / 0.9)
+
+
+def test_an_abort_after_the_version_was_published_still_validates_it():
+    """Train:Abort during the last epoch's export: the training job ended done, its version
+    published (and the chain follows the registry), but the abort then skipped the validation, so
+    the live version had no reference for the controller, and the run said nothing of the abort."""
+    import asyncio
+    import types
+
+    from ptychopv.hpc.workflow import JobStage
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    h = object.__new__(HpcStage)
+    ioc = _Ioc()
+    ioc.get = lambda name: 4
+    h.ioc = ioc
+    h.cfg = types.SimpleNamespace(train=types.SimpleNamespace(model_dump=lambda **k: {}))
+    refs = {}
+    h.chain = types.SimpleNamespace(infer=types.SimpleNamespace(version=1), set_reference=refs.__setitem__)
+    h.train_stage = JobStage("Train")
+    h.last_recon = {"scan": "scan_00007.h5", "recon_path": "r.h5"}
+    h._validate_options = lambda version: {"version": version}
+
+    async def train(stage, opts, on_progress=None):
+        stage.abort()                                  # the operator's abort, as the job publishes v2
+        return {"status": "done", "result": {"version": 2, "val_loss": 0.01}}
+
+    async def validate(stage, scan, recon, opts):
+        if stage.aborting:                             # as JobStage.job: no job after an abort
+            return {"status": "aborted"}
+        return {"status": "done", "result": {"ssim": 0.93}}
+
+    h.workflow = types.SimpleNamespace(train=train, validate=validate)
+    result = asyncio.run(h.train())
+    assert result["version"] == 2 and result["reference"] == 0.93 and refs == {2: 0.93}
+    assert h.train_stage.state == "Done"
+    assert h.train_stage.message.endswith("SSIM 0.930 on its training scan); the abort came after it was published")
