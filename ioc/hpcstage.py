@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -108,9 +109,10 @@ class HpcStage:
         if value:
             await self.reconstruct(self._scan_file())
 
-    async def reconstruct(self, scan: Path | None) -> dict | None:
+    async def reconstruct(self, scan: Path | None, on_reconstructed: Callable[[], None] | None = None) -> dict | None:
         """Reconstruct -> label -> validate one scan; returns the summary, or None when it did not
-        finish (the stage says why)."""
+        finish (the stage says why). ``on_reconstructed()``: when the reconstruction is saved,
+        before the labels and the validation."""
         ioc, chain = self.ioc, self.chain
         opts = self.cfg.recon.model_dump(mode="json")
         opts.update(engine=list(ALGORITHMS)[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
@@ -120,9 +122,14 @@ class HpcStage:
         version = int(chain.infer.version)
         validate = self._validate_options(version) if version else None
 
+        def reconstructed(path: str) -> None:
+            self._publish_recon(path)
+            if on_reconstructed is not None:
+                on_reconstructed()
+
         async def body(stage):
             return await self.workflow.reconstruct(stage, scan, opts, label=label, validate=validate,
-                                                   on_recon=self._publish_recon)
+                                                   on_recon=reconstructed)
 
         res = await self._run_stage(self.recon, "reconstruction", body)
         if res is None:
@@ -267,10 +274,24 @@ class HpcStage:
             self._auto_state()
             self.ioc.message("Auto", f"{scan.name} skipped: a job is running")
             return
-        summary = await self.reconstruct(scan)
-        d = self.auto.on(ac.Event.RECON_DONE if summary else ac.Event.RECON_FAILED, time.time())
-        self._auto_state()
+        reconstructed = False
+
+        def validating() -> None:      # Auto:State Validating while the labels and validation run
+            nonlocal reconstructed
+            reconstructed = True
+            self.auto.on(ac.Event.RECON_DONE, time.time())
+            self._auto_state()
+
+        summary = await self.reconstruct(scan, on_reconstructed=validating)
+        if not reconstructed:
+            self.auto.on(ac.Event.RECON_DONE if summary else ac.Event.RECON_FAILED, time.time())
+            self._auto_state()
         if summary is None:
+            if reconstructed:          # the labels or the validation did not finish
+                self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
+                self._auto_state()
+                self.ioc.message("Auto", f"{Path(scan).name}: reconstructed, but labelling or validation did not "
+                                 "finish (Recon:Message_RBV says why); not retrained", severity=1)
             return
         if "validation" in summary:
             # the live model was not validated (its engine, files or geometry failed): nothing is

@@ -149,12 +149,16 @@ def _binding(summary):
 
     h = object.__new__(HpcStage)
     h.ioc, h.auto, h.trained = _Ioc(), Controller(enabled=True, tolerance=0.1), 0
+    h.states_while_validating = []
     h.recon = h.train_stage = types.SimpleNamespace(busy=False)
     refs = {1: 0.9, 2: 0.99}
     h.chain = types.SimpleNamespace(infer=types.SimpleNamespace(version=1), reference_ssim_for=lambda v: refs.get(v, 0.0))
 
-    async def reconstruct(scan):
-        return dict(summary)
+    async def reconstruct(scan, on_reconstructed=None):
+        if on_reconstructed is not None and summary is not None:   # as the workflow: once saved
+            on_reconstructed()
+            h.states_while_validating.append(h.auto.state)
+        return None if summary is None or summary.get("fail") else dict(summary)
 
     async def train():
         h.trained += 1
@@ -184,6 +188,24 @@ def test_a_failed_validation_is_not_taken_for_a_missing_model():
     h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.89})  # within the tolerance of 0.9
     cycle()
     assert h.trained == 0 and h.auto.state is State.SUSPENDED
+
+
+def test_the_controller_shows_validating_while_the_labels_and_validation_run():
+    """Auto:State_RBV went Reconstructing -> (Validating for no time) -> Training/Suspended: the
+    RECON_DONE event came after the labels and the validation had run. It now comes when the
+    reconstruction is saved; a run that fails after it ends Idle as a failed validation."""
+    h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.5})
+    cycle()
+    assert h.states_while_validating == [State.VALIDATING] and h.trained == 1
+    h, cycle = _binding({"recon_path": "r.h5", "fail": True})          # labelling failed
+    cycle()
+    assert h.states_while_validating == [State.VALIDATING]
+    assert h.auto.state is State.IDLE and h.auto.reason == "validation failed" and h.trained == 0
+    assert "labelling or validation did not finish" in h.ioc.messages[-1][1]
+    h, cycle = _binding(None)                                           # the reconstruction failed
+    cycle()
+    assert h.states_while_validating == [] and h.auto.state is State.IDLE
+    assert h.auto.reason == "reconstruction failed"
 
 
 def test_a_validation_is_judged_against_the_reference_of_the_version_validated():
