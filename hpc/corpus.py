@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ def _open(path: Path, mode: str, wait_s: float = 30.0, *, name: Path | None = No
             f = h5py.File(path, mode)
             break
         except OSError as exc:  # e.g. a labeller appending while a trainer reads
-            if "lock" not in str(exc).lower():
+            # HDF5's lock message ("unable to lock file, errno = 11"), not any text holding "lock":
+            # a truncated file's ("truncated file: eof = ..., sblock->base_addr") waited 30 s
+            if not re.search(r"unable to lock|\block(ed)?\b", str(exc).lower()):
                 raise ValueError(f"training corpus {name} is not a readable HDF5 file: {exc}") from None
             if time.monotonic() > deadline:
                 raise

@@ -89,7 +89,9 @@ class HpcStage:
             from ..hpc.corpus import corpus_info
 
             return int(corpus_info(self.corpus).count) if self.corpus.exists() else 0
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - said, not hidden behind a count of 0
+            log.warning("training corpus: %s", exc)
+            self.ioc.message("Train", f"training corpus not readable: {exc}"[:255], severity=1)
             return 0
 
     def _abort(self, stage: JobStage) -> None:

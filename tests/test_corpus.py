@@ -208,3 +208,22 @@ def test_a_scratch_corpus_appends_in_place(tmp_path):
     np.testing.assert_array_equal(read_pairs(path)["diffraction"], d)
     append_pairs(path, d[:1], p[:1], scan_id="c")
     assert path.stat().st_ino != ino                      # a durable append replaces it
+
+
+def test_a_truncated_corpus_is_refused_at_once_not_waited_for_as_locked(tmp_path, monkeypatch):
+    """HDF5 says "truncated file: eof = ..., sblock->base_addr": the "lock" in "sblock" made it
+    look like a file another process holds, and every IOC start waited 30 s for it."""
+    import ptychopv.hpc.corpus as corpus
+
+    good = tmp_path / "corpus.h5"
+    frames = np.ones((3, 8, 8), np.float32)
+    append_pairs(good, frames, frames, scan_id="scan_1")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(good.read_bytes()[:3000])
+
+    def no_wait(_s):
+        raise AssertionError("waited for a lock on a damaged file")
+
+    monkeypatch.setattr(corpus.time, "sleep", no_wait)
+    with pytest.raises(ValueError, match="not a readable HDF5 file"):
+        corpus_info(cut)
