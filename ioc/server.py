@@ -210,6 +210,18 @@ class PtychoIOC:
         from .records import check_value
 
         path = self.autosave_path()
+        if path.exists() and not path.is_file():
+            # a folder (or other non-file) there: softioc would restore nothing and fail every save
+            aside = path.with_name(path.name + ".unreadable")
+            n = 1
+            while aside.exists() or aside.is_symlink():    # never onto an earlier one
+                aside, n = path.with_name(f"{path.name}.unreadable.{n}"), n + 1
+            os.replace(path, aside)
+            note = f"autosave file {path.name} was not a file: defaults used; it is {aside.name} now"
+            log.warning("%s", note)
+            self.notes["Infer"] = note[:255]
+            self.message("Infer", note, severity=1)
+            return [note]
         if not path.is_file():
             return []
         raw = path.read_bytes()

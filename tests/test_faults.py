@@ -327,6 +327,23 @@ def test_an_autosave_file_softioc_cannot_load_is_replaced_by_one_it_can(tmp_path
     assert "unreadable" in said[-1][1] or "no settings" in said[-1][1], said
 
 
+def test_an_autosave_path_that_is_a_folder_is_moved_aside_so_settings_save_again(tmp_path):
+    """A folder where the autosave file goes: the IOC started on defaults, every save failed
+    (IsADirectoryError, thousands of tracebacks) and no PV said so."""
+    from ptychopv.config import load_config
+    from ptychopv.ioc.server import PtychoIOC
+
+    h = write_ioc_config(tmp_path, "PX:", CA_PORTS[1])
+    ioc = PtychoIOC(load_config(h.config))
+    said = []
+    ioc.message = lambda stage, text, severity=0: said.append((stage, text, severity))
+    sav = ioc.autosave_path()
+    (sav / "inner").mkdir(parents=True)
+    assert ioc.sanitize_autosave()
+    assert not sav.exists() and (sav.parent / (sav.name + ".unreadable") / "inner").is_dir()
+    assert said and said[-1][0] == "Infer" and said[-1][2] == 1 and "not a file" in said[-1][1]
+
+
 def test_integral_floats_saved_for_whole_number_settings_are_restored(tmp_path):
     """A hand-edited 5.0 for a longout (or 2.0 for an mbbo) passed the check, then the record's
     set() refused the float: a traceback in the log, the default used, nothing said."""
