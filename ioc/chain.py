@@ -724,9 +724,14 @@ class LiveChain:
         loop would show them a tick after a client saw Capture_RBV 0)."""
         r = self.recorder
         self._force("Scan:FramesCaptured_RBV", int(r.frames_captured))
-        if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
-            self._messages["Scan#plugin"] = r.last_message
-            self.ioc.message("Scan", r.last_message, severity=r.last_severity)
+        self._news("Scan#plugin", "Scan", r.last_message, r.last_severity)
+
+    def _news(self, key: str, stage: str, text: str, severity: int) -> None:
+        """Show a plugin's (or the source's) last message in ``stage``'s Message_RBV when it is
+        new: once, not at every stats tick over later news of the stage."""
+        if text and self._messages.get(key) != text:
+            self._messages[key] = text
+            self.ioc.message(stage, text, severity=severity)
 
     def _force(self, name: str, value) -> None:
         """Set a record now (not at the next stats tick), keeping the stats loop's cache right."""
@@ -746,14 +751,9 @@ class LiveChain:
             try:
                 self.binder.poll()
                 for stage, p in self.binder.plugins.items():      # every declared stage
-                    msg = p.last_message
-                    if msg and self._messages.get(stage + "#plugin") != msg:
-                        self._messages[stage + "#plugin"] = msg
-                        self.ioc.message(stage, msg, severity=getattr(p, "last_severity", 0))
+                    self._news(stage + "#plugin", stage, p.last_message, getattr(p, "last_severity", 0))
                 src = self.source
-                if src.last_message and self._messages.get("source") != src.last_message:
-                    self._messages["source"] = src.last_message
-                    self.ioc.message("Infer", src.last_message, severity=0 if src.connected else 2)
+                self._news("source", "Infer", src.last_message, 0 if src.connected else 2)
                 put("FrameRate_RBV", round(self.infer.frame_rate, 1))
                 put("Infer:MissedFrames_RBV", *saturated(src.missed))
                 put("Infer:Errors_RBV", *saturated(src.errors + self.infer.bad_frames + self.infer.error_count))
@@ -763,9 +763,7 @@ class LiveChain:
                 r = self.recorder
                 if self._capture_file and not r.capture:
                     self._capture_stopped_by_recorder()
-                if r.last_message and self._messages.get("Scan#plugin") != r.last_message:
-                    self._messages["Scan#plugin"] = r.last_message
-                    self.ioc.message("Scan", r.last_message, severity=r.last_severity)
+                self._news("Scan#plugin", "Scan", r.last_message, r.last_severity)
                 put("Scan:FramesCaptured_RBV", int(r.frames_captured))
                 put("Scan:FileName_RBV", str(r.current_file))
                 put("Scan:Number_RBV", int(r.scan_number))
