@@ -212,11 +212,7 @@ class PtychoIOC:
         path = self.autosave_path()
         if path.exists() and not path.is_file():
             # a folder (or other non-file) there: softioc would restore nothing and fail every save
-            aside = path.with_name(path.name + ".unreadable")
-            n = 1
-            while aside.exists() or aside.is_symlink():    # never onto an earlier one
-                aside, n = path.with_name(f"{path.name}.unreadable.{n}"), n + 1
-            os.replace(path, aside)
+            aside = _move_aside(path)
             note = f"autosave file {path.name} was not a file: defaults used; it is {aside.name} now"
             log.warning("%s", note)
             self.notes["Infer"] = note[:255]
@@ -257,8 +253,7 @@ class PtychoIOC:
                     saved.update(item)
                 else:
                     bad += 1
-            aside = path.with_name(path.name + ".unreadable")
-            os.replace(path, aside)
+            aside = _move_aside(path)
             if saved or bad:
                 torn = (f"autosave file {path.name} partly unreadable ({problem}): {len(saved)} "
                         f"settings kept, {bad} lines not; the file as it was is {aside.name}")
@@ -355,6 +350,17 @@ class PtychoIOC:
             self.chain.close()
         if self.images is not None:
             self.images.close()
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename an autosave file softioc cannot use to ``<name>.unreadable`` (``.unreadable.N``
+    when an earlier one is there: a folder moved aside before would make the rename fail, and
+    an earlier file would be lost); returns the new path."""
+    aside, n = path.with_name(path.name + ".unreadable"), 1
+    while aside.exists() or aside.is_symlink():
+        aside, n = path.with_name(f"{path.name}.unreadable.{n}"), n + 1
+    os.replace(path, aside)
+    return aside
 
 
 def _check_client_ip() -> None:

@@ -344,6 +344,25 @@ def test_an_autosave_path_that_is_a_folder_is_moved_aside_so_settings_save_again
     assert said and said[-1][0] == "Infer" and said[-1][2] == 1 and "not a file" in said[-1][1]
 
 
+def test_a_file_moved_aside_never_replaces_an_earlier_one(tmp_path):
+    """A folder moved aside as PX.softsav.unreadable, then a torn file: the torn file's rename
+    onto that folder failed (IsADirectoryError) and the IOC could not start."""
+    from ptychopv.config import load_config
+    from ptychopv.ioc.server import PtychoIOC
+
+    h = write_ioc_config(tmp_path, "PW:", CA_PORTS[1])
+    ioc = PtychoIOC(load_config(h.config))
+    ioc.message = lambda *a, **k: None
+    sav = ioc.autosave_path()
+    (sav / "inner").mkdir(parents=True)
+    ioc.sanitize_autosave()
+    sav.write_text("PW:ScaleFactor: 2.5\nPW:Infer:Batch")
+    ioc.sanitize_autosave()
+    assert (sav.parent / (sav.name + ".unreadable") / "inner").is_dir()
+    assert (sav.parent / (sav.name + ".unreadable.1")).read_text().endswith("PW:Infer:Batch")
+    assert yaml.safe_load(sav.read_text()) == {"PW:ScaleFactor": 2.5}
+
+
 def test_integral_floats_saved_for_whole_number_settings_are_restored(tmp_path):
     """A hand-edited 5.0 for a longout (or 2.0 for an mbbo) passed the check, then the record's
     set() refused the float: a traceback in the log, the default used, nothing said."""
