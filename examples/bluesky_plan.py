@@ -94,10 +94,25 @@ def capture_reconstruct_train(ptycho, detector_acquire_signal, *, n_frames: int 
     Raises RuntimeError when a stage ends other than ``Done`` (its message says why).
     """
     before = yield from bps.rd(ptycho.model_version)
+    missed_before = yield from bps.rd(ptycho.infer_missed_frames)
     yield from bps.mv(ptycho.scan_capture, "Capture")
     yield from bps.mv(detector_acquire_signal, 1)
     if n_frames:
-        yield from _wait_until(ptycho.scan_frames_captured, lambda n: n >= n_frames, timeout, "scan captured")
+        # every frame recorded or known lost on the way (a uniqueId gap, Infer:MissedFrames_RBV):
+        # waiting for a lost frame waited out the timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            captured = yield from bps.rd(ptycho.scan_frames_captured)
+            lost = (yield from bps.rd(ptycho.infer_missed_frames)) - missed_before
+            if captured + lost >= n_frames:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"scan captured: not reached within {timeout:.0f} s ({captured} of {n_frames} "
+                                   f"frames recorded, {lost} lost)")
+            yield from bps.sleep(0.1)
+        if lost:
+            print(f"capture: {lost} of {n_frames} frames lost on the way (Infer:MissedFrames_RBV); "
+                  f"the scan has {captured}", flush=True)
     yield from bps.mv(ptycho.scan_capture, "Done")
     yield from _wait_until(ptycho.scan_capture_rbv, lambda s: s == "Done", timeout, "scan file closed")
 

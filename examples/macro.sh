@@ -28,19 +28,27 @@ NFRAMES=${NFRAMES:-$(det_get "${DET}NumFrames_RBV")}
 VERSION0=$(caget -t "${P}ModelVersion_RBV")
 echo "macro: model version ${VERSION0}; capturing ${NFRAMES} frames from ${DET}"
 
+MISSED0=$(caget -t "${P}Infer:MissedFrames_RBV")
 caput -c "${P}Scan:Capture" 1 >/dev/null
 $DET_PUT "${DET}Acquire" 1 >/dev/null
-# the recorder counts frames as they arrive; stop recording once the whole scan is in
+# the recorder counts frames as they arrive; stop recording once every frame is in or known lost
+# on the way (a uniqueId gap, Infer:MissedFrames_RBV): a lost frame never arrives
 waited=0
-while [ "$(caget -t "${P}Scan:FramesCaptured_RBV")" -lt "$NFRAMES" ]; do
+while :; do
+    CAPTURED=$(caget -t "${P}Scan:FramesCaptured_RBV")
+    LOST=$(( $(caget -t "${P}Infer:MissedFrames_RBV") - MISSED0 ))
+    [ $((CAPTURED + LOST)) -ge "$NFRAMES" ] && break
     if [ "$waited" -ge "$TIMEOUT" ]; then
-        echo "macro: scan not captured within ${TIMEOUT} s" >&2
+        echo "macro: scan not captured within ${TIMEOUT} s (${CAPTURED} of ${NFRAMES} recorded, ${LOST} lost)" >&2
         caput -c "${P}Scan:Capture" 0 >/dev/null
         exit 2
     fi
     sleep 1
     waited=$((waited + 1))
 done
+if [ "$LOST" -gt 0 ]; then
+    echo "macro: ${LOST} of ${NFRAMES} frames lost on the way (Infer:MissedFrames_RBV); the scan has ${CAPTURED}"
+fi
 caput -c "${P}Scan:Capture" 0 >/dev/null       # completes when the file is closed
 echo "macro: scan file $(caget -t -S "${P}Scan:FileName_RBV")"
 

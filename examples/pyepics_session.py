@@ -68,13 +68,21 @@ def session(prefix: str, detector: str, timeout: float = 600.0) -> dict:
     out: dict = {"prefix": prefix, "version_before": int(get("ModelVersion_RBV"))}
     with Context("pva") as det:
         nframes = int(det.get(detector + "NumFrames_RBV", timeout=10))
+        missed_before = int(get("Infer:MissedFrames_RBV", use_monitor=False))
         put("Scan:Capture", 1)
         det.put(detector + "Acquire", 1, timeout=10)
-        wait_for(lambda: get("Scan:FramesCaptured_RBV", use_monitor=False), lambda n: n >= nframes, timeout,
-                 "the whole scan captured")
+
+        def recorded_and_lost():   # a frame lost on the way (a uniqueId gap) is never recorded
+            return (int(get("Scan:FramesCaptured_RBV", use_monitor=False)),
+                    int(get("Infer:MissedFrames_RBV", use_monitor=False)) - missed_before)
+
+        captured, lost = wait_for(recorded_and_lost, lambda v: sum(v) >= nframes, timeout,
+                                  "every frame recorded or counted lost")
     put("Scan:Capture", 0)  # completes when the file is closed
     out["scan_file"] = get("Scan:FileName_RBV", as_string=True)
-    print(f"session: captured {nframes} frames to {out['scan_file']}", flush=True)
+    out["frames_lost"] = lost
+    print(f"session: captured {captured} of {nframes} frames to {out['scan_file']}"
+          + (f" ({lost} lost on the way: Infer:MissedFrames_RBV)" if lost else ""), flush=True)
 
     put("Recon:Start", 1)
     out["recon_status"] = get("Recon:Status_RBV", as_string=True, use_monitor=False)

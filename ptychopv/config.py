@@ -320,6 +320,10 @@ class SimOptions(Strict):
     """Start acquiring as soon as the server is up."""
     repeat: bool = False
     """Start the scan again when it ends (otherwise acquisition stops)."""
+    lose_frames: list[Annotated[int, Field(ge=0)]] = []
+    """Scan points (0-based) whose frames are not sent though their uniqueId is taken, as a
+    detector's server squashes frames a slow client did not take: what a lost frame does to a
+    capture and the scan macros, reproduced."""
     truth_file: Optional[Path] = None
     """Write the ground truth (object, probe, positions, pixel sizes) and the scan here."""
     dose: Annotated[float, Field(gt=0)] = 1.0e5

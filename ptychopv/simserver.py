@@ -60,6 +60,7 @@ class DetectorSimulator:
 
     def __init__(self, opts: SimOptions, scan: ScanSource, conf: dict):
         self.opts = opts
+        self._lost = frozenset(opts.lose_frames)
         self.scan = scan
         self.rate = float(opts.frame_rate_hz)
         self.codec = opts.codec
@@ -175,6 +176,11 @@ class DetectorSimulator:
     def _send_one(self) -> None:
         i = self.index
         self.counter += 1
+        if i in self._lost:              # sim.lose_frames: its uniqueId taken, the frame not sent
+            self.index = i + 1
+            self.counter_pv.post(self.counter)
+            self.index_pv.post(self.index)
+            return
         now = time.time()
         try:
             value = self._writer.value(self.scan.frames[i], self.counter, timestamp=now, data_timestamp=now,

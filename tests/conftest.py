@@ -129,8 +129,10 @@ def sim_section(prefix: str, port: int, broadcast_port: int, *, rate_hz: float, 
     return yaml.safe_dump({"sim": sim}, sort_keys=False, default_flow_style=None)
 
 
-def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool, rate_hz: float = 400) -> str:
-    """Config for an IOC + simulator that run the HPC loop quickly: 64x64 frames, one thread each."""
+def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool, rate_hz: float = 400,
+                   **sim_keys) -> str:
+    """Config for an IOC + simulator that run the HPC loop quickly: 64x64 frames, one thread each;
+    ``sim_keys`` adds top-level sim keys (lose_frames...)."""
     return textwrap.dedent(f"""
         source: {{channel: "{sim_prefix}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
         chain: {{engine: onnxruntime, seed_demo_model: {str(seed_demo_model).lower()}, scan_folder: scans,
@@ -140,7 +142,7 @@ def hpc_loop_extra(sim_prefix: str, sim_port: int, *, seed_demo_model: bool, rat
         recon: {{beam_m: 5.0e-7, threads: 1}}
         train: {{batch_size: 16, threads: 1, seed: 1}}
         """) + sim_section(sim_prefix, sim_port, free_port(), rate_hz=rate_hz, size_px=512, extent_m=3.0e-6,
-                           overlap=0.65, truth_file="truth.h5", dose=1.0e6)
+                           overlap=0.65, truth_file="truth.h5", dose=1.0e6, **sim_keys)
 
 
 @pytest.fixture(scope="session")
