@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,10 +33,14 @@ from pathlib import Path
 
 from ..io.files import file_sha256
 
+log = logging.getLogger(__name__)
+
 CARD = "card.json"
 ONNX = "model.onnx"
 WEIGHTS = "weights.pt"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
+MAX_VERSION = 2**31 - 1        # ModelVersion_RBV, Model:Latest_RBV, Model:Select are 32-bit records
+_ignored_warned: set[str] = set()
 # Card keys the registry writes itself; a publisher may not set them.
 RESERVED = frozenset({"version", "created", "sha256", "files"})
 
@@ -129,7 +134,14 @@ class ModelRegistry:
         if not self.root.is_dir():
             return []
         found = (_VERSION_DIR.match(p.name) for p in self.root.iterdir())
-        return sorted(int(m.group(1)) for m in found if m)
+        nums = [int(m.group(1)) for m in found if m]
+        for n in nums:
+            if n > MAX_VERSION and str(self.root / f"v{n}") not in _ignored_warned:
+                # a folder no 32-bit readback could show (it wrapped to a negative version): not a
+                # version, said once
+                _ignored_warned.add(str(self.root / f"v{n}"))
+                log.warning("registry %s: folder v%d ignored: versions go up to %d", self.root, n, MAX_VERSION)
+        return sorted(n for n in nums if n <= MAX_VERSION)
 
     def _folder(self, version: int) -> Path:
         return self.root / f"v{version:04d}"
@@ -241,6 +253,8 @@ class ModelRegistry:
         for _ in range(1000):
             have = self.versions()
             version = (have[-1] if have else 0) + 1
+            if version > MAX_VERSION:
+                raise RegistryError(f"registry {self.root} is full: versions go up to {MAX_VERSION}")
             full = {"version": version, **card}
             (tmp / CARD).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
             with open(tmp / CARD, "rb+") as f:

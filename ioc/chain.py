@@ -19,10 +19,10 @@ import numpy as np
 from ..config import Config, ConfigError, resolve
 from ..inference.registry import card_scale_range
 from ..io.osthread import name_os_thread
-from ..plugins.models import ModelError, ModelManager
+from ..plugins.models import ModelError, ModelLoadFailed, ModelManager
 from ..plugins.positions import SOURCES as POSITION_SOURCES
 from ..plugins.positions import AttributePositions, FilePositions, PvFeed, TimestampedPositions
-from ..plugins.recorder import RecorderPlugin
+from ..plugins.recorder import MAX_SCAN, RecorderPlugin, next_scan_number
 from ..plugins.source import NTNDArraySource, search_conf
 from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
@@ -75,6 +75,8 @@ class LiveChain:
         c = cfg.chain
         self._stop = threading.Event()
         self._messages: dict[str, str] = {}
+        self._standing: dict[str, tuple[str, int]] = {}   # stage -> a condition that stays in view
+        self._unread_references: dict[int, str] = {}      # version -> why its reference.json did not read
         self.last_scan_file: str | None = None
         self._capturing = False
         self._capture_file: str | None = None   # the file of a capture that has started, until it ends
@@ -110,7 +112,8 @@ class LiveChain:
                                        detector_pixel_size_m=b.detector_pixel_m)
         self.models = ModelManager(self.infer, resolve(cfg, c.registry), c.engine,
                                    passthrough_size=c.passthrough_size,
-                                   report=lambda text, severity=0: self._message("Infer", text, severity),
+                                   report=lambda text, severity=0: self._message("Infer", text, severity,
+                                                                                standing=severity > 0),
                                    on_loaded=self._loaded)
         # Infer:Phase / Infer:Amplitude are posted on their own thread (images.StreamPublisher)
         self._phase_out = None
@@ -167,9 +170,11 @@ class LiveChain:
                                          detector_crop(size, c.binning, c.crop))
 
     def _next_scan_number(self) -> int:
-        folder = resolve(self.cfg, self.cfg.chain.scan_folder)
-        nums = [int(p.stem.split("_")[-1]) for p in folder.glob("scan_*.h5") if p.stem.split("_")[-1].isdigit()]
-        return max(nums, default=0) + 1
+        n, ignored = next_scan_number(resolve(self.cfg, self.cfg.chain.scan_folder))
+        if ignored:
+            self._message("Scan", f"{len(ignored)} scan file(s) numbered past {MAX_SCAN} ignored for numbering "
+                          f"(Scan:Number_RBV is a 32-bit record): {', '.join(ignored[:3])}", severity=1)
+        return n
 
     def start(self) -> None:
         from .images import StreamPublisher
@@ -242,7 +247,7 @@ class LiveChain:
         self.ioc.rec["Model:Select"].set(0, process=False)
         self.ioc.set("Model:Select_RBV", 0)
         self._message("Infer", f"Model:Select {version} not used ({why}); following the newest version that loads",
-                      severity=1)
+                      severity=1, standing=True)
 
     async def _model_select(self, version: int) -> int:
         import asyncio
@@ -250,25 +255,28 @@ class LiveChain:
         previous = self.models.selected
         try:
             await asyncio.wrap_future(self.models.select(int(version)))
+            self._standing.pop("Infer", None)     # an operator's selection that runs ends the warning
+            return int(version)
         except ModelError as exc:
             # the selection did not load: the setting goes back to what it was (and so does
-            # autosave), the reason stays in Infer:Message_RBV
-            self._message("Infer", str(exc))
-            self.models.selected = previous
-            from .server import still_written
+            # autosave), the reason stays in Infer:Message_RBV. A load that failed was said by the
+            # model manager, as a standing warning; a version refused before any load is said here
+            if not isinstance(exc, ModelLoadFailed):
+                self._message("Infer", str(exc))
+        self.models.selected = previous
+        from .server import still_written
 
-            if still_written(self.ioc.rec["Model:Select"], int(version)):
-                self.ioc.rec["Model:Select"].set(previous, process=False)
-            # else a put that came while this load ran is waiting to be processed: it decides
-            return previous
-        return int(version)
+        if still_written(self.ioc.rec["Model:Select"], int(version)):
+            self.ioc.rec["Model:Select"].set(previous, process=False)
+        # else a put that came while this load ran is waiting to be processed: it decides
+        return previous
 
     def load_model(self, version: int = 0) -> None:
         """Load ``version`` (0: the latest) in the background (the HPC stage calls this after training)."""
         self.models.select(version)
 
     def _loaded(self, mv) -> None:
-        self.ioc.set("Model:ValSSIM_RBV", self.reference_ssim_for(mv.version))
+        self._show_reference(mv.version)
         self._mismatch = False
         self._check_beamline(mv.card)
         try:
@@ -350,15 +358,31 @@ class LiveChain:
             import json
 
             path = self._reference_file(version)
+            why = None
             try:
                 ssim = float(json.loads(path.read_text())["ssim"])
                 if -1.0 <= ssim <= 1.0:
                     self.references[version] = ssim
+                else:
+                    why = f"SSIM {ssim!r} outside -1 to 1"
             except FileNotFoundError:
                 pass
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("reference of v%d not read from %s: %s", version, path, exc)
+                why = f"{type(exc).__name__}: {exc}"
+            if why is not None and self._unread_references.get(version) != why:
+                # a damaged reference is the controller's 1.0 again (the next scan's ordinary
+                # mismatch looks like a drop): said where the controller speaks, once per cause
+                self._unread_references[version] = why
+                log.warning("reference of v%d not read from %s: %s", version, path, why)
+                self._message("Auto", f"reference of model v{version} not read ({path.name}: {why}); "
+                              "the controller compares its next validation against 1.0", severity=1)
         return self.references.get(version, 0.0)
+
+    def _show_reference(self, version: int) -> None:
+        """Model:ValSSIM_RBV: the running version's reference, MINOR when its file did not read."""
+        ssim = self.reference_ssim_for(version)
+        bad = int(version) in self._unread_references and int(version) not in self.references
+        self.ioc.set("Model:ValSSIM_RBV", ssim, severity=1 if bad else 0, alarm_status=7 if bad else 0)
 
     def set_reference(self, version: int, ssim: float) -> None:
         """Record a version's validation SSIM on its training scan (the controller's reference),
@@ -368,6 +392,7 @@ class LiveChain:
         import os
 
         self.references[int(version)] = float(ssim)
+        self._unread_references.pop(int(version), None)
         path = self._reference_file(version)
         try:
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -377,7 +402,7 @@ class LiveChain:
         except OSError as exc:
             log.warning("reference of v%d not kept in %s (the next restart will not know it): %s", version, path, exc)
         if self.infer.version == int(version):          # already swapped in by the registry watch
-            self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4))
+            self.ioc.set("Model:ValSSIM_RBV", round(float(ssim), 4), severity=0, alarm_status=0)
 
     def set_stitch_window(self, window, *, from_reconstruction: bool = False) -> None:
         """Weight stitched patches by ``window`` (a probe or weights of the patch shape); None: taper.
@@ -659,7 +684,14 @@ class LiveChain:
             self._capturing = True
         else:
             fut = self.recorder.stop_capture()
-        result = await asyncio.wrap_future(fut)
+        try:
+            result = await asyncio.wrap_future(fut)
+        except Exception:
+            if on:       # no capture started: the chain is not left taking every frame for it
+                self._capturing = False
+                self.source.set_niced(self.scaleout is None)
+                self.ioc.rec["Scan:Capture"].set(0, process=False)   # (a put of 0 meanwhile: the same)
+            raise        # refused to the client, the reason in Scan:Message_RBV
         if not on:   # the put-callback completes with the closed file's count and message shown
             self._capturing = False
             self.source.set_niced(self.scaleout is None)
@@ -710,13 +742,35 @@ class LiveChain:
             self._capture_ended(path)
 
     # ------------------------------------------------------------------ records
-    def _message(self, stage: str, text: str, severity: int = 0) -> None:
+    def _message(self, stage: str, text: str, severity: int = 0, standing: bool | None = None) -> None:
+        """Set ``stage``'s Message_RBV. ``standing=True`` makes this a condition that stays in view
+        until a message with ``standing=False`` (its end) comes: later news of the stage (the
+        source's "connected to ...", a plugin's last message) is shown with it, at the graver of
+        the two severities. A model that did not load, said once, was replaced within 0.1 s by
+        the source's news, and no PV said why no model ran (helper 19)."""
+        if standing:
+            self._standing[stage] = (text, severity)
+        elif standing is False:
+            self._standing.pop(stage, None)
+        self._messages[stage] = text
+        self._show(stage, text, severity)
+
+    def _show(self, stage: str, text: str, severity: int) -> None:
+        """Message_RBV = ``text``, then what still stands for the stage: a standing condition and
+        what the start had to say (settings autosave could not restore). ``text`` is cut, not
+        what stands, when all of it does not fit the record's 255 characters."""
+        tails = []
+        held = self._standing.get(stage)
+        if held and held[0] not in text:
+            tails.append(f"still: {held[0][:160]}")
+            severity = max(severity, held[1])
         note = self.ioc.notes.get(stage)
         if note and note not in text:
-            # what the start had to say (settings autosave could not restore) stays in view: the
-            # stage's news would replace it within a second of the start
-            text = f"{text} (at start: {note})"
-        self._messages[stage] = text
+            tails.append(f"at start: {note[:120]}")
+        if tails:
+            tail = " (" + "; ".join(tails) + ")"
+            room = 255 - len(tail)
+            text = (text if len(text) <= room else text[:max(room - 3, 0)] + "...") + tail
         self.ioc.message(stage, text, severity=severity)
 
     def _scan_counters(self) -> None:
@@ -731,7 +785,7 @@ class LiveChain:
         new: once, not at every stats tick over later news of the stage."""
         if text and self._messages.get(key) != text:
             self._messages[key] = text
-            self.ioc.message(stage, text, severity=severity)
+            self._show(stage, text, severity)
 
     def _force(self, name: str, value) -> None:
         """Set a record now (not at the next stats tick), keeping the stats loop's cache right."""

@@ -177,6 +177,7 @@ class PtychoIOC:
             from ..config import ConfigError
 
             raise ConfigError(f"autosave.directory: {runtime} cannot be a folder: {exc.strerror}") from None
+        self._instance_lock = _hold_instance_lock(runtime / f"{self._autosave_name()}.lock", self.prefix)
         autosave.configure(runtime, name=self._autosave_name(),
                            save_period=self.cfg.autosave.period_s, timestamped_backups=False)
         self.acf = self._access(runtime)
@@ -352,6 +353,36 @@ class PtychoIOC:
             self.images.close()
 
 
+def _hold_instance_lock(path: Path, prefix: str):
+    """One IOC per prefix and autosave folder: a second start of the same config would serve the
+    same PV names beside the first (softioc takes another port when the configured one is taken)
+    and both would autosave to one file. The lock is the kernel's (``flock``), so it goes with the
+    process that held it: a crash never leaves a lock that blocks the next start. Returns the
+    open file, which holds the lock while the process lives."""
+    import fcntl
+
+    from ..config import ConfigError
+
+    try:
+        f = open(path, "a+")
+    except OSError as exc:
+        raise ConfigError(f"autosave.directory: cannot open the instance lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(f"an IOC with prefix {prefix} already runs with this autosave folder "
+                          f"(pid {holder}, lock {path}); stop it first, or give this one another "
+                          "prefix and autosave.directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def _move_aside(path: Path) -> Path:
     """Rename an autosave file softioc cannot use to ``<name>.unreadable`` (``.unreadable.N``
     when an earlier one is there: a folder moved aside before would make the rename fail, and
@@ -400,7 +431,38 @@ def still_written(record, value) -> bool:
     try:
         return float(val) == float(value)
     except (TypeError, ValueError):
-        return str(val) == str(value)[:len(val)] if val else str(value) == ""
+        pass
+    state = _state_name(record, value)
+    if state is not None:
+        # an enum record (bo, mbbo): VAL reads as its state's name, never as the index put. Read
+        # as a string, a refused enum put was never seen as still written: the setpoint kept it
+        return str(val) == state
+    return str(val) == str(value)[:len(val)] if val else str(value) == ""
+
+
+_STATE_FIELDS = ("ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
+                 "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST")
+
+
+def _state_name(record, value) -> str | None:
+    """The name of state ``value`` of an enum record (bo: ZNAM/ONAM; mbbo: ZRST...), else None."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        index = int(value)
+        if float(value) != index or not 0 <= index < len(_STATE_FIELDS):
+            return None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    for fields in (("ZNAM", "ONAM"), _STATE_FIELDS):
+        if index >= len(fields):
+            continue
+        try:
+            name = record.get_field(fields[index])
+        except Exception:  # noqa: BLE001 - not this kind of record
+            continue
+        return str(name)
+    return None
 
 
 def busy_ports(cfg: Config) -> list[str]:

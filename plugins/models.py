@@ -38,6 +38,10 @@ class ModelError(ValueError):
     """A selection that cannot run: no such version, or one known not to load."""
 
 
+class ModelLoadFailed(ModelError):
+    """A version was tried and did not load; the manager has reported it (``report``)."""
+
+
 def _signature(folder: Path) -> tuple:
     """Size and time of every file of a version folder: changes when it is rewritten."""
     try:
@@ -211,14 +215,14 @@ class ModelManager:
                 self.report(f"model v{failure[0]} not loaded ({failure[1]}); running v{version}, the newest "
                             "version that loads", 1)
                 if selection and failure[0] == selection:
-                    raise ModelError(f"model v{selection} not loaded: {failure[1]}; running v{version}")
+                    raise ModelLoadFailed(f"model v{selection} not loaded: {failure[1]}; running v{version}")
             return version
         running = self.infer.version
         if failure is not None:
             self.report(f"model v{failure[0]} not loaded ({failure[1]}); "
                         + (f"still running v{running}" if self.infer.engine is not None else "no model runs"),
                         1 if self.infer.engine is not None else 2)
-            raise ModelError(f"model v{failure[0]} not loaded: {failure[1]}")
+            raise ModelLoadFailed(f"model v{failure[0]} not loaded: {failure[1]}")
         if not tried and self.infer.engine is None:
             self.report(f"no model in the registry {self.registry_path}", 2)
         return running

@@ -35,6 +35,23 @@ from .frame import Frame
 MIN_FREE_BYTES = 256 * 2**20     # a capture stops while this much room is left on the scan's disk ...
 RESERVE_FRAMES = 256             # ... or room for this many more frames, whichever is more
 DISK_CHECK_EVERY = 16            # frames between free-space checks
+MAX_SCAN = 2**31 - 1             # Scan:Number_RBV is a 32-bit longin
+
+
+def next_scan_number(folder: str | Path) -> tuple[int, list[str]]:
+    """The number after the highest ``scan_N.h5`` in ``folder``, and the files numbered past
+    :data:`MAX_SCAN` (a copy, a hand-made name), which are left out: counting from them, the scan
+    number shown wrapped to a negative one."""
+    nums, ignored = [], []
+    for p in sorted(Path(folder).glob("scan_*.h5")):
+        tail = p.stem.split("_")[-1]
+        if not tail.isdigit():
+            continue
+        if int(tail) < MAX_SCAN:
+            nums.append(int(tail))
+        else:
+            ignored.append(p.name)
+    return max(nums, default=0) + 1, ignored
 
 
 class RecorderPlugin(PluginBase):
@@ -91,6 +108,9 @@ class RecorderPlugin(PluginBase):
         n = self.scan_number if scan_number is None else int(scan_number)
         while self.file_name(n).exists():                # never overwrite a recorded scan
             n += 1
+        if not 0 <= n <= MAX_SCAN:
+            raise ValueError(f"scan number {n} is past {MAX_SCAN} (Scan:Number_RBV is a 32-bit record): "
+                             "move the scans to another chain.scan_folder")
         self.scan_number = n
         self._path = self.file_name(n)
         self.current_file = str(self._path)

@@ -50,7 +50,7 @@ class Models:
 ioc = PtychoIOC(cfg)
 ioc.build()
 chain = LiveChain.__new__(LiveChain)
-chain.ioc, chain.models, chain._messages = ioc, Models(), {}
+chain.ioc, chain.models, chain._messages, chain._standing = ioc, Models(), {}, {}
 ioc.on("Model:Select")(chain._model_select)
 ioc.check("Model:Select")(chain.models.check)
 

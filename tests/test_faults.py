@@ -464,6 +464,29 @@ def test_host_and_user_rules_mean_the_same_over_ca_and_pva(tmp_path, rule, allow
         child.stop()
 
 
+def test_a_second_ioc_of_the_same_config_is_refused_and_the_first_goes_on(tmp_path):
+    """Helper 19: the same config started twice came up beside the first IOC (other ports, the same
+    PV names, one autosave file for both). The second start is one line naming the running one."""
+    h = write_ioc_config(tmp_path, f"TW{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    child = start_ioc(h.config)
+    try:
+        epics.caput(h.pv("Auto:Tolerance"), 0.3, wait=True, timeout=10)
+        done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(h.config)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "already runs" in lines[0] and f"pid {child.proc.pid}" in lines[0], done.stderr
+        assert caget(h.pv("Auto:Tolerance")) == pytest.approx(0.3)       # the first is untouched
+    finally:
+        assert child.stop() == 0
+    # the lock went with the process: the next start is not blocked by it
+    child = start_ioc(h.config)
+    try:
+        assert h.fresh_caget("Auto:Tolerance") == pytest.approx(0.3)
+    finally:
+        assert child.stop() == 0
+
+
 def test_a_missing_access_file_is_one_line_naming_the_key(tmp_path):
     h = write_ioc_config(tmp_path, f"AF{os.getpid()}:", CA_PORTS[1], extra="access: {file: nowhere.acf}\n")
     done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(h.config)],
@@ -474,6 +497,39 @@ def test_a_missing_access_file_is_one_line_naming_the_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------- models
+def test_a_model_that_fails_at_start_stays_in_view_after_the_sources_news(tmp_path):
+    """Helper 19: the only model does not load (MAJOR, no model runs); the source's news a moment
+    later ("reading ...", then "... not found") replaced it within 0.1 s, so no PV said why no model
+    ran. The failure stays in Infer:Message_RBV, at its severity, beside the source's news."""
+    shipped = ModelRegistry(shipped_registry("demo")).get(1)
+    reg = ModelRegistry(tmp_path / "registry")
+    v = reg.publish(shipped.onnx_path, shipped.publishable_card(), weights_path=shipped.weights_path)
+    onnx = v.path / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:2000])
+    h = write_ioc_config(tmp_path, f"MS{os.getpid()}:", CA_PORTS[1], extra=(
+        f"source: {{channel: 'NOBODY{os.getpid()}:Image', connect_timeout_s: 1}}\n"
+        "chain: {engine: onnxruntime, registry: registry, seed_demo_model: false}\n"))
+    child = start_ioc(h.config)
+    try:
+        def shown():
+            text = caget(h.pv("Infer:Message_RBV"), as_string=True) or ""
+            return text if "not found" in text else None
+
+        text = wait_until(shown, timeout=60, what="the source's not-found news")
+        assert "model v1 not loaded" in text, text
+        assert caget(h.pv("Infer:Message_RBV.SEVR"), as_string=True) == "MAJOR"
+        assert caget(h.pv("Infer:Status_RBV"), as_string=True) == "No model"
+        # a version that loads ends the warning: the source's next news comes alone
+        reg.publish(shipped.onnx_path, shipped.publishable_card(), weights_path=shipped.weights_path)
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 2, timeout=120, what="v2 loaded")
+        epics.caput(h.pv("Infer:NDArrayPort"), f"NOBODY{os.getpid()}:Other", wait=True, timeout=10)
+        text = wait_until(lambda: (lambda t: t if "Other not found" in t else None)(
+            caget(h.pv("Infer:Message_RBV"), as_string=True) or ""), timeout=60, what="the news of the new channel")
+        assert "still:" not in text and "v1 not loaded" not in text, text
+    finally:
+        assert child.stop() == 0
+
+
 def test_a_broken_newest_version_is_not_retried_and_not_kept_across_a_restart(tmp_path):
     h = write_ioc_config(tmp_path, f"BM{os.getpid()}:", CA_PORTS[1],
                          extra="chain: {engine: onnxruntime, registry: registry}\n")
@@ -532,6 +588,30 @@ def test_a_broken_newest_version_is_not_retried_and_not_kept_across_a_restart(tm
         assert get("Model:Select") == 0
     finally:
         ctx.close()
+        assert child.stop() == 0
+
+
+def test_a_capture_past_the_last_scan_number_is_refused_and_the_chain_goes_on(tmp_path):
+    """Scan:Number_RBV is 32-bit: the scan numbered 2**31 - 1 is the last; the capture after it is
+    refused to the client (Capture back to 0, the reason said), and the chain is not left taking
+    every frame for a capture that never started (helper 19's wrap)."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / f"scan_{2**31 - 2}.h5").write_bytes(b"an earlier scan")
+    h = write_ioc_config(tmp_path, f"SN{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {seed_demo_model: false, scan_folder: scans}\n")
+    child = start_ioc(h.config)
+    try:
+        wait_until(lambda: caget(h.pv("Scan:Number_RBV")) == 2**31 - 1, timeout=10, what="the last number shown")
+        epics.caput(h.pv("Scan:Capture"), 1, wait=True, timeout=10)
+        assert caget(h.pv("Scan:Capture_RBV")) == 1
+        epics.caput(h.pv("Scan:Capture"), 0, wait=True, timeout=10)
+        epics.caput(h.pv("Scan:Capture"), 1, wait=True, timeout=10)
+        wait_until(lambda: "past 2147483647" in (caget(h.pv("Scan:Message_RBV"), as_string=True) or ""),
+                   timeout=10, what="the refusal said")
+        assert caget(h.pv("Scan:Capture")) == 0 and caget(h.pv("Scan:Capture_RBV")) == 0
+        assert caget(h.pv("Scan:Number_RBV")) > 0
+        assert not list((tmp_path / "scans").glob(f"scan_{2**31}*"))
+    finally:
         assert child.stop() == 0
 
 
@@ -752,4 +832,19 @@ def test_a_restarted_ioc_knows_the_reference_of_the_version_it_runs(tmp_path):
         wait_until(lambda: h.fresh_caget("Model:ValSSIM_RBV") == pytest.approx(0.62), timeout=30,
                    what="the reference read back")
     finally:
+        assert child.stop() == 0
+    # a reference cut by a crash is 0 (the controller's 1.0) again: said, not only logged (helper 19)
+    (tmp_path / "registry" / "v0001" / "reference.json").write_text('{"version": 1, "ss')
+    child = start_ioc(h.config)
+    ctx = Context("pva", conf=pva_client_conf(h.pva_port), useenv=False, unwrap=False)
+    try:
+        wait_until(lambda: ctx.get(h.pv("ModelVersion_RBV")).value == 1, timeout=120, what="v1 runs again")
+        text = wait_until(lambda: (lambda t: t if "reference" in t else None)(
+            str(ctx.get(h.pv("Auto:Message_RBV")).value)), timeout=30, what="the damaged reference said")
+        assert "reference of model v1 not read (reference.json: JSONDecodeError" in text, text
+        assert int(ctx.get(h.pv("Auto:Message_RBV")).alarm.severity) == 1
+        val = ctx.get(h.pv("Model:ValSSIM_RBV"))
+        assert val.value == 0.0 and int(val.alarm.severity) == 1
+    finally:
+        ctx.close()
         assert child.stop() == 0

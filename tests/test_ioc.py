@@ -229,3 +229,30 @@ def test_bad_config_names_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(bad)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "autosave.dir: unknown key" in r.stderr and "directory" in r.stderr
+
+
+class _EnumRecord:
+    """A bo/mbbo record as softioc's get_field reads it (as dbgf does): VAL is the state's name
+    (checked on softioc 4.x: a bo set to 1 reads 'Capture', an mbbo set to 2 its third state)."""
+
+    def __init__(self, states, value, kind):
+        self.fields = {"VAL": states[value]}
+        names = ("ZNAM", "ONAM") if kind == "bo" else ("ZRST", "ONST", "TWST", "THST")
+        self.fields.update(zip(names, states))
+
+    def get_field(self, name):
+        if name not in self.fields:
+            raise AttributeError(name)
+        return self.fields[name]
+
+
+@pytest.mark.parametrize("kind, states", [("bo", ("Done", "Capture")), ("mbbo", ("a", "b", "c", "d"))])
+def test_still_written_reads_an_enum_records_state_names(kind, states):
+    """A refused put to an enum setpoint is undone only if the setpoint still holds it: VAL reads
+    as a state name, so the index put never matched and the refused value stayed stored."""
+    from ptychopv.ioc.server import still_written
+
+    rec = _EnumRecord(states, 1, kind)
+    assert still_written(rec, 1) and still_written(rec, 1.0)
+    assert not still_written(rec, 0)
+    assert not still_written(rec, "Done")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ptychopv.plugins.frame import Frame
-from ptychopv.plugins.recorder import RecorderPlugin
+from ptychopv.plugins.recorder import MAX_SCAN, RecorderPlugin, next_scan_number
 from ptychopv.io.scanfile import read_scan
 
 
@@ -183,3 +183,25 @@ def test_a_file_that_appears_after_the_capture_chose_its_name_is_never_overwritt
     assert not rec.capture and rec.last_severity == 2 and "cannot open" in rec.last_message
     with open(name) as f:
         assert f.read() == "another writer's data"
+
+
+def test_scan_numbers_stay_within_the_32_bit_readback(tmp_path):
+    """Helper 19: a scan file numbered past 2**31 - 1 (a copy, a hand-made name) set the next scan
+    number, and Scan:Number_RBV (32-bit) wrapped to a negative number. Such files are left out of
+    the numbering, and said; a capture past the last number is refused, not recorded as another."""
+    for name in ("scan_00003.h5", f"scan_{2**31 + 5}.h5", "scan_notes.h5"):
+        (tmp_path / name).write_bytes(b"x")
+    assert next_scan_number(tmp_path) == (4, [f"scan_{2**31 + 5}.h5"])
+    r = RecorderPlugin(tmp_path, scan_number=MAX_SCAN)
+    r.start()
+    try:
+        last = r.start_capture().result(5)
+        assert last.endswith(f"scan_{MAX_SCAN}.h5")
+        r.put(frame(1))
+        r.stop_capture().result(5)
+        with pytest.raises(ValueError, match=f"past {MAX_SCAN}"):
+            r.start_capture().result(5)
+        assert not r.capture and not (tmp_path / f"scan_{MAX_SCAN + 1}.h5").exists()
+        r.put(frame(2))                                  # the plugin goes on
+    finally:
+        assert r.stop(timeout=10)

@@ -99,6 +99,25 @@ def test_leftover_temporary_folder_is_not_a_version(tmp_path):
     assert reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS).version == 1
 
 
+def test_versions_stay_within_the_32_bit_records_that_show_them(tmp_path, caplog):
+    """Helper 19: a folder v2147483648 (by hand, a copy) became the newest version, and
+    ModelVersion_RBV / Model:Latest_RBV (32-bit longin) wrapped to a negative number. It is not a
+    version (said once in the log); the last 32-bit number is the registry's last."""
+    reg = ModelRegistry(tmp_path)
+    reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS)
+    (tmp_path / f"v{2**31}").mkdir()
+    with caplog.at_level("WARNING"):
+        assert reg.versions() == [1] and reg.latest().version == 1
+        assert reg.versions() == [1]
+    assert sum(f"v{2**31} ignored" in r.getMessage() for r in caplog.records) == 1
+    assert reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS).version == 2
+    (tmp_path / f"v{2**31 - 1}").mkdir()
+    assert reg.versions()[-1] == 2**31 - 1
+    with pytest.raises(RegistryError, match="is full: versions go up to 2147483647"):
+        reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".publish")]
+
+
 def _writer(root, src, count, barrier):
     reg = ModelRegistry(root)
     barrier.wait()
