@@ -151,6 +151,9 @@ class ModelRegistry:
         try:
             card = json.loads(path.read_text())
         except FileNotFoundError:
+            if self._folder(version).is_dir():    # a folder made or emptied by hand, not a publish
+                raise RegistryError(f"model version {version}: {self._folder(version)} has no {CARD} "
+                                    "(not published by the registry, or emptied)") from None
             raise RegistryError(f"model version {version} not found in {self.root} "
                                 f"(have: {self.versions() or 'none'})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

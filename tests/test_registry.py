@@ -118,6 +118,17 @@ def test_versions_stay_within_the_32_bit_records_that_show_them(tmp_path, caplog
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".publish")]
 
 
+def test_a_version_folder_without_a_card_says_so(tmp_path):
+    """Helper 19: an empty v0002 read "version 2 not found (have: [1, 2])", which contradicts itself."""
+    reg = ModelRegistry(tmp_path)
+    reg.publish(fake_onnx(tmp_path / "m.onnx"), CARD_FIELDS)
+    (tmp_path / "v0002").mkdir()
+    with pytest.raises(RegistryError, match=r"v0002 has no card.json \(not published by the registry, or emptied\)"):
+        reg.get(2)
+    with pytest.raises(RegistryError, match=r"version 5 not found .*have: \[1, 2\]"):
+        reg.get(5)
+
+
 def _writer(root, src, count, barrier):
     reg = ModelRegistry(root)
     barrier.wait()
