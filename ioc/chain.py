@@ -762,15 +762,17 @@ class LiveChain:
         tails = []
         held = self._standing.get(stage)
         if held and held[0] not in text:
-            tails.append(f"still: {held[0][:160]}")
+            tails.append(f"still: {held[0]}")
             severity = max(severity, held[1])
         note = self.ioc.notes.get(stage)
         if note and note not in text:
-            tails.append(f"at start: {note[:120]}")
+            tails.append(f"at start: {note}")
         if tails:
             tail = " (" + "; ".join(tails) + ")"
-            room = 255 - len(tail)
-            text = (text if len(text) <= room else text[:max(room - 3, 0)] + "...") + tail
+            room = max(255 - len(tail), 60)      # the news keeps at least 60 characters ...
+            if len(text) > room:
+                text = text[:room - 3] + "..."
+            text = (text + tail)[:255]           # ... and what stands gets the rest
         self.ioc.message(stage, text, severity=severity)
 
     def _scan_counters(self) -> None:
