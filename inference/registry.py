@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CARD = "card.json"
 ONNX = "model.onnx"
 WEIGHTS = "weights.pt"
-_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+_VERSION_DIR = re.compile(r"^v([0-9]{4,})$")   # ASCII digits: \d takes other scripts
 MAX_VERSION = 2**31 - 1        # ModelVersion_RBV, Model:Latest_RBV, Model:Select are 32-bit records
 _ignored_warned: set[str] = set()
 # Card keys the registry writes itself; a publisher may not set them.

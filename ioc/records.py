@@ -18,6 +18,11 @@ CONTROL_ASG = "CONTROL"  # access-security group of every writable record
 NAME_MAX = 255          # bytes in one path component on the filesystems scans live on
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_value(pv: PV, value) -> str | None:
     """Why ``value`` cannot be written to the setting ``pv``, or None when it can. The one rule
     for every protocol: a value outside the declaration (a number out of its limits or not
@@ -29,8 +34,8 @@ def check_value(pv: PV, value) -> str | None:
             return f"{value!r} is not a number"
         try:
             v = float(value)
-        except (TypeError, ValueError):
-            return f"{value!r} is not a number"
+        except (TypeError, ValueError, OverflowError):   # (an int of 400 digits overflows a float)
+            return f"{_short(value)} is not a number"
         if not math.isfinite(v):
             return f"{value} is not a finite number"
         if t == "longout" and v != int(v):
@@ -43,8 +48,8 @@ def check_value(pv: PV, value) -> str | None:
     if t in ("bo", "mbbo"):
         try:
             i = int(value)
-        except (TypeError, ValueError):
-            return f"{value!r} is not a state index"
+        except (TypeError, ValueError, OverflowError):   # int(inf) overflows
+            return f"{_short(value)} is not a state index"
         if i != value or not 0 <= i < len(pv.states):
             return f"{value} is not one of 0..{len(pv.states) - 1} ({', '.join(pv.states)})"
         return None

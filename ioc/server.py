@@ -270,7 +270,10 @@ class PtychoIOC:
                 continue
             name = key[len(self.prefix):] if key.startswith(self.prefix) else key
             pv = decl.get(name)
-            why = "no such setting" if pv is None or not pv.autosave else check_value(pv, value)
+            try:
+                why = "no such setting" if pv is None or not pv.autosave else check_value(pv, value)
+            except Exception as exc:  # noqa: BLE001 - one saved value never stops a start
+                why = f"not checkable: {type(exc).__name__}: {exc}"
             if why:
                 dropped.append(f"{name} = {value!r} ({why})")
                 log.warning("autosave: %s = %r not restored: %s", name, value, why)

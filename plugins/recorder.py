@@ -20,6 +20,7 @@ that fails all the same stops the capture with the reason (MAJOR).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from concurrent.futures import Future
 from pathlib import Path
@@ -45,7 +46,7 @@ def next_scan_number(folder: str | Path) -> tuple[int, list[str]]:
     nums, ignored = [], []
     for p in sorted(Path(folder).glob("scan_*.h5")):
         tail = p.stem.split("_")[-1]
-        if not tail.isdigit():
+        if not re.fullmatch(r"[0-9]+", tail):     # isdigit() takes '²', which int() refuses
             continue
         if int(tail) < MAX_SCAN:
             nums.append(int(tail))

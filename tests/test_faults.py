@@ -32,6 +32,7 @@ from p4p.client.thread import Context
 
 from ptychopv.inference.registry import ModelRegistry, shipped_registry
 from ptychopv.io.epics_env import free_port, pva_client_conf
+from ptychopv.ioc import schema
 from ptychopv.ioc.schema import INFER_STATUS
 from ptychopv.procs import start_ioc, start_sim
 
@@ -166,9 +167,14 @@ def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
     p = h.prefix
     (tmp_path / "autosave" / f"{p.rstrip(':')}.softsav").write_text(yaml.safe_dump({
         p + "Stitch:PositionSource": 7, p + "Recon:Engine": 9, p + "ScaleFactor": float("nan"),
-        p + "Infer:BatchSize": 100000, p + "Gone:Setting": 1, p + "Infer:FlushTimeout": 0.01}))
+        p + "Infer:BatchSize": 100000, p + "Gone:Setting": 1, p + "Infer:FlushTimeout": 0.01,
+        # values whose conversion overflows (helper 20: OverflowError ended every start)
+        p + "Auto:Enable": float("inf"), p + "Recon:Iterations": 10**400}))
     child = start_ioc(h.config, timeout=60)                  # "ready": start-up did not block
     try:
+        decl = schema.by_name()
+        assert caget(h.pv("Auto:Enable")) == decl["Auto:Enable"].initial
+        assert caget(h.pv("Recon:Iterations")) == decl["Recon:Iterations"].initial
         assert caget(h.pv("Stitch:PositionSource")) == 0 and caget(h.pv("Recon:Engine")) == 0
         assert caget(h.pv("Infer:BatchSize")) == 32 and caget(h.pv("ScaleFactor")) == 1.0
         assert caget(h.pv("Infer:FlushTimeout")) == pytest.approx(0.01)      # the good value restored
@@ -190,6 +196,9 @@ def test_every_settings_default_is_a_value_its_record_takes():
     assert {k: v for k, v in refused.items() if v} == {}
     pixel = schema.by_name()["Stitch:PixelSize"]
     assert check_value(pixel, 0.0) is None and check_value(pixel, 5e-8) is None
+    # conversions that overflow are refusals, not exceptions (an autosave file can hold them)
+    assert "is not a number" in check_value(schema.by_name()["Recon:Iterations"], 10**400)
+    assert "is not a state index" in check_value(schema.by_name()["Auto:Enable"], float("-inf"))
     assert "outside" in check_value(pixel, -1e-9) and "outside" in check_value(pixel, 1e-13)
 
 

@@ -189,7 +189,7 @@ def test_scan_numbers_stay_within_the_32_bit_readback(tmp_path):
     """Helper 19: a scan file numbered past 2**31 - 1 (a copy, a hand-made name) set the next scan
     number, and Scan:Number_RBV (32-bit) wrapped to a negative number. Such files are left out of
     the numbering, and said; a capture past the last number is refused, not recorded as another."""
-    for name in ("scan_00003.h5", f"scan_{2**31 + 5}.h5", "scan_notes.h5"):
+    for name in ("scan_00003.h5", f"scan_{2**31 + 5}.h5", "scan_notes.h5", "scan_\u00b2.h5", "scan_\u0663.h5"):
         (tmp_path / name).write_bytes(b"x")
     assert next_scan_number(tmp_path) == (4, [f"scan_{2**31 + 5}.h5"])
     r = RecorderPlugin(tmp_path, scan_number=MAX_SCAN)
