@@ -19,6 +19,7 @@ that fails all the same stops the capture with the reason (MAJOR).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -31,6 +32,8 @@ from ptychopv.io.scanfile import ScanWriter
 
 from .base import PluginBase
 from .frame import Frame
+
+log = logging.getLogger(__name__)
 
 
 MIN_FREE_BYTES = 256 * 2**20     # a capture stops while this much room is left on the scan's disk ...
@@ -121,7 +124,21 @@ class RecorderPlugin(PluginBase):
         return self.current_file
 
     def _stop(self) -> str:
-        closed = self._close()
+        """End the capture; the closed file's path, or "" when nothing was closed cleanly. A file
+        that fails to close (a flush on a full or lost disk) still ends the capture, MAJOR: it was
+        left capturing, and the next scan recorded nothing (helper 20)."""
+        path = self._writer.path if self._writer is not None else None
+        try:
+            closed = self._close()
+        except Exception as exc:  # noqa: BLE001 - the capture ends either way, and says why
+            log.exception("closing %s", path)
+            self.report(f"{Path(str(path)).name}: closing the file failed ({type(exc).__name__}: {exc}); "
+                        f"{self.frames_captured} frames were written to it, it may be incomplete", 2)
+            closed = ""
+            if self._capture:
+                self._capture = False
+                self.scan_number += 1
+            return closed
         if closed:    # not "recording ..." any more: what the scan's file holds (and what it does not)
             if self.frames_rejected:
                 self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded, {self.frames_rejected} "

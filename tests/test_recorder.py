@@ -205,3 +205,29 @@ def test_scan_numbers_stay_within_the_32_bit_readback(tmp_path):
         r.put(frame(2))                                  # the plugin goes on
     finally:
         assert r.stop(timeout=10)
+
+
+def test_a_file_that_fails_to_close_ends_the_capture_and_says_so(rec, tmp_path, monkeypatch):
+    """Helper 20: a flush that failed at Capture 0 (disk full, stale NFS) left the recorder
+    capturing, and the next scan recorded nothing. The capture ends, MAJOR, and the next one works."""
+    from ptychopv.io import scanfile
+
+    first = rec.start_capture().result(5)
+    rec.put([frame(1), frame(2)])
+    rec.submit(lambda: None).result(5)                       # the frames are written
+    assert rec.frames_captured == 2
+    real_flush = scanfile.h5py.File.flush
+
+    def failing_flush(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scanfile.h5py.File, "flush", failing_flush)
+    assert rec.stop_capture().result(5) == ""               # nothing closed cleanly
+    monkeypatch.setattr(scanfile.h5py.File, "flush", real_flush)
+    assert not rec.capture and rec.last_severity == 2
+    assert "closing the file failed (OSError" in rec.last_message and "2 frames were written" in rec.last_message
+    second = rec.start_capture().result(5)
+    assert second != first and rec.capture
+    rec.put(frame(3))
+    assert rec.stop_capture().result(5) == second
+    assert read_scan(second).unique_id.tolist() == [3]

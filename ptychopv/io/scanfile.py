@@ -114,8 +114,10 @@ class ScanWriter:
 
     def close(self) -> None:
         if self._file.id.valid:
-            self._file.flush()
-            self._file.close()
+            try:
+                self._file.flush()
+            finally:            # a flush that fails (disk full, lost) still releases the file
+                self._file.close()
 
     def __enter__(self) -> "ScanWriter":
         return self
