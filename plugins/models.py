@@ -210,7 +210,12 @@ class ModelManager:
                     waited = self.infer.waited
                     self.report(f"running model v{version} on {self.infer.engine.name}" + (
                         f"; {waited} frame(s) that came before it were not inferred" if waited else ""))
-                self.on_loaded(mv)            # may add a warning (another beamline) after that
+                try:
+                    self.on_loaded(mv)        # may add a warning (another beamline) after that
+                except Exception as exc:  # noqa: BLE001 - the model runs; what its card adds is lost, said
+                    log.exception("model v%d: after loading", version)
+                    self.report(f"model v{version} runs, but its card could not be used ({type(exc).__name__}: "
+                                f"{exc}): no beam window, scale range or beamline check from it", 1)
             if failure is not None:
                 self.report(f"model v{failure[0]} not loaded ({failure[1]}); running v{version}, the newest "
                             "version that loads", 1)

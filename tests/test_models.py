@@ -154,3 +154,29 @@ def test_a_swap_the_busy_infer_stage_does_not_reach_in_time_is_retried_not_marke
     finally:
         gate.set()
         infer.stop()
+
+
+def test_a_card_the_chain_cannot_use_leaves_the_model_running_and_says_so(tmp_path):
+    """Helper 20: a card with a null beamline field made the chain's on_loaded raise after the swap,
+    so the load's future failed though the model ran: an autosaved Model:Select was dropped and an
+    operator's select refused. The model runs, the load succeeds, and the report says what is lost."""
+    from ptychopv.science.physics import Beamline
+
+    assert Beamline.from_card({"beamline": {"energy_ev": None, "beam_m": 5e-7}}) is None
+    assert Beamline.from_card({"beamline": {"probe_kind": 3}}) is None
+    assert Beamline.from_card({"beamline": {"energy_ev": 9000.0}}).energy_ev == 9000.0
+
+    def on_loaded(mv):
+        raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+
+    infer = InferPlugin("Infer")
+    said = []
+    m = ModelManager(infer, tmp_path / "registry", "onnxruntime", batch_sizes=(1,),
+                     report=lambda text, severity=0: said.append((text, severity)), on_loaded=on_loaded)
+    try:
+        m.seed(shipped_registry())
+        assert m.select(1).result(timeout=120) == 1 and infer.version == 1
+        assert said[-1][1] == 1 and "model v1 runs, but its card could not be used (TypeError" in said[-1][0]
+        assert m.is_broken(1) is None
+    finally:
+        m.close()

@@ -14,6 +14,7 @@ nearest-neighbour distance for a Fermat spiral).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -361,6 +362,12 @@ class Beamline:
         if not isinstance(spec, dict):
             return None
         known = {k: spec[k] for k in cls.__dataclass_fields__ if k in spec}
+        for k, v in known.items():     # a card's null or text where a number goes: not a beamline
+            numeric = not isinstance(cls.__dataclass_fields__[k].default, str)
+            if numeric and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                return None
+            if not numeric and not isinstance(v, str):
+                return None
         try:
             return cls(**known)
         except (TypeError, ValueError):
