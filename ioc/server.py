@@ -113,8 +113,19 @@ class PtychoIOC:
         return stage if f"{stage}:Message_RBV" in self.rec else "Infer"
 
     def set(self, name: str, value, severity: int = 0, alarm_status: int = 0) -> None:
-        """Set an input record (a readback) from any thread, with an alarm when given."""
+        """Set an input record (a readback) from any thread, with an alarm when given. Text is cut
+        to what the record holds in UTF-8 bytes (softioc refuses more: a message of 255 characters
+        with one 'µ' raised, and the status write that carried it was lost)."""
+        if isinstance(value, str):
+            value = fit_utf8(value, self._text_room(name))
         self.rec[name].set(value, severity=severity, alarm=alarm_status)
+
+    def _text_room(self, name: str) -> int:
+        rooms = getattr(self, "_rooms", None)
+        if rooms is None:
+            rooms = self._rooms = {pv.name: (pv.length - 1 if pv.length > 40 else 39)
+                                   for pv in schema.records() if pv.rtype in ("stringin", "stringout")}
+        return rooms.get(name, 39)
 
     def get(self, name: str):
         return self.rec[name].get()
@@ -419,6 +430,12 @@ def _check_client_ip() -> None:
 def epics_environment(cfg: Config) -> dict:
     e = cfg.epics
     return server_env(e.ca_server_port, e.pva_server_port, e.pva_broadcast_port, e.ca_repeater_port)
+
+
+def fit_utf8(text: str, room: int) -> str:
+    """``text`` cut to at most ``room`` UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= room else data[:room].decode("utf-8", "ignore")
 
 
 def still_written(record, value) -> bool:

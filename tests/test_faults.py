@@ -161,6 +161,25 @@ def test_refused_values_never_reach_autosave(plain_ioc):
     epics.caput(h.pv("Infer:BatchSize"), 32, wait=True, timeout=10)
 
 
+def test_a_message_of_non_ascii_text_longer_than_the_record_is_cut_not_lost(plain_ioc, tmp_path):
+    """Helper 20: messages were cut to 255 characters, but the record holds 255 UTF-8 bytes, and
+    softioc refused the longer text: the run's Failed status write raised and the reason was lost
+    (the client saw 'Value too long'). A scan path of 120 'ü' now fails the run with its reason."""
+    h, ctx, _ = plain_ioc
+    missing = str(tmp_path / ("\u00fc" * 120 + ".h5"))      # 243 bytes: a name a filesystem takes
+    try:
+        ctx.put(h.pv("Recon:ScanFile"), missing, wait=True, timeout=10)       # PVA: UTF-8 text
+        assert ctx.get(h.pv("Recon:ScanFile_RBV")).value == missing
+        epics.caput(h.pv("Recon:Start"), 1, wait=True, timeout=60)
+        wait_until(lambda: caget(h.pv("Recon:Status_RBV"), as_string=True) == "Failed", timeout=30,
+                   what="the run failed")
+        msg = ctx.get(h.pv("Recon:Message_RBV")).value
+        assert "no scan file to reconstruct" in msg and "\u00fc\u00fc" in msg, msg
+        assert len(msg.encode()) <= 255
+    finally:
+        epics.caput(h.pv("Recon:ScanFile"), "", wait=True, timeout=10)
+
+
 def test_a_poisoned_autosave_file_is_skipped_and_said(tmp_path):
     h = write_ioc_config(tmp_path, f"PA{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
     (tmp_path / "autosave").mkdir()
