@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -42,6 +43,20 @@ class ModelLoadFailed(ModelError):
     """A version was tried and did not load; the manager has reported it (``report``)."""
 
 
+RETRY_AFTER_S = 60.0   # a load that failed for a reason not of the version's own is tried again
+
+
+def _not_the_versions_fault(exc: BaseException) -> bool:
+    """A load failure of the machine (an I/O error, memory: a GPU a training job holds), not of
+    the version's files: worth another try later."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "cudaerrormemoryallocation" in text or "failed to allocate memory" in text
+
+
 def _signature(folder: Path) -> tuple:
     """Size and time of every file of a version folder: changes when it is rewritten."""
     try:
@@ -63,6 +78,7 @@ class ModelManager:
         self.on_loaded = on_loaded
         self.selected = 0
         self.broken: dict[int, tuple[tuple, str]] = {}     # version -> (files signature, why)
+        self.retry_at: dict[int, float] = {}   # version -> when a failure not of its own is tried again
         self._lock = threading.Lock()
         self._loading: Future | None = None
         self._closed = False
@@ -86,6 +102,11 @@ class ModelManager:
             return None
         if known[0] != _signature(self._folder(version)):
             del self.broken[version]      # rewritten: worth another try
+            return None
+        at = self.retry_at.get(version)
+        if at is not None and time.monotonic() >= at:
+            del self.broken[version]      # a failure of the machine, not of the version: try again
+            del self.retry_at[version]
             return None
         return known[1]
 
@@ -129,7 +150,9 @@ class ModelManager:
             raise ModelError(f"no model v{version} in the registry (have: "
                              f"{', '.join(f'v{v}' for v in have) or 'none'})")
         why = self.is_broken(version)
-        if why:
+        if why and version in self.retry_at:       # not its own fault: an operator may try it now
+            del self.broken[version], self.retry_at[version]
+        elif why:
             raise ModelError(f"model v{version} does not load: {why}")
 
     def target(self, selection: int | None = None) -> int | None:
@@ -202,6 +225,15 @@ class ModelManager:
                 except Exception as exc:  # noqa: BLE001 - a bad version never replaces the running one
                     why = str(exc) if isinstance(exc, (ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
                     self.broken[version] = (_signature(self._folder(version)), why)
+                    if _not_the_versions_fault(exc):
+                        # an I/O error, memory (a GPU a training job holds): tried again after a
+                        # while, and at once when an operator selects it; it was never tried again
+                        # until its files changed or the IOC restarted (helper 20)
+                        self.retry_at[version] = time.monotonic() + RETRY_AFTER_S
+                        why += f" (tried again in {RETRY_AFTER_S:g} s)"
+                        self.broken[version] = (self.broken[version][0], why)
+                    else:
+                        self.retry_at.pop(version, None)
                     log.warning("model v%d not loaded: %s", version, why)
                     if failure is None:
                         failure = (version, why)

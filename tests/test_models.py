@@ -180,3 +180,52 @@ def test_a_card_the_chain_cannot_use_leaves_the_model_running_and_says_so(tmp_pa
         assert m.is_broken(1) is None
     finally:
         m.close()
+
+
+def test_a_load_that_failed_for_lack_of_memory_is_tried_again(tmp_path, monkeypatch):
+    """Helper 20: any load failure marked the version broken until its files changed, so one
+    that failed for the machine's reason (out of memory while a training job held the GPU, an
+    I/O error) never went live and could not be selected until a restart. Such a version is
+    tried again after a while, and at once when selected; a version's own fault is still kept."""
+    import ptychopv.inference.engines as engines
+    from ptychopv.plugins import models
+
+    real = engines.select_engine
+    fail = {"n": 1}
+
+    def flaky(*a, **kw):
+        if fail["n"]:
+            fail["n"] -= 1
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engines, "select_engine", flaky)
+    infer = InferPlugin("Infer")
+    said = []
+    m = ModelManager(infer, tmp_path / "registry", "onnxruntime", batch_sizes=(1,),
+                     report=lambda text, severity=0: said.append(text))
+    try:
+        m.seed(shipped_registry())
+        with pytest.raises(ModelError, match="out of memory"):
+            m.select(1).result(timeout=120)
+        assert infer.engine is None and "tried again in 60 s" in m.is_broken(1)
+        m.check(1)                                              # an operator may select it at once
+        assert m.select(1).result(timeout=120) == 1 and infer.version == 1
+        # after the back-off the registry watch tries it by itself
+        fail["n"] = 1
+        v2 = republish(m, "second")
+        with pytest.raises(ModelError):
+            m.select(v2).result(timeout=120)
+        assert m.target(0) == 1                                 # v2 waits out its back-off
+        monkeypatch.setattr(models, "RETRY_AFTER_S", 0.0)
+        m.retry_at[v2] = 0.0
+        assert m.target(0) == v2
+        # a version's own fault (a truncated file) is not retried by time
+        fail["n"] = 0
+        (m.registry().get(v2).path / "model.onnx").write_bytes(b"x")
+        m.broken.clear(), m.retry_at.clear()
+        with pytest.raises(ModelError):
+            m.select(v2).result(timeout=120)
+        assert v2 not in m.retry_at and m.is_broken(v2)
+    finally:
+        m.close()
