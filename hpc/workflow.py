@@ -218,8 +218,14 @@ class Workflow:
             lab = await stage.job(self.executor, label_job, recon_path, str(self.corpus), label,
                                   job_dir=self.job_dir("label"), kind="label")
             if lab.get("status") != "done":
-                return {**lab, "message": f"labelling: {lab.get('message', '')}"}
-            summary.update(pairs=lab["result"]["pairs"], corpus_count=lab["result"]["corpus_count"])
+                if lab.get("status") == "aborted":
+                    return {**lab, "message": f"labelling: {lab.get('message', '')}"}
+                # the live model is still validated: a corpus that cannot take this scan's labels
+                # (frames of another size after a model change) ended every run before its
+                # validation, so nothing was measured until corpus.h5 was moved aside (helper 20)
+                summary["labelling"] = lab.get("message", "") or str(lab.get("status"))
+            else:
+                summary.update(pairs=lab["result"]["pairs"], corpus_count=lab["result"]["corpus_count"])
         if validate is not None:
             stage.set(message=f"validating model v{validate['version']}")
             val = await self.validate(stage, str(scan), recon_path, validate)
@@ -230,7 +236,8 @@ class Workflow:
                 summary["validation"] = val.get("message", "")
         msg = Path(recon_path).name + (f", {summary['pairs']} pairs" if "pairs" in summary else "") \
             + (f", SSIM {summary['ssim']:.3f}" if "ssim" in summary else "") \
-            + (f"; validation failed: {summary['validation']}" if "validation" in summary else "")
+            + (f"; validation failed: {summary['validation']}" if "validation" in summary else "") \
+            + (f"; labels not paired: {summary['labelling']}" if "labelling" in summary else "")
         return {"status": "done", "message": msg, "result": summary}
 
     async def validate(self, stage: JobStage, scan: str, recon_path: str, options: dict) -> dict:

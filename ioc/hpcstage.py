@@ -107,6 +107,16 @@ class HpcStage:
         last = self.chain.last_scan_file
         return Path(last) if last else None
 
+    def _newest_input_size(self) -> int:
+        """The input size of the registry's newest model (0: none, or unreadable). Labels made
+        while no model runs were sized by chain.passthrough_size, and a corpus created so took no
+        labels of the model that came next, on every later scan."""
+        try:
+            latest = self.chain.registry().latest(verify=False)
+            return int(latest.card["input_shape"][-1]) if latest is not None else 0
+        except Exception:  # noqa: BLE001 - a card that does not say: the config's size
+            return 0
+
     async def recon_start(self, value) -> None:
         if value:
             await self.reconstruct(self._scan_file())
@@ -118,7 +128,7 @@ class HpcStage:
         ioc, chain = self.ioc, self.chain
         opts = self.cfg.recon.model_dump(mode="json")
         opts.update(engine=list(ALGORITHMS)[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
-        size = chain.infer.input_size or self.cfg.chain.passthrough_size
+        size = chain.infer.input_size or self._newest_input_size() or self.cfg.chain.passthrough_size
         ps = chain.stitch.stitcher.pixel_size_m
         label = label_options(scan or "", size, self.cfg.chain.binning, self.cfg.chain.crop, ps)
         version = int(chain.infer.version)
@@ -301,6 +311,14 @@ class HpcStage:
             self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
             self._auto_state()
             self.ioc.message("Auto", f"{Path(scan).name}: validation failed, not retrained: {summary['validation']}",
+                             severity=1)
+            return
+        if "labelling" in summary:
+            # the scan was reconstructed and the live model validated (SSIM_RBV shows it), but its
+            # labels are not in the corpus: a retrain would not learn from it
+            self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
+            self._auto_state()
+            self.ioc.message("Auto", f"{Path(scan).name}: labels not paired, not retrained: {summary['labelling']}",
                              severity=1)
             return
         if "ssim" not in summary:

@@ -190,6 +190,17 @@ def test_a_failed_validation_is_not_taken_for_a_missing_model():
     assert h.trained == 0 and h.auto.state is State.SUSPENDED
 
 
+def test_a_scan_whose_labels_were_not_paired_is_validated_but_not_trained_on():
+    """Helper 20: a corpus that could not take the scan's labels (frames of another size) ended
+    every run before the validation. The live model is validated now (a mismatch far above the
+    tolerance here), and nothing is trained: the corpus lacks the scan; the reason is said."""
+    h, cycle = _binding({"recon_path": "r.h5", "ssim": 0.3, "labelling": "frames are 128 px, the corpus holds 64 px"})
+    cycle()
+    assert h.trained == 0 and h.auto.state is State.IDLE and h.auto.reason == "validation failed"
+    stage, text, sevr = h.ioc.messages[-1]
+    assert stage == "Auto" and "labels not paired, not retrained: frames are 128 px" in text and sevr == 1
+
+
 def test_the_controller_shows_validating_while_the_labels_and_validation_run():
     """Auto:State_RBV went Reconstructing -> (Validating for no time) -> Training/Suspended: the
     RECON_DONE event came after the labels and the validation had run. It now comes when the
@@ -254,3 +265,23 @@ def test_an_abort_after_the_version_was_published_still_validates_it():
     assert result["version"] == 2 and result["reference"] == 0.93 and refs == {2: 0.93}
     assert h.train_stage.state == "Done"
     assert h.train_stage.message.endswith("SSIM 0.930 on its training scan); the abort came after it was published")
+
+
+def test_labels_made_before_any_model_runs_take_the_registrys_newest_input_size():
+    """Labels made while no model ran were sized by chain.passthrough_size; a corpus created so
+    could take no labels of the model that came next (helper 20). The newest card's size is used."""
+    import types
+
+    from ptychopv.inference.registry import ModelRegistry, shipped_registry
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    h = object.__new__(HpcStage)
+    reg = ModelRegistry(shipped_registry(), create=False)
+    h.chain = types.SimpleNamespace(registry=lambda: reg)
+    assert h._newest_input_size() == int(reg.latest().card["input_shape"][-1]) > 0
+
+    def broken():
+        raise OSError("registry folder gone")
+
+    h.chain = types.SimpleNamespace(registry=broken)
+    assert h._newest_input_size() == 0

@@ -303,3 +303,38 @@ def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
     ex.shutdown(wait=False, cancel_futures=True)
     assert time.monotonic() - t0 < 5
     assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_a_labelling_failure_still_validates_the_live_model(tmp_path):
+    """Workflow.reconstruct with scripted jobs: the label job fails (a corpus of another frame
+    size); the validation runs anyway and the run ends done, saying the labels were not paired.
+    An aborted label job still ends the run."""
+    from ptychopv.hpc.workflow import Workflow
+
+    scan = tmp_path / "scan_00001.h5"
+    scan.write_bytes(b"x")
+    ran = []
+
+    class Stage:
+        def __init__(self, label_status):
+            self.label_status = label_status
+
+        def set(self, **kw):
+            pass
+
+        async def job(self, executor, fn, *args, job_dir, kind, **kw):
+            ran.append(kind)
+            if kind == "reconstruct":
+                return {"status": "done", "result": {"recon_path": str(tmp_path / "r.h5")}}
+            if kind == "label":
+                return {"status": self.label_status, "message": "frames are 128 px, the corpus holds 64 px"}
+            return {"status": "done", "result": {"ssim": 0.42}}
+
+    wf = Workflow(None, tmp_path / "jobs", tmp_path / "corpus.h5", tmp_path / "registry")
+    res = run(wf.reconstruct(Stage("failed"), scan, {}, label={"fov": (64, 64)}, validate={"version": 1}))
+    assert ran == ["reconstruct", "label", "validate"] and res["status"] == "done"
+    assert res["result"]["ssim"] == 0.42 and res["result"]["labelling"].startswith("frames are 128 px")
+    assert "labels not paired: frames are 128 px" in res["message"]
+    ran.clear()
+    res = run(wf.reconstruct(Stage("aborted"), scan, {}, label={"fov": (64, 64)}, validate={"version": 1}))
+    assert ran == ["reconstruct", "label"] and res["status"] == "aborted"
