@@ -688,13 +688,11 @@ class LiveChain:
             result = await asyncio.wrap_future(fut)
         except Exception:
             if on:       # no capture started: the chain is not left taking every frame for it
-                self._capturing = False
-                self.source.set_niced(self.scaleout is None)
+                self._not_capturing()
                 self.ioc.rec["Scan:Capture"].set(0, process=False)   # (a put of 0 meanwhile: the same)
             raise        # refused to the client, the reason in Scan:Message_RBV
         if not on:   # the put-callback completes with the closed file's count and message shown
-            self._capturing = False
-            self.source.set_niced(self.scaleout is None)
+            self._not_capturing()
             self._scan_counters()
         else:  # the put-callback completes with the new scan's counters already shown
             self._force("Scan:FramesCaptured_RBV", 0)
@@ -726,6 +724,11 @@ class LiveChain:
             except Exception:
                 log.exception("capture-end callback")
 
+    def _not_capturing(self) -> None:
+        """No capture takes every frame any more: the source drops again under overload."""
+        self._capturing = False
+        self.source.set_niced(self.scaleout is None)
+
     def _capture_stopped_by_recorder(self) -> None:
         """The recorder ended a capture by itself (its file could not be opened, or it took the
         frames it was asked for): the records, the source's priority and the frame gate follow, as
@@ -733,8 +736,7 @@ class LiveChain:
         path = self._take_capture_file()
         if path is None:                      # a put of 0 is ending it
             return
-        self._capturing = False
-        self.source.set_niced(self.scaleout is None)
+        self._not_capturing()
         self._scan_counters()
         self.ioc.rec["Scan:Capture"].set(0, process=False)
         self.ioc.set("Scan:Capture_RBV", 0)

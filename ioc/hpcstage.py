@@ -298,28 +298,25 @@ class HpcStage:
         if not reconstructed:
             self.auto.on(ac.Event.RECON_DONE if summary else ac.Event.RECON_FAILED, time.time())
             self._auto_state()
+        def not_retrained(why: str) -> None:      # back to Idle as a failed validation, said
+            self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
+            self._auto_state()
+            self.ioc.message("Auto", f"{Path(scan).name}: {why}", severity=1)
+
         if summary is None:
             if reconstructed:          # the labels or the validation did not finish
-                self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
-                self._auto_state()
-                self.ioc.message("Auto", f"{Path(scan).name}: reconstructed, but labelling or validation did not "
-                                 "finish (Recon:Message_RBV says why); not retrained", severity=1)
+                not_retrained("reconstructed, but labelling or validation did not finish (Recon:Message_RBV "
+                              "says why); not retrained")
             return
         if "validation" in summary:
             # the live model was not validated (its engine, files or geometry failed): nothing is
             # known about its mismatch, so nothing is trained on it; the next scan checks again
-            self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
-            self._auto_state()
-            self.ioc.message("Auto", f"{Path(scan).name}: validation failed, not retrained: {summary['validation']}",
-                             severity=1)
+            not_retrained(f"validation failed, not retrained: {summary['validation']}")
             return
         if "labelling" in summary:
             # the scan was reconstructed and the live model validated (SSIM_RBV shows it), but its
             # labels are not in the corpus: a retrain would not learn from it
-            self.auto.on(ac.Event.VALIDATION_FAILED, time.time())
-            self._auto_state()
-            self.ioc.message("Auto", f"{Path(scan).name}: labels not paired, not retrained: {summary['labelling']}",
-                             severity=1)
+            not_retrained(f"labels not paired, not retrained: {summary['labelling']}")
             return
         if "ssim" not in summary:
             # no live model to validate: the first reconstruction trains one

@@ -18,6 +18,11 @@ CONTROL_ASG = "CONTROL"  # access-security group of every writable record
 NAME_MAX = 255          # bytes in one path component on the filesystems scans live on
 
 
+def text_room(pv: PV) -> int:
+    """UTF-8 bytes a string record holds (a long string: its length less the NUL; else 39)."""
+    return pv.length - 1 if pv.length > 40 else 39
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -57,7 +62,7 @@ def check_value(pv: PV, value) -> str | None:
         if not isinstance(value, str):
             return f"{value!r} is not text"
         text = value
-        room = pv.length - 1 if pv.length > 40 else 39
+        room = text_room(pv)
         if len(text.encode()) > room:
             return f"{len(text.encode())} characters is longer than the record holds ({room})"
         if "\x00" in text:

@@ -123,7 +123,9 @@ class PtychoIOC:
     def _text_room(self, name: str) -> int:
         rooms = getattr(self, "_rooms", None)
         if rooms is None:
-            rooms = self._rooms = {pv.name: (pv.length - 1 if pv.length > 40 else 39)
+            from .records import text_room
+
+            rooms = self._rooms = {pv.name: text_room(pv)
                                    for pv in schema.records() if pv.rtype in ("stringin", "stringout")}
         return rooms.get(name, 39)
 

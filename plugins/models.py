@@ -224,16 +224,15 @@ class ModelManager:
                     break
                 except Exception as exc:  # noqa: BLE001 - a bad version never replaces the running one
                     why = str(exc) if isinstance(exc, (ValueError, RuntimeError)) else f"{type(exc).__name__}: {exc}"
-                    self.broken[version] = (_signature(self._folder(version)), why)
                     if _not_the_versions_fault(exc):
                         # an I/O error, memory (a GPU a training job holds): tried again after a
                         # while, and at once when an operator selects it; it was never tried again
                         # until its files changed or the IOC restarted (helper 20)
                         self.retry_at[version] = time.monotonic() + RETRY_AFTER_S
                         why += f" (tried again in {RETRY_AFTER_S:g} s)"
-                        self.broken[version] = (self.broken[version][0], why)
                     else:
                         self.retry_at.pop(version, None)
+                    self.broken[version] = (_signature(self._folder(version)), why)
                     log.warning("model v%d not loaded: %s", version, why)
                     if failure is None:
                         failure = (version, why)

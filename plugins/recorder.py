@@ -135,16 +135,13 @@ class RecorderPlugin(PluginBase):
             self.report(f"{Path(str(path)).name}: closing the file failed ({type(exc).__name__}: {exc}); "
                         f"{self.frames_captured} frames were written to it, it may be incomplete", 2)
             closed = ""
-            if self._capture:
-                self._capture = False
-                self.scan_number += 1
-            return closed
-        if closed:    # not "recording ..." any more: what the scan's file holds (and what it does not)
-            if self.frames_rejected:
-                self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded, {self.frames_rejected} "
-                            f"not; file closed (last refused: {self._last_reject})", 1)
-            else:
-                self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded; file closed")
+        else:
+            if closed:    # not "recording ..." any more: what the scan's file holds (and what it does not)
+                if self.frames_rejected:
+                    self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded, "
+                                f"{self.frames_rejected} not; file closed (last refused: {self._last_reject})", 1)
+                else:
+                    self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded; file closed")
         if self._capture:
             self._capture = False
             self.scan_number += 1
