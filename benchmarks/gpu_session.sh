@@ -69,9 +69,18 @@ train_one() {  # NAME BATCH LR_MAX [more make_demo_model options]
     echo "make_demo_model exit $?" >>"$OUTDIR/train-$1.log"
 }
 if [ -n "${PTYCHOPV_GPU_WARM_START:-}" ]; then
-    # a second call: one training, alone on the GPU, continuing from a model of the first
-    train_one a 256 5e-4 --warm-start "$PTYCHOPV_GPU_WARM_START" --fast
-    echo "make_demo_model exit (no b)" >"$OUTDIR/train-b.log"
+    # a later call: continue from a model (a registry) on a fresh corpus. PTYCHOPV_GPU_WARM_RUNS:
+    # one "BATCH:LR_MAX" per training, side by side (default "256:5e-4", one training alone;
+    # at most two, named a and b); the caller keeps the one of lower val_loss (same split)
+    read -r -a RUNS <<<"${PTYCHOPV_GPU_WARM_RUNS:-256:5e-4}"
+    PIDS=()
+    for i in "${!RUNS[@]}"; do
+        name=$([ "$i" = 0 ] && echo a || echo b)
+        train_one "$name" "${RUNS[$i]%%:*}" "${RUNS[$i]##*:}" --warm-start "$PTYCHOPV_GPU_WARM_START" --fast &
+        PIDS+=($!)
+    done
+    [ "${#RUNS[@]}" -ge 2 ] || echo "make_demo_model exit (no b)" >"$OUTDIR/train-b.log"
+    wait "${PIDS[@]}"
 else
     train_one a 128 1e-3 &
     A_PID=$!
