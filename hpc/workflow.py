@@ -36,14 +36,16 @@ class Busy(RuntimeError):
 
 class JobStage:
     def __init__(self, name: str, report: Report = lambda state, message, progress: None, *,
-                 timeout_s: float = 0.0, abort_grace_s: float = 30.0):
+                 timeout_s: float = 0.0, abort_grace_s: float = 30.0, queue_timeout_s: float = 0.0):
         """``timeout_s``: a job running longer is stopped as an abort would, and the run fails (0:
-        no limit). ``abort_grace_s``: after an abort, how long a job may take to stop before the
+        no limit). ``queue_timeout_s``: a job no worker has started after this long is withdrawn
+        and the run fails (0: it waits for ever, as a batch queue may). ``abort_grace_s``: after an abort, how long a job may take to stop before the
         run ends without it (a local worker still running it is killed: a job stuck in native code
         never reads the abort file)."""
         self.name = name
         self.report = report
         self.timeout_s = float(timeout_s)
+        self.queue_timeout_s = float(queue_timeout_s)
         self.abort_grace_s = float(abort_grace_s)
         self.state = "Idle"
         self.message = ""
@@ -112,18 +114,22 @@ class JobStage:
         self.current = job
         last = None
         started = abort_at = timed_out = None
+        submitted = time.monotonic()
         try:
             while not job.done():
                 now = time.monotonic()
-                if (self.timeout_s and started is not None and timed_out is None
-                        and now - started > self.timeout_s):
-                    timed_out = f"timed out after {self.timeout_s:g} s"
-                    self._abort = True
-                    self.set(message=f"{kind}: {timed_out}; stopping it")
+                if timed_out is None:
+                    timed_out = self._past_limit(now, submitted, started)
+                    if timed_out:
+                        self._abort = True
+                        self.set(message=f"{kind}: {timed_out}; stopping it")
                 if self._abort:
                     if job.abort():
                         # not started: a process pool cannot cancel a job it already queued for a
                         # worker, and waiting for it would hold the stage until the job before it ends
+                        if timed_out:
+                            return {**job.progress(), "status": "failed",
+                                    "message": f"{timed_out}: the {kind} job was withdrawn"}
                         return {**job.progress(), "status": "aborted",
                                 "message": f"the {kind} job was aborted while queued"}
                     abort_at = now if abort_at is None else abort_at
@@ -151,6 +157,15 @@ class JobStage:
             return result
         finally:
             self.current = None
+
+    def _past_limit(self, now: float, submitted: float, started: float | None) -> str | None:
+        """Why the job in flight is over its limit (running too long, or never started), or None."""
+        if started is None:
+            if self.queue_timeout_s and now - submitted > self.queue_timeout_s:
+                return f"no worker started it within {self.queue_timeout_s:g} s"
+        elif self.timeout_s and now - started > self.timeout_s:
+            return f"timed out after {self.timeout_s:g} s"
+        return None
 
     def _give_up(self, executor, job, kind: str, timed_out: str | None) -> dict:
         """The job did not stop within the grace after an abort: end the run without it. A local

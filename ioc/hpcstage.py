@@ -45,7 +45,8 @@ class HpcStage:
         d = self.executor.describe()
         ioc.set("HPC:Executor_RBV", str(d.get("name", cfg.hpc.kind))[:39])
         ioc.set("HPC:Workers_RBV", int(d.get("workers") or 0))
-        limits = {"timeout_s": w.job_timeout_s, "abort_grace_s": w.abort_grace_s}
+        limits = {"timeout_s": w.job_timeout_s, "abort_grace_s": w.abort_grace_s,
+                  "queue_timeout_s": w.job_queue_timeout_s}
         self.recon = JobStage("Recon", self._reporter("Recon"), **limits)
         self.train_stage = JobStage("Train", self._reporter("Train"), **limits)
         self.last_recon: dict | None = None

@@ -213,6 +213,11 @@ class WorkflowOptions(Strict):
     """Engine the validation job runs the model with (on the executor's host; auto: ONNX Runtime)."""
     job_timeout_s: Annotated[float, Field(ge=0)] = 0.0
     """A job running longer than this is stopped as an abort is, and its run ends Failed (0: no limit)."""
+    job_queue_timeout_s: Annotated[float, Field(ge=0)] = 0.0
+    """A job no worker has started after this long (no Dask workers, a batch queue that never
+    schedules it) is withdrawn and its run ends Failed (0: wait for ever; a batch queue may
+    legitimately hold a job for hours). Recon and Train share the executor, so a job queued behind
+    the other stage's counts that wait too: set it above the longest job."""
     abort_grace_s: Annotated[float, Field(gt=0)] = 30.0
     """Seconds a job has to stop after an abort (or its timeout) before the stage gives up on it:
     the run ends, and a local worker still running it is killed (a job stuck in native code never

@@ -886,3 +886,35 @@ def test_a_restarted_ioc_knows_the_reference_of_the_version_it_runs(tmp_path):
     finally:
         ctx.close()
         assert child.stop() == 0
+
+
+def test_a_job_no_worker_takes_fails_after_the_queue_timeout_and_frees_the_stage(tmp_path):
+    """Helper 20 #6, over CA against a real Dask scheduler that has no workers: Recon:Start stayed
+    Queued for good. With workflow.job_queue_timeout_s the run ends Failed (MAJOR) with the reason
+    and the put completes; the next Start is taken, not refused as busy."""
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    from .recon_helpers import write_sim_scan
+
+    scan = write_sim_scan(tmp_path / "scan_0001.h5", n=16, beam_px=6.0, extent_px=20.0, object_px=64, truth=False)
+    with distributed.LocalCluster(n_workers=0, processes=False, host="127.0.0.1", dashboard_address=None,
+                                  protocol="tcp") as cluster:
+        h = write_ioc_config(tmp_path, f"QT{os.getpid()}:", CA_PORTS[1], extra=(
+            "chain: {seed_demo_model: false}\n"
+            f"hpc: {{kind: dask, address: '{cluster.scheduler_address}'}}\n"
+            "workflow: {job_queue_timeout_s: 1}\n"))
+        child = start_ioc(h.config, timeout=60)
+        ctx = pva(h)
+        try:
+            assert caget(h.pv("HPC:Workers_RBV")) == 0
+            ctx.put(h.pv("Recon:ScanFile"), str(scan), wait=True, timeout=10)
+            for _ in range(2):                        # the second Start is taken: the stage is free
+                t0 = time.monotonic()
+                assert epics.caput(h.pv("Recon:Start"), 1, wait=True, timeout=60) == 1
+                assert time.monotonic() - t0 < 30
+                assert caget(h.pv("Recon:Status_RBV"), as_string=True) == "Failed"
+                msg = ctx.get(h.pv("Recon:Message_RBV")).value
+                assert "no worker started it within 1 s" in msg, msg
+                assert caget(h.pv("Recon:Status_RBV.SEVR"), as_string=True) == "MAJOR"
+        finally:
+            ctx.close()
+            child.stop()

@@ -338,3 +338,72 @@ def test_a_labelling_failure_still_validates_the_live_model(tmp_path):
     ran.clear()
     res = run(wf.reconstruct(Stage("aborted"), scan, {}, label={"fov": (64, 64)}, validate={"version": 1}))
     assert ran == ["reconstruct", "label"] and res["status"] == "aborted"
+
+
+class NeverStarts:
+    """An executor that takes jobs and never runs them: a Dask scheduler without workers, a batch
+    queue that never schedules. Its futures stay pending (cancellable)."""
+
+    def __init__(self):
+        import concurrent.futures as cf
+
+        self.futures = []
+        self._cf = cf
+
+    def submit(self, *a, **k):
+        f = self._cf.Future()
+        self.futures.append(f)
+        return f
+
+
+def test_a_job_no_worker_starts_is_withdrawn_after_the_queue_timeout(tmp_path):
+    """Helper 20 #6: a job that never starts stayed Queued for good (job_timeout_s counts from
+    Running). With workflow.job_queue_timeout_s the run ends Failed, saying why, and frees the stage."""
+    ex, rec = NeverStarts(), Recorder()
+    st = JobStage("Recon", rec, queue_timeout_s=0.5)
+
+    async def body(stage):
+        return await stage.job(ex, job_helpers.quick_job, 1, job_dir=tmp_path / "q", kind="reconstruct")
+
+    res = run(st.run("reconstruction", body))
+    assert res["status"] == "failed" and st.state == "Failed" and not st.busy
+    assert res["message"] == "no worker started it within 0.5 s: the reconstruct job was withdrawn"
+    assert "no worker started it within 0.5 s" in st.message
+    assert ex.futures[0].cancelled()                        # withdrawn from the executor, not left there
+    assert "Running" not in [s for s, _ in rec.states]
+
+
+def test_the_queue_timeout_does_not_stop_a_job_once_it_runs(tmp_path):
+    """The queue timeout counts until a worker writes the job's first record, never after."""
+    from ptychopv.hpc.jobs import PROGRESS, write_json_atomic
+
+    ex = NeverStarts()
+    st = JobStage("Train", queue_timeout_s=0.5)
+    job_dir = tmp_path / "r"
+
+    async def body(stage):
+        task = asyncio.ensure_future(stage.job(ex, job_helpers.quick_job, 1, job_dir=job_dir, kind="train"))
+        while not ex.futures:
+            await asyncio.sleep(0.01)
+        write_json_atomic(job_dir / PROGRESS, {"kind": "train", "status": "running", "message": "epoch 1"})
+        while st.state != "Running":                       # the stage read the record
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:                  # three queue timeouts pass while it runs
+            assert not task.done()
+            await asyncio.sleep(0.05)
+        ex.futures[0].set_result({"kind": "train", "status": "done", "message": "done", "result": {"x": 2}})
+        return await task
+
+    res = run(st.run("training", body))
+    assert res["status"] == "done" and st.state == "Done", res
+
+
+def test_the_queue_timeout_is_checked_in_the_config():
+    from pydantic import ValidationError
+
+    from ptychopv.config import WorkflowOptions
+
+    assert WorkflowOptions().job_queue_timeout_s == 0
+    with pytest.raises(ValidationError, match="job_queue_timeout_s"):
+        WorkflowOptions(job_queue_timeout_s=-1)
