@@ -191,6 +191,7 @@ class PtychoIOC:
 
             raise ConfigError(f"autosave.directory: {runtime} cannot be a folder: {exc.strerror}") from None
         self._instance_lock = _hold_instance_lock(runtime / f"{self._autosave_name()}.lock", self.prefix)
+        _refuse_if_served(self.prefix, self.cfg.epics)
         autosave.configure(runtime, name=self._autosave_name(),
                            save_period=self.cfg.autosave.period_s, timestamped_backups=False)
         self.acf = self._access(runtime)
@@ -397,6 +398,31 @@ def _hold_instance_lock(path: Path, prefix: str):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def _refuse_if_served(prefix: str, opts) -> None:
+    """Another IOC already serving this prefix (another autosave folder, so not the instance lock;
+    another config with the same prefix) stops this start: clients would read either one's values.
+    Searched by name over PVA, where a same-prefix IOC of this project listens: the configured
+    TCP port as a name server (the first one holds it) and the UDP search port, on loopback."""
+    if not opts.duplicate_search_s:
+        return
+    from p4p.client.thread import Context
+
+    from ..config import ConfigError
+    from ..io.epics_env import pva_client_conf
+
+    name = f"{prefix}Version_RBV"
+    ctx = Context("pva", conf=pva_client_conf(opts.pva_server_port, broadcast=opts.pva_broadcast_port),
+                  useenv=False)
+    try:
+        version = ctx.get(name, timeout=opts.duplicate_search_s)
+    except Exception:  # noqa: BLE001 - TimeoutError: nobody serves it, which is what we want
+        return
+    finally:
+        ctx.close()
+    raise ConfigError(f"another IOC already serves prefix {prefix} ({name} = {version!s} answered over PVA); "
+                      "stop it first, or give this one another prefix")
 
 
 def _move_aside(path: Path) -> Path:

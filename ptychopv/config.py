@@ -55,6 +55,10 @@ class EpicsOptions(Strict):
     image_pva_port: Port = 5077
     """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Infer:Amplitude, Stitch:Image,
     Refine:Image, Recon:Image)."""
+    duplicate_search_s: Annotated[float, Field(ge=0, le=10)] = 0.5
+    """At start, how long to search (PVA, by name server at pva_server_port and by UDP at
+    pva_broadcast_port) for another IOC that already serves this prefix (0: no search). One that
+    answers stops this start: two IOCs of one prefix give clients either one's values."""
 
     @model_validator(mode="after")
     def _distinct(self):

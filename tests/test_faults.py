@@ -525,6 +525,34 @@ def test_a_second_ioc_of_the_same_config_is_refused_and_the_first_goes_on(tmp_pa
         assert child.stop() == 0
 
 
+def test_a_second_ioc_of_the_same_prefix_with_another_autosave_folder_is_refused(tmp_path):
+    """The instance lock is per autosave folder: a second config with the same prefix (another
+    autosave folder) came up beside the first, and clients read either one's values. The start
+    searches for its own prefix over PVA first and stops, one line, when another IOC answers."""
+    h = write_ioc_config(tmp_path, f"TD{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text(h.config.read_text().replace("directory: autosave", "directory: autosave-other"))
+    child = start_ioc(h.config)
+    try:
+        epics.caput(h.pv("Auto:Tolerance"), 0.3, wait=True, timeout=10)
+        done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(other)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"another IOC already serves prefix {h.prefix}" in lines[0], done.stderr
+        assert not (tmp_path / "autosave-other" / f"{h.prefix.rstrip(':')}.softsav").exists()
+        assert caget(h.pv("Auto:Tolerance")) == pytest.approx(0.3)       # the first is untouched
+    finally:
+        assert child.stop() == 0
+    # with the first one gone, the other config starts
+    child = start_ioc(other)
+    try:
+        # its own autosave folder: the first one's setting is not its
+        assert h.fresh_caget("Auto:Tolerance") == pytest.approx(schema.by_name()["Auto:Tolerance"].initial)
+    finally:
+        assert child.stop() == 0
+
+
 def test_a_missing_access_file_is_one_line_naming_the_key(tmp_path):
     h = write_ioc_config(tmp_path, f"AF{os.getpid()}:", CA_PORTS[1], extra="access: {file: nowhere.acf}\n")
     done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(h.config)],
