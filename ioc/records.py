@@ -8,6 +8,7 @@ record; the IOC and the database generator (``dbgen.py``) both call it, so the g
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 from .schema import PV, records
@@ -26,6 +27,13 @@ def text_room(pv: PV) -> int:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _num(x) -> str:
+    """A number as a refusal says it: whole numbers in full, others as Python writes them (with
+    :g, 1000001 read '1e+06' and 1000.0001 '1000', the limit it broke)."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
 
 
 def check_value(pv: PV, value) -> str | None:
@@ -47,8 +55,10 @@ def check_value(pv: PV, value) -> str | None:
             return f"{value} is not a whole number"
         if v in pv.allow:
             return None
-        if pv.low is not None and pv.high is not None and pv.high > pv.low and not pv.low <= v <= pv.high:
-            return f"{value:g} is outside {pv.low:g} .. {pv.high:g}"
+        if pv.low is not None and pv.high is not None and not pv.low <= v <= pv.high:
+            # low == high: that one value (NDArrayAddress 0; a record's DRVL = DRVH = 0 clamps nothing)
+            return (f"{_num(value)} is not {_num(pv.low)}" if pv.low == pv.high
+                    else f"{_num(value)} is outside {_num(pv.low)} .. {_num(pv.high)}")
         return None
     if t in ("bo", "mbbo"):
         try:
@@ -69,6 +79,10 @@ def check_value(pv: PV, value) -> str | None:
             return "a NUL character in the text"
         if "\ufffd" in text:   # softioc decodes a CA client's bytes with errors="replace"
             return "bytes that are not UTF-8 text (no client could read them back)"
+        if pv.check == "channel" and text:
+            bad = [c for c in text if c.isspace() or not c.isprintable()]
+            if bad:
+                return f"{bad[0]!r} in a channel name (a PVA channel has no spaces or control characters)"
         if pv.check == "path" and text:
             long = [c for c in text.split("/") if len(c.encode()) > NAME_MAX]
             if long:
@@ -141,15 +155,20 @@ def make_record(builder, pv: PV, on_update: Callable | None = None, validate: Ca
 
 
 def create_records(prefix: str, handlers: dict[str, Callable] | None = None,
-                   validators: dict[str, Callable] | None = None) -> dict:
+                   validators: dict[str, Callable] | None = None, initial: dict | None = None) -> dict:
     """Create every record under ``prefix``; ``handlers`` maps a writable PV name to its
-    on_update, ``validators`` to its validate (default :func:`check_value`)."""
+    on_update, ``validators`` to its validate (default :func:`check_value`); ``initial`` gives a
+    setting (and its readback) another first value than its declaration's (the config's; an
+    autosaved value still wins at start)."""
     import epicsdbbuilder
     from softioc import builder
 
     epicsdbbuilder.SetSimpleRecordNames(prefix, "")
-    handlers, validators = handlers or {}, validators or {}
+    handlers, validators, initial = handlers or {}, validators or {}, initial or {}
     made = {}
     for pv in records():
+        base = pv.name[:-4] if pv.name.endswith("_RBV") else pv.name
+        if base in initial:
+            pv = replace(pv, initial=initial[base])
         made[pv.name] = make_record(builder, pv, handlers.get(pv.name), validators.get(pv.name))
     return made

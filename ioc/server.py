@@ -78,8 +78,9 @@ class PtychoIOC:
     def _accept(self, pv: schema.PV):
         """The record's validate: the declaration's checks, then any registered one. A refusal is
         said in the stage's Message_RBV and raises a WRITE alarm on the readback; the value is
-        not stored (PVA puts get an error; CA put-callbacks still complete, as EPICS reports
-        only field-conversion failures to them)."""
+        not stored. The put itself completes without an error over CA and PVA alike (EPICS reports
+        only field-conversion failures to a put-callback, and QSRV's put with completion reported
+        none of softioc's refusals, measured for ao, longout, mbbo and long strings)."""
         from .records import check_value
 
         def validate(_record, value) -> bool:
@@ -198,8 +199,28 @@ class PtychoIOC:
         handlers = {pv.name: self._handler(schema_pv) for schema_pv in schema.SCHEMA
                     if schema_pv.writable for pv in schema_pv.records()[:1]}
         validators = {r.name: self._accept(r) for r in schema.records() if r.writable}
-        self.rec = create_records(self.prefix, handlers, validators)
+        self.rec = create_records(self.prefix, handlers, validators, self._initial_from_config())
         self._initial_messages()
+
+    def _initial_from_config(self) -> dict:
+        """The settings whose first value is the config's (the records rule once written, and
+        autosave restores them): recon.engine and recon.iterations, train.epochs. A config value
+        the record would refuse keeps the declaration's, and says so."""
+        from ..hpc.options import ALGORITHMS
+        from .records import check_value
+
+        decl = schema.by_name()
+        wanted = {"Recon:Engine": list(ALGORITHMS).index(self.cfg.recon.engine),
+                  "Recon:Iterations": int(self.cfg.recon.iterations), "Train:Epochs": int(self.cfg.train.epochs)}
+        out = {}
+        for name, value in wanted.items():
+            why = check_value(decl[name], value)
+            if why is None:
+                out[name] = value
+            else:
+                stage = name.split(":")[0]
+                self.notes[stage] = f"{name} starts at {decl[name].initial}: the config's {value} is refused ({why})"
+        return out
 
     def _initial_messages(self) -> None:
         self.rec["Version_RBV"].set(__version__)
@@ -403,8 +424,8 @@ def _hold_instance_lock(path: Path, prefix: str):
 def _refuse_if_served(prefix: str, opts) -> None:
     """Another IOC already serving this prefix (another autosave folder, so not the instance lock;
     another config with the same prefix) stops this start: clients would read either one's values.
-    Searched by name over PVA, where a same-prefix IOC of this project listens: the configured
-    TCP port as a name server (the first one holds it) and the UDP search port, on loopback."""
+    Searched by name over PVA, by UDP at the configured search port on loopback (a TCP name
+    server at the configured PVA port would log a refused connection on every ordinary start)."""
     if not opts.duplicate_search_s:
         return
     from p4p.client.thread import Context
@@ -413,8 +434,8 @@ def _refuse_if_served(prefix: str, opts) -> None:
     from ..io.epics_env import pva_client_conf
 
     name = f"{prefix}Version_RBV"
-    ctx = Context("pva", conf=pva_client_conf(opts.pva_server_port, broadcast=opts.pva_broadcast_port),
-                  useenv=False)
+    conf = {**pva_client_conf(broadcast=opts.pva_broadcast_port), "EPICS_PVA_NAME_SERVERS": ""}
+    ctx = Context("pva", conf=conf, useenv=False)
     try:
         version = ctx.get(name, timeout=opts.duplicate_search_s)
     except Exception:  # noqa: BLE001 - TimeoutError: nobody serves it, which is what we want

@@ -56,8 +56,8 @@ class EpicsOptions(Strict):
     """PV Access TCP port of the chain's NTNDArray outputs (Infer:Phase, Infer:Amplitude, Stitch:Image,
     Refine:Image, Recon:Image)."""
     duplicate_search_s: Annotated[float, Field(ge=0, le=10)] = 0.5
-    """At start, how long to search (PVA, by name server at pva_server_port and by UDP at
-    pva_broadcast_port) for another IOC that already serves this prefix (0: no search). One that
+    """At start, how long to search (PVA, by UDP at pva_broadcast_port on loopback) for another
+    IOC that already serves this prefix (0: no search). One that
     answers stops this start: two IOCs of one prefix give clients either one's values."""
 
     @model_validator(mode="after")
@@ -116,6 +116,16 @@ class SourceOptions(Strict):
 
     channel: str = "PTYSIM:Pva1:Image"
     """The detector's NTNDArray PVA channel (NDPluginPva's PvName)."""
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, v: str) -> str:
+        # the channel goes into Infer:NDArrayPort, a 256-byte string record
+        if not v or any(c.isspace() or not c.isprintable() for c in v):
+            raise ValueError(f"{v!r}: a PVA channel name, not empty, without spaces or control characters")
+        if len(v.encode()) > 255:
+            raise ValueError(f"{len(v.encode())} bytes: at most 255 (Infer:NDArrayPort holds 255)")
+        return v
     addr_list: list[str] = ["127.0.0.1"]
     """Where UDP searches go (EPICS_PVA_ADDR_LIST): host or host:port, e.g. the detector IOC's
     host or its subnet's broadcast address."""

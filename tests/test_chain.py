@@ -275,7 +275,7 @@ def test_ndarrayport_write_is_taken_over_ca_and_a_good_channel_reconnects(beamli
     reported not found, with Connected_RBV MAJOR, is test_discovery's."""
     h, ctx, sp, _ = beamline
     epics.caput(h.pv("Infer:NDArrayPort"), "NO:SUCH:CHANNEL", wait=True)
-    assert caget(h.pv("Infer:NDArrayPort_RBV")) == "NO:SUCH:CHANNEL"
+    assert caget(h.pv("Infer:NDArrayPort_RBV"), as_string=True) == "NO:SUCH:CHANNEL"
     assert "NO:SUCH:CHANNEL" in caget(h.pv("Infer:Message_RBV"), as_string=True)
     before = caget(h.pv("Infer:ArrayCounter_RBV"))
     epics.caput(h.pv("Infer:NDArrayPort"), sp + "Pva1:Image", wait=True)

@@ -4,7 +4,8 @@ IOC, and what it must do back. Each test names the fault it reproduces (issue 14
 - a reconstruction worker SIGKILLed mid-job: that run fails with the reason, the next Start works,
   and SIGTERM during a run stops the IOC within seconds with its settings saved;
 - out-of-range enums, over-long strings, file names no filesystem takes, NaN and infinities,
-  over CA and PVA: refused (PVA: an error; CA: the value stays, a WRITE alarm and the reason),
+  over CA and PVA: refused (the value stays, a WRITE alarm and the reason; the put itself
+  completes without an error, over either protocol),
   never stored, never autosaved;
 - a poisoned autosave file: start-up skips the bad values, says so, and comes up;
 - a broken newest model version, selected and autosaved: the chain runs the newest good one,
@@ -946,3 +947,87 @@ def test_a_job_no_worker_takes_fails_after_the_queue_timeout_and_frees_the_stage
         finally:
             ctx.close()
             child.stop()
+
+
+def test_a_long_prefix_and_a_facility_detector_name_start_and_read_back_whole(tmp_path):
+    """Helper 22 (HIGH): NDArrayPort and PvName_RBV were 40-character string records, so a detector
+    channel of 42 characters (a facility name with {Det:...}) or a prefix of 28-30 characters (the
+    config allows 30) ended every start with 'byte string too long'. They are long strings now."""
+    prefix = f"LONGPFX{os.getpid()}_".ljust(29, "X") + ":"
+    assert len(prefix) == 30
+    channel = f"BL99ID-ES{{Det:Eiger2-XE-16M-{os.getpid()}}}:Pva1:Image"
+    assert len(channel) > 40
+    h = write_ioc_config(tmp_path, prefix, CA_PORTS[1],
+                         extra=f"chain: {{seed_demo_model: false}}\nsource: {{channel: '{channel}'}}\n")
+    child = start_ioc(h.config, timeout=60)
+    ctx = pva(h)
+    try:
+        assert caget(h.pv("Infer:NDArrayPort_RBV"), as_string=True) == channel
+        assert ctx.get(h.pv("Infer:NDArrayPort_RBV")).value == channel
+        assert caget(h.pv("Refine:PvName_RBV"), as_string=True) == prefix + "Refine:Image"
+        assert caget(h.pv("Refine:NDArrayPort"), as_string=True) == prefix + "Stitch:Image"
+        # a longer name written at run time is taken; one a channel cannot be is refused, not stored
+        other = channel.replace("Pva1", "Pva2")
+        epics.caput(h.pv("Infer:NDArrayPort"), other, wait=True, timeout=10)
+        assert caget(h.pv("Infer:NDArrayPort_RBV"), as_string=True) == other
+        # (not an error at the PVA client, as for every refused value: README, Known limits;
+        # not stored, and said)
+        for bad, why in (("A\nB:Image", "in a channel name"), ("x" * 256, "longer than the record")):
+            refused_over_pva(ctx, h.pv("Infer:NDArrayPort"), bad)
+            assert caget(h.pv("Infer:NDArrayPort"), as_string=True) == other
+            assert why in ctx.get(h.pv("Infer:Message_RBV")).value
+        epics.caput(h.pv("Infer:NDArrayPort"), "C D:Image", wait=True, timeout=10)
+        assert "' ' in a channel name" in ctx.get(h.pv("Infer:Message_RBV")).value
+        refused_over_pva(ctx, h.pv("Infer:NDArrayAddress"), 2)                    # declared 0 .. 0
+        assert "2 is not 0" in ctx.get(h.pv("Infer:Message_RBV")).value
+        assert caget(h.pv("Infer:NDArrayPort"), as_string=True) == other
+        assert caget(h.pv("Infer:NDArrayAddress")) == 0
+    finally:
+        ctx.close()
+        child.stop()
+
+
+@pytest.mark.parametrize("channel, why", [("", "not empty"), ("A B:Image", "without spaces"),
+                                          ("x" * 256, "at most 255")])
+def test_a_detector_channel_no_record_can_hold_is_refused_by_the_config(channel, why):
+    from pydantic import ValidationError
+
+    from ptychopv.config import SourceOptions
+
+    with pytest.raises(ValidationError, match=why):
+        SourceOptions(channel=channel)
+
+
+def test_the_configs_recon_and_train_settings_are_the_records_first_values(tmp_path):
+    """Helper 22: recon.engine, recon.iterations and train.epochs were never used by the IOC (the
+    records' declared values won), so a config of recon.engine: lsqml reconstructed with ePIE.
+    They are the records' first values now; a value written and autosaved wins after a restart;
+    a config value the record refuses keeps the declaration's and says so."""
+    from ptychopv.hpc.options import ALGORITHMS
+
+    h = write_ioc_config(tmp_path, f"CI{os.getpid()}:", CA_PORTS[1], extra=(
+        "chain: {seed_demo_model: false}\n"
+        "recon: {engine: lsqml, iterations: 7, beam_m: 5.0e-7}\n"
+        "train: {epochs: 3}\n"))
+    child = start_ioc(h.config, timeout=60)
+    try:
+        assert caget(h.pv("Recon:Engine")) == list(ALGORITHMS).index("lsqml")
+        assert caget(h.pv("Recon:Engine_RBV")) == list(ALGORITHMS).index("lsqml")
+        assert caget(h.pv("Recon:Iterations_RBV")) == 7 and caget(h.pv("Train:Epochs_RBV")) == 3
+        epics.caput(h.pv("Recon:Iterations"), 11, wait=True, timeout=10)
+    finally:
+        assert child.stop() == 0
+    child = start_ioc(h.config, timeout=60)                     # the autosaved value wins
+    try:
+        assert h.fresh_caget("Recon:Iterations_RBV") == 11
+        assert h.fresh_caget("Train:Epochs_RBV") == 3
+    finally:
+        assert child.stop() == 0
+    h2 = write_ioc_config(tmp_path / "b", f"CJ{os.getpid()}:", CA_PORTS[1], extra=(
+        "chain: {seed_demo_model: false}\nrecon: {iterations: 200000, beam_m: 5.0e-7}\n"))
+    child = start_ioc(h2.config, timeout=60)
+    try:
+        assert caget(h2.pv("Recon:Iterations_RBV")) == schema.by_name()["Recon:Iterations"].initial
+        assert "the config's 200000 is refused" in caget(h2.pv("Recon:Message_RBV"), as_string=True)
+    finally:
+        assert child.stop() == 0

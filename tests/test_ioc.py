@@ -145,9 +145,9 @@ def test_plugin_records_follow_areadetector(ioc):
         epics.caput(p + "BlockingCallbacks", "No", wait=True, timeout=10)
         assert caget(p + "ArrayRate_RBV.EGU") == "Hz" and caget(p + "ExecutionTime_RBV.EGU") == "ms"
         assert caget(p + "DataType_RBV", as_string=True) == "UInt16"
-        assert caget(p + "PvName_RBV").startswith(ioc.prefix + stage + ":")
-    assert caget(ioc.pv("Infer:NDArrayPort")) == "PTYSIM:Pva1:Image"
-    assert caget(ioc.pv("Stitch:NDArrayPort")) == ioc.pv("Infer:Phase")
+        assert caget(p + "PvName_RBV", as_string=True).startswith(ioc.prefix + stage + ":")
+    assert caget(ioc.pv("Infer:NDArrayPort"), as_string=True) == "PTYSIM:Pva1:Image"
+    assert caget(ioc.pv("Stitch:NDArrayPort"), as_string=True) == ioc.pv("Infer:Phase")
 
 
 def test_every_declared_record_is_served(ioc):
@@ -256,3 +256,15 @@ def test_still_written_reads_an_enum_records_state_names(kind, states):
     assert still_written(rec, 1) and still_written(rec, 1.0)
     assert not still_written(rec, 0)
     assert not still_written(rec, "Done")
+
+
+def test_a_refusal_says_the_value_and_limits_in_full():
+    """Helper 22: refusals rounded with :g read 'Model:Select = 1000001 refused: 1e+06 is outside
+    0 .. 1e+06' and '1000 is outside 0.001 .. 1000' (for 1000.0001)."""
+    from ptychopv.ioc.records import check_value
+
+    decl = schema.by_name()
+    assert check_value(decl["Model:Select"], 1000001) == "1000001 is outside 0 .. 1000000"
+    sf = decl["ScaleFactor"]
+    assert check_value(sf, sf.high + 0.0001) == f"{sf.high + 0.0001!r} is outside {sf.low!r} .. {int(sf.high)}"
+    assert check_value(decl["Infer:NDArrayAddress"], 2) == "2 is not 0"
