@@ -33,6 +33,18 @@ def record_value(pv: schema.PV, value):
     return value
 
 
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+
+
+def fit_int32(pv: schema.PV, value) -> tuple:
+    """A value for a 32-bit integer record, with the severity it shows: a counter past 2^31 - 1
+    (ArrayCounter after 12 days at 2 kHz) saturates with a MAJOR alarm instead of wrapping to a
+    negative number; every other value passes with severity 0."""
+    if pv.rtype in ("longin", "longout") and not INT32_MIN <= value <= INT32_MAX:
+        return (INT32_MAX if value > 0 else INT32_MIN), 2
+    return value, 0
+
+
 def attribute_value(pv: schema.PV, value):
     """A record's value as the plugin attribute takes it."""
     if pv.rtype == "bo":
@@ -88,9 +100,12 @@ class StageBinder:
             except Exception:  # noqa: BLE001 - one bad attribute must not stop the others
                 log.exception("reading %s.%s for %s", type(plugin).__name__, rec.attr, rec.name)
                 continue
-            if v is not None and self._seen.get(rec.name) != v:
-                self._seen[rec.name] = v
-                self.ioc.set(rec.name, v)
+            if v is None:
+                continue
+            v, severity = fit_int32(rec, v)
+            if self._seen.get(rec.name) != (v, severity):
+                self._seen[rec.name] = (v, severity)
+                self.ioc.set(rec.name, v, severity=severity, alarm_status=7 if severity else 0)
 
     def start(self) -> None:
         for p in self.plugins.values():

@@ -86,6 +86,7 @@ class LiveChain:
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
         self._seen: dict[str, object] = {}   # last (value, severity) the stats loop wrote to each record
         self._mismatch = False               # the live model was trained for another beamline
+        self._bad_before = 0                 # Infer.bad_frames at the last stats tick (Infer:Status_RBV Error)
         self._scale_range = None             # (version, lo, hi): the ScaleFactors the live model saw in training
         self._scale_warned = False
         self.binder = StageBinder(ioc)
@@ -822,7 +823,7 @@ class LiveChain:
                 if self._capture_file and not r.capture:
                     self._capture_stopped_by_recorder()
                 self._news("Scan#plugin", "Scan", r.last_message, r.last_severity)
-                put("Scan:FramesCaptured_RBV", int(r.frames_captured))
+                put("Scan:FramesCaptured_RBV", *saturated(int(r.frames_captured)))
                 put("Scan:FileName_RBV", str(r.current_file))
                 put("Scan:Number_RBV", int(r.scan_number))
             except Exception:
@@ -835,6 +836,13 @@ class LiveChain:
             if self.models.loading or self.infer.frames_waiting:
                 return s.index("Waiting for model"), 1
             return s.index("No model"), 2
+        bad = self.infer.bad_frames + self.infer.error_count
         if self.infer.frame_rate > 0:
             return s.index("Running"), 1 if self._mismatch else 0
+        if bad > self._bad_before:
+            # frames arrive and every one is refused (another size or dtype than the model takes):
+            # no live image, said as such rather than Idle
+            self._bad_before = bad
+            return s.index("Error"), 2
+        self._bad_before = bad
         return s.index("Idle"), 1 if self._mismatch else 0

@@ -108,6 +108,7 @@ class PluginBase:
         self.error_count = 0
         self.last_message = ""
         self.last_severity = 0
+        self._trouble = ""      # a warning Message_RBV shows until the stage says it works again
         self._min_callback_time = 0.0
         self._last_taken = -float("inf")
 
@@ -432,8 +433,8 @@ class PluginBase:
 
     def _error(self, exc: BaseException, where: str) -> None:
         self.error_count += 1
-        self.last_message = f"{where}: {type(exc).__name__}: {exc}"
-        self.last_severity = 0
+        self.last_message = self._trouble = f"{where}: {type(exc).__name__}: {exc}"
+        self.last_severity = 1      # a warning (MINOR): something was not done
         log.debug("%s %s", self.name, self.last_message, exc_info=exc)
 
     def _safe(self, fn, where: str) -> None:

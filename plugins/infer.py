@@ -105,13 +105,12 @@ class InferPlugin(BatchingPlugin):
             self.report(f"waiting for a model: {self.frames_waiting} frame(s) not inferred")
             return None
         size = self.input_size
-        good = []
+        good, bad_before = [], self.bad_frames + self.error_count
         for f in frames:
             try:
                 check_image(f.data)
             except ValueError as exc:
-                self.bad_frames += 1
-                self.report(f"frame {f.unique_id}: {exc}; skipped")
+                self._bad(f"frame {f.unique_id}: {exc}; skipped")
                 continue
             good.append(f)
         if not good:
@@ -123,7 +122,19 @@ class InferPlugin(BatchingPlugin):
         except ValueError as exc:
             # e.g. NaN in a frame, or frames smaller than the model's input: find the culprits one by one
             return self._one_by_one(good, exc)
-        return self._infer(good, batch)
+        out = self._infer(good, batch)
+        if out and self._trouble and self.bad_frames + self.error_count == bad_before:
+            # a whole batch inferred again: the refused frame is history, not the current state
+            self.report(f"inferring: frame {frames[-1].unique_id} taken; earlier: {self._trouble}")
+            self._trouble = ""
+        return out
+
+    def _bad(self, why: str) -> None:
+        """A frame refused (its size, dtype or content): counted in Infer:Errors_RBV and said as a
+        warning (MINOR) until a whole batch is inferred again."""
+        self.bad_frames += 1
+        self._trouble = why
+        self.report(why, severity=1)
 
     def _network_geometry(self, size: int):
         """The preprocess options in use, cropped to the model's input unless a crop or ROI is set
@@ -157,8 +168,7 @@ class InferPlugin(BatchingPlugin):
             try:
                 x = self.pre(f.data[None])
             except ValueError as exc:
-                self.bad_frames += 1
-                self.report(f"frame {f.unique_id}: {exc}")
+                self._bad(f"frame {f.unique_id}: {exc}")
                 continue
             out.extend(self._infer([f], x, sync=True) or [])   # settles what is in flight first
         return out or None
@@ -217,8 +227,7 @@ class InferPlugin(BatchingPlugin):
         counts = _counts(batch, opts)
         for i, f in enumerate(frames):
             if not valid[i]:
-                self.bad_frames += 1
-                self.report(f"frame {f.unique_id}: not finite after preprocessing; skipped")
+                self._bad(f"frame {f.unique_id}: not finite after preprocessing; skipped")
                 continue
             attrs = dict(f.attributes, ModelVersion=version)
             res = f.derive(result["phase"][i], attributes=attrs)

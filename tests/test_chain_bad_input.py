@@ -185,6 +185,48 @@ def test_frames_of_the_wrong_rank_are_counted(rig):
     send_good_and_wait(h, det)
 
 
+def test_a_stream_of_frames_the_model_cannot_take_is_an_error_then_recovers(rig):
+    """Helper 22: with every frame refused (a detector of another size), Infer read Idle with no
+    alarm and the refusal NO_ALARM. Now: Status Error (MAJOR) while frames arrive and all are
+    refused, the message MINOR; a good batch again says so at no alarm."""
+    h, det = rig
+    wait_until(lambda: caget(h.pv("FrameRate_RBV")) == 0, what="no frames inferred for a while")
+    errors = counted(h, "Infer:Errors_RBV")
+    seen = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not (("Error", "MAJOR") in seen and counted(h, "Infer:Errors_RBV") > errors):
+        det.post(to_value(np.ones((16, 16), np.uint16), 0))  # smaller than the model's input
+        seen.add((caget(h.pv("Infer:Status_RBV"), as_string=True), caget(h.pv("Infer:Status_RBV.SEVR"), as_string=True)))
+        time.sleep(0.05)                                       # a detector's frame period
+    assert ("Error", "MAJOR") in seen, seen
+    assert counted(h, "Infer:Errors_RBV") > errors
+    assert "larger than" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    assert caget(h.pv("Infer:Message_RBV.SEVR"), as_string=True) == "MINOR"
+    send_good_and_wait(h, det)
+    wait_until(lambda: caget(h.pv("Infer:Status_RBV"), as_string=True) != "Error", what="the error over")
+    assert "earlier:" in caget(h.pv("Infer:Message_RBV"), as_string=True)
+    assert caget(h.pv("Infer:Message_RBV.SEVR"), as_string=True) == "NO_ALARM"
+
+
+def test_a_counter_past_32_bits_saturates_with_an_alarm(rig):
+    """Helper 22: ArrayCounter_RBV wrapped to -2147483603 with no alarm (after 12 days at 2 kHz,
+    or at once after a put near the top). It stops at 2147483647, MAJOR, until reset."""
+    h, det = rig
+    top = 2**31 - 1
+    epics.caput(h.pv("Infer:ArrayCounter"), top - 2, wait=True, timeout=10)
+    try:
+        for _ in range(5):
+            send_good_and_wait(h, det) if counted(h, "Infer:ArrayCounter_RBV") < top else det.good()
+        wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV.SEVR"), as_string=True) == "MAJOR",
+                   what="the counter saturated")
+        assert counted(h, "Infer:ArrayCounter_RBV") == top
+    finally:
+        epics.caput(h.pv("Infer:ArrayCounter"), 0, wait=True, timeout=10)
+    send_good_and_wait(h, det)
+    assert 0 < counted(h, "Infer:ArrayCounter_RBV") < 100
+    assert caget(h.pv("Infer:ArrayCounter_RBV.SEVR"), as_string=True) == "NO_ALARM"
+
+
 # last: it replaces the rig's detector server
 def test_a_detector_restart_is_survived(rig):
     h, det = rig
@@ -204,3 +246,4 @@ def test_a_detector_restart_is_survived(rig):
         assert counted(h, "Infer:MissedFrames_RBV") == missed
     finally:
         rig[1].server = new.server
+
