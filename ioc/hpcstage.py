@@ -31,6 +31,7 @@ from ..hpc.workflow import STATES, Busy, JobStage, Workflow, label_options
 log = logging.getLogger(__name__)
 ST = {name: i for i, name in enumerate(STATES)}
 SEVERITY = {"Failed": 2, "Aborted": 1}     # alarm severity of a stage's final states
+QUEUED_POLL_S = 0.2                          # how often a queued Start looks whether the stage is free
 
 
 class HpcStage:
@@ -106,7 +107,14 @@ class HpcStage:
             p = Path(named)
             return p if p.is_absolute() else resolve(self.cfg, p)
         last = self.chain.last_scan_file
-        return Path(last) if last else None
+        if last:
+            return Path(last)
+        # none captured since this IOC started: the newest scan in the folder (captured before a
+        # restart) is the last captured one
+        from ..plugins.recorder import newest_scan_file
+
+        r = self.chain.recorder
+        return newest_scan_file(r.folder, r.current_file if r.capture else None)
 
     def _newest_input_size(self) -> int:
         """The input size of the registry's newest model (0: none, or unreadable). Labels made
@@ -120,7 +128,19 @@ class HpcStage:
 
     async def recon_start(self, value) -> None:
         if value:
+            await self._when_free(self.recon)
             await self.reconstruct(self._scan_file())
+
+    async def _when_free(self, stage: JobStage) -> None:
+        """A Start written while the controller's run holds the stage waits for it, as a Start
+        written during the record's own run is queued by the record (it was refused in a message
+        the next progress line replaced, and its put-callback completed as if done)."""
+        if not stage.busy:
+            return
+        self.ioc.message(stage.name, f"{stage.name}:Start queued behind the run in progress "
+                                     f"({stage.name}:Abort stops that run)")
+        while stage.busy:
+            await asyncio.sleep(QUEUED_POLL_S)
 
     async def reconstruct(self, scan: Path | None, on_reconstructed: Callable[[], None] | None = None) -> dict | None:
         """Reconstruct -> label -> validate one scan; returns the summary, or None when it did not
@@ -192,6 +212,7 @@ class HpcStage:
     # ------------------------------------------------------------------ training
     async def train_start(self, value) -> None:
         if value:
+            await self._when_free(self.train_stage)
             await self.train()
 
     async def train(self) -> dict | None:
@@ -227,12 +248,18 @@ class HpcStage:
             result.update(r, reference=ref)
             return {"status": "done", "message": f"model v{r['version']} registered (val loss "
                     f"{r.get('val_loss') or 0:.4f}" + (f", SSIM {ref:.3f} on its training scan)" if ref is not None else ")")
-                    + ("; the abort came after it was published" if late else "")}
+                    + ("; the abort came after it was published" if late else "")
+                    + self._pinned_note(int(r["version"]))}
 
         if await self._run_stage(self.train_stage, "training", body) is None:
             return None
         ioc.set("Train:Progress_RBV", 100.0)
         return result
+
+    def _pinned_note(self, version: int) -> str:
+        """A version published while Model:Select pins another does not run: said with it."""
+        pin = int(self.ioc.get("Model:Select"))
+        return f"; not live: Model:Select pins v{pin} (0 follows the newest)" if pin and pin != version else ""
 
     async def _reference(self, stage: JobStage, version: int) -> float | None:
         """Validate a new version on the scan it was just trained from (the last reconstruction):
@@ -330,6 +357,15 @@ class HpcStage:
             d = self.auto.on(ac.Event.VALIDATED, time.time(), ssim_live=summary["ssim"], ssim_reference=ref)
         self._auto_state()
         if ac.Action.TRAIN not in d.actions:
+            return
+        pin = int(self.ioc.get("Model:Select"))
+        if pin:
+            # a new version would not run (the chain follows the newest only at Model:Select 0): a
+            # retrain now would be pushed nowhere, and every later scan would retrain again
+            self.auto.on(ac.Event.TRAIN_FAILED, time.time())
+            self._auto_state()
+            self.ioc.message("Auto", f"{Path(scan).name}: {d.reason}, but Model:Select pins v{pin}: not "
+                                     "retrained (a new version would not run; Model:Select 0 lets it)", severity=1)
             return
         r = await self.train()
         self.auto.on(ac.Event.TRAIN_DONE if r else ac.Event.TRAIN_FAILED, time.time())

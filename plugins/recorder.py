@@ -42,20 +42,34 @@ DISK_CHECK_EVERY = 16            # frames between free-space checks
 MAX_SCAN = 2**31 - 1             # Scan:Number_RBV is a 32-bit longin
 
 
-def next_scan_number(folder: str | Path) -> tuple[int, list[str]]:
-    """The number after the highest ``scan_N.h5`` in ``folder``, and the files numbered past
-    :data:`MAX_SCAN` (a copy, a hand-made name), which are left out: counting from them, the scan
-    number shown wrapped to a negative one."""
-    nums, ignored = [], []
+def _numbered_scans(folder: str | Path) -> tuple[dict[int, Path], list[str]]:
+    """``scan_N.h5`` files in ``folder`` by number, and those numbered past :data:`MAX_SCAN`."""
+    nums, ignored = {}, []
     for p in sorted(Path(folder).glob("scan_*.h5")):
         tail = p.stem.split("_")[-1]
         if not re.fullmatch(r"[0-9]+", tail):     # isdigit() takes '²', which int() refuses
             continue
         if int(tail) < MAX_SCAN:
-            nums.append(int(tail))
+            nums[int(tail)] = p
         else:
             ignored.append(p.name)
+    return nums, ignored
+
+
+def next_scan_number(folder: str | Path) -> tuple[int, list[str]]:
+    """The number after the highest ``scan_N.h5`` in ``folder``, and the files numbered past
+    :data:`MAX_SCAN` (a copy, a hand-made name), which are left out: counting from them, the scan
+    number shown wrapped to a negative one."""
+    nums, ignored = _numbered_scans(folder)
     return max(nums, default=0) + 1, ignored
+
+
+def newest_scan_file(folder: str | Path, recording: str | Path | None = None) -> Path | None:
+    """The highest-numbered ``scan_N.h5`` in ``folder`` (the last captured, also by an IOC before
+    a restart) other than the file ``recording`` now, or None."""
+    nums, _ = _numbered_scans(folder)
+    done = [n for n, p in nums.items() if not (recording and Path(recording) == p)]
+    return nums[max(done)] if done else None
 
 
 class RecorderPlugin(PluginBase):

@@ -407,3 +407,85 @@ def test_the_queue_timeout_is_checked_in_the_config():
     assert WorkflowOptions().job_queue_timeout_s == 0
     with pytest.raises(ValidationError, match="job_queue_timeout_s"):
         WorkflowOptions(job_queue_timeout_s=-1)
+
+
+def test_a_start_written_while_the_controller_runs_the_stage_waits_for_it():
+    """Helper 22: a user's Recon:Start while the controller's run held the stage was refused in a
+    message the next progress line replaced, and its put-callback completed as if done. It now
+    waits for the run in progress and then runs, as a Start queued by the record does."""
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    class Ioc:
+        def __init__(self):
+            self.messages = []
+
+        def message(self, stage, text, **kw):
+            self.messages.append((stage, text))
+
+    hs = object.__new__(HpcStage)                    # only what recon_start uses
+    hs.ioc, hs.recon = Ioc(), JobStage("Recon")
+    ran = []
+
+    async def reconstruct(scan):
+        ran.append((scan, hs.recon.busy))
+
+    hs.reconstruct, hs._scan_file = reconstruct, lambda: "scan_00002.h5"
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def controllers_run(stage):
+            await gate.wait()
+            return {"status": "done", "message": "ok"}
+
+        held = asyncio.ensure_future(hs.recon.run("reconstruction", controllers_run))
+        await asyncio.sleep(0)
+        assert hs.recon.busy
+        user = asyncio.ensure_future(hs.recon_start(1))
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+        assert not ran and not user.done()            # waiting, not dropped
+        assert any("queued behind the run in progress" in text for _, text in hs.ioc.messages)
+        gate.set()
+        await held
+        await asyncio.wait_for(user, 5)
+        assert ran == [("scan_00002.h5", False)]      # ran once the controller's run had ended
+
+    run(main())
+
+
+@pytest.mark.parametrize("pinned", [0, 2])
+def test_the_controller_does_not_retrain_while_model_select_pins_a_version(pinned, tmp_path):
+    """Helper 22: with Model:Select pinning v2, each scan validated v2, retrained, published a
+    version that never ran ('trained: push the new model') and retrained again on the next scan.
+    Pinned, the controller says why it does not retrain and goes back to Idle; at 0 it retrains."""
+    from types import SimpleNamespace
+
+    from ptychopv.hpc import autocontrol as ac
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    messages, trained = [], []
+    hs = object.__new__(HpcStage)
+    hs.ioc = SimpleNamespace(get=lambda name: {"Model:Select": pinned}[name],
+                             message=lambda stage, text, **kw: messages.append((stage, text, kw.get("severity", 0))))
+    hs.auto = ac.Controller(enabled=True, tolerance=0.1)
+    hs.recon, hs.train_stage = JobStage("Recon"), JobStage("Train")
+    hs.chain = SimpleNamespace(reference_ssim_for=lambda version: 0.9, infer=SimpleNamespace(version=2))
+    hs._auto_state = lambda: None
+
+    async def reconstruct(scan, on_reconstructed=None):
+        on_reconstructed()
+        return {"ssim": 0.5, "version": 2}            # far below its reference: a retrain is due
+
+    async def train():
+        trained.append(True)
+        return {"version": 3}
+
+    hs.reconstruct, hs.train = reconstruct, train
+    run(hs._auto_cycle(tmp_path / "scan_00004.h5"))
+    assert hs.auto.state is ac.State.IDLE
+    if pinned:
+        assert not trained
+        assert any("Model:Select pins v2: not retrained" in text and sev == 1 for _, text, sev in messages), messages
+    else:
+        assert trained == [True]

@@ -231,3 +231,31 @@ def test_a_file_that_fails_to_close_ends_the_capture_and_says_so(rec, tmp_path, 
     rec.put(frame(3))
     assert rec.stop_capture().result(5) == second
     assert read_scan(second).unique_id.tolist() == [3]
+
+
+def test_the_newest_scan_file_is_the_last_captured_even_after_a_restart(tmp_path):
+    """Helper 22: after an IOC restart Recon:Start with an empty Recon:ScanFile failed 'no scan
+    file to reconstruct (none captured)' although the folder held scans 1-4: the last capture was
+    only remembered in memory. The newest numbered scan in the folder is used (not the one being
+    recorded now)."""
+    from types import SimpleNamespace
+
+    from ptychopv.ioc.hpcstage import HpcStage
+    from ptychopv.plugins.recorder import newest_scan_file
+
+    assert newest_scan_file(tmp_path) is None
+    for name in ("scan_00001.h5", "scan_00003.h5", "scan_00002.h5", "scan_\u00b2.h5", "scan_2147483647.h5",
+                 "notes.h5"):
+        (tmp_path / name).write_bytes(b"")
+    assert newest_scan_file(tmp_path) == tmp_path / "scan_00003.h5"
+    assert newest_scan_file(tmp_path, recording=tmp_path / "scan_00003.h5") == tmp_path / "scan_00002.h5"
+
+    hs = object.__new__(HpcStage)
+    rec = SimpleNamespace(folder=tmp_path, capture=False, current_file="")
+    hs.ioc = SimpleNamespace(get=lambda name: {"Recon:ScanFile": ""}[name])
+    hs.chain = SimpleNamespace(last_scan_file=None, recorder=rec)
+    assert hs._scan_file() == tmp_path / "scan_00003.h5"             # none captured since the start
+    rec.capture, rec.current_file = True, str(tmp_path / "scan_00003.h5")
+    assert hs._scan_file() == tmp_path / "scan_00002.h5"             # not the scan being recorded
+    hs.chain.last_scan_file = str(tmp_path / "scan_00001.h5")
+    assert hs._scan_file() == tmp_path / "scan_00001.h5"             # this run's last capture first
