@@ -68,6 +68,20 @@ class _Base:
 PARENT_POLL_S = 1.0
 
 
+def _ended(pid: int) -> bool:
+    """Whether ``pid`` has ended though nobody reaped it yet (a zombie: its parent, a shell or
+    a supervisor, had not waited for it, so the worker's getppid() still named it; helper 22
+    saw a worker outlive a SIGKILLed IOC so). Linux's /proc; elsewhere False."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return os.path.isdir("/proc/self")      # gone on Linux; no /proc at all elsewhere
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")   # the state follows the name's ')'
+
+
 def _die_with_parent(parent: int) -> None:
     """A pool worker's initializer: a worker whose IOC was killed (SIGKILL, the OOM killer) never
     noticed, since it holds both ends of its own call-queue pipe; it ran its job to the end (a
@@ -76,7 +90,7 @@ def _die_with_parent(parent: int) -> None:
     import threading
 
     def watch():
-        while os.getppid() == parent:
+        while os.getppid() == parent and not _ended(parent):
             time.sleep(PARENT_POLL_S)
         os._exit(1)
 

@@ -226,3 +226,39 @@ def test_a_worker_ends_with_the_process_that_started_it(tmp_path):
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert alive == [] and not marker.exists()
+
+
+def test_a_worker_ends_with_its_killed_parent_while_nobody_has_reaped_it(tmp_path):
+    """Helper 22: the worker of a SIGKILLed IOC ran on while the IOC was an unreaped zombie (its
+    parent had not waited for it), since getppid() still named it. The worker now also sees the
+    parent's zombie state."""
+    import subprocess
+    from pathlib import Path
+
+    from ptychopv.hpc.executors import _ended
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    assert not _ended(os.getpid())
+    marker = tmp_path / "ran"
+    root = str(Path(__file__).resolve().parents[1])
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN, str(marker), root], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    try:
+        assert workers and all(running(p) for p in workers)
+        parent.send_signal(signal.SIGKILL)            # and not waited for: a zombie, still the parent
+        deadline = time.monotonic() + 15
+        while any(running(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ended(parent.pid)                      # a zombie (this test has not reaped it)
+        alive = [p for p in workers if running(p)]
+    finally:
+        for p in workers:
+            if running(p):
+                os.kill(p, signal.SIGKILL)
+        parent.wait(30)
+    assert alive == [] and not marker.exists()
