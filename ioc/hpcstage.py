@@ -147,6 +147,15 @@ class HpcStage:
         finish (the stage says why). ``on_reconstructed()``: when the reconstruction is saved,
         before the labels and the validation."""
         ioc, chain = self.ioc, self.chain
+        r = chain.recorder
+        if scan is not None and r.capture and r.current_file and Path(r.current_file) == Path(scan):
+            # HDF5 said 'unable to lock file' (the recorder holds it open for writing)
+            async def recording(stage):
+                return {"status": "failed", "message": f"{Path(scan).name} is still being recorded "
+                                                       "(Scan:Capture 0 closes it)"}
+
+            await self._run_stage(self.recon, "reconstruction", recording)
+            return None
         opts = self.cfg.recon.model_dump(mode="json")
         opts.update(engine=list(ALGORITHMS)[int(ioc.get("Recon:Engine"))], iterations=int(ioc.get("Recon:Iterations")))
         size = chain.infer.input_size or self._newest_input_size() or self.cfg.chain.passthrough_size

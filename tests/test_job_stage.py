@@ -489,3 +489,21 @@ def test_the_controller_does_not_retrain_while_model_select_pins_a_version(pinne
         assert any("Model:Select pins v2: not retrained" in text and sev == 1 for _, text, sev in messages), messages
     else:
         assert trained == [True]
+
+
+def test_reconstructing_the_scan_being_recorded_fails_saying_so(tmp_path):
+    """Helper 22: Recon:Start on the scan still being captured failed with HDF5's 'unable to lock
+    file'. The run fails at once saying the scan is still being recorded."""
+    from types import SimpleNamespace
+
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    scan = tmp_path / "scan_00007.h5"
+    rec = Recorder()
+    hs = object.__new__(HpcStage)
+    hs.ioc = SimpleNamespace(set=lambda *a, **k: None, message=lambda *a, **k: None)
+    hs.chain = SimpleNamespace(recorder=SimpleNamespace(capture=True, current_file=str(scan)))
+    hs.recon = JobStage("Recon", rec)
+    assert run(hs.reconstruct(scan)) is None
+    assert hs.recon.state == "Failed" and "scan_00007.h5 is still being recorded" in hs.recon.message
+    assert not hs.recon.busy
