@@ -158,7 +158,13 @@ class RecorderPlugin(PluginBase):
                     self.report(f"{Path(closed).name}: {self.frames_captured} frames recorded; file closed")
         if self._capture:
             self._capture = False
-            self.scan_number += 1
+            if path is None and self._path is not None and not self._path.exists():
+                # no frame came: no file was written, so none is named and the number stays free
+                # (Scan:FileName_RBV named a file that never existed, and the next scan skipped it)
+                self.report(f"{self._path.name}: no frame arrived during the capture; no file written", 1)
+                self.current_file = ""
+            else:
+                self.scan_number += 1
         return closed
 
     def _close(self) -> str:

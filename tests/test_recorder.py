@@ -259,3 +259,18 @@ def test_the_newest_scan_file_is_the_last_captured_even_after_a_restart(tmp_path
     assert hs._scan_file() == tmp_path / "scan_00002.h5"             # not the scan being recorded
     hs.chain.last_scan_file = str(tmp_path / "scan_00001.h5")
     assert hs._scan_file() == tmp_path / "scan_00001.h5"             # this run's last capture first
+
+
+def test_a_capture_in_which_no_frame_arrived_names_no_file_and_keeps_the_number(rec, tmp_path):
+    """Helper 22: a capture with no frame left Scan:FileName_RBV naming scan_00005.h5, which never
+    existed, Scan:Message_RBV empty, and the next capture took scan_00006."""
+    name = rec.start_capture().result(5)
+    assert name == str(tmp_path / "scan_007.h5")
+    assert rec.stop_capture().result(5) == ""
+    assert rec.current_file == "" and not (tmp_path / "scan_007.h5").exists()
+    assert "no frame arrived" in rec.last_message and rec.last_severity == 1
+    assert rec.start_capture().result(5) == name                 # the number is still free
+    rec.put(frame(1))
+    assert rec.stop_capture().result(5) == name and (tmp_path / "scan_007.h5").exists()
+    assert rec.start_capture().result(5) == str(tmp_path / "scan_008.h5")
+    rec.stop_capture().result(5)
