@@ -247,6 +247,11 @@ class Workflow:
             if val.get("status") == "done":
                 summary["ssim"] = float(val["result"]["ssim"])
                 summary["version"] = int(validate["version"])     # the version this SSIM is of
+            elif val.get("status") == "aborted":
+                # an abort the operator wrote during the validation ends the run Aborted (it ended
+                # Done, NO_ALARM); the reconstruction and its pairs are kept, and said
+                kept = Path(recon_path).name + (f" and {summary['pairs']} pairs kept" if "pairs" in summary else " kept")
+                return {**val, "message": f"validation aborted ({val.get('message', '')}); {kept}"}
             else:
                 summary["validation"] = val.get("message", "")
         msg = Path(recon_path).name + (f", {summary['pairs']} pairs" if "pairs" in summary else "") \

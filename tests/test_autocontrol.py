@@ -135,6 +135,9 @@ class _Ioc:
     def set(self, name, value, **kw):
         self.values[name] = value
 
+    def get(self, name):
+        return self.values.get(name, 0)            # settings at their defaults (Model:Select 0)
+
     def message(self, stage, text, severity=0):
         self.messages.append((stage, text, severity))
 
@@ -242,7 +245,7 @@ def test_an_abort_after_the_version_was_published_still_validates_it():
 
     h = object.__new__(HpcStage)
     ioc = _Ioc()
-    ioc.get = lambda name: 4
+    ioc.get = lambda name: 0 if name == "Model:Select" else 4
     h.ioc = ioc
     h.cfg = types.SimpleNamespace(train=types.SimpleNamespace(model_dump=lambda **k: {}))
     refs = {}

@@ -507,3 +507,28 @@ def test_reconstructing_the_scan_being_recorded_fails_saying_so(tmp_path):
     assert run(hs.reconstruct(scan)) is None
     assert hs.recon.state == "Failed" and "scan_00007.h5 is still being recorded" in hs.recon.message
     assert not hs.recon.busy
+
+
+def test_an_abort_during_the_validation_ends_the_run_aborted(tmp_path):
+    """Helper 22: Recon:Abort during the validate step ended the run Done, NO_ALARM ('validation
+    failed: aborted before the validate job'). It ends Aborted, the reconstruction said kept."""
+    from ptychopv.hpc.workflow import Workflow
+
+    scan = tmp_path / "scan_00003.h5"
+    scan.write_bytes(b"")
+
+    class Canned(JobStage):
+        async def job(self, executor, fn, *args, job_dir, kind, on_progress=None):
+            if kind == "reconstruct":
+                return {"status": "done", "result": {"recon_path": str(tmp_path / "scan_00003_recon.h5")}}
+            return {"status": "aborted", "message": f"aborted before the {kind} job"}
+
+    wf = Workflow(None, tmp_path / "jobs", tmp_path / "corpus.h5", tmp_path / "registry")
+    st = Canned("Recon")
+
+    async def body(stage):
+        return await wf.reconstruct(stage, scan, {}, label=None, validate={"version": 1})
+
+    res = run(st.run("reconstruction", body))
+    assert res["status"] == "aborted" and st.state == "Aborted", res
+    assert "validation aborted (aborted before the validate job); scan_00003_recon.h5 kept" in st.message
