@@ -105,7 +105,10 @@ class StageBinder:
             v, severity = fit_int32(rec, v)
             if self._seen.get(rec.name) != (v, severity):
                 self._seen[rec.name] = (v, severity)
-                self.ioc.set(rec.name, v, severity=severity, alarm_status=7 if severity else 0)
+                if severity:
+                    self.ioc.set(rec.name, v, severity=severity, alarm_status=7)
+                else:
+                    self.ioc.set(rec.name, v)
 
     def start(self) -> None:
         for p in self.plugins.values():

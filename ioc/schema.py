@@ -37,10 +37,11 @@ TWIN = {"ao": "ai", "longout": "longin", "bo": "bi", "mbbo": "mbbi", "stringout"
         "waveform_out": "waveform_in"}
 
 
-# PVA channel names (a stage's NDArrayPort and PvName_RBV): a long string, as facility detector
-# names (BL99ID-ES{Det:Eiger2-XE-16M-01}:Pva1:Image) and a 30-character prefix + "Stitch:Image"
-# outgrow a 40-character string record
+# The channel a stage serves (PvName_RBV) is a long string, as NDPluginPva's. A stage's
+# NDArrayPort stays areaDetector's 40-character stringout, so that stock ophyd PluginBase classes
+# (which read it without string=True) keep working: a channel it reads must fit 39 bytes.
 CHANNEL_LENGTH = 256
+NDARRAYPORT_BYTES = 39
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def plugin_records(stage: str, plugin_type: str, queue_size: int = 100) -> list[
     return [
         PV(p + "PluginType_RBV", "stringin", "Plugin type", initial=plugin_type, group=g),
         PV(p + "PortName_RBV", "stringin", "asyn port name", initial=stage.upper(), group=g),
-        PV(p + "NDArrayPort", "stringout", "Upstream PVA channel", length=CHANNEL_LENGTH, initial="", rbv=True,
-           autosave=True, group=g, check="channel", doc="the PVA channel this stage reads; writing it reconnects at run time"),
+        PV(p + "NDArrayPort", "stringout", "Upstream PVA channel", initial="", rbv=True, autosave=True, group=g,
+           check="channel", doc="the PVA channel this stage reads; writing it reconnects at run time"),
         PV(p + "NDArrayAddress", "longout", "Upstream address", initial=0, low=0, high=0, rbv=True, group=g),
         PV(p + "PvName_RBV", "stringin", "NTNDArray channel served", length=CHANNEL_LENGTH, initial="", group=g),
         PV(p + "EnableCallbacks", "bo", "Enable callbacks", states=ENABLE, initial=1, rbv=True, autosave=True, group=g,

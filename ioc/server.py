@@ -193,6 +193,7 @@ class PtychoIOC:
             raise ConfigError(f"autosave.directory: {runtime} cannot be a folder: {exc.strerror}") from None
         self._instance_lock = _hold_instance_lock(runtime / f"{self._autosave_name()}.lock", self.prefix)
         _refuse_if_served(self.prefix, self.cfg.epics)
+        self._check_ports_fit()
         autosave.configure(runtime, name=self._autosave_name(),
                            save_period=self.cfg.autosave.period_s, timestamped_backups=False)
         self.acf = self._access(runtime)
@@ -201,6 +202,21 @@ class PtychoIOC:
         validators = {r.name: self._accept(r) for r in schema.records() if r.writable}
         self.rec = create_records(self.prefix, handlers, validators, self._initial_from_config())
         self._initial_messages()
+
+    def _check_ports_fit(self) -> None:
+        """Every stage's NDArrayPort (a 40-character stringout, as areaDetector's, so stock ophyd
+        plugin classes read it) must hold the channel it is set to at start: a prefix + a site
+        stage's output name too long for it ended the start with 'byte string too long'."""
+        from ..config import ConfigError
+
+        for st in schema.STAGES:
+            if st.upstream is None:
+                continue
+            channel = self.prefix + schema.stage(st.upstream).serves
+            if len(channel.encode()) > schema.NDARRAYPORT_BYTES:
+                raise ConfigError(f"prefix {self.prefix}: {st.name}:NDArrayPort would be {channel!r}, "
+                                  f"{len(channel.encode())} bytes, more than the {schema.NDARRAYPORT_BYTES} it "
+                                  "holds; give a shorter prefix (or a shorter stage output name)")
 
     def _initial_from_config(self) -> dict:
         """The settings whose first value is the config's (the records rule once written, and

@@ -38,7 +38,9 @@ Dtype = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"
 
 
 PV_NAME_CHARS = r"[A-Za-z0-9_\-+:\[\]<>;]"   # what an EPICS record name may hold
-PREFIX_MAX = 30          # with the longest record name (29 characters), within EPICS's 60
+# every record name stays within EPICS's 60, and every stage's NDArrayPort (40-character stringout)
+# holds the prefix + the upstream stage's output ("Stitch:Image", 12): 27 + 12 = 39 bytes
+PREFIX_MAX = 27
 
 
 class EpicsOptions(Strict):
@@ -123,8 +125,10 @@ class SourceOptions(Strict):
         # the channel goes into Infer:NDArrayPort, a 256-byte string record
         if not v or any(c.isspace() or not c.isprintable() for c in v):
             raise ValueError(f"{v!r}: a PVA channel name, not empty, without spaces or control characters")
-        if len(v.encode()) > 255:
-            raise ValueError(f"{len(v.encode())} bytes: at most 255 (Infer:NDArrayPort holds 255)")
+        if len(v.encode()) > 39:
+            raise ValueError(f"{len(v.encode())} bytes: at most 39, what Infer:NDArrayPort holds (areaDetector's "
+                             "40-character stringout); re-serve the detector under a shorter name (NDPluginPva's "
+                             "PvName, or a pvapy-mirror-server)")
         return v
     addr_list: list[str] = ["127.0.0.1"]
     """Where UDP searches go (EPICS_PVA_ADDR_LIST): host or host:port, e.g. the detector IOC's
@@ -493,7 +497,7 @@ class Config(Strict):
                              "(letters, digits and _ - + : [ ] < > ; are)")
         if len(v) > PREFIX_MAX:
             raise ValueError(f"{len(v)} characters: at most {PREFIX_MAX}, so that every record name stays "
-                             "within EPICS's 60")
+                             "within EPICS's 60 and a stage's NDArrayPort holds prefix + 'Stitch:Image'")
         return v
 
     @model_validator(mode="after")

@@ -49,7 +49,7 @@ def test_the_example_lists_every_key_and_differs_only_where_it_says():
     ({"epics": {"pva_server_port": 5077}}, ["epics", "each port must be its own", "pva_server_port = image_pva_port"]),
     ({"access": {"write_hosts": ["10.0.0.0/24"]}}, ["access.write_hosts", "'10.0.0.0/24'", "plain host"]),
     ({"prefix": "AUD/X:"}, ["prefix", "'/'", "not allowed in an EPICS record name"]),
-    ({"prefix": "BL99-" + "X" * 40 + ":"}, ["prefix", "46 characters: at most 30"]),
+    ({"prefix": "BL99-" + "X" * 40 + ":"}, ["prefix", "46 characters: at most 27"]),
     ({"autosave": {"period_s": 1e-6}}, ["autosave.period_s", "greater than or equal to 0.5"]),
     ({"workflow": {"validate_engine": "onnxrunitme"}}, ["workflow.validate_engine", "'onnxrunitme'", "onnxruntime"]),
     ({"sim": {"sample": {"phase_image": "cameraa"}}}, ["sim.sample.phase_image", "'cameraa'", "camera"]),
@@ -76,6 +76,8 @@ def test_the_longest_prefix_allowed_leaves_every_record_name_within_epicss_limit
 
     longest = max(len(n) for n in [r.name for r in schema.records()] + [p.name for p in schema.ntndarrays()])
     assert PREFIX_MAX + longest <= 60
+    # and a stage's NDArrayPort (39 bytes) holds the prefix + its upstream's output
+    assert PREFIX_MAX + max(len(st.serves) for st in schema.STAGES) <= schema.NDARRAYPORT_BYTES
     assert parse_config({"prefix": "BL-7[a]<b>;c+d:" + "X" * (PREFIX_MAX - 15)}, "t").prefix
 
 
