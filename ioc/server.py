@@ -118,6 +118,10 @@ class PtychoIOC:
         to what the record holds in UTF-8 bytes (softioc refuses more: a message of 255 characters
         with one 'µ' raised, and the status write that carried it was lost)."""
         if isinstance(value, str):
+            if name.endswith("Message_RBV") and ("\n" in value or "\r" in value):
+                # one line on a screen: a library's multi-line error (HDF5's, for a folder given
+                # as a scan file) broke the message in the middle
+                value = " / ".join(part.strip() for part in value.splitlines() if part.strip())
             value = fit_utf8(value, self._text_room(name))
         self.rec[name].set(value, severity=severity, alarm=alarm_status)
 

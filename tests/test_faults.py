@@ -162,6 +162,23 @@ def test_refused_values_never_reach_autosave(plain_ioc):
     epics.caput(h.pv("Infer:BatchSize"), 32, wait=True, timeout=10)
 
 
+def test_a_multi_line_error_is_shown_on_one_line(plain_ioc, tmp_path):
+    """Helper 22: a folder given as Recon:ScanFile failed the run with HDF5's error, whose line
+    break split Recon:Message_RBV in the middle. Messages are one line ('a / b')."""
+    h, ctx, _ = plain_ioc
+    folder = tmp_path / "not_a_scan.h5"
+    folder.mkdir()
+    try:
+        ctx.put(h.pv("Recon:ScanFile"), str(folder), wait=True, timeout=10)
+        epics.caput(h.pv("Recon:Start"), 1, wait=True, timeout=120)
+        wait_until(lambda: caget(h.pv("Recon:Status_RBV"), as_string=True) == "Failed", timeout=60,
+                   what="the run failed")
+        msg = ctx.get(h.pv("Recon:Message_RBV")).value
+        assert "not_a_scan.h5" in msg and "\n" not in msg and "\r" not in msg, msg
+    finally:
+        epics.caput(h.pv("Recon:ScanFile"), "", wait=True, timeout=10)
+
+
 def test_a_message_of_non_ascii_text_longer_than_the_record_is_cut_not_lost(plain_ioc, tmp_path):
     """Helper 20: messages were cut to 255 characters, but the record holds 255 UTF-8 bytes, and
     softioc refused the longer text: the run's Failed status write raised and the reason was lost
