@@ -36,13 +36,13 @@ def record_value(pv: schema.PV, value):
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 
 
-def fit_int32(pv: schema.PV, value) -> tuple:
-    """A value for a 32-bit integer record, with the severity it shows: a counter past 2^31 - 1
-    (ArrayCounter after 12 days at 2 kHz) saturates with a MAJOR alarm instead of wrapping to a
-    negative number; every other value passes with severity 0."""
-    if pv.rtype in ("longin", "longout") and not INT32_MIN <= value <= INT32_MAX:
-        return (INT32_MAX if value > 0 else INT32_MIN), 2
-    return value, 0
+def saturated(count: int) -> tuple[int, int]:
+    """A count for a 32-bit record and the severity it shows: past the record's range it
+    saturates with a MAJOR alarm rather than wrapping (ArrayCounter after 12 days at 2 kHz)."""
+    count = int(count)
+    if INT32_MIN <= count <= INT32_MAX:
+        return count, 0
+    return (INT32_MAX if count > 0 else INT32_MIN), 2
 
 
 def attribute_value(pv: schema.PV, value):
@@ -102,7 +102,7 @@ class StageBinder:
                 continue
             if v is None:
                 continue
-            v, severity = fit_int32(rec, v)
+            v, severity = saturated(v) if rec.rtype in ("longin", "longout") else (v, 0)
             if self._seen.get(rec.name) != (v, severity):
                 self._seen[rec.name] = (v, severity)
                 if severity:

@@ -26,23 +26,17 @@ from ..plugins.recorder import MAX_SCAN, RecorderPlugin, next_scan_number
 from ..plugins.source import NTNDArraySource, search_conf
 from ..science import physics
 from ..science.preprocess import PreprocessOptions, detector_crop
-from .binder import StageBinder
+from .binder import StageBinder, saturated
 from .images import StagePoster, frame_attributes, image_attributes
 from .schema import INFER_STATUS, STAGES
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 0.25
-INT32_MAX = 2**31 - 1
 REGISTRY_PERIOD_S = 1.0
 # Infer:Phase batches that may wait for the publisher thread before the infer stage waits too
 # (8 batches of the default Infer:BatchSize 32: 256 frames, about 130 ms at 2 kHz)
 PHASE_PUBLISH_DEPTH = 8
 REFERENCE_FILE = "reference.json"   # in a registry version's folder: its SSIM on its training scan
-
-
-def saturated(count: int) -> tuple[int, int]:
-    """A counter for a 32-bit record: saturates (with a MAJOR alarm) rather than wrapping negative."""
-    return (int(count), 0) if count <= INT32_MAX else (INT32_MAX, 2)
 
 
 def detector_fed() -> list[str]:

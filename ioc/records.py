@@ -11,6 +11,7 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+from ..config import channel_fault
 from .schema import PV, records
 
 CONTROL_ASG = "CONTROL"  # access-security group of every writable record
@@ -79,10 +80,8 @@ def check_value(pv: PV, value) -> str | None:
             return "a NUL character in the text"
         if "\ufffd" in text:   # softioc decodes a CA client's bytes with errors="replace"
             return "bytes that are not UTF-8 text (no client could read them back)"
-        if pv.check == "channel" and text:
-            bad = [c for c in text if c.isspace() or not c.isprintable()]
-            if bad:
-                return f"{bad[0]!r} in a channel name (a PVA channel has no spaces or control characters)"
+        if pv.check == "channel" and text and (fault := channel_fault(text)):
+            return fault
         if pv.check == "path" and text:
             long = [c for c in text.split("/") if len(c.encode()) > NAME_MAX]
             if long:

@@ -156,7 +156,7 @@ class ScaleOut:
             self.ioc.set(name, value, severity=severity, alarm_status=7 if severity else 0)
 
     def poll(self) -> None:
-        from .chain import INT32_MAX, saturated
+        from .binder import INT32_MAX, saturated
 
         st = self.gatherer.stats()
         n = st["consumers"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..config import NDARRAYPORT_BYTES  # noqa: F401 - the limit of the NDArrayPort records declared here
 from ..hpc.options import ALGORITHMS
 from ..io.ntndarray import ND_DATA_TYPES
 from ..plugins.infer import InferPlugin
@@ -41,7 +42,6 @@ TWIN = {"ao": "ai", "longout": "longin", "bo": "bi", "mbbo": "mbbi", "stringout"
 # NDArrayPort stays areaDetector's 40-character stringout, so that stock ophyd PluginBase classes
 # (which read it without string=True) keep working: a channel it reads must fit 39 bytes.
 CHANNEL_LENGTH = 256
-NDARRAYPORT_BYTES = 39
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,18 @@ class PluginBase:
         self.last_message = message
         self.last_severity = int(severity)
 
+    def warn(self, message: str) -> None:
+        """Say that something was not done (MINOR); it stays the news until :meth:`works_again`."""
+        self._trouble = message
+        self.report(message, 1)
+
+    def works_again(self, what: str) -> None:
+        """The stage did its work whole again: a standing warning becomes history, said once at
+        no alarm ("<what>; earlier: <the warning>"), not the current state."""
+        if self._trouble:
+            self.report(f"{what}; earlier: {self._trouble}")
+            self._trouble = ""
+
     def status(self) -> dict:
         """A snapshot of every counter, for the records."""
         return {"plugin_type": self.plugin_type, "name": self.name, "running": self._running,
@@ -433,8 +445,7 @@ class PluginBase:
 
     def _error(self, exc: BaseException, where: str) -> None:
         self.error_count += 1
-        self.last_message = self._trouble = f"{where}: {type(exc).__name__}: {exc}"
-        self.last_severity = 1      # a warning (MINOR): something was not done
+        self.warn(f"{where}: {type(exc).__name__}: {exc}")
         log.debug("%s %s", self.name, self.last_message, exc_info=exc)
 
     def _safe(self, fn, where: str) -> None:

@@ -123,18 +123,15 @@ class InferPlugin(BatchingPlugin):
             # e.g. NaN in a frame, or frames smaller than the model's input: find the culprits one by one
             return self._one_by_one(good, exc)
         out = self._infer(good, batch)
-        if out and self._trouble and self.bad_frames + self.error_count == bad_before:
-            # a whole batch inferred again: the refused frame is history, not the current state
-            self.report(f"inferring: frame {frames[-1].unique_id} taken; earlier: {self._trouble}")
-            self._trouble = ""
+        if out and self.bad_frames + self.error_count == bad_before:   # a whole batch inferred again
+            self.works_again(f"inferring: frame {frames[-1].unique_id} taken")
         return out
 
     def _bad(self, why: str) -> None:
         """A frame refused (its size, dtype or content): counted in Infer:Errors_RBV and said as a
         warning (MINOR) until a whole batch is inferred again."""
         self.bad_frames += 1
-        self._trouble = why
-        self.report(why, severity=1)
+        self.warn(why)
 
     def _network_geometry(self, size: int):
         """The preprocess options in use, cropped to the model's input unless a crop or ROI is set

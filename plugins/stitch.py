@@ -29,7 +29,6 @@ class StitchPlugin(BatchingPlugin):
         self._last_uid: int | None = None
         self.generation = 0     # bumps on every change of the image, for the publisher
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
-        self._trouble = ""      # the warning Message_RBV shows until frames are placed again
 
     @property
     def window_power(self) -> float:
@@ -81,12 +80,9 @@ class StitchPlugin(BatchingPlugin):
         after = self.stitcher.counters()
         if after["frames_no_position"] > before["frames_no_position"]:
             missing = [f.unique_id for f in frames if f.position is None]
-            self._trouble = f"{len(missing)} frame(s) without a position not stitched (uniqueId {missing[0]}...)"
-            self.report(self._trouble, 1)
+            self.warn(f"{len(missing)} frame(s) without a position not stitched (uniqueId {missing[0]}...)")
         elif after.get("frames_rejected", 0) > before.get("frames_rejected", 0):
-            self._trouble = self.stitcher.last_message
-            self.report(self._trouble, 1)
-        elif self._trouble:     # placed again: the warning is history, not the current state
-            self.report(f"stitching: frame {frames[-1].unique_id} placed; earlier: {self._trouble}")
-            self._trouble = ""
+            self.warn(self.stitcher.last_message)
+        else:                   # placed again: the warning is history, not the current state
+            self.works_again(f"stitching: frame {frames[-1].unique_id} placed")
         self.generation += 1

@@ -41,6 +41,13 @@ PV_NAME_CHARS = r"[A-Za-z0-9_\-+:\[\]<>;]"   # what an EPICS record name may hol
 # every record name stays within EPICS's 60, and every stage's NDArrayPort (40-character stringout)
 # holds the prefix + the upstream stage's output ("Stitch:Image", 12): 27 + 12 = 39 bytes
 PREFIX_MAX = 27
+NDARRAYPORT_BYTES = 39   # a stage's NDArrayPort: areaDetector's 40-character stringout
+
+
+def channel_fault(name: str) -> str | None:
+    """Why ``name`` cannot be a PVA channel (a space or a control character in it), or None."""
+    bad = [c for c in name if c.isspace() or not c.isprintable()]
+    return f"{bad[0]!r} in a channel name (a PVA channel has no spaces or control characters)" if bad else None
 
 
 class EpicsOptions(Strict):
@@ -122,13 +129,13 @@ class SourceOptions(Strict):
     @field_validator("channel")
     @classmethod
     def _channel(cls, v: str) -> str:
-        # the channel goes into Infer:NDArrayPort, a 256-byte string record
-        if not v or any(c.isspace() or not c.isprintable() for c in v):
+        # the channel goes into Infer:NDArrayPort, as a write to it would: the same checks
+        if not v or channel_fault(v):
             raise ValueError(f"{v!r}: a PVA channel name, not empty, without spaces or control characters")
-        if len(v.encode()) > 39:
-            raise ValueError(f"{len(v.encode())} bytes: at most 39, what Infer:NDArrayPort holds (areaDetector's "
-                             "40-character stringout); re-serve the detector under a shorter name (NDPluginPva's "
-                             "PvName, or a pvapy-mirror-server)")
+        if len(v.encode()) > NDARRAYPORT_BYTES:
+            raise ValueError(f"{len(v.encode())} bytes: at most {NDARRAYPORT_BYTES}, what Infer:NDArrayPort holds "
+                             "(areaDetector's 40-character stringout); re-serve the detector under a shorter name "
+                             "(NDPluginPva's PvName, or a pvapy-mirror-server)")
         return v
     addr_list: list[str] = ["127.0.0.1"]
     """Where UDP searches go (EPICS_PVA_ADDR_LIST): host or host:port, e.g. the detector IOC's

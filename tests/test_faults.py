@@ -874,7 +874,7 @@ def test_ports_another_process_holds_are_said_and_the_ready_line_gives_the_image
 
 
 def test_counters_saturate_instead_of_wrapping():
-    from ptychopv.ioc.chain import INT32_MAX, saturated
+    from ptychopv.ioc.binder import INT32_MAX, saturated
 
     assert saturated(5) == (5, 0)
     assert saturated(2 * 10**9 + 2 * 10**9) == (INT32_MAX, 2)
