@@ -42,6 +42,8 @@ fi
 # ---- 1. the corpus (CPU, background, while the GPU check runs)
 COMMON=(--corpus generic --samples "$SAMPLES" --per-sample "$PER_SAMPLE" --corpus-file "$WORK/corpus.h5"
         --seed "${PTYCHOPV_GPU_SEED:-0}")
+# PTYCHOPV_GPU_FAMILIES: the training families to simulate (default: make_demo_model's, v1's)
+[ -n "${PTYCHOPV_GPU_FAMILIES:-}" ] && COMMON+=(--families $PTYCHOPV_GPU_FAMILIES)
 say "simulating ${SAMPLES} x ${PER_SAMPLE} pairs"
 timeout $(( BUDGET / 2 )) "$PY" scripts/make_demo_model.py "${COMMON[@]}" --workers 12 --simulate-only \
     >>"$OUTDIR/session.log" 2>&1 &

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             check_window_power(p)              # Stitch:WindowPower's range, the stitcher's own check
     except ValueError as exc:
         ap.error(str(exc))
-    families = samples.TRAIN_FAMILIES if a.families == "train" else samples.EVAL_FAMILIES
+    families = samples.GENERIC_V1_FAMILIES if a.families == "train" else samples.EVAL_FAMILIES
     probe = fidelity.DEMO.probe()
     rows, t0 = [], time.perf_counter()
     for model in a.models:

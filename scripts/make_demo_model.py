@@ -1,5 +1,6 @@
 """Regenerate the shipped models from simulated scans: the demo's (``ptychopv/models/registry``,
-natural photographs) or the generic one (``ptychopv/models/generic``, random fields and shapes).
+natural photographs) or the generic one (``ptychopv/models/generic``, random fields, shapes,
+gratings and speckle).
 
     python scripts/make_demo_model.py --corpus natural --replace     # the demo model's recipe (CPU)
     bash benchmarks/gpu_session.sh OUT 540                            # the generic model (a GPU)
@@ -23,13 +24,15 @@ patch's constant phase. About 30 minutes on 2 CPU cores. The shipped files were 
 recipe as of commit 2bcb473, whose forward model placed the probe at rounded positions; a model
 trained now (whole-pixel positions) is of the same kind, not bit-identical.
 
-Default (``--corpus generic``): only the generic *training* families of ``ptychopv.science.samples``
-(random fields, random shapes, their mix), never the evaluation families, with doses from 1e4
+Default (``--corpus generic``): only generic *training* families of ``ptychopv.science.samples``
+(by default v1's: random fields, random shapes, their mix; ``--families`` adds ``gratings`` and
+``speckle``, as v2 and v3 were trained), never the evaluation families, with doses from 1e4
 to 3e6, half of the frames redrawn each epoch at up to 30x fewer counts, and the square's
 symmetries. On 2 CPU cores it is too slow to learn (two epochs an hour); on a GPU it learns at
 once: ``ptychopv/models/generic`` was trained so on one H200 by ``benchmarks/gpu_session.sh``
 (``--device cuda --batch-size 128 --workers 12 --corpus-file ... --deadline ...``, then
-``--warm-start ... --fast`` on a fresh corpus; about 8 minutes of GPU time in all).
+``--warm-start ... --fast`` on a fresh corpus; about 8 minutes of GPU time in all), and v2 and v3
+were continued from it on corpora of five families (12 more minutes; each card's ``regenerate``).
 
 At the end the model is scored as ``benchmarks/science.py`` scores it (live stitched NRMSE on
 each evaluation family at overlap 0.6, full dose) and the figures go on the card.
@@ -87,7 +90,7 @@ def simulate_sample(k: int, seed: int, per_sample: int, size_px: int, families: 
 
 
 def build_corpus(path: Path, samples_n: int, per_sample: int, seed: int, *, size_px: int = 256,
-                 families=tuple(samples.TRAIN_FAMILIES), dose_range=DOSE_RANGE, phase_range=PHASE_RANGE,
+                 families=samples.GENERIC_V1_FAMILIES, dose_range=DOSE_RANGE, phase_range=PHASE_RANGE,
                  workers: int = 1, compress: bool = True) -> None:
     """``samples_n`` samples of the training families, ``per_sample`` random whole-pixel positions
     each, simulated by ``workers`` processes and appended in order (gzip unless ``compress`` is
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", choices=["generic", "natural"], default="generic",
                    help="generic: the training families (the shipped model); natural: photographs only (the "
                         "demo's family-A model, --out ptychopv/models/natural)")
+    p.add_argument("--families", nargs="+", choices=list(samples.TRAIN_FAMILIES),
+                   help="generic: the training families to simulate, in turn (default: "
+                        f"{' '.join(samples.GENERIC_V1_FAMILIES)}, the shipped v1's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -161,7 +167,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ptychopv-demo-model-") as tmp:
         corpus, scratch = args.corpus_file or Path(tmp) / "corpus.h5", ModelRegistry(Path(tmp) / "registry")
-        families = ("natural",) if natural else tuple(samples.TRAIN_FAMILIES)
+        if natural and args.families:
+            p.error("--families is for --corpus generic")
+        families = ("natural",) if natural else tuple(args.families or samples.GENERIC_V1_FAMILIES)
         if not corpus.exists():     # simulated beside, then renamed: a corpus file is always whole
             partial = corpus.with_name(corpus.name + ".partial")
             partial.unlink(missing_ok=True)

@@ -15,7 +15,10 @@ Two groups, kept apart so a benchmark can score a model on families it never saw
 - **training families** (:data:`TRAIN_FAMILIES`), generic structure none of the above is drawn
   from: ``grf`` (Gaussian random fields with a random power-law spectrum and correlation
   length, thresholded or not) and ``shapes`` (random ellipses, polygons and strokes at random
-  angles and phase levels), and ``mix`` (one of each, summed).
+  angles and phase levels), and ``mix`` (one of each, summed); since 2026-12-04 also
+  ``gratings`` (regions of straight line gratings of random period, orientation and profile) and
+  ``speckle`` (fine random grains and texture), the fine detail of 2-16 px periods that the first
+  three hardly hold. None is a Siemens star, a Manhattan layout or a cell.
 """
 
 from __future__ import annotations
@@ -234,8 +237,60 @@ def mix(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np.nd
                    amp_texture=_norm01(np.abs(a) + np.abs(b)))
 
 
+def gratings(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np.ndarray:
+    """Fine periodic structure: 6-17 regions (ellipses or rectangles, 8-60 px across, at random
+    angles) each filled with a straight line grating of its own period (2-16 px, log-uniform),
+    orientation, duty cycle, profile (square or sine) and depth, a third of them chirped (the
+    period drifting across the region), over a weak smooth field."""
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx].astype(np.float64)
+    phase = rng.uniform(0, 0.4) * _norm01(_grf(shape, rng, beta=4.0, corr_px=float(rng.uniform(10, 40))))
+    for _ in range(int(rng.integers(6, 18))):
+        cy, cx = rng.uniform(0, ny), rng.uniform(0, nx)
+        size = float(np.exp(rng.uniform(np.log(8), np.log(60))))
+        aspect = rng.uniform(0.4, 1.0)
+        ang = rng.uniform(0, np.pi)
+        u = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
+        v = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
+        region = ((u / size) ** 2 + (v / (size * aspect)) ** 2 < 1) if rng.random() < 0.5 else \
+            (np.abs(u) < size) & (np.abs(v) < size * aspect)
+        if not region.any():
+            continue
+        g = rng.uniform(0, np.pi)                                  # the lines' own orientation
+        w = (xx - cx) * np.cos(g) + (yy - cy) * np.sin(g)
+        period = float(np.exp(rng.uniform(np.log(2.0), np.log(16.0))))
+        chirp = rng.uniform(-0.5, 0.5) / size if rng.random() < 1 / 3 else 0.0
+        arg = 2 * np.pi * w / period * (1 + chirp * w) + rng.uniform(0, 2 * np.pi)
+        if rng.random() < 0.6:                                     # square profile, duty 0.3-0.7
+            profile = (np.cos(arg) > np.cos(np.pi * rng.uniform(0.3, 0.7))).astype(np.float64)
+        else:
+            profile = 0.5 + 0.5 * np.cos(arg)
+        level = rng.uniform(0.3, 1.0)
+        phase = np.where(region, level * profile + rng.uniform(0, 0.3) * phase, phase)
+    phase = ndimage.gaussian_filter(phase, rng.uniform(0.3, 0.8))
+    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(3, 20))))
+    return _finish(_norm01(phase), max_phase, min_amplitude, absorb=rng.uniform(0.3, 0.9), amp_texture=amp)
+
+
+def speckle(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np.ndarray:
+    """Fine random texture: a Gaussian random field of short correlation length (1-4 px), sharp
+    grains (thresholded) or continuous, dense where a smooth envelope says, over a coarse field."""
+    f = _grf(shape, rng, beta=rng.uniform(2.0, 4.0), corr_px=float(np.exp(rng.uniform(0.0, np.log(4.0)))))
+    if rng.random() < 0.6:
+        f = 1 / (1 + np.exp(-(f - rng.uniform(-0.7, 0.7)) / rng.uniform(0.05, 0.2)))
+    envelope = 1 / (1 + np.exp(-2.5 * (_grf(shape, rng, beta=4.0, corr_px=float(rng.uniform(15, 60)))
+                                       + rng.uniform(-0.5, 1.5))))
+    coarse = _norm01(_grf(shape, rng, beta=4.0, corr_px=float(rng.uniform(8, 40))))
+    p = _norm01(f) * envelope + rng.uniform(0, 0.6) * coarse
+    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(2, 20))))
+    return _finish(_norm01(p), max_phase, min_amplitude, absorb=rng.uniform(0.2, 0.8), amp_texture=amp)
+
+
 EVAL_FAMILIES: dict[str, Family] = {"natural": natural, "ic": ic, "star": star, "cell": cell}
-TRAIN_FAMILIES: dict[str, Family] = {"grf": grf, "shapes": shapes, "mix": mix}
+TRAIN_FAMILIES: dict[str, Family] = {"grf": grf, "shapes": shapes, "mix": mix, "gratings": gratings,
+                                      "speckle": speckle}
+#: the families the shipped generic model's v1 was trained on (its card's ``training_families``)
+GENERIC_V1_FAMILIES = ("grf", "shapes", "mix")
 FAMILIES: dict[str, Family] = {**EVAL_FAMILIES, **TRAIN_FAMILIES}
 
 
