@@ -209,6 +209,9 @@ class ModelRegistry:
             card = self._read_card(v)
             a, b = card_scale_range(card)
             lo, hi = min(lo, a), max(hi, b)
+            seeded = (card.get("seeded_from") or {}).get("trained_scale_range")
+            if seeded:      # a copy of a shipped version: its lineage lives in the shipped registry
+                lo, hi = min(lo, float(seeded[0])), max(hi, float(seeded[1]))
             v = card.get("parent")
         return (lo, hi) if hi else (1.0, 1.0)
 

@@ -114,9 +114,14 @@ def test_either_shipped_model_seeds_an_empty_registry(tmp_path):
             card = ModelRegistry(tmp_path / name).get(1).card
             seen[name] = set(card["training_families"])
             assert card["beamline"]["frame_px"] == 64
+            # the shipped generic latest (v2) is a continuation of v1, which this registry lacks:
+            # the seeded copy has no parent here and says where it came from
+            src = ModelRegistry(shipped_registry(name), create=False).latest()
+            assert card["parent"] is None and card["seeded_from"]["version"] == src.version
+            assert card["seeded_from"]["parent"] == src.card.get("parent")
         finally:
             m.close()
-    assert seen == {"demo": {"natural"}, "generic": {"grf", "shapes", "mix"}}
+    assert seen == {"demo": {"natural"}, "generic": {"grf", "shapes", "mix", "gratings", "speckle"}}
     assert ChainOptions(shipped_model="generic").shipped_model == "generic"
     with pytest.raises(ValueError):
         ChainOptions(shipped_model="photos")

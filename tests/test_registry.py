@@ -196,3 +196,25 @@ def test_trained_scale_range_from_the_cards_and_their_parents(tmp_path):
     # the shipped models: the demo one saw frames as measured, the generic one up to 30x fewer counts
     assert ModelRegistry(shipped_registry("demo"), create=False).trained_scale_range(1) == (1.0, 1.0)
     assert ModelRegistry(shipped_registry("generic"), create=False).trained_scale_range(1) == (1.0, 30.0)
+
+
+def test_a_seeded_copy_keeps_its_lineages_scale_range(tmp_path):
+    """An empty registry is seeded with the shipped registry's latest version; where that version
+    is a fine-tune on frames as measured whose parent saw scaled-down frames, the copy (which has
+    no parent in the new registry) still reports the scalings its lineage was trained at."""
+    from ptychopv.plugins.infer import InferPlugin
+    from ptychopv.plugins.models import ModelManager
+
+    shipped = ModelRegistry(tmp_path / "shipped")
+    shipped.publish(fake_onnx(tmp_path / "a.onnx", b"a"), dict(CARD_FIELDS, options={"low_dose_range": [1.0, 40.0]}))
+    shipped.publish(fake_onnx(tmp_path / "b.onnx", b"b"), dict(CARD_FIELDS, parent=1, options={}))
+    m = ModelManager(InferPlugin("Infer"), tmp_path / "live", "passthrough", batch_sizes=(1,), report=lambda *a, **k: None)
+    try:
+        assert m.seed(shipped.root) == 1
+        assert m.seed(shipped.root) is None                       # only an empty registry is seeded
+    finally:
+        m.close()
+    live = ModelRegistry(tmp_path / "live", create=False)
+    card = live.get(1).card
+    assert card["parent"] is None and card["seeded_from"]["version"] == 2 and card["seeded_from"]["parent"] == 1
+    assert live.trained_scale_range(1) == (1.0, 40.0)
