@@ -61,13 +61,14 @@ def test_epie_on_the_same_frames_is_scored_beside_it(science):
 
 
 def _live_nrmse(registry: Path, family: str, dose: float, scale: float = 1.0,
-                window_power: float | None = None) -> float:
+                window_power: float | None = None, version: int | None = None) -> float:
     pytest.importorskip("onnxruntime")
     from ptychopv import fidelity
     from ptychopv.inference import ModelRegistry, select_engine
 
     scan = fidelity.family_scan(family, overlap=0.6, dose=dose, seed=12345)
-    engine = select_engine(ModelRegistry(registry, create=False).latest().source(), "onnxruntime")
+    reg = ModelRegistry(registry, create=False)
+    engine = select_engine((reg.latest() if version is None else reg.get(version)).source(), "onnxruntime")
     try:
         img = fidelity.live_image(scan.frames, scan.positions_m, engine, pixel_size_m=scan.pixel_size_m,
                                   window=fidelity.DEMO.probe(), scale=scale, window_power=window_power)
@@ -83,8 +84,8 @@ def test_weighting_by_the_beams_intensity_to_the_power_1_5_sharpens_the_live_ima
     training families) instead of the intensity itself lowers the stitched NRMSE on unseen
     families: on the benchmark's 4 um scans of cells at overlap 0.6, 0.231 -> 0.178 (generic) and
     0.365 -> 0.274 (demo model). Here 3 um scans of cells and IC, summed: measured 0.851 -> 0.767
-    (generic) and 1.140 -> 1.056 (demo model) at full dose, 1.299 -> 1.244 and 2.547 -> 2.278 at
-    1e4 photons per frame."""
+    (generic v1; v3: 0.762 -> 0.673) and 1.140 -> 1.056 (demo model) at full dose, 1.299 -> 1.244
+    (v3: 1.226 -> 1.152) and 2.547 -> 2.278 at 1e4 photons per frame."""
     registry = ROOT / "ptychopv" / "models" / model
     for dose, bound in ((1e6, 0.95), (1e4, 0.98)):
         old, new = (sum(_live_nrmse(registry, family, dose, window_power=p) for family in ("cell", "ic"))
@@ -93,10 +94,11 @@ def test_weighting_by_the_beams_intensity_to_the_power_1_5_sharpens_the_live_ima
 
 
 def test_the_generic_model_images_unseen_families_and_low_dose_better():
-    """``ptychopv/models/generic`` (trained on a GPU on random fields and shapes only, with low-count
-    frames) against the demo's model (natural photographs at 1e5-2e6 photons), on families neither
-    was trained on: measured on the build machine IC 0.38 vs 0.48 at full dose and cells 0.68 vs
-    1.49 at 1e4 photons per frame (1.0 is an all-zero image; with Stitch:WindowPower 1, 0.42 vs
+    """``ptychopv/models/generic`` (trained on a GPU on generic families only: random fields, shapes,
+    gratings, speckle, with low-count frames) against the demo's model (natural photographs at
+    1e5-2e6 photons), on families neither was trained on: measured on the build machine IC 0.38
+    vs 0.48 at full dose and cells 0.68 vs 1.49 at 1e4 photons per frame with v1 (v3: 0.336 vs
+    0.478 and 0.621 vs 1.487) (1.0 is an all-zero image; with Stitch:WindowPower 1, 0.42 vs
     0.52 and 0.69 vs 1.73)."""
     generic, natural = ROOT / "ptychopv" / "models" / "generic", ROOT / "ptychopv" / "models" / "registry"
     g_ic, n_ic = _live_nrmse(generic, "ic", 1e6), _live_nrmse(natural, "ic", 1e6)
@@ -110,14 +112,17 @@ def test_frames_multiplied_beyond_the_models_training_are_inferred_worse():
     generic model saw frames multiplied back by up to 30 in training (its card), and at 1e4 photons
     per frame the matching ScaleFactor 100 gives a worse image than 30 does (measured on these
     scans: IC 0.556 vs 0.538, cells 0.673 vs 0.652; the benchmark's 4 um scans agree on every
-    family, docs/science-generic/results.json)."""
+    family, docs/science-generic/results.json). Measured on v1; v3 (continued with two more
+    training families) does not show it on every scan (here cells: 0.603 at 30, 0.597 at 100; IC
+    0.510 against 0.514; on the benchmark's 4 um natural scan 100 is better too), so the IOC's
+    warning says the value is untrained, not that it is worse."""
     from ptychopv.inference import ModelRegistry
 
     generic = ROOT / "ptychopv" / "models" / "generic"
-    lo, hi = ModelRegistry(generic, create=False).trained_scale_range(1)
-    assert (lo, hi) == (1.0, 30.0)
+    reg = ModelRegistry(generic, create=False)
+    assert reg.trained_scale_range(1) == (1.0, 30.0) == reg.trained_scale_range(reg.latest().version)
     for family in ("ic", "cell"):
-        at_limit, beyond = _live_nrmse(generic, family, 1e4, hi), _live_nrmse(generic, family, 1e4, 100.0)
+        at_limit, beyond = (_live_nrmse(generic, family, 1e4, s, version=1) for s in (30.0, 100.0))
         assert beyond > at_limit + 0.01, (family, at_limit, beyond)
 
 
