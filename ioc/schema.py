@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import NDARRAYPORT_BYTES  # noqa: F401 - the limit of the NDArrayPort records declared here
 from ..hpc.options import ALGORITHMS
 from ..io.ntndarray import ND_DATA_TYPES
 from ..plugins.infer import InferPlugin

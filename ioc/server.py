@@ -211,15 +211,15 @@ class PtychoIOC:
         """Every stage's NDArrayPort (a 40-character stringout, as areaDetector's, so stock ophyd
         plugin classes read it) must hold the channel it is set to at start: a prefix + a site
         stage's output name too long for it ended the start with 'byte string too long'."""
-        from ..config import ConfigError
+        from ..config import NDARRAYPORT_BYTES, ConfigError
 
         for st in schema.STAGES:
             if st.upstream is None:
                 continue
             channel = self.prefix + schema.stage(st.upstream).serves
-            if len(channel.encode()) > schema.NDARRAYPORT_BYTES:
+            if len(channel.encode()) > NDARRAYPORT_BYTES:
                 raise ConfigError(f"prefix {self.prefix}: {st.name}:NDArrayPort would be {channel!r}, "
-                                  f"{len(channel.encode())} bytes, more than the {schema.NDARRAYPORT_BYTES} it "
+                                  f"{len(channel.encode())} bytes, more than the {NDARRAYPORT_BYTES} it "
                                   "holds; give a shorter prefix (or a shorter stage output name)")
 
     def _initial_from_config(self) -> dict:

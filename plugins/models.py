@@ -125,14 +125,15 @@ class ModelManager:
         shipped = Path(shipped)
         if reg.versions() or not shipped.is_dir():
             return None
-        src = ModelRegistry(shipped, create=False).latest()
+        lineage = ModelRegistry(shipped, create=False)
+        src = lineage.latest()
         if src is None:
             return None
         card = src.publishable_card()
         card["note"] = f"seeded from the shipped model v{src.version}"
         # its parent lives in the shipped registry, not in this one: say where it came from instead,
         # with the ScaleFactors its lineage was trained at (Model:MinScale_RBV / MaxScale_RBV)
-        lo, hi = ModelRegistry(shipped, create=False).trained_scale_range(src.version)
+        lo, hi = lineage.trained_scale_range(src.version)
         card["seeded_from"] = {"registry": str(shipped), "version": src.version, "parent": card.get("parent"),
                                "trained_scale_range": [lo, hi]}
         card["parent"] = None

@@ -71,13 +71,13 @@ def test_bad_values_name_the_key(data, expect):
 
 
 def test_the_longest_prefix_allowed_leaves_every_record_name_within_epicss_limit():
-    from ptychopv.config import PREFIX_MAX
+    from ptychopv.config import NDARRAYPORT_BYTES, PREFIX_MAX
     from ptychopv.ioc import schema
 
     longest = max(len(n) for n in [r.name for r in schema.records()] + [p.name for p in schema.ntndarrays()])
     assert PREFIX_MAX + longest <= 60
     # and a stage's NDArrayPort (39 bytes) holds the prefix + its upstream's output
-    assert PREFIX_MAX + max(len(st.serves) for st in schema.STAGES) <= schema.NDARRAYPORT_BYTES
+    assert PREFIX_MAX + max(len(st.serves) for st in schema.STAGES) <= NDARRAYPORT_BYTES
     assert parse_config({"prefix": "BL-7[a]<b>;c+d:" + "X" * (PREFIX_MAX - 15)}, "t").prefix
 
 
