@@ -831,12 +831,13 @@ class LiveChain:
                 return s.index("Waiting for model"), 1
             return s.index("No model"), 2
         bad = self.infer.bad_frames + self.infer.error_count
+        # counted at every tick, Running ones too: frames refused while others ran are not news
+        # once the stream stops
+        grew, self._bad_before = bad > self._bad_before, bad
         if self.infer.frame_rate > 0:
             return s.index("Running"), 1 if self._mismatch else 0
-        if bad > self._bad_before:
+        if grew:
             # frames arrive and every one is refused (another size or dtype than the model takes):
             # no live image, said as such rather than Idle
-            self._bad_before = bad
             return s.index("Error"), 2
-        self._bad_before = bad
         return s.index("Idle"), 1 if self._mismatch else 0

@@ -297,3 +297,29 @@ def test_disabled_plugin_ignores_frames(beamline):
     ctx.put(sp + "Acquire", 0)
     assert caget(h.pv("Stitch:ArrayCounter_RBV")) == before
     epics.caput(h.pv("Stitch:EnableCallbacks"), "Enable", wait=True)
+
+
+def test_infer_status_is_error_only_while_every_arriving_frame_is_refused():
+    """Infer:Status_RBV Error (MAJOR) says frames arrive and none is inferred. Frames refused while
+    others ran (a few NaN frames in a stream) are no error once the stream stops: it went Idle,
+    not a tick of MAJOR Error (the refusals of the run were compared with the count before it)."""
+    from types import SimpleNamespace
+
+    from ptychopv.ioc.chain import LiveChain
+    from ptychopv.ioc.schema import INFER_STATUS
+
+    infer = SimpleNamespace(engine=object(), frame_rate=100.0, bad_frames=0, error_count=0, frames_waiting=0)
+    chain = SimpleNamespace(infer=infer, models=SimpleNamespace(loading=False), _mismatch=False, _bad_before=0)
+
+    def state():
+        status, severity = LiveChain._infer_state(chain)
+        return INFER_STATUS[status], severity
+
+    assert state() == ("Running", 0)
+    infer.bad_frames = 5                      # refused while the rest ran
+    assert state() == ("Running", 0)
+    infer.frame_rate = 0.0                    # the stream stops
+    assert state() == ("Idle", 0)
+    infer.bad_frames = 9                      # frames arrive, every one refused
+    assert state() == ("Error", 2)
+    assert state() == ("Idle", 0)             # none since: the error is over
