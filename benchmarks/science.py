@@ -12,7 +12,8 @@ Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and rep
 - ``live``: the live image, produced by the chain's own plugins (preprocess -> engine -> stitch,
   ``fidelity.live_image``) with the model of ``--registry`` (default: the shipped one) on ONNX
   Runtime, the stitcher weighted by the model card's beam as the IOC does before any
-  reconstruction; at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor;
+  reconstruction, sharpened by the card's curve where it has one, as ``Stitch:Image`` is
+  (``Stitch:Sharpen``; ``live_unsharpened``: the same without it; ``--no-sharpen``); at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor;
   ``refined_scaled``: the refine stage's image of that run, ``refined_scaled_trained`` at the
   trained limit below) and,
   where that factor is beyond the scalings the model was trained at (its card and its parents',
@@ -70,13 +71,17 @@ def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None)
 
 def run_case(family: str, overlap: float, dose_x: float, engine, card_window, args, seed: int) -> dict:
     scan = fidelity.family_scan(family, overlap=overlap, dose=DOSE_X1 * dose_x, seed=seed, extent_m=args.extent)
-    live_kw = {"pixel_size_m": scan.pixel_size_m}
+    live_kw = {"pixel_size_m": scan.pixel_size_m, "sharpen": args.sharpen_entry}   # as Stitch:Image
     refine_kw = {"denoise": args.refine_denoise}
     t0 = time.perf_counter()
     live = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window, **live_kw)
     row = {"family": family, "overlap": overlap, "dose_x": dose_x, "frames": len(scan.frames),
            "live": fidelity.score(live, scan), "live_s": round(time.perf_counter() - t0, 2)}
     images = {"live": live}
+    if args.sharpen_entry is not None:     # the network's image as stitched (Stitch:Sharpen Off)
+        plain = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
+                                    pixel_size_m=scan.pixel_size_m)
+        row["live_unsharpened"] = fidelity.score(plain, scan)
     if args.refine:
         t0 = time.perf_counter()
         _, refined = fidelity.live_images(scan.frames, scan.positions_m, engine, window=card_window,
@@ -228,6 +233,9 @@ def main(argv=None) -> int:
                     help="skip the refine stage's image (the live image corrected by the frames)")
     ap.add_argument("--refine-denoise", type=float, default=1.0,
                     help="Refine:Denoise (0: no smoothness prior, the refine stage before 2026-12-02 14:00 UTC)")
+    ap.add_argument("--no-sharpen", dest="sharpen", action="store_false",
+                    help="the live image unsharpened even where the model card has a sharpen curve "
+                         "(Stitch:Sharpen Off; with it on, the unsharpened figure is a column too)")
     ap.add_argument("--quick", action="store_true", help="natural family, overlap 0.6, full dose, 25 ePIE iterations")
     a = ap.parse_args(argv)
     if a.quick:
@@ -243,7 +251,8 @@ def main(argv=None) -> int:
               f"({'no beamline on its card' if beam is None else ', '.join(beam.differences(fidelity.DEMO))})",
               file=sys.stderr)
     card_window = (beam or fidelity.DEMO).probe()
-    a.trained_scale = reg.trained_scale_range(mv.version)   # the ScaleFactors its frames were trained at
+    a.trained_scale = reg.trained_scale_range(mv.version)
+    a.sharpen_entry = mv.card.get("sharpen") if a.sharpen else None   # the ScaleFactors its frames were trained at
     engine = select_engine(mv.source(), "onnxruntime")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -265,6 +274,7 @@ def main(argv=None) -> int:
                       "model": {"registry": str(reg.root), "version": mv.version,
                                 "training_families": mv.card.get("training_families")},
                       "trained_scale_range": list(a.trained_scale),
+                      "sharpen": a.sharpen_entry is not None,
                       "beamline": fidelity.DEMO.card(), "extent_m": a.extent, "epie_iterations": a.iterations,
                       "seconds": round(time.perf_counter() - t0, 1), "targets": summarize(rows), "rows": rows},
                      indent=1))

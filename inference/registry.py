@@ -254,6 +254,23 @@ class ModelRegistry:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def annotate(self, version: int, key: str, value) -> ModelVersion:
+        """Add or replace one card entry of a published ``version`` (a measurement made after
+        publishing, e.g. ``sharpen``); the model files and their hashes stay as they are. The
+        card is replaced atomically; the registry's own keys cannot be set."""
+        if key in RESERVED:
+            raise RegistryError(f"card key {key!r} is the registry's own")
+        card = self.verify(int(version))
+        card[key] = value
+        path = self._folder(int(version)) / CARD
+        tmp = path.with_name(CARD + ".tmp")
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return self.get(int(version))
+
     def _commit(self, tmp: Path, card: dict) -> ModelVersion:
         """Number the version and rename it into place; retry if another writer took it."""
         for _ in range(1000):

@@ -437,14 +437,24 @@ class LiveChain:
                 self.stitch.submit(self.stitch.set_pixel_size, ps)
                 self.refine.submit(self.refine.reset)
         size = self.infer.input_size
+        card = None
+        if version:
+            try:
+                card = self.registry().get(version).card
+            except Exception:  # noqa: BLE001 - no card: no model window, no sharpening
+                card = None
+        self.stitch.submit(self._set_sharpen_curves, card, int(version))
         if size and not self._probe_window:
-            card = None
-            if version:
-                try:
-                    card = self.registry().get(version).card
-                except Exception:  # noqa: BLE001 - no card: no model window
-                    card = None
             self.stitch.submit(self._set_model_window, card, size)
+
+    def _set_sharpen_curves(self, card, version: int) -> None:
+        # on the stitch thread: the curve of the model whose patches come next
+        # (Stitch:SharpenState_RBV says which applies; a malformed one is said and not used)
+        try:
+            self.stitch.set_sharpen_curves((card or {}).get("sharpen"), version)
+        except ValueError as exc:          # the plugin then uses none
+            self._message("Stitch", f"model v{version}: sharpen curve not used ({exc}); Stitch:Image unsharpened",
+                          severity=1)
 
     def _set_model_window(self, card, size: int) -> None:
         # on the stitch thread, after a pixel-size change the swap may have queued

@@ -231,6 +231,14 @@ STITCH_PVS = (
        high=WINDOW_POWER_MAX, initial=WINDOW_POWER, rbv=True, autosave=True, group="stitch", attr="window_power",
        doc="each patch pixel weighs the beam's intensity to this power (1: the intensity; 1.5 keeps the "
            "network's less sure rim of each patch from blurring the image); from the next patch on"),
+    PV("Stitch:Sharpen", "bo", "Sharpen the image by the model's curve", states=("Off", "On"), initial=1,
+       rbv=True, autosave=True, group="stitch", attr="sharpen",
+       doc="undo the softening that averaging overlapping patches gives, by the radial gain the model "
+           "card's sharpen entry measured on training samples at the scan's overlap "
+           "(scripts/calibrate_sharpen.py); a model without one is not sharpened; the refine stage "
+           "starts from the unsharpened image"),
+    PV("Stitch:SharpenState_RBV", "stringin", "Sharpening applied", initial="", length=128, group="stitch",
+       attr="sharpen_state"),
     PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=tuple(POSITION_SOURCES),
        initial=0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch", attr="frames_stitched"),

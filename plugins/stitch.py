@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..science import physics, sharpen
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
@@ -29,6 +30,12 @@ class StitchPlugin(BatchingPlugin):
         self._last_uid: int | None = None
         self.generation = 0     # bumps on every change of the image, for the publisher
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
+        self.sharpen = True     # Stitch:Sharpen: apply the model card's curve to image()
+        self._curves: dict | None = None
+        self._curves_version: int | None = None
+        self._curves_error = False
+        self._positions = np.zeros((0, 2))      # the latest placed positions, for the scan's overlap
+        self._overlap: tuple[int, float | None] = (0, None)
 
     @property
     def window_power(self) -> float:
@@ -47,7 +54,54 @@ class StitchPlugin(BatchingPlugin):
     def frames_no_position(self) -> int:
         return self.stitcher.counters()["frames_no_position"]
 
+    def set_sharpen_curves(self, entry, version: int | None = None) -> None:
+        """Use a model card's ``sharpen`` entry (None: none, the image stays as stitched) of model
+        ``version``; ValueError for a malformed one, which is then not used (none is)."""
+        self._curves_version, self._curves_error = version, False
+        try:
+            self._curves = None if entry is None else sharpen.check_curves(entry)
+        except ValueError:
+            self._curves, self._curves_error = None, True
+            raise
+        finally:
+            self.generation += 1
+
+    @property
+    def sharpen_state(self) -> str:
+        """``Stitch:SharpenState_RBV``: whether and how ``Stitch:Image`` is sharpened."""
+        if not self.sharpen:
+            return "off (Stitch:Sharpen)"
+        model = f"model v{self._curves_version}" if self._curves_version else "the model"
+        if self._curves is None:
+            return f"none: {model}'s sharpen curve is malformed" if self._curves_error else \
+                f"none: {model} has no sharpen curve on its card"
+        key = self.sharpening()
+        ov = self.scan_overlap()
+        return f"{model}'s curve for overlap {key:g}" + (f" (scan {ov:.2f})" if ov is not None else "")
+
+    @property
+    def sharpen_curves(self) -> dict | None:
+        return self._curves
+
+    def scan_overlap(self) -> float | None:
+        """The overlap ``1 - step / beam`` of the placed positions (the latest 4096), with the beam
+        of the sharpening curves; None before two frames or without curves."""
+        pos, curves = self._positions, self._curves
+        if curves is None or len(pos) < 2:
+            return None
+        if self._overlap[0] != len(pos) or self._overlap[1] is None:
+            self._overlap = (len(pos), physics.measured_overlap(pos, curves["beam_m"]))
+        return self._overlap[1]
+
+    def sharpening(self) -> float | None:
+        """The overlap of the curve :meth:`image` applies now, None when it applies none."""
+        if not self.sharpen or self._curves is None:
+            return None
+        return sharpen.pick(self._curves, self.scan_overlap())[0]
+
     def reset(self) -> None:
+        self._positions = np.zeros((0, 2))
+        self._overlap = (0, None)
         self.stitcher.reset()
         self._last_uid = None
         self.image_number += 1
@@ -59,7 +113,16 @@ class StitchPlugin(BatchingPlugin):
         self.generation += 1
 
     def image(self) -> StitchedImage:
-        return self.stitcher.image()
+        """The stitched image (``Stitch:Image``), sharpened by the model card's curve for the
+        scan's overlap when ``Stitch:Sharpen`` is On and the card has curves
+        (:mod:`ptychopv.science.sharpen`). The refine stage starts from the unsharpened stitcher."""
+        img = self.stitcher.image()
+        curves = self._curves
+        if not self.sharpen or curves is None or img.phase.size == 0:
+            return img
+        _, gains = sharpen.pick(curves, self.scan_overlap())
+        covered = img.weight > 1e-6 * float(img.weight.max())
+        return img._replace(phase=sharpen.apply(img.phase, covered, curves["frequency"], gains))
 
     def process(self, frames):
         frames = frames if isinstance(frames, list) else [frames]
@@ -77,6 +140,9 @@ class StitchPlugin(BatchingPlugin):
         pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)
         before = self.stitcher.counters()
         self.stitcher.add(patches, pos)
+        ok = pos[np.isfinite(pos).all(axis=1)]
+        if len(ok):
+            self._positions = np.concatenate([self._positions, ok])[-4096:]
         after = self.stitcher.counters()
         if after["frames_no_position"] > before["frames_no_position"]:
             missing = [f.unique_id for f in frames if f.position is None]

@@ -67,19 +67,22 @@ def family_scan(family: str, *, overlap: float = 0.6, dose: float = 1e6, seed: i
 
 
 def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
-               scale: float = 1.0, batch_size: int = 16, window_power: float | None = None) -> StitchedImage:
+               scale: float = 1.0, batch_size: int = 16, window_power: float | None = None,
+               sharpen: dict | None = None) -> StitchedImage:
     """The live chain's image of a scan: ``frames`` through the infer and stitch plugins the IOC
     runs (preprocessing with ``scale`` as ``ScaleFactor``, batches of ``batch_size``, ``engine``,
     the stitcher weighted by ``window`` to ``window_power``, ``Stitch:WindowPower``, default the
-    IOC's), blocking callbacks so nothing is dropped."""
+    IOC's; ``sharpen``: a model card's ``sharpen`` curves, applied as ``Stitch:Sharpen`` On does),
+    blocking callbacks so nothing is dropped."""
     return live_images(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window, scale=scale,
-                       batch_size=batch_size, window_power=window_power)[0]
+                       batch_size=batch_size, window_power=window_power, sharpen=sharpen)[0]
 
 
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
                 probe_reference=None, probe_model=None, refine: dict | None = None,
-                window_power: float | None = None, refine_finish=None) -> tuple[StitchedImage, StitchedImage | None]:
+                window_power: float | None = None, refine_finish=None,
+                sharpen: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
@@ -102,6 +105,7 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
                           blocking_callbacks=True)
     if window_power is not None:
         stitch.window_power = window_power
+    stitch.set_sharpen_curves(sharpen)
     infer.downstream = [stitch]
     plugins = [infer, stitch]
     ref = None
@@ -159,6 +163,46 @@ def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> d
     s = metrics.stitched_scores(image, scan.truth_phase, scan.pixel_size_m, fraction=fraction,
                                 positions_m=scan.positions_m)
     return {k: round(float(v), 4) for k, v in s.items()}
+
+
+def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, overlaps=(0.0, 0.3, 0.6), families=None,
+                      scans_per_family: int = 2, extent_m: float = 4e-6, dose: float = 1e6, seed: int = 1000,
+                      window_power: float | None = None, progress=None) -> dict:
+    """A model card's ``sharpen`` entry (:mod:`ptychopv.science.sharpen`): at each of ``overlaps``,
+    ``scans_per_family`` scans of each of ``families`` (default: the training families, never an
+    evaluation family) through :func:`live_image` with ``engine`` and the beamline's probe as the
+    window, each stitched image's largest well-covered square against its truth."""
+    from .science import samples, sharpen
+
+    fams = list(families or samples.TRAIN_FAMILIES)
+    unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
+    if unknown:
+        raise ValueError(f"calibrate on training families only ({', '.join(samples.TRAIN_FAMILIES)}); "
+                         f"not {', '.join(unknown)}")
+    window = beamline.probe()
+    by = {}
+    for ov in overlaps:
+        spectra = sharpen.Spectra()
+        k = 0
+        for i in range(scans_per_family):
+            for fam in fams:
+                k += 1
+                scan = family_scan(fam, overlap=ov, dose=dose, seed=seed + k, extent_m=extent_m, beamline=beamline)
+                img = live_image(scan.frames, scan.positions_m, engine, pixel_size_m=scan.pixel_size_m,
+                                 window=window, window_power=window_power)
+                ref, mask = metrics.scored_region(img, scan.truth_phase, scan.pixel_size_m,
+                                                  positions_m=scan.positions_m)
+                rows, cols = sharpen.largest_square(mask)
+                spectra.add(img.phase[rows, cols], ref[rows, cols])
+                if progress:
+                    progress(f"overlap {ov}: {fam} scan {i + 1}")
+        by[f"{float(ov):g}"] = [round(float(g), 4) for g in spectra.gain()]
+    return {"frequency": [round(float(f), 6) for f in sharpen.ring_centres()], "by_overlap": by,
+            "beam_m": beamline.beam_m,
+            "calibrated_on": {"families": fams, "scans_per_overlap": scans_per_family * len(fams),
+                              "extent_m": extent_m, "dose": dose, "seed": seed,
+                              "low_cutoff": round(sharpen.LOW_CUTOFF, 4), "high_cutoff": round(sharpen.HIGH_CUTOFF, 4),
+                              "max_gain": sharpen.MAX_GAIN}}
 
 
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:

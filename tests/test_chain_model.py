@@ -196,3 +196,50 @@ def test_model_swap_mid_stream_loses_no_frame(rig):
     assert caget(h.pv("ModelVersion_RBV")) == 1
     epics.caput(h.pv("Model:Select"), 0, wait=True)
     shutil.rmtree(folder / "registry" / "v0002")
+
+
+def test_a_models_sharpen_curve_reaches_the_stitch_stage(rig):
+    """A model card's ``sharpen`` entry is applied by the stitch stage from the swap on, says so in
+    Stitch:SharpenState_RBV (over CA and PVA), is turned off by Stitch:Sharpen, and a malformed one
+    is said in Stitch:Message_RBV and not used."""
+    h, ctx, sp, folder = rig
+    from ptychopv.inference.registry import ModelRegistry
+    from ptychopv.science import sharpen
+
+    state = h.pv("Stitch:SharpenState_RBV")
+    wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="v1 runs")
+    wait_until(lambda: caget(state, as_string=True) == "none: model v1 has no sharpen curve on its card",
+               what="v1 said to have no curve")
+    reg = ModelRegistry(folder / "registry")
+    v1 = reg.get(1)
+    f = sharpen.ring_centres()
+    entry = {"frequency": f.tolist(), "beam_m": 5e-7,
+             "by_overlap": {"0": np.where(f < 0.2, 1.0, 0.5).tolist(), "0.6": np.ones_like(f).tolist()}}
+    good = reg.publish(v1.onnx_path, dict(v1.publishable_card(), sharpen=entry, note="sharpen test"),
+                       weights_path=v1.weights_path).version
+    bad = None
+    try:
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == good, timeout=60, what="the chain runs the new version")
+        wait_until(lambda: caget(state, as_string=True).startswith(f"model v{good}'s curve for overlap 0.6"),
+                   what="the curve in use said")
+        assert ctx.get(state, timeout=5)["value"] == caget(state, as_string=True)
+        epics.caput(h.pv("Stitch:Sharpen"), 0, wait=True)
+        wait_until(lambda: caget(state, as_string=True) == "off (Stitch:Sharpen)", what="sharpening off")
+        epics.caput(h.pv("Stitch:Sharpen"), 1, wait=True)
+        wait_until(lambda: "curve for overlap" in caget(state, as_string=True), what="sharpening on again")
+        broken = dict(entry, by_overlap={"0.6": [5.0] * len(f)})     # gains above MAX_GAIN
+        bad = reg.publish(v1.onnx_path, dict(v1.publishable_card(), sharpen=broken, note="bad curve"),
+                          weights_path=v1.weights_path).version
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == bad, timeout=60, what="the chain runs the bad-curve version")
+        wait_until(lambda: "sharpen curve not used" in caget(h.pv("Stitch:Message_RBV"), as_string=True),
+                   what="the malformed curve said")
+        wait_until(lambda: caget(state, as_string=True) == f"none: model v{bad}'s sharpen curve is malformed",
+                   what="no curve in use")
+    finally:
+        epics.caput(h.pv("Stitch:Sharpen"), 1, wait=True)
+        epics.caput(h.pv("Model:Select"), 1, wait=True)
+        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="back on v1")
+        for v in (good, bad):
+            if v:
+                shutil.rmtree(folder / "registry" / f"v{v:04d}")
+        epics.caput(h.pv("Model:Select"), 0, wait=True)

@@ -1,0 +1,148 @@
+"""Sharpening the network's stitched image with a gain curve measured on training samples.
+
+The network's patches are nearly unbiased one by one, but the stitched image of overlapping
+patches is softer than the truth: each patch errs a little differently, and averaging them
+attenuates fine detail (measured: the stitched image's transfer falls to about 0.5 at 3-6 pixel
+periods on the training families, while a patch's own stays near 1). That attenuation is a
+property of the model, the beamline and the scan's overlap, not of the sample, so it can be
+measured once on samples of the *training* families and undone on any scan by a radial gain in
+Fourier space (the least-squares linear filter from the stitched image to the truth):
+
+    gain(f) = sum Re(T(f) conj(S(f))) / sum |S(f)|^2      per ring of spatial frequency f
+
+Three guards keep it from turning a family's statistics into a bias: rings below
+:data:`LOW_CUTOFF` cycles per pixel keep gain 1 (the large-scale contrast depends on the sample,
+not on the network: boosting it made a natural-image scan worse at overlap 0.3); the gain is
+capped at :data:`MAX_GAIN`; rings above :data:`HIGH_CUTOFF` (periods under 2.6 pixels, where the
+estimate is noise) are set to 0. A curve is measured at each of a few overlaps and a scan uses
+the one nearest its own (:func:`pick`).
+
+Numpy only. The measurement through the chain's plugins is
+:func:`ptychopv.fidelity.calibrate_sharpen`; ``scripts/calibrate_sharpen.py`` writes it on a
+model card, and the stitch stage applies it to ``Stitch:Image`` (``Stitch:Sharpen``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RINGS = 40                              # rings from 0 to the corner frequency sqrt(0.5)
+LOW_CUTOFF = 8 / RINGS * np.sqrt(0.5)   # 0.141 cycles/pixel (periods over 7 pixels): gain 1
+HIGH_CUTOFF = 22 / RINGS * np.sqrt(0.5)  # 0.389 cycles/pixel (periods under 2.6 pixels): gain 0
+MAX_GAIN = 2.0
+PAD = 32                                # reflected border (pixels) against wrap-around
+
+
+def ring_centres() -> np.ndarray:
+    """The rings' centre frequencies in cycles per pixel."""
+    return (np.arange(RINGS) + 0.5) / RINGS * np.sqrt(0.5)
+
+
+def _radius(shape) -> np.ndarray:
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.fftfreq(shape[1])[None, :]
+    return np.hypot(fy, fx)
+
+
+def _rings(shape) -> np.ndarray:
+    return np.minimum((_radius(shape) / np.sqrt(0.5) * RINGS).astype(int), RINGS - 1)
+
+
+def largest_square(mask: np.ndarray) -> tuple[slice, slice]:
+    """The largest square inside ``mask`` centred on the mask's centroid (where a scored region
+    is well covered), as (rows, cols) slices."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty region has no square inside it")
+    cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+    h = 0
+    while (cy - h - 1 >= 0 and cx - h - 1 >= 0 and cy + h + 1 <= mask.shape[0] and cx + h + 1 <= mask.shape[1]
+           and mask[cy - h - 1:cy + h + 1, cx - h - 1:cx + h + 1].all()):
+        h += 1
+    if h < 8:
+        raise ValueError(f"the region holds no square of 16 pixels or more (largest {2 * h})")
+    return slice(cy - h, cy + h), slice(cx - h, cx + h)
+
+
+class Spectra:
+    """Cross- and auto-spectra of stitched images against their truths, summed ring by ring."""
+
+    def __init__(self) -> None:
+        self.cross = np.zeros(RINGS)
+        self.power = np.zeros(RINGS)
+        self.images = 0
+
+    def add(self, image: np.ndarray, truth: np.ndarray) -> None:
+        """Add a square ``image`` and its ``truth`` (same shape, finite): means removed, Hann-tapered."""
+        s = np.asarray(image, float)
+        t = np.asarray(truth, float)
+        if s.shape != t.shape or s.ndim != 2:
+            raise ValueError(f"image {s.shape} and truth {t.shape} must be 2-D of one shape")
+        if not (np.isfinite(s).all() and np.isfinite(t).all()):
+            raise ValueError("image and truth must be finite over the square")
+        taper = np.outer(np.hanning(s.shape[0]), np.hanning(s.shape[1]))
+        sf = np.fft.fft2((s - s.mean()) * taper)
+        tf = np.fft.fft2((t - t.mean()) * taper)
+        b = _rings(s.shape).ravel()
+        self.cross += np.bincount(b, (tf * np.conj(sf)).real.ravel(), RINGS)
+        self.power += np.bincount(b, (np.abs(sf) ** 2).ravel(), RINGS)
+        self.images += 1
+
+    def gain(self) -> np.ndarray:
+        """The guarded gain curve (one value per ring)."""
+        if not self.images:
+            raise ValueError("no images measured")
+        g = np.clip(self.cross / np.maximum(self.power, 1e-30), 0.0, MAX_GAIN)
+        f = ring_centres()
+        g[f < LOW_CUTOFF] = 1.0
+        g[f > HIGH_CUTOFF] = 0.0
+        return g
+
+
+def check_curves(entry) -> dict:
+    """A card's ``sharpen`` entry, checked: ``frequency`` (ascending cycles/pixel), ``by_overlap``
+    (overlap -> gains, one per frequency, each finite in [0, MAX_GAIN]) and ``beam_m`` > 0.
+    ValueError says what is wrong (a hand-edited card must not distort the live image)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"sharpen must be a mapping, got {type(entry).__name__}")
+    try:
+        f = np.asarray(entry["frequency"], float)
+        beam = float(entry["beam_m"])
+        by = {float(k): np.asarray(v, float) for k, v in dict(entry["by_overlap"]).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"sharpen needs frequency, by_overlap and beam_m: {exc}") from None
+    if f.ndim != 1 or f.size < 2 or not np.all(np.diff(f) > 0) or not np.isfinite(f).all():
+        raise ValueError("sharpen frequency must be at least two ascending finite values")
+    if not (np.isfinite(beam) and beam > 0):
+        raise ValueError(f"sharpen beam_m must be > 0, got {beam}")
+    if not by:
+        raise ValueError("sharpen by_overlap is empty")
+    for ov, g in by.items():
+        if not (-1.0 <= ov < 1.0):
+            raise ValueError(f"sharpen overlap {ov} is not in [-1, 1)")
+        if g.shape != f.shape or not np.isfinite(g).all() or g.min() < 0 or g.max() > MAX_GAIN:
+            raise ValueError(f"sharpen gains at overlap {ov} must be {f.size} values in [0, {MAX_GAIN}]")
+    return {"frequency": f, "beam_m": beam, "by_overlap": by}
+
+
+def pick(curves: dict, overlap: float | None) -> tuple[float, np.ndarray]:
+    """The (overlap, gains) of ``curves`` (checked) measured nearest ``overlap`` (None: the largest)."""
+    by = curves["by_overlap"]
+    key = max(by) if overlap is None or not np.isfinite(overlap) else min(by, key=lambda k: abs(k - overlap))
+    return key, by[key]
+
+
+def apply(phase: np.ndarray, covered: np.ndarray, frequency: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """``phase`` filtered by the radial ``gains`` (at ``frequency``, cycles/pixel; linear in
+    between, the last gain beyond). Pixels outside ``covered`` keep their value and do not leak
+    in: they are filled with the covered mean and the border is reflected before the transform."""
+    phase = np.asarray(phase)
+    covered = np.asarray(covered, bool)
+    if phase.size == 0 or not covered.any():
+        return phase.copy()
+    x = np.where(covered, np.nan_to_num(phase.astype(np.float64)), 0.0)
+    x[~covered] = x[covered].mean()
+    padded = np.pad(x, PAD, mode="reflect")
+    g = np.interp(_radius(padded.shape), frequency, gains)
+    out = np.fft.ifft2(np.fft.fft2(padded) * g).real[PAD:-PAD, PAD:-PAD]
+    return np.where(covered, out, phase).astype(phase.dtype, copy=False)
