@@ -44,7 +44,7 @@ CARD_KEYS = frozenset({
     "parent", "model", "model_config", "outputs", "input_shape", "preprocessing", "corpus",
     "scans", "pairs", "train_pairs", "val_pairs", "epochs", "best_epoch", "loss", "val_loss",
     "val_ssim", "low_dose_factor", "seed", "device", "train_seconds", "options", "history",
-    "epochs_run"})
+    "epochs_run", "sharpen", "sharpen_not_measured"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -303,6 +303,33 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _measure_sharpen(card: dict, parent_card: dict, onnx: Path, spec: dict) -> None:
+    """A lineage whose parent's stitched image was sharpened (``Stitch:Sharpen``) keeps it: the
+    new model's own curve, measured as the parent's was (:func:`ptychopv.fidelity.recalibrate_sharpen`,
+    about 10 s on 2 CPU cores), goes on its card before it is published, so the chain never runs
+    it unsharpened. Where that cannot be measured the card says why and the model is published
+    without one (the image is then unsharpened, and ``Stitch:SharpenState_RBV`` says so)."""
+    try:
+        from ..fidelity import recalibrate_sharpen
+        from ..inference.engines import ModelSource, select_engine
+        from ..science.physics import Beamline
+
+        beam = Beamline.from_card(card)
+        if beam is None:
+            raise ValueError("the card names no beamline to simulate")
+        engine = select_engine(ModelSource.from_onnx(onnx, spec), "onnxruntime")
+        try:
+            t0 = time.perf_counter()
+            entry = recalibrate_sharpen(parent_card["sharpen"], engine, beam)
+            entry["calibrated_on"]["seconds"] = round(time.perf_counter() - t0, 1)
+        finally:
+            engine.close()
+        card["sharpen"] = entry
+    except Exception as exc:  # noqa: BLE001 - a model without a curve is still a model
+        log.warning("sharpen curve not measured: %s", exc)
+        card["sharpen_not_measured"] = f"{type(exc).__name__}: {exc}"
+
+
 def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
           options: TrainOptions | dict | None = None, callback: Callback | None = None,
           abort=None, card_extra: dict | None = None) -> dict:
@@ -401,6 +428,8 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
     with tempfile.TemporaryDirectory(prefix="ptychopv-train-") as tmp:
         onnx = export_onnx(model, Path(tmp) / "model.onnx")
         weights = save_weights(model, Path(tmp) / "weights.pt")
+        if parent is not None and parent_version.card.get("sharpen"):
+            _measure_sharpen(card, parent_version.card, onnx, spec)
         published = registry.publish(onnx, card, weights_path=weights)
     log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
              result.val_loss, ssim)

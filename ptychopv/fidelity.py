@@ -205,6 +205,19 @@ def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, overlaps=(0.0, 0.3, 
                               "max_gain": sharpen.MAX_GAIN}}
 
 
+def recalibrate_sharpen(previous: dict, engine, beamline: Beamline) -> dict:
+    """A ``sharpen`` entry for another model of a lineage whose model had ``previous``: the same
+    overlaps, families, scans, extent, dose and seed (:func:`calibrate_sharpen`), measured with
+    ``engine``. A fine-tuned model softens differently from its parent, so its curve is its own."""
+    on = previous.get("calibrated_on") or {}
+    fams = list(on.get("families") or [])
+    per = max(1, int(on.get("scans_per_overlap", 0)) // max(1, len(fams))) if fams else 2
+    overlaps = sorted(float(k) for k in previous["by_overlap"])
+    return calibrate_sharpen(engine, beamline=beamline, overlaps=overlaps, families=fams or None,
+                             scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
+                             dose=float(on.get("dose", 1e6)), seed=int(on.get("seed", 1000)))
+
+
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:
     """Patches (one per frame, e.g. a reconstruction's crops) stitched the live chain's way."""
     from .science.stitching import Stitcher

@@ -8,8 +8,8 @@ The network's stitched image is softer than the truth where patches overlap
 radial gain that best maps the stitched image to the truth, on ``--scans`` scans of each
 *training* family (never an evaluation family) simulated for the beamline on the model's card,
 through the chain's own plugins (:func:`ptychopv.fidelity.calibrate_sharpen`). The IOC's stitch
-stage applies the curve of the overlap nearest the scan's (``Stitch:Sharpen``). A model trained
-by the loop gets no curve (its card is new) and is not sharpened until this is run on it.
+stage applies the curve of the overlap nearest the scan's (``Stitch:Sharpen``). A model the loop
+fine-tunes from a version with a curve gets its own from the training job, measured the same way.
 
 About 100 s per version on 2 CPU cores (3 overlaps x 10 scans of 4 um).
 """

@@ -85,6 +85,7 @@ def test_warm_start_continues_from_the_parent(corpus, trained):
     second = train(corpus, reg, dict(TINY, epochs=1, warm_start=1))
     assert second["version"] > 1 and second["parent"] == 1
     assert second["preprocessing"] == first["preprocessing"]
+    assert "sharpen" not in second and "sharpen_not_measured" not in second    # the parent had no curve
     # starting from trained weights, the first epoch is already better than a fresh first epoch
     assert second["history"][0]["val_loss"] < first["history"][0]["val_loss"]
     with pytest.raises(ValueError, match=r"version 1 \(ptychonn2\) but the options ask for ptychonn"):
@@ -355,3 +356,27 @@ def test_torch_normalisation_matches_the_chains():
                                    normalize(counts, spec), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="sqrt"):
         _normalize_t(torch.from_numpy(counts), {"transform": "sqrt", "divisor": 1.0})
+
+
+def test_a_sharpened_lineage_gets_its_own_curve_when_fine_tuned(corpus, tmp_path):
+    """A model fine-tuned from a parent whose card has a sharpen curve is published with its own,
+    measured the parent's way (``Stitch:Sharpen`` never runs it unsharpened); a parent without one
+    gives a child without one; a curve that cannot be measured is said on the card."""
+    pytest.importorskip("onnxruntime")
+    from ptychopv.inference.registry import shipped_registry
+    from ptychopv.science import sharpen
+
+    src = ModelRegistry(shipped_registry("generic"), create=False).get(1)
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.publish(src.onnx_path, src.publishable_card(), weights_path=src.weights_path)
+    small = dict(src.card["sharpen"], by_overlap={"0.6": src.card["sharpen"]["by_overlap"]["0.6"]},
+                 calibrated_on=dict(src.card["sharpen"]["calibrated_on"], families=["grf"], scans_per_overlap=1))
+    reg.annotate(1, "sharpen", small)
+    child = train(corpus, reg.root, dict(TINY, epochs=1, warm_start=1))
+    c = sharpen.check_curves(child["sharpen"])
+    assert list(c["by_overlap"]) == [0.6] and child["sharpen"]["calibrated_on"]["families"] == ["grf"]
+    assert child["sharpen"]["by_overlap"]["0.6"] != small["by_overlap"]["0.6"]     # its own, not a copy
+    # a lineage with no beamline on the card cannot be simulated: published without, and said
+    reg.annotate(child["version"], "beamline", None)
+    grand = train(corpus, reg.root, dict(TINY, epochs=1, warm_start=child["version"]))
+    assert "sharpen" not in grand and "no beamline" in grand["sharpen_not_measured"]
