@@ -394,9 +394,15 @@ class PtychoIOC:
                 self.message(stage, f"HPC stage unavailable: {exc}")
         self.rec["Status_RBV"].set("Running")
 
-    def serve_forever(self) -> None:
+    def handle_signals(self) -> None:
+        """SIGINT and SIGTERM end :meth:`serve_forever` (settings saved, files closed). Installed
+        before the ``ready`` line: a supervisor that stops the IOC the moment it says ready (a
+        test did, once in a CI run) found the default action still in place and killed it unsaved."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+
+    def serve_forever(self) -> None:
+        self.handle_signals()
         self._stop.wait()
 
     def stop(self) -> None:
@@ -601,6 +607,7 @@ def run(cfg: Config) -> int:
         log.exception("start-up failed")
         print(f"ptychopv ioc: start-up failed: {type(exc).__name__}: {exc}", flush=True)
         _leave(1)
+    ioc.handle_signals()
     e = cfg.epics
     print(f"ptychopv ioc: ready prefix={cfg.prefix} ca=127.0.0.1:{e.ca_server_port} "
           f"pva=127.0.0.1:{e.pva_server_port} images=127.0.0.1:{ioc.images.port}"

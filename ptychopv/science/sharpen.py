@@ -24,7 +24,10 @@ model card, and the stitch stage applies it to ``Stitch:Image`` (``Stitch:Sharpe
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
+from scipy import fft as sfft
 
 RINGS = 40                              # rings from 0 to the corner frequency sqrt(0.5)
 LOW_CUTOFF = 8 / RINGS * np.sqrt(0.5)   # 0.141 cycles/pixel (periods over 7 pixels): gain 1
@@ -132,17 +135,29 @@ def pick(curves: dict, overlap: float | None) -> tuple[float, np.ndarray]:
     return key, by[key]
 
 
+@lru_cache(maxsize=8)
+def _gain_grid(shape: tuple[int, int], frequency: tuple, gains: tuple) -> np.ndarray:
+    """The radial gains on the half-spectrum grid of a real ``shape`` transform (float32)."""
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    return np.interp(np.hypot(fy, fx), frequency, gains).astype(np.float32)
+
+
 def apply(phase: np.ndarray, covered: np.ndarray, frequency: np.ndarray, gains: np.ndarray) -> np.ndarray:
     """``phase`` filtered by the radial ``gains`` (at ``frequency``, cycles/pixel; linear in
     between, the last gain beyond). Pixels outside ``covered`` keep their value and do not leak
-    in: they are filled with the covered mean and the border is reflected before the transform."""
+    in: they are filled with the covered mean and the border is reflected before the transform.
+    Single precision, real transforms of a fast length: 1000 x 1000 pixels in about 30 ms here."""
     phase = np.asarray(phase)
     covered = np.asarray(covered, bool)
     if phase.size == 0 or not covered.any():
         return phase.copy()
-    x = np.where(covered, np.nan_to_num(phase.astype(np.float64)), 0.0)
-    x[~covered] = x[covered].mean()
-    padded = np.pad(x, PAD, mode="reflect")
-    g = np.interp(_radius(padded.shape), frequency, gains)
-    out = np.fft.ifft2(np.fft.fft2(padded) * g).real[PAD:-PAD, PAD:-PAD]
+    x = np.where(covered, np.nan_to_num(phase.astype(np.float32)), np.float32(0))
+    x[~covered] = x[covered].mean(dtype=np.float64)
+    ny, nx = x.shape
+    py = sfft.next_fast_len(ny + 2 * PAD, real=True)
+    px = sfft.next_fast_len(nx + 2 * PAD, real=True)
+    padded = np.pad(x, ((PAD, py - ny - PAD), (PAD, px - nx - PAD)), mode="reflect")
+    g = _gain_grid((py, px), tuple(map(float, frequency)), tuple(map(float, gains)))
+    out = sfft.irfft2(sfft.rfft2(padded, workers=1) * g, s=(py, px), workers=1)[PAD:PAD + ny, PAD:PAD + nx]
     return np.where(covered, out, phase).astype(phase.dtype, copy=False)
