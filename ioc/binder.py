@@ -103,12 +103,24 @@ class StageBinder:
             if v is None:
                 continue
             v, severity = saturated(v) if rec.rtype in ("longin", "longout") else (v, 0)
+            if rec.name not in self._seen and not severity and self._holds(rec.name, v):
+                # the first look: the record already says it, and may carry a refusal's WRITE
+                # alarm from a put that came before this poll (writing it again cleared that
+                # alarm, in a test that refused a value right after the IOC started)
+                self._seen[rec.name] = (v, severity)
+                continue
             if self._seen.get(rec.name) != (v, severity):
                 self._seen[rec.name] = (v, severity)
                 if severity:
                     self.ioc.set(rec.name, v, severity=severity, alarm_status=7)
                 else:
                     self.ioc.set(rec.name, v)
+
+    def _holds(self, name: str, value) -> bool:
+        try:
+            return self.ioc.get(name) == value
+        except Exception:  # noqa: BLE001 - a record that cannot be read is written
+            return False
 
     def start(self) -> None:
         for p in self.plugins.values():

@@ -287,3 +287,40 @@ def test_a_position_source_declared_but_not_bound_is_refused_not_taken_for_pvs(m
     with pytest.raises(ValueError, match="Encoder is not bound in the IOC"):
         LiveChain._set_position_source(stub, index)
     LiveChain._position_available(stub, 0)                  # Attributes: bound
+
+
+def test_the_binders_first_look_keeps_a_readback_that_already_says_the_value():
+    """A put refused before the binder's first poll leaves a WRITE alarm on a readback that already
+    holds the plugin's value: the first poll must not write it again (that cleared the alarm, in
+    a test that refused a value right after the IOC started); a value that differs is written."""
+    from types import SimpleNamespace
+
+    from ptychopv.ioc import schema
+    from ptychopv.ioc.binder import StageBinder
+
+    class FakeIoc:
+        def __init__(self, values):
+            self.values, self.writes = dict(values), []
+
+        def get(self, name):
+            return self.values[name]
+
+        def set(self, name, value, severity=0, alarm_status=0):
+            self.writes.append((name, value))
+            self.values[name] = value
+
+    rbv = schema.by_name()["Stitch:Sharpen_RBV"]
+    plugin = SimpleNamespace(sharpen=True)
+    ioc = FakeIoc({rbv.name: 1})
+    b = StageBinder(ioc, stages=[])
+    b._polled = [(rbv, plugin)]
+    b.poll()
+    assert ioc.writes == []                       # it already said On: kept, alarm and all
+    plugin.sharpen = False
+    b.poll()
+    assert ioc.writes == [(rbv.name, 0)]
+    fresh = FakeIoc({rbv.name: 0})                # a first look at a record that says otherwise
+    b = StageBinder(fresh, stages=[])
+    b._polled = [(rbv, SimpleNamespace(sharpen=True))]
+    b.poll()
+    assert fresh.writes == [(rbv.name, 1)]
