@@ -303,15 +303,37 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def chain_like_stitching(engine, batch: int = 64):
+    """``stitched_of(frames, positions_m, pixel_size_m, window)`` for
+    :func:`ptychopv.science.sharpen.calibrate`: what the chain's infer and stitch plugins do with
+    ``engine`` (:func:`ptychopv.fidelity.live_image`: default preprocessing, the beam's window to
+    the stitcher's default power), without the plugins, which this layer does not import. A test
+    checks that both give the same curve."""
+    from ..science.preprocess import PreprocessOptions, Preprocessor
+    from ..science.stitching import Stitcher
+
+    pre = Preprocessor(PreprocessOptions())
+
+    def stitched_of(frames, positions_m, pixel_size_m, window):
+        st = Stitcher(pixel_size_m, window=window)
+        for i in range(0, len(frames), batch):
+            out = engine.infer(pre(frames[i:i + batch]))
+            ok = out.get("valid", np.ones(len(out["phase"]), bool))
+            st.add(out["phase"][ok], positions_m[i:i + batch][ok])
+        return st.image()
+
+    return stitched_of
+
+
 def _measure_sharpen(card: dict, parent_card: dict, onnx: Path, spec: dict) -> None:
     """A lineage whose parent's stitched image was sharpened (``Stitch:Sharpen``) keeps it: the
-    new model's own curve, measured as the parent's was (:func:`ptychopv.fidelity.recalibrate_sharpen`,
+    new model's own curve, measured as the parent's was (:func:`ptychopv.science.sharpen.calibrate_like`,
     about 10 s on 2 CPU cores), goes on its card before it is published, so the chain never runs
     it unsharpened. Where that cannot be measured the card says why and the model is published
     without one (the image is then unsharpened, and ``Stitch:SharpenState_RBV`` says so)."""
     try:
-        from ..fidelity import recalibrate_sharpen
         from ..inference.engines import ModelSource, select_engine
+        from ..science import sharpen
         from ..science.physics import Beamline
 
         beam = Beamline.from_card(card)
@@ -320,7 +342,7 @@ def _measure_sharpen(card: dict, parent_card: dict, onnx: Path, spec: dict) -> N
         engine = select_engine(ModelSource.from_onnx(onnx, spec), "onnxruntime")
         try:
             t0 = time.perf_counter()
-            entry = recalibrate_sharpen(parent_card["sharpen"], engine, beam)
+            entry = sharpen.calibrate_like(parent_card["sharpen"], chain_like_stitching(engine), beam)
             entry["calibrated_on"]["seconds"] = round(time.perf_counter() - t0, 1)
         finally:
             engine.close()

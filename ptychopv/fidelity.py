@@ -165,57 +165,16 @@ def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> d
     return {k: round(float(v), 4) for k, v in s.items()}
 
 
-def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, overlaps=(0.0, 0.3, 0.6), families=None,
-                      scans_per_family: int = 2, extent_m: float = 4e-6, dose: float = 1e6, seed: int = 1000,
-                      window_power: float | None = None, progress=None) -> dict:
-    """A model card's ``sharpen`` entry (:mod:`ptychopv.science.sharpen`): at each of ``overlaps``,
-    ``scans_per_family`` scans of each of ``families`` (default: the training families, never an
-    evaluation family) through :func:`live_image` with ``engine`` and the beamline's probe as the
-    window, each stitched image's largest well-covered square against its truth."""
-    from .science import samples, sharpen
+def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, window_power: float | None = None, **kw) -> dict:
+    """A model card's ``sharpen`` entry (:func:`ptychopv.science.sharpen.calibrate`, ``kw`` its
+    options), each scan stitched by :func:`live_image` with ``engine``: the chain's own plugins."""
+    from .science import sharpen
 
-    fams = list(families or samples.TRAIN_FAMILIES)
-    unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
-    if unknown:
-        raise ValueError(f"calibrate on training families only ({', '.join(samples.TRAIN_FAMILIES)}); "
-                         f"not {', '.join(unknown)}")
-    window = beamline.probe()
-    by = {}
-    for ov in overlaps:
-        spectra = sharpen.Spectra()
-        k = 0
-        for i in range(scans_per_family):
-            for fam in fams:
-                k += 1
-                scan = family_scan(fam, overlap=ov, dose=dose, seed=seed + k, extent_m=extent_m, beamline=beamline)
-                img = live_image(scan.frames, scan.positions_m, engine, pixel_size_m=scan.pixel_size_m,
-                                 window=window, window_power=window_power)
-                ref, mask = metrics.scored_region(img, scan.truth_phase, scan.pixel_size_m,
-                                                  positions_m=scan.positions_m)
-                rows, cols = sharpen.largest_square(mask)
-                spectra.add(img.phase[rows, cols], ref[rows, cols])
-                if progress:
-                    progress(f"overlap {ov}: {fam} scan {i + 1}")
-        by[f"{float(ov):g}"] = [round(float(g), 4) for g in spectra.gain()]
-    return {"frequency": [round(float(f), 6) for f in sharpen.ring_centres()], "by_overlap": by,
-            "beam_m": beamline.beam_m,
-            "calibrated_on": {"families": fams, "scans_per_overlap": scans_per_family * len(fams),
-                              "extent_m": extent_m, "dose": dose, "seed": seed,
-                              "low_cutoff": round(sharpen.LOW_CUTOFF, 4), "high_cutoff": round(sharpen.HIGH_CUTOFF, 4),
-                              "max_gain": sharpen.MAX_GAIN}}
+    def stitched_of(frames, positions_m, pixel_size_m, window):
+        return live_image(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window,
+                          window_power=window_power)
 
-
-def recalibrate_sharpen(previous: dict, engine, beamline: Beamline) -> dict:
-    """A ``sharpen`` entry for another model of a lineage whose model had ``previous``: the same
-    overlaps, families, scans, extent, dose and seed (:func:`calibrate_sharpen`), measured with
-    ``engine``. A fine-tuned model softens differently from its parent, so its curve is its own."""
-    on = previous.get("calibrated_on") or {}
-    fams = list(on.get("families") or [])
-    per = max(1, int(on.get("scans_per_overlap", 0)) // max(1, len(fams))) if fams else 2
-    overlaps = sorted(float(k) for k in previous["by_overlap"])
-    return calibrate_sharpen(engine, beamline=beamline, overlaps=overlaps, families=fams or None,
-                             scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
-                             dose=float(on.get("dose", 1e6)), seed=int(on.get("seed", 1000)))
+    return sharpen.calibrate(stitched_of, beamline, **kw)
 
 
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:

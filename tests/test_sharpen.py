@@ -194,3 +194,30 @@ def test_the_shipped_generic_curves_sharpen_unseen_samples():
         eng.close()
     assert gains[("natural", 0.6)] > 0.015 and gains[("star", 0.6)] > 0.01, gains
     assert gains[("natural", 0.0)] > -0.005, gains
+
+
+def test_the_training_jobs_stitching_gives_the_chains_curve():
+    """The training job measures a fine-tuned model's curve without the chain's plugins (its layer
+    does not import them): its stitching must give exactly the curve the plugins give; and the
+    science-level calibration refuses an evaluation family and an empty scan count."""
+    pytest.importorskip("onnxruntime")
+    from ptychopv import fidelity
+    from ptychopv.hpc.training import chain_like_stitching
+    from ptychopv.inference import ModelRegistry, select_engine
+    from ptychopv.inference.registry import shipped_registry
+
+    mv = ModelRegistry(shipped_registry("generic"), create=False).get(1)
+    beam = fidelity.Beamline.from_card(mv.card)
+    eng = select_engine(mv.source(), "onnxruntime")
+    try:
+        kw = dict(overlaps=(0.6,), families=["speckle"], scans_per_family=1)
+        chain = fidelity.calibrate_sharpen(eng, beamline=beam, **kw)
+        job = sharpen.calibrate(chain_like_stitching(eng), beam, **kw)
+        assert job["by_overlap"] == chain["by_overlap"]
+        assert any(g > 1 for g in chain["by_overlap"]["0.6"])
+        with pytest.raises(ValueError, match="training families only"):
+            sharpen.calibrate(chain_like_stitching(eng), beam, families=["cell"])
+        with pytest.raises(ValueError, match="scans_per_family"):
+            sharpen.calibrate(chain_like_stitching(eng), beam, scans_per_family=0)
+    finally:
+        eng.close()

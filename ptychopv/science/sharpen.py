@@ -17,9 +17,10 @@ capped at :data:`MAX_GAIN`; rings above :data:`HIGH_CUTOFF` (periods under 2.6 p
 estimate is noise) are set to 0. A curve is measured at each of a few overlaps and a scan uses
 the one nearest its own (:func:`pick`).
 
-Numpy only. The measurement through the chain's plugins is
-:func:`ptychopv.fidelity.calibrate_sharpen`; ``scripts/calibrate_sharpen.py`` writes it on a
-model card, and the stitch stage applies it to ``Stitch:Image`` (``Stitch:Sharpen``).
+Numpy only. :func:`calibrate` simulates the scans and is given the code that stitches them (the
+chain's plugins in :func:`ptychopv.fidelity.calibrate_sharpen`, the same engine, preprocessing and
+stitcher without the plugins in the training job); ``scripts/calibrate_sharpen.py`` writes the
+entry on a model card, and the stitch stage applies it to ``Stitch:Image`` (``Stitch:Sharpen``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,62 @@ class Spectra:
         g[f < LOW_CUTOFF] = 1.0
         g[f > HIGH_CUTOFF] = 0.0
         return g
+
+
+def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None, scans_per_family: int = 2,
+              extent_m: float = 4e-6, dose: float = 1e6, seed: int = 1000, size_px: int = 256,
+              max_phase: float = 1.0, progress=None) -> dict:
+    """A model card's ``sharpen`` entry: at each of ``overlaps``, ``scans_per_family`` Fermat scans
+    of ``extent_m`` over each of ``families`` (default: every training family; an evaluation
+    family is refused) at ``dose`` photons per frame, simulated for ``beamline``
+    (:class:`~ptychopv.science.physics.Beamline`), stitched by
+    ``stitched_of(frames, positions_m, pixel_size_m, window)`` (window: the beamline's probe) and
+    compared, over each image's largest well-covered square, with the truth."""
+    from . import metrics, physics, samples
+
+    fams = list(families or samples.TRAIN_FAMILIES)
+    unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
+    if unknown:
+        raise ValueError(f"calibrate on training families only ({', '.join(samples.TRAIN_FAMILIES)}); "
+                         f"not {', '.join(unknown)}")
+    if scans_per_family < 1:
+        raise ValueError(f"scans_per_family must be >= 1, got {scans_per_family}")
+    probe = beamline.probe()
+    ps = beamline.pixel_size_m
+    by = {}
+    for ov in overlaps:
+        spectra = Spectra()
+        k = 0
+        for i in range(scans_per_family):
+            for fam in fams:
+                k += 1
+                obj = samples.make_sample(fam, (size_px, size_px), seed=seed + k, max_phase=max_phase)
+                pos = physics.scan_positions("fermat", (1 - ov) * beamline.beam_m, extent_m)
+                sim = physics.simulate(obj, probe, pos, ps, dose, seed=seed + k + 1)
+                img = stitched_of(sim.frames, sim.positions_m, ps, probe)
+                ref, mask = metrics.scored_region(img, np.angle(obj), ps, positions_m=sim.positions_m)
+                rows, cols = largest_square(mask)
+                spectra.add(img.phase[rows, cols], ref[rows, cols])
+                if progress:
+                    progress(f"overlap {ov}: {fam} scan {i + 1}")
+        by[f"{float(ov):g}"] = [round(float(g), 4) for g in spectra.gain()]
+    return {"frequency": [round(float(f), 6) for f in ring_centres()], "by_overlap": by,
+            "beam_m": beamline.beam_m,
+            "calibrated_on": {"families": fams, "scans_per_overlap": scans_per_family * len(fams),
+                              "extent_m": extent_m, "dose": dose, "seed": seed,
+                              "low_cutoff": round(LOW_CUTOFF, 4), "high_cutoff": round(HIGH_CUTOFF, 4),
+                              "max_gain": MAX_GAIN}}
+
+
+def calibrate_like(previous: dict, stitched_of, beamline) -> dict:
+    """:func:`calibrate` as ``previous`` (an entry) was measured: the same overlaps, families,
+    scans, extent, dose and seed. For another model of a lineage: it softens differently."""
+    on = previous.get("calibrated_on") or {}
+    fams = list(on.get("families") or [])
+    per = max(1, int(on.get("scans_per_overlap", 0)) // len(fams)) if fams else 2
+    return calibrate(stitched_of, beamline, overlaps=sorted(float(k) for k in previous["by_overlap"]),
+                     families=fams or None, scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
+                     dose=float(on.get("dose", 1e6)), seed=int(on.get("seed", 1000)))
 
 
 def check_curves(entry) -> dict:
