@@ -452,7 +452,7 @@ class LiveChain:
         # (Stitch:SharpenState_RBV says which applies; a malformed one is said and not used)
         try:
             self.stitch.set_sharpen_curves((card or {}).get("sharpen"), version)
-        except ValueError as exc:          # the plugin then uses none
+        except Exception as exc:  # noqa: BLE001 - a malformed card: the plugin then uses none
             self._message("Stitch", f"model v{version}: sharpen curve not used ({exc}); Stitch:Image unsharpened",
                           severity=1)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..science import physics, sharpen
+from ..science import sharpen
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
@@ -30,12 +30,11 @@ class StitchPlugin(BatchingPlugin):
         self._last_uid: int | None = None
         self.generation = 0     # bumps on every change of the image, for the publisher
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
-        self.sharpen = True     # Stitch:Sharpen: apply the model card's curve to image()
-        self._curves: dict | None = None
-        self._curves_version: int | None = None
-        self._curves_error = False
+        self._sharpen = True    # Stitch:Sharpen: apply the model card's curve to image()
+        self._sharpen_model: tuple = (None, None, False)    # (checked curves, model version, malformed)
         self._positions = np.zeros((0, 2))      # the latest placed positions, for the scan's overlap
-        self._overlap: tuple[int, float | None] = (0, None)
+        self._placed = 0                        # positions ever added: the overlap's cache key
+        self._overlap: tuple = (None, None)
 
     @property
     def window_power(self) -> float:
@@ -45,6 +44,7 @@ class StitchPlugin(BatchingPlugin):
     @window_power.setter
     def window_power(self, value: float) -> None:
         self.stitcher.window_power = value      # ValueError out of range: the put is refused
+        self.generation += 1                    # whether the sharpening curve applies may change
 
     @property
     def frames_stitched(self) -> int:
@@ -54,54 +54,89 @@ class StitchPlugin(BatchingPlugin):
     def frames_no_position(self) -> int:
         return self.stitcher.counters()["frames_no_position"]
 
+    @property
+    def sharpen(self) -> bool:
+        """``Stitch:Sharpen``: apply the model card's curve to :meth:`image`."""
+        return self._sharpen
+
+    @sharpen.setter
+    def sharpen(self, value) -> None:
+        self._sharpen = bool(value)
+        self.generation += 1        # the publisher posts the image again, as it now looks
+
     def set_sharpen_curves(self, entry, version: int | None = None) -> None:
         """Use a model card's ``sharpen`` entry (None: none, the image stays as stitched) of model
         ``version``; ValueError for a malformed one, which is then not used (none is)."""
-        self._curves_version, self._curves_error = version, False
         try:
-            self._curves = None if entry is None else sharpen.check_curves(entry)
-        except ValueError:
-            self._curves, self._curves_error = None, True
+            curves, error = (None if entry is None else sharpen.check_curves(entry)), False
+        except Exception:
+            curves, error = None, True
             raise
         finally:
+            # one assignment: a reader on another thread sees the old plan or the new, whole
+            self._sharpen_model = (curves, version, error)
             self.generation += 1
+
+    @property
+    def sharpen_curves(self) -> dict | None:
+        return self._sharpen_model[0]
+
+    def _overlap_of(self, curves: dict) -> float | None:
+        """The scan's overlap ``1 - step / beam`` (the beam of ``curves``): the median distance to
+        the nearest other position over the latest 4096 placed, repeats counted once (two frames
+        at one point must not read as full overlap); None before two distinct positions."""
+        pos, placed, beam = self._positions, self._placed, curves["beam_m"]
+        key = (placed, beam)
+        if self._overlap[0] == key:
+            return self._overlap[1]
+        grid = beam / 100
+        pts = np.unique(np.round(pos / grid), axis=0) * grid if len(pos) else pos
+        ov = None
+        if len(pts) >= 2:
+            from scipy.spatial import cKDTree
+
+            d, _ = cKDTree(pts).query(pts, k=2)
+            ov = float(1.0 - np.median(d[:, 1]) / beam)
+        self._overlap = (key, ov)
+        return ov
+
+    def scan_overlap(self) -> float | None:
+        """:meth:`_overlap_of` with the sharpening curves' beam; None without curves."""
+        curves = self._sharpen_model[0]
+        return None if curves is None else self._overlap_of(curves)
+
+    def _sharpen_plan(self):
+        """(state in words, (frequency, gains) to apply or None, the curve's overlap or None), from one
+        look at the settings."""
+        on, (curves, version, error) = self._sharpen, self._sharpen_model
+        if not on:
+            return "off (Stitch:Sharpen)", None, None
+        model = f"model v{version}" if version else "the model"
+        if curves is None:
+            return (f"none: {model}'s sharpen curve is malformed" if error else
+                    f"none: {model} has no sharpen curve on its card"), None, None
+        power = self.stitcher.window_power
+        if abs(power - curves["window_power"]) > 1e-9:
+            return (f"none: Stitch:WindowPower {power:g}, {model}'s curve is for "
+                    f"{curves['window_power']:g}"), None, None
+        ov = self._overlap_of(curves)
+        if ov is None:
+            return f"none yet: {model}'s curve waits for two positions", None, None
+        key, gains = sharpen.pick(curves, ov)
+        return f"{model}'s curve for overlap {key:g} (scan {ov:.2f})", (curves["frequency"], gains), key
 
     @property
     def sharpen_state(self) -> str:
         """``Stitch:SharpenState_RBV``: whether and how ``Stitch:Image`` is sharpened."""
-        if not self.sharpen:
-            return "off (Stitch:Sharpen)"
-        model = f"model v{self._curves_version}" if self._curves_version else "the model"
-        if self._curves is None:
-            return f"none: {model}'s sharpen curve is malformed" if self._curves_error else \
-                f"none: {model} has no sharpen curve on its card"
-        key = self.sharpening()
-        ov = self.scan_overlap()
-        return f"{model}'s curve for overlap {key:g}" + (f" (scan {ov:.2f})" if ov is not None else "")
-
-    @property
-    def sharpen_curves(self) -> dict | None:
-        return self._curves
-
-    def scan_overlap(self) -> float | None:
-        """The overlap ``1 - step / beam`` of the placed positions (the latest 4096), with the beam
-        of the sharpening curves; None before two frames or without curves."""
-        pos, curves = self._positions, self._curves
-        if curves is None or len(pos) < 2:
-            return None
-        if self._overlap[0] != len(pos) or self._overlap[1] is None:
-            self._overlap = (len(pos), physics.measured_overlap(pos, curves["beam_m"]))
-        return self._overlap[1]
+        return self._sharpen_plan()[0]
 
     def sharpening(self) -> float | None:
         """The overlap of the curve :meth:`image` applies now, None when it applies none."""
-        if not self.sharpen or self._curves is None:
-            return None
-        return sharpen.pick(self._curves, self.scan_overlap())[0]
+        return self._sharpen_plan()[2]
 
     def reset(self) -> None:
         self._positions = np.zeros((0, 2))
-        self._overlap = (0, None)
+        self._placed += 1       # a new key: the cached overlap is the old scan's
         self.stitcher.reset()
         self._last_uid = None
         self.image_number += 1
@@ -117,12 +152,11 @@ class StitchPlugin(BatchingPlugin):
         scan's overlap when ``Stitch:Sharpen`` is On and the card has curves
         (:mod:`ptychopv.science.sharpen`). The refine stage starts from the unsharpened stitcher."""
         img = self.stitcher.image()
-        curves = self._curves
-        if not self.sharpen or curves is None or img.phase.size == 0:
+        plan = self._sharpen_plan()[1]
+        if plan is None or img.phase.size == 0:
             return img
-        _, gains = sharpen.pick(curves, self.scan_overlap())
         covered = img.weight > 1e-6 * float(img.weight.max())
-        return img._replace(phase=sharpen.apply(img.phase, covered, curves["frequency"], gains))
+        return img._replace(phase=sharpen.apply(img.phase, covered, *plan))
 
     def process(self, frames):
         frames = frames if isinstance(frames, list) else [frames]
@@ -143,6 +177,7 @@ class StitchPlugin(BatchingPlugin):
         ok = pos[np.isfinite(pos).all(axis=1)]
         if len(ok):
             self._positions = np.concatenate([self._positions, ok])[-4096:]
+            self._placed += len(ok)
         after = self.stitcher.counters()
         if after["frames_no_position"] > before["frames_no_position"]:
             missing = [f.unique_id for f in frames if f.position is None]

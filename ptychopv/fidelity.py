@@ -174,7 +174,7 @@ def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, window_power: float 
         return live_image(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window,
                           window_power=window_power)
 
-    return sharpen.calibrate(stitched_of, beamline, **kw)
+    return sharpen.calibrate(stitched_of, beamline, window_power=window_power, **kw)
 
 
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:

@@ -220,7 +220,7 @@ def test_a_models_sharpen_curve_reaches_the_stitch_stage(rig):
     bad = None
     try:
         wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == good, timeout=60, what="the chain runs the new version")
-        wait_until(lambda: caget(state, as_string=True).startswith(f"model v{good}'s curve for overlap 0.6"),
+        wait_until(lambda: caget(state, as_string=True).startswith(f"model v{good}'s curve for overlap "),
                    what="the curve in use said")
         assert ctx.get(state, timeout=5)["value"] == caget(state, as_string=True)
         epics.caput(h.pv("Stitch:Sharpen"), 0, wait=True)

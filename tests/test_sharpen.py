@@ -76,6 +76,11 @@ def test_unit_gains_change_nothing_and_uncovered_pixels_keep_their_value():
     (lambda e: e.update(by_overlap={"1.5": [1.0] * 40}), "not in"),
     (lambda e: e.update(by_overlap={"x": [1.0] * 40}), "needs frequency"),
     (lambda e: e.update(by_overlap=[1, 2]), "needs frequency"),
+    (lambda e: e.update(beam_m=10 ** 400), "OverflowError"),                   # valid JSON, no float
+    (lambda e: e.update(by_overlap={"0.6": [0.0] * 40}), "must be 1 below"),  # would blank the image
+    (lambda e: e.update(by_overlap={"0": [1.0] * 40, "0.0": [1.0] * 40}), "twice"),
+    (lambda e: e.update(frequency=[-1.0] + e["frequency"][1:]), "from 0"),
+    (lambda e: e.update(calibrated_on={"window_power": -1}), "window_power"),
 ])
 def test_a_malformed_card_entry_is_refused_with_the_reason(mutate, match):
     e = _entry({"0.6": np.ones(40)})
@@ -87,44 +92,82 @@ def test_a_malformed_card_entry_is_refused_with_the_reason(mutate, match):
 
 
 def test_the_curve_nearest_the_scans_overlap_is_picked():
-    c = sharpen.check_curves(_entry({"0": np.ones(40), "0.3": np.ones(40) * 1.1, "0.6": np.ones(40) * 1.2}))
+    f = sharpen.ring_centres()
+    c = sharpen.check_curves(_entry({"0": np.ones(40), "0.3": np.where(f < 0.15, 1, 1.1), "0.6": np.where(f < 0.15, 1, 1.2)}))
     assert sharpen.pick(c, 0.05)[0] == 0.0
     assert sharpen.pick(c, 0.4)[0] == 0.3
     assert sharpen.pick(c, 0.9)[0] == 0.6
     assert sharpen.pick(c, None)[0] == 0.6 and sharpen.pick(c, float("nan"))[0] == 0.6
 
 
-def test_the_stitch_plugin_sharpens_its_image_only_when_on_and_given_a_curve():
-    from ptychopv.plugins.frame import Frame
+def _stitch_plugin():
     from ptychopv.plugins.stitch import StitchPlugin
 
     st = StitchPlugin("Stitch", pixel_size_m=1e-8, queue_size=64, blocking_callbacks=True)
     st.start()
+    return st
+
+
+def _feed(st, positions, seed=0, first_uid=1):
+    from ptychopv.plugins.frame import Frame
+
+    rng = np.random.default_rng(seed)
+    for i, p in enumerate(positions):
+        st.put(Frame(rng.standard_normal((32, 32)).astype(np.float32), unique_id=first_uid + i, position=p))
+    st.flush()
+
+
+def test_the_stitch_plugin_sharpens_its_image_only_when_on_and_given_a_curve():
+    st = _stitch_plugin()
     try:
-        rng = np.random.default_rng(0)
-        pos = [(x * 2e-7, y * 2e-7) for x in range(4) for y in range(4)]      # 0.6 overlap of a 5e-7 beam
-        for i, p in enumerate(pos):
-            st.put(Frame(rng.standard_normal((32, 32)).astype(np.float32), unique_id=i + 1, position=p))
-        st.flush()
+        _feed(st, [(x * 2e-7, y * 2e-7) for x in range(4) for y in range(4)])     # 0.6 overlap of a 5e-7 beam
         raw = st.stitcher.image()
         assert st.sharpen_state == "none: the model has no sharpen curve on its card"
         assert np.array_equal(st.image().phase, raw.phase)
         f = sharpen.ring_centres()
         st.set_sharpen_curves(_entry({"0": np.ones(40), "0.6": np.where(f < 0.15, 1.0, 0.0)}), 7)
         assert st.scan_overlap() == pytest.approx(0.6)
-        assert st.sharpen_state == "model v7's curve for overlap 0.6 (scan 0.60)"
+        assert st.sharpen_state == "model v7's curve for overlap 0.6 (scan 0.60)" and st.sharpening() == 0.6
         sharp = st.image()
         assert sharp.phase.shape == raw.phase.shape and not np.allclose(sharp.phase, raw.phase)
         assert np.array_equal(st.stitcher.image().phase, raw.phase)     # the refine stage's seed is untouched
-        st.sharpen = False
+        g = st.generation
+        st.sharpen = False              # the publisher must post the image again: the generation moves
+        assert st.generation > g
         assert np.array_equal(st.image().phase, raw.phase) and st.sharpen_state == "off (Stitch:Sharpen)"
         st.sharpen = True
+        st.window_power = 1.0           # the curve was measured at the default 1.5: not applied
+        assert st.sharpen_state == "none: Stitch:WindowPower 1, model v7's curve is for 1.5"
+        assert np.array_equal(st.image().phase, raw.phase) and st.sharpening() is None
+        st.window_power = 1.5
         with pytest.raises(ValueError):
             st.set_sharpen_curves({"frequency": [1]}, 8)
         assert st.sharpen_state == "none: model v8's sharpen curve is malformed"
         assert np.array_equal(st.image().phase, raw.phase)
         st.reset()
         assert st.scan_overlap() is None
+    finally:
+        st.stop(timeout=10)
+
+
+def test_the_scans_overlap_counts_repeated_positions_once_and_waits_for_two():
+    """Two frames at each point of an overlap-0 grid are still overlap 0 (the strongest curve
+    would otherwise be applied to a sparse scan); one position is no overlap yet, nothing applied;
+    a card whose value cannot be read leaves no curve in use, not the previous model's."""
+    f = sharpen.ring_centres()
+    st = _stitch_plugin()
+    try:
+        st.set_sharpen_curves(_entry({"0": np.ones(40), "0.6": np.where(f < 0.15, 1.0, 0.0)}), 3)
+        _feed(st, [(0.0, 0.0)])
+        assert st.sharpen_state == "none yet: model v3's curve waits for two positions"
+        assert np.array_equal(st.image().phase, st.stitcher.image().phase)
+        st.reset()
+        grid = [(x * 5e-7, y * 5e-7) for x in range(4) for y in range(4)]       # step = beam: overlap 0
+        _feed(st, [p for p in grid for _ in range(2)])
+        assert st.scan_overlap() == pytest.approx(0.0) and st.sharpening() == 0.0
+        with pytest.raises(ValueError, match="OverflowError"):
+            st.set_sharpen_curves(dict(_entry({"0": np.ones(40)}), beam_m=10 ** 400), 4)
+        assert st.sharpen_curves is None and st.sharpen_state == "none: model v4's sharpen curve is malformed"
     finally:
         st.stop(timeout=10)
 

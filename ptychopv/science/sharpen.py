@@ -105,14 +105,17 @@ class Spectra:
 
 def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None, scans_per_family: int = 2,
               extent_m: float = 4e-6, dose: float = 1e6, seed: int = 1000, size_px: int = 256,
-              max_phase: float = 1.0, progress=None) -> dict:
+              max_phase: float = 1.0, window_power: float | None = None, progress=None) -> dict:
     """A model card's ``sharpen`` entry: at each of ``overlaps``, ``scans_per_family`` Fermat scans
     of ``extent_m`` over each of ``families`` (default: every training family; an evaluation
     family is refused) at ``dose`` photons per frame, simulated for ``beamline``
     (:class:`~ptychopv.science.physics.Beamline`), stitched by
     ``stitched_of(frames, positions_m, pixel_size_m, window)`` (window: the beamline's probe) and
-    compared, over each image's largest well-covered square, with the truth."""
+    compared, over each image's largest well-covered square, with the truth. ``window_power``:
+    the ``Stitch:WindowPower`` ``stitched_of`` weights patches by (default the stitcher's), recorded
+    so the stitch stage applies the curves only with it."""
     from . import metrics, physics, samples
+    from .stitching import WINDOW_POWER
 
     fams = list(families or samples.TRAIN_FAMILIES)
     unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
@@ -145,7 +148,8 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
             "calibrated_on": {"families": fams, "scans_per_overlap": scans_per_family * len(fams),
                               "extent_m": extent_m, "dose": dose, "seed": seed,
                               "low_cutoff": round(LOW_CUTOFF, 4), "high_cutoff": round(HIGH_CUTOFF, 4),
-                              "max_gain": MAX_GAIN}}
+                              "max_gain": MAX_GAIN,
+                              "window_power": float(WINDOW_POWER if window_power is None else window_power)}}
 
 
 def calibrate_like(previous: dict, stitched_of, beamline) -> dict:
@@ -160,29 +164,43 @@ def calibrate_like(previous: dict, stitched_of, beamline) -> dict:
 
 
 def check_curves(entry) -> dict:
-    """A card's ``sharpen`` entry, checked: ``frequency`` (ascending cycles/pixel), ``by_overlap``
-    (overlap -> gains, one per frequency, each finite in [0, MAX_GAIN]) and ``beam_m`` > 0.
+    """A card's ``sharpen`` entry, checked: ``frequency`` (ascending cycles/pixel from 0),
+    ``by_overlap`` (overlap -> gains, one per frequency, each finite in [0, MAX_GAIN] and exactly 1
+    below LOW_CUTOFF, so the image's mean and large-scale contrast are never changed; overlaps
+    distinct as numbers), ``beam_m`` > 0 and ``calibrated_on.window_power`` (the stitcher's
+    ``Stitch:WindowPower`` the curves were measured with; default the stitcher's default).
     ValueError says what is wrong (a hand-edited card must not distort the live image)."""
+    from .stitching import WINDOW_POWER
+
     if not isinstance(entry, dict):
         raise ValueError(f"sharpen must be a mapping, got {type(entry).__name__}")
     try:
         f = np.asarray(entry["frequency"], float)
         beam = float(entry["beam_m"])
-        by = {float(k): np.asarray(v, float) for k, v in dict(entry["by_overlap"]).items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"sharpen needs frequency, by_overlap and beam_m: {exc}") from None
-    if f.ndim != 1 or f.size < 2 or not np.all(np.diff(f) > 0) or not np.isfinite(f).all():
-        raise ValueError("sharpen frequency must be at least two ascending finite values")
+        raw = dict(entry["by_overlap"])
+        by = {float(k): np.asarray(v, float) for k, v in raw.items()}
+        power = float((entry.get("calibrated_on") or {}).get("window_power", WINDOW_POWER))
+    except Exception as exc:  # noqa: BLE001 - any malformed value (a 400-digit integer: OverflowError)
+        raise ValueError(f"sharpen needs frequency, by_overlap and beam_m as numbers: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if f.ndim != 1 or f.size < 2 or not np.all(np.diff(f) > 0) or not np.isfinite(f).all() or f[0] < 0:
+        raise ValueError("sharpen frequency must be at least two ascending finite values from 0")
     if not (np.isfinite(beam) and beam > 0):
         raise ValueError(f"sharpen beam_m must be > 0, got {beam}")
+    if not (np.isfinite(power) and power > 0):
+        raise ValueError(f"sharpen window_power must be > 0, got {power}")
     if not by:
         raise ValueError("sharpen by_overlap is empty")
+    if len(by) != len(raw):
+        raise ValueError(f"sharpen overlaps {list(raw)} name one overlap twice")
     for ov, g in by.items():
         if not (-1.0 <= ov < 1.0):
             raise ValueError(f"sharpen overlap {ov} is not in [-1, 1)")
         if g.shape != f.shape or not np.isfinite(g).all() or g.min() < 0 or g.max() > MAX_GAIN:
             raise ValueError(f"sharpen gains at overlap {ov} must be {f.size} values in [0, {MAX_GAIN}]")
-    return {"frequency": f, "beam_m": beam, "by_overlap": by}
+        if np.any(g[f < LOW_CUTOFF] != 1.0):
+            raise ValueError(f"sharpen gains at overlap {ov} must be 1 below {LOW_CUTOFF:.3f} cycles/pixel")
+    return {"frequency": f, "beam_m": beam, "by_overlap": by, "window_power": power}
 
 
 def pick(curves: dict, overlap: float | None) -> tuple[float, np.ndarray]:
