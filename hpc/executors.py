@@ -146,7 +146,9 @@ class LocalExecutor(_Base):
                 p.join(max(0.0, deadline - time.monotonic()))
                 if p.is_alive():
                     p.kill()
-                    p.join(1.0)
+                    # SIGKILL cannot be ignored, but a worker in uninterruptible I/O dies when
+                    # that ends: 1 s was not always enough on 2 cores under a full test run
+                    p.join(3.0)
 
     def workers(self) -> int:
         return self._n
