@@ -251,8 +251,8 @@ def main(argv=None) -> int:
               f"({'no beamline on its card' if beam is None else ', '.join(beam.differences(fidelity.DEMO))})",
               file=sys.stderr)
     card_window = (beam or fidelity.DEMO).probe()
-    a.trained_scale = reg.trained_scale_range(mv.version)
-    a.sharpen_entry = mv.card.get("sharpen") if a.sharpen else None   # the ScaleFactors its frames were trained at
+    a.trained_scale = reg.trained_scale_range(mv.version)   # the ScaleFactors its frames were trained at
+    a.sharpen_entry = mv.card.get("sharpen") if a.sharpen else None
     engine = select_engine(mv.source(), "onnxruntime")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

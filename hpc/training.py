@@ -307,20 +307,15 @@ def chain_like_stitching(engine, batch: int = 64):
     """``stitched_of(frames, positions_m, pixel_size_m, window)`` for
     :func:`ptychopv.science.sharpen.calibrate`: what the chain's infer and stitch plugins do with
     ``engine`` (:func:`ptychopv.fidelity.live_image`: default preprocessing, the beam's window to
-    the stitcher's default power), without the plugins, which this layer does not import. A test
-    checks that both give the same curve."""
+    the stitcher's default power), by :func:`ptychopv.hpc.validate.stitched_inference`, without
+    the plugins, which this layer does not import. A test checks that both give the same curve."""
     from ..science.preprocess import PreprocessOptions, Preprocessor
-    from ..science.stitching import Stitcher
+    from .validate import stitched_inference
 
     pre = Preprocessor(PreprocessOptions())
 
     def stitched_of(frames, positions_m, pixel_size_m, window):
-        st = Stitcher(pixel_size_m, window=window)
-        for i in range(0, len(frames), batch):
-            out = engine.infer(pre(frames[i:i + batch]))
-            ok = out.get("valid", np.ones(len(out["phase"]), bool))
-            st.add(out["phase"][ok], positions_m[i:i + batch][ok])
-        return st.image()
+        return stitched_inference(engine, pre, frames, positions_m, pixel_size_m, window, batch)
 
     return stitched_of
 

@@ -28,6 +28,19 @@ def net_pixel_size(scan_attrs: dict, crop: int) -> float:
         raise ValueError(f"the scan file lacks the geometry to size the network's pixels: {exc}") from None
 
 
+def stitched_inference(engine, pre: Preprocessor, frames, positions_m, pixel_size_m: float, window=None,
+                       batch: int = 64):
+    """``frames`` preprocessed by ``pre``, inferred by ``engine`` in batches, the phase of each
+    valid result stitched at its position (x, y metres) weighted by ``window``: the chain's infer
+    and stitch plugins' work on a whole scan, without the plugins (which this layer may not use)."""
+    stitcher = Stitcher(pixel_size_m, window=window)
+    for i in range(0, len(frames), batch):
+        out = engine.infer(pre(frames[i:i + batch]))
+        valid = out.get("valid", np.ones(len(out["phase"]), bool))
+        stitcher.add(out["phase"][valid], positions_m[i:i + batch][valid])
+    return stitcher.image()
+
+
 def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, registry_path: str | os.PathLike,
                    version: int = 0, *, binning: int = 1, scale: float = 1.0, engine: str = "auto",
                    net_pixel_m: float | None = None, batch: int = 64, fraction: float = 0.1) -> dict:
@@ -52,15 +65,10 @@ def validate_model(scan_path: str | os.PathLike, recon_path: str | os.PathLike, 
     probe = np.asarray(rec.probe) if rec.probe is not None else None
     window = np.abs(probe) ** 2 if probe is not None and probe.shape == (size, size) \
         and np.isclose(rec.pixel_size_m, ps, rtol=1e-3) else None
-    stitcher = Stitcher(ps, window=window)
     ok = np.isfinite(scan.positions_m).all(axis=1)
     frames, pos = scan.frames[ok], scan.positions_m[ok]
-    for i in range(0, len(frames), batch):
-        out = eng.infer(pre(frames[i:i + batch]))
-        valid = out.get("valid", np.ones(len(out["phase"]), bool))
-        stitcher.add(out["phase"][valid], pos[i:i + batch][valid])
+    img = stitched_inference(eng, pre, frames, pos, ps, window, batch)
     eng.close()
-    img = stitcher.image()
     # the reconstruction's pixel (r, c) lies at center_m + ((c, r) - shape/2) * pixel: shift to its centre
     cx, cy = rec.center_m
     # scored inside the scanned area (the hull of the positions), where both images are lit,

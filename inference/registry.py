@@ -79,6 +79,13 @@ class RegistryError(ValueError):
     """A missing, corrupt or tampered version, or a bad publish request."""
 
 
+def _write_card(path: Path, card: dict) -> None:
+    """Write a model card as the registry keeps it (indented JSON) and flush it to the disk."""
+    path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -264,9 +271,7 @@ class ModelRegistry:
         card[key] = value
         path = self._folder(int(version)) / CARD
         tmp = path.with_name(CARD + ".tmp")
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _write_card(tmp, card)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         return self.get(int(version))
@@ -279,9 +284,7 @@ class ModelRegistry:
             if version > MAX_VERSION:
                 raise RegistryError(f"registry {self.root} is full: versions go up to {MAX_VERSION}")
             full = {"version": version, **card}
-            (tmp / CARD).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
-            with open(tmp / CARD, "rb+") as f:
-                os.fsync(f.fileno())
+            _write_card(tmp / CARD, full)
             try:
                 os.rename(tmp, self._folder(version))  # fails if the folder exists (not empty)
             except OSError:

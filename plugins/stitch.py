@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..science import sharpen
+from ..science import physics, sharpen
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
@@ -82,21 +82,15 @@ class StitchPlugin(BatchingPlugin):
         return self._sharpen_model[0]
 
     def _overlap_of(self, curves: dict) -> float | None:
-        """The scan's overlap ``1 - step / beam`` (the beam of ``curves``): the median distance to
-        the nearest other position over the latest 4096 placed, repeats counted once (two frames
-        at one point must not read as full overlap); None before two distinct positions."""
+        """The scan's overlap ``1 - step / beam`` (the beam of ``curves``) over the latest 4096
+        positions placed, the step :func:`~ptychopv.science.physics.typical_step` (repeats counted
+        once: two frames at one point must not read as full overlap); None before two distinct."""
         pos, placed, beam = self._positions, self._placed, curves["beam_m"]
         key = (placed, beam)
         if self._overlap[0] == key:
             return self._overlap[1]
-        grid = beam / 100
-        pts = np.unique(np.round(pos / grid), axis=0) * grid if len(pos) else pos
-        ov = None
-        if len(pts) >= 2:
-            from scipy.spatial import cKDTree
-
-            d, _ = cKDTree(pts).query(pts, k=2)
-            ov = float(1.0 - np.median(d[:, 1]) / beam)
+        step = physics.typical_step(pos, beam / 100) if len(pos) else None
+        ov = None if step is None else 1.0 - step / beam
         self._overlap = (key, ov)
         return ov
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .science import metrics, physics
+from .science import metrics
 from .science.physics import Beamline
-from .science.samples import make_sample
+from .science.samples import fermat_scan
 from .science.stitching import StitchedImage
 
 
@@ -59,10 +59,8 @@ def family_scan(family: str, *, overlap: float = 0.6, dose: float = 1e6, seed: i
                 max_phase: float = 1.0) -> FamilyScan:
     """A Fermat-spiral scan of ``extent_m`` at ``overlap`` (``1 - step/beam``) over a fresh sample of
     ``family`` (seeded), ``dose`` photons per frame, centred on the sample."""
-    obj = make_sample(family, (size_px, size_px), seed=seed, max_phase=max_phase)
-    probe = beamline.probe()
-    pos = physics.scan_positions("fermat", (1 - overlap) * beamline.beam_m, extent_m)
-    sim = physics.simulate(obj, probe, pos, beamline.pixel_size_m, dose, seed=seed + 1)
+    obj, probe, sim = fermat_scan(family, beamline, overlap=overlap, dose=dose, seed=seed, extent_m=extent_m,
+                                  size_px=size_px, max_phase=max_phase)
     return FamilyScan(family, overlap, dose, sim.frames, sim.positions_m, obj, probe, beamline)
 
 

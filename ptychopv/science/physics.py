@@ -235,6 +235,19 @@ def nearest_neighbour_distance(points: np.ndarray) -> float:
     return float(d[:, 1].mean())
 
 
+def typical_step(points: np.ndarray, resolution: float) -> float | None:
+    """The median distance from each scan position to its nearest other one, positions within one
+    cell of ``resolution`` counted once (two frames at one point, a position read slower than the
+    frames come, must not read as a step of 0); None before two distinct positions."""
+    from scipy.spatial import cKDTree
+
+    pts = np.unique(np.round(np.asarray(points, float) / resolution), axis=0) * resolution
+    if len(pts) < 2:
+        return None
+    d, _ = cKDTree(pts).query(pts, k=2)
+    return float(np.median(d[:, 1]))
+
+
 def measured_overlap(points: np.ndarray, beam: float) -> float:
     """Overlap ``1 - step/beam`` with the step measured from the points."""
     return 1.0 - nearest_neighbour_distance(points) / beam

@@ -302,3 +302,18 @@ def make_sample(family: str, shape: tuple[int, int], seed: int = 0, *, max_phase
     except KeyError:
         raise ValueError(f"unknown sample family {family!r}; allowed: {', '.join(FAMILIES)}") from None
     return fn(tuple(int(s) for s in shape), np.random.default_rng(seed), max_phase, min_amplitude, **kw)
+
+
+def fermat_scan(family: str, beamline, *, overlap: float, dose: float, seed: int, extent_m: float,
+                size_px: int = 256, max_phase: float = 1.0):
+    """A fresh ``size_px`` sample of ``family`` (seeded by ``seed``) and a Fermat-spiral scan of
+    ``extent_m`` over its centre at ``overlap`` (``1 - step/beam``) with ``beamline``'s probe
+    (:class:`~ptychopv.science.physics.Beamline`), ``dose`` photons per frame (noise seeded by
+    ``seed + 1``): ``(object, probe, Simulation)``. The science benchmark's scans
+    (``ptychopv.fidelity.family_scan``) and the sharpening calibration's are both made here."""
+    from . import physics
+
+    obj = make_sample(family, (size_px, size_px), seed=seed, max_phase=max_phase)
+    probe = beamline.probe()
+    pos = physics.scan_positions("fermat", (1 - overlap) * beamline.beam_m, extent_m)
+    return obj, probe, physics.simulate(obj, probe, pos, beamline.pixel_size_m, dose, seed=seed + 1)

@@ -114,7 +114,7 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
     compared, over each image's largest well-covered square, with the truth. ``window_power``:
     the ``Stitch:WindowPower`` ``stitched_of`` weights patches by (default the stitcher's), recorded
     so the stitch stage applies the curves only with it."""
-    from . import metrics, physics, samples
+    from . import metrics, samples
     from .stitching import WINDOW_POWER
 
     fams = list(families or samples.TRAIN_FAMILIES)
@@ -124,7 +124,6 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
                          f"not {', '.join(unknown)}")
     if scans_per_family < 1:
         raise ValueError(f"scans_per_family must be >= 1, got {scans_per_family}")
-    probe = beamline.probe()
     ps = beamline.pixel_size_m
     by = {}
     for ov in overlaps:
@@ -133,9 +132,8 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
         for i in range(scans_per_family):
             for fam in fams:
                 k += 1
-                obj = samples.make_sample(fam, (size_px, size_px), seed=seed + k, max_phase=max_phase)
-                pos = physics.scan_positions("fermat", (1 - ov) * beamline.beam_m, extent_m)
-                sim = physics.simulate(obj, probe, pos, ps, dose, seed=seed + k + 1)
+                obj, probe, sim = samples.fermat_scan(fam, beamline, overlap=ov, dose=dose, seed=seed + k,
+                                                      extent_m=extent_m, size_px=size_px, max_phase=max_phase)
                 img = stitched_of(sim.frames, sim.positions_m, ps, probe)
                 ref, mask = metrics.scored_region(img, np.angle(obj), ps, positions_m=sim.positions_m)
                 rows, cols = largest_square(mask)
