@@ -13,7 +13,9 @@ Fermat scan on the shipped model's beamline (``ptychopv.fidelity.DEMO``) and rep
   ``fidelity.live_image``) with the model of ``--registry`` (default: the shipped one) on ONNX
   Runtime, the stitcher weighted by the model card's beam as the IOC does before any
   reconstruction, sharpened by the card's curve where it has one, as ``Stitch:Image`` is
-  (``Stitch:Sharpen``; ``live_unsharpened``: the same without it; ``--no-sharpen``); at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor;
+  (``Stitch:Sharpen``; ``live_unsharpened``: the same without it; ``--no-sharpen``), and restored
+  by the card's restorer where it has one, which then replaces the curve (``Stitch:Restore``;
+  ``live_unrestored``: sharpened instead; ``--no-restore``); at reduced dose also ``live_scaled`` (``ScaleFactor`` = 1/dose factor;
   ``refined_scaled``: the refine stage's image of that run, ``refined_scaled_trained`` at the
   trained limit below) and,
   where that factor is beyond the scalings the model was trained at (its card and its parents',
@@ -71,14 +73,20 @@ def epie(scan: fidelity.FamilyScan, iterations: int, threads: int | None = None)
 
 def run_case(family: str, overlap: float, dose_x: float, engine, card_window, args, seed: int) -> dict:
     scan = fidelity.family_scan(family, overlap=overlap, dose=DOSE_X1 * dose_x, seed=seed, extent_m=args.extent)
-    live_kw = {"pixel_size_m": scan.pixel_size_m, "sharpen": args.sharpen_entry}   # as Stitch:Image
+    live_kw = {"pixel_size_m": scan.pixel_size_m, "sharpen": args.sharpen_entry,       # as Stitch:Image
+               "restorer": args.restorer, "restore_entry": args.restore_entry}
     refine_kw = {"denoise": args.refine_denoise}
     t0 = time.perf_counter()
     live = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window, **live_kw)
     row = {"family": family, "overlap": overlap, "dose_x": dose_x, "frames": len(scan.frames),
            "live": fidelity.score(live, scan), "live_s": round(time.perf_counter() - t0, 2)}
     images = {"live": live}
-    if args.sharpen_entry is not None:     # the network's image as stitched (Stitch:Sharpen Off)
+    if args.restorer is not None:          # the network's image sharpened (Stitch:Restore Off)
+        sharp = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
+                                    pixel_size_m=scan.pixel_size_m, sharpen=args.sharpen_entry)
+        row["live_unrestored"] = fidelity.score(sharp, scan)
+        images["live_unrestored"] = sharp
+    if args.sharpen_entry is not None or args.restorer is not None:     # as stitched (both Off)
         plain = fidelity.live_image(scan.frames, scan.positions_m, engine, window=card_window,
                                     pixel_size_m=scan.pixel_size_m)
         row["live_unsharpened"] = fidelity.score(plain, scan)
@@ -236,11 +244,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sharpen", dest="sharpen", action="store_false",
                     help="the live image unsharpened even where the model card has a sharpen curve "
                          "(Stitch:Sharpen Off; with it on, the unsharpened figure is a column too)")
+    ap.add_argument("--no-restore", dest="restore", action="store_false",
+                    help="the live image not restored even where the model card has a restorer "
+                         "(Stitch:Restore Off; with it on, the unrestored figure is a column too)")
     ap.add_argument("--quick", action="store_true", help="natural family, overlap 0.6, full dose, 25 ePIE iterations")
     a = ap.parse_args(argv)
     if a.quick:
         a.families, a.overlaps, a.doses, a.iterations = ["natural"], [0.6], [1.0], min(a.iterations, 25)
     from ptychopv.inference import ModelRegistry, select_engine
+    from ptychopv.inference import restore as inference_restore
     from ptychopv.inference.registry import shipped_registry
 
     reg = ModelRegistry(a.registry or shipped_registry(), create=False)
@@ -253,6 +265,9 @@ def main(argv=None) -> int:
     card_window = (beam or fidelity.DEMO).probe()
     a.trained_scale = reg.trained_scale_range(mv.version)   # the ScaleFactors its frames were trained at
     a.sharpen_entry = mv.card.get("sharpen") if a.sharpen else None
+    a.restorer, a.restore_entry, why = inference_restore.load(mv.card, mv.path) if a.restore else (None, None, None)
+    if why:
+        print(f"model v{mv.version}'s restorer is not used: {why}", file=sys.stderr)
     engine = select_engine(mv.source(), "onnxruntime")
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -274,7 +289,7 @@ def main(argv=None) -> int:
                       "model": {"registry": str(reg.root), "version": mv.version,
                                 "training_families": mv.card.get("training_families")},
                       "trained_scale_range": list(a.trained_scale),
-                      "sharpen": a.sharpen_entry is not None,
+                      "sharpen": a.sharpen_entry is not None, "restore": a.restorer is not None,
                       "beamline": fidelity.DEMO.card(), "extent_m": a.extent, "epie_iterations": a.iterations,
                       "seconds": round(time.perf_counter() - t0, 1), "targets": summarize(rows), "rows": rows},
                      indent=1))

@@ -44,7 +44,7 @@ CARD_KEYS = frozenset({
     "parent", "model", "model_config", "outputs", "input_shape", "preprocessing", "corpus",
     "scans", "pairs", "train_pairs", "val_pairs", "epochs", "best_epoch", "loss", "val_loss",
     "val_ssim", "low_dose_factor", "seed", "device", "train_seconds", "options", "history",
-    "epochs_run", "sharpen", "sharpen_not_measured"})
+    "epochs_run", "sharpen", "sharpen_not_measured", "restore_not_trained"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -447,6 +447,13 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         weights = save_weights(model, Path(tmp) / "weights.pt")
         if parent is not None and parent_version.card.get("sharpen"):
             _measure_sharpen(card, parent_version.card, onnx, spec)
+        if parent is not None and parent_version.card.get("restore"):
+            # the parent's restorer learned the parent's softening, not this model's; training one
+            # takes longer than the fine-tune (scripts/train_restorer.py), so the job does not
+            card["restore_not_trained"] = (
+                f"v{parent}'s restorer is not carried over (it was trained on v{parent}'s images); "
+                "train one with scripts/train_restorer.py; until then Stitch:Image is sharpened by "
+                "this model's curve where it has one")
         published = registry.publish(onnx, card, weights_path=weights)
     log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
              result.val_loss, ssim)

@@ -79,6 +79,16 @@ class RegistryError(ValueError):
     """A missing, corrupt or tampered version, or a bad publish request."""
 
 
+def _check_extra(files: dict) -> None:
+    """Files beside the model's own (name -> path): plain names, not the model's, that exist."""
+    for name, src in files.items():
+        if not isinstance(name, str) or name in (ONNX, WEIGHTS, CARD) or Path(name).name != name \
+                or name.startswith(".") or not name:
+            raise RegistryError(f"cannot add {name!r}: not a plain file name, or the model's own")
+        if not Path(src).is_file():
+            raise RegistryError(f"file {src} does not exist")
+
+
 def _write_card(path: Path, card: dict) -> None:
     """Write a model card as the registry keeps it (indented JSON) and flush it to the disk."""
     path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
@@ -228,9 +238,11 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ writing
     def publish(self, onnx_path: str | os.PathLike, card: dict,
-                weights_path: str | os.PathLike | None = None) -> ModelVersion:
-        """Copy the files into a new version with ``card``; returns it, hashes verified."""
+                weights_path: str | os.PathLike | None = None, files: dict | None = None) -> ModelVersion:
+        """Copy the files into a new version with ``card``; returns it, hashes verified. ``files``:
+        more files (name -> path) the card refers to, e.g. ``restore.onnx``, in the same atomic step."""
         onnx_path = Path(onnx_path)
+        _check_extra(files or {})
         if not onnx_path.is_file():
             raise RegistryError(f"ONNX file {onnx_path} does not exist")
         clash = RESERVED & set(card)
@@ -245,11 +257,12 @@ class ModelRegistry:
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
         tmp.chmod(0o755)  # mkdtemp makes it private; a version is read by other users' processes
         try:
-            files = {ONNX: onnx_path}
+            copies = {ONNX: onnx_path}
             if weights_path is not None:
-                files[WEIGHTS] = Path(weights_path)
+                copies[WEIGHTS] = Path(weights_path)
+            copies.update({name: Path(src) for name, src in (files or {}).items()})
             hashes = {}
-            for name, src in files.items():
+            for name, src in copies.items():
                 shutil.copyfile(src, tmp / name)
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
@@ -267,13 +280,32 @@ class ModelRegistry:
         card is replaced atomically; the registry's own keys cannot be set."""
         if key in RESERVED:
             raise RegistryError(f"card key {key!r} is the registry's own")
+        return self.attach(version, key, value, {})
+
+    def attach(self, version: int, key: str, value, files: dict) -> ModelVersion:
+        """:meth:`annotate` with files: copy ``files`` (name -> path) into the folder of a published
+        ``version``, add their hashes to the card's ``files`` and set ``key`` to ``value``
+        (e.g. ``restore`` with ``restore.onnx``). The model's own files cannot be replaced."""
+        if key in RESERVED:
+            raise RegistryError(f"card key {key!r} is the registry's own")
+        _check_extra(files)
         card = self.verify(int(version))
+        folder = self._folder(int(version))
+        hashes = dict(card["files"])
+        for name, src in files.items():
+            tmp = folder / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            hashes[name] = file_sha256(tmp)
+            os.replace(tmp, folder / name)
+        card["files"] = hashes
         card[key] = value
-        path = self._folder(int(version)) / CARD
+        path = folder / CARD
         tmp = path.with_name(CARD + ".tmp")
         _write_card(tmp, card)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync_dir(folder)
         return self.get(int(version))
 
     def _commit(self, tmp: Path, card: dict) -> ModelVersion:

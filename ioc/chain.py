@@ -437,13 +437,15 @@ class LiveChain:
                 self.stitch.submit(self.stitch.set_pixel_size, ps)
                 self.refine.submit(self.refine.reset)
         size = self.infer.input_size
-        card = None
+        card, folder = None, None
         if version:
             try:
-                card = self.registry().get(version).card
-            except Exception:  # noqa: BLE001 - no card: no model window, no sharpening
+                mv = self.registry().get(version)     # hashes checked, the restorer's file too
+                card, folder = mv.card, mv.path
+            except Exception:  # noqa: BLE001 - no card: no model window, no sharpening, no restorer
                 card = None
         self.stitch.submit(self._set_sharpen_curves, card, int(version))
+        self.stitch.submit(self._set_restorer, card, folder, int(version))
         if size and not self._probe_window:
             self.stitch.submit(self._set_model_window, card, size)
 
@@ -454,6 +456,20 @@ class LiveChain:
             self.stitch.set_sharpen_curves((card or {}).get("sharpen"), version)
         except Exception as exc:  # noqa: BLE001 - a malformed card: the plugin then uses none
             self._message("Stitch", f"model v{version}: sharpen curve not used ({exc}); Stitch:Image unsharpened",
+                          severity=1)
+
+    def _set_restorer(self, card, folder, version: int) -> None:
+        # on the stitch thread: the restorer of the model whose patches come next
+        # (Stitch:RestoreState_RBV says whether it applies; one that cannot be used is said, not used)
+        from ..inference import restore as inference_restore
+
+        runner, entry, why = inference_restore.load(card, folder)
+        try:
+            self.stitch.set_restorer(runner, entry, version, why_none=why)
+        except Exception as exc:  # noqa: BLE001 - a malformed entry: the plugin then uses none
+            why = str(exc)
+        if why:
+            self._message("Stitch", f"model v{version}: restorer not used ({why}); Stitch:Image not restored",
                           severity=1)
 
     def _set_model_window(self, card, size: int) -> None:

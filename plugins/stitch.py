@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..science import physics, sharpen
+from ..science import physics, restore, sharpen
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
@@ -35,6 +35,11 @@ class StitchPlugin(BatchingPlugin):
         self._positions = np.zeros((0, 2))      # the latest placed positions, for the scan's overlap
         self._placed = 0                        # positions ever added: the overlap's cache key
         self._overlap: tuple = (None, None)
+        self._restore = True    # Stitch:Restore: apply the model card's restorer to image()
+        # (restorer: image -> image, model version, why there is none or None, window power)
+        self._restore_model: tuple = (None, None, None, None)
+        self._restore_failed: str | None = None     # the last run's error, until one succeeds
+        self.restore_failures = 0
 
     @property
     def window_power(self) -> float:
@@ -102,9 +107,16 @@ class StitchPlugin(BatchingPlugin):
     def _sharpen_plan(self):
         """(state in words, (frequency, gains) to apply or None, the curve's overlap or None), from one
         look at the settings."""
-        on, (curves, version, error) = self._sharpen, self._sharpen_model
-        if not on:
+        if not self._sharpen:
             return "off (Stitch:Sharpen)", None, None
+        if self._restore_plan()[1] is not None and not self._restore_failed:
+            return "not needed: the model's restorer makes Stitch:Image (Stitch:Restore)", None, None
+        return self._curve_plan()
+
+    def _curve_plan(self):
+        """:meth:`_sharpen_plan` whatever ``Stitch:Sharpen`` and the restorer say: the model's curve
+        for the scan's overlap, or why there is none."""
+        curves, version, error = self._sharpen_model
         model = f"model v{version}" if version else "the model"
         if curves is None:
             return (f"none: {model}'s sharpen curve is malformed" if error else
@@ -128,6 +140,65 @@ class StitchPlugin(BatchingPlugin):
         """The overlap of the curve :meth:`image` applies now, None when it applies none."""
         return self._sharpen_plan()[2]
 
+    @property
+    def restore(self) -> bool:
+        """``Stitch:Restore``: apply the model card's restorer to :meth:`image`."""
+        return self._restore
+
+    @restore.setter
+    def restore(self, value) -> None:
+        self._restore = bool(value)
+        self.generation += 1        # the publisher posts the image again, as it now looks
+
+    def set_restorer(self, restorer, entry=None, version: int | None = None, why_none: str | None = None) -> None:
+        """Use ``restorer`` (``(phase, weight) -> phase``, e.g. :class:`ptychopv.inference.restore.Restorer`)
+        from model ``version``'s card ``entry`` (:func:`ptychopv.science.restore.check_entry`), or
+        none (``restorer`` None; ``why_none`` says why, e.g. the card's entry was refused). ValueError
+        for a malformed entry, which is then not used."""
+        checked, error = None, why_none
+        try:
+            if restorer is not None:
+                checked = restore.check_entry(entry)
+        except Exception as exc:
+            restorer, error = None, f"malformed ({exc})"
+            raise
+        finally:
+            self._restore_model = (restorer, version, error, checked)
+            self._restore_failed = None
+            self.generation += 1
+
+    def _restore_plan(self):
+        """(state in words, the restorer to apply or None, the curve to apply before it or None),
+        from one look at the settings. A restorer trained on sharpened images (its entry's
+        ``sharpened_input``) runs on the image sharpened by the model's curve, whatever
+        ``Stitch:Sharpen`` says, and not at all while no curve applies."""
+        on, (runner, version, error, checked) = self._restore, self._restore_model
+        if not on:
+            return "off (Stitch:Restore)", None, None
+        model = f"model v{version}" if version else "the model"
+        if runner is None:
+            return (f"none: {model}'s restorer is not used: {error}" if error else
+                    f"none: {model} has no restorer on its card"), None, None
+        now, power = self.stitcher.window_power, checked["window_power"]
+        if abs(now - power) > 1e-9:
+            return f"none: Stitch:WindowPower {now:g}, {model}'s restorer is for {power:g}", None, None
+        curve, how = None, ""
+        if checked["sharpened_input"]:
+            said, curve, key = self._curve_plan()
+            if curve is None:
+                return f"none: {model}'s restorer takes the sharpened image ({said})", None, None
+            how = f" on its curve for overlap {key:g}"
+        failed = self._restore_failed
+        if failed:
+            return (f"{model}'s restorer failed on the last image ({failed}); it was published unrestored",
+                    runner, curve)
+        return f"{model}'s restorer{how}", runner, curve
+
+    @property
+    def restore_state(self) -> str:
+        """``Stitch:RestoreState_RBV``: whether ``Stitch:Image`` is restored, or why not."""
+        return self._restore_plan()[0]
+
     def reset(self) -> None:
         self._positions = np.zeros((0, 2))
         self._placed += 1       # a new key: the cached overlap is the old scan's
@@ -142,12 +213,30 @@ class StitchPlugin(BatchingPlugin):
         self.generation += 1
 
     def image(self) -> StitchedImage:
-        """The stitched image (``Stitch:Image``), sharpened by the model card's curve for the
-        scan's overlap when ``Stitch:Sharpen`` is On and the card has curves
-        (:mod:`ptychopv.science.sharpen`). The refine stage starts from the unsharpened stitcher."""
+        """The stitched image (``Stitch:Image``): restored by the model card's restorer when
+        ``Stitch:Restore`` is On and the card has one (:mod:`ptychopv.science.restore`), else
+        sharpened by its curve for the scan's overlap when ``Stitch:Sharpen`` is On and the card has
+        curves (:mod:`ptychopv.science.sharpen`). A restorer that fails is counted
+        (``restore_failures``) and said in its state, and the image is published as if it had none.
+        The refine stage starts from the stitcher's own image."""
         img = self.stitcher.image()
+        if img.phase.size == 0:
+            return img
+        _, runner, curve = self._restore_plan()
+        if runner is not None:
+            try:
+                phase = img.phase
+                if curve is not None:
+                    phase = sharpen.apply(phase, img.weight > 1e-6 * float(img.weight.max()), *curve)
+                out = img._replace(phase=runner(phase, img.weight))
+            except Exception as exc:  # noqa: BLE001 - a failing restorer must not stop the publisher
+                self.restore_failures += 1
+                self._restore_failed = f"{type(exc).__name__}: {exc}"[:60]
+            else:
+                self._restore_failed = None
+                return out
         plan = self._sharpen_plan()[1]
-        if plan is None or img.phase.size == 0:
+        if plan is None:
             return img
         covered = img.weight > 1e-6 * float(img.weight.max())
         return img._replace(phase=sharpen.apply(img.phase, covered, *plan))

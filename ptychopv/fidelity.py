@@ -66,21 +66,24 @@ def family_scan(family: str, *, overlap: float = 0.6, dose: float = 1e6, seed: i
 
 def live_image(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                scale: float = 1.0, batch_size: int = 16, window_power: float | None = None,
-               sharpen: dict | None = None) -> StitchedImage:
+               sharpen: dict | None = None, restorer=None, restore_entry: dict | None = None) -> StitchedImage:
     """The live chain's image of a scan: ``frames`` through the infer and stitch plugins the IOC
     runs (preprocessing with ``scale`` as ``ScaleFactor``, batches of ``batch_size``, ``engine``,
     the stitcher weighted by ``window`` to ``window_power``, ``Stitch:WindowPower``, default the
-    IOC's; ``sharpen``: a model card's ``sharpen`` curves, applied as ``Stitch:Sharpen`` On does),
-    blocking callbacks so nothing is dropped."""
+    IOC's; ``sharpen``: a model card's ``sharpen`` curves, applied as ``Stitch:Sharpen`` On does;
+    ``restorer`` with its card entry ``restore_entry``: the model's restorer, applied as
+    ``Stitch:Restore`` On does), blocking callbacks so nothing is dropped."""
     return live_images(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window, scale=scale,
-                       batch_size=batch_size, window_power=window_power, sharpen=sharpen)[0]
+                       batch_size=batch_size, window_power=window_power, sharpen=sharpen, restorer=restorer,
+                       restore_entry=restore_entry)[0]
 
 
 def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_size_m: float, window=None,
                 scale: float = 1.0, batch_size: int = 16, refine_probe=None, probe_reconstructed: bool = False,
                 probe_reference=None, probe_model=None, refine: dict | None = None,
                 window_power: float | None = None, refine_finish=None,
-                sharpen: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
+                sharpen: dict | None = None, restorer=None,
+                restore_entry: dict | None = None) -> tuple[StitchedImage, StitchedImage | None]:
     """The stitched image (:func:`live_image`) and, with ``refine_probe`` (complex), the refine
     stage's image of the same run: the IOC's refine plugin behind the stitch plugin, with
     ``refine`` as its settings (``revisits``, ``lag``, ``passes``, ``alpha``; ``probe_reconstructed``:
@@ -104,6 +107,7 @@ def live_images(frames: np.ndarray, positions_m: np.ndarray, engine, *, pixel_si
     if window_power is not None:
         stitch.window_power = window_power
     stitch.set_sharpen_curves(sharpen)
+    stitch.set_restorer(restorer, restore_entry)
     infer.downstream = [stitch]
     plugins = [infer, stitch]
     ref = None

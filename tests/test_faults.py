@@ -84,6 +84,7 @@ def plain_ioc(tmp_path_factory):
     ("Stitch:WindowPower", 0.1, 1.5),       # the beam's intensity to 0.25 .. 8
     ("Stitch:WindowPower", float("nan"), 1.5),
     ("Stitch:Sharpen", 2, 1),               # Off / On
+    ("Stitch:Restore", 2, 1),
 ])
 def test_out_of_range_values_are_refused_over_ca_and_pva(plain_ioc, name, bad, good):
     """Refused means: never stored (so never autosaved), the reason in Message_RBV, a WRITE alarm

@@ -372,7 +372,14 @@ def test_a_sharpened_lineage_gets_its_own_curve_when_fine_tuned(corpus, tmp_path
     small = dict(src.card["sharpen"], by_overlap={"0.6": src.card["sharpen"]["by_overlap"]["0.6"]},
                  calibrated_on=dict(src.card["sharpen"]["calibrated_on"], families=["grf"], scans_per_overlap=1))
     reg.annotate(1, "sharpen", small)
+    # a parent's restorer is trained on the parent's images: the child does not carry it, and says so
+    from ptychopv.science import restore
+    (tmp_path / "r.onnx").write_bytes(b"a restorer")
+    reg.attach(1, "restore", {"file": restore.FILE, "inputs": list(restore.INPUTS), "window_power": 1.5},
+               {restore.FILE: tmp_path / "r.onnx"})
     child = train(corpus, reg.root, dict(TINY, epochs=1, warm_start=1))
+    assert "restore" not in child and "v1's restorer is not carried over" in child["restore_not_trained"]
+    assert restore.FILE not in child["files"]
     c = sharpen.check_curves(child["sharpen"])
     assert list(c["by_overlap"]) == [0.6] and child["sharpen"]["calibrated_on"]["families"] == ["grf"]
     assert child["sharpen"]["by_overlap"]["0.6"] != small["by_overlap"]["0.6"]     # its own, not a copy
