@@ -136,6 +136,9 @@ def run_case(family: str, overlap: float, dose_x: float, engine, card_window, ar
     return row, scan, images
 
 
+TITLES = {"live": "live (Stitch:Image)", "live_unrestored": "live, Stitch:Restore Off"}
+
+
 def panel(path: Path, scan, images: dict, title: str) -> None:
     import matplotlib
 
@@ -147,7 +150,7 @@ def panel(path: Path, scan, images: dict, title: str) -> None:
     live = images["live"]
     ref, mask = metrics.scored_region(live, scan.truth_phase, scan.pixel_size_m, positions_m=scan.positions_m)
     cols = [("truth", ref)]
-    for name in ("live", "refined", "epie"):
+    for name in ("live_unrestored", "live", "refined", "epie"):
         if name in images:
             img = images[name]
             if img is live:
@@ -163,7 +166,7 @@ def panel(path: Path, scan, images: dict, title: str) -> None:
     for ax, (name, img) in zip(np.atleast_1d(axs), cols):
         a = np.where(mask, img - np.nanmean((img - ref)[mask]), np.nan)
         ax.imshow(a, cmap="gray", vmin=lo, vmax=hi)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     a.trained_scale = reg.trained_scale_range(mv.version)   # the ScaleFactors its frames were trained at
     a.sharpen_entry = mv.card.get("sharpen") if a.sharpen else None
     a.restorer, a.restore_entry, why = inference_restore.load(mv.card, mv.path) if a.restore else (None, None, None)
+    if a.restorer is not None and a.sharpen_entry is None and a.restore_entry.get("sharpened_input"):
+        a.restorer, why = None, "it takes the sharpened image, and --no-sharpen gives it none"
     if why:
         print(f"model v{mv.version}'s restorer is not used: {why}", file=sys.stderr)
     engine = select_engine(mv.source(), "onnxruntime")

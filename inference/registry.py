@@ -79,12 +79,16 @@ class RegistryError(ValueError):
     """A missing, corrupt or tampered version, or a bad publish request."""
 
 
+#: files a version may hold beside the model's own, added with it or later (``attach``)
+EXTRA_FILES = frozenset({"restore.onnx"})
+
+
 def _check_extra(files: dict) -> None:
-    """Files beside the model's own (name -> path): plain names, not the model's, that exist."""
+    """Files beside the model's own (name -> path): names of :data:`EXTRA_FILES`, files that exist."""
     for name, src in files.items():
-        if not isinstance(name, str) or name in (ONNX, WEIGHTS, CARD) or Path(name).name != name \
-                or name.startswith(".") or not name:
-            raise RegistryError(f"cannot add {name!r}: not a plain file name, or the model's own")
+        if name not in EXTRA_FILES:
+            raise RegistryError(f"cannot add {name!r}: a version holds only {sorted(EXTRA_FILES)} beside "
+                                "the model's own files")
         if not Path(src).is_file():
             raise RegistryError(f"file {src} does not exist")
 
@@ -118,6 +122,11 @@ class ModelVersion:
     @property
     def onnx_path(self) -> Path:
         return self.path / ONNX
+
+    def extra_files(self) -> dict:
+        """The files beside the model's own that its card lists (name -> path), e.g. ``restore.onnx``:
+        what publishing a copy carries with ``files=``."""
+        return {n: self.path / n for n in self.card.get("files", {}) if n in EXTRA_FILES}
 
     def publishable_card(self) -> dict:
         """The card without the keys the registry writes: what publishing a copy needs."""
@@ -283,14 +292,19 @@ class ModelRegistry:
         return self.attach(version, key, value, {})
 
     def attach(self, version: int, key: str, value, files: dict) -> ModelVersion:
-        """:meth:`annotate` with files: copy ``files`` (name -> path) into the folder of a published
-        ``version``, add their hashes to the card's ``files`` and set ``key`` to ``value``
-        (e.g. ``restore`` with ``restore.onnx``). The model's own files cannot be replaced."""
+        """:meth:`annotate` with files: copy ``files`` (name -> path, names of :data:`EXTRA_FILES`)
+        into the folder of a published ``version``, add their hashes to the card's ``files`` and set
+        ``key`` to ``value`` (e.g. ``restore`` with ``restore.onnx``). A file the version already
+        holds is refused (:meth:`detach` it first): replacing it in place would leave, after a crash
+        between the file and the card, a version whose hashes no longer match."""
         if key in RESERVED:
             raise RegistryError(f"card key {key!r} is the registry's own")
         _check_extra(files)
         card = self.verify(int(version))
         folder = self._folder(int(version))
+        held = sorted(set(files) & (set(card["files"]) | {p.name for p in folder.iterdir()}))
+        if held:
+            raise RegistryError(f"model version {version} already holds {', '.join(held)}: detach it first")
         hashes = dict(card["files"])
         for name, src in files.items():
             tmp = folder / f".{name}.tmp"
@@ -298,15 +312,35 @@ class ModelRegistry:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             hashes[name] = file_sha256(tmp)
-            os.replace(tmp, folder / name)
+            os.replace(tmp, folder / name)     # not on the card yet: a crash here leaves it unlisted
         card["files"] = hashes
         card[key] = value
+        self._replace_card(folder, card)
+        return self.get(int(version))
+
+    def detach(self, version: int, key: str) -> ModelVersion:
+        """Remove card entry ``key`` of a published ``version`` and the :data:`EXTRA_FILES` its
+        ``file`` names: the card first (atomically), then the file."""
+        if key in RESERVED:
+            raise RegistryError(f"card key {key!r} is the registry's own")
+        card = self.verify(int(version))
+        folder = self._folder(int(version))
+        value = card.pop(key, None)
+        name = value.get("file") if isinstance(value, dict) else None
+        if name in EXTRA_FILES:
+            card["files"] = {k: v for k, v in card["files"].items() if k != name}
+        self._replace_card(folder, card)
+        if name in EXTRA_FILES:
+            (folder / name).unlink(missing_ok=True)
+            _fsync_dir(folder)
+        return self.get(int(version))
+
+    def _replace_card(self, folder: Path, card: dict) -> None:
         path = folder / CARD
         tmp = path.with_name(CARD + ".tmp")
         _write_card(tmp, card)
         os.replace(tmp, path)
         _fsync_dir(folder)
-        return self.get(int(version))
 
     def _commit(self, tmp: Path, card: dict) -> ModelVersion:
         """Number the version and rename it into place; retry if another writer took it."""

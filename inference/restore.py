@@ -26,9 +26,10 @@ class Restorer:
         except ImportError:
             raise ValueError("ONNX Runtime is not installed (pip install 'ptychopv[onnx]')") from None
         ins, outs = self._session.get_inputs(), self._session.get_outputs()
-        if len(ins) != 1 or len(outs) != 1 or len(ins[0].shape) != 4 or ins[0].shape[1] != len(_restore.INPUTS):
-            raise ValueError(f"{path} is not a restorer: it takes {[i.shape for i in ins]}, "
-                             f"expected one input of (1, {len(_restore.INPUTS)}, H, W)")
+        if (len(ins) != 1 or len(outs) != 1 or len(ins[0].shape) != 4 or ins[0].shape[1] != len(_restore.INPUTS)
+                or len(outs[0].shape) != 4 or outs[0].shape[1] != 1):
+            raise ValueError(f"{os.path.basename(path)} is not a restorer: it maps {[i.shape for i in ins]} to "
+                             f"{[o.shape for o in outs]}, not (1, {len(_restore.INPUTS)}, H, W) to (1, 1, H, W)")
         self._input = ins[0].name
         self._lock = threading.Lock()       # one run at a time (the publisher and a caller)
         self.path = str(path)
@@ -43,8 +44,9 @@ class Restorer:
 def load(card: dict | None, folder: str | os.PathLike | None) -> tuple[Restorer | None, dict | None, str | None]:
     """The restorer a model card names, from the version's ``folder``: ``(restorer, entry, None)``,
     or ``(None, entry, why)`` when the card has none (``why`` None then) or it cannot be used (a
-    malformed entry, a missing or corrupt file: ``why`` says which). The registry has checked the
-    file's hash against the card when the version was read (``ModelRegistry.get``)."""
+    malformed entry, a file the card does not list among its hashed ``files``, a missing or corrupt
+    file: ``why`` says which, in at most 80 characters). The registry checks a listed file's hash
+    against the card when the version is read (``ModelRegistry.get``)."""
     entry = (card or {}).get("restore")
     if entry is None:
         return None, None, None
@@ -52,6 +54,8 @@ def load(card: dict | None, folder: str | os.PathLike | None) -> tuple[Restorer 
         _restore.check_entry(entry)
         if folder is None:
             raise ValueError("no model folder to read it from")
+        if _restore.FILE not in ((card or {}).get("files") or {}):
+            raise ValueError(f"{_restore.FILE} is not among the card's hashed files")
         return Restorer(os.path.join(folder, _restore.FILE)), entry, None
-    except ValueError as exc:
-        return None, entry, str(exc)[:200]
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own; any of them: not used
+        return None, entry, str(exc)[:80]

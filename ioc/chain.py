@@ -467,7 +467,7 @@ class LiveChain:
         try:
             self.stitch.set_restorer(runner, entry, version, why_none=why)
         except Exception as exc:  # noqa: BLE001 - a malformed entry: the plugin then uses none
-            why = str(exc)
+            why = str(exc)[:80]
         if why:
             self._message("Stitch", f"model v{version}: restorer not used ({why}); Stitch:Image not restored",
                           severity=1)

@@ -242,13 +242,15 @@ STITCH_PVS = (
     PV("Stitch:Restore", "bo", "Restore the image by the model's network", states=("Off", "On"), initial=1,
        rbv=True, autosave=True, group="stitch", attr="restore",
        doc="correct the network's stitched image by the small network on the model card (restore.onnx, "
-           "trained on training-family scans by scripts/train_restorer.py); where it applies it replaces "
-           "the sharpening curve; a model without one is not restored; the refine stage starts from "
-           "the stitcher's own image"),
+           "trained on training-family scans by scripts/train_restorer.py); it takes the image the model's "
+           "sharpening curve makes where it was trained so (whatever Stitch:Sharpen says), and its output "
+           "is Stitch:Image; a model without one is not restored; the refine stage starts from the "
+           "stitcher's own image"),
     PV("Stitch:RestoreState_RBV", "stringin", "Restoration applied", initial="", length=128, group="stitch",
        attr="restore_state"),
     PV("Stitch:RestoreFailures_RBV", "longin", "Images the restorer failed on", initial=0, group="stitch",
-       attr="restore_failures", doc="each was published unrestored (sharpened where the card has a curve)"),
+       attr="restore_failures", doc="each was published as without a restorer (sharpened if Stitch:Sharpen "
+                                    "is On and the card has a curve)"),
     PV("Stitch:PositionSource", "mbbo", "Where positions come from", states=tuple(POSITION_SOURCES),
        initial=0, rbv=True, autosave=True, group="stitch"),
     PV("Stitch:FramesStitched_RBV", "longin", "Frames placed", initial=0, group="stitch", attr="frames_stitched"),

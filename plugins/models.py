@@ -137,7 +137,7 @@ class ModelManager:
         card["seeded_from"] = {"registry": str(shipped), "version": src.version, "parent": card.get("parent"),
                                "trained_scale_range": [lo, hi]}
         card["parent"] = None
-        return reg.publish(src.onnx_path, card, weights_path=src.weights_path).version
+        return reg.publish(src.onnx_path, card, weights_path=src.weights_path, files=src.extra_files()).version
 
     # ------------------------------------------------------------------ selection
     @property

@@ -8,12 +8,17 @@ or the upstream uniqueId going backwards (the detector started a new acquisition
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..science import physics, restore, sharpen
 from ..science.stitching import StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
+
+
+MAX_STATE = 128     # characters of Stitch:SharpenState_RBV and Stitch:RestoreState_RBV
 
 
 class StitchPlugin(BatchingPlugin):
@@ -32,13 +37,17 @@ class StitchPlugin(BatchingPlugin):
         self.image_number = 0   # bumps on every new image (a reset): the published ImageNumber
         self._sharpen = True    # Stitch:Sharpen: apply the model card's curve to image()
         self._sharpen_model: tuple = (None, None, False)    # (checked curves, model version, malformed)
-        self._positions = np.zeros((0, 2))      # the latest placed positions, for the scan's overlap
-        self._placed = 0                        # positions ever added: the overlap's cache key
+        # (the latest placed positions, for the scan's overlap; positions ever placed: the overlap's
+        # cache key), one tuple: a reader on another thread sees both of one moment
+        self._placements: tuple = (np.zeros((0, 2)), 0)
         self._overlap: tuple = (None, None)
         self._restore = True    # Stitch:Restore: apply the model card's restorer to image()
         # (restorer: image -> image, model version, why there is none or None, window power)
         self._restore_model: tuple = (None, None, None, None)
-        self._restore_failed: str | None = None     # the last run's error, until one succeeds
+        # (restorer, its last run's error) until a run of that restorer succeeds: keyed by the
+        # restorer, so a run of the previous model's that fails after a swap is not said of the new
+        self._restore_failed: tuple = (None, None)
+        self._restore_ms: float | None = None       # the last successful run's time
         self.restore_failures = 0
 
     @property
@@ -90,7 +99,7 @@ class StitchPlugin(BatchingPlugin):
         """The scan's overlap ``1 - step / beam`` (the beam of ``curves``) over the latest 4096
         positions placed, the step :func:`~ptychopv.science.physics.typical_step` (repeats counted
         once: two frames at one point must not read as full overlap); None before two distinct."""
-        pos, placed, beam = self._positions, self._placed, curves["beam_m"]
+        (pos, placed), beam = self._placements, curves["beam_m"]
         key = (placed, beam)
         if self._overlap[0] == key:
             return self._overlap[1]
@@ -107,10 +116,14 @@ class StitchPlugin(BatchingPlugin):
     def _sharpen_plan(self):
         """(state in words, (frequency, gains) to apply or None, the curve's overlap or None), from one
         look at the settings."""
+        _, runner, curve = self._restore_plan()
+        if runner is not None and self._restore_failed[0] is not runner:
+            if curve is not None:   # whatever Stitch:Sharpen says: the restorer's input is sharpened
+                return f"as the restorer's input: {self._curve_plan()[0]}", None, None
+            if self._sharpen:
+                return "not needed: the model's restorer makes Stitch:Image (Stitch:Restore)", None, None
         if not self._sharpen:
             return "off (Stitch:Sharpen)", None, None
-        if self._restore_plan()[1] is not None and not self._restore_failed:
-            return "not needed: the model's restorer makes Stitch:Image (Stitch:Restore)", None, None
         return self._curve_plan()
 
     def _curve_plan(self):
@@ -164,7 +177,7 @@ class StitchPlugin(BatchingPlugin):
             raise
         finally:
             self._restore_model = (restorer, version, error, checked)
-            self._restore_failed = None
+            self._restore_ms = None
             self.generation += 1
 
     def _restore_plan(self):
@@ -175,9 +188,9 @@ class StitchPlugin(BatchingPlugin):
         on, (runner, version, error, checked) = self._restore, self._restore_model
         if not on:
             return "off (Stitch:Restore)", None, None
-        model = f"model v{version}" if version else "the model"
+        model = f"v{version}" if version else "the model"
         if runner is None:
-            return (f"none: {model}'s restorer is not used: {error}" if error else
+            return (f"none: {model}'s restorer not used: {error}"[:MAX_STATE] if error else
                     f"none: {model} has no restorer on its card"), None, None
         now, power = self.stitcher.window_power, checked["window_power"]
         if abs(now - power) > 1e-9:
@@ -186,13 +199,13 @@ class StitchPlugin(BatchingPlugin):
         if checked["sharpened_input"]:
             said, curve, key = self._curve_plan()
             if curve is None:
-                return f"none: {model}'s restorer takes the sharpened image ({said})", None, None
+                return f"none: {model}'s restorer takes the curve's image ({said})"[:MAX_STATE], None, None
             how = f" on its curve for overlap {key:g}"
-        failed = self._restore_failed
-        if failed:
-            return (f"{model}'s restorer failed on the last image ({failed}); it was published unrestored",
-                    runner, curve)
-        return f"{model}'s restorer{how}", runner, curve
+        failed_by, failed = self._restore_failed
+        if failed_by is runner:
+            return f"failed, image unrestored: {failed}"[:MAX_STATE], runner, curve
+        ms = self._restore_ms
+        return f"{model}'s restorer{how}" + ("" if ms is None else f" ({ms:.0f} ms)"), runner, curve
 
     @property
     def restore_state(self) -> str:
@@ -200,8 +213,7 @@ class StitchPlugin(BatchingPlugin):
         return self._restore_plan()[0]
 
     def reset(self) -> None:
-        self._positions = np.zeros((0, 2))
-        self._placed += 1       # a new key: the cached overlap is the old scan's
+        self._placements = (np.zeros((0, 2)), self._placements[1] + 1)  # a new key: the cached overlap is the old scan's
         self.stitcher.reset()
         self._last_uid = None
         self.image_number += 1
@@ -223,22 +235,24 @@ class StitchPlugin(BatchingPlugin):
         if img.phase.size == 0:
             return img
         _, runner, curve = self._restore_plan()
+        covered = img.weight > 1e-6 * float(img.weight.max())
         if runner is not None:
             try:
-                phase = img.phase
-                if curve is not None:
-                    phase = sharpen.apply(phase, img.weight > 1e-6 * float(img.weight.max()), *curve)
+                t0 = time.perf_counter()
+                phase = img.phase if curve is None else sharpen.apply(img.phase, covered, *curve)
                 out = img._replace(phase=runner(phase, img.weight))
             except Exception as exc:  # noqa: BLE001 - a failing restorer must not stop the publisher
                 self.restore_failures += 1
-                self._restore_failed = f"{type(exc).__name__}: {exc}"[:60]
+                self._restore_failed = (runner, f"{type(exc).__name__}: {exc}"[:60])
             else:
-                self._restore_failed = None
+                if self._restore_failed[0] is runner:
+                    self._restore_failed = (None, None)
+                self._restore_ms = 1e3 * (time.perf_counter() - t0)
                 return out
-        plan = self._sharpen_plan()[1]
+        # without the restorer (none, or it failed): the curve if Stitch:Sharpen says so
+        plan = self._curve_plan()[1] if self._sharpen else None
         if plan is None:
             return img
-        covered = img.weight > 1e-6 * float(img.weight.max())
         return img._replace(phase=sharpen.apply(img.phase, covered, *plan))
 
     def process(self, frames):
@@ -259,8 +273,8 @@ class StitchPlugin(BatchingPlugin):
         self.stitcher.add(patches, pos)
         ok = pos[np.isfinite(pos).all(axis=1)]
         if len(ok):
-            self._positions = np.concatenate([self._positions, ok])[-4096:]
-            self._placed += len(ok)
+            pos, placed = self._placements
+            self._placements = (np.concatenate([pos, ok])[-4096:], placed + len(ok))
         after = self.stitcher.counters()
         if after["frames_no_position"] > before["frames_no_position"]:
             missing = [f.unique_id for f in frames if f.position is None]

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / restore.FILE
         restore_train.export_onnx(model, path)
+        if "restore" in mv.card or restore.FILE in mv.card.get("files", {}):
+            say(f"v{mv.version}: replacing its restorer (the card's entry and file removed first)")
+            reg.detach(mv.version, "restore")
         reg.attach(mv.version, "restore", entry, {restore.FILE: path})
     say(f"v{mv.version}: restorer attached (held-out training images: NRMSE {stats.get('val_nrmse_input')} "
         f"stitched -> {stats.get('val_nrmse')} restored; {t_data:.0f} s of scans, {stats['seconds']:.0f} s training)")

@@ -119,6 +119,11 @@ def test_either_shipped_model_seeds_an_empty_registry(tmp_path):
             src = ModelRegistry(shipped_registry(name), create=False).latest()
             assert card["parent"] is None and card["seeded_from"]["version"] == src.version
             assert card["seeded_from"]["parent"] == src.card.get("parent")
+            # the files its card names beside the model's come with it, hashed (the generic
+            # model's restorer: without it the seeded copy's restorer would not run)
+            assert set(card["files"]) == set(src.card["files"])
+            for extra in src.extra_files():
+                assert card["files"][extra] == src.card["files"][extra]
         finally:
             m.close()
     assert seen == {"demo": {"natural"}, "generic": {"grf", "shapes", "mix", "gratings", "speckle"}}

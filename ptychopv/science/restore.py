@@ -76,14 +76,15 @@ def finish(out: np.ndarray, phase: np.ndarray, covered: np.ndarray, mean: float)
 def check_entry(entry) -> dict:
     """A card's ``restore`` entry, checked: ``file`` (:data:`FILE`), ``inputs`` (:data:`INPUTS`),
     ``window_power`` (the ``Stitch:WindowPower`` it was trained at, a finite number > 0),
-    ``sharpened_input`` (optional, false: trained on images sharpened by the card's curve, which the
-    stitch stage then applies first). Returns ``{"file", "window_power", "sharpened_input"}``;
+    ``sharpened_input`` (optional, default false; true: trained on images sharpened by the card's
+    curve, which the stitch stage then applies first). Returns ``{"file", "window_power", "sharpened_input"}``;
     ValueError says what is wrong."""
     if not isinstance(entry, dict):
         raise ValueError(f"the restore entry must be a mapping, not {type(entry).__name__}")
     if entry.get("file") != FILE:
         raise ValueError(f"the restore entry's file must be {FILE!r}, not {entry.get('file')!r}")
-    if list(entry.get("inputs") or []) != list(INPUTS):
+    inputs = entry.get("inputs")
+    if not isinstance(inputs, (list, tuple)) or list(inputs) != list(INPUTS):
         raise ValueError(f"the restore entry's inputs {entry.get('inputs')!r} are not {list(INPUTS)}")
     try:
         power = float(entry["window_power"])
