@@ -56,6 +56,11 @@ def load(card: dict | None, folder: str | os.PathLike | None) -> tuple[Restorer 
             raise ValueError("no model folder to read it from")
         if _restore.FILE not in ((card or {}).get("files") or {}):
             raise ValueError(f"{_restore.FILE} is not among the card's hashed files")
-        return Restorer(os.path.join(folder, _restore.FILE)), entry, None
+        path = os.path.join(folder, _restore.FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{_restore.FILE} does not exist in the model's folder")
+        return Restorer(path), entry, None
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own; any of them: not used
-        return None, entry, str(exc)[:80]
+        # the reason, not the folder's path (it has 80 characters of a 128-character record)
+        why = str(exc).replace(os.path.join(str(folder or ""), ""), "")
+        return None, entry, why[:80]
