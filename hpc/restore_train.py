@@ -73,12 +73,6 @@ def offset_free_mse(pred, truth, mask):
     return e.sum() / mask.sum().clamp(min=1)
 
 
-def nrmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
-    """NRMSE after the best offset over ``mask`` (as :func:`ptychopv.science.metrics.nrmse`)."""
-    d = pred[mask] - truth[mask]
-    return float(np.sqrt(np.mean((d - d.mean()) ** 2)) / np.std(truth[mask]))
-
-
 def apply(model, x: np.ndarray) -> np.ndarray:
     """The restored channel of one prepared input ``x`` (2, H, W) with the PyTorch ``model``."""
     import torch
@@ -95,6 +89,8 @@ def train(images: list[dict], *, width: int = 24, minutes: float | None = None, 
     index, every k-th) are held out. Returns ``(model, stats)``: stats has the held-out images' mean
     NRMSE as stitched (``val_nrmse_input``) and restored (``val_nrmse``), steps, seconds, crops."""
     import torch
+
+    from ..science.metrics import nrmse
 
     if (minutes is None) == (steps is None):
         raise ValueError("give minutes or steps, one of them")

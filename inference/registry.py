@@ -93,6 +93,14 @@ def _check_extra(files: dict) -> None:
             raise RegistryError(f"file {src} does not exist")
 
 
+def _copy_synced(src, dst: Path) -> str:
+    """Copy ``src`` to ``dst``, on disk before it returns, and return the copy's sha256."""
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+    return file_sha256(dst)
+
+
 def _write_card(path: Path, card: dict) -> None:
     """Write a model card as the registry keeps it (indented JSON) and flush it to the disk."""
     path.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
@@ -270,12 +278,7 @@ class ModelRegistry:
             if weights_path is not None:
                 copies[WEIGHTS] = Path(weights_path)
             copies.update({name: Path(src) for name, src in (files or {}).items()})
-            hashes = {}
-            for name, src in copies.items():
-                shutil.copyfile(src, tmp / name)
-                with open(tmp / name, "rb+") as f:
-                    os.fsync(f.fileno())
-                hashes[name] = file_sha256(tmp / name)
+            hashes = {name: _copy_synced(src, tmp / name) for name, src in copies.items()}
             base = dict(card, sha256=hashes[ONNX], files=hashes,
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             return self._commit(tmp, base)
@@ -308,10 +311,7 @@ class ModelRegistry:
         hashes = dict(card["files"])
         for name, src in files.items():
             tmp = folder / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            hashes[name] = file_sha256(tmp)
+            hashes[name] = _copy_synced(src, tmp)
             os.replace(tmp, folder / name)     # not on the card yet: a crash here leaves it unlisted
         card["files"] = hashes
         card[key] = value

@@ -44,10 +44,9 @@ class StitchPlugin(BatchingPlugin):
         self._restore = True    # Stitch:Restore: apply the model card's restorer to image()
         # (restorer: image -> image, model version, why there is none or None, window power)
         self._restore_model: tuple = (None, None, None, None)
-        # (restorer, its last run's error) until a run of that restorer succeeds: keyed by the
-        # restorer, so a run of the previous model's that fails after a swap is not said of the new
-        self._restore_failed: tuple = (None, None)
-        self._restore_ms: float | None = None       # the last successful run's time
+        # the last run: (restorer, its error or None, its time in ms or None), keyed by the restorer,
+        # so a run of the previous model's that ends after a swap is not said of the new one
+        self._restore_last: tuple = (None, None, None)
         self.restore_failures = 0
 
     @property
@@ -117,7 +116,7 @@ class StitchPlugin(BatchingPlugin):
         """(state in words, (frequency, gains) to apply or None, the curve's overlap or None), from one
         look at the settings."""
         _, runner, curve = self._restore_plan()
-        if runner is not None and self._restore_failed[0] is not runner:
+        if runner is not None and not self._failed(runner):
             if curve is not None:   # whatever Stitch:Sharpen says: the restorer's input is sharpened
                 return f"as the restorer's input: {self._curve_plan()[0]}", None, None
             if self._sharpen:
@@ -177,8 +176,12 @@ class StitchPlugin(BatchingPlugin):
             raise
         finally:
             self._restore_model = (restorer, version, error, checked)
-            self._restore_ms = None
             self.generation += 1
+
+    def _failed(self, runner) -> str | None:
+        """The error of ``runner``'s last run, None if it succeeded or has not run."""
+        by, error, _ = self._restore_last
+        return error if by is runner else None
 
     def _restore_plan(self):
         """(state in words, the restorer to apply or None, the curve to apply before it or None),
@@ -201,10 +204,10 @@ class StitchPlugin(BatchingPlugin):
             if curve is None:
                 return f"none: {model}'s restorer takes the curve's image ({said})"[:MAX_STATE], None, None
             how = f" on its curve for overlap {key:g}"
-        failed_by, failed = self._restore_failed
-        if failed_by is runner:
+        by, failed, ms = self._restore_last
+        if by is runner and failed:
             return f"failed, image unrestored: {failed}"[:MAX_STATE], runner, curve
-        ms = self._restore_ms
+        ms = ms if by is runner else None
         return f"{model}'s restorer{how}" + ("" if ms is None else f" ({ms:.0f} ms)"), runner, curve
 
     @property
@@ -235,7 +238,7 @@ class StitchPlugin(BatchingPlugin):
         if img.phase.size == 0:
             return img
         _, runner, curve = self._restore_plan()
-        covered = img.weight > 1e-6 * float(img.weight.max())
+        covered = restore.covered_of(img.weight)
         if runner is not None:
             try:
                 t0 = time.perf_counter()
@@ -243,11 +246,9 @@ class StitchPlugin(BatchingPlugin):
                 out = img._replace(phase=runner(phase, img.weight))
             except Exception as exc:  # noqa: BLE001 - a failing restorer must not stop the publisher
                 self.restore_failures += 1
-                self._restore_failed = (runner, f"{type(exc).__name__}: {exc}"[:60])
+                self._restore_last = (runner, f"{type(exc).__name__}: {exc}"[:60], None)
             else:
-                if self._restore_failed[0] is runner:
-                    self._restore_failed = (None, None)
-                self._restore_ms = 1e3 * (time.perf_counter() - t0)
+                self._restore_last = (runner, None, 1e3 * (time.perf_counter() - t0))
                 return out
         # without the restorer (none, or it failed): the curve if Stitch:Sharpen says so
         plan = self._curve_plan()[1] if self._sharpen else None

@@ -167,16 +167,24 @@ def score(image: StitchedImage, scan: FamilyScan, *, fraction: float = 0.1) -> d
     return {k: round(float(v), 4) for k, v in s.items()}
 
 
+def chain_stitching(engine, **kw):
+    """``stitched_of(frames, positions_m, pixel_size_m, window)``: a scan through the chain's own
+    plugins with ``engine`` (:func:`live_image`, ``kw`` its options such as ``window_power`` or
+    ``sharpen``), as :func:`ptychopv.science.sharpen.calibrate` and
+    :func:`ptychopv.science.restore.training_images` take it."""
+    def stitched_of(frames, positions_m, pixel_size_m, window):
+        return live_image(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window, **kw)
+
+    return stitched_of
+
+
 def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, window_power: float | None = None, **kw) -> dict:
     """A model card's ``sharpen`` entry (:func:`ptychopv.science.sharpen.calibrate`, ``kw`` its
     options), each scan stitched by :func:`live_image` with ``engine``: the chain's own plugins."""
     from .science import sharpen
 
-    def stitched_of(frames, positions_m, pixel_size_m, window):
-        return live_image(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window,
-                          window_power=window_power)
-
-    return sharpen.calibrate(stitched_of, beamline, window_power=window_power, **kw)
+    return sharpen.calibrate(chain_stitching(engine, window_power=window_power), beamline,
+                             window_power=window_power, **kw)
 
 
 def stitched(patches: np.ndarray, scan: FamilyScan, window=None) -> StitchedImage:

@@ -66,15 +66,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     engine = select_engine(mv.source(), "onnxruntime")
     try:
+        # as the stitch stage makes the restorer's input: sharpened by the card's curve, if any
         curves = None if a.plain_input else mv.card.get("sharpen")
-
-        def stitched_of(frames, positions_m, pixel_size_m, window):
-            # as the stitch stage makes the restorer's input: sharpened by the card's curve, if any
-            return fidelity.live_image(frames, positions_m, engine, pixel_size_m=pixel_size_m, window=window,
-                                       sharpen=curves)
-
-        images = restore.training_images(stitched_of, beam, families=a.families, scans_per_case=a.rounds,
-                                         seed=50000, progress=say)
+        images = restore.training_images(fidelity.chain_stitching(engine, sharpen=curves), beam,
+                                         families=a.families, scans_per_case=a.rounds, seed=50000, progress=say)
     except ValueError as exc:
         print(f"v{mv.version}: {exc}", file=sys.stderr)
         return 1

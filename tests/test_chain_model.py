@@ -198,6 +198,18 @@ def test_model_swap_mid_stream_loses_no_frame(rig):
     shutil.rmtree(folder / "registry" / "v0002")
 
 
+def _back_on_v1(h, folder, setting: str, versions) -> None:
+    """After a test that published ``versions``: ``setting`` On again, the chain on v1, the
+    versions removed, Model:Select back to following the latest."""
+    epics.caput(h.pv(setting), 1, wait=True)
+    epics.caput(h.pv("Model:Select"), 1, wait=True)
+    wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="back on v1")
+    for v in versions:
+        if v:
+            shutil.rmtree(folder / "registry" / f"v{v:04d}")
+    epics.caput(h.pv("Model:Select"), 0, wait=True)
+
+
 def test_a_models_sharpen_curve_reaches_the_stitch_stage(rig):
     """A model card's ``sharpen`` entry is applied by the stitch stage from the swap on, says so in
     Stitch:SharpenState_RBV (over CA and PVA), is turned off by Stitch:Sharpen, and a malformed one
@@ -236,13 +248,7 @@ def test_a_models_sharpen_curve_reaches_the_stitch_stage(rig):
         wait_until(lambda: caget(state, as_string=True) == f"none: model v{bad}'s sharpen curve is malformed",
                    what="no curve in use")
     finally:
-        epics.caput(h.pv("Stitch:Sharpen"), 1, wait=True)
-        epics.caput(h.pv("Model:Select"), 1, wait=True)
-        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="back on v1")
-        for v in (good, bad):
-            if v:
-                shutil.rmtree(folder / "registry" / f"v{v:04d}")
-        epics.caput(h.pv("Model:Select"), 0, wait=True)
+        _back_on_v1(h, folder, "Stitch:Sharpen", (good, bad))
 
 
 def test_a_models_restorer_reaches_the_stitch_stage(rig, tmp_path):
@@ -289,10 +295,4 @@ def test_a_models_restorer_reaches_the_stitch_stage(rig, tmp_path):
                    what="no restorer in use")
         assert caget(h.pv("Stitch:RestoreFailures_RBV")) == 0
     finally:
-        epics.caput(h.pv("Stitch:Restore"), 1, wait=True)
-        epics.caput(h.pv("Model:Select"), 1, wait=True)
-        wait_until(lambda: caget(h.pv("ModelVersion_RBV")) == 1, timeout=60, what="back on v1")
-        for v in (good, bad):
-            if v:
-                shutil.rmtree(folder / "registry" / f"v{v:04d}")
-        epics.caput(h.pv("Model:Select"), 0, wait=True)
+        _back_on_v1(h, folder, "Stitch:Restore", (good, bad))

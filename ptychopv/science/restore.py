@@ -110,11 +110,7 @@ def training_images(stitched_of, beamline, *, families=None, overlaps=(0.0, 0.3,
     family is refused."""
     from . import metrics, samples
 
-    fams = list(families or samples.TRAIN_FAMILIES)
-    unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
-    if unknown:
-        raise ValueError(f"train on training families only ({', '.join(samples.TRAIN_FAMILIES)}); "
-                         f"not {', '.join(unknown)}")
+    fams = samples.training_families(families, "train")
     if scans_per_case < 1 or not doses or not overlaps:
         raise ValueError("need at least one scan per case, one dose and one overlap")
     ps = beamline.pixel_size_m

@@ -294,6 +294,18 @@ GENERIC_V1_FAMILIES = ("grf", "shapes", "mix")
 FAMILIES: dict[str, Family] = {**EVAL_FAMILIES, **TRAIN_FAMILIES}
 
 
+def training_families(families, purpose: str) -> list[str]:
+    """``families`` (None: every training family) as a list, ValueError naming any that is not a
+    training family: what is fitted on samples (``purpose``, e.g. "calibrate") never sees an
+    evaluation family."""
+    fams = list(families or TRAIN_FAMILIES)
+    unknown = [f for f in fams if f not in TRAIN_FAMILIES]
+    if unknown:
+        raise ValueError(f"{purpose} on training families only ({', '.join(TRAIN_FAMILIES)}); "
+                         f"not {', '.join(unknown)}")
+    return fams
+
+
 def make_sample(family: str, shape: tuple[int, int], seed: int = 0, *, max_phase: float = 1.0,
                 min_amplitude: float = 0.8, **kw) -> np.ndarray:
     """A ``shape`` complex object of ``family`` (see :data:`FAMILIES`), reproducible by ``seed``."""

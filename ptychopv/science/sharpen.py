@@ -117,11 +117,7 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
     from . import metrics, samples
     from .stitching import WINDOW_POWER
 
-    fams = list(families or samples.TRAIN_FAMILIES)
-    unknown = [f for f in fams if f not in samples.TRAIN_FAMILIES]
-    if unknown:
-        raise ValueError(f"calibrate on training families only ({', '.join(samples.TRAIN_FAMILIES)}); "
-                         f"not {', '.join(unknown)}")
+    fams = samples.training_families(families, "calibrate")
     if scans_per_family < 1:
         raise ValueError(f"scans_per_family must be >= 1, got {scans_per_family}")
     ps = beamline.pixel_size_m
