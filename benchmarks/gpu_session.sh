@@ -12,7 +12,13 @@
 # 2. meanwhile benchmarks/gpu_check.sh (engine tests, smoke check with timings) -> gpu-check.tgz;
 # 3. then scripts/make_demo_model.py trains two PtychoNN 2.0 side by side on the GPU with what
 #    is left of the budget (train.time_limit_s); their registries -> models.tgz.
-# OUTDIR gets 7 files: session.log, gpu-check.tgz, train-{a,b}.log, summary-{a,b}.json, models.tgz.
+# 4. with PTYCHOPV_GPU_RESTORE_SECONDS=S (default 0: none), the last S seconds of the budget go to
+#    the latest model of registry a: its sharpening curves (scripts/calibrate_sharpen.py), then a
+#    restorer trained on the GPU (scripts/train_restorer.py, 12 processes for its scans, width
+#    PTYCHOPV_GPU_RESTORE_WIDTH, default 24; PTYCHOPV_GPU_RESTORE_ROUNDS of scans, default 60)
+#    -> restore.log; models.tgz holds it.
+# OUTDIR gets 7 files: session.log, gpu-check.tgz, train-{a,b}.log, summary-{a,b}.json, models.tgz
+# (and restore.log with step 4).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -21,6 +27,7 @@ BUDGET=${2:-540}
 SAMPLES=${PTYCHOPV_GPU_SAMPLES:-1600}
 PER_SAMPLE=${PTYCHOPV_GPU_PER_SAMPLE:-150}
 DEVICE=${PTYCHOPV_GPU_DEVICE:-cuda}      # cpu, with PTYCHOPV_GPU_SKIP_CHECK=1: a dry run of the script
+RESTORE_S=${PTYCHOPV_GPU_RESTORE_SECONDS:-0}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 T0=$(date +%s)
 PY=${PYTHON:-python3}
@@ -67,7 +74,7 @@ say "corpus: exit $? ($(du -h "$WORK/corpus.h5" 2>/dev/null | cut -f1))"
 train_one() {  # NAME BATCH LR_MAX [more make_demo_model options]
     timeout $(( BUDGET - $(date +%s) + T0 - 10 )) "$PY" scripts/make_demo_model.py "${COMMON[@]}" \
         --out "$WORK/reg-$1" --device "$DEVICE" --threads 4 --batch-size "$2" --lr-max "$3" --epochs 400 \
-        --no-eval --deadline $(( T0 + BUDGET - 25 )) "${@:4}" >"$OUTDIR/summary-$1.json" 2>"$OUTDIR/train-$1.log"
+        --no-eval --deadline $(( T0 + BUDGET - 25 - RESTORE_S )) "${@:4}" >"$OUTDIR/summary-$1.json" 2>"$OUTDIR/train-$1.log"
     echo "make_demo_model exit $?" >>"$OUTDIR/train-$1.log"
 }
 if [ -n "${PTYCHOPV_GPU_WARM_START:-}" ]; then
@@ -91,6 +98,22 @@ else
     wait $A_PID $B_PID
 fi
 say "training a: $(tail -n 1 "$OUTDIR/train-a.log"); b: $(tail -n 1 "$OUTDIR/train-b.log")"
+
+# ---- 4. optionally: the curves and a GPU-trained restorer for registry a's latest model
+if [ "$RESTORE_S" -gt 0 ] && [ -d "$WORK/reg-a" ]; then
+    say "curves and restorer for reg-a's latest (${RESTORE_S} s)"
+    "$PY" scripts/calibrate_sharpen.py --registry "$WORK/reg-a" >>"$OUTDIR/restore.log" 2>&1
+    LEFT=$(( T0 + BUDGET - $(date +%s) - 60 ))     # 60 s for its 1080 scans on 12 processes and the export
+    if [ "$LEFT" -gt 30 ]; then
+        timeout $(( LEFT + 50 )) "$PY" scripts/train_restorer.py --registry "$WORK/reg-a" --workers 12 \
+            --device "$DEVICE" --threads 4 --width "${PTYCHOPV_GPU_RESTORE_WIDTH:-24}" \
+            --rounds "${PTYCHOPV_GPU_RESTORE_ROUNDS:-60}" \
+            --minutes "$(awk "BEGIN { print $LEFT / 60 }")" >>"$OUTDIR/restore.log" 2>&1
+        say "restorer: exit $? ($(tail -n 1 "$OUTDIR/restore.log"))"
+    else
+        say "restorer: no time left (${LEFT} s)"
+    fi
+fi
 (cd "$WORK" && tar -czf "$OUTDIR/models.tgz" reg-* 2>/dev/null)
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUTDIR/session.log" 2>&1
 say "done"

@@ -178,6 +178,51 @@ def chain_stitching(engine, **kw):
     return stitched_of
 
 
+def _restorer_rounds(job: tuple, progress=None) -> list[dict]:
+    """One process's share of :func:`restorer_training_images`: ``job`` is (registry root,
+    version, curves, beamline, families, first round, rounds, engine options)."""
+    from .inference import ModelRegistry, select_engine
+    from .science import restore
+
+    root, version, curves, beamline, families, first, count, options = job
+    engine = select_engine(ModelRegistry(root, create=False).get(version).source(), "onnxruntime",
+                           options={"onnxruntime": options})
+    try:
+        return restore.training_images(chain_stitching(engine, sharpen=curves), beamline, families=families,
+                                       scans_per_case=count, first_round=first, seed=50000, progress=progress)
+    finally:
+        engine.close()
+
+
+def restorer_training_images(registry_root, version: int, *, curves, beamline: Beamline, families=None,
+                             rounds: int, workers: int = 1, progress=None) -> list[dict]:
+    """The training images of a model's restorer (:func:`ptychopv.science.restore.training_images`,
+    ``rounds`` rounds, data seed 50000): each scan stitched through the chain's plugins with model
+    ``version`` of the registry at ``registry_root`` (ONNX Runtime) and sharpened by ``curves``
+    (a card's ``sharpen`` entry, or None). ``workers`` > 1 splits the rounds between that many
+    processes, each with its own one-thread session: the same images as one process makes, to
+    float rounding. ValueError for an evaluation family, before any process starts."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from .science import samples
+
+    samples.training_families(families, "train")
+    if workers <= 1:
+        return _restorer_rounds((registry_root, version, curves, beamline, families, 0, rounds, {}), progress)
+    cuts = [rounds * i // workers for i in range(workers + 1)]
+    jobs = [(str(registry_root), version, curves, beamline, families, a, b - a, {"threads": 1, "spin": False})
+            for a, b in zip(cuts, cuts[1:]) if b > a]
+    out: list[dict] = []
+    # spawn: a fresh interpreter per worker, not a fork of one that holds ONNX Runtime's threads
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job, part in zip(jobs, pool.map(_restorer_rounds, jobs)):
+            out += part
+            if progress:
+                progress(f"rounds {job[5] + 1}-{job[5] + job[6]} of {rounds}: {len(out)} images")
+    return out
+
+
 def calibrate_sharpen(engine, *, beamline: Beamline = DEMO, window_power: float | None = None, **kw) -> dict:
     """A model card's ``sharpen`` entry (:func:`ptychopv.science.sharpen.calibrate`, ``kw`` its
     options), each scan stitched by :func:`live_image` with ``engine``: the chain's own plugins."""

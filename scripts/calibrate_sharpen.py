@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--registry", type=Path, help="model registry (default: the shipped generic one)")
     ap.add_argument("--version", type=int, nargs="*", help="versions (default: all)")
     ap.add_argument("--overlaps", type=float, nargs="+", default=[0.0, 0.3, 0.6])
-    ap.add_argument("--families", nargs="+", help="training families (default: all of them)")
+    ap.add_argument("--families", nargs="+", help="training families (default: those the card's curves were "
+                    "measured on, so a re-run reproduces them; all of them for a card without curves)")
     ap.add_argument("--scans", type=int, default=2, help="scans of each family at each overlap")
     ap.add_argument("--extent", type=float, default=4e-6, help="scan diameter (m)")
     ap.add_argument("--dry-run", action="store_true", help="print the entry, do not write it")
@@ -56,7 +57,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         engine = select_engine(mv.source(), "onnxruntime")
         try:
-            entry = fidelity.calibrate_sharpen(engine, beamline=beam, overlaps=a.overlaps, families=a.families,
+            families = a.families or ((mv.card.get("sharpen") or {}).get("calibrated_on") or {}).get("families")
+            entry = fidelity.calibrate_sharpen(engine, beamline=beam, overlaps=a.overlaps, families=families,
                                                scans_per_family=a.scans, extent_m=a.extent)
         except ValueError as exc:
             print(f"v{v}: {exc}", file=sys.stderr)

@@ -15,7 +15,9 @@ IOC's stitch stage applies it to ``Stitch:Image`` (``Stitch:Restore``).
 
 Needs the ``hpc`` extra (PyTorch, ONNX). On 2 CPU cores: about 4 minutes of scans for 60 rounds
 and the training time asked (25 minutes, the default, for the shipped one: 7649 steps). Training is seeded, but a wall-time
-budget makes the step count depend on the machine: ``--steps`` fixes it instead.
+budget makes the step count depend on the machine: ``--steps`` fixes it instead. ``--workers N``
+splits the rounds between N processes (each with its own one-thread ONNX Runtime session; the
+images are the ones one process makes), ``--device cuda`` trains on a GPU.
 """
 
 from __future__ import annotations
@@ -33,22 +35,25 @@ def main(argv=None) -> int:
     ap.add_argument("--registry", type=Path, help="model registry (default: the shipped generic one)")
     ap.add_argument("--version", type=int, help="version (default: the latest)")
     ap.add_argument("--rounds", type=int, default=60, help="scans of each family at each overlap")
-    ap.add_argument("--families", nargs="+", help="training families (default: all of them)")
+    ap.add_argument("--families", nargs="+", help="training families (default: those of the card's restorer, "
+                    "so a re-run reproduces it; all of them for a card without one)")
     ap.add_argument("--minutes", type=float, default=25.0, help="training wall time")
     ap.add_argument("--steps", type=int, help="training steps (instead of --minutes)")
     ap.add_argument("--width", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the training")
+    ap.add_argument("--workers", type=int, default=1, help="processes that make the training images")
+    ap.add_argument("--device", default="cpu", help="torch device for the training (cpu, cuda)")
     ap.add_argument("--plain-input", action="store_true",
                     help="train on the images as stitched, not sharpened by the card's curve (the default "
                          "where the card has curves: the restorer then learns what the curve leaves)")
     ap.add_argument("--dry-run", action="store_true", help="train and print the entry, do not attach it")
     a = ap.parse_args(argv)
-    if a.rounds < 1 or a.width < 1 or (a.steps is not None and a.steps < 1) or a.minutes <= 0:
-        ap.error("--rounds, --width, --steps and --minutes must be positive")
+    if a.rounds < 1 or a.width < 1 or (a.steps is not None and a.steps < 1) or a.minutes <= 0 or a.workers < 1:
+        ap.error("--rounds, --width, --steps, --minutes and --workers must be positive")
     from ptychopv import fidelity
     from ptychopv.hpc import restore_train
-    from ptychopv.inference import ModelRegistry, select_engine
+    from ptychopv.inference import ModelRegistry
     from ptychopv.inference.registry import shipped_registry
     from ptychopv.science import restore
     from ptychopv.science.stitching import WINDOW_POWER
@@ -64,24 +69,24 @@ def main(argv=None) -> int:
         return 1
     say = (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    engine = select_engine(mv.source(), "onnxruntime")
+    # as the stitch stage makes the restorer's input: sharpened by the card's curve, if any
+    curves = None if a.plain_input else mv.card.get("sharpen")
+    families = a.families or ((mv.card.get("restore") or {}).get("trained_on") or {}).get("families")
     try:
-        # as the stitch stage makes the restorer's input: sharpened by the card's curve, if any
-        curves = None if a.plain_input else mv.card.get("sharpen")
-        images = restore.training_images(fidelity.chain_stitching(engine, sharpen=curves), beam,
-                                         families=a.families, scans_per_case=a.rounds, seed=50000, progress=say)
+        images = fidelity.restorer_training_images(reg.root, mv.version, curves=curves, beamline=beam,
+                                                   families=families, rounds=a.rounds, workers=a.workers,
+                                                   progress=say)
+        t_data = time.perf_counter() - t0
+        model, stats = restore_train.train(images, width=a.width, minutes=None if a.steps else a.minutes,
+                                           steps=a.steps, seed=a.seed, threads=a.threads, device=a.device,
+                                           progress=say)
     except ValueError as exc:
         print(f"v{mv.version}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        engine.close()
-    t_data = time.perf_counter() - t0
-    model, stats = restore_train.train(images, width=a.width, minutes=None if a.steps else a.minutes,
-                                       steps=a.steps, seed=a.seed, threads=a.threads, progress=say)
     entry = {"file": restore.FILE, "inputs": list(restore.INPUTS), "window_power": float(WINDOW_POWER),
              "sharpened_input": curves is not None,
              "beam_m": beam.beam_m,
-             "trained_on": {"families": sorted({r["family"] for r in images}),
+             "trained_on": {"families": list(dict.fromkeys(r["family"] for r in images)),  # in use order
                             "overlaps": sorted({r["overlap"] for r in images}),
                             "doses": sorted({r["dose"] for r in images}), "scans": len(images),
                             "extent_m": 4e-6, "data_seed": 50000, "data_seconds": round(t_data, 1), **stats}}

@@ -21,8 +21,9 @@ def test_the_corpus_holds_the_families_asked_for_and_v1s_by_default(tmp_path):
     from ptychopv.science import samples
 
     mod = _script()
-    mod.build_corpus(tmp_path / "five.h5", 5, 3, seed=0, size_px=96, families=tuple(samples.TRAIN_FAMILIES))
-    ids = corpus_info(tmp_path / "five.h5").scans
+    n = len(samples.TRAIN_FAMILIES)                       # one sample of each, in turn
+    mod.build_corpus(tmp_path / "all.h5", n, 3, seed=0, size_px=96, families=tuple(samples.TRAIN_FAMILIES))
+    ids = corpus_info(tmp_path / "all.h5").scans
     assert sorted(i.split("-", 2)[2] for i in ids) == sorted(samples.TRAIN_FAMILIES)
     assert all(n == 3 for n in ids.values())
     mod.build_corpus(tmp_path / "v1.h5", 3, 2, seed=0, size_px=96)

@@ -286,6 +286,69 @@ def test_training_images_come_from_training_families_only():
         restore.training_images(lambda *a: None, fidelity.DEMO, families=["grf"], doses=())
 
 
+def _patch_stitching(frames, positions_m, pixel_size_m, window):
+    """A cheap stand-in for the chain: each frame's log counts stitched as its patch."""
+    from ptychopv.science.stitching import Stitcher
+
+    st = Stitcher(pixel_size_m, window=window)
+    st.add(np.log1p(np.asarray(frames, np.float32)), positions_m)
+    return st.image()
+
+
+def test_training_images_split_by_round_are_the_images_of_one_call():
+    # the training script splits the rounds between processes (--workers): each share must be
+    # the one a single call makes there, samples, doses and noise alike
+    from ptychopv import fidelity
+
+    kw = dict(families=["grf", "deadleaves"], overlaps=(0.6,), extent_m=1.5e-6, size_px=96)
+    whole = restore.training_images(_patch_stitching, fidelity.DEMO, scans_per_case=3, **kw)
+    parts = (restore.training_images(_patch_stitching, fidelity.DEMO, scans_per_case=1, **kw)
+             + restore.training_images(_patch_stitching, fidelity.DEMO, scans_per_case=2, first_round=1, **kw))
+    assert [(r["family"], r["dose"]) for r in parts] == [(r["family"], r["dose"]) for r in whole]
+    assert len({r["dose"] for r in whole}) > 1           # the doses do go round
+    for a, b in zip(whole, parts):
+        assert np.array_equal(a["x"], b["x"]) and np.array_equal(a["truth"], b["truth"])
+    assert not np.array_equal(whole[0]["truth"], whole[2]["truth"])   # rounds differ
+    with pytest.raises(ValueError, match="first_round"):
+        restore.training_images(_patch_stitching, fidelity.DEMO, first_round=-1, **kw)
+
+
+def test_restorer_training_images_from_workers_are_those_of_one_process():
+    # the training script's --workers: the rounds split between spawned processes
+    pytest.importorskip("onnxruntime")
+    from ptychopv import fidelity
+    from ptychopv.inference.registry import ModelRegistry, shipped_registry
+
+    root = shipped_registry("generic")
+    mv = ModelRegistry(root, create=False).get(1)
+    kw = dict(curves=None, beamline=fidelity.Beamline.from_card(mv.card), families=["grf"], rounds=2)
+    said = []
+    one = fidelity.restorer_training_images(root, 1, workers=1, progress=said.append, **kw)
+    two = fidelity.restorer_training_images(root, 1, workers=2, progress=said.append, **kw)
+    assert len(one) == len(two) == 6 and len(said) == 4
+    for a, b in zip(one, two):
+        assert (a["family"], a["overlap"], a["dose"]) == (b["family"], b["overlap"], b["dose"])
+        assert np.allclose(a["x"], b["x"], atol=1e-5) and np.array_equal(a["mask"], b["mask"])
+    with pytest.raises(ValueError, match="training families only"):
+        fidelity.restorer_training_images(root, 1, workers=2, **{**kw, "families": ["star"]})
+
+
+def test_train_runs_on_the_device_asked_and_returns_the_model_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    from ptychopv.hpc import restore_train
+
+    model, stats = restore_train.train(_blur_pairs(4), width=4, steps=2, batch=2, threads=1)
+    assert stats["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
+    with pytest.raises(RuntimeError):
+        restore_train.train(_blur_pairs(4), width=4, steps=1, device="no-such-device")
+    if torch.cuda.is_available():       # a GPU machine: it trains there and comes back
+        model, stats = restore_train.train(_blur_pairs(4), width=4, steps=2, batch=2, device="cuda")
+        assert stats["device"] == "cuda" and next(model.parameters()).device.type == "cpu"
+    else:                               # elsewhere a CUDA request is refused, before any work
+        with pytest.raises(ValueError, match="no CUDA device"):
+            restore_train.train(_blur_pairs(4), width=4, steps=1, device="cuda")
+
+
 def test_the_training_script_attaches_a_restorer_the_chain_can_run(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
@@ -310,6 +373,11 @@ def test_the_training_script_attaches_a_restorer_the_chain_can_run(tmp_path):
     assert why is None and entry["trained_on"]["families"] == ["grf"] and entry["trained_on"]["steps"] == 5
     phase = np.random.default_rng(0).normal(size=(90, 90)).astype(np.float32)
     assert np.isfinite(runner(phase, np.ones((90, 90)))).all()
+    # a re-run without --families trains on the families on the card (a re-run reproduces it)
+    again = subprocess.run(script + ["--rounds", "1", "--steps", "1", "--width", "2", "--dry-run"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["restore"]["trained_on"]["families"] == ["grf"]
 
 
 def test_the_shipped_generic_restorer_beats_the_sharpening_curve_on_unseen_samples():

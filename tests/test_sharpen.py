@@ -203,6 +203,11 @@ def test_the_calibration_script_writes_a_curve_from_training_families_only(tmp_p
     card = ModelRegistry(reg, create=False).get(1).card
     c = sharpen.check_curves(card["sharpen"])
     assert list(c["by_overlap"]) == [0.6] and card["sharpen"]["calibrated_on"]["families"] == ["grf"]
+    # a re-run without --families measures on the families the card's curves were measured on
+    again = subprocess.run(script + ["--scans", "1", "--overlaps", "0.6", "--dry-run"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["sharpen"]["calibrated_on"]["families"] == ["grf"]
 
 
 def test_the_shipped_generic_curves_sharpen_unseen_samples():

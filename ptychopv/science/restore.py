@@ -100,22 +100,26 @@ def check_entry(entry) -> dict:
 
 def training_images(stitched_of, beamline, *, families=None, overlaps=(0.0, 0.3, 0.6),
                     doses=(1e6, 1e6, 1e5, 1e4), scans_per_case: int = 1, extent_m: float = 4e-6,
-                    seed: int = 50000, size_px: int = 256, max_phase: float = 1.0, progress=None) -> list[dict]:
+                    seed: int = 50000, size_px: int = 256, max_phase: float = 1.0, first_round: int = 0,
+                    progress=None) -> list[dict]:
     """Pairs to train a restorer on: for each of ``scans_per_case`` rounds, each training family and
     each overlap, a fresh Fermat scan (:func:`~ptychopv.science.samples.fermat_scan`, dose taken in
     turn from ``doses``) stitched by ``stitched_of(frames, positions_m, pixel_size_m, window)``
     (window: the beamline's probe). Each pair: ``x`` (:func:`prepare`), ``truth`` (the true phase
     on the image's grid minus its mean over ``mask``), ``mask`` (where it is scored: covered,
     inside the truth and the scanned area), and ``family``, ``overlap``, ``dose``. An evaluation
-    family is refused."""
+    family is refused. ``first_round``: start at that round, with the samples, doses and noise
+    a call from round 0 gives there (so rounds can be split between processes)."""
     from . import metrics, samples
 
     fams = samples.training_families(families, "train")
     if scans_per_case < 1 or not doses or not overlaps:
         raise ValueError("need at least one scan per case, one dose and one overlap")
+    if first_round < 0:
+        raise ValueError(f"first_round must be >= 0, got {first_round}")
     ps = beamline.pixel_size_m
-    out, k = [], 0
-    for i in range(scans_per_case):
+    out, k = [], first_round * len(fams) * len(overlaps)
+    for i in range(first_round, first_round + scans_per_case):
         for fam in fams:
             for ov in overlaps:
                 k += 1
@@ -130,5 +134,5 @@ def training_images(stitched_of, beamline, *, families=None, overlaps=(0.0, 0.3,
                 out.append({"x": x[0], "truth": truth, "mask": mask, "family": fam, "overlap": float(ov),
                             "dose": dose})
         if progress:
-            progress(f"round {i + 1} of {scans_per_case}: {len(out)} images")
+            progress(f"round {i + 1} of {first_round + scans_per_case}: {len(out)} images")
     return out

@@ -18,7 +18,9 @@ Two groups, kept apart so a benchmark can score a model on families it never saw
   angles and phase levels), and ``mix`` (one of each, summed); since 2026-12-04 also
   ``gratings`` (regions of straight line gratings of random period, orientation and profile) and
   ``speckle`` (fine random grains and texture), the fine detail of 2-16 px periods that the first
-  three hardly hold. None is a Siemens star, a Manhattan layout or a cell.
+  three hardly hold; since 2026-12-05 ``deadleaves`` (occluding discs and rectangles of power-law
+  sizes: flat regions, edges and faint texture, the statistics of photographs without being one).
+  None is a Siemens star, a Manhattan layout, a cell or a photograph.
 """
 
 from __future__ import annotations
@@ -286,24 +288,68 @@ def speckle(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> n
     return _finish(_norm01(p), max_phase, min_amplitude, absorb=rng.uniform(0.2, 0.8), amp_texture=amp)
 
 
+def deadleaves(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -> np.ndarray:
+    """A dead-leaves image, the classic model of natural-image statistics: opaque discs and
+    rectangles (70 / 30 %) of random phase level fall one on another, the first ones on top, until
+    the field is covered; their sizes follow a power law (density ``r**-alpha``, alpha 2.2-3.0,
+    2-4 px up to 0.4 of the field), so large flat regions with occluding edges sit beside clutter
+    at every scale. Each leaf is gently shaded (a random gradient), and a faint fine texture and a
+    slight blur lie over the whole. Photograph-like (flat areas, edges, faint texture) without
+    being a photograph."""
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx].astype(np.float64)
+    rmin, rmax = float(rng.uniform(2.0, 4.0)), 0.4 * min(ny, nx)
+    alpha = float(rng.uniform(2.2, 3.0))
+    lo, hi = rmin ** (1 - alpha), rmax ** (1 - alpha)
+    phase = np.zeros(shape)
+    free = np.ones(shape, bool)
+    for _ in range(6000):                                      # front to back: paint only what is free
+        if free.mean() < 0.002:
+            break
+        r = float((lo + rng.random() * (hi - lo)) ** (1 / (1 - alpha)))
+        cy, cx = rng.uniform(-r, ny + r), rng.uniform(-r, nx + r)
+        y0, y1 = int(max(cy - r - 1, 0)), int(min(cy + r + 2, ny))
+        x0, x1 = int(max(cx - r - 1, 0)), int(min(cx + r + 2, nx))
+        if y1 <= y0 or x1 <= x0 or not free[y0:y1, x0:x1].any():
+            continue
+        dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        if rng.random() < 0.7:                                 # disc
+            m = dy * dy + dx * dx < r * r
+        else:                                                  # rectangle at a random angle
+            ang, aspect = rng.uniform(0, np.pi), rng.uniform(0.3, 1.0)
+            u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
+            m = (np.abs(u) < r) & (np.abs(v) < r * aspect)
+        m &= free[y0:y1, x0:x1]
+        gy, gx = rng.normal(0, 0.1 / max(r, 1.0), 2)           # shading across the leaf
+        phase[y0:y1, x0:x1][m] = (rng.uniform(0, 1) + gy * dy + gx * dx)[m]
+        free[y0:y1, x0:x1][m] = False
+    phase[free] = rng.uniform(0, 1)
+    phase = phase + rng.uniform(0, 0.08) * _grf(shape, rng, beta=rng.uniform(2.0, 4.0),
+                                                 corr_px=float(rng.uniform(1, 4)))
+    phase = ndimage.gaussian_filter(phase, rng.uniform(0.3, 0.8))
+    amp = _norm01(_grf(shape, rng, beta=3.0, corr_px=float(rng.uniform(3, 20))))
+    return _finish(_norm01(phase), max_phase, min_amplitude, absorb=rng.uniform(0.3, 0.9), amp_texture=amp)
+
+
 EVAL_FAMILIES: dict[str, Family] = {"natural": natural, "ic": ic, "star": star, "cell": cell}
 TRAIN_FAMILIES: dict[str, Family] = {"grf": grf, "shapes": shapes, "mix": mix, "gratings": gratings,
-                                      "speckle": speckle}
+                                      "speckle": speckle, "deadleaves": deadleaves}
 #: the families the shipped generic model's v1 was trained on (its card's ``training_families``)
 GENERIC_V1_FAMILIES = ("grf", "shapes", "mix")
 FAMILIES: dict[str, Family] = {**EVAL_FAMILIES, **TRAIN_FAMILIES}
 
 
 def training_families(families, purpose: str) -> list[str]:
-    """``families`` (None: every training family) as a list, ValueError naming any that is not a
-    training family: what is fitted on samples (``purpose``, e.g. "calibrate") never sees an
-    evaluation family."""
+    """``families`` (None: every training family) as a list in :data:`TRAIN_FAMILIES`' order, each
+    once, ValueError naming any that is not a training family: what is fitted on samples
+    (``purpose``, e.g. "calibrate") never sees an evaluation family. The order is fixed because
+    the scans' seeds follow it: the families a card records (in any order) give its scans again."""
     fams = list(families or TRAIN_FAMILIES)
     unknown = [f for f in fams if f not in TRAIN_FAMILIES]
     if unknown:
         raise ValueError(f"{purpose} on training families only ({', '.join(TRAIN_FAMILIES)}); "
                          f"not {', '.join(unknown)}")
-    return fams
+    return [f for f in TRAIN_FAMILIES if f in fams]
 
 
 def make_sample(family: str, shape: tuple[int, int], seed: int = 0, *, max_phase: float = 1.0,
