@@ -295,6 +295,10 @@ def main(argv=None) -> int:
                                 "training_families": mv.card.get("training_families")},
                       "trained_scale_range": list(a.trained_scale),
                       "sharpen": a.sharpen_entry is not None, "restore": a.restorer is not None,
+                      # which restorer: what its card entry says it was trained on
+                      "restore_trained_on": None if a.restorer is None else {
+                          k: v for k, v in ((mv.card.get("restore") or {}).get("trained_on") or {}).items()
+                          if k in ("families", "scans", "steps", "width", "seed", "data_seed")},
                       "beamline": fidelity.DEMO.card(), "extent_m": a.extent, "epie_iterations": a.iterations,
                       "seconds": round(time.perf_counter() - t0, 1), "targets": summarize(rows), "rows": rows},
                      indent=1))

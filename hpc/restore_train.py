@@ -81,6 +81,22 @@ def apply(model, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(np.ascontiguousarray(x[None], np.float32)))[0, 0].numpy()
 
 
+def torch_device(name: str):
+    """The torch device ``name`` names ("cpu", "cuda", "cuda:1"; "auto": CUDA where torch sees
+    it, else the CPU); ValueError for a name torch does not know or a CUDA device it does not see."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {name!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA device")
+    return dev
+
+
 def train(images: list[dict], *, width: int = 24, minutes: float | None = None, steps: int | None = None,
           batch: int = 16, lr: float = 1e-3, val_fraction: float = 0.1, seed: int = 0, threads: int | None = None,
           device: str = "cpu", progress=None):
@@ -104,14 +120,12 @@ def train(images: list[dict], *, width: int = 24, minutes: float | None = None, 
     every = max(2, int(round(1 / val_fraction))) if val_fraction > 0 else 0
     val = [r for i, r in enumerate(images) if every and i % every == every - 1]
     fit = [r for i, r in enumerate(images) if not (every and i % every == every - 1)]
-    dev = torch.device(device)      # an unknown or absent device fails here, before any work
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: torch sees no CUDA device")
+    dev = torch_device(device)      # an unknown or absent device fails here, before any work
     model = build(width).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     t0 = time.perf_counter()
     budget = None if minutes is None else 60.0 * float(minutes)
-    done, losses = 0, []
+    done, recent = 0, []            # the last 200 steps' losses, kept on the device until said
     while True:
         elapsed = time.perf_counter() - t0
         frac = elapsed / budget if budget is not None else done / steps
@@ -120,15 +134,17 @@ def train(images: list[dict], *, width: int = 24, minutes: float | None = None, 
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * frac))
         x, y, m = _crops(fit, batch, rng)
-        x, y, m = (torch.from_numpy(a).to(dev, non_blocking=True) for a in (x, y, m))
+        x, y, m = (torch.from_numpy(a).to(dev) for a in (x, y, m))
         loss = offset_free_mse(model(x), y, m)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.detach())
+        recent.append(loss.detach())
         done += 1
-        if progress and done % 200 == 0:
-            progress(f"step {done}, {elapsed:.0f} s, loss {float(torch.stack(losses[-200:]).mean()):.5f}")
+        if done % 200 == 0:
+            if progress:
+                progress(f"step {done}, {elapsed:.0f} s, loss {float(torch.stack(recent).mean()):.5f}")
+            recent.clear()
     model = model.cpu().eval()
     stats = {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "crops": done * batch,
              "batch": batch, "lr_max": lr, "width": width, "seed": seed, "device": dev.type, "images": len(fit),

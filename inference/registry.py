@@ -297,7 +297,8 @@ class ModelRegistry:
     def attach(self, version: int, key: str, value, files: dict) -> ModelVersion:
         """:meth:`annotate` with files: copy ``files`` (name -> path, names of :data:`EXTRA_FILES`)
         into the folder of a published ``version``, add their hashes to the card's ``files`` and set
-        ``key`` to ``value`` (e.g. ``restore`` with ``restore.onnx``). A file the version already
+        ``key`` to ``value`` (e.g. ``restore`` with ``restore.onnx``; a note why it had none,
+        ``restore_not_trained``, goes). A file the version already
         holds is refused (:meth:`detach` it first): replacing it in place would leave, after a crash
         between the file and the card, a version whose hashes no longer match."""
         if key in RESERVED:
@@ -315,6 +316,8 @@ class ModelRegistry:
             os.replace(tmp, folder / name)     # not on the card yet: a crash here leaves it unlisted
         card["files"] = hashes
         card[key] = value
+        for stale in (f"{key}_not_trained", f"{key}_not_measured"):   # why there was none: no longer so
+            card.pop(stale, None)
         self._replace_card(folder, card)
         return self.get(int(version))
 

@@ -201,7 +201,9 @@ def restorer_training_images(registry_root, version: int, *, curves, beamline: B
     ``version`` of the registry at ``registry_root`` (ONNX Runtime) and sharpened by ``curves``
     (a card's ``sharpen`` entry, or None). ``workers`` > 1 splits the rounds between that many
     processes, each with its own one-thread session: the same images as one process makes, to
-    float rounding. ValueError for an evaluation family, before any process starts."""
+    float rounding. Inference on the CPU (ONNX Runtime's CPU provider), as on the build machine
+    where the shipped restorer was trained, whatever GPU the host has. ValueError for an
+    evaluation family, before any process starts."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
@@ -209,10 +211,11 @@ def restorer_training_images(registry_root, version: int, *, curves, beamline: B
 
     samples.training_families(families, "train")
     if workers <= 1:
-        return _restorer_rounds((registry_root, version, curves, beamline, families, 0, rounds, {}), progress)
+        return _restorer_rounds((registry_root, version, curves, beamline, families, 0, rounds,
+                                 {"providers": "cpu"}), progress)
     cuts = [rounds * i // workers for i in range(workers + 1)]
-    jobs = [(str(registry_root), version, curves, beamline, families, a, b - a, {"threads": 1, "spin": False})
-            for a, b in zip(cuts, cuts[1:]) if b > a]
+    jobs = [(str(registry_root), version, curves, beamline, families, a, b - a, {"providers": "cpu", "threads": 1,
+             "spin": False}) for a, b in zip(cuts, cuts[1:]) if b > a]
     out: list[dict] = []
     # spawn: a fresh interpreter per worker, not a fork of one that holds ONNX Runtime's threads
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -11,8 +11,10 @@ through the chain's own plugins (:func:`ptychopv.fidelity.calibrate_sharpen`). T
 stage applies the curve of the overlap nearest the scan's (``Stitch:Sharpen``). A model the loop
 fine-tunes from a version with a curve gets its own from the training job, measured the same way.
 
-About 8 s per version on 2 CPU cores (3 overlaps x 10 scans of 4 um; 23 s for generic v1-v3 on
-2026-12-04).
+About 8 s per version on 2 CPU cores (3 overlaps x 10 scans of 4 um: 2 of each of the five
+default families; 23 s for generic v1-v3 on 2026-12-04). The families default to those the card's
+curves were measured on, else to ``samples.FIT_FAMILIES``; the other settings are this script's
+options, whose defaults made the shipped curves.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--version", type=int, nargs="*", help="versions (default: all)")
     ap.add_argument("--overlaps", type=float, nargs="+", default=[0.0, 0.3, 0.6])
     ap.add_argument("--families", nargs="+", help="training families (default: those the card's curves were "
-                    "measured on, so a re-run reproduces them; all of them for a card without curves)")
+                    "measured on; for a card without curves, samples.FIT_FAMILIES)")
     ap.add_argument("--scans", type=int, default=2, help="scans of each family at each overlap")
     ap.add_argument("--extent", type=float, default=4e-6, help="scan diameter (m)")
     ap.add_argument("--dry-run", action="store_true", help="print the entry, do not write it")
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     from ptychopv import fidelity
     from ptychopv.inference import ModelRegistry, select_engine
     from ptychopv.inference.registry import shipped_registry
+    from ptychopv.science import samples
 
     reg = ModelRegistry(a.registry or shipped_registry("generic"), create=False)
     versions = a.version or reg.versions()
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         engine = select_engine(mv.source(), "onnxruntime")
         try:
-            families = a.families or ((mv.card.get("sharpen") or {}).get("calibrated_on") or {}).get("families")
+            families = a.families or samples.recorded_families(mv.card.get("sharpen"), "calibrated_on")
             entry = fidelity.calibrate_sharpen(engine, beamline=beam, overlaps=a.overlaps, families=families,
                                                scans_per_family=a.scans, extent_m=a.extent)
         except ValueError as exc:

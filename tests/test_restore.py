@@ -321,14 +321,17 @@ def test_restorer_training_images_from_workers_are_those_of_one_process():
 
     root = shipped_registry("generic")
     mv = ModelRegistry(root, create=False).get(1)
-    kw = dict(curves=None, beamline=fidelity.Beamline.from_card(mv.card), families=["grf"], rounds=2)
+    kw = dict(curves=None, beamline=fidelity.Beamline.from_card(mv.card), families=["grf"], rounds=3)
     said = []
     one = fidelity.restorer_training_images(root, 1, workers=1, progress=said.append, **kw)
-    two = fidelity.restorer_training_images(root, 1, workers=2, progress=said.append, **kw)
-    assert len(one) == len(two) == 6 and len(said) == 4
-    for a, b in zip(one, two):
-        assert (a["family"], a["overlap"], a["dose"]) == (b["family"], b["overlap"], b["dose"])
-        assert np.allclose(a["x"], b["x"], atol=1e-5) and np.array_equal(a["mask"], b["mask"])
+    assert len(one) == 9 and len(said) == 3
+    for workers in (2, 5):                 # an uneven split (1 + 2 rounds), more workers than rounds
+        many = fidelity.restorer_training_images(root, 1, workers=workers, progress=said.append, **kw)
+        assert len(many) == 9
+        for a, b in zip(one, many):
+            assert (a["family"], a["overlap"], a["dose"]) == (b["family"], b["overlap"], b["dose"])
+            assert np.allclose(a["x"], b["x"], atol=1e-5) and np.array_equal(a["mask"], b["mask"])
+    assert len(said) == 3 + 2 + 3          # one line per worker's share
     with pytest.raises(ValueError, match="training families only"):
         fidelity.restorer_training_images(root, 1, workers=2, **{**kw, "families": ["star"]})
 
@@ -339,8 +342,9 @@ def test_train_runs_on_the_device_asked_and_returns_the_model_on_the_cpu():
 
     model, stats = restore_train.train(_blur_pairs(4), width=4, steps=2, batch=2, threads=1)
     assert stats["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="no-such-device"):
         restore_train.train(_blur_pairs(4), width=4, steps=1, device="no-such-device")
+    assert restore_train.torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():       # a GPU machine: it trains there and comes back
         model, stats = restore_train.train(_blur_pairs(4), width=4, steps=2, batch=2, device="cuda")
         assert stats["device"] == "cuda" and next(model.parameters()).device.type == "cpu"
@@ -365,19 +369,34 @@ def test_the_training_script_attaches_a_restorer_the_chain_can_run(tmp_path):
     script = [sys.executable, str(ROOT / "scripts" / "train_restorer.py"), "--registry", str(reg)]
     bad = subprocess.run(script + ["--families", "cell"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "training families only" in bad.stderr
-    ok = subprocess.run(script + ["--families", "grf", "--rounds", "1", "--steps", "5", "--width", "4"],
+    bad = subprocess.run(script + ["--families", "grf", "--device", "no-such-device"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "no-such-device" in bad.stderr and "round" not in bad.stderr  # before any scan
+    late = subprocess.run(script + ["--families", "grf", "--rounds", "1", "--deadline", "1"], capture_output=True,
+                          text=True, timeout=120)
+    assert late.returncode == 1 and "no time left" in late.stderr
+    card["restore_not_trained"] = "v0's restorer is not carried over"      # as a fine-tuned child's card says
+    (reg / "v0001" / "card.json").write_text(json.dumps(card))
+    ok = subprocess.run(script + ["--families", "shapes", "grf", "--rounds", "1", "--steps", "5", "--width", "4"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     mv = ModelRegistry(reg, create=False).get(1)           # the file's hash checked
     runner, entry, why = load(mv.card, mv.path)
-    assert why is None and entry["trained_on"]["families"] == ["grf"] and entry["trained_on"]["steps"] == 5
+    assert why is None and entry["trained_on"]["families"] == ["grf", "shapes"] and entry["trained_on"]["steps"] == 5
+    assert "restore_not_trained" not in mv.card                  # the restorer it now has
     phase = np.random.default_rng(0).normal(size=(90, 90)).astype(np.float32)
     assert np.isfinite(runner(phase, np.ones((90, 90)))).all()
-    # a re-run without --families trains on the families on the card (a re-run reproduces it)
+    # a re-run without --families trains on the families on the card, in the order their seeds follow
     again = subprocess.run(script + ["--rounds", "1", "--steps", "1", "--width", "2", "--dry-run"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["restore"]["trained_on"]["families"] == ["grf"]
+    assert json.loads(again.stdout)["restore"]["trained_on"]["families"] == ["grf", "shapes"]
+    card = json.loads((reg / "v0001" / "card.json").read_text())
+    card["restore"]["trained_on"]["families"] = "grf"                  # a hand-edited card
+    (reg / "v0001" / "card.json").write_text(json.dumps(card))
+    bad = subprocess.run(script + ["--rounds", "1", "--steps", "1", "--dry-run"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "not a non-empty list of family names" in bad.stderr
 
 
 def test_the_shipped_generic_restorer_beats_the_sharpening_curve_on_unseen_samples():

@@ -34,6 +34,8 @@ def test_the_live_image_beats_the_calibration_it_must(science):
     assert live < 0.45, row
     assert live < 0.7 * row["blurred"]["nrmse"], row
     assert (out / "science_natural.png").stat().st_size > 5000
+    # which restorer scored, if any, is on the record (the demo model has none)
+    assert result["restore"] is False and result["restore_trained_on"] is None
 
 
 def test_the_image_is_faithful_from_the_first_frame(science):

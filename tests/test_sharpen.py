@@ -197,17 +197,17 @@ def test_the_calibration_script_writes_a_curve_from_training_families_only(tmp_p
     assert bad.returncode == 1 and "training families only" in bad.stderr
     bad = subprocess.run(script + ["--overlaps", "1.2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--overlaps" in bad.stderr
-    ok = subprocess.run(script + ["--families", "grf", "--scans", "1", "--overlaps", "0.6"],
+    ok = subprocess.run(script + ["--families", "shapes", "grf", "--scans", "1", "--overlaps", "0.6"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     card = ModelRegistry(reg, create=False).get(1).card
     c = sharpen.check_curves(card["sharpen"])
-    assert list(c["by_overlap"]) == [0.6] and card["sharpen"]["calibrated_on"]["families"] == ["grf"]
+    assert list(c["by_overlap"]) == [0.6] and card["sharpen"]["calibrated_on"]["families"] == ["grf", "shapes"]
     # a re-run without --families measures on the families the card's curves were measured on
     again = subprocess.run(script + ["--scans", "1", "--overlaps", "0.6", "--dry-run"],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["sharpen"]["calibrated_on"]["families"] == ["grf"]
+    assert json.loads(again.stdout)["sharpen"]["calibrated_on"]["families"] == ["grf", "shapes"]
 
 
 def test_the_shipped_generic_curves_sharpen_unseen_samples():

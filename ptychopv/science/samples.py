@@ -307,16 +307,18 @@ def deadleaves(shape, rng, max_phase: float = 1.0, min_amplitude: float = 0.8) -
         if free.mean() < 0.002:
             break
         r = float((lo + rng.random() * (hi - lo)) ** (1 / (1 - alpha)))
+        disc = rng.random() < 0.7                              # else a rectangle at a random angle
+        ang, aspect = (0.0, 1.0) if disc else (rng.uniform(0, np.pi), rng.uniform(0.3, 1.0))
+        reach = r if disc else r * float(np.hypot(1.0, aspect))  # a rectangle's corners reach further
         cy, cx = rng.uniform(-r, ny + r), rng.uniform(-r, nx + r)
-        y0, y1 = int(max(cy - r - 1, 0)), int(min(cy + r + 2, ny))
-        x0, x1 = int(max(cx - r - 1, 0)), int(min(cx + r + 2, nx))
+        y0, y1 = int(max(cy - reach - 1, 0)), int(min(cy + reach + 2, ny))
+        x0, x1 = int(max(cx - reach - 1, 0)), int(min(cx + reach + 2, nx))
         if y1 <= y0 or x1 <= x0 or not free[y0:y1, x0:x1].any():
             continue
         dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
-        if rng.random() < 0.7:                                 # disc
+        if disc:
             m = dy * dy + dx * dx < r * r
-        else:                                                  # rectangle at a random angle
-            ang, aspect = rng.uniform(0, np.pi), rng.uniform(0.3, 1.0)
+        else:
             u, v = dx * np.cos(ang) + dy * np.sin(ang), -dx * np.sin(ang) + dy * np.cos(ang)
             m = (np.abs(u) < r) & (np.abs(v) < r * aspect)
         m &= free[y0:y1, x0:x1]
@@ -336,20 +338,47 @@ TRAIN_FAMILIES: dict[str, Family] = {"grf": grf, "shapes": shapes, "mix": mix, "
                                       "speckle": speckle, "deadleaves": deadleaves}
 #: the families the shipped generic model's v1 was trained on (its card's ``training_families``)
 GENERIC_V1_FAMILIES = ("grf", "shapes", "mix")
+#: the families the shipped generic v3, its sharpening curves and its restorer were fitted on: what
+#: a fit (:func:`training_families`) uses when not told (``deadleaves``, tried for a restorer on
+#: 2026-12-05 and not shipped, only when asked)
+FIT_FAMILIES = ("grf", "shapes", "mix", "gratings", "speckle")
 FAMILIES: dict[str, Family] = {**EVAL_FAMILIES, **TRAIN_FAMILIES}
 
 
 def training_families(families, purpose: str) -> list[str]:
-    """``families`` (None: every training family) as a list in :data:`TRAIN_FAMILIES`' order, each
+    """``families`` (None: :data:`FIT_FAMILIES`) as a list in :data:`TRAIN_FAMILIES`' order, each
     once, ValueError naming any that is not a training family: what is fitted on samples
     (``purpose``, e.g. "calibrate") never sees an evaluation family. The order is fixed because
     the scans' seeds follow it: the families a card records (in any order) give its scans again."""
-    fams = list(families or TRAIN_FAMILIES)
+    if isinstance(families, str):
+        raise ValueError(f"{purpose}: families must be a list of names, not the string {families!r}")
+    fams = list(families or FIT_FAMILIES)
     unknown = [f for f in fams if f not in TRAIN_FAMILIES]
     if unknown:
         raise ValueError(f"{purpose} on training families only ({', '.join(TRAIN_FAMILIES)}); "
                          f"not {', '.join(unknown)}")
     return [f for f in TRAIN_FAMILIES if f in fams]
+
+
+def recorded_families(entry, record: str) -> list[str] | None:
+    """The training families a model card's ``entry`` (its ``restore`` or ``sharpen`` value)
+    records under ``entry[record]["families"]`` (``trained_on``, ``calibrated_on``): None where it
+    records none, ValueError where the entry, the record or the list is malformed."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise ValueError(f"the card's entry is not a mapping but {type(entry).__name__}")
+    rec = entry.get(record)
+    if rec is None:
+        return None
+    if not isinstance(rec, dict):
+        raise ValueError(f"the card's {record} is not a mapping but {type(rec).__name__}")
+    fams = rec.get("families")
+    if fams is None:
+        return None
+    if not isinstance(fams, list) or not fams or not all(isinstance(f, str) for f in fams):
+        raise ValueError(f"the card's {record}.families {fams!r} is not a non-empty list of family names")
+    return fams
 
 
 def make_sample(family: str, shape: tuple[int, int], seed: int = 0, *, max_phase: float = 1.0,
