@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +376,12 @@ def test_the_training_script_attaches_a_restorer_the_chain_can_run(tmp_path):
     late = subprocess.run(script + ["--families", "grf", "--rounds", "1", "--deadline", "1"], capture_output=True,
                           text=True, timeout=120)
     assert late.returncode == 1 and "no time left" in late.stderr
+    t0 = time.time()
+    soon = subprocess.run(script + ["--families", "grf", "--rounds", "1", "--width", "2", "--dry-run",
+                                    "--deadline", str(t0 + 45)], capture_output=True, text=True, timeout=120)
+    assert soon.returncode == 0, soon.stderr
+    trained = json.loads(soon.stdout)["restore"]["trained_on"]
+    assert trained["steps"] > 0 and time.time() < t0 + 45 and 0 < trained["seconds"] < 45 - 20 + 1
     card["restore_not_trained"] = "v0's restorer is not carried over"      # as a fine-tuned child's card says
     (reg / "v0001" / "card.json").write_text(json.dumps(card))
     ok = subprocess.run(script + ["--families", "shapes", "grf", "--rounds", "1", "--steps", "5", "--width", "4"],
