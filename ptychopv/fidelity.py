@@ -189,7 +189,7 @@ def _restorer_rounds(job: tuple, progress=None) -> list[dict]:
                            options={"onnxruntime": options})
     try:
         return restore.training_images(chain_stitching(engine, sharpen=curves), beamline, families=families,
-                                       scans_per_case=count, first_round=first, seed=50000, progress=progress)
+                                       scans_per_case=count, first_round=first, progress=progress)
     finally:
         engine.close()
 
@@ -197,7 +197,7 @@ def _restorer_rounds(job: tuple, progress=None) -> list[dict]:
 def restorer_training_images(registry_root, version: int, *, curves, beamline: Beamline, families=None,
                              rounds: int, workers: int = 1, progress=None) -> list[dict]:
     """The training images of a model's restorer (:func:`ptychopv.science.restore.training_images`,
-    ``rounds`` rounds, data seed 50000): each scan stitched through the chain's plugins with model
+    ``rounds`` rounds, its default data seed): each scan stitched through the chain's plugins with model
     ``version`` of the registry at ``registry_root`` (ONNX Runtime) and sharpened by ``curves``
     (a card's ``sharpen`` entry, or None). ``workers`` > 1 splits the rounds between that many
     processes, each with its own one-thread session: the same images as one process makes, to
@@ -214,15 +214,16 @@ def restorer_training_images(registry_root, version: int, *, curves, beamline: B
         return _restorer_rounds((registry_root, version, curves, beamline, families, 0, rounds,
                                  {"providers": "cpu"}), progress)
     cuts = [rounds * i // workers for i in range(workers + 1)]
-    jobs = [(str(registry_root), version, curves, beamline, families, a, b - a, {"providers": "cpu", "threads": 1,
-             "spin": False}) for a, b in zip(cuts, cuts[1:]) if b > a]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    options = {"providers": "cpu", "threads": 1, "spin": False}
+    jobs = [(str(registry_root), version, curves, beamline, families, a, b - a, options) for a, b in spans]
     out: list[dict] = []
     # spawn: a fresh interpreter per worker, not a fork of one that holds ONNX Runtime's threads
     with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for job, part in zip(jobs, pool.map(_restorer_rounds, jobs)):
+        for (a, b), part in zip(spans, pool.map(_restorer_rounds, jobs)):
             out += part
             if progress:
-                progress(f"rounds {job[5] + 1}-{job[5] + job[6]} of {rounds}: {len(out)} images")
+                progress(f"rounds {a + 1}-{b} of {rounds}: {len(out)} images")
     return out
 
 

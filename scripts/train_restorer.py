@@ -102,7 +102,7 @@ def main(argv=None) -> int:
              "trained_on": {"families": list(dict.fromkeys(r["family"] for r in images)),  # in use order
                             "overlaps": sorted({r["overlap"] for r in images}),
                             "doses": sorted({r["dose"] for r in images}), "scans": len(images),
-                            "extent_m": 4e-6, "data_seed": 50000, "data_seconds": round(t_data, 1), **stats}}
+                            "extent_m": 4e-6, "data_seed": restore.DATA_SEED, "data_seconds": round(t_data, 1), **stats}}
     if a.dry_run:
         print(json.dumps({"version": mv.version, "restore": entry}))
         return 0

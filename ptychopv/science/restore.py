@@ -31,6 +31,8 @@ import numpy as np
 FILE = "restore.onnx"
 #: channels of the restorer's input, in order (recorded on the card; a different list is refused)
 INPUTS = ("phase_minus_covered_mean", "sqrt_weight_over_max")
+#: the seed of the training scans (a card's ``trained_on.data_seed``)
+DATA_SEED = 50000
 COVERED = 1e-6          # a pixel is covered where the weight exceeds this fraction of the maximum
 
 
@@ -100,7 +102,7 @@ def check_entry(entry) -> dict:
 
 def training_images(stitched_of, beamline, *, families=None, overlaps=(0.0, 0.3, 0.6),
                     doses=(1e6, 1e6, 1e5, 1e4), scans_per_case: int = 1, extent_m: float = 4e-6,
-                    seed: int = 50000, size_px: int = 256, max_phase: float = 1.0, first_round: int = 0,
+                    seed: int = DATA_SEED, size_px: int = 256, max_phase: float = 1.0, first_round: int = 0,
                     progress=None) -> list[dict]:
     """Pairs to train a restorer on: for each of ``scans_per_case`` rounds, each training family and
     each overlap, a fresh Fermat scan (:func:`~ptychopv.science.samples.fermat_scan`, dose taken in
