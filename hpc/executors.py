@@ -13,6 +13,7 @@ Every executor has ``submit(fn, *args) -> Future``, ``shutdown()`` and ``describ
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -20,6 +21,9 @@ import uuid
 from concurrent.futures.process import BrokenProcessPool
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
+
 
 class ExecutorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -108,6 +112,30 @@ def _start_worker(parent: int, extensions: tuple = (), folders: tuple = ()) -> N
         import_extensions(extensions, *folders)
 
 
+def still_running(procs, timeout_s: float) -> list:
+    """The processes of ``procs`` that have not exited within ``timeout_s``, judged by each one's
+    sentinel (a pipe the child holds open until it exits), not by ``is_alive()``: the pool's own
+    manager thread reaps its workers too (``join`` when it finds the pool broken), and a
+    ``waitpid`` that loses that race gets ECHILD, which ``Popen.poll`` reads as "still running"
+    until the other thread stores the exit status (a test saw a killed worker "alive" 3 s after
+    its kill, once, under a full test run on 2 cores)."""
+    from multiprocessing.connection import wait as wait_ready
+
+    pending = {}
+    for p in procs:
+        try:
+            pending[p.sentinel] = p
+        except ValueError:          # closed: it exited and was cleaned up
+            continue
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while pending:
+        for s in wait_ready(list(pending), max(0.0, deadline - time.monotonic())):
+            pending.pop(s, None)
+        if time.monotonic() >= deadline:
+            break
+    return list(pending.values())
+
+
 class LocalExecutor(_Base):
     """A process pool that heals: a worker that died (killed, out of memory) breaks a
     ``ProcessPoolExecutor`` for good, so the next submit builds a fresh pool. ``shutdown(wait=False)``
@@ -141,14 +169,13 @@ class LocalExecutor(_Base):
         procs = list(getattr(self._pool, "_processes", {}).values())
         self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
         if not wait:
-            deadline = time.monotonic() + self.kill_after_s
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-                if p.is_alive():
-                    p.kill()
-                    # SIGKILL cannot be ignored, but a worker in uninterruptible I/O dies when
-                    # that ends: 1 s was not always enough on 2 cores under a full test run
-                    p.join(3.0)
+            running = still_running(procs, self.kill_after_s)
+            for p in running:
+                p.kill()
+            # SIGKILL cannot be ignored, but a worker in uninterruptible I/O dies when that ends
+            left = still_running(running, 3.0)
+            if left:
+                log.warning("job workers %s still running 3 s after SIGKILL", [p.pid for p in left])
 
     def workers(self) -> int:
         return self._n

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ptychopv.hpc.executors import LocalExecutor
+from ptychopv.hpc.executors import LocalExecutor, still_running
 from ptychopv.hpc.workflow import Busy, JobStage
 
 from . import job_helpers
@@ -302,7 +302,31 @@ def test_shutdown_without_waiting_kills_a_stuck_worker_in_seconds(tmp_path):
     t0 = time.monotonic()
     ex.shutdown(wait=False, cancel_futures=True)
     assert time.monotonic() - t0 < 5
-    assert procs and not any(p.is_alive() for p in procs)
+    # exited, by each one's sentinel: is_alive() can say True for a worker the pool's manager
+    # thread reaped a moment before (still_running's docstring)
+    assert procs and still_running(procs, 0) == []
+
+
+def test_still_running_sees_an_exit_that_another_waiter_reaped():
+    """The pool's manager thread reaps its workers itself; a waitpid that loses that race gets
+    ECHILD and ``is_alive()`` reads it as alive. ``still_running`` goes by the process's sentinel,
+    so a worker reaped elsewhere counts as exited, and one still running counts as running."""
+    import multiprocessing as mp
+    import os
+
+    ctx = mp.get_context("spawn")
+    short = ctx.Process(target=time.sleep, args=(0.1,))
+    long = ctx.Process(target=time.sleep, args=(60,))
+    short.start()
+    long.start()
+    try:
+        os.waitpid(short.pid, 0)            # reaped behind the Process object's back
+        assert still_running([short, long], 2.0) == [long]
+        assert still_running([short], 0) == []
+    finally:
+        long.kill()
+        long.join(10)
+    assert still_running([long], 10) == []
 
 
 def test_a_labelling_failure_still_validates_the_live_model(tmp_path):
