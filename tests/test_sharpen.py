@@ -91,6 +91,20 @@ def test_a_malformed_card_entry_is_refused_with_the_reason(mutate, match):
         sharpen.check_curves([1, 2])
 
 
+@pytest.mark.parametrize("families", ["grf", [], ["grf", 3], {"grf": 1}])
+def test_a_lineages_recalibration_refuses_a_malformed_record_of_its_families(families):
+    """A fine-tuned child's curve is measured as the parent's was: a parent whose recorded
+    families are malformed is refused with the reason before any scan is simulated (a string was
+    read letter by letter, an empty list as the default families). The training job then
+    publishes the child without a curve and says why (``sharpen_not_measured``)."""
+    e = _entry({"0.6": np.ones(40)})
+    e["calibrated_on"] = {"families": families, "scans_per_overlap": 2}
+    stitched = []
+    with pytest.raises(ValueError, match="calibrated_on.families"):
+        sharpen.calibrate_like(e, lambda *a: stitched.append(a), beamline=None)
+    assert stitched == []
+
+
 def test_the_curve_nearest_the_scans_overlap_is_picked():
     f = sharpen.ring_centres()
     c = sharpen.check_curves(_entry({"0": np.ones(40), "0.3": np.where(f < 0.15, 1, 1.1), "0.6": np.where(f < 0.15, 1, 1.2)}))

@@ -148,9 +148,13 @@ def calibrate(stitched_of, beamline, *, overlaps=(0.0, 0.3, 0.6), families=None,
 
 def calibrate_like(previous: dict, stitched_of, beamline) -> dict:
     """:func:`calibrate` as ``previous`` (an entry) was measured: the same overlaps, families,
-    scans, extent, dose and seed. For another model of a lineage: it softens differently."""
+    scans, extent, dose and seed. For another model of a lineage: it softens differently. A
+    malformed record of the families (a string, an empty list) is refused with the reason
+    (:func:`~ptychopv.science.samples.recorded_families`), not read as some other families."""
+    from . import samples
+
+    fams = samples.recorded_families(previous, "calibrated_on") or []
     on = previous.get("calibrated_on") or {}
-    fams = list(on.get("families") or [])
     per = max(1, int(on.get("scans_per_overlap", 0)) // len(fams)) if fams else 2
     return calibrate(stitched_of, beamline, overlaps=sorted(float(k) for k in previous["by_overlap"]),
                      families=fams or None, scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
