@@ -360,7 +360,7 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
     """
     import torch
 
-    from ..inference.export import export_onnx, load_model, save_weights
+    from ..inference.export import load_model
     from ..inference.networks import build_model
 
     opts = options if isinstance(options, TrainOptions) else TrainOptions.model_validate(options or {})
@@ -437,6 +437,23 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         "device": device, "train_seconds": round(time.perf_counter() - t0, 3),
         "options": opts.model_dump(), "history": result.history,
     }
+    published = publish(registry, model, card, parent_version if parent is not None else None, spec,
+                        card_extra)
+    log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
+             result.val_loss, ssim)
+    return published.card
+
+
+def publish(registry: ModelRegistry, model, card: dict, parent_version, spec: dict | None,
+            card_extra: dict | None = None):
+    """Export ``model`` (ONNX and weights) and publish it with ``card`` (plus ``card_extra``) as
+    the registry's next version. A child of ``parent_version`` (a fine-tune, with labels or
+    without: :mod:`ptychopv.hpc.physics_tune`) serves its parent's beamline, gets its own
+    sharpening curve where the parent had one, and its card says the parent's restorer is not
+    carried over."""
+    from ..inference.export import export_onnx, save_weights
+
+    parent = None if parent_version is None else parent_version.version
     if parent is not None and "beamline" in parent_version.card:
         # the beam the chain weights stitched patches by (and the refine stage starts from) until a
         # reconstruction gives one: a fine-tuned model serves the same beamline as its parent
@@ -454,7 +471,4 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
                 f"v{parent}'s restorer is not carried over (it was trained on v{parent}'s images); "
                 "train one with scripts/train_restorer.py; until then Stitch:Image is sharpened by "
                 "this model's curve where it has one")
-        published = registry.publish(onnx, card, weights_path=weights)
-    log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
-             result.val_loss, ssim)
-    return published.card
+        return registry.publish(onnx, card, weights_path=weights)
