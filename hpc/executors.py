@@ -173,7 +173,8 @@ class LocalExecutor(_Base):
             for p in running:
                 p.kill()
             # SIGKILL cannot be ignored, but a worker in uninterruptible I/O dies when that ends
-            left = still_running(running, 3.0)
+            # a worker whose own child still holds the sentinel's pipe has exited all the same
+            left = [p for p in still_running(running, 3.0) if p.exitcode is None]
             if left:
                 log.warning("job workers %s still running 3 s after SIGKILL", [p.pid for p in left])
 

@@ -241,3 +241,86 @@ def test_an_anchor_holds_the_weights_near_where_they_started():
     assert moved(1e7) < 0.5 * moved(0.0)
     with pytest.raises(ValueError, match="anchor"):
         physics_tune.tune(_tiny(), *args, anchor=-1.0)
+
+
+def _truth_patches(obj, loss, sign=1.0):
+    """Each frame's true phase patch, centred on its sub-pixel position (the whole-pixel patch
+    moved by -frac), and the offsets that give back its mean: what a perfect network predicts."""
+    from ptychopv.science.stitching import fourier_shift
+
+    truth = np.angle(_on_grid(obj, loss))
+    g, n = loss.geo, loss.n
+    patches = np.stack([fourier_shift(truth[r:r + n, c:c + n], -sign * fy, -sign * fx)
+                        for (r, c), (fy, fx) in zip(g.corner, g.frac)]).astype(np.float32)
+    w0 = loss.w0.numpy()
+    with torch.no_grad():
+        loss.offsets[:] = torch.from_numpy((patches * w0).sum((1, 2)) / w0.sum())
+        loss.log_amplitude[:] = torch.from_numpy(np.log(np.abs(_on_grid(obj, loss))).reshape(-1).astype(np.float32))
+        o = torch.from_numpy(_on_grid(obj, loss).astype(np.complex64)).reshape(-1)[loss.index]
+        inten = torch.fft.fft2(loss.probes * o.reshape(-1, n, n), norm="ortho").abs() ** 2
+        loss.log_scale.fill_(float(torch.log((loss.sqrt_counts ** 2).sum() / inten.sum())))   # the counts' scale
+    return torch.from_numpy(patches)
+
+
+def test_true_patches_stitch_into_the_true_object():
+    """The stitching inside the loss is the chain's (each patch moved by its fraction of a pixel,
+    its offset, the window): the true patches, centred on their sub-pixel positions, give back
+    the object where the scan covers it well; moved the other way they do not."""
+    obj, clean = _scan(noise=False)
+    err = {}
+    for sign in (1.0, -1.0):
+        loss = physics_tune.PhysicsLoss(clean.frames, clean.positions_m, BEAM.probe(), BEAM.pixel_size_m)
+        patches = _truth_patches(obj, loss, sign)
+        with torch.no_grad():
+            image, _, weights = loss.stitched(patches, torch.arange(len(patches)))
+        den = torch.zeros(image.numel()).index_add(0, loss.index.reshape(-1), weights.reshape(-1)).numpy()
+        well = den > 0.3 * den.max()
+        truth = np.angle(_on_grid(obj, loss)).reshape(-1)
+        err[sign] = float(np.sqrt(np.mean((image.numpy()[well] - truth[well]) ** 2)))
+        assert well.sum() > 100
+    assert err[1.0] < 0.03 < 0.06 < err[-1.0]
+
+
+def test_the_consistency_term_weighs_the_patches_disagreement_with_their_image():
+    obj, clean = _scan(noise=False)
+    out = {}
+    for c in (0.0, 10.0):
+        loss = physics_tune.PhysicsLoss(clean.frames, clean.positions_m, BEAM.probe(), BEAM.pixel_size_m, consistency=c)
+        true = _truth_patches(obj, loss)
+        noisy = true + 0.3 * torch.from_numpy(np.random.default_rng(0).standard_normal(true.shape).astype(np.float32))
+        out[c] = (loss.scan_loss(true), loss.scan_loss(noisy))
+    (_, n0), (t10, n10) = out[0.0], out[10.0]
+    assert t10["disagreement"] < 0.2 * n10["disagreement"]            # true patches agree where they overlap
+    assert n10["loss"] == pytest.approx(n10["misfit"] + 10.0 * n10["disagreement"], rel=1e-5)
+    assert n0["loss"] == pytest.approx(n0["misfit"], rel=1e-6) and n10["loss"] > n0["loss"]
+
+
+def test_a_batchs_image_with_the_others_cached_is_the_whole_scans_image():
+    """The batch path: frames idx's patches plus every other frame's cached patch give the very
+    image all the patches give at once."""
+    _, sim = _scan(noise=True)
+    loss = physics_tune.PhysicsLoss(sim.frames, sim.positions_m, BEAM.probe(), BEAM.pixel_size_m)
+    with torch.no_grad():
+        loss.offsets[:] = torch.linspace(-0.5, 0.5, len(sim.frames))
+    patches = torch.from_numpy(np.random.default_rng(1).standard_normal((len(sim.frames), 64, 64)).astype(np.float32))
+    whole, _, _ = loss.stitched(patches, torch.arange(len(patches)))
+    idx = torch.tensor([3, 0, 7])
+    part, values, weights = loss.stitched(patches[idx], idx, patches)
+    torch.testing.assert_close(part, whole, rtol=1e-4, atol=1e-5)
+    assert values.shape == (3, 64, 64) and weights.shape == (3, 64, 64)
+    alone, _, _ = loss.stitched(patches[idx], idx)                      # without the cache: only three patches
+    assert not torch.allclose(alone, whole, atol=1e-3)
+
+
+def test_positions_not_in_metres_are_refused_before_a_huge_grid_is_made():
+    pos = np.array([[0.0, 0.0], [1.0e-6, 2.0e-6]]) * 1e6                # micrometres given as metres
+    with pytest.raises(ValueError, match="not in metres"):
+        physics_tune.geometry(pos, BEAM.pixel_size_m, 64)
+
+
+@pytest.mark.parametrize("extra, match", [(["--threads", "0"], "--threads"), (["--time-limit", "nan"], "--time-limit"),
+                                          (["--time-limit", "-1"], "--time-limit")])
+def test_the_tune_command_refuses_bad_options_before_any_work(tmp_path, extra, match):
+    out = subprocess.run([sys.executable, "-m", "ptychopv", "tune", "--scan", str(tmp_path / "none.h5"),
+                          "--registry", str(tmp_path / "reg"), *extra], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and match in out.stderr and not (tmp_path / "reg").exists()
