@@ -114,8 +114,7 @@ class PhysicsLoss(torch.nn.Module):
         ws = np.real(np.fft.ifft2(np.fft.fft2(w)[None] * ramp)).clip(0)
         self.register_buffer("index", torch.from_numpy(g.index))
         self.register_buffer("ramp", torch.from_numpy(ramp.astype(np.complex64)))
-        self.register_buffer("w", torch.from_numpy(ws.astype(np.float32)))        # the window, moved
-        self.register_buffer("w0", torch.from_numpy(w.astype(np.float32)))         # the window, unmoved
+        self.register_buffer("w", torch.from_numpy(ws.astype(np.float32)))        # each frame's window, moved
         self.register_buffer("probes", torch.from_numpy(physics.shift_probe(probe.astype(np.complex128), g.frac)))
         k = torch.from_numpy(frames)
         self.register_buffer("sqrt_counts", k.sqrt())
@@ -128,43 +127,42 @@ class PhysicsLoss(torch.nn.Module):
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(scale)))
         self._floor = 1e-3 * float(self.w.max())
 
-    def placed(self, patches: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frames ``idx``'s patches moved to the grid's whole pixels: ``(values, weights,
-        weighted)``, the patch (its weighted mean removed) moved by its fraction of a pixel plus its
-        offset, the window moved likewise, and their product, the numerator's share.
+    def placed(self, patches: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames ``idx``'s patches moved to the grid's whole pixels: ``(values, weights)``, the
+        patch (its weighted mean removed) moved by its fraction of a pixel plus its offset, and the
+        window moved likewise.
 
-        The product of the moved window and the moved patch, where the stitch stage moves their
-        product (``shift(w p)``): the same for smooth patches, not for fine detail (white-noise
-        patches: 0.23 rad RMS apart, helper review 2026-12-05). The benchmark's figures were made
-        with this form; moving the product instead is the next change to measure."""
+        The image's numerator is the moved window times the moved patch, where the stitch stage
+        moves their product (``shift(w p)``): the same for smooth patches, not for fine detail
+        (white-noise patches: 0.23 rad RMS apart, helper review 2026-12-05). The benchmark's
+        figures were made with this form; moving the product instead is the next change to measure."""
         w = self.w[idx]
         p = patches - (patches * w).sum((-2, -1), keepdim=True) / w.sum((-2, -1), keepdim=True)
         values = torch.real(torch.fft.ifft2(torch.fft.fft2(p) * self.ramp[idx])) + self.offsets[idx, None, None]
-        return values, w, w * values
+        return values, w
 
     def image(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         return num / (den + self._floor)
 
-    def sums(self, weighted: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sums(self, values: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.log_amplitude.numel()
         flat = self.index[idx].reshape(-1)
-        num = torch.zeros(size, device=weighted.device).index_add(0, flat, weighted.reshape(-1))
-        den = torch.zeros(size, device=weighted.device).index_add(0, flat, weights.reshape(-1))
+        num = torch.zeros(size, device=values.device).index_add(0, flat, (weights * values).reshape(-1))
+        den = torch.zeros(size, device=values.device).index_add(0, flat, weights.reshape(-1))
         return num, den
 
     def stitched(self, patches: torch.Tensor, idx: torch.Tensor, cached: torch.Tensor | None = None):
         """The image (flat) of frames ``idx``'s ``patches`` and, with ``cached`` (every frame's
         patches as last computed), of every other frame's cached patch (no gradient through
         those): ``(image, values, weights)``, the last two of ``idx``'s patches (:meth:`placed`)."""
-        values, weights, weighted = self.placed(patches, idx)
-        num, den = self.sums(weighted, weights, idx)
+        values, weights = self.placed(patches, idx)
+        num, den = self.sums(values, weights, idx)
         if cached is not None and len(idx) < len(cached):
             rest = torch.ones(len(cached), dtype=torch.bool)
             rest[idx] = False
             others = torch.nonzero(rest).squeeze(1)
             with torch.no_grad():
-                _, ow, oweighted = self.placed(cached[others], others)
-                onum, oden = self.sums(oweighted, ow, others)
+                onum, oden = self.sums(*self.placed(cached[others], others), others)
             num, den = num + onum, den + oden
         return self.image(num, den), values, weights
 
@@ -182,21 +180,25 @@ class PhysicsLoss(torch.nn.Module):
         n = self.n
         ph = phase[self.index[idx]].reshape(len(idx), n, n)
         amp = self.log_amplitude[self.index[idx]].reshape(len(idx), n, n)
-        far = torch.fft.fft2(self.probes[idx] * torch.exp(amp + 1j * ph), norm="ortho")
-        far = torch.fft.fftshift(far, dim=(-2, -1))
-        pred = torch.exp(self.log_scale) * (far.real ** 2 + far.imag ** 2)
+        pred = torch.exp(self.log_scale) * self.intensity(torch.exp(amp + 1j * ph), idx)
         misfit = ((torch.sqrt(pred + 1e-6) - self.sqrt_counts[idx]) ** 2).mean()
         disagreement = (weights * (values - ph) ** 2).sum() / weights.sum()
         return {"loss": misfit + self.consistency * disagreement, "misfit": misfit, "disagreement": disagreement}
+
+    def intensity(self, patches: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Far-field intensities of frames ``idx`` (default all) for the object's complex
+        ``patches`` there (their whole-pixel patches), unscaled: the forward model's
+        (:func:`ptychopv.science.physics.diffraction`), zero frequency at the centre."""
+        probes = self.probes if idx is None else self.probes[idx]
+        far = torch.fft.fftshift(torch.fft.fft2(probes * patches, norm="ortho"), dim=(-2, -1))
+        return far.real ** 2 + far.imag ** 2
 
     def misfit_of(self, obj: np.ndarray) -> float:
         """The mean squared modulus error of a complex object on this grid (``geo.shape``), the
         counts' scale fitted: what the loss's first part gives for it (Poisson noise alone: ~1/4)."""
         o = torch.from_numpy(np.asarray(obj, np.complex64)).reshape(-1)
         with torch.no_grad():
-            far = torch.fft.fftshift(torch.fft.fft2(self.probes * o[self.index].reshape(-1, self.n, self.n),
-                                                    norm="ortho"), dim=(-2, -1))
-            inten = far.abs() ** 2
+            inten = self.intensity(o[self.index].reshape(-1, self.n, self.n))
             s = (self.sqrt_counts ** 2).sum() / inten.sum()
             return float(((torch.sqrt(s * inten + 1e-6) - self.sqrt_counts) ** 2).mean())
 
@@ -250,11 +252,11 @@ def tune(model, frames: np.ndarray, positions_m: np.ndarray, probe: np.ndarray, 
 
     gen = torch.Generator().manual_seed(seed)
     hist, t0, rec = [], time.perf_counter(), {}
+    full = N <= batch
     try:
         refresh_all()
         begin = loss_fn.scan_loss(cached)          # over every frame, before the first step
         for step in range(1, steps + 1):
-            full = N <= batch
             idx = torch.arange(N) if full else torch.randperm(N, generator=gen)[:batch]
             if not full and (step - 1) % refresh == 0:
                 refresh_all()

@@ -252,12 +252,12 @@ def _truth_patches(obj, loss, sign=1.0):
     g, n = loss.geo, loss.n
     patches = np.stack([fourier_shift(truth[r:r + n, c:c + n], -sign * fy, -sign * fx)
                         for (r, c), (fy, fx) in zip(g.corner, g.frac)]).astype(np.float32)
-    w0 = loss.w0.numpy()
+    w = loss.w.numpy()                                    # the mean placed() removes
     with torch.no_grad():
-        loss.offsets[:] = torch.from_numpy((patches * w0).sum((1, 2)) / w0.sum())
+        loss.offsets[:] = torch.from_numpy((patches * w).sum((1, 2)) / w.sum((1, 2)))
         loss.log_amplitude[:] = torch.from_numpy(np.log(np.abs(_on_grid(obj, loss))).reshape(-1).astype(np.float32))
         o = torch.from_numpy(_on_grid(obj, loss).astype(np.complex64)).reshape(-1)[loss.index]
-        inten = torch.fft.fft2(loss.probes * o.reshape(-1, n, n), norm="ortho").abs() ** 2
+        inten = loss.intensity(o.reshape(-1, n, n))
         loss.log_scale.fill_(float(torch.log((loss.sqrt_counts ** 2).sum() / inten.sum())))   # the counts' scale
     return torch.from_numpy(patches)
 

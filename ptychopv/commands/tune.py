@@ -36,11 +36,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import math
+
     import torch
 
     from ..hpc.physics_tune import tune_scan
-
-    import math
 
     if args.threads is not None and args.threads < 1:
         print(f"ptychopv tune: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -50,7 +50,6 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    version = args.version if args.version == "latest" else args.version.lstrip("v")
 
     def progress(rec):
         if not args.quiet and (rec["step"] % 10 == 0 or rec["step"] == 1):
@@ -58,8 +57,7 @@ def run(args) -> int:
                   f"{rec['seconds']:.0f} s", file=sys.stderr, flush=True)
 
     try:
-        if version != "latest":
-            version = int(version)
+        version = args.version if args.version == "latest" else int(args.version.lstrip("v"))
         card = tune_scan(args.scan, args.registry, version=version, steps=args.steps, lr=args.lr,
                          consistency=args.consistency, time_limit_s=args.time_limit, callback=progress)
     except (ValueError, FileNotFoundError, KeyError, OSError, FloatingPointError) as exc:

@@ -153,11 +153,11 @@ def calibrate_like(previous: dict, stitched_of, beamline) -> dict:
     (:func:`~ptychopv.science.samples.recorded_families`), not read as some other families."""
     from . import samples
 
-    fams = samples.recorded_families(previous, "calibrated_on") or []
+    fams = samples.recorded_families(previous, "calibrated_on")
     on = previous.get("calibrated_on") or {}
     per = max(1, int(on.get("scans_per_overlap", 0)) // len(fams)) if fams else 2
     return calibrate(stitched_of, beamline, overlaps=sorted(float(k) for k in previous["by_overlap"]),
-                     families=fams or None, scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
+                     families=fams, scans_per_family=per, extent_m=float(on.get("extent_m", 4e-6)),
                      dose=float(on.get("dose", 1e6)), seed=int(on.get("seed", 1000)))
 
 
