@@ -198,7 +198,7 @@ class ChainOptions(Strict):
     """The shipped model that seeds an empty registry: ``demo`` (PtychoNN 2.0 trained on natural
     photographs at 1e5-2e6 photons: the demo's family A) or ``generic`` (trained on a GPU on random
     fields and shapes only, with low-count frames: better on kinds of sample neither has seen and
-    at low dose; README, *Live image fidelity*). Both for the demo beamline."""
+    at low dose; docs/fidelity.md). Both for the demo beamline."""
     engine: str = "auto"
     """Inference engine: a name in ``ptychopv.inference.ENGINES``, or auto (TensorRT, PyTorch CUDA,
     ONNX Runtime, PyTorch CPU in turn)."""

@@ -8,7 +8,7 @@ input size (a file ``Scan:Capture`` wrote from a chain whose preprocessing leave
 running IOC at `Model:Select` 0 runs the new version once it is published. Prints the new card (without
 its loss history) as JSON.
 
-Measured (``benchmarks/physics_tune.py``, README *Live image fidelity*): it sharpens the image of
+Measured (``benchmarks/physics_tune.py``, docs/fidelity.md): it sharpens the image of
 the frames it was tuned on by a quarter to a third, and has made other areas and other samples
 worse: use it for repeated scans of one area, not as the loop's retraining.
 """

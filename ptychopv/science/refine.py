@@ -1,6 +1,6 @@
 """Live refinement: the network's stitched image, corrected by the measured frames as they arrive.
 
-The network's patches are fast but blurry (``README``, *Live image fidelity*: its error is about
+The network's patches are fast but blurry (``docs/fidelity.md``: its error is about
 that of the truth blurred by half a beam). The measured frames hold what it misses, and a probe is
 known from the first frame (the model card's beamline, then each reconstruction's). So the live
 image is refined the way ePIE refines an object, one frame at a time, but started from the
@@ -65,7 +65,7 @@ refinement finds is kept. So when the beamline's probe is known (set before, or 
 ramp relative to the beamline's probe, measured over the beam, is taken off) and then used as the
 beamline's is, the ramp the frames ask kept in the object. On the science benchmark's scans at
 full dose and overlap 0.6 that took the refined image with pty-chi's probe from NRMSE 0.07-0.18 to
-0.02-0.08 (``README``, *Live image fidelity*); only a solver's probe of another shape falls back to
+0.02-0.08 (``docs/fidelity.md``); only a solver's probe of another shape falls back to
 the free ramp above. (Moving the probe's far-field centroid onto the frames' was tried first: the
 far field fills the detector and wraps, and on pty-chi's probe it made the image worse.)
 
@@ -80,7 +80,7 @@ probe in use (:attr:`Refiner.trial`); the kept frames are then refined anew from
 much of a probe's error, and a solver's probe, fitted to these very frames, explained them up to
 5 % better even where its image was worse; the margin keeps the probe in use there, while a
 stale probe lost its trial by a factor of 13 or more, and a solver's probe from 1e4-photon frames
-at overlap 0.6 by 7-11 % (``benchmarks/probe_trial.py``, ``README``, *Live image fidelity*).
+at overlap 0.6 by 7-11 % (``benchmarks/probe_trial.py``, ``docs/fidelity.md``).
 
 A model card's probe can be stale too (the optics moved since the model was trained): then no
 reconstruction may come for a while, and the sweeps with it leave a misfit far above the noise
@@ -118,7 +118,7 @@ known (``set_probe(..., beamline=)``, the model card's), the first mend of that 
 from the probe, and from the model's probe whose beam size and defocus explain the frames best
 (:meth:`Refiner._search_model`); the mend with the smaller misfit counts. Neither start is
 always right: with twice the defocus the search picked a wrong beam and the probe's own mend won.
-Measured on the stale cases of ``benchmarks/probe_trial.py`` (``README``, *Live image fidelity*).
+Measured on the stale cases of ``benchmarks/probe_trial.py`` (``docs/fidelity.md``).
 
 Geometry is the stitcher's: pixel ``g`` of the canvas lies at ``g * pixel_size`` metres; a frame at
 ``(x, y)`` lights the ``n x n`` block whose pixel 0 is at ``y / pixel_size - n / 2``. Frames are
@@ -958,7 +958,7 @@ class Refiner:
     def _redundancy(self) -> float:
         """How many frames' worth of probe light a lit pixel on average (weighted by that light),
         over that of one frame alone: about 1 for frames that do not overlap, 2 at overlap 0,
-        4 at 0.3 and 13 at 0.6 for the demo's beam (``README``, *Live image fidelity*)."""
+        4 at 0.3 and 13 at 0.6 for the demo's beam (``docs/fidelity.md``)."""
         if not self._frames:
             return 0.0
         cv = self._cover.astype(np.float64)

@@ -129,7 +129,7 @@ def _splat1_batch(v: np.ndarray, f: np.ndarray) -> np.ndarray:
 # choice) gives the rim of each patch too much say. Over the training families, both shipped
 # models, overlap 0.6 / 0.3 / 0 and 1e6 / 1e4 photons per frame, the stitched NRMSE relative to
 # power 1 was 0.818 on average at 1.5 (|probe|^3), 0.829 at 2 and 0.837 at 3
-# (benchmarks/window_power.py; README, Live image fidelity).
+# (benchmarks/window_power.py; docs/fidelity.md).
 WINDOW_POWER = 1.5
 MAX_PIXEL = 2.0 ** 40   # a position this many pixels from the origin is garbage (and beyond an int64 row)
 REANCHOR_AFTER = 16     # far frames in a row (and more than were placed) that make the later ones the scan
