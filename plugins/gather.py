@@ -108,6 +108,9 @@ class Gatherer:
         self.duplicates = 0
         self.acquisitions = 0
         self._acquisition_t0 = 0.0     # the detector's timestamp of the frame that began this acquisition
+        self._acquisition_uid = 0      # ... and its uniqueId
+        self._t_last = 0.0             # the newest timestamp taken in this acquisition
+        self._t_before = 0.0           # ... and in the one before
         self.last_message = ""
         self._stop = threading.Event()
         self._tick: threading.Thread | None = None
@@ -204,14 +207,19 @@ class Gatherer:
             c.frames += 1
             c.times.append(now)
             c.rate(now)
-            if 0 < frame.timestamp < self._acquisition_t0:
+            if 0 < frame.timestamp < self._acquisition_t0 and (
+                    uid >= self._acquisition_uid or frame.timestamp <= self._t_before):
                 # taken before the frame that began this acquisition: a consumer that ran behind
-                # still sends the last one's; not merged into this one (nor taken for a new one)
+                # still sends the last one's; not merged into this one (nor taken for a new one).
+                # (A lower uniqueId taken after the last one's frames is this one's: the consumer
+                # with the acquisition's first frames can report after another's.)
                 c.late += 1
                 self.report(f"{c.name}: uniqueId {uid} belongs to the acquisition before; not stitched")
                 return
             if c.last_uid is not None and uid < c.last_uid:
                 self._new_acquisition(c, uid, frame.timestamp)
+            elif 0 < frame.timestamp < self._acquisition_t0:     # an earlier frame of this acquisition
+                self._acquisition_t0, self._acquisition_uid = frame.timestamp, uid
             if uid in self._recent_set or uid in self._buffered:
                 c.duplicates += 1
                 self.duplicates += 1
@@ -225,6 +233,7 @@ class Gatherer:
                 return
             c.last_uid = uid
             c.last_time = now
+            self._t_last = max(self._t_last, frame.timestamp)
             self._order += 1
             heapq.heappush(self._heap, (uid, self._order, now, frame))
             self._buffered.add(uid)
@@ -234,6 +243,8 @@ class Gatherer:
         self._release_locked(None)       # everything of the last acquisition goes out first
         self.acquisitions += 1
         self._acquisition_t0 = t0        # the detector's time of its first frame (0: not stamped)
+        self._acquisition_uid = uid
+        self._t_before, self._t_last = self._t_last, 0.0
         self._released = None
         self._recent.clear()
         self._recent_set.clear()

@@ -362,3 +362,27 @@ def test_through_a_real_pva_server_a_malformed_result_and_a_consumer_restart_cos
     finally:
         g.close()
         server.stop()
+
+
+def test_the_first_frame_of_a_new_acquisition_arriving_second_is_not_dropped_as_late():
+    """Two consumers share the stream (A: odd uniqueIds, B: even). At the next scan B's result
+    for uniqueId 2 happens to arrive before A's for uniqueId 1: uniqueId 1 is a frame of the new
+    scan (taken after every frame of the last one), and must be stitched, once."""
+    g, sink = gatherer(n=2)
+
+    def f(uid, scan):
+        return Frame(np.zeros((4, 4), np.float32), uid, timestamp=(0 if scan == 1 else 100) + uid,
+                     attributes={"scan": scan})
+
+    for u in (1, 3, 5):
+        g.add(0, f(u, 1))
+    for u in (2, 4, 6):
+        g.add(1, f(u, 1))
+    g.add(1, f(2, 2))          # the next scan: B's result for 2 comes first
+    g.add(0, f(1, 2))          # ... then A's for 1, a few ms later
+    g.add(0, f(3, 2))
+    g.add(1, f(4, 2))
+    g.flush()
+    got = [(x.unique_id, x.attributes["scan"]) for b in sink.batches for x in b]
+    assert got == [(u, 1) for u in range(1, 7)] + [(u, 2) for u in range(1, 5)]
+    assert g.acquisitions == 1 and g.consumers[0].late == 0
