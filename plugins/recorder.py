@@ -83,7 +83,10 @@ class RecorderPlugin(PluginBase):
         super().__init__(kw.pop("name", "Scan"), **kw)
         self.folder = Path(folder)
         self.template = template
-        self.file_name(scan_number)                      # validates the template now
+        if self.file_name(1) == self.file_name(2):       # validates the template now
+            # without the number every scan has one name: a capture after the first would look
+            # for a free name for ever, on the plugin's thread
+            raise ValueError(f"file template {self.template!r} must use {{scan}} (e.g. 'scan_{{scan:05d}}.h5')")
         self.scan_number = int(scan_number)
         self.num_capture = int(num_capture)
         self.metadata = {"energy_ev": energy_ev, "detector_distance_m": detector_distance_m,

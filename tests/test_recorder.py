@@ -274,3 +274,33 @@ def test_a_capture_in_which_no_frame_arrived_names_no_file_and_keeps_the_number(
     assert rec.stop_capture().result(5) == name and (tmp_path / "scan_007.h5").exists()
     assert rec.start_capture().result(5) == str(tmp_path / "scan_008.h5")
     rec.stop_capture().result(5)
+
+
+def test_a_frame_whose_write_fails_leaves_no_phantom_frame_in_the_scan(rec, monkeypatch):
+    """HDF5 grows every dataset before the frame is written; a write that failed (EIO, a lost
+    NFS mount) left a row of fill values in the file: a frame of zeros with uniqueId 0 at
+    position (0, 0), read back as recorded. The file keeps the frames written, and only them."""
+    real = h5py.Dataset.__setitem__
+
+    def setitem(self, key, value):
+        if self.name == "/entry/data/data" and key == 3:
+            raise OSError(5, "Input/output error")
+        return real(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", setitem)
+    name = rec.start_capture().result(5)
+    rec.put([frame(i) for i in range(1, 7)])
+    assert rec.flush(5)
+    assert not rec.capture and rec.frames_captured == 3 and "writing frame 4 failed" in rec.last_message
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    scan = read_scan(name)
+    assert scan.unique_id.tolist() == [1, 2, 3]
+    assert len(scan) == 3
+
+
+def test_a_file_template_without_the_scan_number_is_refused(tmp_path):
+    """'scan.h5'.format(scan=n) ignores n: such a template passed the check, and the second
+    capture looked for a free file name for ever on the plugin's thread (the stage stuck)."""
+    with pytest.raises(ValueError, match="must use {scan}"):
+        RecorderPlugin(tmp_path, template="scan.h5")
+    RecorderPlugin(tmp_path, template="run7_{scan:03d}.h5")      # one that numbers its scans is taken

@@ -97,10 +97,22 @@ class ScanWriter:
         if frame.shape != self.frame_shape:
             raise ValueError(f"frame shape {frame.shape} does not match the scan's {self.frame_shape}")
         i = self.count
-        for ds in (self._data, self._uid, self._ts, self._x, self._y, self._stream):
-            ds.resize(i + 1, axis=0)
-        self._data[i] = frame.astype(self.dtype, copy=False)
-        self._uid[i], self._ts[i], self._x[i], self._y[i], self._stream[i] = unique_id, timestamp, x_m, y_m, stream
+        columns = (self._data, self._uid, self._ts, self._x, self._y, self._stream)
+        try:
+            for ds in columns:
+                ds.resize(i + 1, axis=0)
+            self._data[i] = frame.astype(self.dtype, copy=False)
+            self._uid[i], self._ts[i], self._x[i], self._y[i], self._stream[i] = unique_id, timestamp, x_m, y_m, stream
+        except BaseException:
+            # the datasets grew before the write: a row of fill values (a frame of zeros, uniqueId
+            # 0 at (0, 0)) would be read back as recorded; the file keeps the frames written
+            for ds in columns:
+                try:
+                    if ds.shape[0] > i:
+                        ds.resize(i, axis=0)
+                except Exception:  # noqa: BLE001 - the write's own error is the one to raise
+                    pass
+            raise
         self.count = i + 1
         if self.count % self.flush_every == 0:
             self._file.flush()
