@@ -1,7 +1,10 @@
 """NTNDArray encoding and decoding, with every codec, as NDPluginPva/NDPluginCodec send them."""
 
+import tracemalloc
+
 import h5py
 import hdf5plugin
+import imagecodecs
 import numpy as np
 import pytest
 
@@ -146,3 +149,21 @@ def test_sizes_that_disagree_are_refused_before_anything_is_allocated(codec):
     u.uncompressedSize = 10**12                             # a header that asks for a terabyte
     with pytest.raises(CodecError, match="uncompressedSize"):
         from_value(u)
+
+
+def test_a_small_jpeg_whose_header_claims_a_huge_image_is_refused_before_it_is_decoded():
+    """A 4x4 uint8 NTNDArray whose jpeg payload (1 kB: a truncated JPEG) says 8000x8000 in its
+    own header: libjpeg decoded all of it (64 MB, 0.4 s; a header may say 65535x65535x3, 13 GB)
+    on the thread that takes the detector's frames, before the size was compared."""
+    v = to_value(np.zeros((4, 4), np.uint8), 1, codec="jpeg")
+    bomb = bytes(imagecodecs.jpeg8_encode(np.zeros((8000, 8000), np.uint8), level=90)[:1000])
+    v["value"] = ("ubyteValue", np.frombuffer(bomb, np.uint8))
+    v["compressedSize"] = len(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError):
+            from_value(v)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated to refuse a 4x4 frame"

@@ -129,8 +129,11 @@ def encode_payload(arr: np.ndarray, codec: str) -> bytes:
     raise ValueError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
 
 
-def decode_payload(buf: bytes, codec: str, dtype: np.dtype, size: int) -> np.ndarray:
-    """Decompress ``buf`` into ``size`` bytes of ``dtype``; :class:`CodecError` on failure."""
+def decode_payload(buf: bytes, codec: str, dtype: np.dtype, size: int,
+                   shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decompress ``buf`` into ``size`` bytes of ``dtype``; :class:`CodecError` on failure.
+    ``shape``: the frame's (jpeg: an image of another size in its own header is refused before
+    anything is allocated for it)."""
     dtype = np.dtype(dtype)
     try:
         if codec == "lz4":
@@ -142,7 +145,8 @@ def decode_payload(buf: bytes, codec: str, dtype: np.dtype, size: int) -> np.nda
         elif codec == "zlib":
             raw = imagecodecs.zlib_decode(buf, out=size)
         elif codec == "jpeg":
-            return np.asarray(imagecodecs.jpeg8_decode(buf)).ravel()
+            out = None if shape is None else np.empty(shape, np.uint8)
+            return np.asarray(imagecodecs.jpeg8_decode(buf, out=out)).ravel()
         else:
             raise CodecError(f"unknown codec {codec!r}; supported: {', '.join(CODECS)}")
     except CodecError:
@@ -293,7 +297,7 @@ def from_value(v: Value) -> Decoded:
             # uncompressedSize (or a blosc header) of its own says
             raise CodecError(f"uncompressedSize {size} does not match the dimensions {shape} of {np.dtype(dtype)} "
                              f"({expected} bytes)")
-        data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, size)
+        data = decode_payload(np.asarray(raw).tobytes(), codec, dtype, size, shape)
     if data.size != math.prod(shape):
         raise CodecError(f"NTNDArray holds {data.size} elements but its dimensions say {shape}")
     attrs = {a["name"]: a["value"] for a in v["attribute"]}
