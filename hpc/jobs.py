@@ -50,9 +50,9 @@ def read_progress(job_dir: str | os.PathLike) -> dict | None:
     """The job's last progress record, or None before it has written one."""
     try:
         return json.loads((Path(job_dir) / PROGRESS).read_text())
-    except FileNotFoundError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a non-atomic filesystem mid-write: next poll
         return None
-    except json.JSONDecodeError:  # a non-atomic filesystem mid-write: try again on the next poll
+    except OSError:  # missing; or a shared filesystem's passing error (NFS: ESTALE while replaced)
         return None
 
 
@@ -201,7 +201,8 @@ class Job:
         (an executor that already handed it to a worker's queue cannot cancel it) left to end at
         its start, where :func:`run_job` finds the abort file and runs nothing."""
         request_abort(self.dir)
-        return self.future.cancel() or read_progress(self.dir) is None
+        started = self._last.get("status") != "queued"      # a record was read: a worker has it
+        return self.future.cancel() or (not started and read_progress(self.dir) is None)
 
     def done(self) -> bool:
         return self.future.done()

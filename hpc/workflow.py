@@ -121,9 +121,10 @@ class JobStage:
                 if timed_out is None:
                     timed_out = self._past_limit(now, submitted, started)
                     if timed_out:
-                        self._abort = True
+                        # this job's limit: it stops this job, not the run's later steps (a label
+                        # job past it made the validation after it 'aborted', the run Aborted)
                         self.set(message=f"{kind}: {timed_out}; stopping it")
-                if self._abort:
+                if self._abort or timed_out:
                     if job.abort():
                         # not started: a process pool cannot cancel a job it already queued for a
                         # worker, and waiting for it would hold the stage until the job before it ends

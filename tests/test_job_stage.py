@@ -2,12 +2,13 @@
 state with the reason, whatever fails; a killed worker does not jam the next run."""
 
 import asyncio
+import concurrent.futures as cf
 import time
 
 import pytest
 
 from ptychopv.hpc.executors import LocalExecutor, still_running
-from ptychopv.hpc.workflow import Busy, JobStage
+from ptychopv.hpc.workflow import Busy, JobStage, Workflow
 
 from . import job_helpers
 
@@ -556,3 +557,87 @@ def test_an_abort_during_the_validation_ends_the_run_aborted(tmp_path):
     res = run(st.run("reconstruction", body))
     assert res["status"] == "aborted" and st.state == "Aborted", res
     assert "validation aborted (aborted before the validate job); scan_00003_recon.h5 kept" in st.message
+
+
+class LabelNeverStarts:
+    """Reconstruct and validate finish at once; the label job is never started by any worker."""
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, fn, *args):
+        self.submitted.append(fn.__name__)
+        f = cf.Future()
+        if fn.__name__ == "reconstruct_job":
+            f.set_result({"status": "done", "message": "done", "result": {"recon_path": "/nonexistent/r.h5"}})
+        elif fn.__name__ == "validate_job":
+            f.set_result({"status": "done", "message": "done", "result": {"ssim": 0.5}})
+        return f
+
+
+def test_a_label_job_past_its_queue_timeout_does_not_abort_the_validation(tmp_path, monkeypatch):
+    """A job's own time limit stops that job, not the run: a label job no worker started made
+    the validation after it 'aborted before the validate job', and the run Aborted."""
+    monkeypatch.setattr("ptychopv.hpc.workflow.POLL_S", 0.02)
+    scan = tmp_path / "scan_00001.h5"
+    scan.write_bytes(b"x")
+    ex = LabelNeverStarts()
+    wf = Workflow(ex, tmp_path / "jobs", tmp_path / "corpus.h5", tmp_path / "registry")
+    st = JobStage("Recon", queue_timeout_s=0.3)
+
+    async def body(stage):
+        return await wf.reconstruct(stage, scan, {}, label={"fov": (64, 64)}, validate={"version": 1})
+
+    res = asyncio.run(st.run("reconstruction", body))
+    # the label job's timeout is the label job's: the live model is still validated, the run Done
+    assert ex.submitted == ["reconstruct_job", "label_job", "validate_job"], (ex.submitted, res)
+    assert res["status"] == "done" and st.state == "Done", res
+    assert res["result"]["ssim"] == 0.5 and "no worker started it" in res["result"]["labelling"]
+
+
+def test_a_transient_error_reading_the_progress_record_does_not_end_the_run(tmp_path, monkeypatch):
+    """On a shared filesystem (Dask, Globus Compute) reading a file another host is replacing can
+    fail for a moment (NFS: ESTALE). read_progress took only a missing or half-written file: any
+    other OSError came out of JobStage.job, the run ended Failed, and the job ran on unaborted
+    (a training then published a version after its run had 'failed')."""
+    import errno
+    import pathlib
+    import time
+
+    from ptychopv.hpc.jobs import PROGRESS, write_json_atomic
+
+    monkeypatch.setattr("ptychopv.hpc.workflow.POLL_S", 0.02)
+    real = pathlib.Path.read_text
+    faults = [OSError(errno.ESTALE, "Stale file handle")]
+
+    def flaky(self, *a, **k):
+        if self.name == PROGRESS and faults and self.exists():
+            raise faults.pop()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", flaky)
+    futures = []
+
+    class Pending:
+        def submit(self, *a):
+            futures.append(cf.Future())
+            return futures[-1]
+
+    st = JobStage("Train")
+    job_dir = tmp_path / "t"
+
+    async def body(stage):
+        task = asyncio.ensure_future(stage.job(Pending(), None, job_dir=job_dir, kind="train"))
+        while not futures:
+            await asyncio.sleep(0.01)
+        write_json_atomic(job_dir / PROGRESS, {"kind": "train", "status": "running", "message": "epoch 1"})
+        t0 = time.monotonic()
+        while faults and not task.done() and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        futures[0].set_result({"kind": "train", "status": "done", "message": "done", "result": {"version": 2}})
+        return await task
+
+    res = asyncio.run(st.run("training", body))
+    assert not faults                                     # the fault was met
+    assert res["status"] == "done" and st.state == "Done", res
+    assert not (job_dir / "abort").exists()
