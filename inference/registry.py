@@ -306,7 +306,10 @@ class ModelRegistry:
         _check_extra(files)
         card = self.verify(int(version))
         folder = self._folder(int(version))
-        held = sorted(set(files) & (set(card["files"]) | {p.name for p in folder.iterdir()}))
+        # a file on the card is not replaced in place; one the card does not list is what a crash
+        # between the copy and the card left (never read, no hash to break): it is replaced, or no
+        # attach (and no detach, which goes by the card) could ever clear it
+        held = sorted(set(files) & set(card["files"]))
         if held:
             raise RegistryError(f"model version {version} already holds {', '.join(held)}: detach it first")
         hashes = dict(card["files"])

@@ -218,3 +218,23 @@ def test_a_seeded_copy_keeps_its_lineages_scale_range(tmp_path):
     card = live.get(1).card
     assert card["parent"] is None and card["seeded_from"]["version"] == 2 and card["seeded_from"]["parent"] == 1
     assert live.trained_scale_range(1) == (1.0, 40.0)
+
+
+def test_a_restorer_left_unlisted_by_a_crashed_attach_can_be_attached_again(tmp_path):
+    """attach copies the file, then writes the card: a crash in between leaves restore.onnx in the
+    folder but not on the card. Every later attach refused it ('already holds: detach it first') and
+    detach could not remove it (the card has no entry naming it): the version could never get one."""
+    pytest.importorskip("onnxruntime")
+    from ptychopv.inference.registry import ModelRegistry, shipped_registry
+
+    src = ModelRegistry(shipped_registry("demo"), create=False).get(1)
+    reg = ModelRegistry(tmp_path / "reg")
+    v = reg.publish(src.onnx_path, src.publishable_card()).version
+    (reg.get(v).path / "restore.onnx").write_bytes(b"half of a crashed attach")   # the crash
+    reg.get(v)                                        # the version itself still reads
+    reg.detach(v, "restore")                          # nothing to detach: no card entry
+    new = tmp_path / "r.onnx"
+    new.write_bytes(b"the restorer")
+    entry = {"file": "restore.onnx"}
+    mv = reg.attach(v, "restore", entry, {"restore.onnx": new})
+    assert mv.card["restore"] == entry and (mv.path / "restore.onnx").read_bytes() == b"the restorer"
