@@ -233,8 +233,10 @@ class LiveChain:
             self._drop_selection(version, str(exc))
             return self.models.select(0)
         if at_start and version:
+            # dropped only while it is still the selection: an operator's Model:Select put during
+            # this load replaced it, and is not dropped with it
             fut.add_done_callback(lambda f: self._drop_selection(version, str(f.exception()))
-                                  if f.exception() is not None else None)
+                                  if f.exception() is not None and self.models.selected == version else None)
         return fut
 
     def _drop_selection(self, version: int, why: str) -> None:

@@ -1,6 +1,7 @@
 """The model lifecycle without an IOC: seeding, following the registry, a broken version remembered
 until its files change, refusals with the reason, and a fall-back to the newest good version."""
 
+import asyncio
 import os
 import shutil
 import time
@@ -239,3 +240,70 @@ def test_a_load_that_failed_for_lack_of_memory_is_tried_again(tmp_path, monkeypa
         assert v2 not in m.retry_at and m.is_broken(v2)
     finally:
         m.close()
+
+
+def test_an_operators_selection_during_the_start_up_load_is_not_dropped_with_the_autosaved_one():
+    """At start the autosaved Model:Select (v3) loads; an operator selects v2 meanwhile (its load
+    waits behind). v3 fails: the start-up callback then set Model:Select 0 and the manager's
+    selection 0 although the operator's v2 had replaced it: v2 ran, Model:Select_RBV said 2, the
+    record (and autosave) said 0, and the next poll swapped in the newest version."""
+    import threading
+
+    from ptychopv.ioc.chain import LiveChain
+    from ptychopv.plugins.models import ModelLoadFailed, ModelManager
+
+    class Rec:
+        def __init__(self, v=0):
+            self.v = v
+
+        def set(self, v, process=True, **kw):
+            self.v = v
+
+        def get(self):
+            return self.v
+
+        def get_field(self, name):
+            return str(self.v)
+
+    class Ioc:
+        def __init__(self):
+            self.rec = {"Model:Select": Rec(3), "Model:Select_RBV": Rec(3)}
+            self.notes = {}
+
+        def set(self, name, value, **kw):
+            self.rec.setdefault(name, Rec()).set(value)
+
+    class Infer:
+        version, engine = 0, None
+
+    gate = threading.Event()
+
+    class Manager(ModelManager):
+        def versions(self):
+            return [1, 2, 3, 4]
+
+        def _load_now(self, selection):
+            if selection == 3:
+                gate.wait(10)
+                raise ModelLoadFailed("model v3 not loaded: truncated; running v4")
+            self.infer.version = selection or 4
+            return self.infer.version
+
+    chain = LiveChain.__new__(LiveChain)
+    chain.ioc = Ioc()
+    chain.models = Manager(Infer(), "/nonexistent-registry", "onnxruntime")
+    chain._message = lambda *a, **k: None
+    chain._standing = {}
+
+    async def main():
+        chain._select(3, at_start=True)                      # the autosaved selection, loading
+        chain.ioc.rec["Model:Select"].set(2)                 # the operator's put: the record takes it,
+        op = asyncio.ensure_future(chain._model_select(2))  # its hook's load queued behind the first
+        while chain.models.selected != 2:                    # the operator's load is queued behind
+            await asyncio.sleep(0)                           # the first (select sets it, then queues)
+        gate.set()
+        return await op
+
+    assert asyncio.run(main()) == 2 and chain.models.infer.version == 2
+    assert chain.models.selected == 2                        # else the next poll runs v4
+    assert chain.ioc.rec["Model:Select"].get() == 2          # and autosave keeps the operator's pin
