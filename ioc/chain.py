@@ -87,6 +87,7 @@ class LiveChain:
         plugins = self.binder.build()
         self.infer, self.stitch, self.refine = plugins["Infer"], plugins["Stitch"], plugins["Refine"]
         self.refine.use_seed(self.stitch.stitcher)     # refinement starts from the stitched image
+        self.stitch.position_problem = lambda: getattr(self._position_source, "problem", "")
         # refinement takes only what inference leaves: while frames wait at Infer beyond a batch,
         # the refine stage keeps its frames but defers their updates (plugins/refine.py)
         self.refine.chain_busy = lambda: self.infer.queue_use > self.infer.batch_size

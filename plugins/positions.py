@@ -219,6 +219,8 @@ class TimestampedPositions:
         self.tolerance_s, self.method, self.scale = float(tolerance_s), method, float(scale)
         self.max_samples, self.wait_s = int(max_samples), float(wait_s)
         self._lock = threading.Condition()
+        self.rejected = 0                       # updates that were not a position (refuse())
+        self._problems = {"x": "", "y": ""}     # each axis's latest trouble, until a sample comes
         self.reset()
 
     def add(self, axis: str, timestamp: float, value: float) -> None:
@@ -230,7 +232,21 @@ class TimestampedPositions:
             return
         with self._lock:
             self._samples[axis].add(t, v)
+            self._problems[axis] = ""
             self._lock.notify_all()
+
+    def refuse(self, axis: str, why: str, count: bool = True) -> None:
+        """An update of the ``axis`` PV that is no position (``count``), or its channel's trouble
+        (a disconnect: not counted): said by :attr:`problem` until that axis's next sample."""
+        with self._lock:
+            self.rejected += bool(count)
+            self._problems[axis] = why
+
+    @property
+    def problem(self) -> str:
+        """Why the position PVs give no samples now ('' when both do): the stitch stage adds it to
+        its count of frames without a position."""
+        return "; ".join(p for p in self._problems.values() if p)
 
     def add_x(self, timestamp: float, value: float) -> None:
         self.add("x", timestamp, value)
@@ -273,14 +289,26 @@ class PvFeed:
         self.target = target
         self.ctx = Context("pva", conf=conf, useenv=False)
 
-        def sample(add):
+        def sample(axis: str, pv: str):
             def cb(v):
-                if not isinstance(v, Exception):
-                    add(v.timestamp, float(v))
+                # nothing may leave this callback: p4p closes a subscription whose callback raises,
+                # for good, and every later frame would go unplaced with only a log line to say why
+                try:
+                    if isinstance(v, Exception):        # Disconnected, Cancelled, Finished
+                        target.refuse(axis, f"{pv}: {type(v).__name__.lower()}", count=False)
+                        return
+                    try:
+                        value = float(v)
+                    except (TypeError, ValueError):
+                        target.refuse(axis, f"{pv} gives a {type(v).__name__}, not a number")
+                        return
+                    target.add(axis, v.timestamp, value)
+                except Exception as exc:  # noqa: BLE001 - e.g. a value without a time stamp
+                    target.refuse(axis, f"{pv}: {type(exc).__name__}: {exc}")
             return cb
 
-        self.subs = [self.ctx.monitor(x_pv, sample(target.add_x), notify_disconnect=True),
-                     self.ctx.monitor(y_pv, sample(target.add_y), notify_disconnect=True)]
+        self.subs = [self.ctx.monitor(x_pv, sample("x", x_pv), notify_disconnect=True),
+                     self.ctx.monitor(y_pv, sample("y", y_pv), notify_disconnect=True)]
 
     def close(self) -> None:
         for s in self.subs:

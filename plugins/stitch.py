@@ -9,6 +9,7 @@ or the upstream uniqueId going backwards (the detector started a new acquisition
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -48,6 +49,9 @@ class StitchPlugin(BatchingPlugin):
         # so a run of the previous model's that ends after a swap is not said of the new one
         self._restore_last: tuple = (None, None, None)
         self.restore_failures = 0
+        # why the position source gives none now ('' when it does), said with the frames it left
+        # unplaced: the chain sets it (the stage PVs' trouble, plugins/positions.py)
+        self.position_problem: Callable[[], str] | None = None
 
     @property
     def window_power(self) -> float:
@@ -279,7 +283,9 @@ class StitchPlugin(BatchingPlugin):
         after = self.stitcher.counters()
         if after["frames_no_position"] > before["frames_no_position"]:
             missing = [f.unique_id for f in frames if f.position is None]
-            self.warn(f"{len(missing)} frame(s) without a position not stitched (uniqueId {missing[0]}...)")
+            why = self.position_problem() if self.position_problem is not None else ""
+            self.warn(f"{len(missing)} frame(s) without a position not stitched (uniqueId {missing[0]}...)"
+                      + (f": {why}" if why else ""))
         elif after.get("frames_rejected", 0) > before.get("frames_rejected", 0):
             self.warn(self.stitcher.last_message)
         else:                   # placed again: the warning is history, not the current state

@@ -166,6 +166,34 @@ def test_positions_from_stage_pvs_matched_by_timestamp(rig):
         epics.caput(h.pv("Stitch:PositionSource"), "Attributes", wait=True)
 
 
+def test_a_stage_pv_that_gives_no_number_is_said_in_the_stitch_message(rig):
+    """The x stage PV serves a string for a while: the frames it leaves unplaced are counted and
+    Stitch:Message_RBV says why; once it serves numbers again the same subscription places frames."""
+    from p4p.nt import NTScalar
+
+    h, det = rig
+    epics.caput(h.pv("Stitch:PositionSource"), "PVs", wait=True)
+    try:
+        no_pos = counted(h, "Stitch:FramesNoPosition_RBV")
+        det.x.close()
+        det.x.open(NTScalar("s").wrap("moving"))
+        det.uid += 1
+        det.pv.post(to_value(np.ones((64, 64), np.uint16), det.uid))
+        wait_until(lambda: "X gives a ntstr, not a number" in caget(h.pv("Stitch:Message_RBV"), as_string=True),
+                   what="the reason in Stitch:Message_RBV")
+        assert counted(h, "Stitch:FramesNoPosition_RBV") == no_pos + 1
+        t = time.time()
+        det.x.close()
+        det.x.open(NTScalar("d").wrap(3.0e-7, timestamp=t))
+        det.y.post(0.0, timestamp=t)
+        stitched = counted(h, "Stitch:FramesStitched_RBV")
+        det.uid += 1
+        det.pv.post(to_value(np.ones((64, 64), np.uint16), det.uid, timestamp=t + 0.01))
+        wait_until(lambda: counted(h, "Stitch:FramesStitched_RBV") == stitched + 1, what="placed again")
+    finally:
+        epics.caput(h.pv("Stitch:PositionSource"), "Attributes", wait=True)
+
+
 def test_a_position_source_without_its_config_is_refused(rig):
     h, _ = rig
     epics.caput(h.pv("Stitch:PositionSource"), "File", wait=True)   # no chain.positions_file configured

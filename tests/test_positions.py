@@ -192,3 +192,54 @@ def test_a_full_sample_buffer_costs_no_more_per_sample_and_keeps_the_latest():
     s.add(4500.5, -2.0)                                  # out of order, inside: kept in time order
     assert s.at(4500.5, 0.01, False) == -2.0 and len(s) == 1000
     assert s.t[s.lo:] == sorted(s.t[s.lo:])
+
+
+def test_a_position_pv_that_gives_no_number_is_said_and_its_subscription_lives_on():
+    """A stage PV that once served a string (a motor record's description put in its place, a
+    gateway's error text): float() raised in the monitor callback, p4p closed the subscription for
+    good on that, and every later frame went unplaced with only a log line. Now the update is
+    refused and counted, the reason stays in ``problem`` (the stitch stage says it with the frames
+    it could not place), and the same subscription takes the PV's numbers once they come."""
+    from p4p.nt import NTScalar
+    from p4p.server import Server, StaticProvider
+    from p4p.server.thread import SharedPV
+
+    from ptychopv.io.epics_env import free_port, pva_client_conf, pva_server_conf
+    from ptychopv.plugins.positions import PvFeed
+
+    from .test_chain import wait_until
+
+    port = free_port()
+    x = SharedPV(nt=NTScalar("s"), initial="moving")
+    y = SharedPV(nt=NTScalar("d"), initial=0.0)
+    provider = StaticProvider("positions")
+    provider.add("POS:X", x)
+    provider.add("POS:Y", y)
+    server = Server(providers=[provider], useenv=False, conf=pva_server_conf(port, free_port()))
+    target = TimestampedPositions(tolerance_s=0.05)
+    feed = PvFeed(target, "POS:X", "POS:Y", pva_client_conf(port))
+    try:
+        wait_until(lambda: "POS:X gives a ntstr, not a number" in target.problem, what="the string refused")
+        assert target.rejected == 1
+        t = time.time()
+        assert target.position(frame(ts=t)) is None
+        x.close()                                      # the record comes back as a number
+        x.open(NTScalar("d").wrap(2e-7, timestamp=t))
+        y.post(-1e-7, timestamp=t)
+        wait_until(lambda: target.position(frame(ts=t)) is not None, what="the same feed placing frames")
+        assert target.position(frame(ts=t)) == (2e-7, -1e-7)
+        assert target.problem == ""
+    finally:
+        feed.close()
+        server.stop()
+
+
+def test_the_stitch_stage_says_why_frames_have_no_position():
+    from ptychopv.plugins.stitch import StitchPlugin
+
+    st = StitchPlugin(pixel_size_m=1e-8)
+    st.process([Frame(np.ones((8, 8), np.float32), 1, position=None)])
+    assert st.last_message.endswith("without a position not stitched (uniqueId 1...)")
+    st.position_problem = lambda: "POS:X gives a ntstr, not a number"
+    st.process([Frame(np.ones((8, 8), np.float32), 2, position=None)])
+    assert st.last_message.endswith("(uniqueId 2...): POS:X gives a ntstr, not a number")
