@@ -51,6 +51,7 @@ class InferPlugin(BatchingPlugin):
         self._out_times: deque = deque()
         self.on_swap: list[Callable[[int], None]] = []
         self._in_flight: deque = deque()   # (Future, frames, batch, preprocess options, version)
+        self._geometry = (None, None, None)  # (pre.options, input size, options cropped to it)
 
     # ------------------------------------------------------------------ model
     @property
@@ -115,14 +116,14 @@ class InferPlugin(BatchingPlugin):
             good.append(f)
         if not good:
             return None
-        self._network_geometry(size)
+        opts = self._network_geometry(size)
         try:
             batch = self.pre(np.stack([f.data for f in good]) if len({f.data.shape for f in good}) == 1
-                             else self._same_shape(good))
-        except ValueError as exc:
+                             else self._same_shape(good), opts)
+        except ValueError:
             # e.g. NaN in a frame, or frames smaller than the model's input: find the culprits one by one
-            return self._one_by_one(good, exc)
-        out = self._infer(good, batch)
+            return self._one_by_one(good, opts)
+        out = self._infer(good, batch, opts)
         if out and self.bad_frames + self.error_count == bad_before:   # a whole batch inferred again
             self.works_again(f"inferring: frame {frames[-1].unique_id} taken")
         return out
@@ -135,11 +136,16 @@ class InferPlugin(BatchingPlugin):
 
     def _network_geometry(self, size: int):
         """The preprocess options in use, cropped to the model's input unless a crop or ROI is set
-        (:meth:`~ptychopv.science.preprocess.PreprocessOptions.cropped_to`)."""
+        (:meth:`~ptychopv.science.preprocess.PreprocessOptions.cropped_to`). The crop is derived
+        for the model of the moment, never stored in ``pre.options``: a model of another input
+        size after a swap gets its own. Read once per batch, so the batch's counts are undone
+        with the ScaleFactor that made it, whatever a put meanwhile changed."""
         opts = self.pre.options
-        if (cropped := opts.cropped_to(size)) is not opts:
-            self.pre.options = opts = cropped
-        return opts
+        base, at, derived = self._geometry
+        if base is not opts or at != size:
+            derived = opts.cropped_to(size)
+            self._geometry = (opts, size, derived)     # swapped as one: counts_of runs on any thread
+        return derived
 
     def counts_of(self, data) -> np.ndarray | None:
         """One raw frame's photon counts in the network's geometry, as this plugin's results carry
@@ -151,7 +157,7 @@ class InferPlugin(BatchingPlugin):
             return None
         data = check_image(data)
         opts = self._network_geometry(size)
-        counts = _counts(self.pre(data[None]), opts)
+        counts = _counts(self.pre(data[None], opts), opts)
         return None if counts is None else counts[0]
 
     def _same_shape(self, frames):
@@ -159,15 +165,18 @@ class InferPlugin(BatchingPlugin):
         odd = [f for f in frames if f.data.shape != shape]
         raise ValueError(f"frame {odd[0].unique_id} is {odd[0].data.shape}, the batch {shape}")
 
-    def _one_by_one(self, frames, first_exc):
+    def _one_by_one(self, frames, opts):
         out = []
         for f in frames:
             try:
-                x = self.pre(f.data[None])
+                x = self.pre(f.data[None], opts)
             except ValueError as exc:
                 self._bad(f"frame {f.unique_id}: {exc}")
                 continue
-            out.extend(self._infer([f], x, sync=True) or [])   # settles what is in flight first
+            try:
+                out.extend(self._infer([f], x, opts, sync=True) or [])   # settles what is in flight first
+            except Exception as exc:  # noqa: BLE001 - the engine failed on this frame: counted, the rest go on
+                self._error(exc, f"frame {f.unique_id}")
         return out or None
 
     # ------------------------------------------------------------------ batches in flight
@@ -203,14 +212,14 @@ class InferPlugin(BatchingPlugin):
             if out and self.array_callbacks:
                 self.emit(out)
 
-    def _infer(self, frames, batch, sync: bool = False):
+    def _infer(self, frames, batch, opts, sync: bool = False):
         depth = getattr(self.engine, "pipeline_depth", 1)
         waiting = self._nframes
         if sync or depth <= 1 or not (waiting or self._in_flight):
             # one batch at a time (below capacity): infer spreads it over every worker
             self._settle(0)
-            return self._results(frames, batch, self.engine.infer(batch), self.pre.options, self.version)
-        self._in_flight.append((self.engine.submit(batch), frames, batch, self.pre.options, self.version))
+            return self._results(frames, batch, self.engine.infer(batch), opts, self.version)
+        self._in_flight.append((self.engine.submit(batch), frames, batch, opts, self.version))
         # frames waiting: take the next batch while this one runs; none: finish everything now
         self._settle(depth - 1 if waiting else 0)
         return None

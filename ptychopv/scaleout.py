@@ -184,10 +184,9 @@ class ConsumerCore:
             return None, {}
         try:
             data = check_image(data)
-            o = self.pre.options
-            if (cropped := o.cropped_to(int(engine.source.input_size))) is not o:
-                self.pre.options = cropped
-            x = self.pre(data[None])
+            # cropped to the model of the moment, never stored: a model of another input size
+            # (a new version) gets its own crop, not the first model's
+            x = self.pre(data[None], self.pre.options.cropped_to(int(engine.source.input_size)))
             result = engine.infer(x)
             if not bool(result.get("valid", np.ones(1, bool))[0]):
                 raise ValueError("not finite after preprocessing")

@@ -156,6 +156,24 @@ def test_consumer_core_infers_and_attaches_positions_and_counters(tmp_path):
     core.close()
 
 
+def test_a_consumer_crops_each_frame_to_the_model_of_the_moment(tmp_path):
+    """The centre crop derived from the first model's input (no crop configured) was stored in the
+    consumer's preprocess options: after a new version of another input size every frame was
+    cropped to the old size and refused by the model, for good."""
+    from ptychopv.inference.engines import ModelSource, select_engine
+
+    core = ConsumerCore(tmp_path / "registry", "passthrough", passthrough_size=32)
+    assert core.load()
+    frame_ = np.random.default_rng(0).poisson(50, (64, 64)).astype(np.uint16)
+    phase, _ = core.process(1, frame_, {})
+    assert phase.shape == (32, 32)
+    core._swap(select_engine(ModelSource(input_size=16), "passthrough"), 2, "smaller")
+    phase, _ = core.process(2, frame_, {})
+    assert core.errors == 0, core.last_message
+    assert phase.shape == (16, 16)
+    core.close()
+
+
 def test_consumer_core_runs_the_registry_model_like_the_chain(tmp_path):
     """The shipped model (the registry is empty: seed_demo_model) through ONNX Runtime, against
     the infer plugin's own preprocessing of the same frame."""

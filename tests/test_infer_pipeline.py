@@ -250,3 +250,89 @@ def test_onnxruntime_in_the_infer_stage_gives_each_frame_its_own_result(depth, t
     assert [f.unique_id for f in got] == list(range(1, 41))
     np.testing.assert_allclose(np.stack([f.data for f in got]), want, atol=1e-4)
     engine.close()
+
+
+def test_a_swap_to_a_model_of_another_input_size_crops_the_frames_to_its_size():
+    """The centre crop derived from the model's input (no crop or ROI configured) was stored in
+    the preprocess options at the first batch and kept after a swap: a model of another input
+    size then got frames of the old size, and every batch was refused until a restart."""
+    from ptychopv.inference.engines import select_engine
+
+    got: list[Frame] = []
+    infer = InferPlugin(engine=select_engine(ModelSource(input_size=8), "passthrough"), version=1,
+                        batch_size=2, batch_timeout_s=0.0)
+    infer.downstream = [got.extend]
+    infer.start()
+    try:
+        infer.put([Frame(np.ones((32, 32), np.uint16), unique_id=uid) for uid in (1, 2)])
+        assert infer.flush(30)
+        infer.swap(select_engine(ModelSource(input_size=16), "passthrough"), 2).result(30)
+        infer.put([Frame(np.ones((32, 32), np.uint16), unique_id=uid) for uid in (3, 4)])
+        assert infer.flush(30)
+    finally:
+        infer.stop()
+    assert infer.error_count == 0 and infer.bad_frames == 0, infer.last_message
+    assert [(f.unique_id, f.data.shape) for f in got] == [(1, (8, 8)), (2, (8, 8)), (3, (16, 16)), (4, (16, 16))]
+
+
+def test_counts_are_undone_by_the_scale_factor_that_made_the_batch():
+    """The counts a batch carries to the refine stage were divided by the ScaleFactor read after
+    the engine ran: a put of ScaleFactor while a batch was inferred gave its frames counts scaled
+    by new / old, and the refine stage fitted them as measured photons."""
+    infer: InferPlugin
+
+    class PutDuringInference(Engine):
+        name = "put-during"
+
+        def _load(self):
+            pass
+
+        def _run(self, x):
+            infer.set_preprocess(scale=4.0)      # the IOC's ScaleFactor put, landing meanwhile
+            return {"phase": x[:, 0].astype(np.float32)}
+
+    got: list[Frame] = []
+    infer = plugin(PutDuringInference(ModelSource(input_size=N)), got)
+    for uid in (1, 2):
+        infer.put(frame(uid))
+    infer.start()
+    try:
+        assert infer.flush(30)
+    finally:
+        infer.stop()
+    assert [f.unique_id for f in got] == [1, 2]
+    for f in got:                        # made at ScaleFactor 1: the counts are the frame
+        np.testing.assert_array_equal(f.counts, np.full((N, N), float(f.unique_id), np.float32))
+
+
+def test_an_engine_failure_on_one_frame_of_a_batch_taken_one_by_one_loses_only_that_frame():
+    """A batch the preprocess refuses (a NaN readout in it) is inferred frame by frame. An engine
+    that raised on one of those frames took the frames inferred before it (already done, never
+    passed on) and the frames after it (never tried) down with it, counted as one error."""
+
+    class FailsOnce(Engine):
+        name = "fails-once"
+
+        def __init__(self):
+            super().__init__(ModelSource(input_size=N))
+            self.calls = 0
+
+        def _load(self):
+            pass
+
+        def _run(self, x):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("device error")
+            return {"phase": x[:, 0].astype(np.float32)}
+
+    got: list[Frame] = []
+    infer = plugin(FailsOnce(), got)
+    infer.put([frame(1), Frame(np.full((N, N), np.nan, np.float32), unique_id=2), frame(3), frame(4)])
+    infer.start()
+    try:
+        assert infer.flush(30)
+    finally:
+        infer.stop()
+    assert [f.unique_id for f in got] == [1, 4]
+    assert infer.bad_frames == 1 and infer.error_count == 1 and "frame 3" in infer.last_message

@@ -341,10 +341,12 @@ class Preprocessor:
             raise ValueError(f"binning {by}x{bx} is larger than the {h}x{w} region")
         return {"slice": sl, "mask": mask, "table": table, "out": (h // by, w // bx)}
 
-    def __call__(self, frames) -> np.ndarray:
-        """``(B, ny, nx)`` (or one ``(ny, nx)``) of any real dtype -> float32 ``(B, h, w)``."""
+    def __call__(self, frames, options: PreprocessOptions | None = None) -> np.ndarray:
+        """``(B, ny, nx)`` (or one ``(ny, nx)``) of any real dtype -> float32 ``(B, h, w)``, with
+        ``options`` (default: :attr:`options`; a caller that needs to know which options made its
+        batch reads them once and passes them)."""
         a, single = as_batch(frames)
-        o = self.options
+        o = self.options if options is None else options
         cached_o, cached_shape, p = self._cache
         if cached_o is not o or cached_shape != a.shape[1:]:
             p = self._make_plan(o, a.shape[1:])
