@@ -158,9 +158,11 @@ class PluginBase:
         return self.enable_callbacks and (self.blocking_callbacks or self._nframes < self._queue_size)
 
     def drop(self, count: int = 1) -> None:
-        """Count frames dropped before they reached :meth:`put` (the source saw no room)."""
+        """Count frames dropped before they reached :meth:`put` (the source saw no room). A
+        disabled plugin ignores input and does not count it, as :meth:`put` does."""
         with self._lock:
-            self._dropped += count
+            if self.enable_callbacks:
+                self._dropped += count
 
     @property
     def queue_use(self) -> int:

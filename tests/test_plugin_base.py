@@ -532,3 +532,20 @@ def test_a_plugin_thread_carries_its_stage_name_for_the_os():
         assert main != "plugin-Stitch"      # the process keeps its own name
     finally:
         p.stop()
+
+
+def test_a_frame_dropped_at_the_entry_is_not_counted_by_a_disabled_stage():
+    """The source drops a frame before decoding it when no detector-fed stage has room, and the
+    chain counts the drop at each of them (``LiveChain._dropped_at_entry``). A disabled stage has
+    no room and ignores input without counting it, as areaDetector's does; its DroppedArrays went
+    up by every frame of the stream while it was disabled."""
+    from ptychopv.ioc.chain import LiveChain
+
+    off = PluginBase("Off", enable_callbacks=False)
+    full = PluginBase("Full", queue_size=1)
+    full.put(frame(1))                    # not started: its one slot stays taken
+    chain = types.SimpleNamespace(_fed=[off, full], source=types.SimpleNamespace(downstream=[off, full]))
+    assert not off.has_room() and not full.has_room()     # the gate: nobody takes the next frame
+    LiveChain._dropped_at_entry(chain)
+    assert full.dropped_arrays == 1
+    assert off.dropped_arrays == 0
