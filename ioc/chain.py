@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ class LiveChain:
         self._stop = threading.Event()
         self._messages: dict[str, str] = {}
         self._standing: dict[str, tuple[str, int]] = {}   # stage -> a condition that stays in view
+        self._stuck: dict[str, float] = {}      # stage -> when its work in hand began (said stuck)
         self._unread_references: dict[int, str] = {}      # version -> why its reference.json did not read
         self.last_scan_file: str | None = None
         self._capturing = False
@@ -834,6 +836,7 @@ class LiveChain:
                 self.binder.poll()
                 for stage, p in self.binder.plugins.items():      # every declared stage
                     self._news(stage + "#plugin", stage, p.last_message, getattr(p, "last_severity", 0))
+                    self._watch_stall(stage, p)
                 src = self.source
                 self._news("source", "Infer", src.last_message, 0 if src.connected else 2)
                 put("FrameRate_RBV", round(self.infer.frame_rate, 1))
@@ -846,15 +849,38 @@ class LiveChain:
                 if self._capture_file and not r.capture:
                     self._capture_stopped_by_recorder()
                 self._news("Scan#plugin", "Scan", r.last_message, r.last_severity)
+                self._watch_stall("Scan", r)            # a scan file on a file system that hangs
                 put("Scan:FramesCaptured_RBV", *saturated(int(r.frames_captured)))
                 put("Scan:FileName_RBV", str(r.current_file))
                 put("Scan:Number_RBV", int(r.scan_number))
             except Exception:
                 log.exception("chain stats")
 
+    def _watch_stall(self, stage: str, plugin) -> None:
+        """Say a stage is stuck once its work item in hand is older than ``chain.stall_s`` (MAJOR,
+        standing until it returns), and say when it returns. Python cannot interrupt a call that
+        never returns (a hung engine, a dead file system); meanwhile its queue fills and the
+        source drops what the chain cannot take, counted, and this makes the cause visible."""
+        stalled = getattr(plugin, "stalled_s", None)
+        if stalled is None:
+            return
+        took, limit = stalled(), float(self.cfg.chain.stall_s)
+        if took > limit and stage not in self._stuck:
+            since = time.strftime("%H:%M:%S", time.localtime(time.time() - took))
+            self._stuck[stage] = time.monotonic() - took
+            self._message(stage, f"stuck: its work in hand has not returned for over {limit:g} s (since {since}); "
+                                 "frames for it wait, then are dropped", severity=2, standing=True)
+        elif took <= limit and stage in self._stuck:
+            took = time.monotonic() - self._stuck.pop(stage)
+            if self._standing.get(stage, ("",))[0].startswith("stuck:"):
+                self._standing.pop(stage)           # only its own: another standing condition stays
+            self._message(stage, f"no longer stuck: its work in hand returned after about {took:.0f} s")
+
     def _infer_state(self) -> tuple[int, int]:
         """Infer:Status_RBV (INFER_STATUS) and its alarm severity."""
         s = INFER_STATUS
+        if "Infer" in self._stuck:
+            return s.index("Error"), 2
         if self.infer.engine is None:
             if self.models.loading or self.infer.frames_waiting:
                 return s.index("Waiting for model"), 1

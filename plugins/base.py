@@ -96,6 +96,7 @@ class PluginBase:
         self._running = False
         self._stopping = False
         self._busy = False
+        self._work_since: float | None = None   # when the work item in hand was taken (stalled_s)
         self._hurry = 0                      # flush() waiting: a batch being gathered goes now
         self._woken = False                  # wake(): run idle() again though nothing is queued
         self._array_counter = 0
@@ -234,6 +235,14 @@ class PluginBase:
             self.report(f"{what}; earlier: {self._trouble}")
             self._trouble = ""
 
+    def stalled_s(self) -> float:
+        """Seconds the work item in hand (a frame, a batch or a queued call) has been in
+        :meth:`process` so far; 0 between items. The chain says a stage is stuck from this (an
+        engine or a file system that never returns cannot be interrupted from Python, but it can
+        be seen and said)."""
+        since = self._work_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
     def status(self) -> dict:
         """A snapshot of every counter, for the records."""
         return {"plugin_type": self.plugin_type, "name": self.name, "running": self._running,
@@ -361,6 +370,7 @@ class PluginBase:
                     self._woken = False
                     if self._queue:
                         self._busy = True
+                        self._work_since = time.monotonic()
                         work = self._take_locked()
                         if not isinstance(work, _Call):
                             self._begin_locked(work)
@@ -383,6 +393,7 @@ class PluginBase:
                     more = True
                     with self._lock:
                         self._busy = False
+                        self._work_since = None
                         if not self._queue:
                             self._idle.notify_all()
         finally:

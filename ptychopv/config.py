@@ -225,6 +225,11 @@ class ChainOptions(Strict):
     """Where Scan:Capture writes scan_NNNNN.h5."""
     monitor_queue: Annotated[int, Field(ge=1, le=10000)] = 64
     """PVA monitor queue of the detector subscription."""
+    stall_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    """A stage whose work item (a frame, a batch, a setting it applies) has not returned after this
+    many seconds is said to be stuck: MAJOR on its Message_RBV (Infer: Status_RBV Error) until it
+    returns. A live stage takes milliseconds per item; an engine or a file system that hangs never
+    returns, and nothing else would say so."""
 
 
 class WorkflowOptions(Strict):

@@ -50,3 +50,25 @@ class SumPlugin(PluginBase):
         for f in frames:
             self.total += float(f.data.sum())
         return frames
+
+
+class HangPlugin(PluginBase):
+    """A stage whose work never returns until a file ``hang.release`` appears beside this module
+    (beside the IOC's config, where tests/test_extensions.py copies it): a hung engine or file
+    system, as the chain's stall watch sees one."""
+
+    plugin_type = "NDPluginSiteHang"
+
+    def __init__(self, name="Hang", **kw):
+        super().__init__(name, **kw)
+        self.released = False
+
+    def process(self, frames):
+        import time
+        from pathlib import Path
+
+        release = Path(__file__).with_name("hang.release")
+        while not release.exists():          # the test's release; nothing else ends the call
+            time.sleep(0.05)
+        self.released = True
+        return frames

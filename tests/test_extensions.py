@@ -131,6 +131,53 @@ def test_a_sites_stage_named_in_the_config_runs_in_the_ioc(tmp_path):
         sim.stop()
 
 
+HANG_MODULE = '''
+from ptychopv.ioc import schema
+from site_stages import HangPlugin
+
+schema.register_stage(schema.Stage("Hang", HangPlugin, serves="Hang:Image", pvs=(
+    schema.PV("Hang:Image", "ntndarray", "Frames the stage passed on (NTNDArray)", group="hang"),
+)))
+'''
+
+
+@pytest.mark.epics
+def test_a_stage_whose_work_never_returns_is_said_to_be_stuck_until_it_does(tmp_path):
+    """A call that never returns (a hung engine, a dead file system) cannot be interrupted from
+    Python; the chain's stall watch says so on the stage's Message_RBV (MAJOR) once it is older
+    than chain.stall_s, while the other stages go on, and says when it returns."""
+    (tmp_path / "site_hang.py").write_text(HANG_MODULE)
+    shutil.copy(Path(__file__).with_name("site_stages.py"), tmp_path / "site_stages.py")
+    sim_port, sim_b, sp = free_port(), free_port(), f"HS{os.getpid()}:"
+    extra = textwrap.dedent(f"""
+        extensions: [site_hang]
+        source: {{channel: "{sp}Pva1:Image", name_servers: ["127.0.0.1:{sim_port}"]}}
+        chain: {{engine: passthrough, passthrough_size: 64, seed_demo_model: false, stall_s: 1.0}}
+        """) + sim_section(sp, sim_port, sim_b, rate_hz=50, size_px=256, extent_m=1.0e-6, repeat=True)
+    h = write_ioc_config(tmp_path, f"HT{os.getpid()}:", CA_PORTS[1], extra=extra)
+    sim = start_sim(h.config)
+    ioc = start_ioc(h.config)
+    ctx = Context("pva", conf=pva_client_conf(sim_port), useenv=False, unwrap=False)
+    try:
+        assert "stuck" not in caget(h.pv("Hang:Message_RBV"), as_string=True)
+        ctx.put(sp + "Acquire", 1)
+        wait_until(lambda: "stuck: its work in hand has not returned for over 1 s"
+                   in caget(h.pv("Hang:Message_RBV"), as_string=True), 30, "the stall said")
+        assert caget(h.pv("Hang:Message_RBV.SEVR"), as_string=True) == "MAJOR"
+        # the rest of the chain goes on: Infer takes the frames the hung stage cannot
+        taken = caget(h.pv("Infer:ArrayCounter_RBV"))
+        wait_until(lambda: caget(h.pv("Infer:ArrayCounter_RBV")) > taken, 30, "Infer going on")
+        assert caget(h.pv("Infer:Status_RBV.SEVR"), as_string=True) != "MAJOR"
+        (tmp_path / "hang.release").write_text("")
+        wait_until(lambda: "no longer stuck" in caget(h.pv("Hang:Message_RBV"), as_string=True), 30,
+                   "the return said")
+        assert caget(h.pv("Hang:Message_RBV.SEVR"), as_string=True) == "NO_ALARM"
+    finally:
+        ctx.close()
+        ioc.stop()
+        sim.stop()
+
+
 def test_an_extension_that_does_not_import_stops_the_start_naming_it(tmp_path):
     (tmp_path / "broken_site.py").write_text("raise RuntimeError('the site module is broken')\n")
     (tmp_path / "ioc.yaml").write_text("extensions: [broken_site]\n")

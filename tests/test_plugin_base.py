@@ -549,3 +549,39 @@ def test_a_frame_dropped_at_the_entry_is_not_counted_by_a_disabled_stage():
     LiveChain._dropped_at_entry(chain)
     assert full.dropped_arrays == 1
     assert off.dropped_arrays == 0
+
+
+def test_stalled_s_is_the_age_of_the_work_in_hand_and_zero_between_items():
+    gate = threading.Event()
+    entered = threading.Event()
+
+    class Slow(PluginBase):
+        def process(self, item):
+            entered.set()
+            gate.wait(30)
+            return item
+
+    p = Slow("Slow")
+    p.start()
+    try:
+        assert p.stalled_s() == 0.0
+        p.put(frame(1))
+        assert entered.wait(10)
+        first = p.stalled_s()
+        assert first > 0.0
+        time.sleep(0.05)                        # the clock moves on while the call is held
+        assert p.stalled_s() > first
+        gate.set()
+        assert p.flush(10)
+        assert p.stalled_s() == 0.0
+    finally:
+        gate.set()
+        p.stop()
+
+
+def test_a_stuck_infer_stage_reads_error_major():
+    from ptychopv.ioc.chain import LiveChain
+    from ptychopv.ioc.schema import INFER_STATUS
+
+    chain = types.SimpleNamespace(_stuck={"Infer": 0.0})
+    assert LiveChain._infer_state(chain) == (INFER_STATUS.index("Error"), 2)
