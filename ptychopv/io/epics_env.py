@@ -89,16 +89,33 @@ class Ports:
         return cls(free_port(), free_port(), free_port(), free_port())
 
 
+# TCP name servers a client connects to whatever the address lists say; a site's login scripts
+# often set them. Only entries on 127.0.0.1 are kept.
+NAME_SERVERS = ("EPICS_CA_NAME_SERVERS", "EPICS_PVA_NAME_SERVERS")
+
+
+def _on_loopback(entry: str) -> bool:
+    host = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry
+    return host in ("127.0.0.1", "localhost")
+
+
+def _force(env) -> None:
+    env.update(LOOPBACK)
+    for key in NAME_SERVERS:
+        if key in env:
+            env[key] = " ".join(e for e in env[key].split() if _on_loopback(e))
+
+
 def loopback_env(base: dict | None = None) -> dict:
     """``base`` (default: ``os.environ``) with the loopback settings forced on."""
     env = dict(os.environ if base is None else base)
-    env.update(LOOPBACK)
+    _force(env)
     return env
 
 
 def apply_loopback() -> None:
     """Force the loopback settings into this process's environment."""
-    os.environ.update(LOOPBACK)
+    _force(os.environ)
 
 
 def server_env(ca_port: int | None, pva_port: int | None, pva_broadcast: int | None = None,
