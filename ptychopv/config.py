@@ -50,6 +50,14 @@ def channel_fault(name: str) -> str | None:
     return f"{bad[0]!r} in a channel name (a PVA channel has no spaces or control characters)" if bad else None
 
 
+def check_channel(v: str) -> str:
+    """A PVA channel name a server can serve and a client search: not empty, no spaces or control
+    characters (an empty one failed the IOC's start-up at its subscription, after validation)."""
+    if not v or channel_fault(v):
+        raise ValueError(f"{v!r}: a PVA channel name, not empty, without spaces or control characters")
+    return v
+
+
 class EpicsOptions(Strict):
     """Ports of the IOC process. Traffic always stays on 127.0.0.1 (see epics-loopback.env)."""
 
@@ -399,6 +407,11 @@ class ConsumerOptions(Strict):
     broadcast_port: Port = 5076
     """UDP search port of its PVA server (on one host, give each consumer its own)."""
 
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, v: str) -> str:
+        return check_channel(v)
+
 
 class MirrorOptions(Strict):
     """A ``pvapy-mirror-server`` that re-serves ``source.channel`` with pvaPy's distributor, for a
@@ -414,6 +427,11 @@ class MirrorOptions(Strict):
     """UDP search port of the mirror's PVA server."""
     queue_size: Annotated[int, Field(ge=0, le=100000)] = 100
     """Queue of the mirror's subscription to the detector."""
+
+    @field_validator("channel")
+    @classmethod
+    def _channel(cls, v: str) -> str:
+        return check_channel(v)
 
 
 class ScaleOutOptions(Strict):
@@ -449,6 +467,11 @@ class ScaleOutOptions(Strict):
     @classmethod
     def _engine(cls, v: str | None) -> str | None:
         return v if v is None or v == "auto" else one_of("engine", ("auto", *ENGINES), v)
+
+    @field_validator("input_channel")
+    @classmethod
+    def _input_channel(cls, v: str | None) -> str | None:
+        return v if v is None else check_channel(v)
 
     @field_validator("consumers")
     @classmethod

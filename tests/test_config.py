@@ -119,3 +119,18 @@ def test_the_simulators_codecs_are_the_ones_the_chain_decodes():
     assert typing.get_args(SimOptions.model_fields["codec"].annotation) == CODECS
     for codec in CODECS:
         assert SimOptions(codec=codec, dtype="uint8").codec == codec
+
+
+@pytest.mark.parametrize("scaleout, key", [
+    ({"consumers": [{"channel": ""}]}, "scaleout.consumers.0.channel"),
+    ({"consumers": [{"channel": "C1:Phase"}, {"channel": "C2 Phase", "server_port": 5080}]},
+     "scaleout.consumers.1.channel"),
+    ({"consumers": [{"channel": "C1:Phase"}], "mirror": {"channel": ""}}, "scaleout.mirror.channel"),
+    ({"consumers": [{"channel": "C1:Phase"}], "input_channel": "13SIM1:Pva1:Image\n"}, "scaleout.input_channel"),
+])
+def test_scale_out_channels_are_refused_on_load_not_at_start_up(scaleout, key):
+    """A consumer's channel '' passed validation and the IOC's start-up then failed at the gatherer's
+    subscription (p4p: 'Empty channel name', exit 1 with a traceback); the others went to the
+    pvaPy servers' command lines as they were."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": .*PVA channel name"):
+        parse_config({"scaleout": scaleout})
