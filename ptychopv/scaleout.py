@@ -199,7 +199,10 @@ class ConsumerCore:
         attrs = dict(attributes)
         ax, ay = self.position_attributes
         if ax in attrs and ay in attrs:      # as Infer:Phase carries them
-            attrs["PositionX"], attrs["PositionY"] = float(attrs[ax]), float(attrs[ay])
+            try:
+                attrs["PositionX"], attrs["PositionY"] = float(attrs[ax]), float(attrs[ay])
+            except (TypeError, ValueError):  # not a number: the IOC's position source counts the frame
+                pass                         # as without position, as for a local result
         attrs.update({"ModelVersion": int(self.version), CONSUMER_ID: self.consumer_id, CONSUMER_SEQ: self.seq,
                       CONSUMER_MISSED: self.missed, CONSUMER_ERRORS: self.errors})
         return phase, attrs

@@ -236,3 +236,22 @@ def test_a_command_never_destroys_a_scan_and_reads_a_corrupt_corpus_in_one_line(
     r = run("train", "--corpus", str(tmp_path / "bad.h5"), "--registry", str(tmp_path / "reg"), "--epochs", "1",
             "--quiet")
     _one_line_error(r, "ptychopv train:", "not a readable HDF5")
+
+
+@pytest.mark.parametrize("scale", ["0", "-2", "nan", "inf"])
+def test_a_scale_out_scale_factor_that_is_no_factor_is_refused_before_anything_starts(tmp_path, scale):
+    """`ptychopv scaleout --scale 0` (or nan) started the mirror and the consumers; each consumer's
+    processor then refused the factor at its start, so the command printed the children's
+    tracebacks and ended with exit code 1 (after waiting for the mirror's server)."""
+    import yaml
+
+    from ptychopv.io.epics_env import free_port
+
+    cfg = tmp_path / "scaleout.yaml"
+    cfg.write_text(yaml.safe_dump({"chain": {"engine": "passthrough"}, "scaleout": {
+        "input_channel": f"REVIEW{free_port()}:Image", "input_search": [f"127.0.0.1:{free_port()}"],
+        "consumers": [{"channel": f"REVIEW{free_port()}:Phase", "server_port": free_port(),
+                       "broadcast_port": free_port()}]}}))
+    r = run("scaleout", "--config", str(cfg), "--consumers", "1", "--no-mirror", "--scale", scale, timeout=120)
+    _one_line_error(r, "ptychopv scaleout:", "--scale")
+    assert "consumer1" not in r.stdout and "exited" not in r.stdout, r.stdout[-2000:]

@@ -404,3 +404,20 @@ def test_the_first_frame_of_a_new_acquisition_arriving_second_is_not_dropped_as_
     got = [(x.unique_id, x.attributes["scan"]) for b in sink.batches for x in b]
     assert got == [(u, 1) for u in range(1, 7)] + [(u, 2) for u in range(1, 5)]
     assert g.acquisitions == 1 and g.consumers[0].late == 0
+
+
+def test_a_position_attribute_that_is_not_a_number_costs_the_frame_only_its_position(tmp_path):
+    """A frame whose position attribute is a string that is no number (an NDAttribute of a stage PV
+    that read 'n/a' or an empty string): the consumer raised out of process() after counting the
+    result, so pvaPy dropped the frame (its phase never reached Infer:Phase, and the gatherer
+    counted a lost result). The local chain infers it and counts it at Stitch as without position."""
+    core = ConsumerCore(tmp_path / "registry", "passthrough", passthrough_size=32,
+                        position_attributes=("SampleX", "SampleY"))
+    assert core.load()
+    frame_ = np.random.default_rng(0).poisson(50, (64, 64)).astype(np.uint16)
+    phase, attrs = core.process(1, frame_, {"SampleX": "n/a", "SampleY": 1e-6})
+    assert phase is not None and attrs["ScaleOutSeq"] == 1 and core.errors == 0
+    assert "PositionX" not in attrs and attrs["SampleX"] == "n/a"     # the IOC's position source counts it
+    phase, attrs = core.process(2, frame_, {"SampleX": 2e-6, "SampleY": "1e-6"})
+    assert attrs["PositionX"] == 2e-6 and attrs["PositionY"] == 1e-6 and attrs["ScaleOutSeq"] == 2
+    core.close()

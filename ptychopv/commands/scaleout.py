@@ -63,7 +63,12 @@ def run(args) -> int:
     from ..config import ConfigError, load_config
     from ..io.epics_env import loopback_env
     from ..procs import Child
+    from ..science.preprocess import check_scale
 
+    try:        # each consumer's processor refuses it at its start: refused here, before any starts
+        check_scale(args.scale)
+    except ValueError as exc:
+        raise ConfigError(f"--scale: {exc}") from None
     cfg = load_config(args.config)
     s = cfg.scaleout
     if not s.consumers:
