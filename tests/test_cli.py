@@ -212,6 +212,8 @@ def test_common_mistakes_are_one_line_naming_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="--consumers: '1-2' is not"):
         _ids("1-2", 2)
     assert _ids("2", 2) == [1] and _ids("all", 2) == [0, 1]
+    with pytest.raises(ConfigError, match="--consumers: consumer 1 named twice"):
+        _ids("1,2,1", 2)        # a second copy of consumer 1 would take its server's port and die
 
 
 def test_a_command_never_destroys_a_scan_and_reads_a_corrupt_corpus_in_one_line(tmp_path):

@@ -48,6 +48,9 @@ def _ids(text: str, n: int) -> list[int]:
     bad = [i + 1 for i in ids if not 0 <= i < n]
     if bad:
         raise ConfigError(f"--consumers: no consumer {bad[0]} (the config lists {n})")
+    twice = sorted({i + 1 for i in ids if ids.count(i) > 1})
+    if twice:       # a second copy would take its server's port and die, or serve its share twice
+        raise ConfigError(f"--consumers: consumer {twice[0]} named twice")
     return ids
 
 
