@@ -304,3 +304,43 @@ def test_a_file_template_without_the_scan_number_is_refused(tmp_path):
     with pytest.raises(ValueError, match="must use {scan}"):
         RecorderPlugin(tmp_path, template="scan.h5")
     RecorderPlugin(tmp_path, template="run7_{scan:03d}.h5")      # one that numbers its scans is taken
+
+
+def test_a_scan_whose_columns_differ_in_length_reads_as_its_complete_rows(tmp_path):
+    """A file read while its writer appends (the datasets grow one after another), a crash between
+    the resizes, or another tool's file: every column is cut to the rows all of them hold, so a
+    Scan never pairs frame k with another frame's position or uniqueId (nor fails in np.stack)."""
+    from ptychopv.io.scanfile import ScanWriter
+
+    path = tmp_path / "scan_partial.h5"
+    with ScanWriter(path, (4, 4), np.uint16) as w:
+        for i in range(5):
+            w.append(np.full((4, 4), i), 10 + i, i * 1e-7, -i * 1e-7, timestamp=100.0 + i)
+    with h5py.File(path, "r+") as f:
+        g = f["/entry/data"]
+        for name in ("uniqueId", "position_x_m"):
+            g[name].resize(3, axis=0)            # data, y, timeStamp, stream still hold 5 rows
+        g["position_y_m"].resize(4, axis=0)
+    scan = read_scan(path)
+    assert len(scan) == 3
+    assert scan.frames[:, 0, 0].tolist() == [0, 1, 2]
+    assert scan.unique_id.tolist() == [10, 11, 12]
+    assert scan.positions_m.shape == (3, 2) and np.allclose(scan.positions_m[:, 0], [0, 1e-7, 2e-7])
+    assert len(scan.timestamp) == 3 and len(scan.stream) == 3
+
+
+def test_a_scan_whose_entry_has_an_array_attribute_still_reads(tmp_path):
+    """Another writer's (or a user's) attribute on /entry that is an array (a ROI, a shape) made
+    read_scan fail ('can only convert an array of size 1 to a Python scalar', naming no file): the
+    scan could not be reconstructed, labelled or replayed. It is kept as a list."""
+    from ptychopv.io.scanfile import ScanWriter
+
+    path = tmp_path / "scan_attrs.h5"
+    with ScanWriter(path, (4, 4), np.uint16, energy_ev=8800.0) as w:
+        for i in range(3):
+            w.append(np.full((4, 4), i), i + 1, i * 1e-7, 0.0)
+    with h5py.File(path, "r+") as f:
+        f["entry"].attrs["roi"] = np.array([0, 0, 64, 64])
+    scan = read_scan(path)
+    assert scan.unique_id.tolist() == [1, 2, 3]
+    assert scan.attrs["roi"] == [0, 0, 64, 64] and scan.attrs["energy_ev"] == 8800.0

@@ -32,6 +32,7 @@ import numpy as np
 
 DATA = "/entry/data"
 TRUTH = "/entry/truth"
+COLUMNS = ("uniqueId", "timeStamp", "position_x_m", "position_y_m", "stream")   # one value per frame
 
 
 @dataclass
@@ -148,19 +149,30 @@ def _open(path: str | Path) -> h5py.File:
         raise ValueError(f"scan file {path} is not a readable HDF5 file: {exc}") from None
 
 
+def _attr(v):
+    """An attribute as a Python value: a scalar, or a list for an array (another writer's ROI or
+    shape: ``.item()`` of one refused the whole file)."""
+    if isinstance(v, np.ndarray) and v.size != 1:
+        return v.tolist()
+    return v.item() if hasattr(v, "item") else v
+
+
 def read_scan(path: str | Path) -> Scan:
     """Read a whole scan file (frames, uniqueIds, positions, timestamps, attributes)."""
     with _open(path) as f:
         if DATA + "/data" not in f:
             raise ValueError(f"scan file {path} has no {DATA}/data dataset")
         g = f[DATA]
-        n = g["data"].shape[0]
+        # the rows every column holds: a file read while its writer appends (the datasets grow one
+        # after another), a crash between the resizes or another tool's file can leave a column
+        # shorter than the frames, and a Scan whose arrays differ in length fails later, obscurely
+        n = min([g["data"].shape[0]] + [g[c].shape[0] for c in COLUMNS if c in g])
 
         def col(name, default):
             return g[name][:n] if name in g else np.full(n, default)
 
         pos = np.stack([col("position_x_m", np.nan), col("position_y_m", np.nan)], axis=1).astype(np.float64)
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f["entry"].attrs.items()}
+        attrs = {k: _attr(v) for k, v in f["entry"].attrs.items()}
         stream = g["stream"][:n].astype(np.int64) if "stream" in g else None
         return Scan(g["data"][:n], col("uniqueId", -1).astype(np.int64), pos, col("timeStamp", np.nan), attrs,
                     stream)
