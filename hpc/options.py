@@ -54,7 +54,10 @@ def one_of(kind: str, registry, value: str) -> str:
 
 
 class ReconOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: pydantic takes inf (and NaN where no bound applies) for a float field,
+    # and a job then failed deep in numpy or pty-chi instead of the options being refused
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
     @field_validator("engine")
     @classmethod
@@ -105,7 +108,7 @@ class ReconOptions(BaseModel):
 
 
 class TrainOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     @field_validator("model")
     @classmethod

@@ -438,20 +438,24 @@ def train(corpus_path: str | os.PathLike, registry_path: str | os.PathLike,
         "options": opts.model_dump(), "history": result.history,
     }
     published = publish(registry, model, card, parent_version if parent is not None else None, spec,
-                        card_extra)
+                        card_extra, abort=abort)
     log.info("published model version %d (val loss %.4g, val SSIM %.3f)", published.version,
              result.val_loss, ssim)
     return published.card
 
 
 def publish(registry: ModelRegistry, model, card: dict, parent_version, spec: dict | None,
-            card_extra: dict | None = None):
+            card_extra: dict | None = None, abort=None):
     """Export ``model`` (ONNX and weights) and publish it with ``card`` (plus ``card_extra``) as
     the registry's next version. A child of ``parent_version`` (a fine-tune, with labels or
     without: :mod:`ptychopv.hpc.physics_tune`) serves its parent's beamline, gets its own
     sharpening curve where the parent had one, and its card says the parent's restorer is not
-    carried over."""
+    carried over. ``abort`` (as :func:`train`'s) is read last before the version is published:
+    one set after the training's last step publishes nothing either."""
     from ..inference.export import export_onnx, save_weights
+    from .jobs import abort_predicate
+
+    should_abort = abort_predicate(abort)
 
     parent = None if parent_version is None else parent_version.version
     if parent is not None and "beamline" in parent_version.card:
@@ -471,4 +475,6 @@ def publish(registry: ModelRegistry, model, card: dict, parent_version, spec: di
                 f"v{parent}'s restorer is not carried over (it was trained on v{parent}'s images); "
                 "train one with scripts/train_restorer.py; until then Stitch:Image is sharpened by "
                 "this model's curve where it has one")
+        if should_abort():
+            raise TrainingAborted("training aborted before its version was published")
         return registry.publish(onnx, card, weights_path=weights)

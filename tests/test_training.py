@@ -387,3 +387,39 @@ def test_a_sharpened_lineage_gets_its_own_curve_when_fine_tuned(corpus, tmp_path
     reg.annotate(child["version"], "beamline", None)
     grand = train(corpus, reg.root, dict(TINY, epochs=1, warm_start=child["version"]))
     assert "sharpen" not in grand and "no beamline" in grand["sharpen_not_measured"]
+
+
+def test_an_abort_after_the_last_step_but_before_publishing_publishes_nothing(corpus, tmp_path):
+    """The abort was read only between training steps: one set after the last step (during the
+    last epoch's validation, the SSIM scoring, the export or the ~10 s sharpening measurement) was
+    never read, and the run published the version the operator aborted."""
+    stop = threading.Event()
+
+    def on_epoch(epoch, loss, val_loss, progress):
+        if progress >= 1.0:              # the last epoch's steps are done
+            stop.set()
+
+    with pytest.raises(TrainingAborted):
+        train(corpus, tmp_path / "reg", dict(TINY, epochs=1, threads=1), callback=on_epoch, abort=stop)
+    assert ModelRegistry(tmp_path / "reg").versions() == []
+
+
+def test_options_that_are_not_finite_are_refused_when_validated():
+    """pydantic takes inf for a float field, and gt=/ge= bounds let it through: the config's
+    train.low_dose_range [1, .inf] loaded, then every training job failed in numpy
+    (OverflowError: high - low range exceeds valid bounds) and low_dose_factor .inf made every
+    run 'diverge' with the advice to lower lr_max; recon.pixel_size_m .inf failed as 'cannot
+    convert float NaN to integer'. Refused where the options are validated, naming the field."""
+    from pydantic import ValidationError
+
+    from ptychopv.hpc.options import ReconOptions
+
+    inf = float("inf")
+    for bad in ({"low_dose_range": (1.0, inf)}, {"low_dose_factor": inf}, {"lr_max": inf},
+                {"time_limit_s": inf}, {"beam_px": inf}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            TrainOptions.model_validate(bad)
+    for bad in ({"pixel_size_m": inf}, {"beam_m": inf}, {"probe_curvature": float("nan")}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            ReconOptions.model_validate(bad)
+    assert TrainOptions(low_dose_range=(1.0, 30.0)).low_dose_range == (1.0, 30.0)
