@@ -1047,3 +1047,30 @@ def test_the_refined_image_is_never_the_last_scans_object_on_the_new_scans_grid(
     ref.add(scan.frames[:8], scan.positions_m[:8])
     img = ref.image()
     assert img.phase.shape == st.image().phase.shape and img.origin_m == st.image().origin_m
+
+
+@pytest.mark.parametrize("how", ["set", "offer"])
+def test_a_probe_of_another_size_while_frames_are_kept_does_not_jam_the_refiner(scan, how):
+    """A probe of another size (a model of another input size, or an offer used untried for its
+    shape) while frames of the old size are kept and held back: those frames cannot be refined
+    with it. They used to stay, and every step() and add() raised a broadcast error (lost frames,
+    an error each idle call, for the rest of the scan); now the object starts again, and frames of
+    the new size are refined."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=4, passes=2)
+    st.add(patches[:12], scan.positions_m[:12])
+    ref.add(scan.frames[:12], scan.positions_m[:12])
+    assert ref.counters()["frames_kept"] == 8 and ref.counters()["frames_pending"] == 4
+    small = scan.probe[16:48, 16:48]
+    if how == "set":
+        ref.set_probe(small)
+    else:
+        ref.offer_probe(small)
+        assert ref.trial_state == "adopted"
+    ref.finish()                                        # raised ValueError (operands could not be broadcast)
+    crop = scan.frames[12:40][:, 16:48, 16:48]
+    assert ref.add(crop, scan.positions_m[12:40]) == 28
+    ref.finish()
+    c = ref.counters()
+    assert c["frames_kept"] == 28 and c["frames_pending"] == 0 and c["settled"]
+    assert np.isfinite(ref.image().phase).all()

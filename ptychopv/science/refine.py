@@ -454,6 +454,17 @@ class Refiner:
                     kind = "reconstructed, ramp free"
             elif p is not None:
                 self._beamline = p
+            held = self._frames[0] if self._frames else self._pending[0] if self._pending else None
+            if p is not None and held is not None and held[0].shape != p.shape:
+                # frames of another size cannot be refined with this probe (every update of them
+                # raised): the object starts again from the frames to come
+                self._clear_object()
+                self._totals.clear()
+                self._counts_sum, self._counts_n = 0.0, 0
+                self._sweep, self._sweeps_since = [0.0, 0.0, 0], 0
+                self.misfit = self.redundancy = 0.0
+                self.last_message = (f"probe of {p.shape[0]}x{p.shape[1]}: the kept {held[0].shape[0]}x"
+                                     f"{held[0].shape[1]} frames dropped, the object starts again")
             self._probe = p
             self._probe_gen += 1
             self._mend_at = 0             # a new probe may be mended anew
