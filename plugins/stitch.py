@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..science import physics, restore, sharpen
-from ..science.stitching import StitchedImage, Stitcher
+from ..science.stitching import MAX_PIXEL, StitchedImage, Stitcher
 from .batching import BatchingPlugin
 from .frame import acquisitions
 
@@ -276,7 +276,10 @@ class StitchPlugin(BatchingPlugin):
         pos = np.array([f.position if f.position is not None else (np.nan, np.nan) for f in frames], dtype=float)
         before = self.stitcher.counters()
         self.stitcher.add(patches, pos)
-        ok = pos[np.isfinite(pos).all(axis=1)]
+        # the positions the stitcher could place: a garbage one (1e305 m) must not reach the scan's
+        # overlap, whose nearest-neighbour search refuses what overflows (image() raised)
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = pos[(np.abs(pos) / self.stitcher.pixel_size_m <= MAX_PIXEL).all(axis=1)]
         if len(ok):
             pos, placed = self._placements
             self._placements = (np.concatenate([pos, ok])[-4096:], placed + len(ok))

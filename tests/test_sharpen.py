@@ -283,3 +283,21 @@ def test_the_training_jobs_stitching_gives_the_chains_curve():
             sharpen.calibrate(chain_like_stitching(eng), beam, scans_per_family=0)
     finally:
         eng.close()
+
+
+def test_a_garbage_position_far_beyond_any_canvas_does_not_stop_the_image():
+    """A frame whose position attribute is garbage (1e305 m: finite, beyond any canvas) is refused
+    by the stitcher; it must not enter the scan's overlap either, where it made every image()
+    (the publisher of Stitch:Image and Refine:Image) and Stitch:SharpenState_RBV raise."""
+    f = sharpen.ring_centres()
+    st = _stitch_plugin()
+    try:
+        st.set_sharpen_curves(_entry({"0": np.ones(40), "0.6": np.where(f < 0.15, 1.0, 0.0)}), 3)
+        grid = [(x * 2e-7, y * 2e-7) for x in range(4) for y in range(4)]
+        _feed(st, [*grid[:8], (1e305, 0.0), *grid[8:]])
+        assert st.stitcher.counters()["frames_rejected"] == 1 and st.error_count == 0
+        assert st.scan_overlap() == pytest.approx(0.6)
+        assert st.sharpen_state == "model v3's curve for overlap 0.6 (scan 0.60)"
+        assert st.image().phase.size
+    finally:
+        st.stop(timeout=10)

@@ -521,8 +521,9 @@ class Stitcher:
         ok = has_pos & finite
         if not ok.any():
             return 0
-        ty = pos[:, 1] / self._ps - h / 2                   # global fractional row of patch pixel 0
-        tx = pos[:, 0] / self._ps - w / 2
+        with np.errstate(over="ignore", invalid="ignore"):  # a garbage position (1e305 m) is inf here: refused below
+            ty = pos[:, 1] / self._ps - h / 2               # global fractional row of patch pixel 0
+            tx = pos[:, 0] / self._ps - w / 2
         wild = ok & ((np.abs(ty) > MAX_PIXEL) | (np.abs(tx) > MAX_PIXEL))
         if wild.any():                                      # no canvas reaches it, nor an int64 row
             self._reject(int(wild.sum()), f"position beyond {MAX_PIXEL:.0e} px from the origin not placed")
