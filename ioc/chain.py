@@ -79,6 +79,7 @@ class LiveChain:
         self._capture_lock = threading.Lock()    # the stats loop and a put of 0 may both end it: once
         self.references: dict[int, float] = {}   # version -> SSIM on its training scan
         self._probe_window = False      # True once a reconstruction's probe weights the stitching
+        self._probe_window_px = 0       # ... and its size (a model of another size drops it)
         self.on_capture_end: list = []     # callables(path) when a capture closed its file
         self._seen: dict[str, object] = {}   # last (value, severity) the stats loop wrote to each record
         self._mismatch = False               # the live model was trained for another beamline
@@ -409,6 +410,7 @@ class LiveChain:
         A reconstruction's probe (complex) is also the refine stage's probe from then on."""
         if from_reconstruction:
             self._probe_window = True
+            self._probe_window_px = int(np.shape(window)[0]) if window is not None else 0
         self.stitch.submit(self.stitch.stitcher.set_window, window)
         if window is not None and np.iscomplexobj(window):
             self.refine.submit(self._set_refine_probe, window, from_reconstruction)
@@ -451,6 +453,13 @@ class LiveChain:
                 card = None
         self.stitch.submit(self._set_sharpen_curves, card, int(version))
         self.stitch.submit(self._set_restorer, card, folder, int(version))
+        if size and self._probe_window and getattr(self, "_probe_window_px", size) != size:
+            # a reconstruction's probe of another size cannot weight this model's patches (every
+            # stitch batch would raise): the model card's window again, until a reconstruction's
+            # probe of this size comes
+            self._probe_window = False
+            self._message("Stitch", f"the reconstruction's {self._probe_window_px}-pixel probe does not fit "
+                                    f"v{version}'s {size}-pixel patches: the model card's window weights them")
         if size and not self._probe_window:
             self.stitch.submit(self._set_model_window, card, size)
 

@@ -307,3 +307,29 @@ def test_an_operators_selection_during_the_start_up_load_is_not_dropped_with_the
     assert asyncio.run(main()) == 2 and chain.models.infer.version == 2
     assert chain.models.selected == 2                        # else the next poll runs v4
     assert chain.ioc.rec["Model:Select"].get() == 2          # and autosave keeps the operator's pin
+
+
+def test_a_swap_to_a_model_of_another_size_drops_a_reconstructions_probe_window():
+    """A reconstruction's probe weights the stitching (64 px); a swap to a model of 32-pixel
+    patches kept it, and every stitch batch then raised ('weight window has shape ...') and no
+    frame reached the refine stage. Now the model's own window is set for the new size."""
+    import types
+
+    from ptychopv.ioc.chain import LiveChain
+
+    submitted, said = [], []
+    chain = LiveChain.__new__(LiveChain)
+    chain._probe_window, chain._probe_window_px = True, 64
+    chain.infer = types.SimpleNamespace(engine=None, model_name="m", input_size=32, version=0)
+    chain.ioc = types.SimpleNamespace(set=lambda *a, **k: None, get=lambda name: 0.0)
+    chain.cfg = types.SimpleNamespace(chain=types.SimpleNamespace(pixel_size_m=1e-8))
+    chain.stitch = types.SimpleNamespace(submit=lambda fn, *a: submitted.append((fn.__name__, a)))
+    chain._message = lambda stage, text, **k: said.append((stage, text))
+    chain._swapped(0)
+    assert ("_set_model_window", (None, 32)) in submitted
+    assert not chain._probe_window and "does not fit" in said[0][1]
+    # a probe of the model's own size stays the window
+    submitted.clear()
+    chain._probe_window, chain._probe_window_px = True, 32
+    chain._swapped(0)
+    assert chain._probe_window and not any(n == "_set_model_window" for n, _ in submitted)
