@@ -18,7 +18,14 @@ def _names(kind: str, items: list[str]) -> str:
     for it in items:
         if not _NAME.match(it):
             raise ValueError(f"access.write_{kind}: {it!r} is not a plain host or user name")
-    return ", ".join(items)
+    return _quoted(items)
+
+
+def _quoted(items) -> str:
+    """Names as the ACF parser takes any of them: quoted. Bare, a name that is all digits (a
+    numeric user) or one of its keywords (CALC, RULE, UAG, INPA...) is a syntax error, and EPICS
+    then builds no IOC at all."""
+    return ", ".join(f'"{it}"' for it in items)
 
 
 def host_aliases(host: str) -> list[str]:
@@ -55,7 +62,7 @@ def render_acf(write_hosts: list[str], write_users: list[str]) -> str:
     if write_hosts:
         _names("hosts", write_hosts)
         hosts = list(dict.fromkeys(a for h in write_hosts for a in host_aliases(h)))
-        lines.append(f"HAG(writehosts) {{{', '.join(hosts)}}}")
+        lines.append(f"HAG(writehosts) {{{_quoted(hosts)}}}")
         conds.append("HAG(writehosts)")
     lines.append("ASG(DEFAULT) {\n    RULE(1, READ)\n}")
     rule = "    RULE(1, WRITE, TRAPWRITE)"

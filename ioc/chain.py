@@ -265,11 +265,10 @@ class LiveChain:
             if not isinstance(exc, ModelLoadFailed):
                 self._message("Infer", str(exc))
         self.models.selected = previous
-        from .server import still_written
+        from .server import put_back
 
-        if still_written(self.ioc.rec["Model:Select"], int(version)):
-            self.ioc.rec["Model:Select"].set(previous, process=False)
-        # else a put that came while this load ran is waiting to be processed: it decides
+        # (a put that came while this load ran is waiting to be processed: it decides)
+        put_back(self.ioc.rec["Model:Select"], int(version), previous)
         return previous
 
     def load_model(self, version: int = 0) -> None:

@@ -11,6 +11,8 @@ import math
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
+
 from ..config import channel_fault
 from .schema import PV, records
 
@@ -87,9 +89,22 @@ def check_value(pv: PV, value) -> str | None:
             if long:
                 return f"a path component of {len(long[0].encode())} bytes (a filesystem takes {NAME_MAX})"
         return None
-    if t == "waveform_out" and len(value) > pv.length:
-        return f"{len(value)} elements is more than the record holds ({pv.length})"
+    if t == "waveform_out":
+        if isinstance(value, (str, bytes)) or np.ndim(value) != 1:
+            return f"{_short(value)} is not an array"
+        if len(value) > pv.length:
+            return f"{len(value)} elements is more than the record holds ({pv.length})"
+        if pv.ftvl != "STRING":
+            # each element as a scalar setting's value: finite, and within the declared limits
+            element = replace(pv, rtype="longout" if pv.ftvl in INTEGER_FTVL else "ao")
+            for x in value:
+                why = check_value(element, x)
+                if why:
+                    return f"an element: {why}"
     return None
+
+
+INTEGER_FTVL = {"CHAR", "UCHAR", "SHORT", "USHORT", "LONG", "ULONG", "INT64", "UINT64"}
 
 
 def _fields(pv: PV) -> dict:

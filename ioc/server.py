@@ -155,9 +155,9 @@ class PtychoIOC:
                 except Exception as exc:  # noqa: BLE001 - the setting goes back; the IOC goes on
                     log.exception("%s hook", pv.name)
                     self.refused(pv.name, value, str(exc) or type(exc).__name__)
-                    if rbv and still_written(self.rec[pv.name], value):
+                    if rbv:
                         # (a put that came while the hook ran is waiting to be processed: it decides)
-                        self.rec[pv.name].set(self.rec[rbv].get(), process=False)
+                        put_back(self.rec[pv.name], value, self.rec[rbv].get())
                     return
                 if result is not None:
                     value = result
@@ -376,6 +376,13 @@ class PtychoIOC:
         dispatcher = asyncio_dispatcher.AsyncioDispatcher()
         self.loop = dispatcher.loop
         softioc.iocInit(dispatcher)
+        if not _ioc_running():
+            # iocInit stopped part way (softioc drops its status) and nothing is served: an
+            # access-security file that does not parse (asInit) is what a config can cause
+            from ..config import ConfigError
+
+            raise ConfigError(f"EPICS did not start the IOC (errors above): is the access-security file "
+                              f"{self.acf} valid?")
         e = self.cfg.epics
         self.images = ImageServer(self.prefix, e.image_pva_port, e.pva_broadcast_port)
         self._sync_readbacks()
@@ -483,6 +490,16 @@ def _move_aside(path: Path) -> Path:
     return aside
 
 
+def _ioc_running() -> bool:
+    """Did iocInit build the IOC? (``interruptAccept``, set at the end of iocBuild, read from the
+    libdbCore softioc loaded: the wheel's other copy of the file is another library in memory.)"""
+    import ctypes
+
+    from softioc import imports
+
+    return bool(ctypes.c_int.in_dll(imports.dbCore, "interruptAccept").value)
+
+
 def _check_client_ip() -> None:
     """Make Channel Access match host rules on the client's address, as PV Access does: EPICS's
     ``asCheckClientIP`` (host names in the access file are resolved to addresses when it loads).
@@ -511,6 +528,18 @@ def fit_utf8(text: str, room: int) -> str:
     """``text`` cut to at most ``room`` UTF-8 bytes, never inside a character."""
     data = text.encode("utf-8", "replace")
     return text if len(data) <= room else data[:room].decode("utf-8", "ignore")
+
+
+def put_back(record, value, previous) -> None:
+    """A setting whose ``value`` was taken but not applied goes back to ``previous``. When a put
+    came while it was applied (VAL no longer holds ``value``), that put waits to be processed and
+    decides: VAL is left to it, and only softioc's last accepted value goes back, which is what a
+    refusal of the waiting put restores (it restored ``value``, the one that failed, before)."""
+    if still_written(record, value):
+        record.set(previous, process=False)
+    else:
+        device = getattr(record, "__dict__", {}).get("_RecordWrapper__device", record)   # (builder's wrapper)
+        device._value = (device._value_to_epics(previous), *device._value[1:])
 
 
 def still_written(record, value) -> bool:

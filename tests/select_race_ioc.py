@@ -1,6 +1,6 @@
 """An IOC whose Model:Select hook is the chain's own (ioc.chain.LiveChain._model_select) over a
 stand-in model manager whose loads end only when the test says: a load of version 3 fails, any
-other succeeds, once ``<folder>/release`` exists. Run as a child process by tests/test_faults.py
+other succeeds, once ``<folder>/release`` exists; version 7 is refused by the check. Run as a child process by tests/test_faults.py
 (EPICS starts once per process). Argument: the folder holding ioc.yaml."""
 
 import os
@@ -27,7 +27,8 @@ class Models:
     calls: list = []
 
     def check(self, v):
-        pass
+        if int(v) == 7:
+            raise ValueError("model v7 is not in the registry")
 
     def select(self, v):
         self.calls.append(int(v))

@@ -1048,3 +1048,57 @@ def test_the_configs_recon_and_train_settings_are_the_records_first_values(tmp_p
         assert "the config's 200000 is refused" in caget(h2.pv("Recon:Message_RBV"), as_string=True)
     finally:
         assert child.stop() == 0
+
+
+def test_a_selection_refused_while_a_failing_load_runs_leaves_the_previous_one(tmp_path):
+    """Model:Select 3 (its load fails) and, while it loads, a put of 7 the check refuses: the
+    failed load saw the waiting put and left the setting alone for it to decide, the refused put
+    then restored softioc's last accepted value, 3, so the setting (and autosave) kept the version
+    that did not load while its readback said 0."""
+    from ptychopv.procs import child_env
+
+    h = write_ioc_config(tmp_path, f"SX{os.getpid()}:", CA_PORTS[1])
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("select_race_ioc.py")), str(tmp_path)],
+                            env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        read_until(proc, "ptychopv ioc: ready")
+        epics.caput(h.pv("Model:Select"), 3, wait=False)
+        wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 1, what="the load of v3 running")
+        epics.caput(h.pv("Model:Select"), 7, wait=False)
+        wait_until(lambda: caget(h.pv("Model:Select")) == 7, what="the second put waiting")
+        (tmp_path / "release").write_text("")               # v3 fails now; 7 is then refused
+        wait_until(lambda: "Model:Select = 7 refused" in caget(h.pv("Infer:Message_RBV"), as_string=True),
+                   what="7 refused")
+        wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 0, what="the record idle")
+        assert (tmp_path / "calls").read_text() == "3"
+        assert caget(h.pv("Model:Select_RBV")) == 0
+        assert caget(h.pv("Model:Select")) == 0
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_user_names_that_are_acf_keywords_or_numbers_still_give_a_working_ioc(tmp_path):
+    """access.write_users: ['1001', CALC] passed the config's check, but bare in the generated
+    .acf they are a number and a keyword: asInit failed, iocInit stopped before any server ran,
+    and the IOC still said "ready" while serving no record."""
+    h, child = _ioc_with_access(tmp_path, "{write_users: ['1001', CALC, %s]}" % getpass.getuser())
+    try:
+        pv = epics.get_pv(h.pv("Auto:Tolerance"))
+        assert pv.wait_for_connection(timeout=10), "no record served"
+        assert pv.write_access
+    finally:
+        child.stop()
+
+
+def test_an_access_file_that_does_not_parse_ends_the_start(tmp_path):
+    """A hand-written access.file with a syntax error: the IOC said "ready" and served nothing."""
+    (tmp_path / "bad.acf").write_text("ASG(DEFAULT) {\n    RULE(1, READ\n}\n")
+    h = write_ioc_config(tmp_path, f"AB{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {seed_demo_model: false}\naccess: {file: bad.acf}\n")
+    done = subprocess.run([sys.executable, "-m", "ptychopv", "ioc", "--config", str(h.config)],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "ready" not in done.stdout
+    assert "bad.acf" in [ln for ln in done.stderr.splitlines() if ln.strip()][-1], done.stderr

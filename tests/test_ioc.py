@@ -268,3 +268,21 @@ def test_a_refusal_says_the_value_and_limits_in_full():
     sf = decl["ScaleFactor"]
     assert check_value(sf, sf.high + 0.0001) == f"{sf.high + 0.0001!r} is outside {sf.low!r} .. {int(sf.high)}"
     assert check_value(decl["Infer:NDArrayAddress"], 2) == "2 is not 0"
+
+
+def test_a_waveform_settings_elements_are_checked_as_a_numbers_are():
+    """A waveform_out setting (a site's, declared like any PV) took NaN, infinities and elements
+    outside its declared limits: only its length was checked, so such values were stored and
+    autosaved where a scalar setting's were refused."""
+    import numpy as np
+
+    from ptychopv.ioc.records import check_value
+
+    pv = schema.PV("Site:Gains", "waveform_out", "Gains", low=0.0, high=10.0, length=4, group="site")
+    assert check_value(pv, np.array([1.0, 2.5])) is None
+    assert "not a finite number" in check_value(pv, np.array([1.0, np.nan]))
+    assert "not a finite number" in check_value(pv, [np.inf])
+    assert "-5 is outside 0 .. 10" in check_value(pv, np.array([-5.0, 1.0]))
+    assert "not a number" in check_value(pv, [1.0, "x"])             # an autosave file's list
+    assert "not an array" in check_value(pv, 3.0)                    # ... or a scalar
+    assert "more than the record holds" in check_value(pv, np.arange(5.0))
