@@ -458,11 +458,7 @@ class Refiner:
             if p is not None and held is not None and held[0].shape != p.shape:
                 # frames of another size cannot be refined with this probe (every update of them
                 # raised): the object starts again from the frames to come
-                self._clear_object()
-                self._totals.clear()
-                self._counts_sum, self._counts_n = 0.0, 0
-                self._sweep, self._sweeps_since = [0.0, 0.0, 0], 0
-                self.misfit = self.redundancy = 0.0
+                self._restart_object()
                 self.last_message = (f"probe of {p.shape[0]}x{p.shape[1]}: the kept {held[0].shape[0]}x"
                                      f"{held[0].shape[1]} frames dropped, the object starts again")
             self._probe = p
@@ -748,6 +744,8 @@ class Refiner:
         with self._lock:
             self._clear_object()
             self._totals: deque = deque(maxlen=HOT_WINDOW)   # recent frames' total counts
+            self._hot_run: list[float] = []      # totals of the frames refused as hot in a row
+            self._hot_held: deque = deque(maxlen=REANCHOR_AFTER)   # ... and those frames (counts, position)
             self._seed_resets: int | None = None  # the seed's image this object refines (at its first frame)
             self._sweep = [0.0, 0.0, 0]          # this sweep's misfit, noise expected, updates
             self._sweeps_since = 0               # sweeps since the last frame arrived
@@ -766,6 +764,20 @@ class Refiner:
             self.updates = 0
             self.denoised = 0                    # sweeps that ended with the prior's step
             self.last_message = ""
+
+    def _restart_object(self) -> None:
+        """Start the object again from the frames to come (under the lock): the frames kept so far
+        cannot be used with them (another size; a level of counts the later ones left behind)."""
+        self._clear_object()
+        self._totals.clear()
+        self._hot_run.clear()
+        self._hot_held.clear()
+        self._counts_sum, self._counts_n = 0.0, 0
+        self._scale = None
+        self._probes = {}                   # shifted probes at the old scale
+        self._mend_at = self._mend_rounds = 0
+        self._sweep, self._sweeps_since = [0.0, 0.0, 0], 0
+        self.misfit = self.redundancy = 0.0
 
     def _clear_object(self) -> None:
         """Forget the object and the frames kept for it (under the lock)."""
@@ -828,11 +840,36 @@ class Refiner:
             hot = np.zeros_like(ok)
             if len(self._totals) >= HOT_AFTER:
                 hot = ok & (totals > HOT_FACTOR * float(np.median(self._totals)))
+            restarted = False
+            earlier = list(self._hot_held)          # this run's frames refused in earlier batches
+            for k in np.flatnonzero(ok & ~dark):
+                if hot[k]:
+                    self._hot_run.append(float(totals[k]))
+                    self._hot_held.append((c[k], pos[k]))
+                else:
+                    self._hot_run.clear()
+                    self._hot_held.clear()
+                    earlier = []
+            run = np.asarray(self._hot_run)
+            if len(run) >= REANCHOR_AFTER and run.max() <= HOT_FACTOR * float(np.median(run)):
+                # REANCHOR_AFTER frames in a row "hot" that agree with each other: the level the
+                # scan began at was the odd one (nearly dark first frames: a shutter opening, a
+                # scan that begins off the sample), not these, which stayed locked out for good.
+                # The object starts again from them: this batch's now, the run's earlier ones
+                # (held back, the last REANCHOR_AFTER) after it. A pixel stuck hot from some frame
+                # on is the detector's mask's to hide.
+                self._restart_object()
+                self.last_message = (f"{REANCHOR_AFTER} frames in a row over {HOT_FACTOR:g} times the counts "
+                                     "the scan began with: that level was the odd one; the object restarted "
+                                     "from them")
+                hot = np.zeros_like(ok)
+                restarted = True
             for bad, why in ((dark, "no counts (a dark frame)"),
                              (hot, f"over {HOT_FACTOR:g} times the scan's median counts (a hot or saturated pixel?)")):
                 if bad.any():
                     self.frames_rejected += int(bad.sum())
-                    self.last_message = f"frame with {why}: not refined"
+                    if not restarted:
+                        self.last_message = f"frame with {why}: not refined"
                     ok &= ~bad
             # a runaway position must not grow the canvas without bound: the stitcher's rule
             half = self.seed.max_canvas_px / 2
@@ -876,6 +913,11 @@ class Refiner:
             self._polish = self.passes * (len(self._frames) + len(self._pending))
             if used:
                 self._sweeps_since = 0
+            if restarted and earlier:
+                # the run's frames refused before this batch (their counts were not counted as
+                # rejected twice: they are refined now)
+                self.frames_rejected -= len(earlier)
+                used += self.add(np.stack([e[0] for e in earlier]), np.stack([e[1] for e in earlier]), defer=defer)
             return used
 
     def no_probe(self, count: int) -> None:
