@@ -176,6 +176,10 @@ def test_a_card_the_chain_cannot_use_leaves_the_model_running_and_says_so(tmp_pa
     assert Beamline.from_card({"beamline": {"energy_ev": None, "beam_m": 5e-7}}) is None
     assert Beamline.from_card({"beamline": {"probe_kind": 3}}) is None
     assert Beamline.from_card({"beamline": {"energy_ev": 9000.0}}).energy_ev == 9000.0
+    # a size or an energy of 0 or below (a hand-edited card) divided by 0 on the stitch thread
+    for bad in ({"distance_m": 0}, {"beam_m": -5e-7}, {"energy_ev": 0.0}, {"frame_px": 64.5}):
+        assert Beamline.from_card({"beamline": bad}) is None, bad
+    assert Beamline.from_card({"beamline": {"curvature": -2.0}}).curvature == -2.0   # a defocus either way
 
     def on_loaded(mv):
         raise TypeError("float() argument must be a string or a real number, not 'NoneType'")

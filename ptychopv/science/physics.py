@@ -379,6 +379,10 @@ class Beamline:
             numeric = not isinstance(cls.__dataclass_fields__[k].default, str)
             if numeric and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 return None
+            if numeric and k != "curvature" and v <= 0:    # a size or an energy of 0 (a hand-edited
+                return None                                # card): a division by 0 on the stitch thread
+            if k == "frame_px" and v != int(v):
+                return None
             if not numeric and not isinstance(v, str):
                 return None
         try:
