@@ -149,9 +149,14 @@ def train(images: list[dict], *, width: int = 24, minutes: float | None = None, 
     stats = {"steps": done, "seconds": round(time.perf_counter() - t0, 1), "crops": done * batch,
              "batch": batch, "lr_max": lr, "width": width, "seed": seed, "device": dev.type, "images": len(fit),
              "val_images": len(val)}
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        # a diverged fit: refused before a caller replaces a working restorer with it
+        raise ValueError("the restorer's weights are not finite (the training diverged): not used")
     if val:
         before = [nrmse(r["x"][0], r["truth"], r["mask"]) for r in val]
         after = [nrmse(apply(model, r["x"]), r["truth"], r["mask"]) for r in val]
+        if not np.isfinite(after).all():
+            raise ValueError("the restorer's held-out images are not finite: not used")
         stats.update(val_nrmse_input=round(float(np.mean(before)), 4), val_nrmse=round(float(np.mean(after)), 4))
     return model, stats
 

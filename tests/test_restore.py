@@ -134,6 +134,17 @@ def test_train_refuses_an_unclear_budget_and_too_few_images():
         restore_train.train(small, steps=1)
 
 
+def test_a_restorer_whose_training_diverged_is_refused_before_anyone_uses_it():
+    """scripts/train_restorer.py removes a version's restorer before it attaches the new one: a
+    fit that diverged (weights inf or NaN) would have replaced a working restorer with one whose
+    every image is NaN. train() refuses it, and the script stops before the detach."""
+    pytest.importorskip("torch")
+    from ptychopv.hpc import restore_train
+
+    with pytest.raises(ValueError, match="not finite"):
+        restore_train.train(_blur_pairs(4), width=4, steps=3, batch=2, threads=1, lr=1e20)
+
+
 def test_a_model_that_is_not_a_restorer_is_refused():
     pytest.importorskip("onnxruntime")
     from ptychopv.inference.registry import ModelRegistry, shipped_registry
