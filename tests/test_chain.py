@@ -309,7 +309,8 @@ def test_infer_status_is_error_only_while_every_arriving_frame_is_refused():
     from ptychopv.ioc.schema import INFER_STATUS
 
     infer = SimpleNamespace(engine=object(), frame_rate=100.0, bad_frames=0, error_count=0, frames_waiting=0)
-    chain = SimpleNamespace(infer=infer, models=SimpleNamespace(loading=False), _mismatch=False, _bad_before=0)
+    chain = SimpleNamespace(infer=infer, models=SimpleNamespace(loading=False), _mismatch=False, _bad_before=0,
+                            _stuck={})
 
     def state():
         status, severity = LiveChain._infer_state(chain)
