@@ -845,7 +845,7 @@ class Refiner:
             for k in np.flatnonzero(ok & ~dark):
                 if hot[k]:
                     self._hot_run.append(float(totals[k]))
-                    self._hot_held.append((c[k], pos[k]))
+                    self._hot_held.append((c[k].copy(), pos[k].copy()))   # the caller may reuse its arrays
                 else:
                     self._hot_run.clear()
                     self._hot_held.clear()
