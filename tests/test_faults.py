@@ -1083,7 +1083,11 @@ def test_user_names_that_are_acf_keywords_or_numbers_still_give_a_working_ioc(tm
     """access.write_users: ['1001', CALC] passed the config's check, but bare in the generated
     .acf they are a number and a keyword: asInit failed, iocInit stopped before any server ran,
     and the IOC still said "ready" while serving no record."""
-    h, child = _ioc_with_access(tmp_path, "{write_users: ['1001', CALC, %s]}" % getpass.getuser())
+    # a prefix of its own: pyepics keeps a channel per name, and one left from another test's
+    # stopped IOC of the same name searches again only at a backed-off period
+    h = write_ioc_config(tmp_path, f"AQ{os.getpid()}:", CA_PORTS[1], extra="chain: {seed_demo_model: false}\n"
+                         "access: {write_users: ['1001', CALC, %s]}\n" % getpass.getuser())
+    child = start_ioc(h.config)
     try:
         pv = epics.get_pv(h.pv("Auto:Tolerance"))
         assert pv.wait_for_connection(timeout=10), "no record served"
