@@ -182,6 +182,10 @@ class HpcStage:
         if "ssim" in summary:
             ioc.set("SSIM_RBV", round(summary["ssim"], 4))
             ioc.set("Model:ValSSIM_RBV", round(summary["ssim"], 4))   # the live model, validated on this scan
+        else:
+            # nothing measured on this scan (its validation failed, or no model runs): the last
+            # scan's SSIM read as this one's; 0 with a MINOR alarm, as an unread reference reads
+            ioc.set("SSIM_RBV", 0.0, severity=1, alarm_status=7)
         ioc.set("Recon:Progress_RBV", 100.0)
         self.last_recon = summary
         return summary
@@ -246,6 +250,11 @@ class HpcStage:
         result: dict = {}
 
         async def body(stage):
+            # this run's epochs and losses from its start: one that failed before its first epoch
+            # showed the previous run's (epoch 30 of a run that never trained)
+            for name, empty in (("Train:Epoch_RBV", 0), ("Train:Loss_RBV", 0.0), ("Train:ValLoss_RBV", 0.0),
+                                ("Train:LossHistory_RBV", np.zeros(0)), ("Train:ValLossHistory_RBV", np.zeros(0))):
+                ioc.set(name, empty)
             res = await self.workflow.train(stage, opts, on_progress=progress)
             if res.get("status") != "done":
                 return res

@@ -641,3 +641,77 @@ def test_a_transient_error_reading_the_progress_record_does_not_end_the_run(tmp_
     assert not faults                                     # the fault was met
     assert res["status"] == "done" and st.state == "Done", res
     assert not (job_dir / "abort").exists()
+
+
+def _hpcstage_for_runs(values, severities):
+    """An HpcStage with only what reconstruct() and train() use; records in ``values``."""
+    from types import SimpleNamespace
+
+    from ptychopv.ioc.hpcstage import HpcStage
+
+    def set_(name, value, severity=0, alarm_status=0):
+        values[name], severities[name] = value, severity
+
+    hs = object.__new__(HpcStage)
+    hs.ioc = SimpleNamespace(get=lambda name: values.get(name, 0), set=set_, message=lambda *a, **k: None)
+    hs.cfg = SimpleNamespace(recon=SimpleNamespace(model_dump=lambda **k: {}),
+                             train=SimpleNamespace(model_dump=lambda **k: {}),
+                             chain=SimpleNamespace(passthrough_size=64, binning=1, crop=None),
+                             workflow=SimpleNamespace(validate_engine="auto"))
+    hs.chain = SimpleNamespace(recorder=SimpleNamespace(capture=False, current_file=""),
+                               infer=SimpleNamespace(input_size=64, version=1),
+                               stitch=SimpleNamespace(stitcher=SimpleNamespace(pixel_size_m=1e-8)))
+    hs.recon, hs.train_stage, hs.last_recon = JobStage("Recon"), JobStage("Train"), None
+    return hs
+
+
+def test_a_reconstruction_that_measured_no_ssim_does_not_show_the_last_scans(tmp_path):
+    """Scan 1 was validated (SSIM 0.8); scan 2's run ended Done but its validation failed (the
+    engine missing on the worker). SSIM_RBV still read 0.8, published as scan 2's: the macro
+    printed 'recon Done ... SSIM 0.8' and the demo scored it. A run that measured none says so."""
+    from types import SimpleNamespace
+
+    values, sev = {"Recon:Iterations": 10}, {}
+    hs = _hpcstage_for_runs(values, sev)
+    outcomes = [{"recon_path": "r1.h5", "scan": "scan_00001.h5", "ssim": 0.8, "version": 1},
+                {"recon_path": "r2.h5", "scan": "scan_00002.h5", "validation": "no engine 'tensorrt' on this host"}]
+
+    async def reconstruct(stage, scan, opts, *, label, validate=None, on_recon=None):
+        return {"status": "done", "message": "ok", "result": outcomes.pop(0)}
+
+    hs.workflow = SimpleNamespace(reconstruct=reconstruct)
+    assert run(hs.reconstruct(tmp_path / "scan_00001.h5"))["ssim"] == 0.8
+    assert values["SSIM_RBV"] == 0.8 and sev["SSIM_RBV"] == 0
+    summary = run(hs.reconstruct(tmp_path / "scan_00002.h5"))
+    assert hs.recon.state == "Done" and "ssim" not in summary
+    assert values["SSIM_RBV"] != 0.8 and sev["SSIM_RBV"] >= 1, (values["SSIM_RBV"], sev["SSIM_RBV"])
+
+
+def test_a_training_run_does_not_show_the_previous_runs_epochs_and_losses():
+    """Run 1 trained 3 epochs; run 2 failed before its first epoch (no pairs, a job that could not
+    be submitted). Train:Epoch_RBV, Train:Loss_RBV and the loss histories still showed run 1's
+    (epoch 3 of a run that never trained), during run 2 and after it failed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    values, sev = {"Train:Epochs": 3}, {}
+    hs = _hpcstage_for_runs(values, sev)
+    seen_while_queued = []
+
+    async def train(stage, opts, on_progress=None):
+        if not seen_while_queued:
+            for it in (1, 2, 3):
+                on_progress({"iteration": it, "loss": 1.0 / it, "val_loss": 2.0 / it})
+            seen_while_queued.append(None)
+            return {"status": "done", "result": {"version": 2, "val_loss": 0.5}}
+        seen_while_queued.append((values["Train:Epoch_RBV"], len(values["Train:LossHistory_RBV"])))
+        return {"status": "failed", "message": "the train job could not be submitted: BrokenProcessPool"}
+
+    hs.workflow = SimpleNamespace(train=train)
+    assert run(hs.train())["version"] == 2
+    assert values["Train:Epoch_RBV"] == 3 and len(values["Train:LossHistory_RBV"]) == 3
+    assert run(hs.train()) is None and hs.train_stage.state == "Failed"
+    assert seen_while_queued[1] == (0, 0)                        # run 2 started with nothing of run 1
+    assert values["Train:Epoch_RBV"] == 0 and values["Train:Loss_RBV"] == 0.0
+    assert len(np.asarray(values["Train:LossHistory_RBV"])) == 0 == len(np.asarray(values["Train:ValLossHistory_RBV"]))
