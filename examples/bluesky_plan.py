@@ -19,6 +19,7 @@ import time
 
 from bluesky import plan_stubs as bps
 from bluesky import plans as bp
+from bluesky import preprocessors as bpp
 from ophyd import Signal
 from ophyd.status import Status
 
@@ -96,7 +97,27 @@ def capture_reconstruct_train(ptycho, detector_acquire_signal, *, n_frames: int 
     before = yield from bps.rd(ptycho.model_version)
     missed_before = yield from bps.rd(ptycho.infer_missed_frames)
     yield from bps.mv(ptycho.scan_capture, "Capture")
-    yield from bps.mv(detector_acquire_signal, 1)
+    # the capture is stopped however the recording ends (as macro.sh): left on, the IOC went on
+    # recording every later frame into this scan's file
+    yield from bpp.finalize_wrapper(_record_scan(ptycho, detector_acquire_signal, n_frames, timeout, missed_before),
+                                    lambda: bps.mv(ptycho.scan_capture, "Done"))
+    yield from _wait_until(ptycho.scan_capture_rbv, lambda s: s == "Done", timeout, "scan file closed")
+
+    yield from bps.trigger(ptycho, wait=True)  # Recon:Start with put-complete
+    if (s := (yield from bps.rd(ptycho.recon_status))) != "Done":
+        raise RuntimeError(f"reconstruction {s}: {(yield from bps.rd(ptycho.recon_message))}")
+
+    yield from bps.mv(ptycho.train_start, "Start")  # put-complete: the new version is registered
+    if (s := (yield from bps.rd(ptycho.train_status))) != "Done":
+        raise RuntimeError(f"training {s}: {(yield from bps.rd(ptycho.train_message))}")
+    return (yield from _wait_until(ptycho.model_version, lambda v: v > before, timeout, "new model live"))
+
+
+def _record_scan(ptycho, detector_acquire_signal, n_frames, timeout, missed_before):
+    """Plan: acquire the scan and wait until the IOC recorded it (or knows its frames lost)."""
+    # bounded: a detector that never ends its acquisition (its IOC or simulator died mid-scan)
+    # hung the plan for ever
+    yield from bps.mv(detector_acquire_signal, 1, timeout=timeout)
     if n_frames:
         # every frame recorded or known lost on the way (a uniqueId gap, Infer:MissedFrames_RBV):
         # waiting for a lost frame waited out the timeout
@@ -113,17 +134,6 @@ def capture_reconstruct_train(ptycho, detector_acquire_signal, *, n_frames: int 
         if lost:
             print(f"capture: {lost} of {n_frames} frames lost on the way (Infer:MissedFrames_RBV); "
                   f"the scan has {captured}", flush=True)
-    yield from bps.mv(ptycho.scan_capture, "Done")
-    yield from _wait_until(ptycho.scan_capture_rbv, lambda s: s == "Done", timeout, "scan file closed")
-
-    yield from bps.trigger(ptycho, wait=True)  # Recon:Start with put-complete
-    if (s := (yield from bps.rd(ptycho.recon_status))) != "Done":
-        raise RuntimeError(f"reconstruction {s}: {(yield from bps.rd(ptycho.recon_message))}")
-
-    yield from bps.mv(ptycho.train_start, "Start")  # put-complete: the new version is registered
-    if (s := (yield from bps.rd(ptycho.train_status))) != "Done":
-        raise RuntimeError(f"training {s}: {(yield from bps.rd(ptycho.train_message))}")
-    return (yield from _wait_until(ptycho.model_version, lambda v: v > before, timeout, "new model live"))
 
 
 def count_reconstructions(ptycho, num: int = 1, md: dict | None = None):

@@ -70,15 +70,19 @@ def session(prefix: str, detector: str, timeout: float = 600.0) -> dict:
         nframes = int(det.get(detector + "NumFrames_RBV", timeout=10))
         missed_before = int(get("Infer:MissedFrames_RBV", use_monitor=False))
         put("Scan:Capture", 1)
-        det.put(detector + "Acquire", 1, timeout=10)
+        try:
+            det.put(detector + "Acquire", 1, timeout=10)
 
-        def recorded_and_lost():   # a frame lost on the way (a uniqueId gap) is never recorded
-            return (int(get("Scan:FramesCaptured_RBV", use_monitor=False)),
-                    int(get("Infer:MissedFrames_RBV", use_monitor=False)) - missed_before)
+            def recorded_and_lost():   # a frame lost on the way (a uniqueId gap) is never recorded
+                return (int(get("Scan:FramesCaptured_RBV", use_monitor=False)),
+                        int(get("Infer:MissedFrames_RBV", use_monitor=False)) - missed_before)
 
-        captured, lost = wait_for(recorded_and_lost, lambda v: sum(v) >= nframes, timeout,
-                                  "every frame recorded or counted lost")
-    put("Scan:Capture", 0)  # completes when the file is closed
+            captured, lost = wait_for(recorded_and_lost, lambda v: sum(v) >= nframes, timeout,
+                                      "every frame recorded or counted lost")
+        finally:
+            # completes when the file is closed; also when the scan was not captured in time (as
+            # macro.sh): left on, the IOC went on recording every later frame into this scan
+            put("Scan:Capture", 0)
     out["scan_file"] = get("Scan:FileName_RBV", as_string=True)
     out["frames_lost"] = lost
     print(f"session: captured {captured} of {nframes} frames to {out['scan_file']}"

@@ -263,3 +263,93 @@ def test_the_example_config_runs_the_whole_loop_against_its_own_simulator(tmp_pa
         ctx.close()
         ioc.stop()
         sim.stop()
+
+
+def test_pyepics_session_stops_recording_when_the_scan_is_not_captured_in_time(monkeypatch):
+    """macro.sh writes Scan:Capture 0 when the scan is not captured within its timeout; the
+    pyepics session raised TimeoutError with the capture still on: the IOC went on recording
+    every later frame into that scan's file, and a Recon:Start of it was refused as 'still being
+    recorded' until someone stopped it by hand."""
+    import types
+
+    import p4p.client.thread
+    import pyepics_session
+
+    puts = []
+    readbacks = {"P:ModelVersion_RBV": 3, "P:Infer:MissedFrames_RBV": 0, "P:Scan:FramesCaptured_RBV": 2}
+
+    def caput(name, value, wait=False, timeout=None):
+        puts.append((name, value))
+        return 1
+
+    class Detector:
+        def __init__(self, provider):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get(self, name, timeout=None):
+            return 10                                    # NumFrames_RBV: 10 frames, 2 ever arrive
+
+        def put(self, name, value, timeout=None):
+            pass
+
+    monkeypatch.setitem(sys.modules, "epics", types.SimpleNamespace(
+        caget=lambda name, timeout=None, **kw: readbacks[name], caput=caput))
+    monkeypatch.setattr(p4p.client.thread, "Context", Detector)
+    with pytest.raises(TimeoutError, match="every frame recorded"):
+        pyepics_session.session("P:", "D:", timeout=0.0)
+    assert puts[0] == ("P:Scan:Capture", 1) and puts[-1] == ("P:Scan:Capture", 0), puts
+
+
+def test_bluesky_plan_stops_recording_when_the_scan_is_not_captured_in_time():
+    """As the pyepics session: the plan raised TimeoutError with Scan:Capture still on."""
+    import types
+
+    from bluesky import RunEngine
+    from ophyd import Signal
+
+    ptycho = types.SimpleNamespace(
+        model_version=Signal(name="ptycho_model_version", value=3),
+        infer_missed_frames=Signal(name="ptycho_infer_missed_frames", value=0),
+        scan_capture=Signal(name="ptycho_scan_capture", value="Done"),
+        scan_capture_rbv=Signal(name="ptycho_scan_capture_rbv", value="Done"),
+        scan_frames_captured=Signal(name="ptycho_scan_frames_captured", value=2))
+    acquire = Signal(name="acquire", value=0)
+    RE = RunEngine({})
+    with pytest.raises(TimeoutError, match="scan captured"):
+        RE(bluesky_plan.capture_reconstruct_train(ptycho, acquire, n_frames=10, timeout=0.5))
+    assert ptycho.scan_capture.get() == "Done"
+
+
+def test_bluesky_plan_does_not_wait_for_ever_on_a_detector_that_never_finishes():
+    """The plan's bps.mv(acquire, 1) had no timeout, and SimAcquire's status finishes only when
+    the simulator posts Acquire 0 (a disconnect is ignored, 'the status waits on'): a detector
+    that died mid-scan hung the plan for ever, whatever its ``timeout``. It now fails within it,
+    and the capture it started is stopped."""
+    import types
+
+    from bluesky import RunEngine
+    from ophyd import Signal
+    from ophyd.status import Status
+
+    class DeadDetector(Signal):
+        def set(self, value, **kw):
+            return Status(self)                          # never finishes: Acquire never goes back to 0
+
+    ptycho = types.SimpleNamespace(
+        model_version=Signal(name="ptycho_model_version", value=3),
+        infer_missed_frames=Signal(name="ptycho_infer_missed_frames", value=0),
+        scan_capture=Signal(name="ptycho_scan_capture", value="Done"),
+        scan_capture_rbv=Signal(name="ptycho_scan_capture_rbv", value="Done"),
+        scan_frames_captured=Signal(name="ptycho_scan_frames_captured", value=2))
+    RE = RunEngine({})
+    with pytest.raises(Exception) as err:
+        RE(bluesky_plan.capture_reconstruct_train(ptycho, DeadDetector(name="acquire", value=0), n_frames=10,
+                                                  timeout=0.2))
+    assert "Timeout" in type(err.value).__name__, repr(err.value)
+    assert ptycho.scan_capture.get() == "Done"
