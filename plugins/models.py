@@ -152,7 +152,10 @@ class ModelManager:
             raise ModelError(f"model version must be >= 0 (0: the latest), got {version}")
         if self.engine == "passthrough" or version == 0:
             return
-        have = self.versions()
+        try:
+            have = self.versions()
+        except OSError as exc:   # a refusal the record can make: any other error let the value in
+            raise ModelError(f"the model registry {self.registry_path} cannot be read ({exc})") from None
         if version not in have:
             raise ModelError(f"no model v{version} in the registry (have: "
                              f"{', '.join(f'v{v}' for v in have) or 'none'})")
@@ -189,17 +192,16 @@ class ModelManager:
     def _load(self, selection: int) -> Future:
         done: Future = Future()
         with self._lock:
-            if self._loading is not None and not self._loading.done():
-                prev = self._loading
-                prev.add_done_callback(lambda _: self._chain(selection, done))
-                return done
-            self._loading = done
-        threading.Thread(target=self._run, args=(selection, done), name="model-load", daemon=True).start()
+            prev, self._loading = self._loading, done
+        # queued behind the load before it (and so behind every earlier one): one load at a time,
+        # in the order asked. Outside the lock: a load that ends meanwhile runs the callback here
+        if prev is not None:
+            prev.add_done_callback(lambda _: self._start(selection, done))
+        else:
+            self._start(selection, done)
         return done
 
-    def _chain(self, selection: int, done: Future) -> None:
-        with self._lock:
-            self._loading = done
+    def _start(self, selection: int, done: Future) -> None:
         threading.Thread(target=self._run, args=(selection, done), name="model-load", daemon=True).start()
 
     def _run(self, selection: int, done: Future) -> None:

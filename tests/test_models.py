@@ -337,3 +337,80 @@ def test_a_swap_to_a_model_of_another_size_drops_a_reconstructions_probe_window(
     chain._probe_window, chain._probe_window_px = True, 32
     chain._swapped(0)
     assert chain._probe_window and not any(n == "_set_model_window" for n, _ in submitted)
+
+
+def test_a_load_asked_for_as_the_one_before_ends_does_not_hang_and_loads_run_one_at_a_time():
+    """A load asked for while another runs was queued with ``add_done_callback`` inside the
+    manager's lock; when the running load ended between the check and that call, the callback ran
+    at once in the caller's thread and took the same lock again: the registry watch (or the
+    Model:Select put) hung for good, and every later load with it. And two loads asked for
+    behind one running load both started when it ended, side by side (two engines warming up
+    at once, the last selection not necessarily the one that ran)."""
+    import threading
+    from concurrent.futures import Future
+
+    class Infer:
+        version, engine = 0, None
+
+    cond = threading.Condition()
+    state = {"running": 0, "most": 0, "order": []}
+
+    class Manager(ModelManager):
+        def _load_now(self, selection):
+            with cond:
+                state["running"] += 1
+                state["most"] = max(state["most"], state["running"])
+                cond.notify_all()
+                cond.wait_for(lambda: state["running"] > 1, timeout=2)   # a second load beside it?
+                state["running"] -= 1
+                state["order"].append(selection)
+            self.infer.version = selection
+            return selection
+
+    m = Manager(Infer(), "/nonexistent-registry", "onnxruntime")
+
+    class EndsAsItIsQueuedBehind(Future):  # the running load ends just before the request is queued
+        def add_done_callback(self, fn):
+            if not self.done():
+                self.set_result(1)
+            super().add_done_callback(fn)
+
+    m._loading = EndsAsItIsQueuedBehind()
+    asked = []
+    t = threading.Thread(target=lambda: asked.append(m._load(2)), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the load request hung on the manager's own lock"
+    assert asked[0].result(timeout=10) == 2
+
+    gate: Future = Future()                # a load running; two more asked for behind it
+    m._loading = gate
+    second, third = m._load(3), m._load(4)
+    gate.set_result(2)
+    assert second.result(timeout=10) == 3 and third.result(timeout=10) == 4
+    assert state["most"] == 1 and state["order"][-2:] == [3, 4] and m.infer.version == 4
+
+
+def test_a_selection_while_the_registry_cannot_be_read_is_refused_not_let_in(tmp_path):
+    """Model:Select's record check (``ModelManager.check``) refuses with a ValueError; a registry
+    folder that could not be read (replaced, made unreadable, a stale mount) raised an OSError
+    there instead, out of the record's validate (a ctypes callback: the error is printed and
+    ignored): no refusal was said, the put completed, and the record's VAL kept the refused
+    value for every client to read, though the manager never selected it."""
+    from ptychopv.ioc import schema
+    from ptychopv.ioc.server import PtychoIOC
+
+    class Infer:
+        version, engine = 0, None
+
+    registry = tmp_path / "registry"
+    m = ModelManager(Infer(), registry, "onnxruntime")
+    registry.write_text("not a folder")          # the registry folder replaced while the IOC runs
+    ioc = PtychoIOC.__new__(PtychoIOC)
+    ioc.checks = {"Model:Select": m.check}
+    refused = []
+    ioc.refused = lambda name, value, why: refused.append((name, value, why))
+    validate = ioc._accept(schema.by_name()["Model:Select"])
+    assert validate(None, 3) is False            # the put is refused, the record keeps its value
+    assert refused[0][:2] == ("Model:Select", 3) and "cannot be read" in refused[0][2]
+    assert validate(None, 0) is True             # 0 (follow the registry) needs no reading
