@@ -142,6 +142,7 @@ class Session:
         before = {name: self.image_number(name) for name in ("Stitch:Image", "Refine:Image")}
         self.put("Infer:ArrayCounter", 0)
         self.put("Infer:DroppedArrays", 0)
+        missed_before = int(self.get("Infer:MissedFrames_RBV"))   # the IOC's count since it started
         self.put("Scan:Capture", 1)
         t0 = time.monotonic()
         self.ctx.put("DEMOSIM:Acquire", 1)
@@ -162,7 +163,7 @@ class Session:
         return {"frames": n, "stream_hz": round(rate, 1), "captured": int(self.get("Scan:FramesCaptured_RBV")),
                 "inferred": int(self.get("Infer:ArrayCounter_RBV")),
                 "dropped": int(self.get("Infer:DroppedArrays_RBV")),
-                "missed": int(self.get("Infer:MissedFrames_RBV")),
+                "missed": int(self.get("Infer:MissedFrames_RBV")) - missed_before,
                 "file": self.get("Scan:FileName_RBV", as_string=True), "model_version": version, "image": image,
                 "refined": refined}
 

@@ -101,13 +101,22 @@ def child_env(extra: dict | None = None) -> dict:
 
 def start_ioc(config_path, *, name: str = "ioc", echo: bool = False, timeout: float = 90.0) -> Child:
     child = Child(ptychopv_args("ioc", "--config", str(config_path)), child_env(), name=name, echo=echo)
-    child.wait_for("ptychopv ioc: ready", timeout)
-    return child
+    return _ready(child, "ptychopv ioc: ready", timeout)
 
 
 def start_sim(config_path, *extra: str, name: str = "sim", echo: bool = False, timeout: float = 90.0) -> Child:
     child = Child(ptychopv_args("sim", "--config", str(config_path), *extra), child_env(), name=name, echo=echo)
-    child.wait_for("ptychopv sim:", timeout)
+    return _ready(child, "ptychopv sim:", timeout)
+
+
+def _ready(child: Child, text: str, timeout: float) -> Child:
+    """``child`` once it says ``text``; stopped if it does not in time, or the wait is interrupted
+    (Ctrl-C, a SIGTERM the demo turns into one): the caller never got it, so nothing else would."""
+    try:
+        child.wait_for(text, timeout)
+    except BaseException:
+        child.stop()
+        raise
     return child
 
 

@@ -257,3 +257,71 @@ def test_a_scale_out_scale_factor_that_is_no_factor_is_refused_before_anything_s
     r = run("scaleout", "--config", str(cfg), "--consumers", "1", "--no-mirror", "--scale", scale, timeout=120)
     _one_line_error(r, "ptychopv scaleout:", "--scale")
     assert "consumer1" not in r.stdout and "exited" not in r.stdout, r.stdout[-2000:]
+
+
+def test_a_child_not_ready_in_time_or_whose_start_is_interrupted_is_stopped(monkeypatch):
+    """start_ioc / start_sim started the process, then waited for its 'ready' line: a timeout, or a
+    Ctrl-C (or the SIGTERM the demo turns into one) during that wait, raised without the Child ever
+    reaching the caller, so no ``finally`` could stop it: the IOC or simulator ran on, holding its
+    ports. The child is now stopped before the error goes on."""
+    from ptychopv import procs
+
+    made = []
+
+    class Kept(procs.Child):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(procs, "Child", Kept)
+    monkeypatch.setattr(procs, "ptychopv_args", lambda *a: [
+        sys.executable, "-c", "import time; print('starting', flush=True); time.sleep(600)"])
+    try:
+        with pytest.raises(procs.ProcessFailed, match="no 'ptychopv ioc: ready' within"):
+            procs.start_ioc("unused.yaml", timeout=1)
+
+        def interrupted(self, text, timeout=60.0):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Kept, "wait_for", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            procs.start_sim("unused.yaml")
+        assert len(made) == 2
+        assert [c.proc.poll() is not None for c in made] == [True, True], "a child left running"
+    finally:
+        for c in made:
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait()
+
+
+def test_the_demos_scan_figures_are_each_scans_own():
+    """The summary adds scan B1's and scan B2's dropped and missed frames. Infer:DroppedArrays is
+    reset before each capture, Infer:MissedFrames_RBV is the IOC's count since it started (nothing
+    resets it): scan B2's figure held scan B1's too, and the summary counted B1's missed frames
+    twice. Here an IOC stand-in misses 3 frames in scan B1 and 2 in scan B2."""
+    import types
+
+    from ptychopv import demo
+
+    pvs = {"Infer:MissedFrames_RBV": 0, "ModelVersion_RBV": 1, "Scan:FileName_RBV": "scan.h5"}
+    misses = iter([3, 2])
+
+    def put(name, value, timeout=900.0):
+        pvs[name] = value
+        pvs[name + "_RBV"] = value
+
+    def acquire(name, value):          # the simulator streams the scan; the IOC takes it
+        pvs.update({"Scan:FramesCaptured_RBV": 10, "Infer:ArrayCounter_RBV": 10, "Stitch:FramesStitched_RBV": 10})
+        pvs["Infer:MissedFrames_RBV"] += next(misses)
+
+    s = demo.Session.__new__(demo.Session)
+    s.ctx = types.SimpleNamespace(get=lambda name: types.SimpleNamespace(value=10), put=acquire)
+    s.get = lambda name, **kw: pvs[name]
+    s.put = put
+    s.image_number = lambda name: 0
+    s.wait_image = lambda *a, **k: "image"
+    s.refined = lambda *a, **k: None
+    scan1, scan2 = s.capture("scan B1"), s.capture("scan B2")
+    assert (scan1["missed"], scan2["missed"]) == (3, 2)
+    assert scan1["missed"] + scan2["missed"] == pvs["Infer:MissedFrames_RBV"]   # what the summary says
