@@ -63,13 +63,20 @@ echo "macro: train ${STATUS}: $(caget -t -S "${P}Train:Message_RBV")"
 [ "$STATUS" = "Done" ] || exit 4
 
 # the chain loads the new version on its own; wait for it to go live
+# (a read that fails or says no number is not a new version: in the loop's test it ended the
+# loop, and the macro said success)
 waited=0
-while [ "$(caget -t "${P}ModelVersion_RBV")" -le "$VERSION0" ]; do
+while :; do
+    VERSION=$(caget -t "${P}ModelVersion_RBV" 2>/dev/null || true)
+    case "$VERSION" in
+        ''|*[!0-9]*) ;;
+        *) [ "$VERSION" -gt "$VERSION0" ] && break ;;
+    esac
     if [ "$waited" -ge "$TIMEOUT" ]; then
-        echo "macro: no new model version live within ${TIMEOUT} s" >&2
+        echo "macro: no new model version live within ${TIMEOUT} s (ModelVersion_RBV read '${VERSION}')" >&2
         exit 5
     fi
     sleep 1
     waited=$((waited + 1))
 done
-echo "macro: ModelVersion_RBV $(caget -t "${P}ModelVersion_RBV")"
+echo "macro: ModelVersion_RBV ${VERSION}"

@@ -38,6 +38,7 @@ def configure_env(args: argparse.Namespace) -> None:
         os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
     if args.pva_name_servers:
         os.environ["EPICS_PVA_NAME_SERVERS"] = args.pva_name_servers
+        os.environ["EPICS_PVA_AUTO_ADDR_LIST"] = "NO"     # as for CA: no broadcast search beside them
 
 
 def wait_for(read, done, timeout: float, what: str):

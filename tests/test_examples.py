@@ -11,6 +11,7 @@ import os
 import subprocess
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -353,3 +354,48 @@ def test_bluesky_plan_does_not_wait_for_ever_on_a_detector_that_never_finishes()
                                                   timeout=0.2))
     assert "Timeout" in type(err.value).__name__, repr(err.value)
     assert ptycho.scan_capture.get() == "Done"
+
+
+def test_pyepics_session_searches_only_where_it_is_told(monkeypatch):
+    """--ca-addr turned CA's automatic broadcast list off; --pva-name-servers left PVA's on, so the
+    detector's channel was also searched by UDP broadcast on every interface."""
+    import pyepics_session
+
+    for key in ("EPICS_CA_AUTO_ADDR_LIST", "EPICS_PVA_AUTO_ADDR_LIST", "EPICS_PVA_NAME_SERVERS", "EPICS_CA_ADDR_LIST"):
+        monkeypatch.delenv(key, raising=False)
+    pyepics_session.configure_env(pyepics_session.parse_args(
+        ["--ca-addr", "127.0.0.1:5064", "--pva-name-servers", "127.0.0.1:5095"]))
+    assert os.environ["EPICS_CA_AUTO_ADDR_LIST"] == "NO" and os.environ["EPICS_PVA_AUTO_ADDR_LIST"] == "NO"
+    assert os.environ["EPICS_PVA_NAME_SERVERS"] == "127.0.0.1:5095"
+
+
+def test_shell_macro_does_not_say_success_when_the_model_version_cannot_be_read(tmp_path):
+    """The macro's last wait read ModelVersion_RBV in the loop's test: a caget that failed (the IOC
+    gone) gave '', the test errored, the loop ended and the macro exited 0 as if the new model were
+    live. Stand-in tools: every step succeeds, then ModelVersion_RBV cannot be read."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "caget").write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        name=$(for a in "$@"; do :; done; echo "$a")
+        case "$name" in
+            *ModelVersion_RBV)
+                if [ -e "{tmp_path}/version-read" ]; then exit 1; fi
+                touch "{tmp_path}/version-read"; echo 1 ;;
+            *FramesCaptured_RBV) echo 5 ;;
+            *MissedFrames_RBV) echo 0 ;;
+            *Status_RBV) echo Done ;;
+            *SSIM_RBV) echo 0.9 ;;
+            *) echo text ;;
+        esac
+        """))
+    for tool in ("caput", "pvput", "pvget"):
+        (bin_ / tool).write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "P": "X:", "DET": "D:", "NFRAMES": "5", "TIMEOUT": "1",
+           "PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["sh", str(EXAMPLES / "macro.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert "train Done" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "no new model version live within 1 s" in r.stderr
