@@ -307,19 +307,27 @@ def test_pyepics_session_stops_recording_when_the_scan_is_not_captured_in_time(m
     assert puts[0] == ("P:Scan:Capture", 1) and puts[-1] == ("P:Scan:Capture", 0), puts
 
 
-def test_bluesky_plan_stops_recording_when_the_scan_is_not_captured_in_time():
-    """As the pyepics session: the plan raised TimeoutError with Scan:Capture still on."""
+def _plan_signals():
+    """The ptychopv device's signals the plan reads before a reconstruction, as plain signals: an
+    IOC that recorded 2 frames of the scan."""
     import types
 
-    from bluesky import RunEngine
     from ophyd import Signal
 
-    ptycho = types.SimpleNamespace(
+    return types.SimpleNamespace(
         model_version=Signal(name="ptycho_model_version", value=3),
         infer_missed_frames=Signal(name="ptycho_infer_missed_frames", value=0),
         scan_capture=Signal(name="ptycho_scan_capture", value="Done"),
         scan_capture_rbv=Signal(name="ptycho_scan_capture_rbv", value="Done"),
         scan_frames_captured=Signal(name="ptycho_scan_frames_captured", value=2))
+
+
+def test_bluesky_plan_stops_recording_when_the_scan_is_not_captured_in_time():
+    """As the pyepics session: the plan raised TimeoutError with Scan:Capture still on."""
+    from bluesky import RunEngine
+    from ophyd import Signal
+
+    ptycho = _plan_signals()
     acquire = Signal(name="acquire", value=0)
     RE = RunEngine({})
     with pytest.raises(TimeoutError, match="scan captured"):
@@ -332,8 +340,6 @@ def test_bluesky_plan_does_not_wait_for_ever_on_a_detector_that_never_finishes()
     the simulator posts Acquire 0 (a disconnect is ignored, 'the status waits on'): a detector
     that died mid-scan hung the plan for ever, whatever its ``timeout``. It now fails within it,
     and the capture it started is stopped."""
-    import types
-
     from bluesky import RunEngine
     from ophyd import Signal
     from ophyd.status import Status
@@ -342,12 +348,7 @@ def test_bluesky_plan_does_not_wait_for_ever_on_a_detector_that_never_finishes()
         def set(self, value, **kw):
             return Status(self)                          # never finishes: Acquire never goes back to 0
 
-    ptycho = types.SimpleNamespace(
-        model_version=Signal(name="ptycho_model_version", value=3),
-        infer_missed_frames=Signal(name="ptycho_infer_missed_frames", value=0),
-        scan_capture=Signal(name="ptycho_scan_capture", value="Done"),
-        scan_capture_rbv=Signal(name="ptycho_scan_capture_rbv", value="Done"),
-        scan_frames_captured=Signal(name="ptycho_scan_frames_captured", value=2))
+    ptycho = _plan_signals()
     RE = RunEngine({})
     with pytest.raises(Exception) as err:
         RE(bluesky_plan.capture_reconstruct_train(ptycho, DeadDetector(name="acquire", value=0), n_frames=10,
