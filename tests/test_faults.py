@@ -16,6 +16,7 @@ IOC, and what it must do back. Each test names the fault it reproduces (issue 14
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
@@ -286,13 +287,13 @@ def test_an_internal_stages_port_keeps_its_channel_through_a_put_and_a_restart(t
     assert saved[p + "Refine:NDArrayPort"] == p + "Stitch:Image" and saved[p + "Stitch:NDArrayPort"] == own
 
 
-def test_a_selection_written_while_a_failing_load_runs_is_the_one_that_counts(tmp_path):
-    """Model:Select completes when its load does; a second put that came meanwhile (Phoebus, caput
-    without -c) is processed after. When the first load failed, the hook put the old selection back
-    into the record and the waiting put was processed with it: the operator's 5 became 0."""
+@contextlib.contextmanager
+def _select_race(tmp_path, prefix: str, second: int):
+    """tests/select_race_ioc.py's IOC, with Model:Select 3 loading (it will fail) and a second put
+    of ``second`` waiting behind it; the load is released on entering: yields the IOC's handle."""
     from ptychopv.procs import child_env
 
-    h = write_ioc_config(tmp_path, f"SR{os.getpid()}:", CA_PORTS[1])
+    h = write_ioc_config(tmp_path, f"{prefix}{os.getpid()}:", CA_PORTS[1])
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("select_race_ioc.py")), str(tmp_path)],
                             env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -300,16 +301,24 @@ def test_a_selection_written_while_a_failing_load_runs_is_the_one_that_counts(tm
         read_until(proc, "ptychopv ioc: ready")
         epics.caput(h.pv("Model:Select"), 3, wait=False)
         wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 1, what="the load of v3 running")
-        epics.caput(h.pv("Model:Select"), 5, wait=False)
-        wait_until(lambda: caget(h.pv("Model:Select")) == 5, what="the second put waiting")
-        (tmp_path / "release").write_text("")               # v3 fails now; v5 will load
+        epics.caput(h.pv("Model:Select"), second, wait=False)
+        wait_until(lambda: caget(h.pv("Model:Select")) == second, what="the second put waiting")
+        (tmp_path / "release").write_text("")               # v3 fails now
+        yield h
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_selection_written_while_a_failing_load_runs_is_the_one_that_counts(tmp_path):
+    """Model:Select completes when its load does; a second put that came meanwhile (Phoebus, caput
+    without -c) is processed after. When the first load failed, the hook put the old selection back
+    into the record and the waiting put was processed with it: the operator's 5 became 0."""
+    with _select_race(tmp_path, "SR", 5) as h:            # v3 fails; v5 will load
         calls = tmp_path / "calls"
         wait_until(lambda: calls.exists() and calls.read_text() == "3,5", what="v5 selected")
         wait_until(lambda: caget(h.pv("Model:Select_RBV")) == 5, what="the readback")
         assert caget(h.pv("Model:Select")) == 5
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def test_an_unreadable_autosave_file_is_moved_aside(tmp_path):
@@ -1055,28 +1064,13 @@ def test_a_selection_refused_while_a_failing_load_runs_leaves_the_previous_one(t
     failed load saw the waiting put and left the setting alone for it to decide, the refused put
     then restored softioc's last accepted value, 3, so the setting (and autosave) kept the version
     that did not load while its readback said 0."""
-    from ptychopv.procs import child_env
-
-    h = write_ioc_config(tmp_path, f"SX{os.getpid()}:", CA_PORTS[1])
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("select_race_ioc.py")), str(tmp_path)],
-                            env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        read_until(proc, "ptychopv ioc: ready")
-        epics.caput(h.pv("Model:Select"), 3, wait=False)
-        wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 1, what="the load of v3 running")
-        epics.caput(h.pv("Model:Select"), 7, wait=False)
-        wait_until(lambda: caget(h.pv("Model:Select")) == 7, what="the second put waiting")
-        (tmp_path / "release").write_text("")               # v3 fails now; 7 is then refused
+    with _select_race(tmp_path, "SX", 7) as h:            # v3 fails; 7 is then refused
         wait_until(lambda: "Model:Select = 7 refused" in caget(h.pv("Infer:Message_RBV"), as_string=True),
                    what="7 refused")
         wait_until(lambda: caget(h.pv("Model:Select.PACT")) == 0, what="the record idle")
         assert (tmp_path / "calls").read_text() == "3"
         assert caget(h.pv("Model:Select_RBV")) == 0
         assert caget(h.pv("Model:Select")) == 0
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
 
 
 def test_user_names_that_are_acf_keywords_or_numbers_still_give_a_working_ioc(tmp_path):
