@@ -440,8 +440,7 @@ class LiveChain:
         if self.cfg.chain.pixel_size_m == 0 and float(self.ioc.get("Stitch:PixelSize")) == 0:
             ps = self._pixel_size()
             if abs(ps - self.stitch.stitcher.pixel_size_m) > 1e-15:
-                self.stitch.submit(self.stitch.set_pixel_size, ps)
-                self.refine.submit(self.refine.reset)
+                self._new_image(self.stitch.set_pixel_size, ps)
         size = self.infer.input_size
         card, folder = None, None
         if version:
@@ -684,12 +683,24 @@ class LiveChain:
 
     def _reset_image(self) -> None:
         """A new image: the stitched one and its refinement together (Stitch:Reset, a capture)."""
-        self.stitch.submit(self.stitch.reset)
-        self.refine.submit(self.refine.reset)
+        self._new_image(self.stitch.reset)
 
     def _set_pixel_size(self, v: float) -> None:
-        self.stitch.submit(self.stitch.set_pixel_size, float(v) if v > 0 else self._pixel_size())
-        self.refine.submit(self.refine.reset)      # its canvas is in pixels of the old size
+        # the refine stage resets too: its canvas is in pixels of the old size
+        self._new_image(self.stitch.set_pixel_size, float(v) if v > 0 else self._pixel_size())
+
+    def _new_image(self, change, *args) -> None:
+        """``change(*args)`` on the stitch thread, then the refine stage's reset queued from there,
+        behind every frame the stitch stage passed on before it. Queued at once, the refine stage's
+        reset overtook the old image's frames still being stitched: it refined them as the new
+        image's, or kept the old seed image and published no Refine:Image for the next scan."""
+        def on_stitch_thread():
+            try:
+                change(*args)
+            finally:
+                self.refine.submit(self.refine.reset)
+
+        self.stitch.submit(on_stitch_thread)
 
     def _position_hook(self, index: int) -> int:
         try:
@@ -714,8 +725,9 @@ class LiveChain:
         if on:
             self._reset_image()
             self.source.set_niced(False)      # a capture takes every frame: receive at full priority
-            fut = self.recorder.start_capture()
-            self._capturing = True
+            with self._capture_lock:          # never between the stats loop's end of the last capture
+                fut = self.recorder.start_capture()   # and its 'not capturing' (it then took no frame)
+                self._capturing = True
         else:
             fut = self.recorder.stop_capture()
         try:
@@ -767,13 +779,15 @@ class LiveChain:
         """The recorder ended a capture by itself (its file could not be opened, or it took the
         frames it was asked for): the records, the source's priority and the frame gate follow, as
         after a put of 0, and a file it wrote is a finished scan (the controller's cue)."""
-        path = self._take_capture_file()
-        if path is None:                      # a put of 0 is ending it
-            return
-        self._not_capturing()
-        self._scan_counters()
-        self.ioc.rec["Scan:Capture"].set(0, process=False)
-        self.ioc.set("Scan:Capture_RBV", 0)
+        with self._capture_lock:              # a put of 1 starts the next capture before or after, not inside
+            path = self._capture_file
+            if path is None or self.recorder.capture:     # a put of 0 is ending it, or 1 started the next
+                return
+            self._capture_file = None
+            self._not_capturing()
+            self._scan_counters()
+            self.ioc.rec["Scan:Capture"].set(0, process=False)
+            self.ioc.set("Scan:Capture_RBV", 0)
         if self._finished_scan(path):
             self._capture_ended(path)
 

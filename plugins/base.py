@@ -84,8 +84,8 @@ class PluginBase:
         self._queue: deque = deque()
         self._nframes = 0                    # frames in the queue (control calls do not count)
         self._queue_size = _check_queue_size(queue_size)
-        self.blocking_callbacks = bool(blocking_callbacks)
-        self.enable_callbacks = bool(enable_callbacks)
+        self._blocking = bool(blocking_callbacks)
+        self._enabled = bool(enable_callbacks)
         self.array_callbacks = bool(array_callbacks)
         self.downstream: list[Callable[[Any], Any]] = list(downstream)
         if rate_window_s <= 0:
@@ -138,6 +138,28 @@ class PluginBase:
         """Runs on the plugin's thread after the last item (or in ``stop()`` if never started)."""
 
     # ------------------------------------------------------------------ settings and counters
+    @property
+    def blocking_callbacks(self) -> bool:
+        return self._blocking
+
+    @blocking_callbacks.setter
+    def blocking_callbacks(self, on: bool) -> None:
+        # a put waiting for room (a stuck stage) ends now and drops its frame, counted: switching
+        # blocking (or the stage) off is how a jammed entry is freed
+        with self._lock:
+            self._blocking = bool(on)
+            self._not_full.notify_all()
+
+    @property
+    def enable_callbacks(self) -> bool:
+        return self._enabled
+
+    @enable_callbacks.setter
+    def enable_callbacks(self, on: bool) -> None:
+        with self._lock:
+            self._enabled = bool(on)
+            self._not_full.notify_all()
+
     @property
     def queue_size(self) -> int:
         return self._queue_size
@@ -268,8 +290,8 @@ class PluginBase:
         queued = 0
         with self._lock:
             for f in frames:
-                while (self._nframes >= self._queue_size and self.blocking_callbacks and self._running
-                       and not self._stopping):
+                while (self._nframes >= self._queue_size and self._blocking and self._enabled
+                       and self._running and not self._stopping):
                     if queued:
                         self._not_empty.notify()     # a batch being gathered can take them now
                     self._not_full.wait()
@@ -427,8 +449,13 @@ class PluginBase:
         if isinstance(last, Frame):
             self.unique_id, self.timestamp = last.unique_id, last.timestamp
             data = last.data
-            self.array_size0, self.array_size1 = last.size0, last.size1
-            self.data_type = data_type_name(data.dtype) if hasattr(data, "dtype") else type(data).__name__
+            try:
+                self.array_size0, self.array_size1 = last.size0, last.size1
+                self.data_type = data_type_name(data.dtype) if hasattr(data, "dtype") else type(data).__name__
+            except Exception:  # noqa: BLE001 - data that is no array (a list, None): process() refuses
+                # it, counted there; raised here, outside every guard, it ended the stage's thread
+                self.array_size0 = self.array_size1 = 0
+                self.data_type = type(data).__name__
 
     def _handle(self, work) -> None:
         if isinstance(work, _Call):

@@ -585,3 +585,81 @@ def test_a_stuck_infer_stage_reads_error_major():
 
     chain = types.SimpleNamespace(_stuck={"Infer": 0.0})
     assert LiveChain._infer_state(chain) == (INFER_STATUS.index("Error"), 2)
+
+
+def test_a_frame_whose_data_is_not_an_array_is_counted_and_the_thread_goes_on(plugins):
+    # the counters of the work taken (ArraySize0/1, DataType) are read from the frame before
+    # process(): a frame whose data has no ndim/dtype (a list, None: what a site's stage upstream
+    # returned) raised there, outside every guard, and ended the stage's thread for good
+    out = []
+    p = PluginBase(downstream=[out.append], queue_size=10)
+    plugins.append(p)
+    p.start()
+    p.put(Frame([[1, 2], [3, 4]], 1))
+    p.put(Frame(None, 2))
+    p.put(frame(3))
+    assert p.flush(5) and p.running and p._thread.is_alive()
+    assert [f.unique_id for f in out][-1] == 3 and p.array_counter == 3
+    assert p.unique_id == 3 and p.array_size0 == 6 and p.data_type == "UInt16"
+
+
+@pytest.mark.parametrize("setting, value", [("blocking_callbacks", False), ("enable_callbacks", False)])
+def test_a_put_waiting_on_a_stuck_stage_ends_when_blocking_or_the_stage_is_switched_off(plugins, setting, value):
+    # BlockingCallbacks=Yes and a stage whose process() never returns (a hung engine): the source's
+    # thread waits in put() for room, and every detector-fed stage and a capture starve. Switching
+    # BlockingCallbacks (or EnableCallbacks) off is how an operator unjams it; the waiting put did
+    # not see the change (nothing woke it) and waited for as long as the stage was stuck
+    p = Gated(queue_size=1, blocking_callbacks=True)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)                 # frame 1 in process (stuck), the queue empty
+    assert p.put(frame(2)) == 1              # the queue full
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(p.put(frame(3))), daemon=True)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()                 # waiting for room, as BlockingCallbacks says
+    setattr(p, setting, value)
+    waiter.join(5)
+    stuck = waiter.is_alive()
+    p.gate.set()
+    waiter.join(5)
+    assert not stuck, f"{setting}={value} did not release a put waiting on a stuck stage"
+    assert taken == [0] and p.dropped_arrays == 1
+
+
+@pytest.mark.parametrize("how", ["reset", "pixel size"])
+def test_the_refine_stage_resets_behind_the_frames_stitched_before_the_reset(plugins, how):
+    """Stitch:Reset (a capture starting, Stitch:PixelSize) queues a reset on the stitch stage and
+    on the refine stage. The refine stage's went straight into its queue, ahead of the old image's
+    frames still being stitched: those reached it after its reset, and it refined them as the new
+    image's, or, with the seed's reset still to come, held on to the old seed image and published no
+    Refine:Image for the whole next scan (``Refiner.image``: the seed's image is newer)."""
+    from ptychopv.ioc.chain import LiveChain
+
+    class Stage(Gated):
+        def reset(self):
+            self.seen.append("reset")
+
+        def set_pixel_size(self, ps):
+            self.seen.append("reset")
+
+    stitch, refine = Stage("Stitch"), Stage("Refine")
+    refine.gate.set()
+    stitch.downstream.append(refine)
+    plugins.extend([stitch, refine])
+    stitch.start(), refine.start()
+    stitch.put(frame(1))
+    assert stitch.entered.wait(5)           # the old image's last frame is being stitched
+    chain = LiveChain.__new__(LiveChain)
+    chain.stitch, chain.refine = stitch, refine
+    if how == "reset":
+        LiveChain._reset_image(chain)
+    else:
+        LiveChain._set_pixel_size(chain, 1e-8)
+    stitch.put(frame(2))                    # the new image's first
+    stitch.gate.set()
+    assert stitch.flush(5) and refine.flush(5)
+    assert stitch.seen == [1, "reset", 2]
+    assert refine.seen == [1, "reset", 2]

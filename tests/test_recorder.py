@@ -344,3 +344,69 @@ def test_a_scan_whose_entry_has_an_array_attribute_still_reads(tmp_path):
     scan = read_scan(path)
     assert scan.unique_id.tolist() == [1, 2, 3]
     assert scan.attrs["roi"] == [0, 0, 64, 64] and scan.attrs["energy_ev"] == 8800.0
+
+
+def test_a_capture_put_while_the_stats_loop_ends_the_last_one_keeps_taking_frames(rec, tmp_path):
+    """The recorder ended a capture by itself (Scan:NumCapture); the stats loop takes its file and
+    marks the chain not capturing, and a put of Scan:Capture 1 comes in between (the IOC's loop
+    thread; a scan macro that does not wait for Capture_RBV 0). The stats loop's 'not capturing'
+    landed after the new capture's 'capturing': the recorder captured, Capture_RBV said 1, and the
+    chain handed it no frame, so the whole scan was lost ('no frame arrived')."""
+    import asyncio
+    import types
+
+    from ptychopv.ioc.chain import LiveChain
+
+    in_stats, new_on = threading.Event(), threading.Event()
+
+    class Chain(LiveChain):
+        @property
+        def _capturing(self):
+            return self.__dict__["_cap"]
+
+        @_capturing.setter
+        def _capturing(self, on):
+            if not on and threading.current_thread().name == "stats":
+                in_stats.set()
+                new_on.wait(2)           # the put's coroutine gets in here, where it can
+            self.__dict__["_cap"] = on
+            if on:
+                new_on.set()
+
+    class Rec:
+        def __init__(self):
+            self.v = 0
+
+        def set(self, v, **kw):
+            self.v = v
+
+        def get(self):
+            return self.v
+
+    recs = {}
+    ioc = types.SimpleNamespace(rec=recs, notes={}, message=lambda *a, **k: None,
+                                set=lambda name, v, **k: recs.setdefault(name, Rec()).set(v))
+    recs["Scan:Capture"] = Rec()
+    chain = Chain.__new__(Chain)
+    chain.ioc, chain.recorder, chain.scaleout, chain.on_capture_end = ioc, rec, None, []
+    chain._capture_lock, chain._seen, chain._messages, chain._standing = threading.Lock(), {}, {}, {}
+    chain.source = types.SimpleNamespace(set_niced=lambda on: None)
+    chain.stitch = chain.refine = types.SimpleNamespace(submit=lambda fn, *a: None, reset=None)
+    chain.__dict__["_cap"], chain._capture_file = False, None
+    # the last capture: started, then ended by the recorder itself
+    asyncio.run(chain._capture(1))
+    rec.put(frame(1))
+    rec.stop_capture().result(5)      # (as Scan:NumCapture does on the recorder's thread)
+    assert chain._capturing and chain._capture_file and not rec.capture
+    new_on.clear()
+    stats = threading.Thread(target=chain._capture_stopped_by_recorder, name="stats", daemon=True)
+    stats.start()
+    assert in_stats.wait(5)
+    asyncio.run(chain._capture(1))     # Scan:Capture 1 for the next scan
+    stats.join(10)
+    assert not stats.is_alive()
+    assert rec.capture and recs["Scan:Capture_RBV"].v == 1
+    chain._record(frame(2))            # the source hands the next frame on
+    assert rec.flush(5)
+    assert chain._capturing, "the new capture is on, but the chain hands it no frame"
+    assert rec.frames_captured == 1
