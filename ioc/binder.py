@@ -72,7 +72,7 @@ class StageBinder:
                 if not pv.attr:
                     continue
                 if pv.writable:
-                    setattr(plugin, pv.attr, attribute_value(pv, self.ioc.get(pv.name)))
+                    self._restore(st.name, plugin, pv)
                     self.ioc.on(pv.name)(self._setter(plugin, pv))
                 for rec in pv.records():
                     if not rec.writable:
@@ -82,6 +82,37 @@ class StageBinder:
             if st.upstream is not None:
                 self.plugins[st.upstream].downstream.append(self.plugins[st.name])
         return self.plugins
+
+    def _restore(self, stage: str, plugin, pv: schema.PV) -> None:
+        """Give the plugin the setting its record holds (autosave's). A value the plugin refuses
+        though the declaration takes it (a site's plugin stricter than its PV, or made so since the
+        value was saved) ended every start: the declaration's first value is used instead (else
+        the plugin's own), the record shows it, so it is what autosave keeps, and the stage says why."""
+        value = self.ioc.get(pv.name)
+        try:
+            setattr(plugin, pv.attr, attribute_value(pv, value))
+            return
+        except Exception as exc:  # noqa: BLE001 - one saved value never stops a start
+            why = str(exc) or type(exc).__name__
+        if pv.initial is not None:
+            try:
+                setattr(plugin, pv.attr, attribute_value(pv, pv.initial))
+            except Exception:  # noqa: BLE001 - the plugin's own value stays
+                pass
+        used = record_value(pv, getattr(plugin, pv.attr))
+        rec = getattr(self.ioc, "rec", {}).get(pv.name)
+        if rec is not None:
+            rec.set(used, process=False)        # the setting, not only its readback: autosave saves it
+        else:
+            self.ioc.set(pv.name, used)
+        note = f"autosave: {pv.name} = {value!r} not restored ({why}); {used!r} used"
+        log.warning("%s", note)
+        notes = getattr(self.ioc, "notes", None)
+        if notes is not None:
+            notes[stage] = (f"{notes[stage]}; {note}" if notes.get(stage) else note)[:255]
+            note = notes[stage]
+        if hasattr(self.ioc, "message"):
+            self.ioc.message(stage, note, severity=1)
 
     @staticmethod
     def _setter(plugin, pv: schema.PV):

@@ -99,7 +99,8 @@ class LiveChain:
             import numpy as np
 
             try:
-                mask = np.load(resolve(cfg, c.mask_file))
+                # checked as a bad-pixel mask here (2-D, boolean), so a refusal names the file
+                mask = PreprocessOptions(mask=np.load(resolve(cfg, c.mask_file))).mask
             except (OSError, ValueError) as exc:      # the start fails, with the key named
                 raise ConfigError(f"chain.mask_file {resolve(cfg, c.mask_file)}: {exc}") from None
         self.infer.pre.options = PreprocessOptions(binning=c.binning, crop=(c.crop, c.crop) if c.crop else None,

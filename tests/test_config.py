@@ -134,3 +134,17 @@ def test_scale_out_channels_are_refused_on_load_not_at_start_up(scaleout, key):
     pvaPy servers' command lines as they were."""
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": .*PVA channel name"):
         parse_config({"scaleout": scaleout})
+
+
+def test_a_config_that_is_not_utf8_is_refused_naming_the_file(tmp_path, capsys):
+    """A config saved by an editor in Latin-1 (a comment with 'µm') ended `ptychopv ioc` with a
+    UnicodeDecodeError traceback that named no file, exit 1; it is a config error: one line naming
+    the file, exit 2."""
+    from ptychopv.cli import main
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("# beam 0.5 \u00b5m\nprefix: 'PTY:'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml"):
+        load_config(bad)
+    assert main(["ioc", "--config", str(bad)]) == 2
+    assert "latin1.yaml" in capsys.readouterr().err

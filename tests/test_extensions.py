@@ -358,3 +358,29 @@ def test_the_stand_alone_commands_take_a_sites_algorithm_and_network_with_its_co
     assert r.returncode == 2 and "not a readable HDF5" in r.stderr, r.stderr[-1000:]
     r = run("reconstruct", *common, "--config", str(tmp_path / "none.yaml"))
     assert r.returncode == 2 and "none.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.epics
+def test_a_saved_setting_the_sites_plugin_refuses_does_not_stop_the_start(tmp_path):
+    """An autosaved Gain:Gain of 0 (within the declared 0..100, so the autosave check kept it; the
+    site's plugin refuses it, as a newer plugin may refuse what an older one took) was set on the
+    plugin by the binder outside any check: every start ended with 'start-up failed: ValueError:
+    gain must be > 0', exit 1, naming no file, until the autosave file was edited by hand. The IOC
+    starts with the declared value, says so on the stage's message, and never saves the 0 again."""
+    import yaml
+
+    write_site(tmp_path)
+    extra = "extensions: [site_gain]\nchain: {engine: passthrough, passthrough_size: 64, seed_demo_model: false}\n"
+    h = write_ioc_config(tmp_path, f"XR{os.getpid()}:", CA_PORTS[1], extra=extra)
+    saved = tmp_path / "autosave" / f"{h.prefix.rstrip(':')}.softsav"
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump({h.pv("Gain:Gain"): 0.0, h.pv("Refine:Lag"): 7}))
+    ioc = start_ioc(h.config, timeout=60)
+    try:
+        assert fresh_get(h, "Gain:Gain") == pytest.approx(2.0)          # the declaration's value
+        assert fresh_get(h, "Refine:Lag") == 7                           # the rest restored
+        msg = str(fresh_get(h, "Gain:Message_RBV"))
+        assert "Gain:Gain" in msg and "not restored" in msg, msg
+    finally:
+        assert ioc.stop() == 0
+    assert yaml.safe_load(saved.read_text())[h.pv("Gain:Gain")] == pytest.approx(2.0)

@@ -1100,3 +1100,21 @@ def test_an_access_file_that_does_not_parse_ends_the_start(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "ready" not in done.stdout
     assert "bad.acf" in [ln for ln in done.stderr.splitlines() if ln.strip()][-1], done.stderr
+
+
+@pytest.mark.parametrize("mask", [np.zeros((2, 8, 8), bool), np.zeros(8, bool)])
+def test_a_mask_file_the_chain_cannot_use_ends_the_start_naming_it(tmp_path, mask):
+    """chain.mask_file that np.load reads but that is no bad-pixel mask (a stack of frames, a
+    vector): PreprocessOptions raised outside the file's check, and
+    the start ended with 'start-up failed: ValueError: bad-pixel mask must be 2-D ...', exit 1,
+    naming no file. It is the config's file: one line naming it, exit 2."""
+    from ptychopv.procs import child_env, ptychopv_args
+
+    h = write_ioc_config(tmp_path, f"PK{os.getpid()}:", CA_PORTS[1],
+                         extra="chain: {seed_demo_model: false, mask_file: mask.npy}\n")
+    np.save(tmp_path / "mask.npy", mask)
+    r = subprocess.run(ptychopv_args("ioc", "--config", str(h.config)), env=child_env(), capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("ptychopv ioc: chain.mask_file") and "mask.npy" in last, r.stderr

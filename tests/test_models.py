@@ -414,3 +414,32 @@ def test_a_selection_while_the_registry_cannot_be_read_is_refused_not_let_in(tmp
     assert validate(None, 3) is False            # the put is refused, the record keeps its value
     assert refused[0][:2] == ("Model:Select", 3) and "cannot be read" in refused[0][2]
     assert validate(None, 0) is True             # 0 (follow the registry) needs no reading
+
+
+def test_a_card_beamline_whose_probe_cannot_be_made_does_not_jam_the_stitch_stage():
+    """A model card's beamline with a probe kind the physics does not know ('gaussian') or a beam
+    too wide or too narrow for its frames passed Beamline.from_card, and its probe() raised on the
+    stitch thread in the swap's _set_model_window, into a future nobody reads: the previous model's
+    window stayed, so after a swap from a 64-pixel model every batch of the new model's 32-pixel
+    patches raised ('weight window has shape ...'), and the refine stage never got a probe; nothing
+    said why. Such a beamline is no beamline, like one with a size of 0."""
+    import types
+
+    from ptychopv.ioc.chain import LiveChain
+    from ptychopv.science.physics import Beamline
+    from ptychopv.science.stitching import Stitcher
+
+    for bad in ({"probe_kind": "gaussian"}, {"beam_m": 1e-3}, {"beam_m": 1e-12}):
+        assert Beamline.from_card({"beamline": bad}) is None, bad
+    good64 = {"beamline": Beamline(frame_px=64).card()}
+    bad32 = {"beamline": dict(Beamline(frame_px=32).card(), probe_kind="gaussian")}
+    chain = LiveChain.__new__(LiveChain)
+    chain._probe_window = False
+    chain.cfg = types.SimpleNamespace(beamline=types.SimpleNamespace(beam_m=0.0))
+    stitcher = Stitcher(Beamline(frame_px=64).pixel_size_m)
+    chain.stitch = types.SimpleNamespace(stitcher=stitcher)
+    chain.refine = types.SimpleNamespace(submit=lambda *a: None)
+    chain._set_model_window(good64, 64)           # v1's window, 64 px
+    chain._set_model_window(bad32, 32)            # the swap to v2 (32 px): raised before the fix
+    placed = stitcher.add(np.zeros((2, 32, 32), np.float32), [[0.0, 0.0], [1e-7, 0.0]])
+    assert placed == 2

@@ -386,9 +386,13 @@ class Beamline:
             if not numeric and not isinstance(v, str):
                 return None
         try:
-            return cls(**known)
-        except (TypeError, ValueError):
+            beamline = cls(**known)
+            # a probe kind the physics does not know, or a beam too wide or narrow for the frames:
+            # its probe() raised on the stitch thread at a swap, and the old window stayed
+            beamline.probe()
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
             return None
+        return beamline
 
     def differences(self, other: "Beamline", rtol: float = 0.02) -> list[str]:
         """What differs between two beamlines, in words (empty: they match within ``rtol``)."""
