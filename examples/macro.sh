@@ -12,12 +12,16 @@
 #   DET       detector prefix; Acquire, NumFrames_RBV  (default PTYSIM:, ptychopv sim's)
 #   NFRAMES   frames in the scan (default: read ${DET}NumFrames_RBV)
 #   TIMEOUT   seconds to wait for the scan to be captured (default 300)
+#   JOB_TIMEOUT  seconds caput -c waits for a reconstruction or a training (default 3600): caput
+#             waits -w seconds (EPICS_CLI_TIMEOUT, else 1) for a put-callback, and one that has not
+#             come by then is only said on stderr, the exit status 0
 #   EPICS_CA_ADDR_LIST / EPICS_PVA_NAME_SERVERS as usual for the tools.
 set -eu
 
 P=${P:-PTYCHO:}
 DET=${DET:-PTYSIM:}
 TIMEOUT=${TIMEOUT:-300}
+JOB_TIMEOUT=${JOB_TIMEOUT:-3600}
 DET_PUT=${DET_PUT:-pvput}
 DET_GET=${DET_GET:-pvget}
 
@@ -29,7 +33,7 @@ VERSION0=$(caget -t "${P}ModelVersion_RBV")
 echo "macro: model version ${VERSION0}; capturing ${NFRAMES} frames from ${DET}"
 
 MISSED0=$(caget -t "${P}Infer:MissedFrames_RBV")
-caput -c "${P}Scan:Capture" 1 >/dev/null
+caput -c -w "$TIMEOUT" "${P}Scan:Capture" 1 >/dev/null
 $DET_PUT "${DET}Acquire" 1 >/dev/null
 # the recorder counts frames as they arrive; stop recording once every frame is in or known lost
 # on the way (a uniqueId gap, Infer:MissedFrames_RBV): a lost frame never arrives
@@ -40,7 +44,7 @@ while :; do
     [ $((CAPTURED + LOST)) -ge "$NFRAMES" ] && break
     if [ "$waited" -ge "$TIMEOUT" ]; then
         echo "macro: scan not captured within ${TIMEOUT} s (${CAPTURED} of ${NFRAMES} recorded, ${LOST} lost)" >&2
-        caput -c "${P}Scan:Capture" 0 >/dev/null
+        caput -c -w "$TIMEOUT" "${P}Scan:Capture" 0 >/dev/null
         exit 2
     fi
     sleep 1
@@ -49,15 +53,15 @@ done
 if [ "$LOST" -gt 0 ]; then
     echo "macro: ${LOST} of ${NFRAMES} frames lost on the way (Infer:MissedFrames_RBV); the scan has ${CAPTURED}"
 fi
-caput -c "${P}Scan:Capture" 0 >/dev/null       # completes when the file is closed
+caput -c -w "$TIMEOUT" "${P}Scan:Capture" 0 >/dev/null   # completes when the file is closed
 echo "macro: scan file $(caget -t -S "${P}Scan:FileName_RBV")"
 
-caput -c "${P}Recon:Start" 1 >/dev/null         # completes when reconstructed, labelled, validated
+caput -c -w "$JOB_TIMEOUT" "${P}Recon:Start" 1 >/dev/null   # completes when reconstructed, labelled, validated
 STATUS=$(caget -t "${P}Recon:Status_RBV")
 echo "macro: recon ${STATUS}: $(caget -t -S "${P}Recon:Message_RBV") SSIM $(caget -t "${P}SSIM_RBV")"
 [ "$STATUS" = "Done" ] || exit 3
 
-caput -c "${P}Train:Start" 1 >/dev/null         # completes when the new version is registered
+caput -c -w "$JOB_TIMEOUT" "${P}Train:Start" 1 >/dev/null   # completes when the new version is registered
 STATUS=$(caget -t "${P}Train:Status_RBV")
 echo "macro: train ${STATUS}: $(caget -t -S "${P}Train:Message_RBV")"
 [ "$STATUS" = "Done" ] || exit 4

@@ -4,8 +4,9 @@
 ``python -m tests.example_shims TOOL ARGS...`` behaves like the tool for the options the macro
 uses: ``caget [-t] [-S] NAME...`` prints ``NAME VALUE`` (``VALUE`` with ``-t``), enums as strings,
 a char array (a long string) as its count and numbers unless ``-S`` is given, as base's does;
-``caput [-c] NAME VALUE`` puts (``-c``: waits for the put-callback) and prints ``Old``/``New``
-lines; ``pvget NAME`` prints ``NAME VALUE``; ``pvput NAME VALUE``. Exit status 1 on a timeout.
+``caput [-c] [-w SEC] NAME VALUE`` puts (``-c``: waits up to ``-w`` seconds, default
+``EPICS_CLI_TIMEOUT`` or 1, for the put-callback, and like base's says a callback that did not
+come on stderr with exit status 0) and prints ``Old``/``New`` lines; ``pvget NAME`` prints ``NAME VALUE``; ``pvput NAME VALUE``. Exit status 1 on a timeout.
 :func:`write_shims` makes one executable per tool in a folder for PATH.
 """
 
@@ -58,12 +59,23 @@ def caget(args: list[str]) -> int:
 def caput(args: list[str]) -> int:
     import epics
 
-    opts, rest = _split(args, "cw")
+    # base's caput waits -w seconds (default EPICS_CLI_TIMEOUT, else 1.0) for the connection and,
+    # with -c, for the put-callback; a callback that does not come in that time is said on stderr
+    # and the exit status stays 0 (caput.c): a macro must give -w for a put that takes long
+    wait, opts, rest = float(os.environ.get("EPICS_CLI_TIMEOUT", "1.0")), set(), []
+    it = iter(args)
+    for a in it:
+        if a == "-w":
+            wait = float(next(it, "1.0"))
+        elif a == "-c":
+            opts.add("c")
+        else:
+            rest.append(a)
     if len(rest) != 2:
-        print("usage: caput [-c] NAME VALUE", file=sys.stderr)
+        print("usage: caput [-c] [-w SEC] NAME VALUE", file=sys.stderr)
         return 2
     name, value = rest
-    pv = epics.get_pv(name, connect=True, timeout=10)
+    pv = epics.get_pv(name, connect=True, timeout=max(wait, 10.0))   # (pyepics connects slower)
     if not pv.connected:
         print(f"{name}: no connection", file=sys.stderr)
         return 1
@@ -72,9 +84,9 @@ def caput(args: list[str]) -> int:
     put = value
     if pv.type in ("enum", "time_enum", "ctrl_enum") and value in (pv.enum_strs or ()):
         put = pv.enum_strs.index(value)
-    if pv.put(put, wait="c" in opts, timeout=3600) is None and "c" in opts:
-        print(f"{name}: put-callback did not complete", file=sys.stderr)
-        return 1
+    done = pv.put(put, wait="c" in opts, timeout=wait)
+    if "c" in opts and (done is None or done < 0):
+        print("Write callback operation timed out", file=sys.stderr)
     print(f"Old : {name} {old}\nNew : {name} {pv.get(as_string=True, use_monitor=False)}")
     return 0
 

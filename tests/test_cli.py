@@ -325,3 +325,26 @@ def test_the_demos_scan_figures_are_each_scans_own():
     scan1, scan2 = s.capture("scan B1"), s.capture("scan B2")
     assert (scan1["missed"], scan2["missed"]) == (3, 2)
     assert scan1["missed"] + scan2["missed"] == pvs["Infer:MissedFrames_RBV"]   # what the summary says
+
+
+def test_sim_paths_on_the_command_line_are_the_working_folders_and_the_configs_its_own(tmp_path, monkeypatch):
+    """`ptychopv sim --config examples/ptychopv.yaml --replay examples/scans/scan_00001.h5` looked
+    for examples/examples/scans/...: the command line's paths were resolved against the config's
+    folder. They are the working folder's; a path written in the config stays the config's."""
+    import argparse
+
+    from ptychopv.commands import sim
+
+    (tmp_path / "conf").mkdir()
+    cfg = tmp_path / "conf" / "sim.yaml"
+    cfg.write_text("sim: {truth_file: truth.h5, replay: {file: scans/s.h5}}\n")
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    sim.add_arguments(parser)
+    opts = sim._options(parser.parse_args(["--config", "conf/sim.yaml"]))
+    assert opts.replay.file.resolve() == tmp_path / "conf" / "scans" / "s.h5"
+    assert opts.truth_file.resolve() == tmp_path / "conf" / "truth.h5"
+    opts = sim._options(parser.parse_args(["--config", "conf/sim.yaml", "--replay", "conf/scans/s.h5",
+                                           "--truth", "t.h5"]))
+    assert opts.replay.file.resolve() == tmp_path / "conf" / "scans" / "s.h5"
+    assert opts.truth_file.resolve() == tmp_path / "t.h5"

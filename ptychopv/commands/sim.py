@@ -22,12 +22,21 @@ def add_arguments(p) -> None:
 
 
 def _options(args):
+    from pathlib import Path
+
     from ..config import ConfigError, ReplayOptions, load_config, resolve
 
     cfg = load_config(args.config)
     sim = cfg.sim
+    # the config's paths are relative to its folder; the command line's to the working folder
+    # (`--replay examples/scans/scan_00001.h5` with `--config examples/...` looked in
+    # examples/examples/)
+    if sim.replay is not None:
+        sim.replay.file = resolve(cfg, sim.replay.file)
+    sim.truth_file = resolve(cfg, sim.truth_file)
     updates = {"pva_server_port": args.port, "pva_broadcast_port": args.broadcast_port,
-               "frame_rate_hz": args.rate, "codec": args.codec, "truth_file": args.truth}
+               "frame_rate_hz": args.rate, "codec": args.codec,
+               "truth_file": None if args.truth is None else Path(args.truth).absolute()}
     try:
         for k, v in updates.items():
             if v is not None:
@@ -35,12 +44,9 @@ def _options(args):
         if args.acquire:
             sim.auto_start = True
         if args.replay:
-            sim.replay = ReplayOptions(file=args.replay, fftshift=args.fftshift)
+            sim.replay = ReplayOptions(file=Path(args.replay).absolute(), fftshift=args.fftshift)
     except ValueError as exc:
         raise ConfigError(f"command line: {exc}") from None
-    if sim.replay is not None:
-        sim.replay.file = resolve(cfg, sim.replay.file)
-    sim.truth_file = resolve(cfg, sim.truth_file)
     return sim
 
 
