@@ -891,9 +891,11 @@ class LiveChain:
         if took > limit and stage not in self._stuck:
             since = time.strftime("%H:%M:%S", time.localtime(time.time() - took))
             self._stuck[stage] = time.monotonic() - took
+            plugin.stuck = True                     # a blocking stage's put drops, not waits, now
             self._message(stage, f"stuck: its work in hand has not returned for over {limit:g} s (since {since}); "
                                  "frames for it wait, then are dropped", severity=2, standing=True)
         elif took <= limit and stage in self._stuck:
+            plugin.stuck = False
             took = time.monotonic() - self._stuck.pop(stage)
             if self._standing.get(stage, ("",))[0].startswith("stuck:"):
                 self._standing.pop(stage)           # only its own: another standing condition stays

@@ -86,6 +86,7 @@ class PluginBase:
         self._queue_size = _check_queue_size(queue_size)
         self._blocking = bool(blocking_callbacks)
         self._enabled = bool(enable_callbacks)
+        self._stuck = False                  # said stuck by the chain: a put does not wait for room
         self.array_callbacks = bool(array_callbacks)
         self.downstream: list[Callable[[Any], Any]] = list(downstream)
         if rate_window_s <= 0:
@@ -158,6 +159,21 @@ class PluginBase:
     def enable_callbacks(self, on: bool) -> None:
         with self._lock:
             self._enabled = bool(on)
+            self._not_full.notify_all()
+
+    @property
+    def stuck(self) -> bool:
+        """Set by the chain's stall watch while this stage's work in hand has not returned for
+        ``chain.stall_s``: a blocking stage's puts then drop (counted) instead of waiting for room,
+        and a put waiting now ends. A hung file system under the scan recorder (blocking, with no
+        BlockingCallbacks record) held the source's thread in the recorder's put: no stage got
+        another frame. Cleared when the work returns: blocking again."""
+        return self._stuck
+
+    @stuck.setter
+    def stuck(self, on: bool) -> None:
+        with self._lock:
+            self._stuck = bool(on)
             self._not_full.notify_all()
 
     @property
@@ -291,7 +307,7 @@ class PluginBase:
         with self._lock:
             for f in frames:
                 while (self._nframes >= self._queue_size and self._blocking and self._enabled
-                       and self._running and not self._stopping):
+                       and not self._stuck and self._running and not self._stopping):
                     if queued:
                         self._not_empty.notify()     # a batch being gathered can take them now
                     self._not_full.wait()

@@ -663,3 +663,42 @@ def test_the_refine_stage_resets_behind_the_frames_stitched_before_the_reset(plu
     assert stitch.flush(5) and refine.flush(5)
     assert stitch.seen == [1, "reset", 2]
     assert refine.seen == [1, "reset", 2]
+
+
+def test_a_blocking_stage_said_stuck_frees_the_put_waiting_for_it_and_blocks_again_once_it_returns(plugins):
+    """The scan recorder blocks (it should not drop frames) and has no BlockingCallbacks record: a
+    file system that hung under it held the source's thread in its put, so no stage got another
+    frame, and "stuck: ... frames for it wait, then are dropped" was not so. Said stuck, a blocking
+    stage's waiting put ends and later puts drop (counted) at once; once its work returns it
+    blocks again."""
+    from ptychopv.ioc.chain import LiveChain
+
+    p = Gated(queue_size=1, blocking_callbacks=True)
+    plugins.append(p)
+    p.start()
+    p.put(frame(1))
+    assert p.entered.wait(5)
+    assert p.put(frame(2)) == 1
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(p.put(frame(3))), daemon=True)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    said = []
+    chain = LiveChain.__new__(LiveChain)
+    chain.cfg = types.SimpleNamespace(chain=types.SimpleNamespace(stall_s=0.05))
+    chain._stuck, chain._standing = {}, {}
+    chain._message = lambda stage, text, severity=0, standing=None: said.append(text)
+    deadline = time.monotonic() + 5
+    while p.stalled_s() <= 0.05 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    LiveChain._watch_stall(chain, "Scan", p)
+    assert said and said[-1].startswith("stuck:") and p.stuck
+    waiter.join(5)
+    assert not waiter.is_alive() and taken == [0] and p.dropped_arrays == 1
+    assert p.put(frame(4)) == 0 and p.dropped_arrays == 2          # dropped at once, not waited
+    p.gate.set()
+    assert p.flush(5)
+    LiveChain._watch_stall(chain, "Scan", p)
+    assert said[-1].startswith("no longer stuck") and not p.stuck
+    assert p.blocking_callbacks                                    # its setting never changed
