@@ -149,7 +149,8 @@ class RefinePlugin(BatchingPlugin):
         return msg
 
     def reset(self) -> None:
-        self.refiner.reset()
+        self.refiner.reset()            # its counters (refined, no probe, rejected) start again ...
+        self.frames_no_counts = 0       # ... and so does this one: Refine:FramesNotRefined_RBV is this image's
         self._last_uid = None
         self.image_number += 1
         self.generation += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -1099,3 +1100,82 @@ def test_a_scan_whose_first_frames_are_nearly_dark_is_still_refined(scan):
     hot[20, 10, 10] = 2.0 ** 32 - 1
     ref = _refined(scan, hot, scan.positions_m)
     assert ref.frames_rejected == 1 and "hot or saturated" in ref.last_message
+
+
+def test_refused_frames_do_not_renew_the_settled_sweeps(scan):
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=0, passes=3)
+    run(scan, ref, st, patches)
+    ref.finish()
+    assert ref.settled
+    updates = ref.updates
+    dark = np.zeros((1, *scan.frames.shape[1:]), np.float32)
+    assert ref.add(dark, scan.positions_m[:1]) == 0            # a dark frame: refused, counted
+    assert ref.add(scan.frames[:1], [(np.nan, np.nan)]) == 0   # no position: refused, counted
+    assert ref.frames_rejected == 2
+    assert ref.settled, "a refused frame renewed the background sweeps"
+    assert not ref.step() and ref.updates == updates
+
+def test_a_probe_trial_gives_way_to_new_frames_and_to_a_stop(scan):
+    """A trial refines up to 400 kept frames twice for trial_sweeps sweeps outside the lock: seconds
+    of the refine thread. Like a mend it must give way (Refiner.interrupt: frames waiting, the stage
+    stopping) and stay due, or the stage takes no frame (drops them) and cannot stop meanwhile."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=16, passes=2, mend_sweeps=0)
+    run(scan, ref, st, patches)
+    ref.finish()
+    ref.offer_probe(stale_probe(scan))
+    asked = []
+    ref.interrupt = lambda: asked.append(1) or True        # frames wait: give way at once
+    ref.step()
+    assert asked, "the trial never asked whether to give way"
+    assert ref.trial_state == "pending" and ref.probe_trials == 0 and np.array_equal(ref.probe, scan.probe)
+    ref.interrupt = None
+    ref.finish()
+    assert ref.trial_state == "kept" and ref.probe_trials == 1
+    # the plugin: a long trial (100 sweeps each probe) gives way to a stop
+    patches = blurry_patches(scan)
+    with running_pair(scan, patches, scan.probe, passes=1, trial_sweeps=100, mend_sweeps=0) as (stitch, plug):
+        for f in counted_frames(scan, patches):
+            stitch.put(f)
+        wait_until(lambda: plug.settled, what="the sweeps")
+        started = threading.Event()
+        replay = plug.refiner._replay
+        plug.refiner._replay = lambda *a, **k: (started.set(), replay(*a, **k))[1]
+        plug.offer_probe(stale_probe(scan))
+        assert started.wait(30)
+        t0 = time.monotonic()
+        assert plug.stop(timeout=30)
+        assert time.monotonic() - t0 < 5
+        assert plug.refiner.probe_trials == 0 and plug.refiner.trial_state == "pending"
+
+def test_passes_lowered_while_sweeping_ends_the_sweeps_it_no_longer_allows(scan):
+    """Refine:Passes is the most background sweeps; lowered while the stage sweeps (to free the CPU,
+    or 0 to stop), the budget set at the last frame's arrival (500 sweeps) ran on to its end."""
+    st, patches = seeded(scan)
+    ref = Refiner(st, scan.probe, lag=0, passes=500, denoise=0)
+    run(scan, ref, st, patches)
+    n = len(scan.frames)
+    for _ in range(2 * n):                # two sweeps
+        assert ref.step()
+    ref.passes = 0
+    assert not ref.step() and ref.settled, ref.counters()
+    ref.passes = 5                        # raised again: at most 5 sweeps since the frames came
+    updates = ref.updates
+    ref.finish()
+    assert ref.updates - updates <= 3 * n
+
+def test_frames_not_refined_counts_the_image_it_goes_with(scan):
+    """Refine:FramesRefined_RBV and FramesNotRefined_RBV count one image's frames: a new
+    acquisition (or Stitch:Reset) zeroes both; the frames without counts were left in the second."""
+    patches = blurry_patches(scan)
+    stitch, ref = plugin_pair(scan, patches, scan.probe)
+    frames = counted_frames(scan, patches)[:8]
+    bare = Frame(patches[8], unique_id=9, position=tuple(scan.positions_m[8]))     # no counts
+    ref.process(frames + [bare])
+    assert (ref.frames_refined, ref.frames_not_refined) == (8, 1)
+    ref.process(frames[:4])                   # uniqueId back to 1: a new acquisition
+    assert (ref.frames_refined, ref.frames_not_refined) == (4, 0)
+    ref.process([bare])
+    ref.reset()                               # Stitch:Reset reaches the refine stage
+    assert (ref.frames_refined, ref.frames_not_refined) == (0, 0)

@@ -274,9 +274,10 @@ class _Setting:
     ValueError naming ``what``, and the value in use stays."""
 
     def __init__(self, kind: type, lo: float, hi: float, what: str, *, open_ends: bool = False,
-                 unit: str = "", attr: str | None = None):
+                 unit: str = "", attr: str | None = None, changed: str | None = None):
         self.kind, self.lo, self.hi, self.what = kind, lo, hi, what
         self.open_ends, self.unit, self.attr = open_ends, unit, attr
+        self.changed = changed      # a method of the owner to call once a new value is stored
 
     def __set_name__(self, owner, name: str) -> None:
         self.attr = self.attr or f"_{name}"
@@ -286,6 +287,8 @@ class _Setting:
 
     def __set__(self, obj, value) -> None:
         setattr(obj, self.attr, self.check(value))
+        if self.changed is not None:
+            getattr(obj, self.changed)()
 
     def check(self, value):
         lo, hi = self.lo, self.hi
@@ -380,10 +383,17 @@ class Refiner:
     half_step_photons = _Setting(float, 0, np.inf, "half_step_photons", attr="_half")
     revisits = _Setting(int, 0, 100, "revisits")
     lag = _Setting(int, 0, 100000, "lag", unit=" frames")
-    passes = _Setting(int, 0, 10000, "passes")
+    passes = _Setting(int, 0, 10000, "passes", changed="_passes_changed")
     denoise = _Setting(float, 0, 100, "denoise")
     trial_sweeps = _Setting(int, 0, 100, "trial_sweeps")
     mend_sweeps = _Setting(int, 0, 500, "mend_sweeps")
+
+    def _passes_changed(self) -> None:
+        """``passes`` lowered while sweeping: the sweeps it no longer allows since the last arrival are dropped."""
+        with self._lock:
+            if hasattr(self, "_polish"):        # (not while the constructor sets it)
+                kept = len(self._frames) + len(self._pending)
+                self._polish = min(self._polish, max(0, self._passes * kept - self._polished))
 
     @property
     def step_size(self) -> float:
@@ -562,8 +572,13 @@ class Refiner:
         p, reconstructed, ref = offer
         cur, cur_free, beamline = current
         try:
-            m_cur = self._trial_misfit(cur, cur_free, None, None, frames, counts, sweeps)
-            m_new = self._trial_misfit(p, reconstructed, ref, beamline, frames, counts, sweeps)
+            m_cur = self._trial_misfit(cur, cur_free, None, None, frames, counts, sweeps, abort=self.interrupt)
+            m_new = self._trial_misfit(p, reconstructed, ref, beamline, frames, counts, sweeps,
+                                       abort=self.interrupt)
+        except MendInterrupted as exc:       # new frames, or the stage stops: the offer stays due
+            with self._lock:
+                self.last_message = f"probe trial gave way to new frames or a stop ({exc}); tried again when idle"
+            return
         except Exception as exc:  # noqa: BLE001 - a failed trial must not leave the offer due forever
             m_cur = m_new = 0.0
             failed = f"{type(exc).__name__}: {exc}"
@@ -733,7 +748,7 @@ class Refiner:
             self._cover[:] = 0
             self._frames, self._next = [], 0
             self._pending = deque(frames)
-            self._polish = self.passes * len(frames)
+            self._polish, self._polished = self.passes * len(frames), 0
             self._sweep = [0.0, 0.0, 0]
             self._sweeps_since = 0
             self.misfit = 0.0
@@ -789,6 +804,7 @@ class Refiner:
         self._next = 0                       # ring-buffer slot to overwrite once full
         self._pending: deque = deque()       # frames waiting for ``lag`` later ones
         self._polish = 0                     # background updates left since the last arrival
+        self._polished = 0                   # ... and made since then
         self._anchor = ScanAnchor()          # the scan's first frame: the stitcher's rule
 
     # ------------------------------------------------------------------ adding
@@ -910,8 +926,8 @@ class Refiner:
             self._step = np.float32(self.step_size)
             while len(self._pending) > (self.max_frames if defer else self.lag):
                 self._first(self._pending.popleft())
-            self._polish = self.passes * (len(self._frames) + len(self._pending))
-            if used:
+            if used:        # only frames used renew the sweeps' budget (a refused one says nothing new)
+                self._polish, self._polished = self.passes * (len(self._frames) + len(self._pending)), 0
                 self._sweeps_since = 0
             if restarted and earlier:
                 # the run's frames refused before this batch (their counts were not counted as
@@ -933,7 +949,7 @@ class Refiner:
         it is due (:meth:`offer_probe`). Returns False when there is nothing to do."""
         with self._lock:
             due = self._trial_due()
-        if due is not None:
+        if due is not None and not (self.interrupt is not None and self.interrupt()):   # else it would give way at once
             self._run_trial(due)
             return True
         with self._lock:
@@ -947,6 +963,7 @@ class Refiner:
                 return True
             if self._polish > 0 and self._frames:
                 self._polish -= 1
+                self._polished += 1
                 self._update(self._frames[int(self._rng.integers(len(self._frames)))], measure=True)
                 sw = self._sweep
                 if sw[2] >= len(self._frames):           # a sweep: as many updates as kept frames
