@@ -186,3 +186,29 @@ def test_nrmse_has_a_scale_an_all_zero_image_cannot_pass():
     assert nrmse(tilted, ref) > 0.3 and nrmse(tilted, ref, ramp=True) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="flat"):
         nrmse(ref, np.ones_like(ref))
+
+
+def test_ssim_does_not_score_pixels_outside_the_region(phase):
+    # a disk region: every averaged SSIM window must lie inside it, so what the reference holds
+    # outside (which the image is given there) cannot change the score
+    rng = np.random.default_rng(3)
+    yy, xx = np.indices(phase.shape)
+    disk = (yy - 64) ** 2 + (xx - 64) ** 2 <= 40 ** 2
+    noise = phase.std() * rng.standard_normal(phase.shape)
+    other = phase.copy()
+    other[~disk] = 10 * rng.standard_normal(int((~disk).sum()))
+    assert phase_ssim(noise, other, disk) == pytest.approx(phase_ssim(noise, phase, disk), abs=1e-9)
+    assert phase_ssim(noise, phase, disk) < 0.05
+
+
+def test_nrmse_with_the_ramp_removed_still_scores_a_flat_image_1():
+    from ptychopv.science.metrics import nrmse
+
+    # a reference that is mostly a linear ramp: with the ramp free, a flat image must still score
+    # what a flat image does (1.0), not 0.14 for the reference's ramp it was handed
+    rng = np.random.default_rng(0)
+    r, c = np.indices((64, 64))
+    ref = 0.05 * r + 0.03 * c + ndimage.gaussian_filter(rng.standard_normal((64, 64)), 2)
+    assert nrmse(np.zeros_like(ref), ref, ramp=True) == pytest.approx(1.0)
+    assert nrmse(np.zeros_like(ref), ref) == pytest.approx(1.0)
+    assert nrmse(ref + 0.02 * r - 0.01 * c + 0.5, ref, ramp=True) == pytest.approx(0.0, abs=1e-9)

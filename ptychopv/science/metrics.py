@@ -89,7 +89,9 @@ def phase_ssim(image, reference, mask=None, *, data_range: float | None = None, 
     b = np.where(np.isfinite(b), b, float(np.mean(b[m])))
     a = np.where(m, a, b)
     _, smap = structural_similarity(a, b, data_range=data_range, win_size=win_size, full=True)
-    inner = ndimage.binary_erosion(m, iterations=win_size // 2)
+    # the whole square window inside the region (an iterated erosion is a diamond: its windows'
+    # corners reach outside, where the image was given the reference's values)
+    inner = ndimage.binary_erosion(m, structure=np.ones((win_size, win_size), bool))
     region = inner if inner.any() else m
     return float(np.mean(smap[region]))
 
@@ -201,7 +203,9 @@ def nrmse(image, reference, mask=None, *, ramp: bool = False) -> float:
     if ramp:
         a = a - best_plane(a, b, m)
     d = a[m] - b[m]
-    spread = float(np.std(b[m]))
+    # the scale without what the fit may take: with the ramp free, the reference's own ramp is
+    # no contrast a flat image lacks (it would score below 1)
+    spread = float(np.std((b - best_plane(np.where(m, b, 0.0), np.zeros(b.shape), m))[m] if ramp else b[m]))
     if not np.isfinite(spread) or spread <= 0:
         raise ValueError("the reference is flat over the region: NRMSE has no scale")
     return float(np.sqrt(np.mean((d - d.mean()) ** 2)) / spread)
