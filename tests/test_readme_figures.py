@@ -51,3 +51,33 @@ def test_every_figure_of_the_fidelity_table_is_the_jsons():
             assert float(got[2]) == pytest.approx(row["ssim"], abs=5.01e-4), (cells[0], score, "ssim")
             checked += 1
     assert checked == 16 * 3 + 8 * 2
+
+
+# the demo's scan-B2 table: its rows (by how they start) and the summary's scores
+DEMO_ROWS = {"v1 (": "v1, same window", "v2 (": "v2, same window", "the IOC's live image": "live (IOC, v2)",
+             "the IOC's refined image": "refined (IOC, v2 + frames)", "pty-chi ePIE": "pty-chi ePIE",
+             "calibration: truth blurred": "calibration: blurred",
+             "calibration: truth high-passed": "calibration: highpass", "calibration: all-zero": "calibration: zero"}
+
+
+def test_every_figure_of_the_demo_table_is_the_demo_summarys():
+    """The README's table of scan B2 against the truth is `ptychopv demo`'s summary.json
+    (docs/demo), figure by figure, and its run's controller figures are too."""
+    text = (ROOT / "README.md").read_text()
+    summary = json.loads((ROOT / "docs" / "demo" / "summary.json").read_text())
+    start = text.index("| image of scan B2 | NRMSE | SSIM | NRMSE / SSIM, ramp removed too |")
+    seen = set()
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        label, nrmse, ssim, ramp = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        key = next(v for k, v in DEMO_ROWS.items() if label.startswith(k))
+        row = summary["scan2_scores"][key]
+        ramp_n, ramp_s = (float(x) for x in ramp.split(" / "))
+        for got, want in ((nrmse, "nrmse"), (ssim, "ssim"), (ramp_n, "nrmse_ramp"), (ramp_s, "ssim_ramp")):
+            assert float(got) == pytest.approx(row[want], abs=5.01e-4), (label, want)
+        seen.add(key)
+    assert seen == set(DEMO_ROWS.values())
+    for scan in ("scan1", "scan2"):
+        c = summary["controller"][scan]
+        assert f"{c['ssim_vs_reconstruction']:.3f}, {c['mismatch']:.3f} →" in text, scan
