@@ -68,6 +68,22 @@ def _check_queue_size(n) -> int:
     return int(n)
 
 
+class _EntryFlag:
+    """A plugin's boolean that a put waiting for room must see at once: stored in ``attr``, and
+    setting it wakes the waiting put (under the plugin's lock) to look again."""
+
+    def __init__(self, attr: str, doc: str | None = None):
+        self.attr, self.__doc__ = attr, doc
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, on) -> None:
+        with obj._lock:
+            setattr(obj, self.attr, bool(on))
+            obj._not_full.notify_all()
+
+
 class PluginBase:
     """Override :meth:`process`; optionally :meth:`on_start` / :meth:`on_stop` (run on the plugin's thread)."""
 
@@ -139,42 +155,16 @@ class PluginBase:
         """Runs on the plugin's thread after the last item (or in ``stop()`` if never started)."""
 
     # ------------------------------------------------------------------ settings and counters
-    @property
-    def blocking_callbacks(self) -> bool:
-        return self._blocking
-
-    @blocking_callbacks.setter
-    def blocking_callbacks(self, on: bool) -> None:
-        # a put waiting for room (a stuck stage) ends now and drops its frame, counted: switching
-        # blocking (or the stage) off is how a jammed entry is freed
-        with self._lock:
-            self._blocking = bool(on)
-            self._not_full.notify_all()
-
-    @property
-    def enable_callbacks(self) -> bool:
-        return self._enabled
-
-    @enable_callbacks.setter
-    def enable_callbacks(self, on: bool) -> None:
-        with self._lock:
-            self._enabled = bool(on)
-            self._not_full.notify_all()
-
-    @property
-    def stuck(self) -> bool:
-        """Set by the chain's stall watch while this stage's work in hand has not returned for
-        ``chain.stall_s``: a blocking stage's puts then drop (counted) instead of waiting for room,
-        and a put waiting now ends. A hung file system under the scan recorder (blocking, with no
-        BlockingCallbacks record) held the source's thread in the recorder's put: no stage got
-        another frame. Cleared when the work returns: blocking again."""
-        return self._stuck
-
-    @stuck.setter
-    def stuck(self, on: bool) -> None:
-        with self._lock:
-            self._stuck = bool(on)
-            self._not_full.notify_all()
+    # Each of these, set to False (stuck: True), ends a put waiting for room now (its frame
+    # dropped, counted): switching a stuck blocking stage's blocking or the stage itself off frees
+    # the stage feeding it.
+    blocking_callbacks = _EntryFlag("_blocking")
+    enable_callbacks = _EntryFlag("_enabled")
+    stuck = _EntryFlag("_stuck", """Set by the chain's stall watch while this stage's work in hand has
+    not returned for ``chain.stall_s``: a blocking stage's puts then drop (counted) instead of
+    waiting for room. A hung file system under the scan recorder (blocking, with no
+    BlockingCallbacks record) held the source's thread in the recorder's put: no stage got
+    another frame. Cleared when the work returns: blocking again.""")
 
     @property
     def queue_size(self) -> int:
