@@ -100,19 +100,10 @@ class StageBinder:
             except Exception:  # noqa: BLE001 - the plugin's own value stays
                 pass
         used = record_value(pv, getattr(plugin, pv.attr))
-        rec = getattr(self.ioc, "rec", {}).get(pv.name)
-        if rec is not None:
-            rec.set(used, process=False)        # the setting, not only its readback: autosave saves it
-        else:
-            self.ioc.set(pv.name, used)
+        self.ioc.set_setting(pv.name, used)     # the setting, not only its readback: autosave saves it
         note = f"autosave: {pv.name} = {value!r} not restored ({why}); {used!r} used"
         log.warning("%s", note)
-        notes = getattr(self.ioc, "notes", None)
-        if notes is not None:
-            notes[stage] = (f"{notes[stage]}; {note}" if notes.get(stage) else note)[:255]
-            note = notes[stage]
-        if hasattr(self.ioc, "message"):
-            self.ioc.message(stage, note, severity=1)
+        self.ioc.note(stage, note)
 
     @staticmethod
     def _setter(plugin, pv: schema.PV):

@@ -137,6 +137,16 @@ class PtychoIOC:
     def get(self, name: str):
         return self.rec[name].get()
 
+    def note(self, stage: str, text: str) -> None:
+        """Add ``text`` to what start-up had to say of ``stage`` (shown with its later messages,
+        ``chain._show``), and show it now (MINOR)."""
+        self.notes[stage] = (f"{self.notes[stage]}; {text}" if self.notes.get(stage) else text)[:255]
+        self.message(stage, self.notes[stage], severity=1)
+
+    def set_setting(self, name: str, value) -> None:
+        """Set a setting's record without processing it (no hook runs): what autosave keeps."""
+        self.rec[name].set(value, process=False)
+
     def message(self, stage: str, text: str, severity: int = 0) -> None:
         """Set ``stage``'s Message_RBV: the current state in words, with the severity of what it
         says (0: information, 1 MINOR: a warning, 2 MAJOR: an error)."""

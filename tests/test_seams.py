@@ -15,11 +15,18 @@ from .site_stages import GainPlugin
 
 
 class FakeIOC:
-    """The three calls a binder makes, on a dictionary; ``on`` checks names as the IOC does."""
+    """The calls a binder makes, on a dictionary; ``on`` checks names as the IOC does."""
 
     def __init__(self):
         self.values = {r.name: (r.initial if r.initial is not None else 0) for r in schema.records()}
         self.hooks = {}
+        self.notes = {}
+
+    def set_setting(self, name, value):
+        self.set(name, value)
+
+    def note(self, stage, text):
+        self.notes[stage] = text
 
     def get(self, name):
         return self.values[name]

@@ -205,7 +205,8 @@ def nrmse(image, reference, mask=None, *, ramp: bool = False) -> float:
     d = a[m] - b[m]
     # the scale without what the fit may take: with the ramp free, the reference's own ramp is
     # no contrast a flat image lacks (it would score below 1)
-    spread = float(np.std((b - best_plane(np.where(m, b, 0.0), np.zeros(b.shape), m))[m] if ramp else b[m]))
+    scale = b - best_plane(b, np.zeros_like(b), m) if ramp else b
+    spread = float(np.std(scale[m]))
     if not np.isfinite(spread) or spread <= 0:
         raise ValueError("the reference is flat over the region: NRMSE has no scale")
     return float(np.sqrt(np.mean((d - d.mean()) ** 2)) / spread)
